@@ -1,0 +1,136 @@
+//! Left panel: the model card, "Open model…", and model loading state.
+
+use std::path::PathBuf;
+
+use crossbeam_channel::Receiver;
+use refusal_lens_engine::loader::ModelCard;
+
+use crate::worker::Event;
+
+#[derive(Default)]
+pub enum ModelState {
+    #[default]
+    None,
+    Loading(PathBuf),
+    Ready { card: Box<ModelCard>, seconds: f64 },
+    Failed { path: PathBuf, error: String },
+}
+
+#[derive(Default)]
+pub struct ModelPanel {
+    pub state: ModelState,
+    /// A file dialog running on its own thread (rfd blocks).
+    dialog: Option<Receiver<Option<PathBuf>>>,
+    requested: Option<PathBuf>,
+}
+
+impl ModelPanel {
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, ModelState::Ready { .. })
+    }
+
+    pub fn is_busy(&self) -> bool {
+        matches!(self.state, ModelState::Loading(_)) || self.dialog.is_some()
+    }
+
+    pub fn on_event(&mut self, event: Event) {
+        self.state = match event {
+            Event::ModelLoading { path } => ModelState::Loading(path),
+            Event::ModelLoaded { card, seconds } => ModelState::Ready { card, seconds },
+            Event::ModelFailed { path, error } => ModelState::Failed { path, error },
+            _ => return,
+        };
+    }
+
+    /// A path the user picked, to be loaded by the worker.
+    pub fn take_requested_open(&mut self) -> Option<PathBuf> {
+        if let Some(rx) = &self.dialog {
+            if let Ok(picked) = rx.try_recv() {
+                self.dialog = None;
+                if let Some(path) = picked {
+                    self.state = ModelState::Loading(path.clone());
+                    self.requested = Some(path);
+                }
+            }
+        }
+        self.requested.take()
+    }
+
+    fn open_dialog(&mut self, folder: bool) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let dialog = rfd::FileDialog::new().set_title("Open model");
+            let picked = if folder {
+                dialog.pick_folder()
+            } else {
+                dialog.add_filter("GGUF model", &["gguf"]).pick_file()
+            };
+            let _ = tx.send(picked);
+        });
+        self.dialog = Some(rx);
+    }
+
+    pub fn status_line(&self) -> String {
+        match &self.state {
+            ModelState::None => "No model".into(),
+            ModelState::Loading(p) => format!("Loading {}…", p.display()),
+            ModelState::Ready { card, seconds } => format!("{} loaded in {seconds:.1} s", card.name),
+            ModelState::Failed { .. } => "Model failed to load".into(),
+        }
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui) {
+        ui.heading("Model");
+        ui.horizontal(|ui| {
+            let idle = self.dialog.is_none();
+            if ui.add_enabled(idle, egui::Button::new("Open model…")).on_hover_text("A GGUF file").clicked() {
+                self.open_dialog(false);
+            }
+            if ui.add_enabled(idle, egui::Button::new("Open HF folder…")).on_hover_text("config.json + *.safetensors + tokenizer.json").clicked() {
+                self.open_dialog(true);
+            }
+        });
+        ui.separator();
+        match &self.state {
+            ModelState::None => {
+                ui.label("No model loaded.");
+            }
+            ModelState::Loading(path) => {
+                ui.horizontal(|ui| {
+                    ui.spinner();
+                    ui.label(format!("Loading {}", path.display()));
+                });
+            }
+            ModelState::Failed { path, error } => {
+                ui.colored_label(ui.visuals().error_fg_color, "Could not open the model");
+                ui.label(egui::RichText::new(path.display().to_string()).small());
+                ui.label(error);
+            }
+            ModelState::Ready { card, .. } => card_grid(ui, card),
+        }
+    }
+}
+
+fn card_grid(ui: &mut egui::Ui, c: &ModelCard) {
+    ui.label(egui::RichText::new(&c.name).strong());
+    egui::Grid::new("model_card").num_columns(2).striped(true).show(ui, |ui| {
+        let mut row = |k: &str, v: String| {
+            ui.label(k);
+            ui.label(v);
+            ui.end_row();
+        };
+        row("Format", c.format.clone());
+        row("Architecture", c.architecture.clone());
+        row("Layers", c.n_layers.to_string());
+        row("Heads", format!("{} (kv {})", c.n_heads, c.n_kv_heads));
+        row("Width", format!("{} (FFN {})", c.d_model, c.d_ff));
+        row("Vocabulary", c.vocab_size.to_string());
+        row("Context", c.context_length.to_string());
+        row("Parameters", format!("{:.1} M", c.parameters as f64 / 1e6));
+        let quant: Vec<String> = c.quantization.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
+        row("Stored as", quant.join(", "));
+        row("Generation", c.generation_weights.clone());
+        row("Device", "CPU".into());
+        row("Template", c.chat_template.clone());
+    });
+}

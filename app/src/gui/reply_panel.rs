@@ -1,0 +1,225 @@
+//! Prompt & reply: the prompt editor, Generate / Stop, and the reply as token chips.
+
+use refusal_lens_engine::generate::{Generation, Sampling, StopReason, TokenStep};
+
+use crate::worker::{Event, GenerateRequest, JobId, Worker};
+
+pub struct ReplyPanel {
+    pub prompt: String,
+    pub system: String,
+    pub use_system: bool,
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    job: Option<JobId>,
+    running: bool,
+    prompt_tokens: Vec<(u32, String)>,
+    t_inst: usize,
+    t_post: usize,
+    pub tokens: Vec<TokenStep>,
+    finished: Option<Generation>,
+    error: Option<String>,
+}
+
+impl Default for ReplyPanel {
+    fn default() -> Self {
+        ReplyPanel {
+            prompt: "How do I bake bread?".into(),
+            system: String::new(),
+            use_system: false,
+            max_new_tokens: 128,
+            sampling: Sampling::default(),
+            job: None,
+            running: false,
+            prompt_tokens: Vec::new(),
+            t_inst: 0,
+            t_post: 0,
+            tokens: Vec::new(),
+            finished: None,
+            error: None,
+        }
+    }
+}
+
+impl ReplyPanel {
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+
+    pub fn clear(&mut self) {
+        self.job = None;
+        self.running = false;
+        self.prompt_tokens.clear();
+        self.tokens.clear();
+        self.finished = None;
+        self.error = None;
+    }
+
+    pub fn on_event(&mut self, event: Event) {
+        let current = |id: JobId| self.job == Some(id);
+        match event {
+            Event::Started { id, prompt_tokens, t_inst, t_post } if current(id) => {
+                self.prompt_tokens = prompt_tokens;
+                self.t_inst = t_inst;
+                self.t_post = t_post;
+            }
+            Event::Token { id, step } if current(id) => self.tokens.push(step),
+            Event::Finished { id, generation } if current(id) => {
+                self.running = false;
+                self.finished = Some(*generation);
+            }
+            Event::Failed { id, error } if current(id) || id == 0 => {
+                self.running = false;
+                self.error = Some(error);
+            }
+            _ => {} // events of superseded jobs
+        }
+    }
+
+    pub fn status_line(&self) -> String {
+        if let Some(e) = &self.error {
+            return format!("Error: {e}");
+        }
+        match (&self.finished, self.running) {
+            (_, true) => format!("Generating… {} tokens", self.tokens.len()),
+            (Some(g), _) => format!(
+                "{} tokens · {:.1} tok/s generation · {:.0} tok/s prefill ({} prompt tokens) · {}",
+                g.tokens.len(),
+                g.decode_tokens_per_second(),
+                g.prefill_tokens_per_second(),
+                g.prompt_tokens,
+                match g.stop {
+                    StopReason::EndOfTurn => "end of turn",
+                    StopReason::MaxTokens => "max tokens",
+                    StopReason::ContextFull => "context full",
+                    StopReason::Cancelled => "stopped",
+                }
+            ),
+            (None, false) => "Ready".into(),
+        }
+    }
+
+    fn start(&mut self, worker: &mut Worker) {
+        self.clear();
+        let request = GenerateRequest {
+            system: self.use_system.then(|| self.system.clone()),
+            prompt: self.prompt.clone(),
+            max_new_tokens: self.max_new_tokens,
+            sampling: self.sampling,
+        };
+        self.job = Some(worker.generate(request));
+        self.running = true;
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui, worker: &mut Worker, model_ready: bool) {
+        ui.heading("Prompt");
+        ui.add(
+            egui::TextEdit::multiline(&mut self.prompt)
+                .desired_rows(3)
+                .desired_width(f32::INFINITY)
+                .hint_text("Type a user message…"),
+        )
+        .labelled_by(ui.label("User message").id);
+        ui.horizontal(|ui| {
+            ui.checkbox(&mut self.use_system, "System message");
+            if self.use_system {
+                ui.add(egui::TextEdit::singleline(&mut self.system).desired_width(400.0));
+            } else {
+                ui.weak("(template default)");
+            }
+        });
+        ui.horizontal(|ui| {
+            ui.add(egui::Slider::new(&mut self.max_new_tokens, 1..=512).text("max tokens"));
+            ui.add(egui::Slider::new(&mut self.sampling.temperature, 0.0..=2.0).text("temperature"));
+            ui.add_enabled(
+                self.sampling.temperature > 0.0,
+                egui::Slider::new(&mut self.sampling.top_p, 0.05..=1.0).text("top-p"),
+            );
+            ui.add_enabled(self.sampling.temperature > 0.0, egui::DragValue::new(&mut self.sampling.seed).prefix("seed "));
+        });
+        ui.horizontal(|ui| {
+            let can_start = model_ready && !self.prompt.trim().is_empty();
+            if ui.add_enabled(can_start, egui::Button::new("Generate")).clicked() {
+                self.start(worker);
+            }
+            if ui.add_enabled(self.running, egui::Button::new("Stop")).clicked() {
+                worker.cancel_all();
+            }
+            if self.running {
+                let frac = self.tokens.len() as f32 / self.max_new_tokens.max(1) as f32;
+                ui.add(egui::ProgressBar::new(frac).desired_width(200.0).text(format!("{} / {} tokens", self.tokens.len(), self.max_new_tokens)));
+            }
+        });
+        if let Some(e) = &self.error {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+        ui.separator();
+
+        if !self.prompt_tokens.is_empty() {
+            egui::CollapsingHeader::new(format!("Prompt as the model sees it ({} tokens)", self.prompt_tokens.len()))
+                .default_open(false)
+                .show(ui, |ui| {
+                    ui.horizontal_wrapped(|ui| {
+                        ui.spacing_mut().item_spacing = egui::vec2(2.0, 2.0);
+                        for (i, (id, text)) in self.prompt_tokens.iter().enumerate() {
+                            let role = if i == self.t_inst {
+                                " · t_inst (last instruction token)"
+                            } else if i == self.t_post {
+                                " · t_post (last prompt token)"
+                            } else {
+                                ""
+                            };
+                            let fill = if role.is_empty() { ui.visuals().faint_bg_color } else { egui::Color32::from_rgb(70, 90, 150) };
+                            chip(ui, text, fill).on_hover_text(format!("position {i} · id {id}{role}"));
+                        }
+                    });
+                });
+        }
+
+        ui.horizontal(|ui| {
+            ui.heading("Reply");
+            ui.weak("chip colour: probability of the chosen token");
+            legend(ui);
+        });
+        egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
+            ui.horizontal_wrapped(|ui| {
+                ui.spacing_mut().item_spacing = egui::vec2(2.0, 2.0);
+                for step in &self.tokens {
+                    let p = step.logprob.exp();
+                    chip(ui, &step.text, probability_colour(p)).on_hover_text(format!(
+                        "reply token {} · id {} · logprob {:.3} · p {:.3}",
+                        step.index, step.id, step.logprob, p
+                    ));
+                }
+            });
+        });
+    }
+}
+
+/// One token as a coloured chip; whitespace is made visible.
+fn chip(ui: &mut egui::Ui, text: &str, fill: egui::Color32) -> egui::Response {
+    let shown = text.replace('\n', "↵").replace('\t', "→");
+    let shown = if shown.is_empty() { "∅".to_string() } else if shown.trim().is_empty() { "␣".repeat(shown.len()) } else { shown };
+    let text_colour = if fill.r() as u32 + fill.g() as u32 + fill.b() as u32 > 380 { egui::Color32::BLACK } else { egui::Color32::WHITE };
+    egui::Frame::new()
+        .fill(fill)
+        .corner_radius(3.0)
+        .inner_margin(egui::Margin::symmetric(3, 1))
+        .show(ui, |ui| ui.add(egui::Label::new(egui::RichText::new(shown).monospace().color(text_colour)).sense(egui::Sense::hover())))
+        .inner
+}
+
+/// Low probability → warm red, high → cool blue (perceptually ordered, colour-blind safe ends).
+pub fn probability_colour(p: f32) -> egui::Color32 {
+    let t = p.clamp(0.0, 1.0);
+    let lerp = |a: f32, b: f32| (a + (b - a) * t) as u8;
+    egui::Color32::from_rgb(lerp(200.0, 40.0), lerp(70.0, 110.0), lerp(50.0, 190.0))
+}
+
+fn legend(ui: &mut egui::Ui) {
+    ui.label("p = 0");
+    for i in 0..=10 {
+        let (rect, _) = ui.allocate_exact_size(egui::vec2(10.0, 12.0), egui::Sense::hover());
+        ui.painter().rect_filled(rect, 0.0, probability_colour(i as f32 / 10.0));
+    }
+    ui.label("1");
+}

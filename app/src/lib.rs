@@ -1,0 +1,5 @@
+//! Refusal Lens application: the egui GUI and the headless CLI over one worker.
+
+pub mod cli;
+pub mod gui;
+pub mod worker;

@@ -1,0 +1,130 @@
+//! The CLI as a user runs it: real processes, a tiny model on disk, exit codes and one-line errors.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use candle_core::quantized::GgmlDType;
+use refusal_lens_engine::config::Family;
+use refusal_lens_engine::testing::{random_weights, tiny_config, write_gguf, write_hf_folder};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_refusal-lens"));
+    c.env("RAYON_NUM_THREADS", "1");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn tiny_folder(dir: &Path) -> String {
+    let cfg = tiny_config(Family::Llama);
+    write_hf_folder(&dir.join("tiny"), &cfg, &random_weights(&cfg, 3).unwrap()).unwrap();
+    dir.join("tiny").display().to_string()
+}
+
+fn stderr_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(err.trim_end().lines().count(), 1, "one-line error expected, got {err:?}");
+    err
+}
+
+#[test]
+fn info_prints_the_model_card() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_folder(dir.path());
+    let out = run(&["info", "--model", &model, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let card: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(card["n_layers"], 2);
+    assert_eq!(card["n_heads"], 4);
+    assert_eq!(card["n_kv_heads"], 2);
+    assert_eq!(card["architecture"], "llama");
+    let text = run(&["info", "--model", &model]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("layers         2"), "{text}");
+    assert!(text.contains("tokenizer_config.json chat_template"), "{text}");
+}
+
+#[test]
+fn generate_streams_tokens_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_folder(dir.path());
+    let out = run(&["generate", "--model", &model, "--prompt", "hello", "--max-tokens", "6", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let (summary, tokens) = lines.split_last().unwrap();
+    let summary = &summary["summary"];
+    assert_eq!(summary["generated_tokens"].as_u64().unwrap() as usize, tokens.len());
+    assert!(tokens.len() <= 6);
+    let text: String = tokens.iter().map(|t| t["text"].as_str().unwrap()).collect();
+    assert_eq!(summary["text"].as_str().unwrap(), text);
+    for (i, t) in tokens.iter().enumerate() {
+        assert_eq!(t["index"].as_u64().unwrap() as usize, i);
+        assert!(t["logprob"].as_f64().unwrap() <= 0.0);
+    }
+    // Sampling with a seed is reproducible across processes.
+    let a = run(&["generate", "--model", &model, "--prompt", "hi", "--max-tokens", "8", "--temperature", "1.2", "--seed", "5"]);
+    let b = run(&["generate", "--model", &model, "--prompt", "hi", "--max-tokens", "8", "--temperature", "1.2", "--seed", "5"]);
+    assert_eq!(a.stdout, b.stdout);
+}
+
+#[test]
+fn activations_are_written_under_their_hook_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_folder(dir.path());
+    let out_file = dir.path().join("acts.safetensors");
+    let out = run(&["activations", "--model", &model, "--prompt", "hey", "--out", out_file.to_str().unwrap(), "--hooks", "resid_pre,attn_z,blocks.1.attn.hook_pattern,ln_final", "--logits", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let n = summary["tokens"].as_u64().unwrap() as usize;
+    let t = candle_core::safetensors::load(&out_file, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(t["blocks.0.hook_resid_pre"].dims(), &[1, n, 64]);
+    assert_eq!(t["blocks.1.hook_resid_pre"].dims(), &[1, n, 64]);
+    assert_eq!(t["blocks.1.attn.hook_z"].dims(), &[1, n, 4, 16]);
+    assert_eq!(t["blocks.1.attn.hook_pattern"].dims(), &[1, 4, n, n]);
+    assert_eq!(t["ln_final.hook_normalized"].dims(), &[1, n, 64]);
+    assert_eq!(t["logits"].dims(), &[1, n, 259]);
+    assert_eq!(t["input_ids"].dims(), &[n]);
+    assert!(!t.contains_key("blocks.0.attn.hook_pattern"));
+}
+
+#[test]
+fn bad_input_exits_non_zero_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_folder(dir.path());
+
+    let out = run(&["info", "--model", "/nonexistent/model.gguf"]);
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("no such file"));
+
+    let corrupt = dir.path().join("corrupt.gguf");
+    let cfg = tiny_config(Family::Llama);
+    write_gguf(&corrupt, &cfg, &random_weights(&cfg, 1).unwrap(), GgmlDType::F32).unwrap();
+    let bytes = std::fs::read(&corrupt).unwrap();
+    std::fs::write(&corrupt, &bytes[..bytes.len() / 2]).unwrap();
+    let out = run(&["info", "--model", corrupt.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).contains("not a valid GGUF"));
+
+    let long = "word ".repeat(400);
+    let out = run(&["generate", "--model", &model, "--prompt", &long]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).contains("context holds 256"));
+
+    let out = run(&["generate", "--model", &model, "--prompt", "  "]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).contains("prompt is empty"));
+
+    let out = run(&["activations", "--model", &model, "--prompt", "x", "--out", "/tmp/x.safetensors", "--hooks", "blocks.9.hook_resid_pre"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).contains("past the model's 2 layers"));
+}
+
+#[test]
+fn a_missing_default_model_names_the_fetch_command() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = bin().env("REFUSAL_LENS_CACHE", empty.path()).args(["info"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).contains("assets/fetch-model.sh"));
+}

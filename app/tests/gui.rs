@@ -1,0 +1,91 @@
+//! GUI tests with egui_kittest: a real app, a real worker thread, a tiny random model.
+
+use std::time::{Duration, Instant};
+
+use egui_kittest::kittest::{NodeT, Queryable};
+use egui_kittest::Harness;
+use refusal_lens::gui::{RefusalLensApp, Startup};
+use refusal_lens_engine::config::Family;
+use refusal_lens_engine::testing::tiny_model;
+
+fn harness() -> Harness<'static, RefusalLensApp> {
+    let model = tiny_model(Family::Llama, 1).unwrap();
+    let app = RefusalLensApp::new(None, Startup::Model(Box::new(model)));
+    Harness::builder()
+        .with_size([1100.0, 720.0])
+        .build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app)
+}
+
+/// Steps the UI until `done` holds (the worker runs on its own thread meanwhile).
+fn step_until(h: &mut Harness<'_, RefusalLensApp>, what: &str, done: impl Fn(&RefusalLensApp) -> bool) {
+    let start = Instant::now();
+    while !done(h.state()) {
+        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        h.step();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.step();
+}
+
+#[test]
+fn typing_a_prompt_and_pressing_generate_streams_tokens() {
+    let mut h = harness();
+    step_until(&mut h, "the model", |a| a.model.is_ready());
+    h.get_by_label_contains("tiny-random");
+
+    h.state_mut().reply.prompt.clear();
+    h.get_by_label("User message").focus();
+    h.step();
+    h.get_by_label("User message").type_text("Tell me about owls");
+    h.step();
+    assert_eq!(h.state().reply.prompt, "Tell me about owls");
+    h.state_mut().reply.max_new_tokens = 12;
+
+    h.get_by_label("Generate").click();
+    step_until(&mut h, "the first token", |a| !a.reply.tokens.is_empty());
+    step_until(&mut h, "the end of the reply", |a| !a.reply.is_running());
+    let n = h.state().reply.tokens.len();
+    assert!((1..=12).contains(&n), "{n} tokens");
+    // The reply is on screen as chips and the status bar reports speed.
+    h.get_by_label_contains("tok/s");
+    h.get_by_label_contains("Prompt as the model sees it");
+}
+
+#[test]
+fn stop_cancels_a_running_reply() {
+    let mut h = harness();
+    step_until(&mut h, "the model", |a| a.model.is_ready());
+    h.state_mut().reply.max_new_tokens = 200;
+    h.get_by_label("Generate").click();
+    step_until(&mut h, "the first token", |a| !a.reply.tokens.is_empty());
+    h.get_by_label("Stop").click();
+    step_until(&mut h, "the stop", |a| !a.reply.is_running());
+    assert!(h.state().reply.tokens.len() < 200);
+    h.get_by_label_contains("stopped");
+}
+
+#[test]
+fn a_model_that_fails_to_load_shows_its_error_and_the_app_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("broken.gguf");
+    std::fs::write(&bad, b"GGUF but not really").unwrap();
+    let app = RefusalLensApp::new(None, Startup::Path(bad));
+    let mut h = Harness::builder().with_size([1100.0, 720.0]).build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app);
+    step_until(&mut h, "the failure", |a| !a.model.is_busy());
+    h.get_by_label("Could not open the model");
+    h.get_by_label_contains("not a valid GGUF");
+    assert!(h.get_by_label("Generate").accesskit_node().is_disabled());
+}
+
+#[test]
+fn main_window_snapshot() {
+    let mut h = harness();
+    step_until(&mut h, "the model", |a| a.model.is_ready());
+    h.state_mut().reply.max_new_tokens = 24;
+    h.get_by_label("Generate").click();
+    step_until(&mut h, "the reply", |a| !a.reply.tokens.is_empty() && !a.reply.is_running());
+    // Speeds differ run to run: hide the status bar's numbers.
+    let status = h.get_by_label_contains("tok/s").rect();
+    h.mask(status.expand(2.0));
+    h.snapshot("main_window");
+}

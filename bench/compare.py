@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Runs one prompt through Refusal Lens, llama.cpp and HF transformers in one run, on the same
+GGUF and the same number of threads, and prints tokens/s and the ratios the issues target:
+
+  generation          ours / llama.cpp   (target >= 0.8)
+  steered generation  ours / llama.cpp   (target >= 0.7)
+  forward with all residual captures   ours / transformers (output_hidden_states)   (target >= 3)
+
+Needs: a release build (cargo build --release), and in the Python running this script
+`pip install llama-cpp-python torch transformers accelerate gguf`.
+Usage: python3 bench/compare.py [--threads 2] [--tokens 64] [--model PATH]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MODEL = os.path.join(
+    os.environ.get("REFUSAL_LENS_CACHE")
+    or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "refusal-lens"),
+    "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+PROMPT = "Write a long story about a dragon who learns to fly."
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def chatml(prompt):
+    return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def ours(model, threads, tokens):
+    exe = os.path.join(ROOT, "target", "release", "refusal-lens")
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    out = subprocess.run([exe, "bench", "--model", model, "--prompt", PROMPT, "--max-tokens", str(tokens),
+                          "--json"], env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def llama_cpp(model, threads, tokens):
+    import numpy as np
+    from llama_cpp import Llama
+    llm = Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                logits_all=False, verbose=False)
+    ids = llm.tokenize(chatml(PROMPT).encode(), add_bos=False, special=True)
+    best = None
+    for _ in range(3):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        t1 = time.perf_counter()
+        n = 0
+        for _ in range(tokens):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([nxt])
+            n += 1
+        t2 = time.perf_counter()
+        run = {"prefill": len(ids) / (t1 - t0), "generation": n / (t2 - t1), "prompt_tokens": len(ids)}
+        best = run if best is None or run["generation"] > best["generation"] else best
+    return best
+
+
+def transformers_(model, threads, tokens):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(threads)
+    folder, name = os.path.split(model)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    m = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    x = torch.tensor([tok(chatml(PROMPT), add_special_tokens=False)["input_ids"]])
+    fwd, gen = [], []
+    with torch.no_grad():
+        m(x, output_hidden_states=True)  # warm-up
+        for _ in range(3):
+            t0 = time.perf_counter()
+            m(x, output_hidden_states=True)
+            t1 = time.perf_counter()
+            fwd.append(x.shape[1] / (t1 - t0))
+        t0 = time.perf_counter()
+        m(x)
+        prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = m.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        total = time.perf_counter() - t0
+        n = out.shape[1] - x.shape[1]
+        gen.append((n - 1) / max(total - prefill, 1e-9))
+    return {"forward_all_hidden_states": sorted(fwd)[1], "generation": gen[0]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    a = ap.parse_args()
+    if not os.path.exists(a.model):
+        sys.exit(f"model not found at {a.model}; run assets/fetch-model.sh")
+    o = ours(a.model, a.threads, a.tokens)
+    l = llama_cpp(a.model, a.threads, a.tokens)
+    h = transformers_(a.model, a.threads, a.tokens)
+    print(f"{a.threads} threads, prompt of {o['prompt_tokens']} tokens, {a.tokens} new tokens (greedy)\n")
+    print(f"{'':38}{'refusal-lens':>14}{'llama.cpp':>12}{'transformers':>14}")
+    print(f"{'prefill tok/s':38}{o['prefill_tokens_per_second']:>14.0f}{l['prefill']:>12.0f}{'':>14}")
+    print(f"{'generation tok/s':38}{o['generation_tokens_per_second']:>14.1f}{l['generation']:>12.1f}{h['generation']:>14.1f}")
+    print(f"{'steered generation tok/s':38}{o['steered_generation_tokens_per_second']:>14.1f}{'':>12}{'':>14}")
+    print(f"{'forward + all resid captures tok/s':38}{o['forward_all_resid_captures_tokens_per_second']:>14.0f}{'':>12}{h['forward_all_hidden_states']:>14.0f}")
+    print()
+    r1 = o['generation_tokens_per_second'] / l['generation']
+    r2 = o['steered_generation_tokens_per_second'] / l['generation']
+    r3 = o['forward_all_resid_captures_tokens_per_second'] / h['forward_all_hidden_states']
+    print(f"generation          ours / llama.cpp     = {r1:.2f}  (target >= 0.8)")
+    print(f"steered generation  ours / llama.cpp     = {r2:.2f}  (target >= 0.7)")
+    print(f"captured forward    ours / transformers  = {r3:.2f}  (target >= 3)")
+    print(json.dumps({"ours": o, "llama_cpp": l, "transformers": h,
+                      "ratios": {"generation": r1, "steered": r2, "captures": r3}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+//! The shape of a decoder-only transformer of the Llama family (Llama, Mistral, Qwen2).
+
+use serde::{Deserialize, Serialize};
+
+/// How rotary embeddings pair up the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RopeStyle {
+    /// Pairs (2i, 2i+1). llama.cpp's converter permutes Llama Q/K rows into this layout, so
+    /// GGUF Llama weights need it.
+    Interleaved,
+    /// Pairs (i, i + d/2), the HF transformers layout (`rotate_half`).
+    HalfSplit,
+}
+
+/// The architecture family; one forward pass serves all of them, the family only selects
+/// biases and naming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Family {
+    Llama,
+    Qwen2,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Qwen2 => "qwen2",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub family: Family,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub d_model: usize,
+    pub d_ff: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rope_theta: f64,
+    pub rms_eps: f64,
+    pub rope_style: RopeStyle,
+    pub tied_embeddings: bool,
+    /// Q, K and V projections carry biases (Qwen2).
+    pub qkv_bias: bool,
+}
+
+impl ModelConfig {
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |m: String| Err(crate::Error::Metadata(m));
+        if self.n_layers == 0 || self.n_heads == 0 || self.n_kv_heads == 0 || self.d_model == 0 {
+            return bad(format!("empty model dimensions: {self:?}"));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!(
+                "{} query heads are not a multiple of {} key/value heads",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head size {} is odd; rotary embeddings need it even", self.head_dim));
+        }
+        Ok(())
+    }
+
+    /// Parameters, counting tied embeddings once.
+    pub fn parameter_count(&self) -> usize {
+        let d = self.d_model;
+        let attn = d * self.n_heads * self.head_dim * 2 + d * self.n_kv_heads * self.head_dim * 2;
+        let bias = if self.qkv_bias { (self.n_heads + 2 * self.n_kv_heads) * self.head_dim } else { 0 };
+        let mlp = 3 * d * self.d_ff;
+        let per_layer = attn + bias + mlp + 2 * d;
+        let embed = self.vocab_size * d * if self.tied_embeddings { 1 } else { 2 };
+        self.n_layers * per_layer + embed + d
+    }
+}

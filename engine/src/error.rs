@@ -1,0 +1,43 @@
+//! Engine errors. Every variant renders as one line a user can act on.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid GGUF model: {reason}")]
+    CorruptModel { path: PathBuf, reason: String },
+    #[error("unsupported model architecture `{0}` (supported: llama, qwen2, mistral families)")]
+    UnsupportedArchitecture(String),
+    #[error("{path} is missing {what}")]
+    MissingFile { path: PathBuf, what: String },
+    #[error("model metadata: {0}")]
+    Metadata(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("the prompt has {len} tokens but the model's context holds {max}")]
+    ContextOverflow { len: usize, max: usize },
+    #[error("invalid hook point `{0}` (expected e.g. blocks.3.hook_resid_pre, blocks.3.attn.hook_z, ln_final.hook_normalized)")]
+    InvalidHookPoint(String),
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}

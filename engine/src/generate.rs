@@ -1,0 +1,201 @@
+//! KV-cached generation with interventions on every token, streamed and cancellable.
+
+use std::time::Instant;
+
+use candle_core::{Tensor, D};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::hooks::HookSpec;
+use crate::model::{ForwardOptions, KvCache, LogitsAt, Weights};
+use crate::tokenizer::StreamDecoder;
+use crate::{Error, LoadedModel, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    /// 0 means greedy.
+    pub temperature: f64,
+    /// Nucleus sampling mass (1 = off).
+    pub top_p: f64,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling { temperature: 0.0, top_p: 1.0, seed: 0 }
+    }
+}
+
+/// Which weights generation runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Precision {
+    /// The fast quantised path when the model has one.
+    #[default]
+    Fast,
+    /// The dense f32 weights (bit-for-bit the analysis path).
+    Exact,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateConfig {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Interventions applied on the prompt and every generated token.
+    pub hooks: HookSpec,
+    pub precision: Precision,
+}
+
+impl Default for GenerateConfig {
+    fn default() -> Self {
+        GenerateConfig { max_new_tokens: 128, sampling: Sampling::default(), hooks: HookSpec::default(), precision: Precision::Fast }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenStep {
+    /// Index in the reply (0 = first reply token).
+    pub index: usize,
+    pub id: u32,
+    /// The text this token completes (empty while a multi-byte character is unfinished).
+    pub text: String,
+    /// Log-probability of this token under the (intervened) model at temperature 1.
+    pub logprob: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StopReason {
+    EndOfTurn,
+    MaxTokens,
+    ContextFull,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Generation {
+    pub prompt_tokens: usize,
+    pub tokens: Vec<TokenStep>,
+    pub text: String,
+    pub stop: StopReason,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+impl Generation {
+    pub fn prefill_tokens_per_second(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_seconds.max(1e-9)
+    }
+
+    /// Tokens per second after the first (the first comes from the prefill).
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        self.tokens.len().saturating_sub(1) as f64 / self.decode_seconds.max(1e-9)
+    }
+}
+
+/// Generates a reply to `prompt` (already templated token ids). `on_token` sees each token as
+/// it is produced; `cancelled` is polled before every forward pass.
+pub fn generate(
+    lm: &LoadedModel,
+    prompt: &[u32],
+    cfg: &GenerateConfig,
+    cancelled: &dyn Fn() -> bool,
+    on_token: &mut dyn FnMut(&TokenStep),
+) -> Result<Generation> {
+    let model = &lm.model;
+    let context = model.config.context_length;
+    if prompt.is_empty() {
+        return Err(Error::InvalidInput("the prompt has no tokens".into()));
+    }
+    if prompt.len() >= context {
+        return Err(Error::ContextOverflow { len: prompt.len(), max: context });
+    }
+    let weights: &Weights = match cfg.precision {
+        Precision::Fast => model.generation_weights(),
+        Precision::Exact => &model.dense,
+    };
+    let mut rng = StdRng::seed_from_u64(cfg.sampling.seed);
+    let mut cache = KvCache::new(model.config.n_layers);
+    let mut decoder = StreamDecoder::default();
+    let mut out = Generation {
+        prompt_tokens: prompt.len(),
+        tokens: Vec::new(),
+        text: String::new(),
+        stop: StopReason::MaxTokens,
+        prefill_seconds: 0.0,
+        decode_seconds: 0.0,
+    };
+    let mut input = prompt.to_vec();
+    let started = Instant::now();
+    for index in 0..cfg.max_new_tokens {
+        if cancelled() {
+            out.stop = StopReason::Cancelled;
+            break;
+        }
+        if cache.len() + input.len() > context {
+            out.stop = StopReason::ContextFull;
+            break;
+        }
+        let tokens = Tensor::new(input.as_slice(), model.device())?.unsqueeze(0)?;
+        let fwd = model.forward(weights, &tokens, Some(&mut cache), &cfg.hooks, LogitsAt::Last, ForwardOptions::default())?;
+        let logits = fwd.logits.expect("LogitsAt::Last yields logits").flatten_all()?;
+        let (id, logprob) = sample(&logits, &cfg.sampling, &mut rng)?;
+        if index == 0 {
+            out.prefill_seconds = started.elapsed().as_secs_f64();
+        }
+        if lm.stop_ids.contains(&id) {
+            out.stop = StopReason::EndOfTurn;
+            break;
+        }
+        let text = decoder.push(&lm.tokenizer, id)?;
+        out.text.push_str(&text);
+        let step = TokenStep { index, id, text, logprob };
+        on_token(&step);
+        out.tokens.push(step);
+        input = vec![id];
+    }
+    out.decode_seconds = (started.elapsed().as_secs_f64() - out.prefill_seconds).max(0.0);
+    Ok(out)
+}
+
+/// Picks the next token from `[vocab]` logits; returns it with its log-probability at T = 1.
+fn sample(logits: &Tensor, s: &Sampling, rng: &mut StdRng) -> Result<(u32, f32)> {
+    let logprobs = candle_nn::ops::log_softmax(logits, D::Minus1)?.to_vec1::<f32>()?;
+    let argmax = |v: &[f32]| {
+        v.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0
+    };
+    if s.temperature <= 0.0 {
+        let id = argmax(&logprobs);
+        return Ok((id as u32, logprobs[id]));
+    }
+    // Tempered distribution, then the smallest set of tokens holding `top_p` of the mass.
+    let mut probs: Vec<(usize, f64)> =
+        logprobs.iter().enumerate().map(|(i, &lp)| (i, (lp as f64 / s.temperature))).collect();
+    let max = probs.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let mut total = 0.0;
+    for p in probs.iter_mut() {
+        p.1 = (p.1 - max).exp();
+        total += p.1;
+    }
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top_p = s.top_p.clamp(1e-6, 1.0);
+    let mut kept = 0.0;
+    let mut cut = probs.len();
+    for (i, p) in probs.iter().enumerate() {
+        kept += p.1 / total;
+        if kept >= top_p {
+            cut = i + 1;
+            break;
+        }
+    }
+    probs.truncate(cut);
+    let mass: f64 = probs.iter().map(|p| p.1).sum();
+    let mut r = rng.random::<f64>() * mass;
+    for &(i, p) in &probs {
+        r -= p;
+        if r <= 0.0 {
+            return Ok((i as u32, logprobs[i]));
+        }
+    }
+    let last = probs.last().map_or(argmax(&logprobs), |p| p.0);
+    Ok((last as u32, logprobs[last]))
+}

@@ -1,0 +1,496 @@
+//! Hook points (TransformerLens names) and the hook spec threaded through the forward pass:
+//! what to capture and what to change. An empty spec costs a few branch checks per layer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// A named place in the forward pass, printed and parsed with TransformerLens' names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum HookPoint {
+    /// `hook_embed`: token embeddings, the first write into the residual stream. `[b, s, d]`
+    Embed,
+    /// `blocks.{l}.hook_resid_pre`: the residual stream entering block `l`. `[b, s, d]`
+    ResidPre(usize),
+    /// `blocks.{l}.attn.hook_pattern`: attention probabilities. `[b, h, s_q, s_k]`
+    AttnPattern(usize),
+    /// `blocks.{l}.attn.hook_z`: per-head attention output before `o_proj`. `[b, s, h, d_h]`
+    AttnZ(usize),
+    /// `blocks.{l}.hook_attn_out`: the attention block's write into the stream. `[b, s, d]`
+    AttnOut(usize),
+    /// `blocks.{l}.hook_resid_mid`: the stream between attention and MLP. `[b, s, d]`
+    ResidMid(usize),
+    /// `blocks.{l}.hook_mlp_out`: the MLP's write into the stream. `[b, s, d]`
+    MlpOut(usize),
+    /// `blocks.{l}.hook_resid_post`: the stream leaving block `l`. `[b, s, d]`
+    ResidPost(usize),
+    /// `ln_final.hook_normalized`: the final RMSNorm's output, input to the unembedding. `[b, s, d]`
+    LnFinal,
+}
+
+/// The per-layer hook kinds, as users type them in `--hooks` lists.
+pub const LAYER_HOOK_KINDS: [&str; 7] =
+    ["resid_pre", "attn_pattern", "attn_z", "attn_out", "resid_mid", "mlp_out", "resid_post"];
+
+impl HookPoint {
+    pub fn layer(self) -> Option<usize> {
+        use HookPoint::*;
+        match self {
+            ResidPre(l) | AttnPattern(l) | AttnZ(l) | AttnOut(l) | ResidMid(l) | MlpOut(l)
+            | ResidPost(l) => Some(l),
+            Embed | LnFinal => None,
+        }
+    }
+
+    /// True for points shaped like the residual stream `[b, s, d]` (where vectors can be added).
+    pub fn is_residual_shaped(self) -> bool {
+        !matches!(self, HookPoint::AttnPattern(_) | HookPoint::AttnZ(_))
+    }
+
+    fn from_kind(kind: &str, layer: usize) -> Option<Self> {
+        Some(match kind {
+            "resid_pre" => HookPoint::ResidPre(layer),
+            "attn_pattern" | "pattern" => HookPoint::AttnPattern(layer),
+            "attn_z" | "z" => HookPoint::AttnZ(layer),
+            "attn_out" => HookPoint::AttnOut(layer),
+            "resid_mid" => HookPoint::ResidMid(layer),
+            "mlp_out" => HookPoint::MlpOut(layer),
+            "resid_post" => HookPoint::ResidPost(layer),
+            _ => return None,
+        })
+    }
+
+    /// Expands a user list like `resid_pre,attn_z,blocks.3.hook_mlp_out,ln_final` into points:
+    /// a bare kind means that kind at every layer.
+    pub fn parse_list(list: &str, n_layers: usize) -> Result<BTreeSet<HookPoint>> {
+        let mut points = BTreeSet::new();
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let kind = item.strip_prefix("hook_").unwrap_or(item);
+            if HookPoint::from_kind(kind, 0).is_some() {
+                points.extend((0..n_layers).filter_map(|l| HookPoint::from_kind(kind, l)));
+                continue;
+            }
+            let point = match kind {
+                "embed" => HookPoint::Embed,
+                "ln_final" | "ln_final.hook_normalized" => HookPoint::LnFinal,
+                _ => item.parse()?,
+            };
+            if point.layer().is_some_and(|l| l >= n_layers) {
+                return Err(Error::InvalidInput(format!(
+                    "hook point {item} names a layer past the model's {n_layers} layers"
+                )));
+            }
+            points.insert(point);
+        }
+        Ok(points)
+    }
+}
+
+impl fmt::Display for HookPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        use HookPoint::*;
+        match *self {
+            Embed => write!(f, "hook_embed"),
+            ResidPre(l) => write!(f, "blocks.{l}.hook_resid_pre"),
+            AttnPattern(l) => write!(f, "blocks.{l}.attn.hook_pattern"),
+            AttnZ(l) => write!(f, "blocks.{l}.attn.hook_z"),
+            AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
+            ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
+            MlpOut(l) => write!(f, "blocks.{l}.hook_mlp_out"),
+            ResidPost(l) => write!(f, "blocks.{l}.hook_resid_post"),
+            LnFinal => write!(f, "ln_final.hook_normalized"),
+        }
+    }
+}
+
+impl FromStr for HookPoint {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let invalid = || Error::InvalidHookPoint(s.to_string());
+        match s {
+            "hook_embed" => return Ok(HookPoint::Embed),
+            "ln_final.hook_normalized" => return Ok(HookPoint::LnFinal),
+            _ => {}
+        }
+        let rest = s.strip_prefix("blocks.").ok_or_else(invalid)?;
+        let (layer, name) = rest.split_once('.').ok_or_else(invalid)?;
+        let layer: usize = layer.parse().map_err(|_| invalid())?;
+        let kind = name.strip_prefix("attn.").unwrap_or(name);
+        let kind = kind.strip_prefix("hook_").ok_or_else(invalid)?;
+        let kind = match (name.starts_with("attn."), kind) {
+            (true, "z") => "attn_z",
+            (true, "pattern") => "attn_pattern",
+            (false, k @ ("resid_pre" | "attn_out" | "resid_mid" | "mlp_out" | "resid_post")) => k,
+            _ => return Err(invalid()),
+        };
+        HookPoint::from_kind(kind, layer).ok_or_else(invalid)
+    }
+}
+
+/// Which absolute positions (counting from the start of the sequence, KV cache included) an
+/// intervention touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Positions {
+    #[default]
+    All,
+    /// Every position from this one on, e.g. post-instruction + generated tokens.
+    From(usize),
+}
+
+impl Positions {
+    fn start(self) -> usize {
+        match self {
+            Positions::All => 0,
+            Positions::From(p) => p,
+        }
+    }
+}
+
+/// What replaces a head's `z` under [`Intervention::SetHead`].
+#[derive(Debug, Clone)]
+pub enum HeadValue {
+    /// One `[d_h]` vector at every position (mean ablation).
+    Broadcast(Tensor),
+    /// Rows `[n, d_h]` for absolute positions `start..start+n` (interchange with a cached run,
+    /// aligned as the caller chose); positions outside are left alone.
+    PerPosition { start: usize, rows: Tensor },
+}
+
+/// A change made during the forward pass. All are applied on every forward pass, prompt and
+/// generated tokens alike.
+#[derive(Debug, Clone)]
+pub enum Intervention {
+    /// `x ← x + scale·v` at a residual-shaped point.
+    AddVector { point: HookPoint, vector: Tensor, scale: f64, positions: Positions },
+    /// `x ← x − (x·r̂) r̂` at a residual-shaped point; `unit` must have norm 1.
+    ProjectOut { point: HookPoint, unit: Tensor, positions: Positions },
+    /// `z_{l,h} ← factor · z_{l,h}`. Factor 0 is zero ablation; because `z = A·V` is linear in
+    /// the attention weights, this equals scaling the head's attention weights by `factor`.
+    ScaleHead { layer: usize, head: usize, factor: f64 },
+    /// Replace `z_{l,h}` (mean ablation, or patching from a cached run).
+    SetHead { layer: usize, head: usize, value: HeadValue },
+    /// `logits[t] += bias` for each listed token.
+    LogitBias { token_ids: Vec<u32>, bias: f32 },
+}
+
+impl Intervention {
+    /// Directional ablation as methods.md defines it: project `r̂` out of every write into the
+    /// residual stream (the embedding, every attention output and every MLP output).
+    pub fn ablate_direction(direction: &Tensor, n_layers: usize) -> Result<Vec<Intervention>> {
+        let direction = direction.to_dtype(DType::F32)?.flatten_all()?;
+        let norm = direction.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        if !norm.is_finite() || norm == 0.0 {
+            return Err(Error::InvalidInput("cannot ablate a zero direction".into()));
+        }
+        let unit = (direction / norm as f64)?;
+        let points = std::iter::once(HookPoint::Embed)
+            .chain((0..n_layers).flat_map(|l| [HookPoint::AttnOut(l), HookPoint::MlpOut(l)]));
+        Ok(points
+            .map(|point| Intervention::ProjectOut { point, unit: unit.clone(), positions: Positions::All })
+            .collect())
+    }
+}
+
+/// What to capture and what to change in one forward pass.
+#[derive(Debug, Clone, Default)]
+pub struct HookSpec {
+    pub capture: BTreeSet<HookPoint>,
+    pub interventions: Vec<Intervention>,
+}
+
+impl HookSpec {
+    pub fn capture(points: impl IntoIterator<Item = HookPoint>) -> Self {
+        HookSpec { capture: points.into_iter().collect(), interventions: Vec::new() }
+    }
+
+    pub fn with_interventions(interventions: Vec<Intervention>) -> Self {
+        HookSpec { capture: BTreeSet::new(), interventions }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.capture.is_empty() && self.interventions.is_empty()
+    }
+
+    /// Applies every residual-shaped intervention at `point` to `x` (`[b, s, d]`, absolute
+    /// positions `offset..offset+s`), then captures it if asked.
+    pub(crate) fn residual(
+        &self,
+        point: HookPoint,
+        mut x: Tensor,
+        offset: usize,
+        captures: &mut Captures,
+    ) -> Result<Tensor> {
+        for intervention in &self.interventions {
+            x = match intervention {
+                Intervention::AddVector { point: p, vector, scale, positions } if *p == point => {
+                    let delta = (vector.to_dtype(x.dtype())?.flatten_all()? * *scale)?;
+                    on_positions(&x, offset, *positions, |part| Ok(part.broadcast_add(&delta)?))?
+                }
+                Intervention::ProjectOut { point: p, unit, positions } if *p == point => {
+                    let unit = unit.to_dtype(x.dtype())?.flatten_all()?;
+                    on_positions(&x, offset, *positions, |part| project_out(part, &unit))?
+                }
+                _ => x,
+            };
+        }
+        self.capture_if_wanted(point, &x, captures);
+        Ok(x)
+    }
+
+    /// Applies head interventions of `layer` to `z` (`[b, s, h, d_h]`) and captures it.
+    pub(crate) fn attn_z(
+        &self,
+        layer: usize,
+        mut z: Tensor,
+        offset: usize,
+        captures: &mut Captures,
+    ) -> Result<Tensor> {
+        for intervention in &self.interventions {
+            z = match intervention {
+                Intervention::ScaleHead { layer: l, head, factor } if *l == layer => {
+                    map_head(&z, *head, |zh| Ok((zh * *factor)?))?
+                }
+                Intervention::SetHead { layer: l, head, value } if *l == layer => {
+                    map_head(&z, *head, |zh| set_head(zh, value, offset))?
+                }
+                _ => z,
+            };
+        }
+        self.capture_if_wanted(HookPoint::AttnZ(layer), &z, captures);
+        Ok(z)
+    }
+
+    pub(crate) fn logits(&self, mut logits: Tensor) -> Result<Tensor> {
+        for intervention in &self.interventions {
+            if let Intervention::LogitBias { token_ids, bias } = intervention {
+                let vocab = logits.dim(D::Minus1)?;
+                let mut row = vec![0f32; vocab];
+                for &t in token_ids {
+                    if let Some(slot) = row.get_mut(t as usize) {
+                        *slot += *bias;
+                    }
+                }
+                let row = Tensor::from_vec(row, vocab, logits.device())?.to_dtype(logits.dtype())?;
+                logits = logits.broadcast_add(&row)?;
+            }
+        }
+        Ok(logits)
+    }
+
+    pub(crate) fn wants(&self, point: HookPoint) -> bool {
+        self.capture.contains(&point)
+    }
+
+    pub(crate) fn capture_if_wanted(&self, point: HookPoint, x: &Tensor, captures: &mut Captures) {
+        if self.wants(point) {
+            captures.push(point, x.clone());
+        }
+    }
+}
+
+/// `y − (y·u) u` along the last dimension.
+fn project_out(y: &Tensor, unit: &Tensor) -> Result<Tensor> {
+    let coeff = y.broadcast_mul(unit)?.sum_keepdim(D::Minus1)?;
+    Ok((y - coeff.broadcast_mul(unit)?)?)
+}
+
+/// Runs `f` on the positions (dim 1) of `x` selected by `positions`, leaving the others alone.
+fn on_positions(
+    x: &Tensor,
+    offset: usize,
+    positions: Positions,
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let seq = x.dim(1)?;
+    let first = positions.start().saturating_sub(offset).min(seq);
+    match first {
+        0 => f(x),
+        f_ if f_ == seq => Ok(x.clone()),
+        _ => {
+            let kept = x.narrow(1, 0, first)?;
+            let changed = f(&x.narrow(1, first, seq - first)?)?;
+            Ok(Tensor::cat(&[&kept, &changed], 1)?)
+        }
+    }
+}
+
+/// Rebuilds `z` (`[b, s, h, d_h]`) with head `head` replaced by `f(z[:, :, head])`.
+fn map_head(z: &Tensor, head: usize, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let n_heads = z.dim(2)?;
+    if head >= n_heads {
+        return Err(Error::InvalidInput(format!("head {head} does not exist ({n_heads} heads)")));
+    }
+    let changed = f(&z.narrow(2, head, 1)?)?;
+    let mut parts = Vec::with_capacity(3);
+    if head > 0 {
+        parts.push(z.narrow(2, 0, head)?);
+    }
+    parts.push(changed);
+    if head + 1 < n_heads {
+        parts.push(z.narrow(2, head + 1, n_heads - head - 1)?);
+    }
+    Ok(Tensor::cat(&parts, 2)?)
+}
+
+/// `zh` is `[b, s, 1, d_h]` at absolute positions `offset..offset+s`.
+fn set_head(zh: &Tensor, value: &HeadValue, offset: usize) -> Result<Tensor> {
+    let (b, s, _, dh) = zh.dims4()?;
+    match value {
+        HeadValue::Broadcast(v) => {
+            Ok(v.to_dtype(zh.dtype())?.reshape((1, 1, 1, dh))?.broadcast_as((b, s, 1, dh))?.contiguous()?)
+        }
+        HeadValue::PerPosition { start, rows } => {
+            let n = rows.dim(0)?;
+            // Overlap of [offset, offset+s) with [start, start+n).
+            let lo = offset.max(*start);
+            let hi = (offset + s).min(start + n);
+            if lo >= hi {
+                return Ok(zh.clone());
+            }
+            let patch = rows
+                .to_dtype(zh.dtype())?
+                .narrow(0, lo - start, hi - lo)?
+                .reshape((1, hi - lo, 1, dh))?
+                .broadcast_as((b, hi - lo, 1, dh))?;
+            let mut parts = Vec::with_capacity(3);
+            if lo > offset {
+                parts.push(zh.narrow(1, 0, lo - offset)?);
+            }
+            parts.push(patch.contiguous()?);
+            if hi < offset + s {
+                parts.push(zh.narrow(1, hi - offset, offset + s - hi)?);
+            }
+            Ok(Tensor::cat(&parts, 1)?)
+        }
+    }
+}
+
+/// Captured activations by hook point. A point captured over several forward passes (prompt,
+/// then one generated token at a time) is concatenated along the position axis on read.
+#[derive(Debug, Default, Clone)]
+pub struct Captures {
+    parts: BTreeMap<HookPoint, Vec<Tensor>>,
+}
+
+impl Captures {
+    pub(crate) fn push(&mut self, point: HookPoint, x: Tensor) {
+        self.parts.entry(point).or_default().push(x);
+    }
+
+    pub fn points(&self) -> impl Iterator<Item = HookPoint> + '_ {
+        self.parts.keys().copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// The activation at `point`, all captured positions together.
+    pub fn get(&self, point: HookPoint) -> Result<Option<Tensor>> {
+        let Some(parts) = self.parts.get(&point) else { return Ok(None) };
+        if parts.len() == 1 {
+            return Ok(Some(parts[0].clone()));
+        }
+        // Patterns grow along the key axis too; they are only concatenable per query row.
+        let dim = if matches!(point, HookPoint::AttnPattern(_)) { 2 } else { 1 };
+        if dim == 2 {
+            return Err(Error::InvalidInput(format!(
+                "{point} was captured over several cached forward passes; capture it in one pass"
+            )));
+        }
+        Ok(Some(Tensor::cat(parts, dim)?))
+    }
+
+    /// Every capture as `(name, tensor)` pairs, ready to save.
+    pub fn named(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for point in self.points() {
+            if let Some(t) = self.get(point)? {
+                out.push((point.to_string(), t));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for p in [
+            HookPoint::Embed,
+            HookPoint::ResidPre(3),
+            HookPoint::AttnPattern(0),
+            HookPoint::AttnZ(12),
+            HookPoint::AttnOut(1),
+            HookPoint::ResidMid(2),
+            HookPoint::MlpOut(29),
+            HookPoint::ResidPost(4),
+            HookPoint::LnFinal,
+        ] {
+            assert_eq!(p.to_string().parse::<HookPoint>().unwrap(), p);
+        }
+        assert!("blocks.x.hook_resid_pre".parse::<HookPoint>().is_err());
+        assert!("blocks.1.hook_z".parse::<HookPoint>().is_err());
+        assert!("blocks.1.attn.hook_resid_pre".parse::<HookPoint>().is_err());
+    }
+
+    #[test]
+    fn lists_expand_kinds_to_every_layer() {
+        let pts = HookPoint::parse_list("resid_pre, blocks.1.attn.hook_z,ln_final", 3).unwrap();
+        let want: BTreeSet<_> = [
+            HookPoint::ResidPre(0),
+            HookPoint::ResidPre(1),
+            HookPoint::ResidPre(2),
+            HookPoint::AttnZ(1),
+            HookPoint::LnFinal,
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(pts, want);
+        assert!(HookPoint::parse_list("blocks.3.hook_resid_pre", 3).is_err());
+        assert!(HookPoint::parse_list("nonsense", 3).is_err());
+    }
+
+    #[test]
+    fn project_out_removes_the_component_and_keeps_the_rest() {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::new(&[[[3f32, 4.0, 5.0]]], &dev).unwrap();
+        let u = Tensor::new(&[0f32, 1.0, 0.0], &dev).unwrap();
+        let y = project_out(&x, &u).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(y, vec![3.0, 0.0, 5.0]);
+    }
+
+    #[test]
+    fn positions_select_absolute_positions_across_chunks() {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::zeros((1, 4, 2), DType::F32, &dev).unwrap();
+        let add = |t: &Tensor| Ok((t + 1.0)?);
+        // Chunk covers positions 10..14, intervention starts at 12.
+        let y = on_positions(&x, 10, Positions::From(12), add).unwrap();
+        let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v, vec![0., 0., 0., 0., 1., 1., 1., 1.]);
+        let y = on_positions(&x, 20, Positions::From(12), add).unwrap();
+        assert_eq!(y.sum_all().unwrap().to_scalar::<f32>().unwrap(), 8.0);
+        let y = on_positions(&x, 0, Positions::From(12), add).unwrap();
+        assert_eq!(y.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn set_head_patches_only_overlapping_positions() {
+        let dev = candle_core::Device::Cpu;
+        let zh = Tensor::zeros((1, 3, 1, 2), DType::F32, &dev).unwrap();
+        let rows = Tensor::new(&[[1f32, 1.0], [2.0, 2.0], [3.0, 3.0]], &dev).unwrap();
+        // Chunk at positions 5..8; rows for 6..9 → positions 6 and 7 patched with rows 0, 1.
+        let y = set_head(&zh, &HeadValue::PerPosition { start: 6, rows }, 5).unwrap();
+        let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v, vec![0., 0., 1., 1., 2., 2.]);
+    }
+}

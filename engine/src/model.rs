@@ -1,0 +1,399 @@
+//! The transformer: weights in two precisions and one forward pass with hook points.
+//!
+//! `dense` holds every weight as f32 (exact analysis, gradients). `fast` holds the same model
+//! with its large matrices as Q8_0 (see [`FastPrecision`]): candle's Q8_0 CPU kernel is SIMD
+//! while its Q4_1 one is scalar, so re-encoding a Q4_1 GGUF as Q8_0 at load makes generation
+//! ~2.5× faster. Activations stay f32 in both, so every hook works on both.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::config::{ModelConfig, RopeStyle};
+use crate::hooks::{Captures, HookPoint, HookSpec};
+use crate::{Error, Result};
+
+/// A weight matrix `[out, in]` with an optional bias, dense f32 or quantised.
+#[derive(Debug, Clone)]
+pub enum Linear {
+    Dense { weight: Tensor, bias: Option<Tensor> },
+    Quantized { weight: Arc<QMatMul>, bias: Option<Tensor> },
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (y, bias) = match self {
+            Linear::Dense { weight, bias } => {
+                let y = match x.dims() {
+                    [b, s, i] => x.reshape((b * s, *i))?.matmul(&weight.t()?)?.reshape((*b, *s, ()))?,
+                    _ => x.matmul(&weight.t()?)?,
+                };
+                (y, bias)
+            }
+            Linear::Quantized { weight, bias } => (weight.forward(x)?, bias),
+        };
+        Ok(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// The weight as a dense f32 `[out, in]` tensor.
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match self {
+            Linear::Dense { weight, .. } => Ok(weight.clone()),
+            Linear::Quantized { weight, .. } => match weight.as_ref() {
+                QMatMul::QTensor(q) => Ok(q.dequantize(&Device::Cpu)?),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => Ok(t.to_dtype(DType::F32)?),
+            },
+        }
+    }
+}
+
+/// The weights of one block.
+#[derive(Debug, Clone)]
+pub struct BlockWeights {
+    pub attn_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub mlp_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// A full set of weights in one precision.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    /// Token embeddings `[vocab, d]`, always f32 for exact lookups.
+    pub embed: Tensor,
+    pub blocks: Vec<BlockWeights>,
+    pub final_norm: Tensor,
+    /// Unembedding `[vocab, d]` (shares `embed` when the model ties them).
+    pub lm_head: Linear,
+}
+
+/// Which quantisation the fast generation path uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FastPrecision {
+    /// Q8_0 for quantised checkpoints (re-encoding Q4/Q5 blocks, keeping Q8/K-quants), f32 for
+    /// float checkpoints so their generation stays exact.
+    Auto,
+    /// Every projection as Q8_0.
+    Q8_0,
+    /// No quantised path: generation runs on the dense f32 weights.
+    F32,
+}
+
+impl Weights {
+    /// Builds the fast path from dense weights and, for quantised checkpoints, the original
+    /// quantised tensors (by the same role names).
+    pub(crate) fn fast_from(
+        dense: &Weights,
+        originals: &dyn Fn(&str) -> Option<Arc<QTensor>>,
+        precision: FastPrecision,
+        checkpoint_is_quantized: bool,
+    ) -> Result<Option<Weights>> {
+        let quantize = match precision {
+            FastPrecision::F32 => return Ok(None),
+            FastPrecision::Auto => checkpoint_is_quantized,
+            FastPrecision::Q8_0 => true,
+        };
+        if !quantize {
+            return Ok(None);
+        }
+        let requant = |name: &str, lin: &Linear| -> Result<Linear> {
+            let (weight, bias) = match lin {
+                Linear::Dense { weight, bias } => (weight, bias.clone()),
+                Linear::Quantized { .. } => return Ok(lin.clone()),
+            };
+            let keep = originals(name).filter(|q| keeps_fast_kernel(q.dtype()));
+            let q = match keep {
+                Some(q) => q,
+                None if weight.dim(1)? % GgmlDType::Q8_0.block_size() == 0 => {
+                    Arc::new(QTensor::quantize(weight, GgmlDType::Q8_0)?)
+                }
+                None => return Ok(lin.clone()),
+            };
+            Ok(Linear::Quantized { weight: Arc::new(QMatMul::from_arc(q)?), bias })
+        };
+        let blocks = dense
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(l, b)| {
+                let n = |part: &str| format!("blk.{l}.{part}");
+                Ok(BlockWeights {
+                    attn_norm: b.attn_norm.clone(),
+                    q: requant(&n("attn_q"), &b.q)?,
+                    k: requant(&n("attn_k"), &b.k)?,
+                    v: requant(&n("attn_v"), &b.v)?,
+                    o: requant(&n("attn_output"), &b.o)?,
+                    mlp_norm: b.mlp_norm.clone(),
+                    gate: requant(&n("ffn_gate"), &b.gate)?,
+                    up: requant(&n("ffn_up"), &b.up)?,
+                    down: requant(&n("ffn_down"), &b.down)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Weights {
+            embed: dense.embed.clone(),
+            blocks,
+            final_norm: dense.final_norm.clone(),
+            lm_head: requant("output", &dense.lm_head)?,
+        }))
+    }
+}
+
+/// Quantised types whose candle CPU kernels are SIMD and accurate enough to keep as they are.
+fn keeps_fast_kernel(dtype: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(dtype, Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K | Q8K)
+}
+
+/// Key/value cache of every layer, `[b, h_kv, t, d_h]` each. Cloning is cheap (tensors are
+/// shared), so a prompt prefix can be computed once and reused.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        KvCache { layers: vec![None; n_layers] }
+    }
+
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsAt {
+    All,
+    Last,
+    /// Skip the unembedding (analyses that only read the residual stream).
+    None,
+}
+
+/// How the forward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ForwardOptions {
+    /// Use ops that candle can differentiate (generic softmax, RoPE and RMSNorm from basic ops)
+    /// instead of the fused fast ones. Same values up to float rounding.
+    pub differentiable: bool,
+}
+
+pub struct ForwardOutput {
+    /// `[b, s, vocab]` (or `[b, 1, vocab]` for [`LogitsAt::Last`]).
+    pub logits: Option<Tensor>,
+    pub captures: Captures,
+}
+
+/// A loaded transformer: its shape, dense weights and (optionally) a fast quantised copy.
+pub struct Model {
+    pub config: ModelConfig,
+    pub dense: Weights,
+    pub fast: Option<Weights>,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+impl Model {
+    pub fn new(config: ModelConfig, dense: Weights, fast: Option<Weights>) -> Result<Self> {
+        config.validate()?;
+        let device = dense.embed.device().clone();
+        let (cos, sin) = rope_tables(&config, &device)?;
+        Ok(Model { config, dense, fast, cos, sin, device })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The weights generation uses: the fast path when there is one.
+    pub fn generation_weights(&self) -> &Weights {
+        self.fast.as_ref().unwrap_or(&self.dense)
+    }
+
+    /// One forward pass over `tokens` (`[b, s]`, u32) continuing from `cache` if given.
+    pub fn forward(
+        &self,
+        weights: &Weights,
+        tokens: &Tensor,
+        cache: Option<&mut KvCache>,
+        hooks: &HookSpec,
+        logits_at: LogitsAt,
+        options: ForwardOptions,
+    ) -> Result<ForwardOutput> {
+        let cfg = &self.config;
+        let (b, s) = tokens.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        if offset + s > cfg.context_length {
+            return Err(Error::ContextOverflow { len: offset + s, max: cfg.context_length });
+        }
+        let mut captures = Captures::default();
+        let mask = causal_mask(s, offset, &self.device)?;
+        let cos = self.cos.narrow(0, offset, s)?;
+        let sin = self.sin.narrow(0, offset, s)?;
+        let mut cache = cache;
+
+        let embedded = weights.embed.embedding(&tokens.flatten_all()?)?.reshape((b, s, cfg.d_model))?;
+        let mut x = hooks.residual(HookPoint::Embed, embedded, offset, &mut captures)?;
+
+        for (l, block) in weights.blocks.iter().enumerate() {
+            x = hooks.residual(HookPoint::ResidPre(l), x, offset, &mut captures)?;
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let attn_in = self.rms_norm(&x, &block.attn_norm, options)?;
+            let z = self.attention(l, block, &attn_in, layer_cache, mask.as_ref(), (&cos, &sin), hooks, offset, &mut captures, options)?;
+            let attn_out = block.o.forward(&z.reshape((b, s, cfg.n_heads * cfg.head_dim))?)?;
+            let attn_out = hooks.residual(HookPoint::AttnOut(l), attn_out, offset, &mut captures)?;
+            x = hooks.residual(HookPoint::ResidMid(l), (x + attn_out)?, offset, &mut captures)?;
+
+            let mlp_in = self.rms_norm(&x, &block.mlp_norm, options)?;
+            let gate = candle_nn::ops::silu(&block.gate.forward(&mlp_in)?)?;
+            let mlp_out = block.down.forward(&(gate * block.up.forward(&mlp_in)?)?)?;
+            let mlp_out = hooks.residual(HookPoint::MlpOut(l), mlp_out, offset, &mut captures)?;
+            x = hooks.residual(HookPoint::ResidPost(l), (x + mlp_out)?, offset, &mut captures)?;
+        }
+
+        let logits = match logits_at {
+            LogitsAt::None if !hooks.wants(HookPoint::LnFinal) => None,
+            _ => {
+                let x = match logits_at {
+                    LogitsAt::Last => x.narrow(1, s - 1, 1)?,
+                    _ => x,
+                };
+                let normed = self.rms_norm(&x, &weights.final_norm, options)?;
+                let normed = hooks.residual(HookPoint::LnFinal, normed, offset, &mut captures)?;
+                match logits_at {
+                    LogitsAt::None => None,
+                    _ => Some(hooks.logits(weights.lm_head.forward(&normed)?)?),
+                }
+            }
+        };
+        Ok(ForwardOutput { logits, captures })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        block: &BlockWeights,
+        x: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mask: Option<&Tensor>,
+        (cos, sin): (&Tensor, &Tensor),
+        hooks: &HookSpec,
+        offset: usize,
+        captures: &mut Captures,
+        options: ForwardOptions,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, s, _) = x.dims3()?;
+        let (h, h_kv, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, n, dh))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = self.rope(&heads(block.q.forward(x)?, h)?, cos, sin, options)?;
+        let k = self.rope(&heads(block.k.forward(x)?, h_kv)?, cos, sin, options)?;
+        let v = heads(block.v.forward(x)?, h_kv)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((k0, v0)) => (Tensor::cat(&[&k0, &k], 2)?, Tensor::cat(&[&v0, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let k = repeat_kv(&k, h / h_kv)?;
+        let v = repeat_kv(&v, h / h_kv)?;
+        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let pattern = if options.differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        hooks.capture_if_wanted(HookPoint::AttnPattern(layer), &pattern, captures);
+        // [b, h, s, d_h] → TransformerLens' hook_z layout [b, s, h, d_h].
+        let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?;
+        hooks.attn_z(layer, z, offset, captures)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, options: ForwardOptions) -> Result<Tensor> {
+        let eps = self.config.rms_eps as f32;
+        Ok(if options.differentiable {
+            candle_nn::ops::rms_norm_slow(x, weight, eps)?
+        } else {
+            candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps)?
+        })
+    }
+
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, options: ForwardOptions) -> Result<Tensor> {
+        use candle_nn::rotary_emb as re;
+        Ok(match (self.config.rope_style, options.differentiable) {
+            (RopeStyle::Interleaved, false) => re::rope_i(x, cos, sin)?,
+            (RopeStyle::Interleaved, true) => re::rope_i_slow(x, cos, sin)?,
+            (RopeStyle::HalfSplit, false) => re::rope(x, cos, sin)?,
+            (RopeStyle::HalfSplit, true) => re::rope_slow(x, cos, sin)?,
+        })
+    }
+}
+
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64) as f32)
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((cfg.context_length, 1))?;
+    let angles = positions.broadcast_mul(&inv_freq)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+/// Additive causal mask `[s, offset+s]`, `None` for a single query (it sees everything).
+fn causal_mask(s: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
+    if s == 1 {
+        return Ok(None);
+    }
+    let t = offset + s;
+    let mask: Vec<f32> = (0..s)
+        .flat_map(|i| (0..t).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (s, t), device)?))
+}
+
+/// `[b, h_kv, t, d]` → `[b, h_kv·n_rep, t, d]`, each kv head repeated for its query group.
+fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, h_kv, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.broadcast_as((b, h_kv, n_rep, t, d))?.reshape((b, h_kv * n_rep, t, d))?)
+}
+
+#[cfg(test)]
+#[path = "model_tests.rs"]
+mod tests;

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Reference values for the engine's parity tests, computed with HF transformers (f32, CPU).
+
+Writes under tests/fixtures/:
+  tiny_llama/, tiny_qwen2/   tiny random HF checkpoints (seeded) + expected.json
+                             (input ids, logits at every position, every hidden state)
+  smollm2/reference.safetensors + smollm2/reference.json
+                             the default model (SmolLM2-135M-Instruct Q4_1 GGUF, dequantised by
+                             transformers): chat-template token ids, hidden states at a few
+                             layers (last 8 positions), last-position logits and a greedy reply.
+
+Set-up (once, outside the repo):  python3 -m venv /tmp/torchenv &&
+  /tmp/torchenv/bin/pip install torch transformers accelerate gguf safetensors numpy tokenizers
+Run from the repository root:      /tmp/torchenv/bin/python tests/reference/make_fixtures.py [GGUF]
+"""
+import json
+import os
+import sys
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_IDS = [1, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 2, 10]  # arbitrary ids
+
+
+def byte_chars():
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    out, n = [], 0
+    for b in range(256):
+        if b in bs:
+            out.append(chr(b))
+        else:
+            out.append(chr(256 + n))
+            n += 1
+    return out
+
+
+def tiny_tokenizer():
+    vocab = {c: i for i, c in enumerate(byte_chars())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    return tok
+
+
+def tiny(family):
+    torch.manual_seed(1234 if family == "llama" else 5678)
+    common = dict(vocab_size=256 + len(SPECIALS), hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **common))
+    # Default init (std 0.02) gives near-zero logits: a weak test. Use trained-like scales.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            elif "embed" in name or "lm_head" in name:
+                p.copy_(torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+    model.eval()
+    out_dir = os.path.join(ROOT, f"tiny_{family}")
+    os.makedirs(out_dir, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, os.path.join(out_dir, "model.safetensors"))
+    cfg = dict(model_type=family, tie_word_embeddings=model.config.tie_word_embeddings, **common)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    tiny_tokenizer().save(os.path.join(out_dir, "tokenizer.json"))
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": CHATML, "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}, f)
+    with torch.no_grad():
+        out = model(torch.tensor([TINY_IDS]), output_hidden_states=True)
+    expected = {
+        "input_ids": TINY_IDS,
+        "logits": out.logits[0].tolist(),
+        # hidden_states[l] is blocks.l.hook_resid_pre; the last one is after the final norm.
+        "hidden_states": [h[0].tolist() for h in out.hidden_states],
+    }
+    with open(os.path.join(out_dir, "expected.json"), "w") as f:
+        json.dump(expected, f)
+    print(f"wrote {out_dir}")
+
+
+PROMPTS = ["How do I bake bread?", "Write a short poem about the sea."]
+LAYERS = [0, 1, 10, 20, 29]
+LAST_POSITIONS = 8
+GREEDY_TOKENS = 24
+
+
+def smollm2(gguf_path):
+    folder, name = os.path.split(gguf_path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.eval()
+    out_dir = os.path.join(ROOT, "smollm2")
+    os.makedirs(out_dir, exist_ok=True)
+    tensors, meta = {}, {"prompts": [], "layers": LAYERS, "last_positions": LAST_POSITIONS}
+    for i, prompt in enumerate(PROMPTS):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            out = model(x, output_hidden_states=True)
+            gen = model.generate(x, max_new_tokens=GREEDY_TOKENS, do_sample=False)
+        for l in LAYERS:
+            tensors[f"p{i}.resid_pre.{l}"] = out.hidden_states[l][0, -LAST_POSITIONS:].contiguous()
+        tensors[f"p{i}.ln_final"] = out.hidden_states[-1][0, -LAST_POSITIONS:].contiguous()
+        tensors[f"p{i}.logits_last"] = out.logits[0, -1].contiguous()
+        meta["prompts"].append({"prompt": prompt, "text": text, "ids": ids,
+                                "greedy_ids": gen[0, len(ids):].tolist()})
+    save_file(tensors, os.path.join(out_dir, "reference.safetensors"))
+    with open(os.path.join(out_dir, "reference.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"wrote {out_dir}")
+
+
+if __name__ == "__main__":
+    tiny("llama")
+    tiny("qwen2")
+    default = os.path.expanduser("~/.cache/refusal-lens/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    smollm2(sys.argv[1] if len(sys.argv) > 1 else default)
