@@ -43,7 +43,7 @@ def llama_cpp(model, threads, tokens):
     import numpy as np
     from llama_cpp import Llama
     llm = Llama(model_path=model, n_threads=threads, n_threads_batch=threads, n_ctx=1024,
-                logits_all=False, verbose=False)
+                logits_all=True, verbose=False)
     ids = llm.tokenize(chatml(PROMPT).encode(), add_bos=False, special=True)
     best = None
     for _ in range(3):

@@ -31,7 +31,7 @@ fn step_until(h: &mut Harness<'_, RefusalLensApp>, what: &str, done: impl Fn(&Re
 fn typing_a_prompt_and_pressing_generate_streams_tokens() {
     let mut h = harness();
     step_until(&mut h, "the model", |a| a.model.is_ready());
-    h.get_by_label_contains("tiny-random");
+    assert!(!h.get_all_by_label_contains("tiny-random").collect::<Vec<_>>().is_empty());
 
     h.state_mut().reply.prompt.clear();
     h.get_by_label("User message").focus();

@@ -30,7 +30,7 @@ pub enum Error {
     InvalidInput(String),
     #[error("cancelled")]
     Cancelled,
-    #[error("tensor computation failed: {0}")]
+    #[error("tensor computation failed: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
 }
 
@@ -39,5 +39,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+}
+
+/// candle's message without the backtrace it attaches when `RUST_BACKTRACE` is set, so every
+/// error stays one line.
+pub(crate) fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string().lines().next().unwrap_or_default().to_string(),
     }
 }

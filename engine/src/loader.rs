@@ -79,7 +79,9 @@ impl Checkpoint {
 }
 
 fn corrupt(path: &Path, reason: impl std::fmt::Display) -> Error {
-    Error::CorruptModel { path: path.to_path_buf(), reason: reason.to_string() }
+    let reason = reason.to_string();
+    let reason = reason.lines().next().unwrap_or_default().to_string(); // drop candle's backtrace
+    Error::CorruptModel { path: path.to_path_buf(), reason }
 }
 
 struct Gguf<'a> {
@@ -450,8 +452,7 @@ impl Checkpoint {
         eos_ids: Vec<u32>,
         name: &str,
     ) -> Checkpoint {
-        let quantization = BTreeMap::from([("F32".to_string(), 0)]);
-        let mut card = card(Path::new(name), "in memory", config.family.name(), &config, quantization, &template);
+        let mut card = card(Path::new(name), "in memory", config.family.name(), &config, BTreeMap::new(), &template);
         card.name = name.to_string();
         Checkpoint { config, dense, tokenizer, template, eos_ids, card, originals: HashMap::new(), quantized: false }
     }

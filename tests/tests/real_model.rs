@@ -94,6 +94,9 @@ fn hidden_states_and_logits_match_transformers() {
     }
 }
 
+/// Measured 7.0e-3 and 3.6e-3 nats; a broken fast path (wrong RoPE, wrong rows) gives KL > 1.
+const KL_BOUND: f32 = 0.05;
+
 #[test]
 fn greedy_replies_equal_the_reference() {
     let m = default_model();
@@ -104,10 +107,25 @@ fn greedy_replies_equal_the_reference() {
         let g = generate(&m, &p.ids, &exact, &|| false, &mut |_| {}).unwrap();
         let ids: Vec<u32> = g.tokens.iter().map(|t| t.id).collect();
         assert_eq!(ids, p.greedy_ids, "exact path, prompt {:?}", p.prompt);
-        // The Q8_0 path re-encodes Q4_1 weights; its first tokens agree.
+        // The Q8_0 path (re-encoded Q4_1 weights, Q8_0-quantised activations, like llama.cpp's
+        // Q8_1) is not bit-exact; greedy replies of any quantised path drift from the f32 one
+        // within a few tokens (llama.cpp's own Q4_1 path diverges at token 9 and token 0 on
+        // these two prompts). Check instead that it predicts the same distribution.
+        let tokens = Tensor::new(p.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let next = |w| {
+            let out = m.model.forward(w, &tokens, None, &HookSpec::default(), LogitsAt::Last, ForwardOptions::default()).unwrap();
+            candle_nn::ops::log_softmax(&out.logits.unwrap().flatten_all().unwrap(), 0).unwrap().to_vec1::<f32>().unwrap()
+        };
+        let (exact_lp, fast_lp) = (next(&m.model.dense), next(m.model.generation_weights()));
+        let kl: f32 = exact_lp.iter().zip(&fast_lp).map(|(a, b)| a.exp() * (a - b)).sum();
+        eprintln!("{:?}: KL(exact || fast) at t_post = {kl:.2e}", p.prompt);
+        assert!(kl < KL_BOUND, "KL {kl}");
         let fast = GenerateConfig { precision: Precision::Fast, ..exact };
         let g = generate(&m, &p.ids, &fast, &|| false, &mut |_| {}).unwrap();
-        let ids: Vec<u32> = g.tokens.iter().map(|t| t.id).collect();
-        assert_eq!(ids[..8], p.greedy_ids[..8], "fast path, prompt {:?}", p.prompt);
+        // Its first token is one the f32 model ranks near the top (on the poem prompt it picks
+        // the runner-up, as llama.cpp does).
+        let mut ranked: Vec<usize> = (0..exact_lp.len()).collect();
+        ranked.sort_by(|&a, &b| exact_lp[b].total_cmp(&exact_lp[a]));
+        assert!(ranked[..3].contains(&(g.tokens[0].id as usize)), "fast path first token {}", g.tokens[0].id);
     }
 }

@@ -128,7 +128,7 @@ fn card_grid(ui: &mut egui::Ui, c: &ModelCard) {
         row("Context", c.context_length.to_string());
         row("Parameters", format!("{:.1} M", c.parameters as f64 / 1e6));
         let quant: Vec<String> = c.quantization.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
-        row("Stored as", quant.join(", "));
+        row("Stored as", if quant.is_empty() { "f32 (built in memory)".into() } else { quant.join(", ") });
         row("Generation", c.generation_weights.clone());
         row("Device", "CPU".into());
         row("Template", c.chat_template.clone());

@@ -112,13 +112,14 @@ impl ReplyPanel {
 
     pub fn ui(&mut self, ui: &mut egui::Ui, worker: &mut Worker, model_ready: bool) {
         ui.heading("Prompt");
+        let label = ui.label("User message");
         ui.add(
             egui::TextEdit::multiline(&mut self.prompt)
                 .desired_rows(3)
                 .desired_width(f32::INFINITY)
                 .hint_text("Type a user message…"),
         )
-        .labelled_by(ui.label("User message").id);
+        .labelled_by(label.id);
         ui.horizontal(|ui| {
             ui.checkbox(&mut self.use_system, "System message");
             if self.use_system {
@@ -127,7 +128,7 @@ impl ReplyPanel {
                 ui.weak("(template default)");
             }
         });
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             ui.add(egui::Slider::new(&mut self.max_new_tokens, 1..=512).text("max tokens"));
             ui.add(egui::Slider::new(&mut self.sampling.temperature, 0.0..=2.0).text("temperature"));
             ui.add_enabled(
