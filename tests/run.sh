@@ -15,4 +15,4 @@ fi
 assets/fetch-model.sh
 # 2-thread candle kernels collapse when test binaries compete for 2 cores (findings.md).
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-1}"
-cargo test --release --workspace "$@"
+cargo test --release --workspace --no-fail-fast "$@"

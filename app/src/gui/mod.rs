@@ -30,7 +30,9 @@ impl RefusalLensApp {
     pub fn new(ctx: Option<egui::Context>, startup: Startup) -> Self {
         let worker = Worker::spawn(move || {
             if let Some(ctx) = &ctx {
-                ctx.request_repaint();
+                // Coalesce bursts of token events into at most ~30 frames/s: repainting on
+                // every token would take CPU from generation on software renderers.
+                ctx.request_repaint_after(Duration::from_millis(33));
             }
         });
         let mut model = ModelPanel::default();

@@ -196,17 +196,27 @@ impl ReplyPanel {
     }
 }
 
-/// One token as a coloured chip; whitespace is made visible.
+/// One token as a coloured chip (a single widget, so wrapped rows break between chips);
+/// whitespace is made visible.
 fn chip(ui: &mut egui::Ui, text: &str, fill: egui::Color32) -> egui::Response {
     let shown = text.replace('\n', "↵").replace('\t', "→");
-    let shown = if shown.is_empty() { "∅".to_string() } else if shown.trim().is_empty() { "␣".repeat(shown.len()) } else { shown };
+    let shown = if shown.is_empty() {
+        "∅".to_string()
+    } else if shown.trim().is_empty() {
+        "␣".repeat(shown.chars().count())
+    } else {
+        shown
+    };
     let text_colour = if fill.r() as u32 + fill.g() as u32 + fill.b() as u32 > 380 { egui::Color32::BLACK } else { egui::Color32::WHITE };
-    egui::Frame::new()
-        .fill(fill)
-        .corner_radius(3.0)
-        .inner_margin(egui::Margin::symmetric(3, 1))
-        .show(ui, |ui| ui.add(egui::Label::new(egui::RichText::new(shown).monospace().color(text_colour)).sense(egui::Sense::hover())))
-        .inner
+    let galley = ui.painter().layout_no_wrap(shown.clone(), egui::TextStyle::Monospace.resolve(ui.style()), text_colour);
+    let padding = egui::vec2(3.0, 1.0);
+    let (rect, response) = ui.allocate_exact_size(galley.size() + 2.0 * padding, egui::Sense::hover());
+    if ui.is_rect_visible(rect) {
+        ui.painter().rect_filled(rect, 3.0, fill);
+        ui.painter().galley(rect.min + padding, galley, text_colour);
+    }
+    response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Label, true, &shown));
+    response
 }
 
 /// Low probability → warm red, high → cool blue (perceptually ordered, colour-blind safe ends).
