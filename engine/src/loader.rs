@@ -216,7 +216,7 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
             } else {
                 None
             };
-            Ok(Linear::Dense { weight, bias })
+            Linear::dense(&weight, bias)
         };
         let (q, k, v, o) = (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
         let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
@@ -228,12 +228,12 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
     }
     let final_norm = g.dense("output_norm")?;
     let lm_head = if has_output {
-        Linear::Dense { weight: g.dense("output")?, bias: None }
+        Linear::dense(&g.dense("output")?, None)?
     } else {
         if let Some(q) = g.originals.get("token_embd").cloned() {
             g.originals.insert("output".into(), q);
         }
-        Linear::Dense { weight: embed.clone(), bias: None }
+        Linear::dense_shared(&embed)?
     };
     check_shapes(&config, &embed, &blocks).map_err(|e| corrupt(path, e))?;
     let weights = Weights { embed, blocks, final_norm, lm_head };
@@ -250,23 +250,20 @@ fn chat_stop_ids(tok: &Tokenizer) -> Vec<u32> {
 }
 
 fn check_shapes(cfg: &ModelConfig, embed: &Tensor, blocks: &[BlockWeights]) -> std::result::Result<(), String> {
-    let want = |t: &Tensor, shape: &[usize], what: &str| {
-        if t.dims() == shape {
+    let want = |got: (usize, usize), shape: (usize, usize), what: &str| {
+        if got == shape {
             Ok(())
         } else {
-            Err(format!("{what} has shape {:?}, expected {shape:?}", t.dims()))
+            Err(format!("{what} has shape {got:?}, expected {shape:?}"))
         }
     };
-    want(embed, &[cfg.vocab_size, cfg.d_model], "token embedding")?;
-    let (q, kv) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim);
+    let embed = embed.dims2().map_err(|e| e.to_string())?;
+    want(embed, (cfg.vocab_size, cfg.d_model), "token embedding")?;
+    let (q, kv, d) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_model);
     for (l, b) in blocks.iter().enumerate() {
-        let w = |lin: &Linear| lin.dense_weight().map_err(|e| e.to_string());
-        want(&w(&b.q)?, &[q, cfg.d_model], &format!("layer {l} q"))?;
-        want(&w(&b.k)?, &[kv, cfg.d_model], &format!("layer {l} k"))?;
-        want(&w(&b.v)?, &[kv, cfg.d_model], &format!("layer {l} v"))?;
-        want(&w(&b.o)?, &[cfg.d_model, q], &format!("layer {l} o"))?;
-        want(&w(&b.gate)?, &[cfg.d_ff, cfg.d_model], &format!("layer {l} gate"))?;
-        want(&w(&b.down)?, &[cfg.d_model, cfg.d_ff], &format!("layer {l} down"))?;
+        for (lin, shape, name) in [(&b.q, (q, d), "q"), (&b.k, (kv, d), "k"), (&b.v, (kv, d), "v"), (&b.o, (d, q), "o"), (&b.gate, (cfg.d_ff, d), "gate"), (&b.up, (cfg.d_ff, d), "up"), (&b.down, (d, cfg.d_ff), "down")] {
+            want(lin.dims().map_err(|e| e.to_string())?, shape, &format!("layer {l} {name}"))?;
+        }
     }
     Ok(())
 }
@@ -385,7 +382,7 @@ fn load_hf_folder(dir: &Path) -> Result<Checkpoint> {
         let mut lin = |name: &str, bias: bool| -> Result<Linear> {
             let weight = take(&format!("{p}.{name}.weight"))?;
             let bias = if bias { Some(take(&format!("{p}.{name}.bias"))?) } else { None };
-            Ok(Linear::Dense { weight, bias })
+            Linear::dense(&weight, bias)
         };
         let qb = config.qkv_bias;
         let (q, k, v, o) = (lin("self_attn.q_proj", qb)?, lin("self_attn.k_proj", qb)?, lin("self_attn.v_proj", qb)?, lin("self_attn.o_proj", false)?);
@@ -398,9 +395,9 @@ fn load_hf_folder(dir: &Path) -> Result<Checkpoint> {
     }
     let final_norm = take("model.norm.weight")?;
     let lm_head = if config.tied_embeddings {
-        Linear::Dense { weight: embed.clone(), bias: None }
+        Linear::dense_shared(&embed)?
     } else {
-        Linear::Dense { weight: take("lm_head.weight")?, bias: None }
+        Linear::dense(&take("lm_head.weight")?, None)?
     };
     check_shapes(&config, &embed, &blocks).map_err(|e| corrupt(dir, e))?;
 

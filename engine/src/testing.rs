@@ -99,7 +99,7 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Weights> {
         let mut lin = |rows, cols, bias: bool| -> Result<Linear> {
             let weight = mat(rows, cols, s)?;
             let bias = if bias { Some(mat(1, rows, 0.1)?.flatten_all()?) } else { None };
-            Ok(Linear::Dense { weight, bias })
+            Linear::dense(&weight, bias)
         };
         let b = cfg.qkv_bias;
         let (wq, wk, wv, wo) = (lin(q, cfg.d_model, b)?, lin(kv, cfg.d_model, b)?, lin(kv, cfg.d_model, b)?, lin(cfg.d_model, q, false)?);
@@ -110,9 +110,9 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Weights> {
     }
     let final_norm = (mat(1, cfg.d_model, 0.2)?.flatten_all()? + 1.0)?;
     let lm_head = if cfg.tied_embeddings {
-        Linear::Dense { weight: embed.clone(), bias: None }
+        Linear::dense_shared(&embed)?
     } else {
-        Linear::Dense { weight: mat(cfg.vocab_size, cfg.d_model, 1.0)?, bias: None }
+        Linear::dense(&mat(cfg.vocab_size, cfg.d_model, 1.0)?, None)?
     };
     Ok(Weights { embed, blocks, final_norm, lm_head })
 }
@@ -141,7 +141,7 @@ pub fn write_hf_folder(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Resu
         let p = format!("model.layers.{l}");
         for (name, lin) in [("self_attn.q_proj", &b.q), ("self_attn.k_proj", &b.k), ("self_attn.v_proj", &b.v), ("self_attn.o_proj", &b.o), ("mlp.gate_proj", &b.gate), ("mlp.up_proj", &b.up), ("mlp.down_proj", &b.down)] {
             t.insert(format!("{p}.{name}.weight"), w(lin)?);
-            if let Linear::Dense { bias: Some(bias), .. } = lin {
+            if let Some(bias) = lin.bias() {
                 t.insert(format!("{p}.{name}.bias"), bias.clone());
             }
         }
@@ -199,7 +199,7 @@ pub fn write_gguf(path: &Path, cfg: &ModelConfig, weights: &Weights, dtype: Ggml
                 weight = permute_for_interleaved(&weight, h)?;
             }
             tensors.push((n(&format!("{name}.weight")), QTensor::quantize(&weight, dtype)?));
-            if let Linear::Dense { bias: Some(bias), .. } = lin {
+            if let Some(bias) = lin.bias() {
                 tensors.push((n(&format!("{name}.bias")), f32(bias)?));
             }
         }
