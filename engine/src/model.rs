@@ -432,11 +432,14 @@ impl Model {
             }
             None => (k, v),
         };
-        let k = repeat_kv(&k, h / h_kv)?;
-        let v = repeat_kv(&v, h / h_kv)?;
+        // Grouped-query attention without copying K/V per query head: the n_rep query heads
+        // of a group are consecutive, so [b, h, s, d_h] regroups as [b, h_kv, n_rep·s, d_h].
+        let n_rep = h / h_kv;
+        let t = k.dim(2)?;
+        let q = q.reshape((b, h_kv, n_rep * s, dh))?;
         let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
         let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
+            Some(m) => scores.reshape((b, h_kv, n_rep, s, t))?.broadcast_add(m)?.reshape((b, h_kv, n_rep * s, t))?,
             None => scores,
         };
         let pattern = if options.differentiable {
@@ -444,9 +447,11 @@ impl Model {
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
-        hooks.capture_if_wanted(HookPoint::AttnPattern(layer), &pattern, captures);
+        if hooks.wants(HookPoint::AttnPattern(layer)) {
+            captures.push(HookPoint::AttnPattern(layer), pattern.reshape((b, h, s, t))?);
+        }
         // [b, h, s, d_h] → TransformerLens' hook_z layout [b, s, h, d_h].
-        let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?;
+        let z = pattern.matmul(&v)?.reshape((b, h, s, dh))?.transpose(1, 2)?.contiguous()?;
         hooks.attn_z(layer, z, offset, captures)
     }
 
@@ -495,14 +500,6 @@ fn causal_mask(s: usize, offset: usize, device: &Device) -> Result<Option<Tensor
     Ok(Some(Tensor::from_vec(mask, (s, t), device)?))
 }
 
-/// `[b, h_kv, t, d]` → `[b, h_kv·n_rep, t, d]`, each kv head repeated for its query group.
-fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
-    if n_rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, h_kv, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.broadcast_as((b, h_kv, n_rep, t, d))?.reshape((b, h_kv * n_rep, t, d))?)
-}
 
 #[cfg(test)]
 #[path = "model_tests.rs"]
