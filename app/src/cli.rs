@@ -95,7 +95,10 @@ pub struct ActivationsArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    #[arg(long, default_value = "Write a long story about a dragon who learns to fly.")]
+    #[arg(
+        long,
+        default_value = "Write a long story about a dragon who learns to fly."
+    )]
     pub prompt: String,
     #[arg(long, default_value_t = 64)]
     pub max_tokens: usize,
@@ -109,7 +112,10 @@ pub struct BenchArgs {
 /// Runs a subcommand; the caller prints the error chain on one line and exits 1.
 pub fn run(command: Command, model: Option<PathBuf>) -> Result<()> {
     let path = model.unwrap_or_else(default_model_path);
-    let lm = load(&path, matches!(&command, Command::Info(a) if a.json) || json_of(&command))?;
+    let lm = load(
+        &path,
+        matches!(&command, Command::Info(a) if a.json) || json_of(&command),
+    )?;
     match command {
         Command::Info(a) => info(&lm, a),
         Command::Generate(a) => run_generate(&lm, a),
@@ -152,7 +158,11 @@ fn info(lm: &LoadedModel, a: InfoArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(c)?);
         return Ok(());
     }
-    let quant: Vec<String> = c.quantization.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
+    let quant: Vec<String> = c
+        .quantization
+        .iter()
+        .map(|(k, v)| format!("{k} ×{v}"))
+        .collect();
     println!("model          {}", c.name);
     println!("path           {}", c.path.display());
     println!("format         {}", c.format);
@@ -162,7 +172,15 @@ fn info(lm: &LoadedModel, a: InfoArgs) -> Result<()> {
     println!("width          {} (FFN {})", c.d_model, c.d_ff);
     println!("vocabulary     {}", c.vocab_size);
     println!("context        {}", c.context_length);
-    println!("parameters     {:.1} M{}", c.parameters as f64 / 1e6, if c.tied_embeddings { " (tied embeddings)" } else { "" });
+    println!(
+        "parameters     {:.1} M{}",
+        c.parameters as f64 / 1e6,
+        if c.tied_embeddings {
+            " (tied embeddings)"
+        } else {
+            ""
+        }
+    );
     println!("quantisation   {}", quant.join(", "));
     println!("generation     {}", c.generation_weights);
     println!("chat template  {}", c.chat_template);
@@ -173,16 +191,26 @@ fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
     let prompt = lm.chat_prompt(a.system.as_deref(), &a.prompt)?;
     let cfg = GenerateConfig {
         max_new_tokens: a.max_tokens,
-        sampling: Sampling { temperature: a.temperature, top_p: a.top_p, seed: a.seed },
+        sampling: Sampling {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
         hooks: HookSpec::default(),
-        precision: if a.exact { Precision::Exact } else { Precision::Fast },
+        precision: if a.exact {
+            Precision::Exact
+        } else {
+            Precision::Fast
+        },
     };
     let json = a.json;
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
     let g = generate(lm, &prompt.ids, &cfg, &|| false, &mut |step| {
         let r = if json {
-            serde_json::to_string(step).map_err(std::io::Error::other).and_then(|s| writeln!(stdout, "{s}"))
+            serde_json::to_string(step)
+                .map_err(std::io::Error::other)
+                .and_then(|s| writeln!(stdout, "{s}"))
         } else {
             write!(stdout, "{}", step.text).and_then(|_| stdout.flush())
         };
@@ -223,19 +251,37 @@ fn activations(lm: &LoadedModel, a: ActivationsArgs) -> Result<()> {
         bail!("--hooks names no hook point");
     }
     let prompt = lm.chat_prompt(a.system.as_deref(), &a.prompt)?;
-    let pb = spinner(format!("forward pass over {} tokens", prompt.ids.len()), a.json);
+    let pb = spinner(
+        format!("forward pass over {} tokens", prompt.ids.len()),
+        a.json,
+    );
     let started = Instant::now();
     let tokens = Tensor::new(prompt.ids.as_slice(), lm.model.device())?.unsqueeze(0)?;
     let spec = HookSpec::capture(points);
-    let logits_at = if a.logits { LogitsAt::All } else { LogitsAt::None };
-    let out = lm.model.forward(&lm.model.dense, &tokens, None, &spec, logits_at, ForwardOptions::default())?;
+    let logits_at = if a.logits {
+        LogitsAt::All
+    } else {
+        LogitsAt::None
+    };
+    let out = lm.model.forward(
+        &lm.model.dense,
+        &tokens,
+        None,
+        &spec,
+        logits_at,
+        ForwardOptions::default(),
+    )?;
     let mut named = out.captures.named()?;
     if let Some(logits) = out.logits {
         named.push(("logits".into(), logits));
     }
-    named.push(("input_ids".into(), Tensor::new(prompt.ids.as_slice(), lm.model.device())?));
+    named.push((
+        "input_ids".into(),
+        Tensor::new(prompt.ids.as_slice(), lm.model.device())?,
+    ));
     let map: std::collections::HashMap<String, Tensor> = named.iter().cloned().collect();
-    candle_core::safetensors::save(&map, &a.out).with_context(|| format!("cannot write {}", a.out.display()))?;
+    candle_core::safetensors::save(&map, &a.out)
+        .with_context(|| format!("cannot write {}", a.out.display()))?;
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
@@ -250,7 +296,14 @@ fn activations(lm: &LoadedModel, a: ActivationsArgs) -> Result<()> {
     if a.json {
         println!("{summary}");
     } else {
-        println!("wrote {} tensors for {} tokens to {} (t_inst = {}, t_post = {})", named.len(), prompt.ids.len(), a.out.display(), prompt.t_inst, prompt.t_post);
+        println!(
+            "wrote {} tensors for {} tokens to {} (t_inst = {}, t_post = {})",
+            named.len(),
+            prompt.ids.len(),
+            a.out.display(),
+            prompt.t_inst,
+            prompt.t_post
+        );
     }
     Ok(())
 }
@@ -273,24 +326,53 @@ fn bench(lm: &LoadedModel, a: BenchArgs) -> Result<()> {
         Ok(start.elapsed().as_secs_f64())
     };
     // Warm-up (page in weights, allocate).
-    model.forward(model.generation_weights(), &tokens, None, &HookSpec::default(), LogitsAt::Last, ForwardOptions::default())?;
+    model.forward(
+        model.generation_weights(),
+        &tokens,
+        None,
+        &HookSpec::default(),
+        LogitsAt::Last,
+        ForwardOptions::default(),
+    )?;
 
     let mut prefill = Vec::new();
     let mut captures = Vec::new();
     let all_resid = HookSpec::capture((0..model.config.n_layers).map(HookPoint::ResidPre));
     for _ in 0..repeats {
-        prefill.push(n as f64 / time(&mut || {
-            model.forward(model.generation_weights(), &tokens, None, &HookSpec::default(), LogitsAt::Last, ForwardOptions::default())?;
-            Ok(())
-        })?);
-        captures.push(n as f64 / time(&mut || {
-            model.forward(&model.dense, &tokens, None, &all_resid, LogitsAt::All, ForwardOptions::default())?;
-            Ok(())
-        })?);
+        prefill.push(
+            n as f64
+                / time(&mut || {
+                    model.forward(
+                        model.generation_weights(),
+                        &tokens,
+                        None,
+                        &HookSpec::default(),
+                        LogitsAt::Last,
+                        ForwardOptions::default(),
+                    )?;
+                    Ok(())
+                })?,
+        );
+        captures.push(
+            n as f64
+                / time(&mut || {
+                    model.forward(
+                        &model.dense,
+                        &tokens,
+                        None,
+                        &all_resid,
+                        LogitsAt::All,
+                        ForwardOptions::default(),
+                    )?;
+                    Ok(())
+                })?,
+        );
     }
     // A steering vector at the middle layer, as the Steering panel adds one.
     let d = model.config.d_model;
-    let v: Vec<f32> = (0..d).map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5).collect();
+    let v: Vec<f32> = (0..d)
+        .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5)
+        .collect();
     let steer = HookSpec::with_interventions(vec![Intervention::AddVector {
         point: HookPoint::ResidPre(model.config.n_layers / 2),
         vector: Tensor::from_vec(v, d, model.device())?,
@@ -301,7 +383,11 @@ fn bench(lm: &LoadedModel, a: BenchArgs) -> Result<()> {
         let mut rates = Vec::new();
         let mut produced = 0;
         for _ in 0..repeats {
-            let cfg = GenerateConfig { max_new_tokens: a.max_tokens, hooks: hooks.clone(), ..Default::default() };
+            let cfg = GenerateConfig {
+                max_new_tokens: a.max_tokens,
+                hooks: hooks.clone(),
+                ..Default::default()
+            };
             let g = generate(lm, &prompt.ids, &cfg, &|| false, &mut |_| {})?;
             produced = g.tokens.len();
             rates.push(g.decode_tokens_per_second());
@@ -325,10 +411,18 @@ fn bench(lm: &LoadedModel, a: BenchArgs) -> Result<()> {
         println!("{report}");
     } else {
         println!("prompt tokens                  {n}");
-        println!("prefill                        {:.0} tok/s", report["prefill_tokens_per_second"].as_f64().unwrap_or(0.0));
+        println!(
+            "prefill                        {:.0} tok/s",
+            report["prefill_tokens_per_second"].as_f64().unwrap_or(0.0)
+        );
         println!("generation                     {plain:.1} tok/s ({plain_n} tokens)");
         println!("steered generation             {steered:.1} tok/s ({steered_n} tokens)");
-        println!("forward + all resid captures   {:.0} tok/s", report["forward_all_resid_captures_tokens_per_second"].as_f64().unwrap_or(0.0));
+        println!(
+            "forward + all resid captures   {:.0} tok/s",
+            report["forward_all_resid_captures_tokens_per_second"]
+                .as_f64()
+                .unwrap_or(0.0)
+        );
     }
     Ok(())
 }

@@ -24,22 +24,49 @@ pub struct GenerateRequest {
 }
 
 pub enum Job {
-    LoadModel { path: PathBuf },
+    LoadModel {
+        path: PathBuf,
+    },
     /// Replace the model with one built in memory (tests, fine-tuned models).
     UseModel(Box<LoadedModel>),
-    Generate { id: JobId, request: GenerateRequest },
+    Generate {
+        id: JobId,
+        request: GenerateRequest,
+    },
 }
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    ModelLoading { path: PathBuf },
-    ModelLoaded { card: Box<ModelCard>, seconds: f64 },
-    ModelFailed { path: PathBuf, error: String },
+    ModelLoading {
+        path: PathBuf,
+    },
+    ModelLoaded {
+        card: Box<ModelCard>,
+        seconds: f64,
+    },
+    ModelFailed {
+        path: PathBuf,
+        error: String,
+    },
     /// The prompt as the model sees it: templated token ids and their text.
-    Started { id: JobId, prompt_tokens: Vec<(u32, String)>, t_inst: usize, t_post: usize },
-    Token { id: JobId, step: TokenStep },
-    Finished { id: JobId, generation: Box<Generation> },
-    Failed { id: JobId, error: String },
+    Started {
+        id: JobId,
+        prompt_tokens: Vec<(u32, String)>,
+        t_inst: usize,
+        t_post: usize,
+    },
+    Token {
+        id: JobId,
+        step: TokenStep,
+    },
+    Finished {
+        id: JobId,
+        generation: Box<Generation>,
+    },
+    Failed {
+        id: JobId,
+        error: String,
+    },
 }
 
 /// The client side of the worker.
@@ -64,7 +91,13 @@ impl Worker {
             .name("refusal-lens-worker".into())
             .spawn(move || run(job_rx, event_tx, cancel, notify))
             .expect("spawning the worker thread");
-        Worker { jobs, events, cancel_through, next_id: 0, thread: Some(thread) }
+        Worker {
+            jobs,
+            events,
+            cancel_through,
+            next_id: 0,
+            thread: Some(thread),
+        }
     }
 
     pub fn send(&self, job: Job) {
@@ -112,7 +145,12 @@ impl Drop for Worker {
     }
 }
 
-fn run(jobs: Receiver<Job>, events: Sender<Event>, cancel_through: Arc<AtomicU64>, notify: impl Fn()) {
+fn run(
+    jobs: Receiver<Job>,
+    events: Sender<Event>,
+    cancel_through: Arc<AtomicU64>,
+    notify: impl Fn(),
+) {
     let mut model: Option<LoadedModel> = None;
     let emit = |e: Event| {
         let _ = events.send(e);
@@ -128,9 +166,15 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancel_through: Arc<AtomicU64
                     Ok(m) => {
                         let card = Box::new(m.card.clone());
                         model = Some(m);
-                        emit(Event::ModelLoaded { card, seconds: started.elapsed().as_secs_f64() });
+                        emit(Event::ModelLoaded {
+                            card,
+                            seconds: started.elapsed().as_secs_f64(),
+                        });
                     }
-                    Err(e) => emit(Event::ModelFailed { path, error: e.to_string() }),
+                    Err(e) => emit(Event::ModelFailed {
+                        path,
+                        error: e.to_string(),
+                    }),
                 }
             }
             Job::UseModel(m) => {
@@ -144,10 +188,14 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancel_through: Arc<AtomicU64
                 }
                 let result = match &model {
                     None => Err("no model is loaded".to_string()),
-                    Some(m) => run_generate(m, id, &request, &cancel_through, &emit).map_err(|e| e.to_string()),
+                    Some(m) => run_generate(m, id, &request, &cancel_through, &emit)
+                        .map_err(|e| e.to_string()),
                 };
                 match result {
-                    Ok(generation) => emit(Event::Finished { id, generation: Box::new(generation) }),
+                    Ok(generation) => emit(Event::Finished {
+                        id,
+                        generation: Box::new(generation),
+                    }),
                     Err(error) => emit(Event::Failed { id, error }),
                 }
             }
@@ -158,7 +206,10 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancel_through: Arc<AtomicU64
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            emit(Event::Failed { id: 0, error: format!("internal error: {msg}") });
+            emit(Event::Failed {
+                id: 0,
+                error: format!("internal error: {msg}"),
+            });
         }
     }
 }
@@ -172,8 +223,22 @@ fn run_generate(
 ) -> refusal_lens_engine::Result<Generation> {
     let prompt = m.chat_prompt(request.system.as_deref(), &request.prompt)?;
     let prompt_tokens = prompt.ids.iter().map(|&t| (t, m.token_text(t))).collect();
-    emit(Event::Started { id, prompt_tokens, t_inst: prompt.t_inst, t_post: prompt.t_post });
-    let cfg = GenerateConfig { max_new_tokens: request.max_new_tokens, sampling: request.sampling, ..Default::default() };
+    emit(Event::Started {
+        id,
+        prompt_tokens,
+        t_inst: prompt.t_inst,
+        t_post: prompt.t_post,
+    });
+    let cfg = GenerateConfig {
+        max_new_tokens: request.max_new_tokens,
+        sampling: request.sampling,
+        ..Default::default()
+    };
     let cancelled = || cancel_through.load(Ordering::SeqCst) >= id;
-    generate(m, &prompt.ids, &cfg, &cancelled, &mut |step| emit(Event::Token { id, step: step.clone() }))
+    generate(m, &prompt.ids, &cfg, &cancelled, &mut |step| {
+        emit(Event::Token {
+            id,
+            step: step.clone(),
+        })
+    })
 }

@@ -25,7 +25,11 @@ fn tiny_folder(dir: &Path) -> String {
 
 fn stderr_line(out: &Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(err.trim_end().lines().count(), 1, "one-line error expected, got {err:?}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one-line error expected, got {err:?}"
+    );
     err
 }
 
@@ -34,7 +38,11 @@ fn info_prints_the_model_card() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_folder(dir.path());
     let out = run(&["info", "--model", &model, "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let card: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(card["n_layers"], 2);
     assert_eq!(card["n_heads"], 4);
@@ -43,19 +51,41 @@ fn info_prints_the_model_card() {
     let text = run(&["info", "--model", &model]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("layers         2"), "{text}");
-    assert!(text.contains("tokenizer_config.json chat_template"), "{text}");
+    assert!(
+        text.contains("tokenizer_config.json chat_template"),
+        "{text}"
+    );
 }
 
 #[test]
 fn generate_streams_tokens_as_json() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_folder(dir.path());
-    let out = run(&["generate", "--model", &model, "--prompt", "hello", "--max-tokens", "6", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let out = run(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "6",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     let (summary, tokens) = lines.split_last().unwrap();
     let summary = &summary["summary"];
-    assert_eq!(summary["generated_tokens"].as_u64().unwrap() as usize, tokens.len());
+    assert_eq!(
+        summary["generated_tokens"].as_u64().unwrap() as usize,
+        tokens.len()
+    );
     assert!(tokens.len() <= 6);
     let text: String = tokens.iter().map(|t| t["text"].as_str().unwrap()).collect();
     assert_eq!(summary["text"].as_str().unwrap(), text);
@@ -64,8 +94,32 @@ fn generate_streams_tokens_as_json() {
         assert!(t["logprob"].as_f64().unwrap() <= 0.0);
     }
     // Sampling with a seed is reproducible across processes.
-    let a = run(&["generate", "--model", &model, "--prompt", "hi", "--max-tokens", "8", "--temperature", "1.2", "--seed", "5"]);
-    let b = run(&["generate", "--model", &model, "--prompt", "hi", "--max-tokens", "8", "--temperature", "1.2", "--seed", "5"]);
+    let a = run(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "1.2",
+        "--seed",
+        "5",
+    ]);
+    let b = run(&[
+        "generate",
+        "--model",
+        &model,
+        "--prompt",
+        "hi",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "1.2",
+        "--seed",
+        "5",
+    ]);
     assert_eq!(a.stdout, b.stdout);
 }
 
@@ -74,8 +128,24 @@ fn activations_are_written_under_their_hook_names() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_folder(dir.path());
     let out_file = dir.path().join("acts.safetensors");
-    let out = run(&["activations", "--model", &model, "--prompt", "hey", "--out", out_file.to_str().unwrap(), "--hooks", "resid_pre,attn_z,blocks.1.attn.hook_pattern,ln_final", "--logits", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "activations",
+        "--model",
+        &model,
+        "--prompt",
+        "hey",
+        "--out",
+        out_file.to_str().unwrap(),
+        "--hooks",
+        "resid_pre,attn_z,blocks.1.attn.hook_pattern,ln_final",
+        "--logits",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let n = summary["tokens"].as_u64().unwrap() as usize;
     let t = candle_core::safetensors::load(&out_file, &candle_core::Device::Cpu).unwrap();
@@ -100,7 +170,13 @@ fn bad_input_exits_non_zero_with_one_line() {
 
     let corrupt = dir.path().join("corrupt.gguf");
     let cfg = tiny_config(Family::Llama);
-    write_gguf(&corrupt, &cfg, &random_weights(&cfg, 1).unwrap(), GgmlDType::F32).unwrap();
+    write_gguf(
+        &corrupt,
+        &cfg,
+        &random_weights(&cfg, 1).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
     let bytes = std::fs::read(&corrupt).unwrap();
     std::fs::write(&corrupt, &bytes[..bytes.len() / 2]).unwrap();
     let out = run(&["info", "--model", corrupt.to_str().unwrap()]);
@@ -116,7 +192,17 @@ fn bad_input_exits_non_zero_with_one_line() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_line(&out).contains("prompt is empty"));
 
-    let out = run(&["activations", "--model", &model, "--prompt", "x", "--out", "/tmp/x.safetensors", "--hooks", "blocks.9.hook_resid_pre"]);
+    let out = run(&[
+        "activations",
+        "--model",
+        &model,
+        "--prompt",
+        "x",
+        "--out",
+        "/tmp/x.safetensors",
+        "--hooks",
+        "blocks.9.hook_resid_pre",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_line(&out).contains("past the model's 2 layers"));
 }
@@ -124,7 +210,11 @@ fn bad_input_exits_non_zero_with_one_line() {
 #[test]
 fn a_missing_default_model_names_the_fetch_command() {
     let empty = tempfile::tempdir().unwrap();
-    let out = bin().env("REFUSAL_LENS_CACHE", empty.path()).args(["info"]).output().unwrap();
+    let out = bin()
+        .env("REFUSAL_LENS_CACHE", empty.path())
+        .args(["info"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_line(&out).contains("assets/fetch-model.sh"));
 }

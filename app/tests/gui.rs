@@ -17,10 +17,17 @@ fn harness() -> Harness<'static, RefusalLensApp> {
 }
 
 /// Steps the UI until `done` holds (the worker runs on its own thread meanwhile).
-fn step_until(h: &mut Harness<'_, RefusalLensApp>, what: &str, done: impl Fn(&RefusalLensApp) -> bool) {
+fn step_until(
+    h: &mut Harness<'_, RefusalLensApp>,
+    what: &str,
+    done: impl Fn(&RefusalLensApp) -> bool,
+) {
     let start = Instant::now();
     while !done(h.state()) {
-        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
         h.step();
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -31,12 +38,16 @@ fn step_until(h: &mut Harness<'_, RefusalLensApp>, what: &str, done: impl Fn(&Re
 fn typing_a_prompt_and_pressing_generate_streams_tokens() {
     let mut h = harness();
     step_until(&mut h, "the model", |a| a.model.is_ready());
-    assert!(!h.get_all_by_label_contains("tiny-random").collect::<Vec<_>>().is_empty());
+    assert!(!h
+        .get_all_by_label_contains("tiny-random")
+        .collect::<Vec<_>>()
+        .is_empty());
 
     h.state_mut().reply.prompt.clear();
     h.get_by_label("User message").focus();
     h.step();
-    h.get_by_label("User message").type_text("Tell me about owls");
+    h.get_by_label("User message")
+        .type_text("Tell me about owls");
     h.step();
     assert_eq!(h.state().reply.prompt, "Tell me about owls");
     h.state_mut().reply.max_new_tokens = 12;
@@ -70,7 +81,9 @@ fn a_model_that_fails_to_load_shows_its_error_and_the_app_keeps_working() {
     let bad = dir.path().join("broken.gguf");
     std::fs::write(&bad, b"GGUF but not really").unwrap();
     let app = RefusalLensApp::new(None, Startup::Path(bad));
-    let mut h = Harness::builder().with_size([1100.0, 720.0]).build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app);
+    let mut h = Harness::builder()
+        .with_size([1100.0, 720.0])
+        .build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app);
     step_until(&mut h, "the failure", |a| !a.model.is_busy());
     h.get_by_label("Could not open the model");
     h.get_by_label_contains("not a valid GGUF");
@@ -83,7 +96,9 @@ fn main_window_snapshot() {
     step_until(&mut h, "the model", |a| a.model.is_ready());
     h.state_mut().reply.max_new_tokens = 24;
     h.get_by_label("Generate").click();
-    step_until(&mut h, "the reply", |a| !a.reply.tokens.is_empty() && !a.reply.is_running());
+    step_until(&mut h, "the reply", |a| {
+        !a.reply.tokens.is_empty() && !a.reply.is_running()
+    });
     // Speeds differ run to run: hide the status bar's numbers.
     let status = h.get_by_label_contains("tok/s").rect();
     let to_right_edge = egui::Rect::from_min_max(status.min, egui::pos2(1100.0, status.max.y));

@@ -7,7 +7,7 @@ use minijinja::{context, Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::tokenizer::encode_with_offsets;
+use crate::tokenizer::{encode_with_offsets, ByteSpan};
 use crate::{Error, Result};
 
 /// Where the template came from (shown on the model card).
@@ -45,7 +45,7 @@ pub struct ChatPrompt {
     pub text: String,
     pub ids: Vec<u32>,
     /// Byte offsets of each token in `text`.
-    pub offsets: Vec<(usize, usize)>,
+    pub offsets: Vec<ByteSpan>,
     /// Byte range of the user's text in `text`.
     pub user_span: Range<usize>,
     /// Token indices of the user's text.
@@ -66,13 +66,20 @@ impl ChatTemplate {
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+            },
+        );
         env.add_function("strftime_now", |fmt: String| -> String {
             // Templates use it to stamp a date into the system prompt; a fixed date keeps
             // analyses reproducible.
-            fmt.replace("%Y", "2026").replace("%m", "01").replace("%d", "01").replace("%B", "January").replace("%b", "Jan")
+            fmt.replace("%Y", "2026")
+                .replace("%m", "01")
+                .replace("%d", "01")
+                .replace("%B", "January")
+                .replace("%b", "Jan")
         });
         env.add_template("chat", &self.template)
             .map_err(|e| Error::Template(format!("cannot parse the model's template: {e}")))?;
@@ -111,7 +118,10 @@ impl ChatTemplate {
             Error::Template("the template does not copy the user's message verbatim".into())
         })?;
         let text = self.render(system, user)?;
-        if !text.starts_with(before) || !text.ends_with(after) || text.len() < before.len() + after.len() {
+        if !text.starts_with(before)
+            || !text.ends_with(after)
+            || text.len() < before.len() + after.len()
+        {
             return Err(Error::Template(
                 "the template transforms the user's message; cannot locate it in the prompt".into(),
             ));
@@ -127,7 +137,8 @@ impl ChatTemplate {
         let t_post = ids.len() - 1;
         if last >= t_post {
             return Err(Error::Template(
-                "the template adds nothing after the user's message; t_post would equal t_inst".into(),
+                "the template adds nothing after the user's message; t_post would equal t_inst"
+                    .into(),
             ));
         }
         Ok(ChatPrompt {

@@ -54,14 +54,17 @@ impl ModelConfig {
         if self.n_layers == 0 || self.n_heads == 0 || self.n_kv_heads == 0 || self.d_model == 0 {
             return bad(format!("empty model dimensions: {self:?}"));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "{} query heads are not a multiple of {} key/value heads",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return bad(format!("head size {} is odd; rotary embeddings need it even", self.head_dim));
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!(
+                "head size {} is odd; rotary embeddings need it even",
+                self.head_dim
+            ));
         }
         Ok(())
     }
@@ -70,7 +73,11 @@ impl ModelConfig {
     pub fn parameter_count(&self) -> usize {
         let d = self.d_model;
         let attn = d * self.n_heads * self.head_dim * 2 + d * self.n_kv_heads * self.head_dim * 2;
-        let bias = if self.qkv_bias { (self.n_heads + 2 * self.n_kv_heads) * self.head_dim } else { 0 };
+        let bias = if self.qkv_bias {
+            (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        } else {
+            0
+        };
         let mlp = 3 * d * self.d_ff;
         let per_layer = attn + bias + mlp + 2 * d;
         let embed = self.vocab_size * d * if self.tied_embeddings { 1 } else { 2 };

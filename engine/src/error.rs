@@ -14,6 +14,10 @@ pub enum Error {
     CorruptModel { path: PathBuf, reason: String },
     #[error("unsupported model architecture `{0}` (supported: llama, qwen2, mistral families)")]
     UnsupportedArchitecture(String),
+    #[error(
+        "the default model is not at {path}; fetch it with `{fetch}` (from the repository root)"
+    )]
+    DefaultModelMissing { path: PathBuf, fetch: &'static str },
     #[error("{path} is missing {what}")]
     MissingFile { path: PathBuf, what: String },
     #[error("model metadata: {0}")]
@@ -38,7 +42,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 
@@ -47,6 +54,11 @@ impl Error {
 pub(crate) fn candle_message(e: &candle_core::Error) -> String {
     match e {
         candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
-        other => other.to_string().lines().next().unwrap_or_default().to_string(),
+        other => other
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
     }
 }

@@ -23,7 +23,11 @@ pub struct Sampling {
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { temperature: 0.0, top_p: 1.0, seed: 0 }
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -48,7 +52,12 @@ pub struct GenerateConfig {
 
 impl Default for GenerateConfig {
     fn default() -> Self {
-        GenerateConfig { max_new_tokens: 128, sampling: Sampling::default(), hooks: HookSpec::default(), precision: Precision::Fast }
+        GenerateConfig {
+            max_new_tokens: 128,
+            sampling: Sampling::default(),
+            hooks: HookSpec::default(),
+            precision: Precision::Fast,
+        }
     }
 }
 
@@ -107,7 +116,10 @@ pub fn generate(
         return Err(Error::InvalidInput("the prompt has no tokens".into()));
     }
     if prompt.len() >= context {
-        return Err(Error::ContextOverflow { len: prompt.len(), max: context });
+        return Err(Error::ContextOverflow {
+            len: prompt.len(),
+            max: context,
+        });
     }
     let weights: &Weights = match cfg.precision {
         Precision::Fast => model.generation_weights(),
@@ -136,8 +148,18 @@ pub fn generate(
             break;
         }
         let tokens = Tensor::new(input.as_slice(), model.device())?.unsqueeze(0)?;
-        let fwd = model.forward(weights, &tokens, Some(&mut cache), &cfg.hooks, LogitsAt::Last, ForwardOptions::default())?;
-        let logits = fwd.logits.expect("LogitsAt::Last yields logits").flatten_all()?;
+        let fwd = model.forward(
+            weights,
+            &tokens,
+            Some(&mut cache),
+            &cfg.hooks,
+            LogitsAt::Last,
+            ForwardOptions::default(),
+        )?;
+        let logits = fwd
+            .logits
+            .expect("LogitsAt::Last yields logits")
+            .flatten_all()?;
         let (id, logprob) = sample(&logits, &cfg.sampling, &mut rng)?;
         if index == 0 {
             out.prefill_seconds = started.elapsed().as_secs_f64();
@@ -148,7 +170,12 @@ pub fn generate(
         }
         let text = decoder.push(&lm.tokenizer, id)?;
         out.text.push_str(&text);
-        let step = TokenStep { index, id, text, logprob };
+        let step = TokenStep {
+            index,
+            id,
+            text,
+            logprob,
+        };
         on_token(&step);
         out.tokens.push(step);
         input = vec![id];
@@ -161,15 +188,27 @@ pub fn generate(
 fn sample(logits: &Tensor, s: &Sampling, rng: &mut StdRng) -> Result<(u32, f32)> {
     let logprobs = candle_nn::ops::log_softmax(logits, D::Minus1)?.to_vec1::<f32>()?;
     let argmax = |v: &[f32]| {
-        v.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0
+        v.iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |best, (i, &x)| {
+                if x > best.1 {
+                    (i, x)
+                } else {
+                    best
+                }
+            })
+            .0
     };
     if s.temperature <= 0.0 {
         let id = argmax(&logprobs);
         return Ok((id as u32, logprobs[id]));
     }
     // Tempered distribution, then the smallest set of tokens holding `top_p` of the mass.
-    let mut probs: Vec<(usize, f64)> =
-        logprobs.iter().enumerate().map(|(i, &lp)| (i, (lp as f64 / s.temperature))).collect();
+    let mut probs: Vec<(usize, f64)> = logprobs
+        .iter()
+        .enumerate()
+        .map(|(i, &lp)| (i, (lp as f64 / s.temperature)))
+        .collect();
     let max = probs.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
     let mut total = 0.0;
     for p in probs.iter_mut() {

@@ -34,8 +34,15 @@ pub enum HookPoint {
 }
 
 /// The per-layer hook kinds, as users type them in `--hooks` lists.
-pub const LAYER_HOOK_KINDS: [&str; 7] =
-    ["resid_pre", "attn_pattern", "attn_z", "attn_out", "resid_mid", "mlp_out", "resid_post"];
+pub const LAYER_HOOK_KINDS: [&str; 7] = [
+    "resid_pre",
+    "attn_pattern",
+    "attn_z",
+    "attn_out",
+    "resid_mid",
+    "mlp_out",
+    "resid_post",
+];
 
 impl HookPoint {
     pub fn layer(self) -> Option<usize> {
@@ -166,14 +173,31 @@ pub enum HeadValue {
 #[derive(Debug, Clone)]
 pub enum Intervention {
     /// `x ← x + scale·v` at a residual-shaped point.
-    AddVector { point: HookPoint, vector: Tensor, scale: f64, positions: Positions },
+    AddVector {
+        point: HookPoint,
+        vector: Tensor,
+        scale: f64,
+        positions: Positions,
+    },
     /// `x ← x − (x·r̂) r̂` at a residual-shaped point; `unit` must have norm 1.
-    ProjectOut { point: HookPoint, unit: Tensor, positions: Positions },
+    ProjectOut {
+        point: HookPoint,
+        unit: Tensor,
+        positions: Positions,
+    },
     /// `z_{l,h} ← factor · z_{l,h}`. Factor 0 is zero ablation; because `z = A·V` is linear in
     /// the attention weights, this equals scaling the head's attention weights by `factor`.
-    ScaleHead { layer: usize, head: usize, factor: f64 },
+    ScaleHead {
+        layer: usize,
+        head: usize,
+        factor: f64,
+    },
     /// Replace `z_{l,h}` (mean ablation, or patching from a cached run).
-    SetHead { layer: usize, head: usize, value: HeadValue },
+    SetHead {
+        layer: usize,
+        head: usize,
+        value: HeadValue,
+    },
     /// `logits[t] += bias` for each listed token.
     LogitBias { token_ids: Vec<u32>, bias: f32 },
 }
@@ -191,7 +215,11 @@ impl Intervention {
         let points = std::iter::once(HookPoint::Embed)
             .chain((0..n_layers).flat_map(|l| [HookPoint::AttnOut(l), HookPoint::MlpOut(l)]));
         Ok(points
-            .map(|point| Intervention::ProjectOut { point, unit: unit.clone(), positions: Positions::All })
+            .map(|point| Intervention::ProjectOut {
+                point,
+                unit: unit.clone(),
+                positions: Positions::All,
+            })
             .collect())
     }
 }
@@ -205,11 +233,17 @@ pub struct HookSpec {
 
 impl HookSpec {
     pub fn capture(points: impl IntoIterator<Item = HookPoint>) -> Self {
-        HookSpec { capture: points.into_iter().collect(), interventions: Vec::new() }
+        HookSpec {
+            capture: points.into_iter().collect(),
+            interventions: Vec::new(),
+        }
     }
 
     pub fn with_interventions(interventions: Vec<Intervention>) -> Self {
-        HookSpec { capture: BTreeSet::new(), interventions }
+        HookSpec {
+            capture: BTreeSet::new(),
+            interventions,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -227,11 +261,22 @@ impl HookSpec {
     ) -> Result<Tensor> {
         for intervention in &self.interventions {
             x = match intervention {
-                Intervention::AddVector { point: p, vector, scale, positions } if *p == point => {
+                Intervention::AddVector {
+                    point: p,
+                    vector,
+                    scale,
+                    positions,
+                } if *p == point => {
                     let delta = (vector.to_dtype(x.dtype())?.flatten_all()? * *scale)?;
-                    on_positions(&x, offset, *positions, |part| Ok(part.broadcast_add(&delta)?))?
+                    on_positions(&x, offset, *positions, |part| {
+                        Ok(part.broadcast_add(&delta)?)
+                    })?
                 }
-                Intervention::ProjectOut { point: p, unit, positions } if *p == point => {
+                Intervention::ProjectOut {
+                    point: p,
+                    unit,
+                    positions,
+                } if *p == point => {
                     let unit = unit.to_dtype(x.dtype())?.flatten_all()?;
                     on_positions(&x, offset, *positions, |part| project_out(part, &unit))?
                 }
@@ -252,12 +297,16 @@ impl HookSpec {
     ) -> Result<Tensor> {
         for intervention in &self.interventions {
             z = match intervention {
-                Intervention::ScaleHead { layer: l, head, factor } if *l == layer => {
-                    map_head(&z, *head, |zh| Ok((zh * *factor)?))?
-                }
-                Intervention::SetHead { layer: l, head, value } if *l == layer => {
-                    map_head(&z, *head, |zh| set_head(zh, value, offset))?
-                }
+                Intervention::ScaleHead {
+                    layer: l,
+                    head,
+                    factor,
+                } if *l == layer => map_head(&z, *head, |zh| Ok((zh * *factor)?))?,
+                Intervention::SetHead {
+                    layer: l,
+                    head,
+                    value,
+                } if *l == layer => map_head(&z, *head, |zh| set_head(zh, value, offset))?,
                 _ => z,
             };
         }
@@ -275,7 +324,8 @@ impl HookSpec {
                         *slot += *bias;
                     }
                 }
-                let row = Tensor::from_vec(row, vocab, logits.device())?.to_dtype(logits.dtype())?;
+                let row =
+                    Tensor::from_vec(row, vocab, logits.device())?.to_dtype(logits.dtype())?;
                 logits = logits.broadcast_add(&row)?;
             }
         }
@@ -323,7 +373,9 @@ fn on_positions(
 fn map_head(z: &Tensor, head: usize, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let n_heads = z.dim(2)?;
     if head >= n_heads {
-        return Err(Error::InvalidInput(format!("head {head} does not exist ({n_heads} heads)")));
+        return Err(Error::InvalidInput(format!(
+            "head {head} does not exist ({n_heads} heads)"
+        )));
     }
     let changed = f(&z.narrow(2, head, 1)?)?;
     let mut parts = Vec::with_capacity(3);
@@ -341,9 +393,11 @@ fn map_head(z: &Tensor, head: usize, f: impl Fn(&Tensor) -> Result<Tensor>) -> R
 fn set_head(zh: &Tensor, value: &HeadValue, offset: usize) -> Result<Tensor> {
     let (b, s, _, dh) = zh.dims4()?;
     match value {
-        HeadValue::Broadcast(v) => {
-            Ok(v.to_dtype(zh.dtype())?.reshape((1, 1, 1, dh))?.broadcast_as((b, s, 1, dh))?.contiguous()?)
-        }
+        HeadValue::Broadcast(v) => Ok(v
+            .to_dtype(zh.dtype())?
+            .reshape((1, 1, 1, dh))?
+            .broadcast_as((b, s, 1, dh))?
+            .contiguous()?),
         HeadValue::PerPosition { start, rows } => {
             let n = rows.dim(0)?;
             // Overlap of [offset, offset+s) with [start, start+n).
@@ -392,12 +446,18 @@ impl Captures {
 
     /// The activation at `point`, all captured positions together.
     pub fn get(&self, point: HookPoint) -> Result<Option<Tensor>> {
-        let Some(parts) = self.parts.get(&point) else { return Ok(None) };
+        let Some(parts) = self.parts.get(&point) else {
+            return Ok(None);
+        };
         if parts.len() == 1 {
             return Ok(Some(parts[0].clone()));
         }
         // Patterns grow along the key axis too; they are only concatenable per query row.
-        let dim = if matches!(point, HookPoint::AttnPattern(_)) { 2 } else { 1 };
+        let dim = if matches!(point, HookPoint::AttnPattern(_)) {
+            2
+        } else {
+            1
+        };
         if dim == 2 {
             return Err(Error::InvalidInput(format!(
                 "{point} was captured over several cached forward passes; capture it in one pass"
@@ -464,7 +524,12 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let x = Tensor::new(&[[[3f32, 4.0, 5.0]]], &dev).unwrap();
         let u = Tensor::new(&[0f32, 1.0, 0.0], &dev).unwrap();
-        let y = project_out(&x, &u).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = project_out(&x, &u)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(y, vec![3.0, 0.0, 5.0]);
     }
 

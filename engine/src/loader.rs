@@ -58,19 +58,32 @@ impl Checkpoint {
         if path.is_dir() {
             load_hf_folder(path)
         } else if !path.exists() {
-            Err(Error::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")))
+            Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            ))
         } else {
             load_gguf(path)
         }
     }
 
-    pub fn into_model(self, precision: FastPrecision) -> Result<(Model, Tokenizer, ChatTemplate, Vec<u32>, ModelCard)> {
+    pub fn into_model(
+        self,
+        precision: FastPrecision,
+    ) -> Result<(Model, Tokenizer, ChatTemplate, Vec<u32>, ModelCard)> {
         let originals = &self.originals;
-        let fast = Weights::fast_from(&self.dense, &|n| originals.get(n).cloned(), precision, self.quantized)?;
+        let fast = Weights::fast_from(
+            &self.dense,
+            &|n| originals.get(n).cloned(),
+            precision,
+            self.quantized,
+        )?;
         let mut card = self.card;
         card.generation_weights = match &fast {
             None => "f32".into(),
-            Some(_) if self.quantized => "Q8_0 (Q4/Q5 tensors re-encoded at load; Q8_0/K-quants kept)".into(),
+            Some(_) if self.quantized => {
+                "Q8_0 (Q4/Q5 tensors re-encoded at load; Q8_0/K-quants kept)".into()
+            }
             Some(_) => "Q8_0 (quantised at load)".into(),
         };
         let model = Model::new(self.config, self.dense, fast)?;
@@ -81,7 +94,10 @@ impl Checkpoint {
 fn corrupt(path: &Path, reason: impl std::fmt::Display) -> Error {
     let reason = reason.to_string();
     let reason = reason.lines().next().unwrap_or_default().to_string(); // drop candle's backtrace
-    Error::CorruptModel { path: path.to_path_buf(), reason }
+    Error::CorruptModel {
+        path: path.to_path_buf(),
+        reason,
+    }
 }
 
 struct Gguf<'a> {
@@ -97,7 +113,10 @@ struct Gguf<'a> {
 
 impl Gguf<'_> {
     fn meta(&self, key: &str) -> Result<&Value> {
-        self.content.metadata.get(key).ok_or_else(|| Error::Metadata(format!("GGUF key `{key}` is missing")))
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| Error::Metadata(format!("GGUF key `{key}` is missing")))
     }
 
     fn usize(&self, key: &str) -> Result<usize> {
@@ -105,7 +124,10 @@ impl Gguf<'_> {
         let n = match v {
             Value::U64(n) => *n,
             Value::I64(n) => *n as u64,
-            other => other.to_u32().map(u64::from).map_err(|_| Error::Metadata(format!("GGUF key `{key}` is not an integer")))?,
+            other => other
+                .to_u32()
+                .map(u64::from)
+                .map_err(|_| Error::Metadata(format!("GGUF key `{key}` is not an integer")))?,
         };
         Ok(n as usize)
     }
@@ -119,25 +141,44 @@ impl Gguf<'_> {
     }
 
     fn string(&self, key: &str) -> Option<&str> {
-        self.content.metadata.get(key).and_then(|v| v.to_string().ok()).map(String::as_str)
+        self.content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
     }
 
     fn strings(&self, key: &str) -> Result<Vec<String>> {
-        let items = self.meta(key)?.to_vec().map_err(|_| Error::Metadata(format!("GGUF key `{key}` is not an array")))?;
-        items.iter().map(|v| v.to_string().cloned().map_err(|_| Error::Metadata(format!("`{key}` holds a non-string")))).collect()
+        let items = self
+            .meta(key)?
+            .to_vec()
+            .map_err(|_| Error::Metadata(format!("GGUF key `{key}` is not an array")))?;
+        items
+            .iter()
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| Error::Metadata(format!("`{key}` holds a non-string")))
+            })
+            .collect()
     }
 
     fn tensor(&mut self, name: &str) -> Result<QTensor> {
         if !self.content.tensor_infos.contains_key(name) {
             return Err(corrupt(self.path, format!("tensor `{name}` is missing")));
         }
-        self.content.tensor(&mut self.file, name, &Device::Cpu).map_err(|e| corrupt(self.path, e))
+        self.content
+            .tensor(&mut self.file, name, &Device::Cpu)
+            .map_err(|e| corrupt(self.path, e))
     }
 
     /// Reads `{name}.weight` as f32, remembering the stored tensor.
     fn dense(&mut self, name: &str) -> Result<Tensor> {
         let q = self.tensor(&format!("{name}.weight"))?;
-        *self.quantization.entry(format!("{:?}", q.dtype())).or_insert(0) += 1;
+        *self
+            .quantization
+            .entry(format!("{:?}", q.dtype()))
+            .or_insert(0) += 1;
         self.quantized |= q.dtype().block_size() > 1;
         let t = q.dequantize(&Device::Cpu)?;
         self.originals.insert(name.to_string(), Arc::new(q));
@@ -149,9 +190,19 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut file = BufReader::new(file);
     let content = Content::read(&mut file).map_err(|e| corrupt(path, e))?;
-    let mut g = Gguf { path, content, file, originals: HashMap::new(), quantization: BTreeMap::new(), quantized: false };
+    let mut g = Gguf {
+        path,
+        content,
+        file,
+        originals: HashMap::new(),
+        quantization: BTreeMap::new(),
+        quantized: false,
+    };
 
-    let arch = g.string("general.architecture").ok_or_else(|| corrupt(path, "no general.architecture"))?.to_string();
+    let arch = g
+        .string("general.architecture")
+        .ok_or_else(|| corrupt(path, "no general.architecture"))?
+        .to_string();
     let (family, rope_style) = match arch.as_str() {
         // llama.cpp's converter permutes Llama/Mistral Q and K rows for interleaved RoPE.
         "llama" | "mistral" => (Family::Llama, RopeStyle::Interleaved),
@@ -162,7 +213,9 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
     let k = |s: &str| format!("{arch}.{s}");
     let n_heads = g.usize(&k("attention.head_count"))?;
     let d_model = g.usize(&k("embedding_length"))?;
-    let head_dim = g.usize(&k("attention.key_length")).unwrap_or(d_model / n_heads.max(1));
+    let head_dim = g
+        .usize(&k("attention.key_length"))
+        .unwrap_or(d_model / n_heads.max(1));
     let tokens = g.strings("tokenizer.ggml.tokens")?;
     let has_output = g.content.tensor_infos.contains_key("output.weight");
     let config = ModelConfig {
@@ -176,7 +229,9 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
         vocab_size: tokens.len(),
         context_length: g.usize(&k("context_length")).unwrap_or(4096),
         rope_theta: g.f64(&k("rope.freq_base")).unwrap_or(10_000.0),
-        rms_eps: g.f64(&k("attention.layer_norm_rms_epsilon")).unwrap_or(1e-5),
+        rms_eps: g
+            .f64(&k("attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-5),
         rope_style,
         tied_embeddings: !has_output,
         qkv_bias: family == Family::Qwen2,
@@ -184,7 +239,12 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
     config.validate()?;
 
     let token_types = match g.content.metadata.get("tokenizer.ggml.token_type") {
-        Some(v) => v.to_vec().map_err(|e| corrupt(path, e))?.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| corrupt(path, e))?
+            .iter()
+            .map(|t| t.to_i32().unwrap_or(1))
+            .collect(),
         None => vec![1; tokens.len()],
     };
     let vocab = GgufVocab {
@@ -195,14 +255,34 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
         token_types,
     };
     let tokenizer = tokenizer::from_gguf_vocab(&vocab)?;
-    let token_text = |key: &str| g.usize(key).ok().and_then(|id| tokens.get(id).cloned()).unwrap_or_default();
+    let token_text = |key: &str| {
+        g.usize(key)
+            .ok()
+            .and_then(|id| tokens.get(id).cloned())
+            .unwrap_or_default()
+    };
     let eos_token = token_text("tokenizer.ggml.eos_token_id");
     let bos_token = token_text("tokenizer.ggml.bos_token_id");
     let template = match g.string("tokenizer.chat_template") {
-        Some(t) => ChatTemplate { source: TemplateSource::Gguf, template: t.to_string(), bos_token, eos_token },
-        None => ChatTemplate { source: TemplateSource::FallbackChatMl, template: CHATML_TEMPLATE.into(), bos_token, eos_token },
+        Some(t) => ChatTemplate {
+            source: TemplateSource::Gguf,
+            template: t.to_string(),
+            bos_token,
+            eos_token,
+        },
+        None => ChatTemplate {
+            source: TemplateSource::FallbackChatMl,
+            template: CHATML_TEMPLATE.into(),
+            bos_token,
+            eos_token,
+        },
     };
-    let mut eos_ids: Vec<u32> = g.usize("tokenizer.ggml.eos_token_id").ok().map(|i| i as u32).into_iter().collect();
+    let mut eos_ids: Vec<u32> = g
+        .usize("tokenizer.ggml.eos_token_id")
+        .ok()
+        .map(|i| i as u32)
+        .into_iter()
+        .collect();
     eos_ids.extend(chat_stop_ids(&tokenizer));
 
     let embed = g.dense("token_embd")?;
@@ -212,18 +292,32 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
             let name = format!("blk.{l}.{part}");
             let weight = g.dense(&name)?;
             let bias = if config.qkv_bias && matches!(part, "attn_q" | "attn_k" | "attn_v") {
-                Some(g.tensor(&format!("{name}.bias"))?.dequantize(&Device::Cpu)?)
+                Some(
+                    g.tensor(&format!("{name}.bias"))?
+                        .dequantize(&Device::Cpu)?,
+                )
             } else {
                 None
             };
             Linear::dense(&weight, bias)
         };
-        let (q, k, v, o) = (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
+        let (q, k, v, o) = (
+            lin("attn_q")?,
+            lin("attn_k")?,
+            lin("attn_v")?,
+            lin("attn_output")?,
+        );
         let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
         blocks.push(BlockWeights {
             attn_norm: g.dense(&format!("blk.{l}.attn_norm"))?,
             mlp_norm: g.dense(&format!("blk.{l}.ffn_norm"))?,
-            q, k, v, o, gate, up, down,
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
         });
     }
     let final_norm = g.dense("output_norm")?;
@@ -236,20 +330,44 @@ fn load_gguf(path: &Path) -> Result<Checkpoint> {
         Linear::dense_shared(&embed)?
     };
     check_shapes(&config, &embed, &blocks).map_err(|e| corrupt(path, e))?;
-    let weights = Weights { embed, blocks, final_norm, lm_head };
+    let weights = Weights {
+        embed,
+        blocks,
+        final_norm,
+        lm_head,
+    };
     let card = card(path, "GGUF", &arch, &config, g.quantization, &template);
-    Ok(Checkpoint { config, dense: weights, tokenizer, template, eos_ids, card, originals: g.originals, quantized: g.quantized })
+    Ok(Checkpoint {
+        config,
+        dense: weights,
+        tokenizer,
+        template,
+        eos_ids,
+        card,
+        originals: g.originals,
+        quantized: g.quantized,
+    })
 }
 
 /// The end-of-turn tokens of common chat formats, where the vocabulary has them.
 fn chat_stop_ids(tok: &Tokenizer) -> Vec<u32> {
-    ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>", "</s>"]
-        .iter()
-        .filter_map(|t| tok.token_to_id(t))
-        .collect()
+    [
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|eot_id|>",
+        "<end_of_turn>",
+        "</s>",
+    ]
+    .iter()
+    .filter_map(|t| tok.token_to_id(t))
+    .collect()
 }
 
-fn check_shapes(cfg: &ModelConfig, embed: &Tensor, blocks: &[BlockWeights]) -> std::result::Result<(), String> {
+fn check_shapes(
+    cfg: &ModelConfig,
+    embed: &Tensor,
+    blocks: &[BlockWeights],
+) -> std::result::Result<(), String> {
     let want = |got: (usize, usize), shape: (usize, usize), what: &str| {
         if got == shape {
             Ok(())
@@ -259,10 +377,26 @@ fn check_shapes(cfg: &ModelConfig, embed: &Tensor, blocks: &[BlockWeights]) -> s
     };
     let embed = embed.dims2().map_err(|e| e.to_string())?;
     want(embed, (cfg.vocab_size, cfg.d_model), "token embedding")?;
-    let (q, kv, d) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.d_model);
+    let (q, kv, d) = (
+        cfg.n_heads * cfg.head_dim,
+        cfg.n_kv_heads * cfg.head_dim,
+        cfg.d_model,
+    );
     for (l, b) in blocks.iter().enumerate() {
-        for (lin, shape, name) in [(&b.q, (q, d), "q"), (&b.k, (kv, d), "k"), (&b.v, (kv, d), "v"), (&b.o, (d, q), "o"), (&b.gate, (cfg.d_ff, d), "gate"), (&b.up, (cfg.d_ff, d), "up"), (&b.down, (d, cfg.d_ff), "down")] {
-            want(lin.dims().map_err(|e| e.to_string())?, shape, &format!("layer {l} {name}"))?;
+        for (lin, shape, name) in [
+            (&b.q, (q, d), "q"),
+            (&b.k, (kv, d), "k"),
+            (&b.v, (kv, d), "v"),
+            (&b.o, (d, q), "o"),
+            (&b.gate, (cfg.d_ff, d), "gate"),
+            (&b.up, (cfg.d_ff, d), "up"),
+            (&b.down, (d, cfg.d_ff), "down"),
+        ] {
+            want(
+                lin.dims().map_err(|e| e.to_string())?,
+                shape,
+                &format!("layer {l} {name}"),
+            )?;
         }
     }
     Ok(())
@@ -276,7 +410,10 @@ fn card(
     quantization: BTreeMap<String, usize>,
     template: &ChatTemplate,
 ) -> ModelCard {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     ModelCard {
         name: name.trim_end_matches(".gguf").to_string(),
         path: path.to_path_buf(),
@@ -324,7 +461,10 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 fn load_hf_folder(dir: &Path) -> Result<Checkpoint> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
-        return Err(Error::MissingFile { path: dir.to_path_buf(), what: "config.json".into() });
+        return Err(Error::MissingFile {
+            path: dir.to_path_buf(),
+            what: "config.json".into(),
+        });
     }
     let hf: HfConfig = read_json(&config_path)?;
     let arch = hf.model_type.clone().unwrap_or_default();
@@ -340,7 +480,9 @@ fn load_hf_folder(dir: &Path) -> Result<Checkpoint> {
         n_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
         d_model: hf.hidden_size,
         d_ff: hf.intermediate_size,
-        head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
+        head_dim: hf
+            .head_dim
+            .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
         vocab_size: hf.vocab_size,
         context_length: hf.max_position_embeddings.unwrap_or(4096),
         rope_theta: hf.rope_theta.unwrap_or(10_000.0),
@@ -360,19 +502,26 @@ fn load_hf_folder(dir: &Path) -> Result<Checkpoint> {
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(Error::MissingFile { path: dir.to_path_buf(), what: "*.safetensors weights".into() });
+        return Err(Error::MissingFile {
+            path: dir.to_path_buf(),
+            what: "*.safetensors weights".into(),
+        });
     }
     let mut tensors = HashMap::new();
     let mut quantization = BTreeMap::new();
     for f in &files {
         let loaded = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| corrupt(f, e))?;
         for (name, t) in loaded {
-            *quantization.entry(format!("{:?}", t.dtype()).to_uppercase()).or_insert(0) += 1;
+            *quantization
+                .entry(format!("{:?}", t.dtype()).to_uppercase())
+                .or_insert(0) += 1;
             tensors.insert(name, t);
         }
     }
     let mut take = |name: &str| -> Result<Tensor> {
-        let t = tensors.remove(name).ok_or_else(|| corrupt(dir, format!("tensor `{name}` is missing")))?;
+        let t = tensors
+            .remove(name)
+            .ok_or_else(|| corrupt(dir, format!("tensor `{name}` is missing")))?;
         Ok(t.to_dtype(DType::F32)?)
     };
     let embed = take("model.embed_tokens.weight")?;
@@ -381,16 +530,35 @@ fn load_hf_folder(dir: &Path) -> Result<Checkpoint> {
         let p = format!("model.layers.{l}");
         let mut lin = |name: &str, bias: bool| -> Result<Linear> {
             let weight = take(&format!("{p}.{name}.weight"))?;
-            let bias = if bias { Some(take(&format!("{p}.{name}.bias"))?) } else { None };
+            let bias = if bias {
+                Some(take(&format!("{p}.{name}.bias"))?)
+            } else {
+                None
+            };
             Linear::dense(&weight, bias)
         };
         let qb = config.qkv_bias;
-        let (q, k, v, o) = (lin("self_attn.q_proj", qb)?, lin("self_attn.k_proj", qb)?, lin("self_attn.v_proj", qb)?, lin("self_attn.o_proj", false)?);
-        let (gate, up, down) = (lin("mlp.gate_proj", false)?, lin("mlp.up_proj", false)?, lin("mlp.down_proj", false)?);
+        let (q, k, v, o) = (
+            lin("self_attn.q_proj", qb)?,
+            lin("self_attn.k_proj", qb)?,
+            lin("self_attn.v_proj", qb)?,
+            lin("self_attn.o_proj", false)?,
+        );
+        let (gate, up, down) = (
+            lin("mlp.gate_proj", false)?,
+            lin("mlp.up_proj", false)?,
+            lin("mlp.down_proj", false)?,
+        );
         blocks.push(BlockWeights {
             attn_norm: take(&format!("{p}.input_layernorm.weight"))?,
             mlp_norm: take(&format!("{p}.post_attention_layernorm.weight"))?,
-            q, k, v, o, gate, up, down,
+            q,
+            k,
+            v,
+            o,
+            gate,
+            up,
+            down,
         });
     }
     let final_norm = take("model.norm.weight")?;
@@ -403,22 +571,55 @@ fn load_hf_folder(dir: &Path) -> Result<Checkpoint> {
 
     let mut eos_ids: Vec<u32> = match &hf.eos_token_id {
         Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
-        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32).collect(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|n| n.as_u64())
+            .map(|n| n as u32)
+            .collect(),
         _ => Vec::new(),
     };
     eos_ids.extend(tokenizer.token_to_id(&template.eos_token));
     eos_ids.extend(chat_stop_ids(&tokenizer));
-    let weights = Weights { embed, blocks, final_norm, lm_head };
-    let card = card(dir, "HF safetensors", &arch, &config, quantization, &template);
-    Ok(Checkpoint { config, dense: weights, tokenizer, template, eos_ids, card, originals: HashMap::new(), quantized: false })
+    let weights = Weights {
+        embed,
+        blocks,
+        final_norm,
+        lm_head,
+    };
+    let card = card(
+        dir,
+        "HF safetensors",
+        &arch,
+        &config,
+        quantization,
+        &template,
+    );
+    Ok(Checkpoint {
+        config,
+        dense: weights,
+        tokenizer,
+        template,
+        eos_ids,
+        card,
+        originals: HashMap::new(),
+        quantized: false,
+    })
 }
 
 fn hf_template(dir: &Path) -> Result<ChatTemplate> {
     let path = dir.join("tokenizer_config.json");
-    let cfg: serde_json::Value = if path.exists() { read_json(&path)? } else { serde_json::Value::Null };
+    let cfg: serde_json::Value = if path.exists() {
+        read_json(&path)?
+    } else {
+        serde_json::Value::Null
+    };
     let token = |key: &str| match &cfg[key] {
         serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
+        serde_json::Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or("")
+            .to_string(),
         _ => String::new(),
     };
     let template = match &cfg["chat_template"] {
@@ -436,7 +637,12 @@ fn hf_template(dir: &Path) -> Result<ChatTemplate> {
         Some(t) => (TemplateSource::TokenizerConfig, t),
         None => (TemplateSource::FallbackChatMl, CHATML_TEMPLATE.to_string()),
     };
-    Ok(ChatTemplate { source, template, bos_token: token("bos_token"), eos_token: token("eos_token") })
+    Ok(ChatTemplate {
+        source,
+        template,
+        bos_token: token("bos_token"),
+        eos_token: token("eos_token"),
+    })
 }
 
 impl Checkpoint {
@@ -449,8 +655,24 @@ impl Checkpoint {
         eos_ids: Vec<u32>,
         name: &str,
     ) -> Checkpoint {
-        let mut card = card(Path::new(name), "in memory", config.family.name(), &config, BTreeMap::new(), &template);
+        let mut card = card(
+            Path::new(name),
+            "in memory",
+            config.family.name(),
+            &config,
+            BTreeMap::new(),
+            &template,
+        );
         card.name = name.to_string();
-        Checkpoint { config, dense, tokenizer, template, eos_ids, card, originals: HashMap::new(), quantized: false }
+        Checkpoint {
+            config,
+            dense,
+            tokenizer,
+            template,
+            eos_ids,
+            card,
+            originals: HashMap::new(),
+            quantized: false,
+        }
     }
 }

@@ -20,33 +20,55 @@ use crate::{Error, Result};
 pub enum Linear {
     /// Stored transposed, `[in, out]`: laid out this way the matmul reads it without
     /// repacking, ~30% faster than multiplying by a transposed view of `[out, in]`.
-    Dense { weight_t: Tensor, bias: Option<Tensor> },
+    Dense {
+        weight_t: Tensor,
+        bias: Option<Tensor>,
+    },
     /// `padded_in ≥ in`: the stored rows are zero-padded so that candle's repacked VNNI kernels
     /// apply (they need the input size to be a multiple of 256); inputs are padded to match.
-    Quantized { weight: Arc<QMatMul>, bias: Option<Tensor>, in_features: usize, padded_in: usize },
+    Quantized {
+        weight: Arc<QMatMul>,
+        bias: Option<Tensor>,
+        in_features: usize,
+        padded_in: usize,
+    },
 }
 
 impl Linear {
     /// From a weight in the checkpoint layout `[out, in]`.
     pub fn dense(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
-        Ok(Linear::Dense { weight_t: weight.t()?.contiguous()?, bias })
+        Ok(Linear::Dense {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
     }
 
     /// Shares `weight` (`[out, in]`) without copying: a tied unembedding reads the embedding.
     pub fn dense_shared(weight: &Tensor) -> Result<Self> {
-        Ok(Linear::Dense { weight_t: weight.t()?, bias: None })
+        Ok(Linear::Dense {
+            weight_t: weight.t()?,
+            bias: None,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
             Linear::Dense { weight_t, bias } => {
                 let y = match x.dims() {
-                    [b, s, i] => x.reshape((b * s, *i))?.matmul(weight_t)?.reshape((*b, *s, ()))?,
+                    [b, s, i] => x
+                        .reshape((b * s, *i))?
+                        .matmul(weight_t)?
+                        .reshape((*b, *s, ()))?,
                     _ => x.matmul(weight_t)?,
                 };
                 (y, bias)
             }
-            Linear::Quantized { weight, bias, in_features, padded_in } => {
+            Linear::Quantized {
+                weight,
+                bias,
+                in_features,
+                padded_in,
+            } => {
                 let x = if padded_in > in_features {
                     x.pad_with_zeros(D::Minus1, 0, padded_in - in_features)?
                 } else {
@@ -74,24 +96,42 @@ impl Linear {
         let mut qtensors = Vec::with_capacity(linears.len());
         let mut pad = None;
         for l in linears {
-            let Linear::Quantized { weight, in_features, padded_in, .. } = l else { return Ok(None) };
-            let QMatMul::QTensor(q) = weight.as_ref() else { return Ok(None) };
+            let Linear::Quantized {
+                weight,
+                in_features,
+                padded_in,
+                ..
+            } = l
+            else {
+                return Ok(None);
+            };
+            let QMatMul::QTensor(q) = weight.as_ref() else {
+                return Ok(None);
+            };
             if pad.is_some_and(|p| p != (*in_features, *padded_in)) {
                 return Ok(None);
             }
             pad = Some((*in_features, *padded_in));
             qtensors.push(q.as_ref());
         }
-        let Some((in_features, padded_in)) = pad else { return Ok(None) };
-        let x = x.pad_with_zeros(D::Minus1, 0, padded_in - in_features)?.contiguous()?;
-        let Some(outs) = QTensor::gemv_fused_shared_lhs(&qtensors, &x)? else { return Ok(None) };
+        let Some((in_features, padded_in)) = pad else {
+            return Ok(None);
+        };
+        let x = x
+            .pad_with_zeros(D::Minus1, 0, padded_in - in_features)?
+            .contiguous()?;
+        let Some(outs) = QTensor::gemv_fused_shared_lhs(&qtensors, &x)? else {
+            return Ok(None);
+        };
         let outs = outs
             .into_iter()
             .zip(linears)
-            .map(|(y, l)| Ok(match l.bias() {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            }))
+            .map(|(y, l)| {
+                Ok(match l.bias() {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(outs))
     }
@@ -109,7 +149,11 @@ impl Linear {
                 let (i, o) = weight_t.dims2()?;
                 Ok((o, i))
             }
-            Linear::Quantized { weight, in_features, .. } => {
+            Linear::Quantized {
+                weight,
+                in_features,
+                ..
+            } => {
                 let (out, _) = match weight.as_ref() {
                     QMatMul::QTensor(q) => q.shape().dims2()?,
                     QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2()?,
@@ -123,7 +167,11 @@ impl Linear {
     pub fn dense_weight(&self) -> Result<Tensor> {
         match self {
             Linear::Dense { weight_t, .. } => Ok(weight_t.t()?.contiguous()?),
-            Linear::Quantized { weight, in_features, .. } => {
+            Linear::Quantized {
+                weight,
+                in_features,
+                ..
+            } => {
                 let w = match weight.as_ref() {
                     QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
                     QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
@@ -194,17 +242,25 @@ impl Weights {
             }
             let (out, in_features) = lin.dims()?;
             let padded_in = padded_input(out, in_features);
-            let keep = originals(name).filter(|q| keeps_fast_kernel(q.dtype()) && padded_in == in_features);
+            let keep = originals(name)
+                .filter(|q| keeps_fast_kernel(q.dtype()) && padded_in == in_features);
             let q = match keep {
                 Some(q) => q,
                 None if in_features % GgmlDType::Q8_0.block_size() == 0 => {
-                    let w = lin.dense_weight()?.pad_with_zeros(1, 0, padded_in - in_features)?;
+                    let w = lin
+                        .dense_weight()?
+                        .pad_with_zeros(1, 0, padded_in - in_features)?;
                     Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?)
                 }
                 None => return Ok(lin.clone()),
             };
             let weight = Arc::new(QMatMul::from_arc(q)?);
-            Ok(Linear::Quantized { weight, bias: lin.bias().cloned(), in_features, padded_in })
+            Ok(Linear::Quantized {
+                weight,
+                bias: lin.bias().cloned(),
+                in_features,
+                padded_in,
+            })
         };
         let blocks = dense
             .blocks
@@ -246,7 +302,7 @@ fn padded_input(out: usize, in_features: usize) -> usize {
     let vnni = is_x86_feature_detected!("avx512vnni") || is_x86_feature_detected!("avxvnni");
     #[cfg(not(target_arch = "x86_64"))]
     let vnni = false;
-    if vnni && out % REPACK_N == 0 && in_features % REPACK_K != 0 {
+    if vnni && out.is_multiple_of(REPACK_N) && !in_features.is_multiple_of(REPACK_K) {
         in_features.div_ceil(REPACK_K) * REPACK_K
     } else {
         in_features
@@ -268,7 +324,9 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
-        KvCache { layers: vec![None; n_layers] }
+        KvCache {
+            layers: vec![None; n_layers],
+        }
     }
 
     /// Positions already cached.
@@ -322,7 +380,14 @@ impl Model {
         config.validate()?;
         let device = dense.embed.device().clone();
         let (cos, sin) = rope_tables(&config, &device)?;
-        Ok(Model { config, dense, fast, cos, sin, device })
+        Ok(Model {
+            config,
+            dense,
+            fast,
+            cos,
+            sin,
+            device,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -348,7 +413,10 @@ impl Model {
         let (b, s) = tokens.dims2()?;
         let offset = cache.as_ref().map_or(0, |c| c.len());
         if offset + s > cfg.context_length {
-            return Err(Error::ContextOverflow { len: offset + s, max: cfg.context_length });
+            return Err(Error::ContextOverflow {
+                len: offset + s,
+                max: cfg.context_length,
+            });
         }
         let mut captures = Captures::default();
         let mask = causal_mask(s, offset, &self.device)?;
@@ -356,25 +424,54 @@ impl Model {
         let sin = self.sin.narrow(0, offset, s)?;
         let mut cache = cache;
 
-        let embedded = weights.embed.embedding(&tokens.flatten_all()?)?.reshape((b, s, cfg.d_model))?;
+        let embedded =
+            weights
+                .embed
+                .embedding(&tokens.flatten_all()?)?
+                .reshape((b, s, cfg.d_model))?;
         let mut x = hooks.residual(HookPoint::Embed, embedded, offset, &mut captures)?;
 
         for (l, block) in weights.blocks.iter().enumerate() {
             x = hooks.residual(HookPoint::ResidPre(l), x, offset, &mut captures)?;
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
             let attn_in = self.rms_norm(&x, &block.attn_norm, options)?;
-            let z = self.attention(l, block, &attn_in, layer_cache, mask.as_ref(), (&cos, &sin), hooks, offset, &mut captures, options)?;
-            let attn_out = block.o.forward(&z.reshape((b, s, cfg.n_heads * cfg.head_dim))?)?;
-            let attn_out = hooks.residual(HookPoint::AttnOut(l), attn_out, offset, &mut captures)?;
-            x = hooks.residual(HookPoint::ResidMid(l), (x + attn_out)?, offset, &mut captures)?;
+            let z = self.attention(
+                l,
+                block,
+                &attn_in,
+                layer_cache,
+                mask.as_ref(),
+                (&cos, &sin),
+                hooks,
+                offset,
+                &mut captures,
+                options,
+            )?;
+            let attn_out = block
+                .o
+                .forward(&z.reshape((b, s, cfg.n_heads * cfg.head_dim))?)?;
+            let attn_out =
+                hooks.residual(HookPoint::AttnOut(l), attn_out, offset, &mut captures)?;
+            x = hooks.residual(
+                HookPoint::ResidMid(l),
+                (x + attn_out)?,
+                offset,
+                &mut captures,
+            )?;
 
             let mlp_in = self.rms_norm(&x, &block.mlp_norm, options)?;
-            let [gate, up]: [Tensor; 2] = Linear::forward_shared_input(&[&block.gate, &block.up], &mlp_in)?
-                .try_into()
-                .expect("two projections in, two out");
+            let [gate, up]: [Tensor; 2] =
+                Linear::forward_shared_input(&[&block.gate, &block.up], &mlp_in)?
+                    .try_into()
+                    .expect("two projections in, two out");
             let mlp_out = block.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
             let mlp_out = hooks.residual(HookPoint::MlpOut(l), mlp_out, offset, &mut captures)?;
-            x = hooks.residual(HookPoint::ResidPost(l), (x + mlp_out)?, offset, &mut captures)?;
+            x = hooks.residual(
+                HookPoint::ResidPost(l),
+                (x + mlp_out)?,
+                offset,
+                &mut captures,
+            )?;
         }
 
         let logits = match logits_at {
@@ -415,9 +512,10 @@ impl Model {
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((b, s, n, dh))?.transpose(1, 2)?.contiguous()?)
         };
-        let [q, k, v]: [Tensor; 3] = Linear::forward_shared_input(&[&block.q, &block.k, &block.v], x)?
-            .try_into()
-            .expect("three projections in, three out");
+        let [q, k, v]: [Tensor; 3] =
+            Linear::forward_shared_input(&[&block.q, &block.k, &block.v], x)?
+                .try_into()
+                .expect("three projections in, three out");
         let q = self.rope(&heads(q, h)?, cos, sin, options)?;
         let k = self.rope(&heads(k, h_kv)?, cos, sin, options)?;
         let v = heads(v, h_kv)?;
@@ -439,7 +537,10 @@ impl Model {
         let q = q.reshape((b, h_kv, n_rep * s, dh))?;
         let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
         let scores = match mask {
-            Some(m) => scores.reshape((b, h_kv, n_rep, s, t))?.broadcast_add(m)?.reshape((b, h_kv, n_rep * s, t))?,
+            Some(m) => scores
+                .reshape((b, h_kv, n_rep, s, t))?
+                .broadcast_add(m)?
+                .reshape((b, h_kv, n_rep * s, t))?,
             None => scores,
         };
         let pattern = if options.differentiable {
@@ -448,10 +549,17 @@ impl Model {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
         if hooks.wants(HookPoint::AttnPattern(layer)) {
-            captures.push(HookPoint::AttnPattern(layer), pattern.reshape((b, h, s, t))?);
+            captures.push(
+                HookPoint::AttnPattern(layer),
+                pattern.reshape((b, h, s, t))?,
+            );
         }
         // [b, h, s, d_h] → TransformerLens' hook_z layout [b, s, h, d_h].
-        let z = pattern.matmul(&v)?.reshape((b, h, s, dh))?.transpose(1, 2)?.contiguous()?;
+        let z = pattern
+            .matmul(&v)?
+            .reshape((b, h, s, dh))?
+            .transpose(1, 2)?
+            .contiguous()?;
         hooks.attn_z(layer, z, offset, captures)
     }
 
@@ -464,7 +572,13 @@ impl Model {
         })
     }
 
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, options: ForwardOptions) -> Result<Tensor> {
+    fn rope(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        options: ForwardOptions,
+    ) -> Result<Tensor> {
         use candle_nn::rotary_emb as re;
         Ok(match (self.config.rope_style, options.differentiable) {
             (RopeStyle::Interleaved, false) => re::rope_i(x, cos, sin)?,
@@ -495,11 +609,18 @@ fn causal_mask(s: usize, offset: usize, device: &Device) -> Result<Option<Tensor
     }
     let t = offset + s;
     let mask: Vec<f32> = (0..s)
-        .flat_map(|i| (0..t).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
         .collect();
     Ok(Some(Tensor::from_vec(mask, (s, t), device)?))
 }
-
 
 #[cfg(test)]
 #[path = "model_tests.rs"]

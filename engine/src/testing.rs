@@ -44,7 +44,8 @@ pub fn tiny_config(family: Family) -> ModelConfig {
 
 /// GPT-2's byte → printable character map, so byte `b` is token `b`.
 fn byte_chars() -> Vec<char> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut next = 256;
     (0u32..256)
         .map(|b| {
@@ -71,7 +72,13 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<i32>) {
 
 pub fn tiny_tokenizer() -> Result<Tokenizer> {
     let (tokens, token_types) = tiny_vocab();
-    tokenizer::from_gguf_vocab(&GgufVocab { model: "gpt2", pre: None, tokens, merges: vec![], token_types })
+    tokenizer::from_gguf_vocab(&GgufVocab {
+        model: "gpt2",
+        pre: None,
+        tokens,
+        merges: vec![],
+        token_types,
+    })
 }
 
 pub fn tiny_template() -> ChatTemplate {
@@ -88,7 +95,9 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Weights> {
     let mut rng = StdRng::seed_from_u64(seed);
     let dev = Device::Cpu;
     let mut mat = |rows: usize, cols: usize, scale: f32| -> Result<Tensor> {
-        let v: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-scale..scale)).collect();
+        let v: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-scale..scale))
+            .collect();
         Ok(Tensor::from_vec(v, (rows, cols), &dev)?)
     };
     let s = 1.7 / (cfg.d_model as f32).sqrt();
@@ -98,15 +107,38 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Weights> {
     for _ in 0..cfg.n_layers {
         let mut lin = |rows, cols, bias: bool| -> Result<Linear> {
             let weight = mat(rows, cols, s)?;
-            let bias = if bias { Some(mat(1, rows, 0.1)?.flatten_all()?) } else { None };
+            let bias = if bias {
+                Some(mat(1, rows, 0.1)?.flatten_all()?)
+            } else {
+                None
+            };
             Linear::dense(&weight, bias)
         };
         let b = cfg.qkv_bias;
-        let (wq, wk, wv, wo) = (lin(q, cfg.d_model, b)?, lin(kv, cfg.d_model, b)?, lin(kv, cfg.d_model, b)?, lin(cfg.d_model, q, false)?);
-        let (gate, up, down) = (lin(cfg.d_ff, cfg.d_model, false)?, lin(cfg.d_ff, cfg.d_model, false)?, lin(cfg.d_model, cfg.d_ff, false)?);
+        let (wq, wk, wv, wo) = (
+            lin(q, cfg.d_model, b)?,
+            lin(kv, cfg.d_model, b)?,
+            lin(kv, cfg.d_model, b)?,
+            lin(cfg.d_model, q, false)?,
+        );
+        let (gate, up, down) = (
+            lin(cfg.d_ff, cfg.d_model, false)?,
+            lin(cfg.d_ff, cfg.d_model, false)?,
+            lin(cfg.d_model, cfg.d_ff, false)?,
+        );
         let attn_norm = (mat(1, cfg.d_model, 0.2)?.flatten_all()? + 1.0)?;
         let mlp_norm = (mat(1, cfg.d_model, 0.2)?.flatten_all()? + 1.0)?;
-        blocks.push(BlockWeights { attn_norm, q: wq, k: wk, v: wv, o: wo, mlp_norm, gate, up, down });
+        blocks.push(BlockWeights {
+            attn_norm,
+            q: wq,
+            k: wk,
+            v: wv,
+            o: wo,
+            mlp_norm,
+            gate,
+            up,
+            down,
+        });
     }
     let final_norm = (mat(1, cfg.d_model, 0.2)?.flatten_all()? + 1.0)?;
     let lm_head = if cfg.tied_embeddings {
@@ -114,7 +146,12 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Weights> {
     } else {
         Linear::dense(&mat(cfg.vocab_size, cfg.d_model, 1.0)?, None)?
     };
-    Ok(Weights { embed, blocks, final_norm, lm_head })
+    Ok(Weights {
+        embed,
+        blocks,
+        final_norm,
+        lm_head,
+    })
 }
 
 /// A tiny random model with the byte-level tokenizer and ChatML, loaded in memory.
@@ -123,7 +160,14 @@ pub fn tiny_model(family: Family, seed: u64) -> Result<LoadedModel> {
     let weights = random_weights(&cfg, seed)?;
     let tokenizer = tiny_tokenizer()?;
     let stop = tokenizer.token_to_id("<|im_end|>").into_iter().collect();
-    let ck = Checkpoint::from_parts(cfg, weights, tokenizer, tiny_template(), stop, "tiny-random");
+    let ck = Checkpoint::from_parts(
+        cfg,
+        weights,
+        tokenizer,
+        tiny_template(),
+        stop,
+        "tiny-random",
+    );
     LoadedModel::from_checkpoint(ck, FastPrecision::F32)
 }
 
@@ -139,14 +183,25 @@ pub fn write_hf_folder(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Resu
     t.insert("model.embed_tokens.weight".into(), weights.embed.clone());
     for (l, b) in weights.blocks.iter().enumerate() {
         let p = format!("model.layers.{l}");
-        for (name, lin) in [("self_attn.q_proj", &b.q), ("self_attn.k_proj", &b.k), ("self_attn.v_proj", &b.v), ("self_attn.o_proj", &b.o), ("mlp.gate_proj", &b.gate), ("mlp.up_proj", &b.up), ("mlp.down_proj", &b.down)] {
+        for (name, lin) in [
+            ("self_attn.q_proj", &b.q),
+            ("self_attn.k_proj", &b.k),
+            ("self_attn.v_proj", &b.v),
+            ("self_attn.o_proj", &b.o),
+            ("mlp.gate_proj", &b.gate),
+            ("mlp.up_proj", &b.up),
+            ("mlp.down_proj", &b.down),
+        ] {
             t.insert(format!("{p}.{name}.weight"), w(lin)?);
             if let Some(bias) = lin.bias() {
                 t.insert(format!("{p}.{name}.bias"), bias.clone());
             }
         }
         t.insert(format!("{p}.input_layernorm.weight"), b.attn_norm.clone());
-        t.insert(format!("{p}.post_attention_layernorm.weight"), b.mlp_norm.clone());
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            b.mlp_norm.clone(),
+        );
     }
     t.insert("model.norm.weight".into(), weights.final_norm.clone());
     if !cfg.tied_embeddings {
@@ -179,12 +234,20 @@ pub fn write_hf_folder(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Resu
 fn permute_for_interleaved(w: &Tensor, n_heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let hd = rows / n_heads;
-    Ok(w.reshape((n_heads, 2, hd / 2, cols))?.transpose(1, 2)?.contiguous()?.reshape((rows, cols))?)
+    Ok(w.reshape((n_heads, 2, hd / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
 }
 
 /// Writes the model as GGUF the way llama.cpp's converter does (Q/K permuted for llama),
 /// with the projections stored as `dtype` (F32 for exact, or a quantised type).
-pub fn write_gguf(path: &Path, cfg: &ModelConfig, weights: &Weights, dtype: GgmlDType) -> Result<()> {
+pub fn write_gguf(
+    path: &Path,
+    cfg: &ModelConfig,
+    weights: &Weights,
+    dtype: GgmlDType,
+) -> Result<()> {
     let arch = cfg.family.name();
     let permute = cfg.family == Family::Llama;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
@@ -192,13 +255,24 @@ pub fn write_gguf(path: &Path, cfg: &ModelConfig, weights: &Weights, dtype: Ggml
     tensors.push(("token_embd.weight".into(), f32(&weights.embed)?));
     for (l, b) in weights.blocks.iter().enumerate() {
         let n = |p: &str| format!("blk.{l}.{p}");
-        let parts = [("attn_q", &b.q, Some(cfg.n_heads)), ("attn_k", &b.k, Some(cfg.n_kv_heads)), ("attn_v", &b.v, None), ("attn_output", &b.o, None), ("ffn_gate", &b.gate, None), ("ffn_up", &b.up, None), ("ffn_down", &b.down, None)];
+        let parts = [
+            ("attn_q", &b.q, Some(cfg.n_heads)),
+            ("attn_k", &b.k, Some(cfg.n_kv_heads)),
+            ("attn_v", &b.v, None),
+            ("attn_output", &b.o, None),
+            ("ffn_gate", &b.gate, None),
+            ("ffn_up", &b.up, None),
+            ("ffn_down", &b.down, None),
+        ];
         for (name, lin, heads) in parts {
             let mut weight = w(lin)?;
             if let (true, Some(h)) = (permute, heads) {
                 weight = permute_for_interleaved(&weight, h)?;
             }
-            tensors.push((n(&format!("{name}.weight")), QTensor::quantize(&weight, dtype)?));
+            tensors.push((
+                n(&format!("{name}.weight")),
+                QTensor::quantize(&weight, dtype)?,
+            ));
             if let Some(bias) = lin.bias() {
                 tensors.push((n(&format!("{name}.bias")), f32(bias)?));
             }
@@ -216,19 +290,37 @@ pub fn write_gguf(path: &Path, cfg: &ModelConfig, weights: &Weights, dtype: Ggml
         ("general.architecture".into(), Value::String(arch.into())),
         (format!("{arch}.block_count"), u32v(cfg.n_layers)),
         (format!("{arch}.attention.head_count"), u32v(cfg.n_heads)),
-        (format!("{arch}.attention.head_count_kv"), u32v(cfg.n_kv_heads)),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            u32v(cfg.n_kv_heads),
+        ),
         (format!("{arch}.embedding_length"), u32v(cfg.d_model)),
         (format!("{arch}.feed_forward_length"), u32v(cfg.d_ff)),
         (format!("{arch}.context_length"), u32v(cfg.context_length)),
-        (format!("{arch}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
-        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_eps as f32)),
+        (
+            format!("{arch}.rope.freq_base"),
+            Value::F32(cfg.rope_theta as f32),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_eps as f32),
+        ),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(types.into_iter().map(Value::I32).collect()),
+        ),
         ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
         ("tokenizer.ggml.bos_token_id".into(), u32v(256)),
         ("tokenizer.ggml.eos_token_id".into(), u32v(258)),
-        ("tokenizer.chat_template".into(), Value::String(CHATML_TEMPLATE.into())),
+        (
+            "tokenizer.chat_template".into(),
+            Value::String(CHATML_TEMPLATE.into()),
+        ),
     ];
     let mut file = std::fs::File::create(path).map_err(|e| crate::Error::io(path, e))?;
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();

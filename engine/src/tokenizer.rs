@@ -70,7 +70,9 @@ pub fn from_gguf_vocab(v: &GgufVocab<'_>) -> Result<Tokenizer> {
         .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
         .map(|(tok, &t)| AddedToken::from(tok.clone(), t == TOKEN_TYPE_CONTROL))
         .collect();
-    tokenizer.add_special_tokens(specials).map_err(|e| Error::Tokenizer(e.to_string()))?;
+    tokenizer
+        .add_special_tokens(specials)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
     Ok(tokenizer)
 }
 
@@ -84,15 +86,21 @@ pub fn from_file(path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
 }
 
+/// A token's byte range `(start, end)` in the text it came from.
+pub type ByteSpan = (usize, usize);
+
 /// Encodes text that already contains the chat template's special tokens (no BOS is added:
 /// the template writes it when the model wants one).
-pub fn encode_with_offsets(tok: &Tokenizer, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
-    let enc = tok.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+pub fn encode_with_offsets(tok: &Tokenizer, text: &str) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
+    let enc = tok
+        .encode(text, false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))?;
     Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
 }
 
 pub fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
-    tok.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()))
+    tok.decode(ids, false)
+        .map_err(|e| Error::Tokenizer(e.to_string()))
 }
 
 /// Decodes a stream of ids piece by piece, emitting text only once it is complete UTF-8

@@ -7,16 +7,42 @@ use refusal_lens_engine::config::Family;
 use refusal_lens_engine::generate::{generate, GenerateConfig, Precision, Sampling, StopReason};
 use refusal_lens_engine::hooks::HookSpec;
 use refusal_lens_engine::model::{FastPrecision, ForwardOptions, LogitsAt};
-use refusal_lens_engine::testing::{random_weights, tiny_config, tiny_model, tiny_template, tiny_tokenizer, write_gguf, write_hf_folder};
+use refusal_lens_engine::testing::{
+    random_weights, tiny_config, tiny_model, tiny_template, tiny_tokenizer, write_gguf,
+    write_hf_folder,
+};
 use refusal_lens_engine::{Error, LoadedModel};
 
 fn logits(m: &LoadedModel, ids: &[u32]) -> Tensor {
-    let t = Tensor::new(ids, m.model.device()).unwrap().unsqueeze(0).unwrap();
-    m.model.forward(&m.model.dense, &t, None, &HookSpec::default(), LogitsAt::All, ForwardOptions::default()).unwrap().logits.unwrap()
+    let t = Tensor::new(ids, m.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.model
+        .forward(
+            &m.model.dense,
+            &t,
+            None,
+            &HookSpec::default(),
+            LogitsAt::All,
+            ForwardOptions::default(),
+        )
+        .unwrap()
+        .logits
+        .unwrap()
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 const IDS: [u32; 8] = [257, 117, 115, 101, 114, 10, 72, 105];
@@ -33,11 +59,18 @@ fn gguf_and_safetensors_give_the_same_logits_for_the_same_weights() {
         let hf = LoadedModel::load(&dir.path().join("hf"), FastPrecision::Auto).unwrap();
         let gg = LoadedModel::load(&gguf, FastPrecision::Auto).unwrap();
         // Llama GGUF stores permuted Q/K rows and needs interleaved RoPE; HF uses half-split.
-        assert_eq!(gg.model.config.rope_style == refusal_lens_engine::config::RopeStyle::Interleaved, family == Family::Llama);
+        assert_eq!(
+            gg.model.config.rope_style == refusal_lens_engine::config::RopeStyle::Interleaved,
+            family == Family::Llama
+        );
         assert_eq!(hf.card.n_layers, 2);
         assert_eq!(gg.card.n_kv_heads, 2);
         let (a, b) = (logits(&hf, &IDS), logits(&gg, &IDS));
-        assert!(max_abs_diff(&a, &b) < 1e-4, "{family:?}: {}", max_abs_diff(&a, &b));
+        assert!(
+            max_abs_diff(&a, &b) < 1e-4,
+            "{family:?}: {}",
+            max_abs_diff(&a, &b)
+        );
         // And both equal the in-memory model.
         let mem = tiny_model(family, 11).unwrap();
         assert!(max_abs_diff(&a, &logits(&mem, &IDS)) < 1e-5);
@@ -60,8 +93,15 @@ fn quantised_gguf_gets_a_fast_path_close_to_its_dense_weights() {
     assert!(m.model.fast.is_some());
     assert_eq!(m.card.quantization.get("Q4_1"), Some(&14));
     let prompt = m.chat_prompt(None, "hello").unwrap();
-    let exact = GenerateConfig { max_new_tokens: 5, precision: Precision::Exact, ..Default::default() };
-    let fast = GenerateConfig { precision: Precision::Fast, ..exact.clone() };
+    let exact = GenerateConfig {
+        max_new_tokens: 5,
+        precision: Precision::Exact,
+        ..Default::default()
+    };
+    let fast = GenerateConfig {
+        precision: Precision::Fast,
+        ..exact.clone()
+    };
     let a = generate(&m, &prompt.ids, &exact, &|| false, &mut |_| {}).unwrap();
     let b = generate(&m, &prompt.ids, &fast, &|| false, &mut |_| {}).unwrap();
     assert_eq!(a.tokens.len(), 5);
@@ -82,12 +122,20 @@ fn bad_files_are_clear_errors() {
     let truncated = dir.path().join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() * 2 / 3]).unwrap();
     let random = dir.path().join("random.gguf");
-    std::fs::write(&random, (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>()).unwrap();
+    std::fs::write(
+        &random,
+        (0..5000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
     let header_only = dir.path().join("header.gguf");
     std::fs::write(&header_only, &bytes[..64]).unwrap();
     for path in [&truncated, &random, &header_only] {
         match LoadedModel::load(path, FastPrecision::Auto) {
-            Err(e @ Error::CorruptModel { .. }) => assert!(e.to_string().contains("not a valid GGUF")),
+            Err(e @ Error::CorruptModel { .. }) => {
+                assert!(e.to_string().contains("not a valid GGUF"))
+            }
             Err(e) => panic!("{}: unexpected error kind {e}", path.display()),
             Ok(_) => panic!("{} loaded", path.display()),
         }
@@ -105,15 +153,27 @@ fn bad_files_are_clear_errors() {
     // Unsupported architecture.
     let other = dir.path().join("gptneox");
     write_hf_folder(&other, &cfg, &weights).unwrap();
-    let config = std::fs::read_to_string(other.join("config.json")).unwrap().replace("\"llama\"", "\"gpt_neox\"");
+    let config = std::fs::read_to_string(other.join("config.json"))
+        .unwrap()
+        .replace("\"llama\"", "\"gpt_neox\"");
     std::fs::write(other.join("config.json"), config).unwrap();
-    let err = LoadedModel::load(&other, FastPrecision::Auto).err().unwrap();
-    assert!(matches!(err, Error::UnsupportedArchitecture(ref a) if a == "gpt_neox"), "{err}");
+    let err = LoadedModel::load(&other, FastPrecision::Auto)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, Error::UnsupportedArchitecture(ref a) if a == "gpt_neox"),
+        "{err}"
+    );
     let gguf_other = dir.path().join("other.gguf");
     let patched: Vec<u8> = replace_bytes(&bytes, b"llama", b"bloom");
     std::fs::write(&gguf_other, patched).unwrap();
-    let err = LoadedModel::load(&gguf_other, FastPrecision::Auto).err().unwrap();
-    assert!(matches!(err, Error::UnsupportedArchitecture(ref a) if a == "bloom"), "{err}");
+    let err = LoadedModel::load(&gguf_other, FastPrecision::Auto)
+        .err()
+        .unwrap();
+    assert!(
+        matches!(err, Error::UnsupportedArchitecture(ref a) if a == "bloom"),
+        "{err}"
+    );
 }
 
 fn replace_bytes(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
@@ -134,8 +194,14 @@ fn replace_bytes(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
 fn prompts_longer_than_the_context_and_empty_prompts_are_rejected() {
     let m = tiny_model(Family::Llama, 14).unwrap();
     let long = "word ".repeat(100);
-    assert!(matches!(m.chat_prompt(None, &long), Err(Error::ContextOverflow { .. })));
-    assert!(matches!(m.chat_prompt(None, "   "), Err(Error::InvalidInput(_))));
+    assert!(matches!(
+        m.chat_prompt(None, &long),
+        Err(Error::ContextOverflow { .. })
+    ));
+    assert!(matches!(
+        m.chat_prompt(None, "   "),
+        Err(Error::InvalidInput(_))
+    ));
 }
 
 #[test]
@@ -162,12 +228,21 @@ fn positions_work_for_other_templates() {
         ..tiny_template()
     };
     let p = gemma.prompt(&tok, None, "Tell me a joke").unwrap();
-    assert!(p.text.starts_with("<|endoftext|><|im_start|>user\nTell me a joke"));
+    assert!(p
+        .text
+        .starts_with("<|endoftext|><|im_start|>user\nTell me a joke"));
     assert_eq!(&p.text[p.user_span.clone()], "Tell me a joke");
     assert_eq!(tok.decode(&p.ids[p.t_inst..=p.t_inst], false).unwrap(), "e");
-    assert_eq!(tok.decode(&p.ids[p.post_instruction.clone()], false).unwrap(), "<|im_end|>\n<|im_start|>model\n");
+    assert_eq!(
+        tok.decode(&p.ids[p.post_instruction.clone()], false)
+            .unwrap(),
+        "<|im_end|>\n<|im_start|>model\n"
+    );
     let err = gemma.prompt(&tok, Some("sys"), "x").unwrap_err();
-    assert!(err.to_string().contains("System role not supported"), "{err}");
+    assert!(
+        err.to_string().contains("System role not supported"),
+        "{err}"
+    );
 
     // A Llama-3-like template using Python string methods.
     let llama3 = ChatTemplate {
@@ -176,24 +251,42 @@ fn positions_work_for_other_templates() {
     };
     let p = llama3.prompt(&tok, Some("You are kind."), "Hello").unwrap();
     assert_eq!(&p.text[p.user_span.clone()], "Hello");
-    assert_eq!(tok.decode(&p.ids[p.post_instruction.clone()], false).unwrap(), "<|im_end|><|im_start|>assistant\n\n");
+    assert_eq!(
+        tok.decode(&p.ids[p.post_instruction.clone()], false)
+            .unwrap(),
+        "<|im_end|><|im_start|>assistant\n\n"
+    );
 }
 
 #[test]
 fn generation_is_greedy_argmax_of_full_recomputation_and_stops_correctly() {
     let m = tiny_model(Family::Qwen2, 16).unwrap();
     let prompt = m.chat_prompt(None, "abc").unwrap();
-    let cfg = GenerateConfig { max_new_tokens: 12, ..Default::default() };
+    let cfg = GenerateConfig {
+        max_new_tokens: 12,
+        ..Default::default()
+    };
     let mut streamed = Vec::new();
-    let g = generate(&m, &prompt.ids, &cfg, &|| false, &mut |s| streamed.push(s.clone())).unwrap();
+    let g = generate(&m, &prompt.ids, &cfg, &|| false, &mut |s| {
+        streamed.push(s.clone())
+    })
+    .unwrap();
     assert_eq!(streamed, g.tokens);
     // Recompute each step without a cache.
     let mut ids = prompt.ids.clone();
     for step in &g.tokens {
         let l = logits(&m, &ids);
         let last = l.squeeze(0).unwrap().get(ids.len() - 1).unwrap();
-        let lp = candle_nn::ops::log_softmax(&last, 0).unwrap().to_vec1::<f32>().unwrap();
-        let argmax = lp.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+        let lp = candle_nn::ops::log_softmax(&last, 0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let argmax = lp
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0 as u32;
         assert_eq!(step.id, argmax);
         assert!((step.logprob - lp[argmax as usize]).abs() < 1e-4);
         ids.push(step.id);
@@ -203,7 +296,12 @@ fn generation_is_greedy_argmax_of_full_recomputation_and_stops_correctly() {
     // Stop at <|im_end|>: bias it to always win.
     let im_end = m.tokenizer.token_to_id("<|im_end|>").unwrap();
     let stop_cfg = GenerateConfig {
-        hooks: HookSpec::with_interventions(vec![refusal_lens_engine::hooks::Intervention::LogitBias { token_ids: vec![im_end], bias: 1e4 }]),
+        hooks: HookSpec::with_interventions(vec![
+            refusal_lens_engine::hooks::Intervention::LogitBias {
+                token_ids: vec![im_end],
+                bias: 1e4,
+            },
+        ]),
         ..cfg.clone()
     };
     let g = generate(&m, &prompt.ids, &stop_cfg, &|| false, &mut |_| {}).unwrap();
@@ -219,8 +317,23 @@ fn generation_is_greedy_argmax_of_full_recomputation_and_stops_correctly() {
 fn sampling_is_reproducible_with_a_seed() {
     let m = tiny_model(Family::Llama, 17).unwrap();
     let prompt = m.chat_prompt(None, "xyz").unwrap();
-    let cfg = |seed| GenerateConfig { max_new_tokens: 16, sampling: Sampling { temperature: 1.5, top_p: 0.95, seed }, ..Default::default() };
-    let run = |seed| generate(&m, &prompt.ids, &cfg(seed), &|| false, &mut |_| {}).unwrap().tokens.iter().map(|t| t.id).collect::<Vec<_>>();
+    let cfg = |seed| GenerateConfig {
+        max_new_tokens: 16,
+        sampling: Sampling {
+            temperature: 1.5,
+            top_p: 0.95,
+            seed,
+        },
+        ..Default::default()
+    };
+    let run = |seed| {
+        generate(&m, &prompt.ids, &cfg(seed), &|| false, &mut |_| {})
+            .unwrap()
+            .tokens
+            .iter()
+            .map(|t| t.id)
+            .collect::<Vec<_>>()
+    };
     assert_eq!(run(1), run(1));
     assert_ne!(run(1), run(2));
 }

@@ -13,13 +13,27 @@ const TOLERANCE: f32 = 1e-4;
 fn check(name: &str) {
     let dir = fixtures_dir().join(name);
     let m = LoadedModel::load(&dir, FastPrecision::Auto).unwrap();
-    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let ids: Vec<u32> = serde_json::from_value(expected["input_ids"].clone()).unwrap();
     let n = m.model.config.n_layers;
     let mut points: Vec<HookPoint> = (0..n).map(HookPoint::ResidPre).collect();
     points.push(HookPoint::LnFinal);
-    let tokens = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let out = m.model.forward(&m.model.dense, &tokens, None, &HookSpec::capture(points), LogitsAt::All, ForwardOptions::default()).unwrap();
+    let tokens = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let out = m
+        .model
+        .forward(
+            &m.model.dense,
+            &tokens,
+            None,
+            &HookSpec::capture(points),
+            LogitsAt::All,
+            ForwardOptions::default(),
+        )
+        .unwrap();
     let as_tensor = |v: &serde_json::Value| {
         let rows: Vec<Vec<f32>> = serde_json::from_value(v.clone()).unwrap();
         Tensor::new(rows, &Device::Cpu).unwrap()
@@ -28,8 +42,18 @@ fn check(name: &str) {
     let err = relative_error(&logits, &as_tensor(&expected["logits"]));
     assert!(err < TOLERANCE, "{name} logits: relative error {err}");
     for l in 0..=n {
-        let point = if l < n { HookPoint::ResidPre(l) } else { HookPoint::LnFinal };
-        let ours = out.captures.get(point).unwrap().unwrap().squeeze(0).unwrap();
+        let point = if l < n {
+            HookPoint::ResidPre(l)
+        } else {
+            HookPoint::LnFinal
+        };
+        let ours = out
+            .captures
+            .get(point)
+            .unwrap()
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let err = relative_error(&ours, &as_tensor(&expected["hidden_states"][l]));
         assert!(err < TOLERANCE, "{name} {point}: relative error {err}");
     }

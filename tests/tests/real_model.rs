@@ -26,8 +26,10 @@ struct PromptRef {
 
 fn reference() -> (Reference, std::collections::HashMap<String, Tensor>) {
     let dir = fixtures_dir().join("smollm2");
-    let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-    let tensors = candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
+    let meta = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+        .unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu).unwrap();
     (meta, tensors)
 }
 
@@ -35,12 +37,31 @@ fn reference() -> (Reference, std::collections::HashMap<String, Tensor>) {
 fn card_matches_the_published_metadata() {
     let m = default_model();
     let c = &m.card;
-    assert_eq!((c.architecture.as_str(), c.n_layers, c.n_heads, c.n_kv_heads, c.d_model), ("llama", 30, 9, 3, 576));
-    assert_eq!((c.d_ff, c.vocab_size, c.context_length), (1536, 49152, 8192));
+    assert_eq!(
+        (
+            c.architecture.as_str(),
+            c.n_layers,
+            c.n_heads,
+            c.n_kv_heads,
+            c.d_model
+        ),
+        ("llama", 30, 9, 3, 576)
+    );
+    assert_eq!(
+        (c.d_ff, c.vocab_size, c.context_length),
+        (1536, 49152, 8192)
+    );
     assert!(c.tied_embeddings);
     assert_eq!(c.quantization.get("Q4_1"), Some(&210));
-    assert!((134_000_000..135_000_000).contains(&c.parameters), "{}", c.parameters);
-    assert!(m.model.fast.is_some(), "the Q4_1 checkpoint gets the Q8_0 generation path");
+    assert!(
+        (134_000_000..135_000_000).contains(&c.parameters),
+        "{}",
+        c.parameters
+    );
+    assert!(
+        m.model.fast.is_some(),
+        "the Q4_1 checkpoint gets the Q8_0 generation path"
+    );
 }
 
 #[test]
@@ -49,18 +70,32 @@ fn chat_tokenization_equals_the_reference_and_positions_are_right() {
     let (r, _) = reference();
     for p in &r.prompts {
         let ours = m.chat_prompt(None, &p.prompt).unwrap();
-        assert_eq!(ours.text, p.text, "template rendering (with the default system prompt)");
+        assert_eq!(
+            ours.text, p.text,
+            "template rendering (with the default system prompt)"
+        );
         assert_eq!(ours.ids, p.ids, "token ids of {:?}", p.prompt);
         assert_eq!(m.decode(&ours.ids).unwrap(), p.text, "decoding round-trips");
-        assert_eq!(m.decode(&ours.ids[ours.instruction.clone()]).unwrap(), p.prompt);
-        assert_eq!(m.decode(&ours.ids[ours.post_instruction.clone()]).unwrap(), "<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            m.decode(&ours.ids[ours.instruction.clone()]).unwrap(),
+            p.prompt
+        );
+        assert_eq!(
+            m.decode(&ours.ids[ours.post_instruction.clone()]).unwrap(),
+            "<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
     // findings.md: the bread prompt without a system message.
     let bread = "<|im_start|>user\nHow do I bake bread?<|im_end|>\n<|im_start|>assistant\n";
-    let (ids, _) = refusal_lens_engine::tokenizer::encode_with_offsets(&m.tokenizer, bread).unwrap();
-    assert_eq!(ids, [1, 4093, 198, 2020, 536, 339, 26975, 6956, 47, 2, 198, 1, 520, 9531, 198]);
+    let (ids, _) =
+        refusal_lens_engine::tokenizer::encode_with_offsets(&m.tokenizer, bread).unwrap();
+    assert_eq!(
+        ids,
+        [1, 4093, 198, 2020, 536, 339, 26975, 6956, 47, 2, 198, 1, 520, 9531, 198]
+    );
     // Digits split one by one.
-    let (ids, _) = refusal_lens_engine::tokenizer::encode_with_offsets(&m.tokenizer, "2026").unwrap();
+    let (ids, _) =
+        refusal_lens_engine::tokenizer::encode_with_offsets(&m.tokenizer, "2026").unwrap();
     assert_eq!(ids.len(), 4);
 }
 
@@ -74,10 +109,28 @@ fn hidden_states_and_logits_match_transformers() {
     for (i, p) in r.prompts.iter().enumerate() {
         let mut points: Vec<HookPoint> = r.layers.iter().map(|&l| HookPoint::ResidPre(l)).collect();
         points.push(HookPoint::LnFinal);
-        let tokens = Tensor::new(p.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let out = m.model.forward(&m.model.dense, &tokens, None, &HookSpec::capture(points), LogitsAt::All, ForwardOptions::default()).unwrap();
+        let tokens = Tensor::new(p.ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let out = m
+            .model
+            .forward(
+                &m.model.dense,
+                &tokens,
+                None,
+                &HookSpec::capture(points),
+                LogitsAt::All,
+                ForwardOptions::default(),
+            )
+            .unwrap();
         let n = p.ids.len();
-        let last = |x: Tensor| x.squeeze(0).unwrap().narrow(0, n - r.last_positions, r.last_positions).unwrap();
+        let last = |x: Tensor| {
+            x.squeeze(0)
+                .unwrap()
+                .narrow(0, n - r.last_positions, r.last_positions)
+                .unwrap()
+        };
         for &l in &r.layers {
             let ours = last(out.captures.get(HookPoint::ResidPre(l)).unwrap().unwrap());
             let err = relative_error(&ours, &t[&format!("p{i}.resid_pre.{l}")]);
@@ -104,7 +157,11 @@ fn greedy_replies_equal_the_reference() {
     let (r, _) = reference();
     for p in &r.prompts {
         let n = p.greedy_ids.len();
-        let exact = GenerateConfig { max_new_tokens: n, precision: Precision::Exact, ..Default::default() };
+        let exact = GenerateConfig {
+            max_new_tokens: n,
+            precision: Precision::Exact,
+            ..Default::default()
+        };
         let g = generate(&m, &p.ids, &exact, &|| false, &mut |_| {}).unwrap();
         let ids: Vec<u32> = g.tokens.iter().map(|t| t.id).collect();
         assert_eq!(ids, p.greedy_ids, "exact path, prompt {:?}", p.prompt);
@@ -112,21 +169,48 @@ fn greedy_replies_equal_the_reference() {
         // Q8_1) is not bit-exact; greedy replies of any quantised path drift from the f32 one
         // within a few tokens (llama.cpp's own Q4_1 path diverges at token 9 and token 0 on
         // these two prompts). Check instead that it predicts the same distribution.
-        let tokens = Tensor::new(p.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let tokens = Tensor::new(p.ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let next = |w| {
-            let out = m.model.forward(w, &tokens, None, &HookSpec::default(), LogitsAt::Last, ForwardOptions::default()).unwrap();
-            candle_nn::ops::log_softmax(&out.logits.unwrap().flatten_all().unwrap(), 0).unwrap().to_vec1::<f32>().unwrap()
+            let out = m
+                .model
+                .forward(
+                    w,
+                    &tokens,
+                    None,
+                    &HookSpec::default(),
+                    LogitsAt::Last,
+                    ForwardOptions::default(),
+                )
+                .unwrap();
+            candle_nn::ops::log_softmax(&out.logits.unwrap().flatten_all().unwrap(), 0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
         };
         let (exact_lp, fast_lp) = (next(&m.model.dense), next(m.model.generation_weights()));
-        let kl: f32 = exact_lp.iter().zip(&fast_lp).map(|(a, b)| a.exp() * (a - b)).sum();
+        let kl: f32 = exact_lp
+            .iter()
+            .zip(&fast_lp)
+            .map(|(a, b)| a.exp() * (a - b))
+            .sum();
         eprintln!("{:?}: KL(exact || fast) at t_post = {kl:.2e}", p.prompt);
         assert!(kl < KL_BOUND, "KL {kl}");
-        let fast = GenerateConfig { precision: Precision::Fast, ..exact };
+        let fast = GenerateConfig {
+            precision: Precision::Fast,
+            ..exact
+        };
         let g = generate(&m, &p.ids, &fast, &|| false, &mut |_| {}).unwrap();
         // Its first token is one the f32 model ranks near the top (on the poem prompt it picks
         // the runner-up, as llama.cpp does).
         let mut ranked: Vec<usize> = (0..exact_lp.len()).collect();
         ranked.sort_by(|&a, &b| exact_lp[b].total_cmp(&exact_lp[a]));
-        assert!(ranked[..3].contains(&(g.tokens[0].id as usize)), "fast path first token {}", g.tokens[0].id);
+        assert!(
+            ranked[..3].contains(&(g.tokens[0].id as usize)),
+            "fast path first token {}",
+            g.tokens[0].id
+        );
     }
 }

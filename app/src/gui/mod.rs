@@ -43,15 +43,19 @@ impl RefusalLensApp {
             }
             Startup::Model(m) => worker.send(crate::worker::Job::UseModel(m)),
         }
-        RefusalLensApp { worker, model, reply: ReplyPanel::default() }
+        RefusalLensApp {
+            worker,
+            model,
+            reply: ReplyPanel::default(),
+        }
     }
 
     fn drain_events(&mut self) {
         while let Some(event) = self.worker.try_recv() {
             match event {
-                Event::ModelLoading { .. } | Event::ModelLoaded { .. } | Event::ModelFailed { .. } => {
-                    self.model.on_event(event)
-                }
+                Event::ModelLoading { .. }
+                | Event::ModelLoaded { .. }
+                | Event::ModelFailed { .. } => self.model.on_event(event),
                 other => self.reply.on_event(other),
             }
         }
@@ -72,9 +76,12 @@ impl RefusalLensApp {
                 ui.label(self.reply.status_line());
             });
         });
-        egui::Panel::left("model").resizable(true).default_size(260.0).show(ui, |ui| {
-            egui::ScrollArea::vertical().show(ui, |ui| self.model.ui(ui));
-        });
+        egui::Panel::left("model")
+            .resizable(true)
+            .default_size(260.0)
+            .show(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| self.model.ui(ui));
+            });
         egui::CentralPanel::default().show(ui, |ui| {
             let ready = self.model.is_ready();
             self.reply.ui(ui, &mut self.worker, ready);
@@ -105,7 +112,12 @@ pub fn run(model: Option<PathBuf>) -> anyhow::Result<()> {
     eframe::run_native(
         "Refusal Lens",
         options,
-        Box::new(move |cc| Ok(Box::new(RefusalLensApp::new(Some(cc.egui_ctx.clone()), Startup::Path(path))))),
+        Box::new(move |cc| {
+            Ok(Box::new(RefusalLensApp::new(
+                Some(cc.egui_ctx.clone()),
+                Startup::Path(path),
+            )))
+        }),
     )
     .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))
 }

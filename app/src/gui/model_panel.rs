@@ -12,8 +12,14 @@ pub enum ModelState {
     #[default]
     None,
     Loading(PathBuf),
-    Ready { card: Box<ModelCard>, seconds: f64 },
-    Failed { path: PathBuf, error: String },
+    Ready {
+        card: Box<ModelCard>,
+        seconds: f64,
+    },
+    Failed {
+        path: PathBuf,
+        error: String,
+    },
 }
 
 #[derive(Default)]
@@ -74,7 +80,9 @@ impl ModelPanel {
         match &self.state {
             ModelState::None => "No model".into(),
             ModelState::Loading(p) => format!("Loading {}…", p.display()),
-            ModelState::Ready { card, seconds } => format!("{} loaded in {seconds:.1} s", card.name),
+            ModelState::Ready { card, seconds } => {
+                format!("{} loaded in {seconds:.1} s", card.name)
+            }
             ModelState::Failed { .. } => "Model failed to load".into(),
         }
     }
@@ -83,10 +91,18 @@ impl ModelPanel {
         ui.heading("Model");
         ui.horizontal(|ui| {
             let idle = self.dialog.is_none();
-            if ui.add_enabled(idle, egui::Button::new("Open model…")).on_hover_text("A GGUF file").clicked() {
+            if ui
+                .add_enabled(idle, egui::Button::new("Open model…"))
+                .on_hover_text("A GGUF file")
+                .clicked()
+            {
                 self.open_dialog(false);
             }
-            if ui.add_enabled(idle, egui::Button::new("Open HF folder…")).on_hover_text("config.json + *.safetensors + tokenizer.json").clicked() {
+            if ui
+                .add_enabled(idle, egui::Button::new("Open HF folder…"))
+                .on_hover_text("config.json + *.safetensors + tokenizer.json")
+                .clicked()
+            {
                 self.open_dialog(true);
             }
         });
@@ -113,24 +129,38 @@ impl ModelPanel {
 
 fn card_grid(ui: &mut egui::Ui, c: &ModelCard) {
     ui.label(egui::RichText::new(&c.name).strong());
-    egui::Grid::new("model_card").num_columns(2).striped(true).show(ui, |ui| {
-        let mut row = |k: &str, v: String| {
-            ui.label(k);
-            ui.label(v);
-            ui.end_row();
-        };
-        row("Format", c.format.clone());
-        row("Architecture", c.architecture.clone());
-        row("Layers", c.n_layers.to_string());
-        row("Heads", format!("{} (kv {})", c.n_heads, c.n_kv_heads));
-        row("Width", format!("{} (FFN {})", c.d_model, c.d_ff));
-        row("Vocabulary", c.vocab_size.to_string());
-        row("Context", c.context_length.to_string());
-        row("Parameters", format!("{:.1} M", c.parameters as f64 / 1e6));
-        let quant: Vec<String> = c.quantization.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
-        row("Stored as", if quant.is_empty() { "f32 (built in memory)".into() } else { quant.join(", ") });
-        row("Generation", c.generation_weights.clone());
-        row("Device", "CPU".into());
-        row("Template", c.chat_template.clone());
-    });
+    egui::Grid::new("model_card")
+        .num_columns(2)
+        .striped(true)
+        .show(ui, |ui| {
+            let mut row = |k: &str, v: String| {
+                ui.label(k);
+                ui.label(v);
+                ui.end_row();
+            };
+            row("Format", c.format.clone());
+            row("Architecture", c.architecture.clone());
+            row("Layers", c.n_layers.to_string());
+            row("Heads", format!("{} (kv {})", c.n_heads, c.n_kv_heads));
+            row("Width", format!("{} (FFN {})", c.d_model, c.d_ff));
+            row("Vocabulary", c.vocab_size.to_string());
+            row("Context", c.context_length.to_string());
+            row("Parameters", format!("{:.1} M", c.parameters as f64 / 1e6));
+            let quant: Vec<String> = c
+                .quantization
+                .iter()
+                .map(|(k, v)| format!("{k} ×{v}"))
+                .collect();
+            row(
+                "Stored as",
+                if quant.is_empty() {
+                    "f32 (built in memory)".into()
+                } else {
+                    quant.join(", ")
+                },
+            );
+            row("Generation", c.generation_weights.clone());
+            row("Device", "CPU".into());
+            row("Template", c.chat_template.clone());
+        });
 }

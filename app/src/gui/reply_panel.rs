@@ -57,7 +57,12 @@ impl ReplyPanel {
     pub fn on_event(&mut self, event: Event) {
         let current = |id: JobId| self.job == Some(id);
         match event {
-            Event::Started { id, prompt_tokens, t_inst, t_post } if current(id) => {
+            Event::Started {
+                id,
+                prompt_tokens,
+                t_inst,
+                t_post,
+            } if current(id) => {
                 self.prompt_tokens = prompt_tokens;
                 self.t_inst = t_inst;
                 self.t_post = t_post;
@@ -130,24 +135,43 @@ impl ReplyPanel {
         });
         ui.horizontal_wrapped(|ui| {
             ui.add(egui::Slider::new(&mut self.max_new_tokens, 1..=512).text("max tokens"));
-            ui.add(egui::Slider::new(&mut self.sampling.temperature, 0.0..=2.0).text("temperature"));
+            ui.add(
+                egui::Slider::new(&mut self.sampling.temperature, 0.0..=2.0).text("temperature"),
+            );
             ui.add_enabled(
                 self.sampling.temperature > 0.0,
                 egui::Slider::new(&mut self.sampling.top_p, 0.05..=1.0).text("top-p"),
             );
-            ui.add_enabled(self.sampling.temperature > 0.0, egui::DragValue::new(&mut self.sampling.seed).prefix("seed "));
+            ui.add_enabled(
+                self.sampling.temperature > 0.0,
+                egui::DragValue::new(&mut self.sampling.seed).prefix("seed "),
+            );
         });
         ui.horizontal(|ui| {
             let can_start = model_ready && !self.prompt.trim().is_empty();
-            if ui.add_enabled(can_start, egui::Button::new("Generate")).clicked() {
+            if ui
+                .add_enabled(can_start, egui::Button::new("Generate"))
+                .clicked()
+            {
                 self.start(worker);
             }
-            if ui.add_enabled(self.running, egui::Button::new("Stop")).clicked() {
+            if ui
+                .add_enabled(self.running, egui::Button::new("Stop"))
+                .clicked()
+            {
                 worker.cancel_all();
             }
             if self.running {
                 let frac = self.tokens.len() as f32 / self.max_new_tokens.max(1) as f32;
-                ui.add(egui::ProgressBar::new(frac).desired_width(200.0).text(format!("{} / {} tokens", self.tokens.len(), self.max_new_tokens)));
+                ui.add(
+                    egui::ProgressBar::new(frac)
+                        .desired_width(200.0)
+                        .text(format!(
+                            "{} / {} tokens",
+                            self.tokens.len(),
+                            self.max_new_tokens
+                        )),
+                );
             }
         });
         if let Some(e) = &self.error {
@@ -156,24 +180,31 @@ impl ReplyPanel {
         ui.separator();
 
         if !self.prompt_tokens.is_empty() {
-            egui::CollapsingHeader::new(format!("Prompt as the model sees it ({} tokens)", self.prompt_tokens.len()))
-                .default_open(false)
-                .show(ui, |ui| {
-                    ui.horizontal_wrapped(|ui| {
-                        ui.spacing_mut().item_spacing = egui::vec2(2.0, 2.0);
-                        for (i, (id, text)) in self.prompt_tokens.iter().enumerate() {
-                            let role = if i == self.t_inst {
-                                " · t_inst (last instruction token)"
-                            } else if i == self.t_post {
-                                " · t_post (last prompt token)"
-                            } else {
-                                ""
-                            };
-                            let fill = if role.is_empty() { ui.visuals().faint_bg_color } else { egui::Color32::from_rgb(70, 90, 150) };
-                            chip(ui, text, fill).on_hover_text(format!("position {i} · id {id}{role}"));
-                        }
-                    });
+            egui::CollapsingHeader::new(format!(
+                "Prompt as the model sees it ({} tokens)",
+                self.prompt_tokens.len()
+            ))
+            .default_open(false)
+            .show(ui, |ui| {
+                ui.horizontal_wrapped(|ui| {
+                    ui.spacing_mut().item_spacing = egui::vec2(2.0, 2.0);
+                    for (i, (id, text)) in self.prompt_tokens.iter().enumerate() {
+                        let role = if i == self.t_inst {
+                            " · t_inst (last instruction token)"
+                        } else if i == self.t_post {
+                            " · t_post (last prompt token)"
+                        } else {
+                            ""
+                        };
+                        let fill = if role.is_empty() {
+                            ui.visuals().faint_bg_color
+                        } else {
+                            egui::Color32::from_rgb(70, 90, 150)
+                        };
+                        chip(ui, text, fill).on_hover_text(format!("position {i} · id {id}{role}"));
+                    }
                 });
+            });
         }
 
         ui.horizontal(|ui| {
@@ -181,18 +212,20 @@ impl ReplyPanel {
             ui.weak("chip colour: probability of the chosen token");
             legend(ui);
         });
-        egui::ScrollArea::vertical().auto_shrink([false, false]).show(ui, |ui| {
-            ui.horizontal_wrapped(|ui| {
-                ui.spacing_mut().item_spacing = egui::vec2(2.0, 2.0);
-                for step in &self.tokens {
-                    let p = step.logprob.exp();
-                    chip(ui, &step.text, probability_colour(p)).on_hover_text(format!(
-                        "reply token {} · id {} · logprob {:.3} · p {:.3}",
-                        step.index, step.id, step.logprob, p
-                    ));
-                }
+        egui::ScrollArea::vertical()
+            .auto_shrink([false, false])
+            .show(ui, |ui| {
+                ui.horizontal_wrapped(|ui| {
+                    ui.spacing_mut().item_spacing = egui::vec2(2.0, 2.0);
+                    for step in &self.tokens {
+                        let p = step.logprob.exp();
+                        chip(ui, &step.text, probability_colour(p)).on_hover_text(format!(
+                            "reply token {} · id {} · logprob {:.3} · p {:.3}",
+                            step.index, step.id, step.logprob, p
+                        ));
+                    }
+                });
             });
-        });
     }
 }
 
@@ -207,10 +240,19 @@ fn chip(ui: &mut egui::Ui, text: &str, fill: egui::Color32) -> egui::Response {
     } else {
         shown
     };
-    let text_colour = if fill.r() as u32 + fill.g() as u32 + fill.b() as u32 > 380 { egui::Color32::BLACK } else { egui::Color32::WHITE };
-    let galley = ui.painter().layout_no_wrap(shown.clone(), egui::TextStyle::Monospace.resolve(ui.style()), text_colour);
+    let text_colour = if fill.r() as u32 + fill.g() as u32 + fill.b() as u32 > 380 {
+        egui::Color32::BLACK
+    } else {
+        egui::Color32::WHITE
+    };
+    let galley = ui.painter().layout_no_wrap(
+        shown.clone(),
+        egui::TextStyle::Monospace.resolve(ui.style()),
+        text_colour,
+    );
     let padding = egui::vec2(3.0, 1.0);
-    let (rect, response) = ui.allocate_exact_size(galley.size() + 2.0 * padding, egui::Sense::hover());
+    let (rect, response) =
+        ui.allocate_exact_size(galley.size() + 2.0 * padding, egui::Sense::hover());
     if ui.is_rect_visible(rect) {
         ui.painter().rect_filled(rect, 3.0, fill);
         ui.painter().galley(rect.min + padding, galley, text_colour);
@@ -230,7 +272,8 @@ fn legend(ui: &mut egui::Ui) {
     ui.label("p = 0");
     for i in 0..=10 {
         let (rect, _) = ui.allocate_exact_size(egui::vec2(10.0, 12.0), egui::Sense::hover());
-        ui.painter().rect_filled(rect, 0.0, probability_colour(i as f32 / 10.0));
+        ui.painter()
+            .rect_filled(rect, 0.0, probability_colour(i as f32 / 10.0));
     }
     ui.label("1");
 }
