@@ -9,6 +9,8 @@ pub mod error;
 pub mod generate;
 pub mod hooks;
 pub mod loader;
+pub mod prompts;
+pub mod response;
 pub mod model;
 pub mod testing;
 pub mod tokenizer;
