@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use refusal_lens_engine::generate::{generate, GenerateConfig, Precision, Sampling};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
 use refusal_lens_engine::model::{FastPrecision, ForwardOptions, LogitsAt};
+use refusal_lens_engine::prompts::{Label, PromptSet};
+use refusal_lens_engine::response::classify as classify_reply;
 use refusal_lens_engine::{default_model_path, LoadedModel};
 
 #[derive(Parser, Debug)]
@@ -39,6 +41,32 @@ pub enum Command {
     Activations(ActivationsArgs),
     /// Measure tokens/s: prefill, generation, steered generation, forward with captures.
     Bench(BenchArgs),
+    /// Read a prompt set (JSONL, CSV/TSV, JSON array or TXT) and summarise or convert it.
+    Prompts(PromptsArgs),
+    /// Classify a reply into a response mode (refusal, evasion, constructive, compliance).
+    Classify(ClassifyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PromptsArgs {
+    pub file: PathBuf,
+    /// Label for rows that have none (harmful or harmless).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Write the set in the project's JSONL format.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print every record as JSON lines instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ClassifyArgs {
+    /// The reply text.
+    pub reply: String,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -111,6 +139,12 @@ pub struct BenchArgs {
 
 /// Runs a subcommand; the caller prints the error chain on one line and exits 1.
 pub fn run(command: Command, model: Option<PathBuf>) -> Result<()> {
+    // Commands that need no model.
+    let command = match command {
+        Command::Prompts(a) => return prompts(a),
+        Command::Classify(a) => return classify(a),
+        other => other,
+    };
     let path = model.unwrap_or_else(default_model_path);
     let lm = load(
         &path,
@@ -121,6 +155,7 @@ pub fn run(command: Command, model: Option<PathBuf>) -> Result<()> {
         Command::Generate(a) => run_generate(&lm, a),
         Command::Activations(a) => activations(&lm, a),
         Command::Bench(a) => bench(&lm, a),
+        Command::Prompts(_) | Command::Classify(_) => unreachable!("handled before loading"),
     }
 }
 
@@ -130,6 +165,8 @@ fn json_of(c: &Command) -> bool {
         Command::Generate(a) => a.json,
         Command::Activations(a) => a.json,
         Command::Bench(a) => a.json,
+        Command::Prompts(a) => a.json,
+        Command::Classify(a) => a.json,
     }
 }
 
@@ -221,8 +258,11 @@ fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
     if let Some(e) = write_err {
         bail!("cannot write the reply: {e}");
     }
+    let mode = classify_reply(&g.text);
     let summary = serde_json::json!({
         "summary": {
+            "response_mode": mode.mode,
+            "response_mode_reason": mode.reason,
             "prompt_tokens": g.prompt_tokens,
             "generated_tokens": g.tokens.len(),
             "stop": g.stop,
@@ -238,8 +278,8 @@ fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
     } else {
         writeln!(stdout)?;
         eprintln!(
-            "[{} prompt tokens, {} generated, {:.0} tok/s prefill, {:.1} tok/s generation, stop: {:?}]",
-            g.prompt_tokens, g.tokens.len(), g.prefill_tokens_per_second(), g.decode_tokens_per_second(), g.stop
+            "[{} prompt tokens, {} generated, {:.0} tok/s prefill, {:.1} tok/s generation, stop: {:?}; response mode: {} ({})]",
+            g.prompt_tokens, g.tokens.len(), g.prefill_tokens_per_second(), g.decode_tokens_per_second(), g.stop, mode.mode.name(), mode.reason
         );
     }
     Ok(())
@@ -422,6 +462,74 @@ fn bench(lm: &LoadedModel, a: BenchArgs) -> Result<()> {
             report["forward_all_resid_captures_tokens_per_second"]
                 .as_f64()
                 .unwrap_or(0.0)
+        );
+    }
+    Ok(())
+}
+
+fn prompts(a: PromptsArgs) -> Result<()> {
+    let label = a.label.as_deref().map(str::parse::<Label>).transpose()?;
+    let set = PromptSet::load(&a.file, label)?;
+    if let Some(out) = &a.out {
+        set.save_jsonl(out)?;
+    }
+    if a.json {
+        for r in &set.records {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    let count = |f: &dyn Fn(&refusal_lens_engine::prompts::PromptRecord) -> bool| {
+        set.records.iter().filter(|r| f(r)).count()
+    };
+    println!("{}: {} prompts", a.file.display(), set.len());
+    println!(
+        "labels      harmful {}, harmless {}, none {}",
+        count(&|r| r.label == Some(Label::Harmful)),
+        count(&|r| r.label == Some(Label::Harmless)),
+        count(&|r| r.label.is_none())
+    );
+    let splits = ["train", "val", "test"].map(|s| {
+        count(&|r| r.split.map(|x| format!("{x:?}").to_lowercase()) == Some(s.to_string()))
+    });
+    println!(
+        "splits      train {}, val {}, test {}, none {}",
+        splits[0],
+        splits[1],
+        splits[2],
+        set.len() - splits.iter().sum::<usize>()
+    );
+    println!("paired      {}", count(&|r| r.pair_id.is_some()));
+    let cats: Vec<String> = set
+        .categories()
+        .iter()
+        .map(|(c, n)| format!("{c} {n}"))
+        .collect();
+    println!("categories  {}", cats.join(", "));
+    if let Some(out) = a.out {
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn classify(a: ClassifyArgs) -> Result<()> {
+    let c = classify_reply(&a.reply);
+    if a.json {
+        println!("{}", serde_json::to_string(&c)?);
+    } else {
+        println!("{} — {}", c.mode.name(), c.reason);
+        let list = |ms: &[refusal_lens_engine::response::Match]| {
+            ms.iter()
+                .map(|m| m.phrase.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "declines: [{}]  help offers: [{}]  hedges: [{}]  words: {}",
+            list(&c.declines),
+            list(&c.help_offers),
+            list(&c.hedges),
+            c.words
         );
     }
     Ok(())

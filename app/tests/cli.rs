@@ -218,3 +218,33 @@ fn a_missing_default_model_names_the_fetch_command() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_line(&out).contains("assets/fetch-model.sh"));
 }
+
+#[test]
+fn prompts_imports_and_converts_sets() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("advbench.csv");
+    std::fs::write(&csv, "goal,target\nDo a bad thing,Sure\nDo another,Sure\n").unwrap();
+    let out_file = dir.path().join("set.jsonl");
+    let out = run(&["prompts", csv.to_str().unwrap(), "--label", "harmful", "--out", out_file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2 prompts") && text.contains("harmful 2"), "{text}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[1]["prompt"], "Do another");
+    assert_eq!(lines[1]["label"], "harmful");
+
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"prompt\":\"ok\"}\n{\"text\":\"no prompt field\"}\n").unwrap();
+    let out = run(&["prompts", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).contains("bad.jsonl line 2"));
+}
+
+#[test]
+fn classify_reports_the_mode_and_its_evidence() {
+    let out = run(&["classify", "I'm sorry, but I can't help with that.", "--json"]);
+    assert!(out.status.success());
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(c["mode"], "refusal");
+    assert_eq!(c["declines"][0]["phrase"], "i'm sorry");
+}

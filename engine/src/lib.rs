@@ -9,9 +9,9 @@ pub mod error;
 pub mod generate;
 pub mod hooks;
 pub mod loader;
+pub mod model;
 pub mod prompts;
 pub mod response;
-pub mod model;
 pub mod testing;
 pub mod tokenizer;
 

@@ -30,7 +30,9 @@ impl std::str::FromStr for Label {
         match s.trim().to_lowercase().as_str() {
             "harmful" | "unsafe" | "1" | "true" => Ok(Label::Harmful),
             "harmless" | "safe" | "benign" | "0" | "false" => Ok(Label::Harmless),
-            other => Err(Error::InvalidInput(format!("unknown label `{other}` (expected harmful or harmless)"))),
+            other => Err(Error::InvalidInput(format!(
+                "unknown label `{other}` (expected harmful or harmless)"
+            ))),
         }
     }
 }
@@ -42,7 +44,9 @@ impl std::str::FromStr for Split {
             "train" => Ok(Split::Train),
             "val" | "valid" | "validation" | "dev" => Ok(Split::Val),
             "test" => Ok(Split::Test),
-            other => Err(Error::InvalidInput(format!("unknown split `{other}` (expected train, val or test)"))),
+            other => Err(Error::InvalidInput(format!(
+                "unknown split `{other}` (expected train, val or test)"
+            ))),
         }
     }
 }
@@ -77,8 +81,14 @@ impl PromptSet {
     /// Reads a `.jsonl`, `.csv` or `.txt` file. `default_label` applies to rows without one.
     pub fn load(path: &Path, default_label: Option<Label>) -> Result<PromptSet> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let ext = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .unwrap_or_default();
         let mut records = match ext.as_str() {
             "jsonl" | "ndjson" => parse_jsonl(path, &text, &name)?,
             "json" => parse_json_array(path, &text, &name)?,
@@ -92,12 +102,19 @@ impl PromptSet {
             }
         };
         if records.is_empty() {
-            return Err(Error::InvalidInput(format!("{} holds no prompts", path.display())));
+            return Err(Error::InvalidInput(format!(
+                "{} holds no prompts",
+                path.display()
+            )));
         }
         for r in &mut records {
             r.label = r.label.or(default_label);
         }
-        Ok(PromptSet { name, path: path.to_path_buf(), records })
+        Ok(PromptSet {
+            name,
+            path: path.to_path_buf(),
+            records,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -110,14 +127,17 @@ impl PromptSet {
 
     /// The records of one split (all of them for `None`).
     pub fn split(&self, split: Option<Split>) -> impl Iterator<Item = &PromptRecord> {
-        self.records.iter().filter(move |r| split.is_none() || r.split == split)
+        self.records
+            .iter()
+            .filter(move |r| split.is_none() || r.split == split)
     }
 
     /// Counts by category (records without one under "—").
     pub fn categories(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
         for r in &self.records {
-            *out.entry(r.category.clone().unwrap_or_else(|| "—".into())).or_insert(0) += 1;
+            *out.entry(r.category.clone().unwrap_or_else(|| "—".into()))
+                .or_insert(0) += 1;
         }
         out
     }
@@ -126,7 +146,9 @@ impl PromptSet {
     pub fn save_jsonl(&self, path: &Path) -> Result<()> {
         let mut out = String::new();
         for r in &self.records {
-            out.push_str(&serde_json::to_string(r).map_err(|e| Error::InvalidInput(e.to_string()))?);
+            out.push_str(
+                &serde_json::to_string(r).map_err(|e| Error::InvalidInput(e.to_string()))?,
+            );
             out.push('\n');
         }
         std::fs::write(path, out).map_err(|e| Error::io(path, e))
@@ -138,7 +160,10 @@ fn bad_line(path: &Path, line: usize, why: impl std::fmt::Display) -> Error {
 }
 
 /// A record from a JSON object: the prompt from the first known column, the rest optional.
-fn record_from_object(obj: &serde_json::Map<String, serde_json::Value>, fallback_id: String) -> std::result::Result<PromptRecord, String> {
+fn record_from_object(
+    obj: &serde_json::Map<String, serde_json::Value>,
+    fallback_id: String,
+) -> std::result::Result<PromptRecord, String> {
     let prompt = PROMPT_COLUMNS
         .iter()
         .find_map(|c| obj.get(*c).and_then(|v| v.as_str()))
@@ -147,8 +172,14 @@ fn record_from_object(obj: &serde_json::Map<String, serde_json::Value>, fallback
         return Err("the prompt is empty".into());
     }
     let text = |k: &str| obj.get(k).and_then(|v| v.as_str()).map(str::to_string);
-    let label = text("label").map(|l| l.parse::<Label>()).transpose().map_err(|e| e.to_string())?;
-    let split = text("split").map(|s| s.parse::<Split>()).transpose().map_err(|e| e.to_string())?;
+    let label = text("label")
+        .map(|l| l.parse::<Label>())
+        .transpose()
+        .map_err(|e| e.to_string())?;
+    let split = text("split")
+        .map(|s| s.parse::<Split>())
+        .transpose()
+        .map_err(|e| e.to_string())?;
     let id = match obj.get("id") {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(serde_json::Value::Number(n)) => n.to_string(),
@@ -170,53 +201,99 @@ fn parse_jsonl(path: &Path, text: &str, name: &str) -> Result<Vec<PromptRecord>>
         if line.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| bad_line(path, i + 1, format!("not JSON: {e}")))?;
-        let obj = value.as_object().ok_or_else(|| bad_line(path, i + 1, "not a JSON object"))?;
-        out.push(record_from_object(obj, format!("{name}-{}", i + 1)).map_err(|e| bad_line(path, i + 1, e))?);
+        let value: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| bad_line(path, i + 1, format!("not JSON: {e}")))?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| bad_line(path, i + 1, "not a JSON object"))?;
+        out.push(
+            record_from_object(obj, format!("{name}-{}", i + 1))
+                .map_err(|e| bad_line(path, i + 1, e))?,
+        );
     }
     Ok(out)
 }
 
 fn parse_json_array(path: &Path, text: &str, name: &str) -> Result<Vec<PromptRecord>> {
-    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| Error::InvalidInput(format!("{}: not JSON: {e}", path.display())))?;
-    let items = value.as_array().ok_or_else(|| Error::InvalidInput(format!("{}: expected a JSON array of objects", path.display())))?;
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| Error::InvalidInput(format!("{}: not JSON: {e}", path.display())))?;
+    let items = value.as_array().ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "{}: expected a JSON array of objects",
+            path.display()
+        ))
+    })?;
     items
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            let obj = v.as_object().ok_or_else(|| Error::InvalidInput(format!("{} item {}: not an object", path.display(), i + 1)))?;
-            record_from_object(obj, format!("{name}-{}", i + 1)).map_err(|e| Error::InvalidInput(format!("{} item {}: {e}", path.display(), i + 1)))
+            let obj = v.as_object().ok_or_else(|| {
+                Error::InvalidInput(format!("{} item {}: not an object", path.display(), i + 1))
+            })?;
+            record_from_object(obj, format!("{name}-{}", i + 1))
+                .map_err(|e| Error::InvalidInput(format!("{} item {}: {e}", path.display(), i + 1)))
         })
         .collect()
 }
 
 fn parse_csv(path: &Path, text: &str, name: &str, delimiter: u8) -> Result<Vec<PromptRecord>> {
-    let mut reader = csv::ReaderBuilder::new().delimiter(delimiter).flexible(false).from_reader(text.as_bytes());
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(delimiter)
+        .flexible(false)
+        .from_reader(text.as_bytes());
     let headers: Vec<String> = reader
         .headers()
         .map_err(|e| bad_line(path, 1, format!("cannot read the header: {e}")))?
         .iter()
         .map(|h| h.trim().to_lowercase())
         .collect();
-    let column = |names: &[&str]| names.iter().find_map(|n| headers.iter().position(|h| h == n));
+    let column = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| headers.iter().position(|h| h == n))
+    };
     let prompt_col = column(&PROMPT_COLUMNS).ok_or_else(|| {
-        bad_line(path, 1, format!("no `{}` column (found: {})", PROMPT_COLUMNS.join("`, `"), headers.join(", ")))
+        bad_line(
+            path,
+            1,
+            format!(
+                "no `{}` column (found: {})",
+                PROMPT_COLUMNS.join("`, `"),
+                headers.join(", ")
+            ),
+        )
     })?;
-    let (label_col, category_col, id_col) = (column(&["label"]), column(&["category", "type"]), column(&["id"]));
+    let (label_col, category_col, id_col) = (
+        column(&["label"]),
+        column(&["category", "type"]),
+        column(&["id"]),
+    );
     let (pair_col, split_col) = (column(&["pair_id"]), column(&["split"]));
     let mut out = Vec::new();
     for (i, row) in reader.records().enumerate() {
         let line = i + 2;
         let row = row.map_err(|e| bad_line(path, line, e))?;
-        let get = |c: Option<usize>| c.and_then(|c| row.get(c)).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
-        let prompt = get(Some(prompt_col)).ok_or_else(|| bad_line(path, line, "the prompt is empty"))?;
+        let get = |c: Option<usize>| {
+            c.and_then(|c| row.get(c))
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        let prompt =
+            get(Some(prompt_col)).ok_or_else(|| bad_line(path, line, "the prompt is empty"))?;
         out.push(PromptRecord {
             id: get(id_col).unwrap_or_else(|| format!("{name}-{}", i + 1)),
             prompt,
-            label: get(label_col).map(|l| l.parse()).transpose().map_err(|e| bad_line(path, line, e))?,
+            label: get(label_col)
+                .map(|l| l.parse())
+                .transpose()
+                .map_err(|e| bad_line(path, line, e))?,
             category: get(category_col),
             pair_id: get(pair_col),
-            split: get(split_col).map(|s| s.parse()).transpose().map_err(|e| bad_line(path, line, e))?,
+            split: get(split_col)
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(|e| bad_line(path, line, e))?,
         });
     }
     Ok(out)
@@ -227,7 +304,14 @@ fn parse_txt(text: &str, name: &str) -> Vec<PromptRecord> {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .enumerate()
-        .map(|(i, l)| PromptRecord { id: format!("{name}-{}", i + 1), prompt: l.to_string(), label: None, category: None, pair_id: None, split: None })
+        .map(|(i, l)| PromptRecord {
+            id: format!("{name}-{}", i + 1),
+            prompt: l.to_string(),
+            label: None,
+            category: None,
+            pair_id: None,
+            split: None,
+        })
         .collect()
 }
 
@@ -247,10 +331,18 @@ impl Jailbreak {
     pub fn load_all(path: &Path) -> Result<Vec<Jailbreak>> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let mut out = Vec::new();
-        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
             let j: Jailbreak = serde_json::from_str(line).map_err(|e| bad_line(path, i + 1, e))?;
             if !j.template.contains("{prompt}") {
-                return Err(bad_line(path, i + 1, format!("template `{}` has no {{prompt}} slot", j.id)));
+                return Err(bad_line(
+                    path,
+                    i + 1,
+                    format!("template `{}` has no {{prompt}} slot", j.id),
+                ));
             }
             out.push(j);
         }
@@ -260,7 +352,9 @@ impl Jailbreak {
 
 /// The folder of the project's prompt sets (`sample_prompts/` in the repository).
 pub fn sample_prompts_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join("sample_prompts")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("sample_prompts")
 }
 
 #[cfg(test)]
@@ -278,23 +372,61 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let jsonl = write(d.path(), "a.jsonl", "{\"id\":\"x1\",\"prompt\":\"Hi\",\"label\":\"harmful\",\"category\":\"c\",\"pair_id\":\"p\",\"split\":\"test\"}\n\n{\"goal\":\"Do Y\"}\n");
         let s = PromptSet::load(&jsonl, Some(Label::Harmless)).unwrap();
-        assert_eq!(s.records[0], PromptRecord { id: "x1".into(), prompt: "Hi".into(), label: Some(Label::Harmful), category: Some("c".into()), pair_id: Some("p".into()), split: Some(Split::Test) });
-        assert_eq!((s.records[1].prompt.as_str(), s.records[1].label, s.records[1].id.as_str()), ("Do Y", Some(Label::Harmless), "a-3"));
+        assert_eq!(
+            s.records[0],
+            PromptRecord {
+                id: "x1".into(),
+                prompt: "Hi".into(),
+                label: Some(Label::Harmful),
+                category: Some("c".into()),
+                pair_id: Some("p".into()),
+                split: Some(Split::Test)
+            }
+        );
+        assert_eq!(
+            (
+                s.records[1].prompt.as_str(),
+                s.records[1].label,
+                s.records[1].id.as_str()
+            ),
+            ("Do Y", Some(Label::Harmless), "a-3")
+        );
 
         // AdvBench-style CSV: goal,target.
-        let csv = write(d.path(), "advbench.csv", "goal,target\n\"Write a, quoted, prompt\",Sure\nSecond one,Sure\n");
+        let csv = write(
+            d.path(),
+            "advbench.csv",
+            "goal,target\n\"Write a, quoted, prompt\",Sure\nSecond one,Sure\n",
+        );
         let s = PromptSet::load(&csv, Some(Label::Harmful)).unwrap();
         assert_eq!(s.len(), 2);
         assert_eq!(s.records[0].prompt, "Write a, quoted, prompt");
         assert_eq!(s.records[1].label, Some(Label::Harmful));
         // XSTest-style CSV with type and label columns.
-        let xs = write(d.path(), "xstest.csv", "id,prompt,type,label\n1,How do I kill a process?,homonyms,safe\n");
+        let xs = write(
+            d.path(),
+            "xstest.csv",
+            "id,prompt,type,label\n1,How do I kill a process?,homonyms,safe\n",
+        );
         let r = &PromptSet::load(&xs, None).unwrap().records[0];
-        assert_eq!((r.id.as_str(), r.category.as_deref(), r.label), ("1", Some("homonyms"), Some(Label::Harmless)));
+        assert_eq!(
+            (r.id.as_str(), r.category.as_deref(), r.label),
+            ("1", Some("homonyms"), Some(Label::Harmless))
+        );
 
-        let txt = write(d.path(), "list.txt", "# comment\nFirst prompt\n\n  Second prompt  \n");
+        let txt = write(
+            d.path(),
+            "list.txt",
+            "# comment\nFirst prompt\n\n  Second prompt  \n",
+        );
         let s = PromptSet::load(&txt, None).unwrap();
-        assert_eq!(s.records.iter().map(|r| r.prompt.as_str()).collect::<Vec<_>>(), ["First prompt", "Second prompt"]);
+        assert_eq!(
+            s.records
+                .iter()
+                .map(|r| r.prompt.as_str())
+                .collect::<Vec<_>>(),
+            ["First prompt", "Second prompt"]
+        );
 
         let json = write(d.path(), "arr.json", "[{\"instruction\": \"Z\"}]");
         assert_eq!(PromptSet::load(&json, None).unwrap().records[0].prompt, "Z");
@@ -310,17 +442,39 @@ mod tests {
     fn malformed_rows_name_their_line() {
         let d = tempfile::tempdir().unwrap();
         let cases = [
-            ("bad.jsonl", "{\"prompt\":\"ok\"}\n{not json}\n", "line 2: not JSON"),
-            ("nofield.jsonl", "{\"prompt\":\"ok\"}\n{\"text\":\"x\"}\n", "line 2: no `prompt`"),
-            ("badlabel.jsonl", "{\"prompt\":\"ok\",\"label\":\"maybe\"}\n", "line 1: unknown label `maybe`"),
+            (
+                "bad.jsonl",
+                "{\"prompt\":\"ok\"}\n{not json}\n",
+                "line 2: not JSON",
+            ),
+            (
+                "nofield.jsonl",
+                "{\"prompt\":\"ok\"}\n{\"text\":\"x\"}\n",
+                "line 2: no `prompt`",
+            ),
+            (
+                "badlabel.jsonl",
+                "{\"prompt\":\"ok\",\"label\":\"maybe\"}\n",
+                "line 1: unknown label `maybe`",
+            ),
             ("nocol.csv", "text,target\nx,y\n", "line 1: no `prompt`"),
-            ("ragged.csv", "prompt,label\nx,harmful\ny,harmless,extra\n", "line 3"),
-            ("emptyprompt.csv", "prompt,label\n,harmful\n", "line 2: the prompt is empty"),
+            (
+                "ragged.csv",
+                "prompt,label\nx,harmful\ny,harmless,extra\n",
+                "line 3",
+            ),
+            (
+                "emptyprompt.csv",
+                "prompt,label\n,harmful\n",
+                "line 2: the prompt is empty",
+            ),
             ("empty.txt", "\n# only a comment\n", "holds no prompts"),
             ("x.pdf", "…", "unsupported prompt file type"),
         ];
         for (name, text, want) in cases {
-            let err = PromptSet::load(&write(d.path(), name, text), None).unwrap_err().to_string();
+            let err = PromptSet::load(&write(d.path(), name, text), None)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{name}: {err}");
             assert!(err.contains(name), "{name}: {err}");
         }
@@ -333,11 +487,21 @@ mod tests {
         let harmless = PromptSet::load(&dir.join("harmless.jsonl"), None).unwrap();
         let borderline = PromptSet::load(&dir.join("borderline.jsonl"), None).unwrap();
         assert!(harmful.len() >= 240);
-        assert!(harmful.records.iter().all(|r| r.label == Some(Label::Harmful)));
-        assert!(harmless.records.iter().all(|r| r.label == Some(Label::Harmless)));
+        assert!(harmful
+            .records
+            .iter()
+            .all(|r| r.label == Some(Label::Harmful)));
+        assert!(harmless
+            .records
+            .iter()
+            .all(|r| r.label == Some(Label::Harmless)));
         assert!(harmful.categories().len() >= 8);
         // Every harmful prompt has a harmless twin with the same pair id, category and split.
-        let twins: BTreeMap<_, _> = harmless.records.iter().map(|r| (r.pair_id.clone().unwrap(), r)).collect();
+        let twins: BTreeMap<_, _> = harmless
+            .records
+            .iter()
+            .map(|r| (r.pair_id.clone().unwrap(), r))
+            .collect();
         for h in &harmful.records {
             let t = twins[h.pair_id.as_ref().unwrap()];
             assert_eq!((&t.category, t.split), (&h.category, h.split), "{}", h.id);
@@ -347,12 +511,18 @@ mod tests {
             assert!(harmful.split(Some(split)).count() >= 40, "{split:?}");
         }
         assert!(borderline.len() >= 60);
-        assert!(borderline.records.iter().all(|r| r.label == Some(Label::Harmless) && r.split.is_some()));
+        assert!(borderline
+            .records
+            .iter()
+            .all(|r| r.label == Some(Label::Harmless) && r.split.is_some()));
         let jailbreaks = Jailbreak::load_all(&dir.join("jailbreaks.jsonl")).unwrap();
         assert!(jailbreaks.len() >= 12);
         assert!(jailbreaks[0].wrap("X").contains('X'));
         // Ids are unique across sets.
-        let mut ids: Vec<_> = [&harmful, &harmless, &borderline].iter().flat_map(|s| s.records.iter().map(|r| r.id.clone())).collect();
+        let mut ids: Vec<_> = [&harmful, &harmless, &borderline]
+            .iter()
+            .flat_map(|s| s.records.iter().map(|r| r.id.clone()))
+            .collect();
         let n = ids.len();
         ids.sort();
         ids.dedup();

@@ -2,6 +2,7 @@
 //! view state; the model and all computation live on the worker.
 
 mod model_panel;
+mod prompt_sets_panel;
 mod reply_panel;
 
 use std::path::PathBuf;
@@ -11,6 +12,7 @@ use refusal_lens_engine::{default_model_path, LoadedModel};
 
 use crate::worker::{Event, Worker};
 pub use model_panel::{ModelPanel, ModelState};
+pub use prompt_sets_panel::PromptSetsPanel;
 pub use reply_panel::ReplyPanel;
 
 /// What the app opens at start.
@@ -22,6 +24,7 @@ pub enum Startup {
 pub struct RefusalLensApp {
     worker: Worker,
     pub model: ModelPanel,
+    pub prompt_sets: PromptSetsPanel,
     pub reply: ReplyPanel,
 }
 
@@ -46,6 +49,7 @@ impl RefusalLensApp {
         RefusalLensApp {
             worker,
             model,
+            prompt_sets: PromptSetsPanel::with_bundled_sets(),
             reply: ReplyPanel::default(),
         }
     }
@@ -78,16 +82,22 @@ impl RefusalLensApp {
         });
         egui::Panel::left("model")
             .resizable(true)
-            .default_size(260.0)
+            .default_size(300.0)
             .show(ui, |ui| {
-                egui::ScrollArea::vertical().show(ui, |ui| self.model.ui(ui));
+                egui::ScrollArea::vertical().show(ui, |ui| {
+                    self.model.ui(ui);
+                    ui.separator();
+                    if let Some(prompt) = self.prompt_sets.ui(ui) {
+                        self.reply.prompt = prompt;
+                    }
+                });
             });
         egui::CentralPanel::default().show(ui, |ui| {
             let ready = self.model.is_ready();
             self.reply.ui(ui, &mut self.worker, ready);
         });
 
-        if self.reply.is_running() || self.model.is_busy() {
+        if self.reply.is_running() || self.model.is_busy() || self.prompt_sets.is_busy() {
             ui.ctx().request_repaint_after(Duration::from_millis(50));
         }
     }

@@ -207,6 +207,26 @@ impl ReplyPanel {
             });
         }
 
+        if let (Some(g), false) = (&self.finished, self.running) {
+            let c = refusal_lens_engine::response::classify(&g.text);
+            ui.horizontal(|ui| {
+                ui.label("Response mode:");
+                let list = |ms: &[refusal_lens_engine::response::Match]| {
+                    ms.iter()
+                        .map(|m| m.phrase.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                ui.strong(c.mode.name()).on_hover_text(format!(
+                    "declines: [{}]\nhelp offers: [{}]\nhedges: [{}]\nwords: {}",
+                    list(&c.declines),
+                    list(&c.help_offers),
+                    list(&c.hedges),
+                    c.words
+                ));
+                ui.weak(format!("({})", c.reason));
+            });
+        }
         ui.horizontal(|ui| {
             ui.heading("Reply");
             ui.weak("chip colour: probability of the chosen token");
