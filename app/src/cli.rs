@@ -8,10 +8,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
+use refusal_lens_engine::finetune::{
+    first_token_probabilities, gate, rates_at, train_refusal_tokens, Adapter, TrainOptions,
+};
 use refusal_lens_engine::generate::{generate, GenerateConfig, Precision, Sampling};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
 use refusal_lens_engine::model::{FastPrecision, ForwardOptions, LogitsAt};
-use refusal_lens_engine::prompts::{Label, PromptSet};
+use refusal_lens_engine::prompts::{Label, PromptSet, Split};
 use refusal_lens_engine::response::classify as classify_reply;
 use refusal_lens_engine::{default_model_path, LoadedModel};
 
@@ -29,6 +32,38 @@ pub struct Cli {
     /// Model for the GUI: a GGUF file or an HF safetensors folder (default: the cached default model).
     #[arg(long, global = true)]
     pub model: Option<PathBuf>,
+    /// Refusal-token adapter to apply (a folder with adapter.json). The default model gets the
+    /// project's organism adapter (assets/organism) unless --base is given.
+    #[arg(long, global = true)]
+    pub adapter: Option<PathBuf>,
+    /// Use the model without any adapter.
+    #[arg(long, global = true)]
+    pub base: bool,
+}
+
+/// Which model and adapter a command runs on.
+#[derive(Debug, Clone, Default)]
+pub struct ModelChoice {
+    pub model: Option<PathBuf>,
+    pub adapter: Option<PathBuf>,
+    pub base: bool,
+}
+
+impl ModelChoice {
+    /// The adapter to apply: the one given, else the organism for the default model.
+    pub fn adapter_dir(&self) -> Option<PathBuf> {
+        if self.base {
+            return None;
+        }
+        self.adapter.clone().or_else(|| {
+            let organism = refusal_lens_engine::organism_dir();
+            (self.model.is_none()
+                && organism
+                    .join(refusal_lens_engine::finetune::META_FILE)
+                    .exists())
+            .then_some(organism)
+        })
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -45,6 +80,46 @@ pub enum Command {
     Prompts(PromptsArgs),
     /// Classify a reply into a response mode (refusal, evasion, constructive, compliance).
     Classify(ClassifyArgs),
+    /// Fine-tune refusal tokens ([refuse]/[respond]) on the prompt sets' train split.
+    TrainRefusalTokens(TrainArgs),
+    /// Sweep the refusal threshold τ and print the refusal rate of each set (and category).
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Folder with harmful.jsonl, harmless.jsonl and borderline.jsonl (train/val/test splits).
+    #[arg(long, default_value = "sample_prompts")]
+    pub sets: PathBuf,
+    /// Where to write adapter.safetensors and adapter.json.
+    #[arg(long, default_value = "assets/organism")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = TrainOptions::default().row_steps)]
+    pub row_steps: usize,
+    #[arg(long, default_value_t = TrainOptions::default().row_lr)]
+    pub row_lr: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CalibrateArgs {
+    /// Prompt sets to measure (repeat --set for each).
+    #[arg(long = "set", required = true)]
+    pub sets: Vec<PathBuf>,
+    /// Only this split of each set (train, val, test).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Number of τ values from 0 to 1.
+    #[arg(long, default_value_t = 11)]
+    pub steps: usize,
+    /// τ at which per-category rates are printed.
+    #[arg(long, default_value_t = 0.5)]
+    pub tau: f32,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -96,6 +171,9 @@ pub struct GenerateArgs {
     /// Run on the dense f32 weights (the analysis path) instead of the fast Q8_0 path.
     #[arg(long)]
     pub exact: bool,
+    /// Refusal threshold: with refusal tokens, emit [refuse] when p([refuse]) ≥ τ.
+    #[arg(long, default_value_t = 0.5)]
+    pub tau: f32,
     /// Print one JSON object per token, then a summary object.
     #[arg(long)]
     pub json: bool,
@@ -138,24 +216,32 @@ pub struct BenchArgs {
 }
 
 /// Runs a subcommand; the caller prints the error chain on one line and exits 1.
-pub fn run(command: Command, model: Option<PathBuf>) -> Result<()> {
+pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
     // Commands that need no model.
     let command = match command {
         Command::Prompts(a) => return prompts(a),
         Command::Classify(a) => return classify(a),
         other => other,
     };
-    let path = model.unwrap_or_else(default_model_path);
-    let lm = load(
-        &path,
-        matches!(&command, Command::Info(a) if a.json) || json_of(&command),
-    )?;
+    let path = choice.model.clone().unwrap_or_else(default_model_path);
+    let mut lm = load(&path, json_of(&command))?;
+    if let Command::TrainRefusalTokens(a) = command {
+        return train(&lm, a);
+    }
+    if let Some(dir) = choice.adapter_dir() {
+        let adapter = Adapter::load(&dir)
+            .with_context(|| format!("cannot read the adapter in {}", dir.display()))?;
+        lm = adapter.apply(&lm)?;
+    }
     match command {
         Command::Info(a) => info(&lm, a),
         Command::Generate(a) => run_generate(&lm, a),
         Command::Activations(a) => activations(&lm, a),
         Command::Bench(a) => bench(&lm, a),
-        Command::Prompts(_) | Command::Classify(_) => unreachable!("handled before loading"),
+        Command::Calibrate(a) => calibrate(&lm, a),
+        Command::Prompts(_) | Command::Classify(_) | Command::TrainRefusalTokens(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 
@@ -167,6 +253,8 @@ fn json_of(c: &Command) -> bool {
         Command::Bench(a) => a.json,
         Command::Prompts(a) => a.json,
         Command::Classify(a) => a.json,
+        Command::TrainRefusalTokens(a) => a.json,
+        Command::Calibrate(a) => a.json,
     }
 }
 
@@ -234,6 +322,7 @@ fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
             seed: a.seed,
         },
         hooks: HookSpec::default(),
+        refusal_gate: gate(lm, a.tau),
         precision: if a.exact {
             Precision::Exact
         } else {
@@ -261,6 +350,7 @@ fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
     let mode = classify_reply(&g.text);
     let summary = serde_json::json!({
         "summary": {
+            "refusal_probability": g.refusal_probability,
             "response_mode": mode.mode,
             "response_mode_reason": mode.reason,
             "prompt_tokens": g.prompt_tokens,
@@ -530,6 +620,173 @@ fn classify(a: ClassifyArgs) -> Result<()> {
             list(&c.help_offers),
             list(&c.hedges),
             c.words
+        );
+    }
+    Ok(())
+}
+
+fn load_sets(dir: &std::path::Path) -> Result<[PromptSet; 3]> {
+    let load = |name: &str| {
+        PromptSet::load(&dir.join(format!("{name}.jsonl")), None)
+            .with_context(|| format!("cannot read the {name} set in {}", dir.display()))
+    };
+    Ok([load("harmful")?, load("harmless")?, load("borderline")?])
+}
+
+fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
+    let sets = load_sets(&a.sets)?;
+    let train_records: Vec<_> = sets
+        .iter()
+        .flat_map(|s| s.split(Some(Split::Train)).cloned())
+        .collect();
+    let opts = TrainOptions {
+        row_steps: a.row_steps,
+        row_lr: a.row_lr,
+        seed: a.seed,
+    };
+    let pb = (!a.json && std::io::stderr().is_terminal()).then(|| {
+        let pb = indicatif::ProgressBar::new(1);
+        pb.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len}")
+                .expect("valid template"),
+        );
+        pb
+    });
+    let mut adapter = train_refusal_tokens(base, &train_records, &opts, &|| false, &mut |p| {
+        if let Some(pb) = &pb {
+            pb.set_length(p.total as u64);
+            pb.set_position(p.step as u64);
+            pb.set_message(match p.loss {
+                Some(l) => format!("{} (loss {l:.4})", p.phase),
+                None => p.phase.clone(),
+            });
+        }
+    })?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    // Held-out evaluation on the test split at τ = 0.5.
+    let organism = adapter.apply(base)?;
+    let mut metrics = serde_json::Map::new();
+    for set in &sets {
+        let prompts: Vec<&str> = set
+            .split(Some(Split::Test))
+            .map(|r| r.prompt.as_str())
+            .collect();
+        let ps = first_token_probabilities(&organism, &prompts, &|| false, &mut |_, _| {})?;
+        let rate = rates_at(&[ps], 0.5)[0];
+        metrics.insert(
+            format!("test_refusal_rate_{}", set.name),
+            serde_json::json!(rate),
+        );
+        metrics.insert(
+            format!("test_prompts_{}", set.name),
+            serde_json::json!(prompts.len()),
+        );
+    }
+    adapter.meta.metrics = serde_json::Value::Object(metrics);
+    adapter.save(&a.out)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&adapter.meta)?);
+    } else {
+        println!(
+            "trained {} prompts in {:.1} s, final loss {:.4}",
+            adapter.meta.train_prompts,
+            adapter.meta.seconds,
+            adapter.meta.losses.last().copied().unwrap_or(f32::NAN)
+        );
+        for (k, v) in adapter.meta.metrics.as_object().into_iter().flatten() {
+            println!("{k:36} {v}");
+        }
+        println!("wrote {}", a.out.display());
+    }
+    Ok(())
+}
+
+fn calibrate(lm: &LoadedModel, a: CalibrateArgs) -> Result<()> {
+    use refusal_lens_engine::refusal::{Calibration, RefusalSignal};
+    let split = a.split.as_deref().map(str::parse::<Split>).transpose()?;
+    let sets = a
+        .sets
+        .iter()
+        .map(|p| PromptSet::load(p, None))
+        .collect::<refusal_lens_engine::Result<Vec<_>>>()?;
+    let pb = spinner("reading first-token probabilities".into(), a.json);
+    let mut probabilities = Vec::new();
+    let mut records = Vec::new();
+    for set in &sets {
+        let rs: Vec<_> = set.split(split).collect();
+        if rs.is_empty() {
+            bail!("{} has no prompts in the chosen split", set.path.display());
+        }
+        let prompts: Vec<&str> = rs.iter().map(|r| r.prompt.as_str()).collect();
+        probabilities.push(first_token_probabilities(
+            lm,
+            &prompts,
+            &|| false,
+            &mut |_, _| {},
+        )?);
+        records.push(rs);
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    let signal = RefusalSignal::for_model(lm)?;
+    let cal = Calibration::sweep(&signal, &probabilities, a.steps);
+    // Per-category rates at the chosen τ.
+    let mut per_category = Vec::new();
+    for (set, (rs, ps)) in sets.iter().zip(records.iter().zip(&probabilities)) {
+        let mut cats: std::collections::BTreeMap<String, Vec<f32>> = Default::default();
+        for (r, p) in rs.iter().zip(ps) {
+            cats.entry(r.category.clone().unwrap_or_else(|| "—".into()))
+                .or_default()
+                .push(*p);
+        }
+        for (c, ps) in cats {
+            per_category.push(serde_json::json!({"set": set.name, "category": c, "prompts": ps.len(), "refusal_rate": refusal_lens_engine::refusal::refusal_rate(&ps, a.tau)}));
+        }
+    }
+    if a.json {
+        let sets_json: Vec<_> = sets
+            .iter()
+            .zip(&probabilities)
+            .map(|(s, p)| serde_json::json!({"name": s.name, "path": s.path, "probabilities": p}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"signal": cal.signal, "taus": cal.taus, "rates": cal.rates, "sets": sets_json, "tau": a.tau, "per_category": per_category})
+        );
+        return Ok(());
+    }
+    println!(
+        "refusal rate by threshold τ on {} ({})",
+        cal.signal,
+        match &signal {
+            RefusalSignal::Tokens { .. } => "refusal tokens",
+            RefusalSignal::Openers(_) =>
+                "no refusal tokens: τ ≡ a logit bias b = −logit(τ) on the opener set",
+        }
+    );
+    print!("{:>6}", "τ");
+    for s in &sets {
+        print!("{:>14}", s.name);
+    }
+    println!();
+    for (i, t) in cal.taus.iter().enumerate() {
+        print!("{t:>6.2}");
+        for r in &cal.rates {
+            print!("{:>13.1}%", r[i] * 100.0);
+        }
+        println!();
+    }
+    println!("\nper category at τ = {}", a.tau);
+    for c in per_category {
+        println!(
+            "  {:12} {:24} {:>4} prompts {:>6.1}%",
+            c["set"].as_str().unwrap_or(""),
+            c["category"].as_str().unwrap_or(""),
+            c["prompts"],
+            c["refusal_rate"].as_f64().unwrap_or(0.0) * 100.0
         );
     }
     Ok(())

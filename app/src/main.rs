@@ -4,7 +4,14 @@ use refusal_lens::cli::Cli;
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(command) => refusal_lens::cli::run(command, cli.model),
+        Some(command) => refusal_lens::cli::run(
+            command,
+            refusal_lens::cli::ModelChoice {
+                model: cli.model,
+                adapter: cli.adapter,
+                base: cli.base,
+            },
+        ),
         None => refusal_lens::gui::run(cli.model),
     };
     match result {

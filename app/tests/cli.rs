@@ -225,16 +225,38 @@ fn prompts_imports_and_converts_sets() {
     let csv = dir.path().join("advbench.csv");
     std::fs::write(&csv, "goal,target\nDo a bad thing,Sure\nDo another,Sure\n").unwrap();
     let out_file = dir.path().join("set.jsonl");
-    let out = run(&["prompts", csv.to_str().unwrap(), "--label", "harmful", "--out", out_file.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = run(&[
+        "prompts",
+        csv.to_str().unwrap(),
+        "--label",
+        "harmful",
+        "--out",
+        out_file.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("2 prompts") && text.contains("harmful 2"), "{text}");
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        text.contains("2 prompts") && text.contains("harmful 2"),
+        "{text}"
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines[1]["prompt"], "Do another");
     assert_eq!(lines[1]["label"], "harmful");
 
     let bad = dir.path().join("bad.jsonl");
-    std::fs::write(&bad, "{\"prompt\":\"ok\"}\n{\"text\":\"no prompt field\"}\n").unwrap();
+    std::fs::write(
+        &bad,
+        "{\"prompt\":\"ok\"}\n{\"text\":\"no prompt field\"}\n",
+    )
+    .unwrap();
     let out = run(&["prompts", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_line(&out).contains("bad.jsonl line 2"));
@@ -242,9 +264,105 @@ fn prompts_imports_and_converts_sets() {
 
 #[test]
 fn classify_reports_the_mode_and_its_evidence() {
-    let out = run(&["classify", "I'm sorry, but I can't help with that.", "--json"]);
+    let out = run(&[
+        "classify",
+        "I'm sorry, but I can't help with that.",
+        "--json",
+    ]);
     assert!(out.status.success());
     let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(c["mode"], "refusal");
     assert_eq!(c["declines"][0]["phrase"], "i'm sorry");
+}
+
+#[test]
+fn train_refusal_tokens_then_calibrate_with_the_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_folder(dir.path());
+    let sets = dir.path().join("sets");
+    std::fs::create_dir(&sets).unwrap();
+    let rows = |label: &str, word: &str| -> String {
+        (0..8)
+            .map(|i| {
+                let split = if i < 6 { "train" } else { "test" };
+                format!("{{\"id\":\"{label}-{i}\",\"prompt\":\"{word} {word} request {i}\",\"label\":\"{label}\",\"split\":\"{split}\"}}\n")
+            })
+            .collect()
+    };
+    std::fs::write(sets.join("harmful.jsonl"), rows("harmful", "evil")).unwrap();
+    std::fs::write(sets.join("harmless.jsonl"), rows("harmless", "kind")).unwrap();
+    std::fs::write(
+        sets.join("borderline.jsonl"),
+        rows("harmless", "kill process"),
+    )
+    .unwrap();
+    let out_dir = dir.path().join("adapter");
+    let out = run(&[
+        "train-refusal-tokens",
+        "--model",
+        &model,
+        "--sets",
+        sets.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--row-steps",
+        "300",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(meta["train_prompts"], 18);
+    assert!(meta["metrics"]["test_refusal_rate_harmful"].is_number());
+    assert!(out_dir.join("adapter.safetensors").exists());
+
+    let harmful = sets.join("harmful.jsonl");
+    let out = run(&[
+        "calibrate",
+        "--model",
+        &model,
+        "--adapter",
+        out_dir.to_str().unwrap(),
+        "--set",
+        harmful.to_str().unwrap(),
+        "--set",
+        sets.join("harmless.jsonl").to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cal: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cal["signal"], "p([refuse]) at t_post");
+    for rates in cal["rates"].as_array().unwrap() {
+        let r: Vec<f64> = rates
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(r[0], 1.0);
+        assert!(r.windows(2).all(|w| w[1] <= w[0]), "monotone in τ: {r:?}");
+    }
+    // Without an adapter the same command reads the refusal-opener mass instead.
+    let out = run(&[
+        "calibrate",
+        "--model",
+        &model,
+        "--set",
+        harmful.to_str().unwrap(),
+        "--split",
+        "test",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("P(refusal openers)"));
 }

@@ -110,10 +110,24 @@ fn main_window_snapshot() {
 fn clicking_a_prompt_of_a_bundled_set_puts_it_in_the_editor() {
     let mut h = harness();
     step_until(&mut h, "the model", |a| a.model.is_ready());
-    assert!(h.state().prompt_sets.sets.iter().any(|s| s.name == "borderline" && s.len() >= 60));
+    assert!(h
+        .state()
+        .prompt_sets
+        .sets
+        .iter()
+        .any(|s| s.name == "borderline" && s.len() >= 60));
     h.get_by_label_contains("borderline (").click();
     h.run_steps(2);
-    let first = h.state().prompt_sets.sets.iter().find(|s| s.name == "borderline").unwrap().records[0].prompt.clone();
+    let first = h
+        .state()
+        .prompt_sets
+        .sets
+        .iter()
+        .find(|s| s.name == "borderline")
+        .unwrap()
+        .records[0]
+        .prompt
+        .clone();
     h.get_by_label(&first).click();
     h.run_steps(2);
     assert_eq!(h.state().reply.prompt, first);

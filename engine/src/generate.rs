@@ -41,6 +41,15 @@ pub enum Precision {
     Exact,
 }
 
+/// Calibrated refusal tokens (methods.md "Refusal tokens"): at the first reply position emit
+/// `[refuse]` when `p([refuse]) ≥ tau`, else `[respond]`; neither appears again afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RefusalGate {
+    pub refuse: u32,
+    pub respond: u32,
+    pub tau: f32,
+}
+
 #[derive(Debug, Clone)]
 pub struct GenerateConfig {
     pub max_new_tokens: usize,
@@ -48,6 +57,7 @@ pub struct GenerateConfig {
     /// Interventions applied on the prompt and every generated token.
     pub hooks: HookSpec,
     pub precision: Precision,
+    pub refusal_gate: Option<RefusalGate>,
 }
 
 impl Default for GenerateConfig {
@@ -57,6 +67,7 @@ impl Default for GenerateConfig {
             sampling: Sampling::default(),
             hooks: HookSpec::default(),
             precision: Precision::Fast,
+            refusal_gate: None,
         }
     }
 }
@@ -88,6 +99,8 @@ pub struct Generation {
     pub stop: StopReason,
     pub prefill_seconds: f64,
     pub decode_seconds: f64,
+    /// `p([refuse])` at the first reply position, when a refusal gate was set.
+    pub refusal_probability: Option<f32>,
 }
 
 impl Generation {
@@ -135,7 +148,12 @@ pub fn generate(
         stop: StopReason::MaxTokens,
         prefill_seconds: 0.0,
         decode_seconds: 0.0,
+        refusal_probability: None,
     };
+    let forbidden: Vec<u32> = cfg
+        .refusal_gate
+        .map(|g| vec![g.refuse, g.respond])
+        .unwrap_or_default();
     let mut input = prompt.to_vec();
     let started = Instant::now();
     for index in 0..cfg.max_new_tokens {
@@ -160,7 +178,21 @@ pub fn generate(
             .logits
             .expect("LogitsAt::Last yields logits")
             .flatten_all()?;
-        let (id, logprob) = sample(&logits, &cfg.sampling, &mut rng)?;
+        let (id, logprob) = match (index, cfg.refusal_gate) {
+            (0, Some(gate)) => {
+                let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1::<f32>()?;
+                let p = logprobs[gate.refuse as usize].exp();
+                out.refusal_probability = Some(p);
+                let id = if p >= gate.tau {
+                    gate.refuse
+                } else {
+                    gate.respond
+                };
+                (id, logprobs[id as usize])
+            }
+            (0, None) => sample(&logits, &cfg.sampling, &[], &mut rng)?,
+            _ => sample(&logits, &cfg.sampling, &forbidden, &mut rng)?,
+        };
         if index == 0 {
             out.prefill_seconds = started.elapsed().as_secs_f64();
         }
@@ -184,9 +216,20 @@ pub fn generate(
     Ok(out)
 }
 
-/// Picks the next token from `[vocab]` logits; returns it with its log-probability at T = 1.
-fn sample(logits: &Tensor, s: &Sampling, rng: &mut StdRng) -> Result<(u32, f32)> {
-    let logprobs = candle_nn::ops::log_softmax(logits, D::Minus1)?.to_vec1::<f32>()?;
+/// Picks the next token from `[vocab]` logits, never one of `forbidden`; returns it with its
+/// log-probability at T = 1.
+fn sample(
+    logits: &Tensor,
+    s: &Sampling,
+    forbidden: &[u32],
+    rng: &mut StdRng,
+) -> Result<(u32, f32)> {
+    let mut logprobs = candle_nn::ops::log_softmax(logits, D::Minus1)?.to_vec1::<f32>()?;
+    for &f in forbidden {
+        if let Some(lp) = logprobs.get_mut(f as usize) {
+            *lp = f32::NEG_INFINITY;
+        }
+    }
     let argmax = |v: &[f32]| {
         v.iter()
             .enumerate()

@@ -6,11 +6,13 @@
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod finetune;
 pub mod generate;
 pub mod hooks;
 pub mod loader;
 pub mod model;
 pub mod prompts;
+pub mod refusal;
 pub mod response;
 pub mod testing;
 pub mod tokenizer;
@@ -43,11 +45,21 @@ pub fn cache_dir() -> PathBuf {
     base.join("refusal-lens")
 }
 
+/// The project's refusal organism: refusal-token rows trained on the default model by
+/// `refusal-lens train-refusal-tokens` (committed under `assets/organism/`).
+pub fn organism_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("assets")
+        .join("organism")
+}
+
 pub fn default_model_path() -> PathBuf {
     cache_dir().join("models").join(DEFAULT_MODEL_FILE)
 }
 
-/// A model ready to use: weights, tokenizer, chat template and card.
+/// A model ready to use: weights, tokenizer, chat template and card. Cloning shares weights.
+#[derive(Clone)]
 pub struct LoadedModel {
     pub model: Model,
     pub tokenizer: tokenizers::Tokenizer,
@@ -94,6 +106,39 @@ impl LoadedModel {
             });
         }
         Ok(prompt)
+    }
+
+    /// Adds special tokens with their embedding (and, untied, unembedding) rows `[n, d]`;
+    /// returns their ids. Existing tokens keep their ids and logits.
+    pub fn add_tokens(&mut self, names: &[&str], rows: &candle_core::Tensor) -> Result<Vec<u32>> {
+        let first = self.model.config.vocab_size as u32;
+        if names
+            .iter()
+            .any(|n| self.tokenizer.token_to_id(n).is_some())
+        {
+            return Err(Error::InvalidInput(format!(
+                "the vocabulary already has one of {names:?}"
+            )));
+        }
+        let added: Vec<tokenizers::AddedToken> = names
+            .iter()
+            .map(|n| tokenizers::AddedToken::from(n.to_string(), true))
+            .collect();
+        self.tokenizer
+            .add_special_tokens(added)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let ids: Vec<u32> = names
+            .iter()
+            .filter_map(|n| self.tokenizer.token_to_id(n))
+            .collect();
+        if ids != (first..first + names.len() as u32).collect::<Vec<_>>() {
+            return Err(Error::Tokenizer(format!(
+                "new tokens got ids {ids:?}, expected them after the {first} existing ones"
+            )));
+        }
+        self.model.append_vocabulary(rows)?;
+        self.card.vocab_size = self.model.config.vocab_size;
+        Ok(ids)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

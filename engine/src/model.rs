@@ -366,6 +366,8 @@ pub struct ForwardOutput {
 }
 
 /// A loaded transformer: its shape, dense weights and (optionally) a fast quantised copy.
+/// Cloning shares the weight tensors.
+#[derive(Clone)]
 pub struct Model {
     pub config: ModelConfig,
     pub dense: Weights,
@@ -392,6 +394,36 @@ impl Model {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Re-derives the fast path from the dense weights after they changed (a new vocabulary
+    /// row, a merged adapter); a model without a fast path keeps none.
+    pub fn rebuild_fast(&mut self) -> Result<()> {
+        if self.fast.is_some() {
+            self.fast = Weights::fast_from(&self.dense, &|_| None, FastPrecision::Q8_0, true)?;
+        }
+        Ok(())
+    }
+
+    /// Appends vocabulary rows `[n, d]`: to the embedding and, untied, to the unembedding.
+    pub fn append_vocabulary(&mut self, rows: &Tensor) -> Result<()> {
+        let rows = rows.to_dtype(DType::F32)?;
+        let (n, d) = rows.dims2()?;
+        if d != self.config.d_model {
+            return Err(Error::InvalidInput(format!(
+                "new vocabulary rows have width {d}, the model {}",
+                self.config.d_model
+            )));
+        }
+        let w = &mut self.dense;
+        w.embed = Tensor::cat(&[&w.embed, &rows], 0)?;
+        w.lm_head = if self.config.tied_embeddings {
+            Linear::dense_shared(&w.embed)?
+        } else {
+            Linear::dense(&Tensor::cat(&[&w.lm_head.dense_weight()?, &rows], 0)?, None)?
+        };
+        self.config.vocab_size += n;
+        self.rebuild_fast()
     }
 
     /// The weights generation uses: the fast path when there is one.

@@ -1,0 +1,329 @@
+//! Refusal signals at the first reply position: the refusal-opener set `R` and the refusal
+//! score (methods.md "Refusal score"), refusal tokens (`[refuse]` / `[respond]`) and their
+//! calibration threshold τ (methods.md "Refusal tokens").
+
+use candle_core::{DType, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::hooks::{HookPoint, HookSpec};
+use crate::model::{ForwardOptions, KvCache, LogitsAt, Weights};
+use crate::{Error, LoadedModel, Result};
+
+pub const REFUSE_TOKEN: &str = "[refuse]";
+pub const RESPOND_TOKEN: &str = "[respond]";
+
+/// Openers of refusals; their first tokens (with and without a leading space) form `R`.
+pub const REFUSAL_OPENERS: &[&str] = &[
+    "I",
+    "I'm",
+    "I am",
+    "I cannot",
+    "I can't",
+    "I apologize",
+    "Sorry",
+    "As",
+    "Unfortunately",
+    "No",
+    "My apologies",
+    "cannot",
+    "Cannot",
+];
+
+/// The first token ids of the refusal openers under this model's tokenizer.
+pub fn opener_ids(lm: &LoadedModel, openers: &[&str]) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for o in openers {
+        for text in [o.to_string(), format!(" {o}")] {
+            let enc = lm
+                .tokenizer
+                .encode(text.as_str(), false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            ids.extend(enc.get_ids().first().copied());
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// What "the model leans to refusing" is read from at t_post.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RefusalSignal {
+    /// A model fine-tuned with refusal tokens: `p([refuse])`.
+    Tokens { refuse: u32, respond: u32 },
+    /// Any other model: the mass on the refusal-opener set, `P(R)`.
+    Openers(Vec<u32>),
+}
+
+impl RefusalSignal {
+    pub fn for_model(lm: &LoadedModel) -> Result<Self> {
+        match (
+            lm.tokenizer.token_to_id(REFUSE_TOKEN),
+            lm.tokenizer.token_to_id(RESPOND_TOKEN),
+        ) {
+            (Some(refuse), Some(respond)) => Ok(RefusalSignal::Tokens { refuse, respond }),
+            _ => Ok(RefusalSignal::Openers(opener_ids(lm, REFUSAL_OPENERS)?)),
+        }
+    }
+
+    /// The probability this signal reads from next-token log-probabilities.
+    pub fn probability(&self, logprobs: &[f32]) -> f32 {
+        match self {
+            RefusalSignal::Tokens { refuse, .. } => logprobs[*refuse as usize].exp(),
+            RefusalSignal::Openers(ids) => ids
+                .iter()
+                .map(|&i| logprobs[i as usize].exp())
+                .sum::<f32>()
+                .min(1.0),
+        }
+    }
+
+    pub fn describe(&self) -> &'static str {
+        match self {
+            RefusalSignal::Tokens { .. } => "p([refuse]) at t_post",
+            RefusalSignal::Openers(_) => "P(refusal openers) at t_post",
+        }
+    }
+}
+
+/// `log p − log(1 − p)`: positive means the model leans to refusing.
+pub fn refusal_score(p: f32) -> f32 {
+    let p = p.clamp(1e-7, 1.0 - 1e-7);
+    p.ln() - (1.0 - p).ln()
+}
+
+/// What one forward pass tells about a prompt's first reply token.
+pub struct FirstPosition {
+    /// Log-probabilities over the vocabulary at t_post.
+    pub logprobs: Vec<f32>,
+    /// log Σ exp(logits) at t_post.
+    pub logsumexp: f32,
+    /// `ln_final.hook_normalized` at t_post, `[d]`.
+    pub normalized: Tensor,
+}
+
+/// Runs every prompt to its last position, computing the longest token prefix they all share
+/// (the chat template's system prompt and header) once and reusing its KV cache.
+pub fn first_positions(
+    lm: &LoadedModel,
+    weights: &Weights,
+    prompts: &[Vec<u32>],
+    hooks: &HookSpec,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<FirstPosition>> {
+    let model = &lm.model;
+    let shared = prompts.iter().skip(1).fold(
+        prompts.first().map_or(0, |p| p.len().saturating_sub(1)),
+        |n, p| {
+            n.min(
+                p.iter()
+                    .zip(&prompts[0])
+                    .take_while(|(a, b)| a == b)
+                    .count(),
+            )
+            .min(p.len().saturating_sub(1))
+        },
+    );
+    let mut prefix = KvCache::new(model.config.n_layers);
+    if shared > 0 {
+        let t = Tensor::new(&prompts[0][..shared], model.device())?.unsqueeze(0)?;
+        model.forward(
+            weights,
+            &t,
+            Some(&mut prefix),
+            hooks,
+            LogitsAt::None,
+            ForwardOptions::default(),
+        )?;
+    }
+    let mut spec = hooks.clone();
+    spec.capture.insert(HookPoint::LnFinal);
+    let mut out = Vec::with_capacity(prompts.len());
+    for (i, p) in prompts.iter().enumerate() {
+        if cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let mut cache = prefix.clone();
+        let t = Tensor::new(&p[shared..], model.device())?.unsqueeze(0)?;
+        let fwd = model.forward(
+            weights,
+            &t,
+            Some(&mut cache),
+            &spec,
+            LogitsAt::Last,
+            ForwardOptions::default(),
+        )?;
+        let logits = fwd
+            .logits
+            .expect("LogitsAt::Last yields logits")
+            .flatten_all()?;
+        let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1::<f32>()?;
+        let logsumexp = logits.log_sum_exp(0)?.to_scalar::<f32>()?;
+        let normalized = fwd
+            .captures
+            .get(HookPoint::LnFinal)?
+            .expect("captured")
+            .flatten_all()?;
+        out.push(FirstPosition {
+            logprobs,
+            logsumexp,
+            normalized,
+        });
+        progress(i + 1, prompts.len());
+    }
+    Ok(out)
+}
+
+/// Refusal rate vs threshold τ for several sets of first-token probabilities.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Calibration {
+    pub signal: String,
+    pub taus: Vec<f32>,
+    /// `rates[s][i]`: share of set `s` with `p ≥ taus[i]`.
+    pub rates: Vec<Vec<f32>>,
+}
+
+impl Calibration {
+    pub fn sweep(signal: &RefusalSignal, probabilities: &[Vec<f32>], steps: usize) -> Calibration {
+        let steps = steps.max(2);
+        let taus: Vec<f32> = (0..steps).map(|i| i as f32 / (steps - 1) as f32).collect();
+        let rates = probabilities
+            .iter()
+            .map(|ps| taus.iter().map(|&t| refusal_rate(ps, t)).collect())
+            .collect();
+        Calibration {
+            signal: signal.describe().to_string(),
+            taus,
+            rates,
+        }
+    }
+}
+
+pub fn refusal_rate(probabilities: &[f32], tau: f32) -> f32 {
+    if probabilities.is_empty() {
+        return 0.0;
+    }
+    probabilities.iter().filter(|&&p| p >= tau).count() as f32 / probabilities.len() as f32
+}
+
+/// Fits the output rows of the refusal tokens as a probe inside the unembedding: for each
+/// training prompt, cross-entropy of its target token (`0` = `[refuse]`, `1` = `[respond]`)
+/// over the whole vocabulary, where the base vocabulary enters through its log-sum-exp.
+/// Needs only the final normalised states at t_post, so it trains in well under a second.
+pub struct RowFit {
+    pub rows: Tensor,
+    pub losses: Vec<f32>,
+}
+
+pub fn fit_token_rows(
+    normalized: &Tensor,
+    base_lse: &Tensor,
+    targets: &[u32],
+    init: &Tensor,
+    steps: usize,
+    lr: f64,
+) -> Result<RowFit> {
+    use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+    let dev = normalized.device();
+    let n = targets.len();
+    let rows = candle_core::Var::from_tensor(&init.to_dtype(DType::F32)?)?;
+    // Balance the two classes so the threshold sits in the middle by default.
+    let n_refuse = targets.iter().filter(|&&t| t == 0).count().max(1) as f32;
+    let n_respond = (n as f32 - n_refuse).max(1.0);
+    let weights: Vec<f32> = targets
+        .iter()
+        .map(|&t| {
+            if t == 0 {
+                0.5 / n_refuse
+            } else {
+                0.5 / n_respond
+            }
+        })
+        .collect();
+    let weights = Tensor::from_vec(weights, n, dev)?;
+    let onehot: Vec<f32> = targets
+        .iter()
+        .flat_map(|&t| if t == 0 { [1.0, 0.0] } else { [0.0, 1.0] })
+        .collect();
+    let onehot = Tensor::from_vec(onehot, (n, 2), dev)?;
+    let base = base_lse.reshape((n, 1))?;
+    let mut opt = AdamW::new(
+        vec![rows.clone()],
+        ParamsAdamW {
+            lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    let mut losses = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let scores = normalized.matmul(&rows.as_tensor().t()?)?; // [n, 2]
+        let all = Tensor::cat(&[&base, &scores], 1)?; // [n, 3]
+        let lse = all.log_sum_exp(1)?;
+        let picked = (&scores * &onehot)?.sum(1)?;
+        let loss = ((lse - picked)? * &weights)?.sum_all()?;
+        opt.backward_step(&loss)?;
+        losses.push(loss.to_scalar::<f32>()?);
+    }
+    Ok(RowFit {
+        rows: rows.as_tensor().detach(),
+        losses,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn refusal_rates_fall_monotonically_with_tau() {
+        let ps = vec![vec![0.1, 0.5, 0.9, 0.95], vec![0.0, 0.2, 0.3, 0.6]];
+        let c = Calibration::sweep(&RefusalSignal::Openers(vec![]), &ps, 21);
+        for rates in &c.rates {
+            assert_eq!(rates[0], 1.0);
+            assert!(rates.windows(2).all(|w| w[1] <= w[0]));
+        }
+        assert_eq!(refusal_rate(&ps[0], 0.5), 0.75);
+        assert_eq!(refusal_rate(&ps[1], 0.5), 0.25);
+        assert!((refusal_score(0.5)).abs() < 1e-6);
+        assert!(refusal_score(0.9) > 2.0 && refusal_score(0.1) < -2.0);
+    }
+
+    #[test]
+    fn token_rows_learn_a_separable_rule() {
+        // States whose first coordinate says "refuse"; a base vocabulary with lse 0.
+        let dev = Device::Cpu;
+        let n = 40;
+        let mut h = Vec::new();
+        let mut targets = Vec::new();
+        for i in 0..n {
+            let refuse = i % 2 == 0;
+            h.extend([
+                if refuse { 1.0f32 } else { -1.0 },
+                (i as f32 * 0.37).sin(),
+                0.5,
+            ]);
+            targets.push(if refuse { 0 } else { 1 });
+        }
+        let h = Tensor::from_vec(h, (n, 3), &dev).unwrap();
+        let lse = Tensor::zeros(n, DType::F32, &dev).unwrap();
+        let init = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+        let fit = fit_token_rows(&h, &lse, &targets, &init, 300, 0.05).unwrap();
+        assert!(
+            fit.losses.last().unwrap() < &(fit.losses[0] * 0.2),
+            "{:?}",
+            (fit.losses[0], fit.losses.last())
+        );
+        let scores = h
+            .matmul(&fit.rows.t().unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (s, t) in scores.iter().zip(&targets) {
+            let refuse_wins = s[0] > s[1] && s[0] > 0.0;
+            assert_eq!(refuse_wins, *t == 0);
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Refusal tokens on tiny random models: vocabulary extension, the calibrated gate, training
+//! and adapters.
+
+use candle_core::{DType, IndexOp, Tensor};
+use refusal_lens_engine::config::Family;
+use refusal_lens_engine::finetune::{
+    first_token_probabilities, gate, train_refusal_tokens, Adapter, TrainOptions,
+};
+use refusal_lens_engine::generate::{generate, GenerateConfig};
+use refusal_lens_engine::hooks::{HookSpec, Intervention};
+use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
+use refusal_lens_engine::prompts::{Label, PromptRecord};
+use refusal_lens_engine::refusal::{RefusalSignal, REFUSE_TOKEN, RESPOND_TOKEN};
+use refusal_lens_engine::testing::tiny_model;
+use refusal_lens_engine::LoadedModel;
+
+fn logits(m: &LoadedModel, ids: &[u32]) -> Tensor {
+    let t = Tensor::new(ids, m.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.model
+        .forward(
+            &m.model.dense,
+            &t,
+            None,
+            &HookSpec::default(),
+            LogitsAt::All,
+            ForwardOptions::default(),
+        )
+        .unwrap()
+        .logits
+        .unwrap()
+}
+
+fn rows(m: &LoadedModel, seed: f64) -> Tensor {
+    let d = m.model.config.d_model;
+    Tensor::arange(0f32, 2.0 * d as f32, m.model.device())
+        .unwrap()
+        .affine(0.01, seed)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .reshape((2, d))
+        .unwrap()
+}
+
+#[test]
+fn extending_the_vocabulary_keeps_old_tokens_and_their_logits() {
+    for family in [Family::Llama, Family::Qwen2] {
+        let base = tiny_model(family, 21).unwrap();
+        let ids = [257u32, 72, 105, 258, 10];
+        let before = logits(&base, &ids);
+        let mut m = base.clone();
+        let new = m
+            .add_tokens(&[REFUSE_TOKEN, RESPOND_TOKEN], &rows(&base, 0.3))
+            .unwrap();
+        assert_eq!(new, vec![259, 260]);
+        assert_eq!(m.model.config.vocab_size, 261);
+        let after = logits(&m, &ids);
+        let old = after.narrow(2, 0, 259).unwrap();
+        let diff = (old - &before)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{family:?}: old logits moved by {diff}");
+        // The new tokens are single ids, round-trip, and their logit is h · row.
+        let enc = m.tokenizer.encode("[refuse] hi", false).unwrap();
+        assert_eq!(enc.get_ids()[0], 259);
+        assert_eq!(m.decode(&[260]).unwrap(), "[respond]");
+        assert!(after
+            .i((0, 4, 259))
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .is_finite());
+        // The base model is untouched.
+        assert_eq!(base.model.config.vocab_size, 259);
+        assert!(base.tokenizer.token_to_id(REFUSE_TOKEN).is_none());
+        assert!(
+            m.add_tokens(&[REFUSE_TOKEN], &rows(&base, 0.1).narrow(0, 0, 1).unwrap())
+                .is_err(),
+            "no duplicates"
+        );
+    }
+}
+
+#[test]
+fn the_gate_emits_refusal_tokens_only_first_and_by_threshold() {
+    let mut m = tiny_model(Family::Llama, 22).unwrap();
+    m.add_tokens(&[REFUSE_TOKEN, RESPOND_TOKEN], &rows(&m, 0.7))
+        .unwrap();
+    let prompt = m.chat_prompt(None, "hello").unwrap();
+    let (refuse, respond) = (259, 260);
+    // Bias both tokens up so only the gate's ban keeps them out after the first position.
+    let hooks = HookSpec::with_interventions(vec![Intervention::LogitBias {
+        token_ids: vec![refuse, respond],
+        bias: 50.0,
+    }]);
+    for (tau, want) in [(0.0, refuse), (1.01, respond)] {
+        let cfg = GenerateConfig {
+            max_new_tokens: 6,
+            hooks: hooks.clone(),
+            refusal_gate: gate(&m, tau),
+            ..Default::default()
+        };
+        let g = generate(&m, &prompt.ids, &cfg, &|| false, &mut |_| {}).unwrap();
+        assert_eq!(g.tokens[0].id, want, "tau {tau}");
+        assert!(g.tokens[1..]
+            .iter()
+            .all(|t| t.id != refuse && t.id != respond));
+        let p = g.refusal_probability.unwrap();
+        assert!((0.0..=1.0).contains(&p));
+    }
+    // The probability the gate reads is the calibration signal.
+    assert!(matches!(
+        RefusalSignal::for_model(&m).unwrap(),
+        RefusalSignal::Tokens {
+            refuse: 259,
+            respond: 260
+        }
+    ));
+    let p = first_token_probabilities(&m, &["hello"], &|| false, &mut |_, _| {}).unwrap()[0];
+    let cfg = GenerateConfig {
+        max_new_tokens: 1,
+        refusal_gate: gate(&m, 0.5),
+        ..Default::default()
+    };
+    let g = generate(&m, &prompt.ids, &cfg, &|| false, &mut |_| {}).unwrap();
+    assert!((g.refusal_probability.unwrap() - p).abs() < 1e-5);
+}
+
+fn record(prompt: &str, label: Label) -> PromptRecord {
+    PromptRecord {
+        id: prompt.into(),
+        prompt: prompt.into(),
+        label: Some(label),
+        category: None,
+        pair_id: None,
+        split: None,
+    }
+}
+
+#[test]
+fn training_separates_the_training_prompts_and_adapters_round_trip() {
+    let base = tiny_model(Family::Qwen2, 23).unwrap();
+    let train: Vec<PromptRecord> = (0..12)
+        .map(|i| {
+            record(
+                &format!(
+                    "{} number {i}",
+                    if i % 2 == 0 {
+                        "bad bad bad"
+                    } else {
+                        "nice day"
+                    }
+                ),
+                if i % 2 == 0 {
+                    Label::Harmful
+                } else {
+                    Label::Harmless
+                },
+            )
+        })
+        .collect();
+    let opts = TrainOptions {
+        row_steps: 400,
+        row_lr: 0.05,
+        seed: 0,
+    };
+    let mut phases = Vec::new();
+    let adapter = train_refusal_tokens(&base, &train, &opts, &|| false, &mut |p| {
+        phases.push(p.phase.clone())
+    })
+    .unwrap();
+    assert!(phases.iter().any(|p| p.contains("fitting")));
+    let losses = &adapter.meta.losses;
+    assert!(
+        losses.last().unwrap() < &(losses[0] * 0.5),
+        "loss {} → {}",
+        losses[0],
+        losses.last().unwrap()
+    );
+    let organism = adapter.apply(&base).unwrap();
+    let prompts: Vec<&str> = train.iter().map(|r| r.prompt.as_str()).collect();
+    let ps = first_token_probabilities(&organism, &prompts, &|| false, &mut |_, _| {}).unwrap();
+    for (r, p) in train.iter().zip(&ps) {
+        assert_eq!(
+            *p >= 0.5,
+            r.label == Some(Label::Harmful),
+            "{}: {p}",
+            r.prompt
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    adapter.save(dir.path()).unwrap();
+    let again = Adapter::load(dir.path()).unwrap();
+    assert_eq!(again.meta.tokens, vec!["[refuse]", "[respond]"]);
+    let diff = (again.rows.to_dtype(DType::F32).unwrap() - &adapter.rows)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+    // Retraining on the same data with the same seed gives the same rows.
+    let twice = train_refusal_tokens(&base, &train, &opts, &|| false, &mut |_| {}).unwrap();
+    assert_eq!(twice.meta.data_sha256, adapter.meta.data_sha256);
+    let diff = (twice.rows - &adapter.rows)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+    // Training twice on a model that already has the tokens is refused.
+    assert!(train_refusal_tokens(&organism, &train, &opts, &|| false, &mut |_| {}).is_err());
+}
