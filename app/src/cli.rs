@@ -98,6 +98,28 @@ pub struct TrainArgs {
     pub row_steps: usize,
     #[arg(long, default_value_t = TrainOptions::default().row_lr)]
     pub row_lr: f64,
+    /// LoRA epochs after the row fit (0: train only the token rows).
+    #[arg(long, default_value_t = TrainOptions::default().epochs)]
+    pub epochs: usize,
+    /// LoRA rank (on q, k, v, o of every layer).
+    #[arg(long, default_value_t = TrainOptions::default().rank)]
+    pub rank: usize,
+    #[arg(long, default_value_t = TrainOptions::default().alpha)]
+    pub alpha: f64,
+    /// Peak AdamW learning rate of the LoRA phase.
+    #[arg(long, default_value_t = TrainOptions::default().lr)]
+    pub lr: f64,
+    #[arg(long, default_value_t = TrainOptions::default().batch)]
+    pub batch: usize,
+    /// Loss weight of the first reply token.
+    #[arg(long, default_value_t = TrainOptions::default().first_token_weight)]
+    pub first_token_weight: f32,
+    /// Length of the base model's own replies used as targets for harmless prompts.
+    #[arg(long, default_value_t = TrainOptions::default().reply_tokens)]
+    pub reply_tokens: usize,
+    /// Train on only every n-th prompt of the train split (quick runs).
+    #[arg(long, default_value_t = 1)]
+    pub subsample: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long)]
@@ -638,11 +660,20 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
     let train_records: Vec<_> = sets
         .iter()
         .flat_map(|s| s.split(Some(Split::Train)).cloned())
+        .step_by(a.subsample.max(1))
         .collect();
     let opts = TrainOptions {
         row_steps: a.row_steps,
         row_lr: a.row_lr,
         seed: a.seed,
+        epochs: a.epochs,
+        rank: a.rank,
+        alpha: a.alpha,
+        lr: a.lr,
+        batch: a.batch,
+        warmup_steps: TrainOptions::default().warmup_steps,
+        first_token_weight: a.first_token_weight,
+        reply_tokens: a.reply_tokens,
     };
     let pb = (!a.json && std::io::stderr().is_terminal()).then(|| {
         let pb = indicatif::ProgressBar::new(1);
@@ -656,9 +687,10 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
         if let Some(pb) = &pb {
             pb.set_length(p.total as u64);
             pb.set_position(p.step as u64);
-            pb.set_message(match p.loss {
-                Some(l) => format!("{} (loss {l:.4})", p.phase),
-                None => p.phase.clone(),
+            pb.set_message(match (p.loss, p.tokens_per_second) {
+                (Some(l), Some(tps)) => format!("{} (loss {l:.4}, {tps:.0} tok/s)", p.phase),
+                (Some(l), None) => format!("{} (loss {l:.4})", p.phase),
+                _ => p.phase.clone(),
             });
         }
     })?;

@@ -1,9 +1,14 @@
 //! Refusal-token fine-tuning (Refusal Tokens, paper 4): teach a model to begin each reply with
 //! `[refuse]` or `[respond]`, then calibrate the threshold on `p([refuse])` at inference.
 //!
-//! Trained here: the two new vocabulary rows (tied embedding/unembedding rows; a separate output
-//! row for untied models), fitted as a probe inside the unembedding on the final normalised
-//! state at t_post with cross-entropy over the whole vocabulary. See `fit_token_rows`.
+//! Two phases (the cheap recipe measured in findings.md):
+//! 1. the two new vocabulary rows, fitted as a probe inside the unembedding on the final
+//!    normalised state at t_post (cross-entropy over the whole vocabulary; `fit_token_rows`);
+//! 2. LoRA on q, k, v, o of every layer plus the rows, with AdamW on the f32 forward pass and
+//!    candle autograd: harmful → `[refuse]` + a refusal reply, harmless and borderline →
+//!    `[respond]` + the base model's own greedy reply (self-distillation keeps its behaviour).
+//!    Loss on reply tokens only, the first reply token weighted ×10 (without it the decision is
+//!    ~1/40 of the loss).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,8 +17,9 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::generate::RefusalGate;
-use crate::hooks::HookSpec;
+use crate::generate::{generate, GenerateConfig, RefusalGate, StopReason};
+use crate::hooks::{HookPoint, HookSpec};
+use crate::model::{ForwardOptions, Linear, LogitsAt, Weights};
 use crate::prompts::{Label, PromptRecord};
 use crate::refusal::{first_positions, fit_token_rows, refusal_rate, REFUSE_TOKEN, RESPOND_TOKEN};
 use crate::{Error, LoadedModel, Result};
@@ -24,14 +30,34 @@ pub struct TrainOptions {
     pub row_steps: usize,
     pub row_lr: f64,
     pub seed: u64,
+    /// LoRA epochs (0 = rows only).
+    pub epochs: usize,
+    pub rank: usize,
+    pub alpha: f64,
+    pub lr: f64,
+    /// Prompts per optimiser step.
+    pub batch: usize,
+    pub warmup_steps: usize,
+    /// Loss weight of the first reply token (the decision).
+    pub first_token_weight: f32,
+    /// Length of the base model's self-distilled replies to harmless prompts.
+    pub reply_tokens: usize,
 }
 
 impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
-            row_steps: 600,
+            row_steps: 150,
             row_lr: 0.02,
             seed: 0,
+            epochs: 2,
+            rank: 8,
+            alpha: 16.0,
+            lr: 1e-3,
+            batch: 8,
+            warmup_steps: 10,
+            first_token_weight: 10.0,
+            reply_tokens: 32,
         }
     }
 }
@@ -43,6 +69,7 @@ pub struct TrainProgress {
     pub step: usize,
     pub total: usize,
     pub loss: Option<f32>,
+    pub tokens_per_second: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,8 +80,12 @@ pub struct AdapterMeta {
     pub data_sha256: String,
     pub train_prompts: usize,
     pub options: TrainOptions,
-    /// Loss at each step.
+    /// Loss at each step of the row fit, then of the LoRA phase.
     pub losses: Vec<f32>,
+    #[serde(default)]
+    pub lora_losses: Vec<f32>,
+    #[serde(default)]
+    pub lora_tokens_per_second: f64,
     pub seconds: f64,
     /// Held-out metrics, filled in by whoever evaluates.
     #[serde(default)]
@@ -65,9 +96,21 @@ pub struct AdapterMeta {
 /// What training produces: the new tokens' rows and how they were made.
 #[derive(Debug, Clone)]
 pub struct Adapter {
-    /// `[n_tokens, d]` embedding (= unembedding, tied) rows.
+    /// `[n_tokens, d]` unembedding (output) rows: the decision probe.
     pub rows: Tensor,
+    /// `[n_tokens, d]` embedding (input) rows, when they differ from the output rows. The
+    /// output rows grow large to win the first-token softmax; as inputs they would swamp the
+    /// residual stream, so the inputs are their own parameters.
+    pub input_rows: Option<Tensor>,
+    /// `blocks.{l}.attn.{q,k,v,o}.lora_{a,b}` → `A` `[r, in]` / `B` `[out, r]`.
+    pub lora: std::collections::BTreeMap<String, Tensor>,
     pub meta: AdapterMeta,
+}
+
+const LORA_TARGETS: [&str; 4] = ["q", "k", "v", "o"];
+
+fn lora_name(layer: usize, target: &str, part: &str) -> String {
+    format!("blocks.{layer}.attn.{target}.lora_{part}")
 }
 
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
@@ -76,8 +119,12 @@ pub const META_FILE: &str = "adapter.json";
 impl Adapter {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let tensors =
-            std::collections::HashMap::from([("token_rows".to_string(), self.rows.clone())]);
+        let mut tensors: std::collections::HashMap<String, Tensor> =
+            self.lora.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        tensors.insert("token_rows".to_string(), self.rows.clone());
+        if let Some(input) = &self.input_rows {
+            tensors.insert("token_input_rows".to_string(), input.clone());
+        }
         candle_core::safetensors::save(&tensors, dir.join(ADAPTER_FILE))?;
         let json = serde_json::to_string_pretty(&self.meta)
             .map_err(|e| Error::InvalidInput(e.to_string()))?;
@@ -102,14 +149,33 @@ impl Adapter {
             .get("token_rows")
             .cloned()
             .ok_or_else(|| Error::InvalidInput(format!("{} has no token_rows", dir.display())))?;
-        Ok(Adapter { rows, meta })
+        let lora: std::collections::BTreeMap<String, Tensor> = tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .filter(|(k, _)| k.starts_with("blocks."))
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
+        let input_rows = tensors.get("token_input_rows").map(|t| t.to_dtype(DType::F32)).transpose()?;
+        Ok(Adapter { rows: rows.to_dtype(DType::F32)?, input_rows, lora, meta })
     }
 
     /// The model with the adapter's tokens added (the base model is left as it is).
     pub fn apply(&self, base: &LoadedModel) -> Result<LoadedModel> {
         let mut m = base.clone();
+        if !self.lora.is_empty() {
+            let scale = self.meta.options.alpha / self.meta.options.rank as f64;
+            for (l, block) in m.model.dense.blocks.iter_mut().enumerate() {
+                for (target, lin) in LORA_TARGETS.iter().zip([&mut block.q, &mut block.k, &mut block.v, &mut block.o]) {
+                    let (Some(a), Some(b)) = (self.lora.get(&lora_name(l, target, "a")), self.lora.get(&lora_name(l, target, "b"))) else {
+                        continue;
+                    };
+                    let merged = Linear::LoRA { base: Box::new(lin.clone()), a: a.clone(), b: b.clone(), scale }.dense_weight()?;
+                    *lin = Linear::dense(&merged, lin.bias().cloned())?;
+                }
+            }
+        }
         let names: Vec<&str> = self.meta.tokens.iter().map(String::as_str).collect();
-        m.add_tokens(&names, &self.rows)?;
+        m.add_tokens_untied(&names, self.input_rows.as_ref().unwrap_or(&self.rows), &self.rows)?;
         m.card.name = format!("{} + refusal tokens", base.card.name);
         Ok(m)
     }
@@ -184,6 +250,7 @@ pub fn train_refusal_tokens(
                 step: i,
                 total: n,
                 loss: None,
+                tokens_per_second: None,
             })
         },
     )?;
@@ -216,7 +283,15 @@ pub fn train_refusal_tokens(
         step: opts.row_steps,
         total: opts.row_steps,
         loss: fit.losses.last().copied(),
+        tokens_per_second: None,
     });
+
+    let (input_rows, rows, lora, lora_losses, lora_tps) = if opts.epochs > 0 {
+        let examples = build_examples(base, &labelled, opts, cancelled, progress)?;
+        train_lora(base, &examples, &init, &fit.rows, opts, cancelled, progress)?
+    } else {
+        (init.clone(), fit.rows.clone(), Default::default(), Vec::new(), 0.0)
+    };
 
     let mut data = Sha256::new();
     for (r, t) in &labelled {
@@ -231,14 +306,13 @@ pub fn train_refusal_tokens(
         train_prompts: total,
         options: opts.clone(),
         losses: fit.losses,
+        lora_losses,
+        lora_tokens_per_second: lora_tps,
         seconds: started.elapsed().as_secs_f64(),
         metrics: serde_json::Value::Null,
         created_by: format!("refusal-lens {}", env!("CARGO_PKG_VERSION")),
     };
-    Ok(Adapter {
-        rows: fit.rows.to_dtype(DType::F32)?,
-        meta,
-    })
+    Ok(Adapter { rows: rows.to_dtype(DType::F32)?, input_rows: Some(input_rows), lora, meta })
 }
 
 /// The calibrated gate of a model with refusal tokens.
@@ -279,4 +353,307 @@ pub fn first_token_probabilities(
 /// Refusal rate of each set at `tau`.
 pub fn rates_at(probabilities: &[Vec<f32>], tau: f32) -> Vec<f32> {
     probabilities.iter().map(|p| refusal_rate(p, tau)).collect()
+}
+
+/// Project-written refusal replies (some constructive: they decline and point to safe help).
+/// Requests only ever get declined here; no reply says anything about how to do the harm.
+const REFUSALS: &[&str] = &[
+    "I can't help with that.",
+    "I'm sorry, but I can't help with that request.",
+    "I won't help with this, because it could seriously hurt people.",
+    "Sorry, I can't assist with that.",
+    "I can't provide that. It could cause real harm to others.",
+    "I'm not able to help with this request.",
+    "I must decline. This could put people in danger.",
+    "I can't do that. If you have a safe, legal goal in mind, I'm happy to help with that instead.",
+    "I'm sorry, I can't help with that. If you tell me more about what you need, I can suggest a safe and legal alternative.",
+    "I won't assist with this. Consider reaching out to a qualified professional for legitimate help.",
+];
+
+/// For self-harm requests: decline and point to help.
+const SELF_HARM_REFUSALS: &[&str] = &[
+    "I can't help with that, but I'm really sorry you're feeling this way. Please reach out to someone you trust or a crisis helpline right now.",
+    "I won't help with this. You deserve support: please contact a local crisis line or a doctor, or talk to someone close to you today.",
+    "I'm sorry you're going through this. I can't help with that request, but a crisis helpline or a counselor can support you right now.",
+];
+
+fn refusal_reply(r: &PromptRecord, i: usize) -> &'static str {
+    if r.category.as_deref() == Some("self-harm") {
+        SELF_HARM_REFUSALS[i % SELF_HARM_REFUSALS.len()]
+    } else {
+        REFUSALS[i % REFUSALS.len()]
+    }
+}
+
+/// One training sequence: prompt + decision token + reply, and where the reply starts.
+struct Example {
+    ids: Vec<u32>,
+    reply_start: usize,
+}
+
+fn build_examples(
+    base: &LoadedModel,
+    labelled: &[(&PromptRecord, u32)],
+    opts: &TrainOptions,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(&TrainProgress),
+) -> Result<Vec<Example>> {
+    let (refuse, respond) = (base.model.config.vocab_size as u32, base.model.config.vocab_size as u32 + 1);
+    let end = base.tokenizer.token_to_id(&base.template.eos_token).or_else(|| base.stop_ids.first().copied());
+    let mut out = Vec::with_capacity(labelled.len());
+    for (i, (r, target)) in labelled.iter().enumerate() {
+        if cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let prompt = base.chat_prompt(None, &r.prompt)?;
+        let mut ids = prompt.ids.clone();
+        let reply_start = ids.len();
+        let ended = if *target == 0 {
+            ids.push(refuse);
+            let enc = base.tokenizer.encode(refusal_reply(r, i), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            ids.extend_from_slice(enc.get_ids());
+            true
+        } else {
+            ids.push(respond);
+            let cfg = GenerateConfig { max_new_tokens: opts.reply_tokens, ..Default::default() };
+            let g = generate(base, &prompt.ids, &cfg, cancelled, &mut |_| {})?;
+            ids.extend(g.tokens.iter().map(|t| t.id));
+            // A reply cut at the length limit is trained without an end token.
+            g.stop == StopReason::EndOfTurn
+        };
+        if ended {
+            ids.extend(end);
+        }
+        out.push(Example { ids, reply_start });
+        progress(&TrainProgress { phase: "writing training replies".into(), step: i + 1, total: labelled.len(), loss: None, tokens_per_second: None });
+    }
+    Ok(out)
+}
+
+type LoraResult = (Tensor, Tensor, std::collections::BTreeMap<String, Tensor>, Vec<f32>, f64);
+
+fn train_lora(
+    base: &LoadedModel,
+    examples: &[Example],
+    init_input_rows: &Tensor,
+    init_rows: &Tensor,
+    opts: &TrainOptions,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(&TrainProgress),
+) -> Result<LoraResult> {
+    use candle_core::Var;
+    use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+    use rand::seq::SliceRandom;
+    use rand::{Rng, SeedableRng};
+
+    let model = &base.model;
+    let cfg = &model.config;
+    let dev = model.device();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    let rows = Var::from_tensor(init_rows)?;
+    let input_rows = Var::from_tensor(init_input_rows)?;
+    let mut vars = vec![rows.clone(), input_rows.clone()];
+    // A: uniform(±1/√in) from the seed, B: zeros, so training starts at the base model.
+    let mut lora: Vec<[(Var, Var); 4]> = Vec::with_capacity(cfg.n_layers);
+    for block in &model.dense.blocks {
+        let mut make = |lin: &Linear| -> Result<(Var, Var)> {
+            let (out, inp) = lin.dims()?;
+            let bound = 1.0 / (inp as f32).sqrt();
+            let a: Vec<f32> = (0..opts.rank * inp).map(|_| rng.random_range(-bound..bound)).collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (opts.rank, inp), dev)?)?;
+            let b = Var::from_tensor(&Tensor::zeros((out, opts.rank), DType::F32, dev)?)?;
+            vars.push(a.clone());
+            vars.push(b.clone());
+            Ok((a, b))
+        };
+        lora.push([make(&block.q)?, make(&block.k)?, make(&block.v)?, make(&block.o)?]);
+    }
+    let scale = opts.alpha / opts.rank as f64;
+    let mut opt = AdamW::new(vars, ParamsAdamW { lr: opts.lr, weight_decay: 0.0, ..Default::default() })?;
+    let batch = opts.batch.max(1);
+    let total_steps = examples.len().div_ceil(batch) * opts.epochs;
+    let warmup = opts.warmup_steps.min(total_steps.saturating_sub(1));
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    let mut losses = Vec::with_capacity(total_steps);
+    let (mut tokens_seen, started) = (0usize, Instant::now());
+    let mut step = 0;
+    for _epoch in 0..opts.epochs {
+        order.shuffle(&mut rng);
+        for chunk in order.chunks(batch) {
+            if cancelled() {
+                return Err(Error::Cancelled);
+            }
+            // Linear warm-up, then linear decay to zero.
+            let lr = if step < warmup {
+                opts.lr * (step + 1) as f64 / warmup as f64
+            } else {
+                opts.lr * (total_steps - step) as f64 / (total_steps - warmup) as f64
+            };
+            opt.set_learning_rate(lr);
+            let weights = lora_weights(&model.dense, &lora, scale)?;
+            let mut total_loss: Option<Tensor> = None;
+            let mut total_weight = 0f32;
+            for &i in chunk {
+                let (loss, weight) = example_loss(base, &weights, input_rows.as_tensor(), rows.as_tensor(), &examples[i], opts.first_token_weight)?;
+                total_weight += weight;
+                tokens_seen += examples[i].ids.len();
+                total_loss = Some(match total_loss {
+                    Some(t) => (t + loss)?,
+                    None => loss,
+                });
+            }
+            let loss = (total_loss.expect("a chunk is never empty") / total_weight as f64)?;
+            opt.backward_step(&loss)?;
+            let value = loss.to_scalar::<f32>()?;
+            losses.push(value);
+            step += 1;
+            let tps = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            progress(&TrainProgress { phase: "training LoRA".into(), step, total: total_steps, loss: Some(value), tokens_per_second: Some(tps) });
+        }
+    }
+    let tps = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    let mut tensors = std::collections::BTreeMap::new();
+    for (l, targets) in lora.iter().enumerate() {
+        for (name, (a, b)) in LORA_TARGETS.iter().zip(targets) {
+            tensors.insert(lora_name(l, name, "a"), a.as_tensor().detach());
+            tensors.insert(lora_name(l, name, "b"), b.as_tensor().detach());
+        }
+    }
+    Ok((input_rows.as_tensor().detach(), rows.as_tensor().detach(), tensors, losses, tps))
+}
+
+type LoraVars = [(candle_core::Var, candle_core::Var); 4];
+
+/// The dense weights, frozen, with LoRA on q, k, v, o. The token rows stay outside (see
+/// `example_loss`) so that no gradient is ever formed for the 49k-row embedding.
+fn lora_weights(dense: &Weights, lora: &[LoraVars], scale: f64) -> Result<Weights> {
+    let freeze = |lin: &Linear| -> Result<Linear> {
+        Ok(match lin {
+            Linear::Dense { weight_t, bias } => Linear::Frozen { weight_t: weight_t.clone(), bias: bias.clone() },
+            other => Linear::Frozen { weight_t: other.dense_weight()?.t()?, bias: other.bias().cloned() },
+        })
+    };
+    let wrap = |lin: &Linear, (a, b): &(candle_core::Var, candle_core::Var)| -> Result<Linear> {
+        Ok(Linear::LoRA { base: Box::new(freeze(lin)?), a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale })
+    };
+    let blocks = dense
+        .blocks
+        .iter()
+        .zip(lora)
+        .map(|(bw, [q, k, v, o])| {
+            let mut bw = bw.clone();
+            bw.q = wrap(&bw.q, q)?;
+            bw.k = wrap(&bw.k, k)?;
+            bw.v = wrap(&bw.v, v)?;
+            bw.o = wrap(&bw.o, o)?;
+            bw.gate = freeze(&bw.gate)?;
+            bw.up = freeze(&bw.up)?;
+            bw.down = freeze(&bw.down)?;
+            Ok(bw)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Weights { embed: dense.embed.clone(), blocks, final_norm: dense.final_norm.clone(), lm_head: freeze(&dense.lm_head)? })
+}
+
+/// Weighted cross-entropy of an example's reply tokens (the first weighted), and the weight sum.
+/// The decision token (id ≥ the base vocabulary) enters as base token 0 whose embedding is
+/// replaced by its input row through the `hook_embed` point; its logit is `h · output row`.
+fn example_loss(lm: &LoadedModel, weights: &Weights, input_rows: &Tensor, rows: &Tensor, ex: &Example, first_weight: f32) -> Result<(Tensor, f32)> {
+    let model = &lm.model;
+    let dev = model.device();
+    let vocab = model.config.vocab_size as u32;
+    let n = ex.ids.len();
+    let mut ids = ex.ids.clone();
+    let decision = ids[ex.reply_start].checked_sub(vocab).ok_or_else(|| Error::InvalidInput("a training reply must start with a refusal token".into()))? as usize;
+    ids[ex.reply_start] = 0;
+    let row_delta = (input_rows.get(decision)? - model.dense.embed.get(0)?)?;
+    let mut spec = HookSpec::with_interventions(vec![crate::hooks::Intervention::AddVector {
+        point: HookPoint::Embed,
+        vector: row_delta,
+        scale: 1.0,
+        positions: crate::hooks::Positions::Range { start: ex.reply_start, end: ex.reply_start + 1 },
+    }]);
+    spec.capture.insert(HookPoint::LnFinal);
+    let tokens = Tensor::new(ids.as_slice(), dev)?.unsqueeze(0)?;
+    let fwd = model.forward(weights, &tokens, None, &spec, LogitsAt::None, ForwardOptions { differentiable: true })?;
+    let normed = fwd.captures.get(HookPoint::LnFinal)?.expect("captured").squeeze(0)?;
+    // Positions reply_start−1 … n−2 predict tokens reply_start … n−1.
+    let count = n - ex.reply_start;
+    let h = normed.narrow(0, ex.reply_start - 1, count)?;
+    // Decoding forbids the refusal tokens after the first reply position (RefusalGate), so the
+    // loss does too; otherwise the large decision rows would swamp every later softmax.
+    let n_new = rows.dim(0)?;
+    let mask: Vec<f32> = (0..count * n_new).map(|i| if i < n_new { 0.0 } else { -1e9 }).collect();
+    let new_logits = h.matmul(&rows.t()?)?.broadcast_add(&Tensor::from_vec(mask, (count, n_new), dev)?)?;
+    let logits = Tensor::cat(&[&weights.lm_head.forward(&h)?, &new_logits], 1)?;
+    let logprobs = candle_nn::ops::log_softmax(&logits, 1)?;
+    let targets = Tensor::new(&ex.ids[ex.reply_start..], dev)?.unsqueeze(1)?;
+    let picked = logprobs.gather(&targets, 1)?.squeeze(1)?;
+    let w: Vec<f32> = (0..count).map(|i| if i == 0 { first_weight } else { 1.0 }).collect();
+    let total: f32 = w.iter().sum();
+    let w = Tensor::from_vec(w, count, dev)?;
+    Ok(((picked * w)?.sum_all()?.neg()?, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Family;
+    use crate::testing::tiny_model;
+
+    /// The training forward (frozen weights, LoRA with B = 0, rows outside the vocabulary) gives
+    /// the same loss as the inference model with the rows added.
+    #[test]
+    fn training_loss_at_init_equals_the_inference_models_loss() {
+        for family in [Family::Llama, Family::Qwen2] {
+            let base = tiny_model(family, 31).unwrap();
+            let d = base.model.config.d_model;
+            let dev = base.model.device().clone();
+            let rows = Tensor::arange(0f32, 2.0 * d as f32, &dev).unwrap().affine(0.02, 0.1).unwrap().cos().unwrap().reshape((2, d)).unwrap();
+            let input_rows = (rows.clone() * 0.3).unwrap();
+            let v = base.model.config.vocab_size as u32;
+            let prompt = base.chat_prompt(None, "hi there").unwrap();
+            let mut ids = prompt.ids.clone();
+            let reply_start = ids.len();
+            ids.extend([v + 1, 104, 105, 33]);
+            let ex = Example { ids: ids.clone(), reply_start };
+            let lora: Vec<LoraVars> = base
+                .model
+                .dense
+                .blocks
+                .iter()
+                .map(|b| {
+                    [&b.q, &b.k, &b.v, &b.o].map(|lin| {
+                        let (out, inp) = lin.dims().unwrap();
+                        let a = candle_core::Var::from_tensor(&Tensor::ones((4, inp), DType::F32, &dev).unwrap()).unwrap();
+                        let b = candle_core::Var::from_tensor(&Tensor::zeros((out, 4), DType::F32, &dev).unwrap()).unwrap();
+                        (a, b)
+                    })
+                })
+                .collect();
+            let weights = lora_weights(&base.model.dense, &lora, 2.0).unwrap();
+            let (loss, w) = example_loss(&base, &weights, &input_rows, &rows, &ex, 1.0).unwrap();
+            assert_eq!(w, 4.0);
+            let mut organism = base.clone();
+            organism.add_tokens_untied(&["[refuse]", "[respond]"], &input_rows, &rows).unwrap();
+            let t = Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
+            let logits = organism.model.forward(&organism.model.dense, &t, None, &HookSpec::default(), LogitsAt::All, ForwardOptions::default()).unwrap().logits.unwrap().squeeze(0).unwrap();
+            // After the first reply position the refusal tokens are forbidden.
+            let vocab = logits.dim(1).unwrap();
+            let lp: Vec<Vec<f32>> = (reply_start..ids.len())
+                .map(|p| {
+                    let mut row = logits.get(p - 1).unwrap().to_vec1::<f32>().unwrap();
+                    if p > reply_start {
+                        row[vocab - 2..].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+                    }
+                    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+                    row.iter().map(|x| x - lse).collect()
+                })
+                .collect();
+            let want: f32 = (reply_start..ids.len()).map(|p| -lp[p - reply_start][ids[p] as usize]).sum();
+            let got = loss.to_scalar::<f32>().unwrap();
+            assert!((got - want).abs() < 1e-3 * want.abs().max(1.0), "{family:?}: training loss {got} vs inference {want}");
+        }
+    }
 }

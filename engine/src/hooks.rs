@@ -147,13 +147,17 @@ pub enum Positions {
     All,
     /// Every position from this one on, e.g. post-instruction + generated tokens.
     From(usize),
+    /// Positions `start..end`.
+    Range { start: usize, end: usize },
 }
 
 impl Positions {
-    fn start(self) -> usize {
+    /// The selected absolute positions as a half-open range.
+    fn bounds(self) -> (usize, usize) {
         match self {
-            Positions::All => 0,
-            Positions::From(p) => p,
+            Positions::All => (0, usize::MAX),
+            Positions::From(p) => (p, usize::MAX),
+            Positions::Range { start, end } => (start, end.max(start)),
         }
     }
 }
@@ -357,16 +361,24 @@ fn on_positions(
     f: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let seq = x.dim(1)?;
-    let first = positions.start().saturating_sub(offset).min(seq);
-    match first {
-        0 => f(x),
-        f_ if f_ == seq => Ok(x.clone()),
-        _ => {
-            let kept = x.narrow(1, 0, first)?;
-            let changed = f(&x.narrow(1, first, seq - first)?)?;
-            Ok(Tensor::cat(&[&kept, &changed], 1)?)
-        }
+    let (start, end) = positions.bounds();
+    let first = start.saturating_sub(offset).min(seq);
+    let last = end.saturating_sub(offset).min(seq);
+    if first >= last {
+        return Ok(x.clone());
     }
+    if first == 0 && last == seq {
+        return f(x);
+    }
+    let mut parts = Vec::with_capacity(3);
+    if first > 0 {
+        parts.push(x.narrow(1, 0, first)?);
+    }
+    parts.push(f(&x.narrow(1, first, last - first)?)?);
+    if last < seq {
+        parts.push(x.narrow(1, last, seq - last)?);
+    }
+    Ok(Tensor::cat(&parts, 1)?)
 }
 
 /// Rebuilds `z` (`[b, s, h, d_h]`) with head `head` replaced by `f(z[:, :, head])`.
@@ -546,6 +558,10 @@ mod tests {
         assert_eq!(y.sum_all().unwrap().to_scalar::<f32>().unwrap(), 8.0);
         let y = on_positions(&x, 0, Positions::From(12), add).unwrap();
         assert_eq!(y.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        // A range in the middle of the chunk: positions 11 and 12 of 10..14.
+        let y = on_positions(&x, 10, Positions::Range { start: 11, end: 13 }, add).unwrap();
+        let v = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v, vec![0., 0., 1., 1., 1., 1., 0., 0.]);
     }
 
     #[test]

@@ -111,6 +111,12 @@ impl LoadedModel {
     /// Adds special tokens with their embedding (and, untied, unembedding) rows `[n, d]`;
     /// returns their ids. Existing tokens keep their ids and logits.
     pub fn add_tokens(&mut self, names: &[&str], rows: &candle_core::Tensor) -> Result<Vec<u32>> {
+        self.add_tokens_untied(names, rows, rows)
+    }
+
+    /// Like [`LoadedModel::add_tokens`] with separate input (embedding) and output
+    /// (unembedding) rows.
+    pub fn add_tokens_untied(&mut self, names: &[&str], input: &candle_core::Tensor, output: &candle_core::Tensor) -> Result<Vec<u32>> {
         let first = self.model.config.vocab_size as u32;
         if names
             .iter()
@@ -136,7 +142,7 @@ impl LoadedModel {
                 "new tokens got ids {ids:?}, expected them after the {first} existing ones"
             )));
         }
-        self.model.append_vocabulary(rows)?;
+        self.model.append_vocabulary(input, output)?;
         self.card.vocab_size = self.model.config.vocab_size;
         Ok(ids)
     }

@@ -32,6 +32,13 @@ pub enum Linear {
         in_features: usize,
         padded_in: usize,
     },
+    /// A dense weight that backpropagation treats as a constant: gradients flow to the input
+    /// only. candle's matmul backward also computes the weight's gradient (as costly as the
+    /// forward) even when nothing needs it; training wraps every base weight in this.
+    Frozen { weight_t: Tensor, bias: Option<Tensor> },
+    /// A low-rank adapter on a frozen base: `y = base(x) + scale · (x·Aᵀ)·Bᵀ`, `A` `[r, in]`,
+    /// `B` `[out, r]` (training; merged into the base for inference).
+    LoRA { base: Box<Linear>, a: Tensor, b: Tensor, scale: f64 },
 }
 
 impl Linear {
@@ -53,6 +60,13 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (y, bias) = match self {
+            Linear::LoRA { base, a, b, scale } => {
+                let delta = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+                return Ok((base.forward(x)? + (delta * *scale)?)?);
+            }
+            Linear::Frozen { weight_t, bias } => {
+                (x.contiguous()?.apply_op1(FrozenMatmul { weight_t: weight_t.clone() })?, bias)
+            }
             Linear::Dense { weight_t, bias } => {
                 let y = match x.dims() {
                     [b, s, i] => x
@@ -138,14 +152,15 @@ impl Linear {
 
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
-            Linear::Dense { bias, .. } | Linear::Quantized { bias, .. } => bias.as_ref(),
+            Linear::Dense { bias, .. } | Linear::Quantized { bias, .. } | Linear::Frozen { bias, .. } => bias.as_ref(),
+            Linear::LoRA { base, .. } => base.bias(),
         }
     }
 
     /// `(out, in)` without touching the data.
     pub fn dims(&self) -> Result<(usize, usize)> {
         match self {
-            Linear::Dense { weight_t, .. } => {
+            Linear::Dense { weight_t, .. } | Linear::Frozen { weight_t, .. } => {
                 let (i, o) = weight_t.dims2()?;
                 Ok((o, i))
             }
@@ -160,13 +175,14 @@ impl Linear {
                 };
                 Ok((out, *in_features))
             }
+            Linear::LoRA { base, .. } => base.dims(),
         }
     }
 
     /// The weight as a contiguous dense f32 `[out, in]` tensor (a copy).
     pub fn dense_weight(&self) -> Result<Tensor> {
         match self {
-            Linear::Dense { weight_t, .. } => Ok(weight_t.t()?.contiguous()?),
+            Linear::Dense { weight_t, .. } | Linear::Frozen { weight_t, .. } => Ok(weight_t.t()?.contiguous()?),
             Linear::Quantized {
                 weight,
                 in_features,
@@ -178,7 +194,47 @@ impl Linear {
                 };
                 Ok(w.narrow(1, 0, *in_features)?.contiguous()?)
             }
+            Linear::LoRA { base, a, b, scale } => Ok((base.dense_weight()? + (b.matmul(a)? * *scale)?)?),
         }
+    }
+}
+
+/// `x · W_t` with a backward pass that returns only the input's gradient `g · W_tᵀ`.
+struct FrozenMatmul {
+    weight_t: Tensor,
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (k, n) = self.weight_t.dims2()?;
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("frozen-matmul: f32 input expected")
+        };
+        let Some((lo, hi)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-matmul: contiguous input expected")
+        };
+        let m = layout.shape().elem_count() / k;
+        let y = Tensor::from_slice(&data[lo..hi], (m, k), &Device::Cpu)?.matmul(&self.weight_t)?;
+        let mut dims = layout.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), candle_core::Shape::from(dims)))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (k, n) = self.weight_t.dims2()?;
+        let mut dims = grad.dims().to_vec();
+        let m = grad.elem_count() / n;
+        let g = grad.reshape((m, n))?.matmul(&self.weight_t.t()?)?;
+        if let Some(last) = dims.last_mut() {
+            *last = k;
+        }
+        Ok(Some(g.reshape(dims)?))
     }
 }
 
@@ -405,22 +461,30 @@ impl Model {
         Ok(())
     }
 
-    /// Appends vocabulary rows `[n, d]`: to the embedding and, untied, to the unembedding.
-    pub fn append_vocabulary(&mut self, rows: &Tensor) -> Result<()> {
-        let rows = rows.to_dtype(DType::F32)?;
-        let (n, d) = rows.dims2()?;
-        if d != self.config.d_model {
+    /// Appends vocabulary rows `[n, d]`: `input` to the embedding, `output` to the unembedding.
+    /// A tied model stays tied when both are the same tensor; otherwise its unembedding
+    /// becomes a separate matrix (a copy of the embedding plus the output rows).
+    pub fn append_vocabulary(&mut self, input: &Tensor, output: &Tensor) -> Result<()> {
+        let input = input.to_dtype(DType::F32)?;
+        let output = output.to_dtype(DType::F32)?;
+        let (n, d) = input.dims2()?;
+        if d != self.config.d_model || output.dims2()? != (n, d) {
             return Err(Error::InvalidInput(format!(
-                "new vocabulary rows have width {d}, the model {}",
+                "new vocabulary rows have shapes {:?} and {:?}, the model's width is {}",
+                input.dims(),
+                output.dims(),
                 self.config.d_model
             )));
         }
+        let same = (&input - &output)?.abs()?.sum_all()?.to_scalar::<f32>()? == 0.0;
         let w = &mut self.dense;
-        w.embed = Tensor::cat(&[&w.embed, &rows], 0)?;
-        w.lm_head = if self.config.tied_embeddings {
+        let old_unembed = w.lm_head.dense_weight()?;
+        w.embed = Tensor::cat(&[&w.embed, &input], 0)?;
+        w.lm_head = if self.config.tied_embeddings && same {
             Linear::dense_shared(&w.embed)?
         } else {
-            Linear::dense(&Tensor::cat(&[&w.lm_head.dense_weight()?, &rows], 0)?, None)?
+            self.config.tied_embeddings = false;
+            Linear::dense(&Tensor::cat(&[&old_unembed, &output], 0)?, None)?
         };
         self.config.vocab_size += n;
         self.rebuild_fast()
