@@ -12,7 +12,11 @@ fn main() -> std::process::ExitCode {
                 base: cli.base,
             },
         ),
-        None => refusal_lens::gui::run(cli.model),
+        None => refusal_lens::gui::run(refusal_lens::cli::ModelChoice {
+            model: cli.model,
+            adapter: cli.adapter,
+            base: cli.base,
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
+use refusal_lens_engine::finetune::{first_token_probabilities, gate, Adapter};
 use refusal_lens_engine::generate::{generate, GenerateConfig, Generation, Sampling, TokenStep};
 use refusal_lens_engine::loader::ModelCard;
 use refusal_lens_engine::model::FastPrecision;
@@ -21,18 +22,39 @@ pub struct GenerateRequest {
     pub prompt: String,
     pub max_new_tokens: usize,
     pub sampling: Sampling,
+    /// Refusal threshold for models with refusal tokens.
+    pub tau: f32,
 }
 
 pub enum Job {
+    /// Load a model and, if given, the refusal-token adapter to apply on top of it.
     LoadModel {
         path: PathBuf,
+        adapter: Option<PathBuf>,
     },
     /// Replace the model with one built in memory (tests, fine-tuned models).
-    UseModel(Box<LoadedModel>),
+    UseModel {
+        base: Box<LoadedModel>,
+        organism: Option<Box<LoadedModel>>,
+    },
+    /// Switch between the base model and the adapted one.
+    UseOrganism(bool),
     Generate {
         id: JobId,
         request: GenerateRequest,
     },
+    /// First-token refusal probabilities of named prompt lists (calibration curves).
+    Calibrate {
+        id: JobId,
+        sets: Vec<(String, Vec<String>)>,
+    },
+}
+
+/// The adapted model's name and held-out metrics, as the model card shows them.
+#[derive(Debug, Clone)]
+pub struct OrganismInfo {
+    pub name: String,
+    pub metrics: serde_json::Value,
 }
 
 #[derive(Debug, Clone)]
@@ -43,6 +65,8 @@ pub enum Event {
     ModelLoaded {
         card: Box<ModelCard>,
         seconds: f64,
+        organism: Option<OrganismInfo>,
+        organism_active: bool,
     },
     ModelFailed {
         path: PathBuf,
@@ -62,6 +86,16 @@ pub enum Event {
     Finished {
         id: JobId,
         generation: Box<Generation>,
+    },
+    Progress {
+        id: JobId,
+        done: usize,
+        total: usize,
+    },
+    Calibrated {
+        id: JobId,
+        signal: String,
+        sets: Vec<(String, Vec<f32>)>,
     },
     Failed {
         id: JobId,
@@ -105,16 +139,27 @@ impl Worker {
         let _ = self.jobs.send(job);
     }
 
-    pub fn load_model(&self, path: PathBuf) {
-        self.send(Job::LoadModel { path });
+    pub fn load_model(&self, path: PathBuf, adapter: Option<PathBuf>) {
+        self.send(Job::LoadModel { path, adapter });
     }
 
-    /// Queues a generation, cancelling every earlier one (a newer request supersedes).
-    pub fn generate(&mut self, request: GenerateRequest) -> JobId {
+    fn next(&mut self) -> JobId {
         self.next_id += 1;
-        let id = self.next_id;
+        self.next_id
+    }
+
+    /// Queues a generation, cancelling every earlier job (a newer request supersedes).
+    pub fn generate(&mut self, request: GenerateRequest) -> JobId {
+        let id = self.next();
         self.cancel_through.store(id - 1, Ordering::SeqCst);
         self.send(Job::Generate { id, request });
+        id
+    }
+
+    /// Queues a calibration sweep (it does not cancel anything).
+    pub fn calibrate(&mut self, sets: Vec<(String, Vec<String>)>) -> JobId {
+        let id = self.next();
+        self.send(Job::Calibrate { id, sets });
         id
     }
 
@@ -145,31 +190,85 @@ impl Drop for Worker {
     }
 }
 
+/// The models the worker holds: the base, optionally an adapted one, and which is in use.
+#[derive(Default)]
+struct Models {
+    base: Option<LoadedModel>,
+    organism: Option<(LoadedModel, OrganismInfo)>,
+    use_organism: bool,
+}
+
+impl Models {
+    fn active(&self) -> Option<&LoadedModel> {
+        match (&self.organism, self.use_organism) {
+            (Some((m, _)), true) => Some(m),
+            _ => self.base.as_ref(),
+        }
+    }
+
+    fn loaded_event(&self, seconds: f64) -> Option<Event> {
+        let active = self.active()?;
+        Some(Event::ModelLoaded {
+            card: Box::new(active.card.clone()),
+            seconds,
+            organism: self.organism.as_ref().map(|(_, info)| info.clone()),
+            organism_active: self.use_organism && self.organism.is_some(),
+        })
+    }
+}
+
+fn load(
+    path: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+) -> refusal_lens_engine::Result<Models> {
+    let base = LoadedModel::load(path, FastPrecision::Auto)?;
+    let organism = match adapter {
+        Some(dir) => {
+            let a = Adapter::load(dir)?;
+            let m = a.apply(&base)?;
+            Some((
+                m,
+                OrganismInfo {
+                    name: dir.display().to_string(),
+                    metrics: a.meta.metrics.clone(),
+                },
+            ))
+        }
+        None => None,
+    };
+    Ok(Models {
+        use_organism: organism.is_some(),
+        base: Some(base),
+        organism,
+    })
+}
+
 fn run(
     jobs: Receiver<Job>,
     events: Sender<Event>,
     cancel_through: Arc<AtomicU64>,
     notify: impl Fn(),
 ) {
-    let mut model: Option<LoadedModel> = None;
+    let mut models = Models::default();
     let emit = |e: Event| {
         let _ = events.send(e);
         notify();
     };
     for job in jobs {
+        let mut job_id = 0;
         // A panic inside a job (a bug) must not kill the worker: report it and keep serving.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job {
-            Job::LoadModel { path } => {
+            Job::LoadModel { path, adapter } => {
                 emit(Event::ModelLoading { path: path.clone() });
                 let started = Instant::now();
-                match LoadedModel::load(&path, FastPrecision::Auto) {
+                match load(&path, adapter.as_deref()) {
                     Ok(m) => {
-                        let card = Box::new(m.card.clone());
-                        model = Some(m);
-                        emit(Event::ModelLoaded {
-                            card,
-                            seconds: started.elapsed().as_secs_f64(),
-                        });
+                        models = m;
+                        emit(
+                            models
+                                .loaded_event(started.elapsed().as_secs_f64())
+                                .expect("a model was just loaded"),
+                        );
                     }
                     Err(e) => emit(Event::ModelFailed {
                         path,
@@ -177,16 +276,34 @@ fn run(
                     }),
                 }
             }
-            Job::UseModel(m) => {
-                let card = Box::new(m.card.clone());
-                model = Some(*m);
-                emit(Event::ModelLoaded { card, seconds: 0.0 });
+            Job::UseModel { base, organism } => {
+                models = Models {
+                    use_organism: organism.is_some(),
+                    organism: organism.map(|m| {
+                        (
+                            *m,
+                            OrganismInfo {
+                                name: "in memory".into(),
+                                metrics: serde_json::Value::Null,
+                            },
+                        )
+                    }),
+                    base: Some(*base),
+                };
+                emit(models.loaded_event(0.0).expect("a model was just set"));
+            }
+            Job::UseOrganism(on) => {
+                models.use_organism = on;
+                if let Some(e) = models.loaded_event(0.0) {
+                    emit(e);
+                }
             }
             Job::Generate { id, request } => {
+                job_id = id;
                 if cancel_through.load(Ordering::SeqCst) >= id {
                     return; // superseded before it started
                 }
-                let result = match &model {
+                let result = match models.active() {
                     None => Err("no model is loaded".to_string()),
                     Some(m) => run_generate(m, id, &request, &cancel_through, &emit)
                         .map_err(|e| e.to_string()),
@@ -199,6 +316,18 @@ fn run(
                     Err(error) => emit(Event::Failed { id, error }),
                 }
             }
+            Job::Calibrate { id, sets } => {
+                job_id = id;
+                let result = match models.active() {
+                    None => Err("no model is loaded".to_string()),
+                    Some(m) => run_calibrate(m, id, &sets, &cancel_through, &emit)
+                        .map_err(|e| e.to_string()),
+                };
+                match result {
+                    Ok((signal, sets)) => emit(Event::Calibrated { id, signal, sets }),
+                    Err(error) => emit(Event::Failed { id, error }),
+                }
+            }
         }));
         if let Err(panic) = outcome {
             let msg = panic
@@ -207,7 +336,7 @@ fn run(
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
             emit(Event::Failed {
-                id: 0,
+                id: job_id,
                 error: format!("internal error: {msg}"),
             });
         }
@@ -232,6 +361,7 @@ fn run_generate(
     let cfg = GenerateConfig {
         max_new_tokens: request.max_new_tokens,
         sampling: request.sampling,
+        refusal_gate: gate(m, request.tau),
         ..Default::default()
     };
     let cancelled = || cancel_through.load(Ordering::SeqCst) >= id;
@@ -241,4 +371,35 @@ fn run_generate(
             step: step.clone(),
         })
     })
+}
+
+type CalibrationResult = (String, Vec<(String, Vec<f32>)>);
+
+fn run_calibrate(
+    m: &LoadedModel,
+    id: JobId,
+    sets: &[(String, Vec<String>)],
+    cancel_through: &AtomicU64,
+    emit: &dyn Fn(Event),
+) -> refusal_lens_engine::Result<CalibrationResult> {
+    let total: usize = sets.iter().map(|(_, p)| p.len()).sum();
+    let cancelled = || cancel_through.load(Ordering::SeqCst) >= id;
+    let mut done = 0;
+    let mut out = Vec::with_capacity(sets.len());
+    for (name, prompts) in sets {
+        let prompts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        let ps = first_token_probabilities(m, &prompts, &cancelled, &mut |i, _| {
+            emit(Event::Progress {
+                id,
+                done: done + i,
+                total,
+            })
+        })?;
+        done += prompts.len();
+        out.push((name.clone(), ps));
+    }
+    let signal = refusal_lens_engine::refusal::RefusalSignal::for_model(m)?
+        .describe()
+        .to_string();
+    Ok((signal, out))
 }

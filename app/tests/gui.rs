@@ -10,7 +10,13 @@ use refusal_lens_engine::testing::tiny_model;
 
 fn harness() -> Harness<'static, RefusalLensApp> {
     let model = tiny_model(Family::Llama, 1).unwrap();
-    let app = RefusalLensApp::new(None, Startup::Model(Box::new(model)));
+    let app = RefusalLensApp::new(
+        None,
+        Startup::Model {
+            base: Box::new(model),
+            organism: None,
+        },
+    );
     Harness::builder()
         .with_size([1100.0, 720.0])
         .build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app)
@@ -80,7 +86,13 @@ fn a_model_that_fails_to_load_shows_its_error_and_the_app_keeps_working() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("broken.gguf");
     std::fs::write(&bad, b"GGUF but not really").unwrap();
-    let app = RefusalLensApp::new(None, Startup::Path(bad));
+    let app = RefusalLensApp::new(
+        None,
+        Startup::Path {
+            model: bad,
+            adapter: None,
+        },
+    );
     let mut h = Harness::builder()
         .with_size([1100.0, 720.0])
         .build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app);
@@ -131,4 +143,92 @@ fn clicking_a_prompt_of_a_bundled_set_puts_it_in_the_editor() {
     h.get_by_label(&first).click();
     h.run_steps(2);
     assert_eq!(h.state().reply.prompt, first);
+}
+
+/// A tiny model and its "organism": the same model with [refuse]/[respond] rows added.
+fn organism_harness() -> Harness<'static, RefusalLensApp> {
+    let base = tiny_model(Family::Llama, 1).unwrap();
+    let mut organism = base.clone();
+    let d = base.model.config.d_model;
+    let rows =
+        candle_core::Tensor::zeros((2, d), candle_core::DType::F32, base.model.device()).unwrap();
+    organism
+        .add_tokens(&["[refuse]", "[respond]"], &rows)
+        .unwrap();
+    let app = RefusalLensApp::new(
+        None,
+        Startup::Model {
+            base: Box::new(base),
+            organism: Some(Box::new(organism)),
+        },
+    );
+    Harness::builder()
+        .with_size([1100.0, 820.0])
+        .build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app)
+}
+
+#[test]
+fn moving_tau_regenerates_the_reply_with_the_new_decision() {
+    let mut h = organism_harness();
+    step_until(&mut h, "the organism", |a| a.model.organism_active());
+    h.state_mut().reply.max_new_tokens = 4;
+    // τ = 0: every reply is refused; the slider change itself starts the new reply.
+    let slider = h.get_by_role_and_label(
+        egui::accesskit::Role::Slider,
+        "τ: emit [refuse] when p([refuse]) ≥ τ",
+    );
+    slider.set_value_accesskit(0.0);
+    step_until(&mut h, "a reply at τ = 0", |a| {
+        !a.reply.is_running() && !a.reply.tokens.is_empty()
+    });
+    assert_eq!(h.state().reply.tau, 0.0);
+    assert_eq!(h.state().reply.tokens[0].text, "[refuse]");
+    h.get_by_label_contains("so the reply starts with [refuse]");
+    // τ = 1: p([refuse]) < 1, so the reply now begins with [respond].
+    h.get_by_role_and_label(
+        egui::accesskit::Role::Slider,
+        "τ: emit [refuse] when p([refuse]) ≥ τ",
+    )
+    .set_value_accesskit(1.0);
+    step_until(&mut h, "a reply at τ = 1", |a| {
+        !a.reply.is_running() && a.reply.tau == 1.0 && !a.reply.tokens.is_empty()
+    });
+    assert_eq!(h.state().reply.tokens[0].text, "[respond]");
+
+    // The toggle switches back to the base model, which has no τ control.
+    h.get_by_label("Refusal organism ([refuse]/[respond] adapter)")
+        .click();
+    step_until(&mut h, "the base model", |a| {
+        a.model.is_ready() && !a.model.organism_active()
+    });
+    assert!(h
+        .query_by_role_and_label(
+            egui::accesskit::Role::Slider,
+            "τ: emit [refuse] when p([refuse]) ≥ τ"
+        )
+        .is_none());
+}
+
+#[test]
+fn calibration_curves_are_computed_for_the_loaded_sets() {
+    let mut h = organism_harness();
+    step_until(&mut h, "the organism", |a| a.model.organism_active());
+    h.get_by_label("Calibration: refusal rate vs threshold τ")
+        .click();
+    h.run_steps(2);
+    h.get_by_label("Compute refusal-rate curves").click();
+    step_until(&mut h, "the curves", |a| {
+        !a.calibration.curves.is_empty() && !a.calibration.is_running()
+    });
+    let names: Vec<String> = h
+        .state()
+        .calibration
+        .curves
+        .iter()
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert_eq!(names, ["harmful", "harmless", "borderline"]);
+    // Test split only by default: 40 harmful prompts.
+    assert_eq!(h.state().calibration.curves[0].1.len(), 40);
+    h.get_by_label_contains("Refusal rate at τ = 0.50");
 }

@@ -119,8 +119,11 @@ pub const META_FILE: &str = "adapter.json";
 impl Adapter {
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut tensors: std::collections::HashMap<String, Tensor> =
-            self.lora.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut tensors: std::collections::HashMap<String, Tensor> = self
+            .lora
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         tensors.insert("token_rows".to_string(), self.rows.clone());
         if let Some(input) = &self.input_rows {
             tensors.insert("token_input_rows".to_string(), input.clone());
@@ -155,8 +158,16 @@ impl Adapter {
             .filter(|(k, _)| k.starts_with("blocks."))
             .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
             .collect::<Result<_>>()?;
-        let input_rows = tensors.get("token_input_rows").map(|t| t.to_dtype(DType::F32)).transpose()?;
-        Ok(Adapter { rows: rows.to_dtype(DType::F32)?, input_rows, lora, meta })
+        let input_rows = tensors
+            .get("token_input_rows")
+            .map(|t| t.to_dtype(DType::F32))
+            .transpose()?;
+        Ok(Adapter {
+            rows: rows.to_dtype(DType::F32)?,
+            input_rows,
+            lora,
+            meta,
+        })
     }
 
     /// The model with the adapter's tokens added (the base model is left as it is).
@@ -165,17 +176,35 @@ impl Adapter {
         if !self.lora.is_empty() {
             let scale = self.meta.options.alpha / self.meta.options.rank as f64;
             for (l, block) in m.model.dense.blocks.iter_mut().enumerate() {
-                for (target, lin) in LORA_TARGETS.iter().zip([&mut block.q, &mut block.k, &mut block.v, &mut block.o]) {
-                    let (Some(a), Some(b)) = (self.lora.get(&lora_name(l, target, "a")), self.lora.get(&lora_name(l, target, "b"))) else {
+                for (target, lin) in LORA_TARGETS.iter().zip([
+                    &mut block.q,
+                    &mut block.k,
+                    &mut block.v,
+                    &mut block.o,
+                ]) {
+                    let (Some(a), Some(b)) = (
+                        self.lora.get(&lora_name(l, target, "a")),
+                        self.lora.get(&lora_name(l, target, "b")),
+                    ) else {
                         continue;
                     };
-                    let merged = Linear::LoRA { base: Box::new(lin.clone()), a: a.clone(), b: b.clone(), scale }.dense_weight()?;
+                    let merged = Linear::LoRA {
+                        base: Box::new(lin.clone()),
+                        a: a.clone(),
+                        b: b.clone(),
+                        scale,
+                    }
+                    .dense_weight()?;
                     *lin = Linear::dense(&merged, lin.bias().cloned())?;
                 }
             }
         }
         let names: Vec<&str> = self.meta.tokens.iter().map(String::as_str).collect();
-        m.add_tokens_untied(&names, self.input_rows.as_ref().unwrap_or(&self.rows), &self.rows)?;
+        m.add_tokens_untied(
+            &names,
+            self.input_rows.as_ref().unwrap_or(&self.rows),
+            &self.rows,
+        )?;
         m.card.name = format!("{} + refusal tokens", base.card.name);
         Ok(m)
     }
@@ -290,7 +319,13 @@ pub fn train_refusal_tokens(
         let examples = build_examples(base, &labelled, opts, cancelled, progress)?;
         train_lora(base, &examples, &init, &fit.rows, opts, cancelled, progress)?
     } else {
-        (init.clone(), fit.rows.clone(), Default::default(), Vec::new(), 0.0)
+        (
+            init.clone(),
+            fit.rows.clone(),
+            Default::default(),
+            Vec::new(),
+            0.0,
+        )
     };
 
     let mut data = Sha256::new();
@@ -312,7 +347,12 @@ pub fn train_refusal_tokens(
         metrics: serde_json::Value::Null,
         created_by: format!("refusal-lens {}", env!("CARGO_PKG_VERSION")),
     };
-    Ok(Adapter { rows: rows.to_dtype(DType::F32)?, input_rows: Some(input_rows), lora, meta })
+    Ok(Adapter {
+        rows: rows.to_dtype(DType::F32)?,
+        input_rows: Some(input_rows),
+        lora,
+        meta,
+    })
 }
 
 /// The calibrated gate of a model with refusal tokens.
@@ -398,8 +438,14 @@ fn build_examples(
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(&TrainProgress),
 ) -> Result<Vec<Example>> {
-    let (refuse, respond) = (base.model.config.vocab_size as u32, base.model.config.vocab_size as u32 + 1);
-    let end = base.tokenizer.token_to_id(&base.template.eos_token).or_else(|| base.stop_ids.first().copied());
+    let (refuse, respond) = (
+        base.model.config.vocab_size as u32,
+        base.model.config.vocab_size as u32 + 1,
+    );
+    let end = base
+        .tokenizer
+        .token_to_id(&base.template.eos_token)
+        .or_else(|| base.stop_ids.first().copied());
     let mut out = Vec::with_capacity(labelled.len());
     for (i, (r, target)) in labelled.iter().enumerate() {
         if cancelled() {
@@ -410,12 +456,18 @@ fn build_examples(
         let reply_start = ids.len();
         let ended = if *target == 0 {
             ids.push(refuse);
-            let enc = base.tokenizer.encode(refusal_reply(r, i), false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+            let enc = base
+                .tokenizer
+                .encode(refusal_reply(r, i), false)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
             ids.extend_from_slice(enc.get_ids());
             true
         } else {
             ids.push(respond);
-            let cfg = GenerateConfig { max_new_tokens: opts.reply_tokens, ..Default::default() };
+            let cfg = GenerateConfig {
+                max_new_tokens: opts.reply_tokens,
+                ..Default::default()
+            };
             let g = generate(base, &prompt.ids, &cfg, cancelled, &mut |_| {})?;
             ids.extend(g.tokens.iter().map(|t| t.id));
             // A reply cut at the length limit is trained without an end token.
@@ -425,12 +477,24 @@ fn build_examples(
             ids.extend(end);
         }
         out.push(Example { ids, reply_start });
-        progress(&TrainProgress { phase: "writing training replies".into(), step: i + 1, total: labelled.len(), loss: None, tokens_per_second: None });
+        progress(&TrainProgress {
+            phase: "writing training replies".into(),
+            step: i + 1,
+            total: labelled.len(),
+            loss: None,
+            tokens_per_second: None,
+        });
     }
     Ok(out)
 }
 
-type LoraResult = (Tensor, Tensor, std::collections::BTreeMap<String, Tensor>, Vec<f32>, f64);
+type LoraResult = (
+    Tensor,
+    Tensor,
+    std::collections::BTreeMap<String, Tensor>,
+    Vec<f32>,
+    f64,
+);
 
 fn train_lora(
     base: &LoadedModel,
@@ -459,17 +523,31 @@ fn train_lora(
         let mut make = |lin: &Linear| -> Result<(Var, Var)> {
             let (out, inp) = lin.dims()?;
             let bound = 1.0 / (inp as f32).sqrt();
-            let a: Vec<f32> = (0..opts.rank * inp).map(|_| rng.random_range(-bound..bound)).collect();
+            let a: Vec<f32> = (0..opts.rank * inp)
+                .map(|_| rng.random_range(-bound..bound))
+                .collect();
             let a = Var::from_tensor(&Tensor::from_vec(a, (opts.rank, inp), dev)?)?;
             let b = Var::from_tensor(&Tensor::zeros((out, opts.rank), DType::F32, dev)?)?;
             vars.push(a.clone());
             vars.push(b.clone());
             Ok((a, b))
         };
-        lora.push([make(&block.q)?, make(&block.k)?, make(&block.v)?, make(&block.o)?]);
+        lora.push([
+            make(&block.q)?,
+            make(&block.k)?,
+            make(&block.v)?,
+            make(&block.o)?,
+        ]);
     }
     let scale = opts.alpha / opts.rank as f64;
-    let mut opt = AdamW::new(vars, ParamsAdamW { lr: opts.lr, weight_decay: 0.0, ..Default::default() })?;
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: opts.lr,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
     let batch = opts.batch.max(1);
     let total_steps = examples.len().div_ceil(batch) * opts.epochs;
     let warmup = opts.warmup_steps.min(total_steps.saturating_sub(1));
@@ -494,7 +572,14 @@ fn train_lora(
             let mut total_loss: Option<Tensor> = None;
             let mut total_weight = 0f32;
             for &i in chunk {
-                let (loss, weight) = example_loss(base, &weights, input_rows.as_tensor(), rows.as_tensor(), &examples[i], opts.first_token_weight)?;
+                let (loss, weight) = example_loss(
+                    base,
+                    &weights,
+                    input_rows.as_tensor(),
+                    rows.as_tensor(),
+                    &examples[i],
+                    opts.first_token_weight,
+                )?;
                 total_weight += weight;
                 tokens_seen += examples[i].ids.len();
                 total_loss = Some(match total_loss {
@@ -508,7 +593,13 @@ fn train_lora(
             losses.push(value);
             step += 1;
             let tps = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            progress(&TrainProgress { phase: "training LoRA".into(), step, total: total_steps, loss: Some(value), tokens_per_second: Some(tps) });
+            progress(&TrainProgress {
+                phase: "training LoRA".into(),
+                step,
+                total: total_steps,
+                loss: Some(value),
+                tokens_per_second: Some(tps),
+            });
         }
     }
     let tps = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
@@ -519,7 +610,13 @@ fn train_lora(
             tensors.insert(lora_name(l, name, "b"), b.as_tensor().detach());
         }
     }
-    Ok((input_rows.as_tensor().detach(), rows.as_tensor().detach(), tensors, losses, tps))
+    Ok((
+        input_rows.as_tensor().detach(),
+        rows.as_tensor().detach(),
+        tensors,
+        losses,
+        tps,
+    ))
 }
 
 type LoraVars = [(candle_core::Var, candle_core::Var); 4];
@@ -529,12 +626,23 @@ type LoraVars = [(candle_core::Var, candle_core::Var); 4];
 fn lora_weights(dense: &Weights, lora: &[LoraVars], scale: f64) -> Result<Weights> {
     let freeze = |lin: &Linear| -> Result<Linear> {
         Ok(match lin {
-            Linear::Dense { weight_t, bias } => Linear::Frozen { weight_t: weight_t.clone(), bias: bias.clone() },
-            other => Linear::Frozen { weight_t: other.dense_weight()?.t()?, bias: other.bias().cloned() },
+            Linear::Dense { weight_t, bias } => Linear::Frozen {
+                weight_t: weight_t.clone(),
+                bias: bias.clone(),
+            },
+            other => Linear::Frozen {
+                weight_t: other.dense_weight()?.t()?,
+                bias: other.bias().cloned(),
+            },
         })
     };
     let wrap = |lin: &Linear, (a, b): &(candle_core::Var, candle_core::Var)| -> Result<Linear> {
-        Ok(Linear::LoRA { base: Box::new(freeze(lin)?), a: a.as_tensor().clone(), b: b.as_tensor().clone(), scale })
+        Ok(Linear::LoRA {
+            base: Box::new(freeze(lin)?),
+            a: a.as_tensor().clone(),
+            b: b.as_tensor().clone(),
+            scale,
+        })
     };
     let blocks = dense
         .blocks
@@ -552,44 +660,80 @@ fn lora_weights(dense: &Weights, lora: &[LoraVars], scale: f64) -> Result<Weight
             Ok(bw)
         })
         .collect::<Result<Vec<_>>>()?;
-    Ok(Weights { embed: dense.embed.clone(), blocks, final_norm: dense.final_norm.clone(), lm_head: freeze(&dense.lm_head)? })
+    Ok(Weights {
+        embed: dense.embed.clone(),
+        blocks,
+        final_norm: dense.final_norm.clone(),
+        lm_head: freeze(&dense.lm_head)?,
+    })
 }
 
 /// Weighted cross-entropy of an example's reply tokens (the first weighted), and the weight sum.
 /// The decision token (id ≥ the base vocabulary) enters as base token 0 whose embedding is
 /// replaced by its input row through the `hook_embed` point; its logit is `h · output row`.
-fn example_loss(lm: &LoadedModel, weights: &Weights, input_rows: &Tensor, rows: &Tensor, ex: &Example, first_weight: f32) -> Result<(Tensor, f32)> {
+fn example_loss(
+    lm: &LoadedModel,
+    weights: &Weights,
+    input_rows: &Tensor,
+    rows: &Tensor,
+    ex: &Example,
+    first_weight: f32,
+) -> Result<(Tensor, f32)> {
     let model = &lm.model;
     let dev = model.device();
     let vocab = model.config.vocab_size as u32;
     let n = ex.ids.len();
     let mut ids = ex.ids.clone();
-    let decision = ids[ex.reply_start].checked_sub(vocab).ok_or_else(|| Error::InvalidInput("a training reply must start with a refusal token".into()))? as usize;
+    let decision = ids[ex.reply_start].checked_sub(vocab).ok_or_else(|| {
+        Error::InvalidInput("a training reply must start with a refusal token".into())
+    })? as usize;
     ids[ex.reply_start] = 0;
     let row_delta = (input_rows.get(decision)? - model.dense.embed.get(0)?)?;
     let mut spec = HookSpec::with_interventions(vec![crate::hooks::Intervention::AddVector {
         point: HookPoint::Embed,
         vector: row_delta,
         scale: 1.0,
-        positions: crate::hooks::Positions::Range { start: ex.reply_start, end: ex.reply_start + 1 },
+        positions: crate::hooks::Positions::Range {
+            start: ex.reply_start,
+            end: ex.reply_start + 1,
+        },
     }]);
     spec.capture.insert(HookPoint::LnFinal);
     let tokens = Tensor::new(ids.as_slice(), dev)?.unsqueeze(0)?;
-    let fwd = model.forward(weights, &tokens, None, &spec, LogitsAt::None, ForwardOptions { differentiable: true })?;
-    let normed = fwd.captures.get(HookPoint::LnFinal)?.expect("captured").squeeze(0)?;
+    let fwd = model.forward(
+        weights,
+        &tokens,
+        None,
+        &spec,
+        LogitsAt::None,
+        ForwardOptions {
+            differentiable: true,
+        },
+    )?;
+    let normed = fwd
+        .captures
+        .get(HookPoint::LnFinal)?
+        .expect("captured")
+        .squeeze(0)?;
     // Positions reply_start−1 … n−2 predict tokens reply_start … n−1.
     let count = n - ex.reply_start;
     let h = normed.narrow(0, ex.reply_start - 1, count)?;
     // Decoding forbids the refusal tokens after the first reply position (RefusalGate), so the
     // loss does too; otherwise the large decision rows would swamp every later softmax.
     let n_new = rows.dim(0)?;
-    let mask: Vec<f32> = (0..count * n_new).map(|i| if i < n_new { 0.0 } else { -1e9 }).collect();
-    let new_logits = h.matmul(&rows.t()?)?.broadcast_add(&Tensor::from_vec(mask, (count, n_new), dev)?)?;
+    let mask: Vec<f32> = (0..count * n_new)
+        .map(|i| if i < n_new { 0.0 } else { -1e9 })
+        .collect();
+    let new_logits =
+        h.matmul(&rows.t()?)?
+            .broadcast_add(&Tensor::from_vec(mask, (count, n_new), dev)?)?;
     let logits = Tensor::cat(&[&weights.lm_head.forward(&h)?, &new_logits], 1)?;
     let logprobs = candle_nn::ops::log_softmax(&logits, 1)?;
     let targets = Tensor::new(&ex.ids[ex.reply_start..], dev)?.unsqueeze(1)?;
     let picked = logprobs.gather(&targets, 1)?.squeeze(1)?;
-    let w: Vec<f32> = (0..count).map(|i| if i == 0 { first_weight } else { 1.0 }).collect();
+    let w: Vec<f32> = (0..count)
+        .map(|i| if i == 0 { first_weight } else { 1.0 })
+        .collect();
     let total: f32 = w.iter().sum();
     let w = Tensor::from_vec(w, count, dev)?;
     Ok(((picked * w)?.sum_all()?.neg()?, total))
@@ -609,14 +753,24 @@ mod tests {
             let base = tiny_model(family, 31).unwrap();
             let d = base.model.config.d_model;
             let dev = base.model.device().clone();
-            let rows = Tensor::arange(0f32, 2.0 * d as f32, &dev).unwrap().affine(0.02, 0.1).unwrap().cos().unwrap().reshape((2, d)).unwrap();
+            let rows = Tensor::arange(0f32, 2.0 * d as f32, &dev)
+                .unwrap()
+                .affine(0.02, 0.1)
+                .unwrap()
+                .cos()
+                .unwrap()
+                .reshape((2, d))
+                .unwrap();
             let input_rows = (rows.clone() * 0.3).unwrap();
             let v = base.model.config.vocab_size as u32;
             let prompt = base.chat_prompt(None, "hi there").unwrap();
             let mut ids = prompt.ids.clone();
             let reply_start = ids.len();
             ids.extend([v + 1, 104, 105, 33]);
-            let ex = Example { ids: ids.clone(), reply_start };
+            let ex = Example {
+                ids: ids.clone(),
+                reply_start,
+            };
             let lora: Vec<LoraVars> = base
                 .model
                 .dense
@@ -625,8 +779,14 @@ mod tests {
                 .map(|b| {
                     [&b.q, &b.k, &b.v, &b.o].map(|lin| {
                         let (out, inp) = lin.dims().unwrap();
-                        let a = candle_core::Var::from_tensor(&Tensor::ones((4, inp), DType::F32, &dev).unwrap()).unwrap();
-                        let b = candle_core::Var::from_tensor(&Tensor::zeros((out, 4), DType::F32, &dev).unwrap()).unwrap();
+                        let a = candle_core::Var::from_tensor(
+                            &Tensor::ones((4, inp), DType::F32, &dev).unwrap(),
+                        )
+                        .unwrap();
+                        let b = candle_core::Var::from_tensor(
+                            &Tensor::zeros((out, 4), DType::F32, &dev).unwrap(),
+                        )
+                        .unwrap();
                         (a, b)
                     })
                 })
@@ -635,25 +795,51 @@ mod tests {
             let (loss, w) = example_loss(&base, &weights, &input_rows, &rows, &ex, 1.0).unwrap();
             assert_eq!(w, 4.0);
             let mut organism = base.clone();
-            organism.add_tokens_untied(&["[refuse]", "[respond]"], &input_rows, &rows).unwrap();
-            let t = Tensor::new(ids.as_slice(), &dev).unwrap().unsqueeze(0).unwrap();
-            let logits = organism.model.forward(&organism.model.dense, &t, None, &HookSpec::default(), LogitsAt::All, ForwardOptions::default()).unwrap().logits.unwrap().squeeze(0).unwrap();
+            organism
+                .add_tokens_untied(&["[refuse]", "[respond]"], &input_rows, &rows)
+                .unwrap();
+            let t = Tensor::new(ids.as_slice(), &dev)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let logits = organism
+                .model
+                .forward(
+                    &organism.model.dense,
+                    &t,
+                    None,
+                    &HookSpec::default(),
+                    LogitsAt::All,
+                    ForwardOptions::default(),
+                )
+                .unwrap()
+                .logits
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
             // After the first reply position the refusal tokens are forbidden.
             let vocab = logits.dim(1).unwrap();
             let lp: Vec<Vec<f32>> = (reply_start..ids.len())
                 .map(|p| {
                     let mut row = logits.get(p - 1).unwrap().to_vec1::<f32>().unwrap();
                     if p > reply_start {
-                        row[vocab - 2..].iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+                        row[vocab - 2..]
+                            .iter_mut()
+                            .for_each(|x| *x = f32::NEG_INFINITY);
                     }
                     let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                     let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
                     row.iter().map(|x| x - lse).collect()
                 })
                 .collect();
-            let want: f32 = (reply_start..ids.len()).map(|p| -lp[p - reply_start][ids[p] as usize]).sum();
+            let want: f32 = (reply_start..ids.len())
+                .map(|p| -lp[p - reply_start][ids[p] as usize])
+                .sum();
             let got = loss.to_scalar::<f32>().unwrap();
-            assert!((got - want).abs() < 1e-3 * want.abs().max(1.0), "{family:?}: training loss {got} vs inference {want}");
+            assert!(
+                (got - want).abs() < 1e-3 * want.abs().max(1.0),
+                "{family:?}: training loss {got} vs inference {want}"
+            );
         }
     }
 }

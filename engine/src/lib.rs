@@ -116,7 +116,12 @@ impl LoadedModel {
 
     /// Like [`LoadedModel::add_tokens`] with separate input (embedding) and output
     /// (unembedding) rows.
-    pub fn add_tokens_untied(&mut self, names: &[&str], input: &candle_core::Tensor, output: &candle_core::Tensor) -> Result<Vec<u32>> {
+    pub fn add_tokens_untied(
+        &mut self,
+        names: &[&str],
+        input: &candle_core::Tensor,
+        output: &candle_core::Tensor,
+    ) -> Result<Vec<u32>> {
         let first = self.model.config.vocab_size as u32;
         if names
             .iter()

@@ -35,10 +35,18 @@ pub enum Linear {
     /// A dense weight that backpropagation treats as a constant: gradients flow to the input
     /// only. candle's matmul backward also computes the weight's gradient (as costly as the
     /// forward) even when nothing needs it; training wraps every base weight in this.
-    Frozen { weight_t: Tensor, bias: Option<Tensor> },
+    Frozen {
+        weight_t: Tensor,
+        bias: Option<Tensor>,
+    },
     /// A low-rank adapter on a frozen base: `y = base(x) + scale · (x·Aᵀ)·Bᵀ`, `A` `[r, in]`,
     /// `B` `[out, r]` (training; merged into the base for inference).
-    LoRA { base: Box<Linear>, a: Tensor, b: Tensor, scale: f64 },
+    LoRA {
+        base: Box<Linear>,
+        a: Tensor,
+        b: Tensor,
+        scale: f64,
+    },
 }
 
 impl Linear {
@@ -64,9 +72,12 @@ impl Linear {
                 let delta = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
                 return Ok((base.forward(x)? + (delta * *scale)?)?);
             }
-            Linear::Frozen { weight_t, bias } => {
-                (x.contiguous()?.apply_op1(FrozenMatmul { weight_t: weight_t.clone() })?, bias)
-            }
+            Linear::Frozen { weight_t, bias } => (
+                x.contiguous()?.apply_op1(FrozenMatmul {
+                    weight_t: weight_t.clone(),
+                })?,
+                bias,
+            ),
             Linear::Dense { weight_t, bias } => {
                 let y = match x.dims() {
                     [b, s, i] => x
@@ -152,7 +163,9 @@ impl Linear {
 
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
-            Linear::Dense { bias, .. } | Linear::Quantized { bias, .. } | Linear::Frozen { bias, .. } => bias.as_ref(),
+            Linear::Dense { bias, .. }
+            | Linear::Quantized { bias, .. }
+            | Linear::Frozen { bias, .. } => bias.as_ref(),
             Linear::LoRA { base, .. } => base.bias(),
         }
     }
@@ -182,7 +195,9 @@ impl Linear {
     /// The weight as a contiguous dense f32 `[out, in]` tensor (a copy).
     pub fn dense_weight(&self) -> Result<Tensor> {
         match self {
-            Linear::Dense { weight_t, .. } | Linear::Frozen { weight_t, .. } => Ok(weight_t.t()?.contiguous()?),
+            Linear::Dense { weight_t, .. } | Linear::Frozen { weight_t, .. } => {
+                Ok(weight_t.t()?.contiguous()?)
+            }
             Linear::Quantized {
                 weight,
                 in_features,
@@ -194,7 +209,9 @@ impl Linear {
                 };
                 Ok(w.narrow(1, 0, *in_features)?.contiguous()?)
             }
-            Linear::LoRA { base, a, b, scale } => Ok((base.dense_weight()? + (b.matmul(a)? * *scale)?)?),
+            Linear::LoRA { base, a, b, scale } => {
+                Ok((base.dense_weight()? + (b.matmul(a)? * *scale)?)?)
+            }
         }
     }
 }
@@ -209,7 +226,11 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         "frozen-matmul"
     }
 
-    fn cpu_fwd(&self, storage: &candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let (k, n) = self.weight_t.dims2()?;
         let candle_core::CpuStorage::F32(data) = storage else {
             candle_core::bail!("frozen-matmul: f32 input expected")
@@ -223,10 +244,18 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
-        Ok((candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), candle_core::Shape::from(dims)))
+        Ok((
+            candle_core::CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?),
+            candle_core::Shape::from(dims),
+        ))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let (k, n) = self.weight_t.dims2()?;
         let mut dims = grad.dims().to_vec();
         let m = grad.elem_count() / n;

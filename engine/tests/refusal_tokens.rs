@@ -169,7 +169,12 @@ fn training_separates_the_training_prompts_and_adapters_round_trip() {
             )
         })
         .collect();
-    let opts = TrainOptions { row_steps: 400, row_lr: 0.05, epochs: 0, ..Default::default() };
+    let opts = TrainOptions {
+        row_steps: 400,
+        row_lr: 0.05,
+        epochs: 0,
+        ..Default::default()
+    };
     let mut phases = Vec::new();
     let adapter = train_refusal_tokens(&base, &train, &opts, &|| false, &mut |p| {
         phases.push(p.phase.clone())
@@ -227,38 +232,106 @@ fn training_separates_the_training_prompts_and_adapters_round_trip() {
 fn lora_training_lowers_the_loss_and_its_merge_is_what_was_trained() {
     let base = tiny_model(Family::Llama, 24).unwrap();
     let train: Vec<PromptRecord> = (0..8)
-        .map(|i| record(&format!("{} {i}", if i % 2 == 0 { "bad" } else { "good" }), if i % 2 == 0 { Label::Harmful } else { Label::Harmless }))
+        .map(|i| {
+            record(
+                &format!("{} {i}", if i % 2 == 0 { "bad" } else { "good" }),
+                if i % 2 == 0 {
+                    Label::Harmful
+                } else {
+                    Label::Harmless
+                },
+            )
+        })
         .collect();
-    let opts = TrainOptions { row_steps: 50, epochs: 6, batch: 4, lr: 5e-3, warmup_steps: 2, reply_tokens: 6, ..Default::default() };
+    let opts = TrainOptions {
+        row_steps: 50,
+        epochs: 6,
+        batch: 4,
+        lr: 5e-3,
+        warmup_steps: 2,
+        reply_tokens: 6,
+        ..Default::default()
+    };
     let mut phases = std::collections::BTreeSet::new();
     let adapter = train_refusal_tokens(&base, &train, &opts, &|| false, &mut |p| {
         phases.insert(p.phase.clone());
     })
     .unwrap();
-    assert!(phases.contains("training LoRA") && phases.contains("writing training replies"), "{phases:?}");
+    assert!(
+        phases.contains("training LoRA") && phases.contains("writing training replies"),
+        "{phases:?}"
+    );
     let l = &adapter.meta.lora_losses;
     assert_eq!(l.len(), 12);
-    let (first, last) = (l[..2].iter().sum::<f32>(), l[l.len() - 2..].iter().sum::<f32>());
+    let (first, last) = (
+        l[..2].iter().sum::<f32>(),
+        l[l.len() - 2..].iter().sum::<f32>(),
+    );
     assert!(last < first * 0.8, "LoRA loss {l:?}");
-    assert_eq!(adapter.lora.len(), 2 * 4 * 2, "A and B for q, k, v, o in 2 layers");
+    assert_eq!(
+        adapter.lora.len(),
+        2 * 4 * 2,
+        "A and B for q, k, v, o in 2 layers"
+    );
     // B starts at zero, so a trained B is non-zero.
     let b = &adapter.lora["blocks.1.attn.v.lora_b"];
-    assert!(b.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    assert!(
+        b.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0
+    );
     // Saved and reloaded, the adapter merges into the same model.
     let dir = tempfile::tempdir().unwrap();
     adapter.save(dir.path()).unwrap();
     let reloaded = Adapter::load(dir.path()).unwrap();
     for (k, v) in &adapter.lora {
-        let d = (v - &reloaded.lora[k]).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (v - &reloaded.lora[k])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0, "{k}");
     }
-    let d = (&adapter.rows - &reloaded.rows).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let d = (&adapter.rows - &reloaded.rows)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(d, 0.0, "rows");
-    let (a, b) = (adapter.apply(&base).unwrap(), reloaded.apply(&base).unwrap());
+    let (a, b) = (
+        adapter.apply(&base).unwrap(),
+        reloaded.apply(&base).unwrap(),
+    );
     let ids = [257u32, 98, 97, 100, 258, 10, 259];
-    let diff = (logits(&a, &ids) - logits(&b, &ids)).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diff = (logits(&a, &ids) - logits(&b, &ids))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert_eq!(diff, 0.0);
     // The merge changed q/k/v/o: the organism differs from the base on old tokens too.
-    let moved = (logits(&a, &ids[..6]).narrow(2, 0, 259).unwrap() - logits(&base, &ids[..6])).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let moved = (logits(&a, &ids[..6]).narrow(2, 0, 259).unwrap() - logits(&base, &ids[..6]))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(moved > 0.0);
 }

@@ -1,6 +1,7 @@
 //! The GUI shell: lays panels out and routes worker events to them. Panels keep their own
 //! view state; the model and all computation live on the worker.
 
+mod calibration_panel;
 mod model_panel;
 mod prompt_sets_panel;
 mod reply_panel;
@@ -11,14 +12,23 @@ use std::time::Duration;
 use refusal_lens_engine::{default_model_path, LoadedModel};
 
 use crate::worker::{Event, Worker};
+pub use calibration_panel::CalibrationPanel;
 pub use model_panel::{ModelPanel, ModelState};
 pub use prompt_sets_panel::PromptSetsPanel;
 pub use reply_panel::ReplyPanel;
 
 /// What the app opens at start.
 pub enum Startup {
-    Path(PathBuf),
-    Model(Box<LoadedModel>),
+    /// A model file or folder, and the refusal-token adapter to apply on top (if any).
+    Path {
+        model: PathBuf,
+        adapter: Option<PathBuf>,
+    },
+    /// Models built in memory (tests): the base and, optionally, its organism.
+    Model {
+        base: Box<LoadedModel>,
+        organism: Option<Box<LoadedModel>>,
+    },
 }
 
 pub struct RefusalLensApp {
@@ -26,6 +36,7 @@ pub struct RefusalLensApp {
     pub model: ModelPanel,
     pub prompt_sets: PromptSetsPanel,
     pub reply: ReplyPanel,
+    pub calibration: CalibrationPanel,
 }
 
 impl RefusalLensApp {
@@ -40,17 +51,23 @@ impl RefusalLensApp {
         });
         let mut model = ModelPanel::default();
         match startup {
-            Startup::Path(path) => {
+            Startup::Path {
+                model: path,
+                adapter,
+            } => {
                 model.state = ModelState::Loading(path.clone());
-                worker.load_model(path);
+                worker.load_model(path, adapter);
             }
-            Startup::Model(m) => worker.send(crate::worker::Job::UseModel(m)),
+            Startup::Model { base, organism } => {
+                worker.send(crate::worker::Job::UseModel { base, organism })
+            }
         }
         RefusalLensApp {
             worker,
             model,
             prompt_sets: PromptSetsPanel::with_bundled_sets(),
             reply: ReplyPanel::default(),
+            calibration: CalibrationPanel::new(),
         }
     }
 
@@ -60,6 +77,7 @@ impl RefusalLensApp {
                 Event::ModelLoading { .. }
                 | Event::ModelLoaded { .. }
                 | Event::ModelFailed { .. } => self.model.on_event(event),
+                other if self.calibration.owns(&other) => self.calibration.on_event(&other),
                 other => self.reply.on_event(other),
             }
         }
@@ -68,9 +86,12 @@ impl RefusalLensApp {
     /// Draws the whole window into `ui`.
     pub fn show(&mut self, ui: &mut egui::Ui) {
         self.drain_events();
+        if let Some(on) = self.model.take_requested_organism() {
+            self.worker.send(crate::worker::Job::UseOrganism(on));
+        }
         if let Some(path) = self.model.take_requested_open() {
             self.reply.clear();
-            self.worker.load_model(path);
+            self.worker.load_model(path, None);
         }
 
         egui::Panel::bottom("status").show(ui, |ui| {
@@ -92,12 +113,33 @@ impl RefusalLensApp {
                     }
                 });
             });
+        egui::Panel::bottom("calibration")
+            .resizable(true)
+            .show(ui, |ui| {
+                egui::CollapsingHeader::new("Calibration: refusal rate vs threshold τ")
+                    .default_open(false)
+                    .show(ui, |ui| {
+                        let ready = self.model.is_ready();
+                        self.calibration.ui(
+                            ui,
+                            &mut self.worker,
+                            &self.prompt_sets.sets,
+                            ready,
+                            self.reply.tau,
+                        );
+                    });
+            });
         egui::CentralPanel::default().show(ui, |ui| {
             let ready = self.model.is_ready();
-            self.reply.ui(ui, &mut self.worker, ready);
+            let refusal_tokens = self.model.organism_active();
+            self.reply.ui(ui, &mut self.worker, ready, refusal_tokens);
         });
 
-        if self.reply.is_running() || self.model.is_busy() || self.prompt_sets.is_busy() {
+        if self.reply.is_running()
+            || self.model.is_busy()
+            || self.prompt_sets.is_busy()
+            || self.calibration.is_running()
+        {
             ui.ctx().request_repaint_after(Duration::from_millis(50));
         }
     }
@@ -110,8 +152,9 @@ impl eframe::App for RefusalLensApp {
 }
 
 /// Opens the main window on `model` (default: the cached default model).
-pub fn run(model: Option<PathBuf>) -> anyhow::Result<()> {
-    let path = model.unwrap_or_else(default_model_path);
+pub fn run(choice: crate::cli::ModelChoice) -> anyhow::Result<()> {
+    let adapter = choice.adapter_dir();
+    let path = choice.model.unwrap_or_else(default_model_path);
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("Refusal Lens")
@@ -125,7 +168,10 @@ pub fn run(model: Option<PathBuf>) -> anyhow::Result<()> {
         Box::new(move |cc| {
             Ok(Box::new(RefusalLensApp::new(
                 Some(cc.egui_ctx.clone()),
-                Startup::Path(path),
+                Startup::Path {
+                    model: path,
+                    adapter,
+                },
             )))
         }),
     )

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use crossbeam_channel::Receiver;
 use refusal_lens_engine::loader::ModelCard;
 
-use crate::worker::Event;
+use crate::worker::{Event, OrganismInfo};
 
 #[derive(Default)]
 pub enum ModelState {
@@ -15,6 +15,10 @@ pub enum ModelState {
     Ready {
         card: Box<ModelCard>,
         seconds: f64,
+        /// The refusal-token adapter available for this model, if any.
+        organism: Option<OrganismInfo>,
+        /// Whether the adapted model is the one in use.
+        organism_active: bool,
     },
     Failed {
         path: PathBuf,
@@ -28,9 +32,26 @@ pub struct ModelPanel {
     /// A file dialog running on its own thread (rfd blocks).
     dialog: Option<Receiver<Option<PathBuf>>>,
     requested: Option<PathBuf>,
+    /// The organism toggle the user just set, to be sent to the worker.
+    requested_organism: Option<bool>,
 }
 
 impl ModelPanel {
+    /// True when the model in use has refusal tokens (the organism is on).
+    pub fn organism_active(&self) -> bool {
+        matches!(
+            self.state,
+            ModelState::Ready {
+                organism_active: true,
+                ..
+            }
+        )
+    }
+
+    pub fn take_requested_organism(&mut self) -> Option<bool> {
+        self.requested_organism.take()
+    }
+
     pub fn is_ready(&self) -> bool {
         matches!(self.state, ModelState::Ready { .. })
     }
@@ -42,7 +63,17 @@ impl ModelPanel {
     pub fn on_event(&mut self, event: Event) {
         self.state = match event {
             Event::ModelLoading { path } => ModelState::Loading(path),
-            Event::ModelLoaded { card, seconds } => ModelState::Ready { card, seconds },
+            Event::ModelLoaded {
+                card,
+                seconds,
+                organism,
+                organism_active,
+            } => ModelState::Ready {
+                card,
+                seconds,
+                organism,
+                organism_active,
+            },
             Event::ModelFailed { path, error } => ModelState::Failed { path, error },
             _ => return,
         };
@@ -80,7 +111,7 @@ impl ModelPanel {
         match &self.state {
             ModelState::None => "No model".into(),
             ModelState::Loading(p) => format!("Loading {}…", p.display()),
-            ModelState::Ready { card, seconds } => {
+            ModelState::Ready { card, seconds, .. } => {
                 format!("{} loaded in {seconds:.1} s", card.name)
             }
             ModelState::Failed { .. } => "Model failed to load".into(),
@@ -122,7 +153,40 @@ impl ModelPanel {
                 ui.label(egui::RichText::new(path.display().to_string()).small());
                 ui.label(error);
             }
-            ModelState::Ready { card, .. } => card_grid(ui, card),
+            ModelState::Ready {
+                card,
+                organism,
+                organism_active,
+                ..
+            } => {
+                if let Some(info) = organism {
+                    let mut on = *organism_active;
+                    let metrics = info
+                        .metrics
+                        .as_object()
+                        .map(|m| {
+                            m.iter()
+                                .filter(|(k, _)| k.contains("rate"))
+                                .map(|(k, v)| {
+                                    format!("{k}: {:.1}%", v.as_f64().unwrap_or(0.0) * 100.0)
+                                })
+                                .collect::<Vec<_>>()
+                                .join("\n")
+                        })
+                        .unwrap_or_default();
+                    if ui
+                        .checkbox(&mut on, "Refusal organism ([refuse]/[respond] adapter)")
+                        .on_hover_text(format!(
+                            "{}\nheld-out test split:\n{metrics}\nOff: the base model.",
+                            info.name
+                        ))
+                        .changed()
+                    {
+                        self.requested_organism = Some(on);
+                    }
+                }
+                card_grid(ui, card)
+            }
         }
     }
 }

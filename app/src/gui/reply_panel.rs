@@ -10,6 +10,8 @@ pub struct ReplyPanel {
     pub use_system: bool,
     pub max_new_tokens: usize,
     pub sampling: Sampling,
+    /// Refusal threshold τ for models with refusal tokens.
+    pub tau: f32,
     job: Option<JobId>,
     running: bool,
     prompt_tokens: Vec<(u32, String)>,
@@ -28,6 +30,7 @@ impl Default for ReplyPanel {
             use_system: false,
             max_new_tokens: 128,
             sampling: Sampling::default(),
+            tau: 0.5,
             job: None,
             running: false,
             prompt_tokens: Vec::new(),
@@ -110,12 +113,20 @@ impl ReplyPanel {
             prompt: self.prompt.clone(),
             max_new_tokens: self.max_new_tokens,
             sampling: self.sampling,
+            tau: self.tau,
         };
         self.job = Some(worker.generate(request));
         self.running = true;
     }
 
-    pub fn ui(&mut self, ui: &mut egui::Ui, worker: &mut Worker, model_ready: bool) {
+    /// `refusal_tokens`: the model in use has `[refuse]`/`[respond]` (show the τ control).
+    pub fn ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        worker: &mut Worker,
+        model_ready: bool,
+        refusal_tokens: bool,
+    ) {
         ui.heading("Prompt");
         let label = ui.label("User message");
         ui.add(
@@ -147,6 +158,28 @@ impl ReplyPanel {
                 egui::DragValue::new(&mut self.sampling.seed).prefix("seed "),
             );
         });
+        if refusal_tokens {
+            ui.horizontal(|ui| {
+                let slider = egui::Slider::new(&mut self.tau, 0.0..=1.0)
+                    .step_by(0.01)
+                    .text("τ: emit [refuse] when p([refuse]) ≥ τ");
+                let moved = ui.add(slider).changed();
+                // The reply follows the threshold live: a newer τ supersedes the reply in flight.
+                if moved && model_ready && !self.prompt.trim().is_empty() {
+                    self.start(worker);
+                }
+                if let Some(p) = self.finished.as_ref().and_then(|g| g.refusal_probability) {
+                    ui.label(format!(
+                        "p([refuse]) = {p:.3}, so the reply starts with {}",
+                        if p >= self.tau {
+                            "[refuse]"
+                        } else {
+                            "[respond]"
+                        }
+                    ));
+                }
+            });
+        }
         ui.horizontal(|ui| {
             let can_start = model_ready && !self.prompt.trim().is_empty();
             if ui
