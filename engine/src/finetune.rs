@@ -50,7 +50,7 @@ impl Default for TrainOptions {
             row_steps: 150,
             row_lr: 0.02,
             seed: 0,
-            epochs: 2,
+            epochs: 3,
             rank: 8,
             alpha: 16.0,
             lr: 1e-3,
