@@ -8,10 +8,13 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
-use refusal_lens_engine::finetune::{first_token_probabilities, gate, Adapter};
+use refusal_lens_engine::finetune::{
+    first_token_probabilities, gate, train_refusal_tokens, Adapter, TrainOptions, TrainProgress,
+};
 use refusal_lens_engine::generate::{generate, GenerateConfig, Generation, Sampling, TokenStep};
 use refusal_lens_engine::loader::ModelCard;
 use refusal_lens_engine::model::FastPrecision;
+use refusal_lens_engine::prompts::PromptRecord;
 use refusal_lens_engine::LoadedModel;
 
 pub type JobId = u64;
@@ -47,6 +50,13 @@ pub enum Job {
     Calibrate {
         id: JobId,
         sets: Vec<(String, Vec<String>)>,
+    },
+    /// Fine-tune refusal tokens on the base model, save the adapter to `out`, and switch to it.
+    Train {
+        id: JobId,
+        train: Vec<PromptRecord>,
+        options: TrainOptions,
+        out: PathBuf,
     },
 }
 
@@ -96,6 +106,15 @@ pub enum Event {
         id: JobId,
         signal: String,
         sets: Vec<(String, Vec<f32>)>,
+    },
+    Training {
+        id: JobId,
+        progress: TrainProgress,
+    },
+    Trained {
+        id: JobId,
+        out: PathBuf,
+        seconds: f64,
     },
     Failed {
         id: JobId,
@@ -153,6 +172,23 @@ impl Worker {
         let id = self.next();
         self.cancel_through.store(id - 1, Ordering::SeqCst);
         self.send(Job::Generate { id, request });
+        id
+    }
+
+    /// Queues a refusal-token training run.
+    pub fn train(
+        &mut self,
+        train: Vec<PromptRecord>,
+        options: TrainOptions,
+        out: PathBuf,
+    ) -> JobId {
+        let id = self.next();
+        self.send(Job::Train {
+            id,
+            train,
+            options,
+            out,
+        });
         id
     }
 
@@ -313,6 +349,54 @@ fn run(
                         id,
                         generation: Box::new(generation),
                     }),
+                    Err(error) => emit(Event::Failed { id, error }),
+                }
+            }
+            Job::Train {
+                id,
+                train,
+                options,
+                out,
+            } => {
+                job_id = id;
+                let started = Instant::now();
+                let cancelled = || cancel_through.load(Ordering::SeqCst) >= id;
+                let result = match &models.base {
+                    None => Err("no model is loaded".to_string()),
+                    Some(base) => {
+                        train_refusal_tokens(base, &train, &options, &cancelled, &mut |p| {
+                            emit(Event::Training {
+                                id,
+                                progress: p.clone(),
+                            })
+                        })
+                        .and_then(|adapter| {
+                            adapter.save(&out)?;
+                            let organism = adapter.apply(base)?;
+                            Ok((organism, adapter))
+                        })
+                        .map_err(|e| e.to_string())
+                    }
+                };
+                match result {
+                    Ok((organism, adapter)) => {
+                        models.organism = Some((
+                            organism,
+                            OrganismInfo {
+                                name: out.display().to_string(),
+                                metrics: adapter.meta.metrics,
+                            },
+                        ));
+                        models.use_organism = true;
+                        emit(Event::Trained {
+                            id,
+                            out,
+                            seconds: started.elapsed().as_secs_f64(),
+                        });
+                        if let Some(e) = models.loaded_event(0.0) {
+                            emit(e);
+                        }
+                    }
                     Err(error) => emit(Event::Failed { id, error }),
                 }
             }

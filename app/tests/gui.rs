@@ -232,3 +232,37 @@ fn calibration_curves_are_computed_for_the_loaded_sets() {
     assert_eq!(h.state().calibration.curves[0].1.len(), 40);
     h.get_by_label_contains("Refusal rate at τ = 0.50");
 }
+
+#[test]
+fn training_refusal_tokens_in_the_gui_plots_the_loss_and_switches_the_organism_on() {
+    let cache = tempfile::tempdir().unwrap();
+    // The trained adapter is written under the cache folder.
+    std::env::set_var("REFUSAL_LENS_CACHE", cache.path());
+    let mut h = harness();
+    step_until(&mut h, "the model", |a| a.model.is_ready());
+    assert!(!h.state().model.organism_active());
+    h.get_by_label("Refusal-token fine-tuning").click();
+    h.run_steps(2);
+    h.state_mut().training.options.epochs = 1;
+    h.state_mut().training.options.reply_tokens = 4;
+    h.get_by_label_contains("Train refusal tokens on 352 train-split prompts")
+        .scroll_to_me();
+    h.run_steps(3);
+    h.get_by_label_contains("Train refusal tokens on 352 train-split prompts")
+        .click();
+    h.run_steps(1);
+    assert!(h.state().training.is_running(), "the click started a job");
+    step_until(&mut h, "the end of training", |a| {
+        !a.training.is_running() && (a.training.result.is_some() || a.training.error.is_some())
+    });
+    assert_eq!(h.state().training.error, None);
+    assert_eq!(h.state().training.losses.len(), 352usize.div_ceil(8));
+    step_until(&mut h, "the organism", |a| a.model.organism_active());
+    h.get_by_label_contains("switched on");
+    assert!(
+        std::fs::read_dir(cache.path().join("adapters"))
+            .unwrap()
+            .count()
+            == 1
+    );
+}

@@ -5,6 +5,7 @@ mod calibration_panel;
 mod model_panel;
 mod prompt_sets_panel;
 mod reply_panel;
+mod training_panel;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,6 +17,7 @@ pub use calibration_panel::CalibrationPanel;
 pub use model_panel::{ModelPanel, ModelState};
 pub use prompt_sets_panel::PromptSetsPanel;
 pub use reply_panel::ReplyPanel;
+pub use training_panel::TrainingPanel;
 
 /// What the app opens at start.
 pub enum Startup {
@@ -37,6 +39,7 @@ pub struct RefusalLensApp {
     pub prompt_sets: PromptSetsPanel,
     pub reply: ReplyPanel,
     pub calibration: CalibrationPanel,
+    pub training: TrainingPanel,
 }
 
 impl RefusalLensApp {
@@ -68,6 +71,7 @@ impl RefusalLensApp {
             prompt_sets: PromptSetsPanel::with_bundled_sets(),
             reply: ReplyPanel::default(),
             calibration: CalibrationPanel::new(),
+            training: TrainingPanel::default(),
         }
     }
 
@@ -78,6 +82,7 @@ impl RefusalLensApp {
                 | Event::ModelLoaded { .. }
                 | Event::ModelFailed { .. } => self.model.on_event(event),
                 other if self.calibration.owns(&other) => self.calibration.on_event(&other),
+                other if self.training.owns(&other) => self.training.on_event(&other),
                 other => self.reply.on_event(other),
             }
         }
@@ -116,18 +121,26 @@ impl RefusalLensApp {
         egui::Panel::bottom("calibration")
             .resizable(true)
             .show(ui, |ui| {
-                egui::CollapsingHeader::new("Calibration: refusal rate vs threshold τ")
-                    .default_open(false)
-                    .show(ui, |ui| {
-                        let ready = self.model.is_ready();
-                        self.calibration.ui(
-                            ui,
-                            &mut self.worker,
-                            &self.prompt_sets.sets,
-                            ready,
-                            self.reply.tau,
-                        );
-                    });
+                egui::ScrollArea::vertical().show(ui, |ui| {
+                    let ready = self.model.is_ready();
+                    egui::CollapsingHeader::new("Calibration: refusal rate vs threshold τ")
+                        .default_open(false)
+                        .show(ui, |ui| {
+                            self.calibration.ui(
+                                ui,
+                                &mut self.worker,
+                                &self.prompt_sets.sets,
+                                ready,
+                                self.reply.tau,
+                            );
+                        });
+                    egui::CollapsingHeader::new("Refusal-token fine-tuning")
+                        .default_open(false)
+                        .show(ui, |ui| {
+                            self.training
+                                .ui(ui, &mut self.worker, &self.prompt_sets.sets, ready);
+                        });
+                });
             });
         egui::CentralPanel::default().show(ui, |ui| {
             let ready = self.model.is_ready();
@@ -139,6 +152,7 @@ impl RefusalLensApp {
             || self.model.is_busy()
             || self.prompt_sets.is_busy()
             || self.calibration.is_running()
+            || self.training.is_running()
         {
             ui.ctx().request_repaint_after(Duration::from_millis(50));
         }

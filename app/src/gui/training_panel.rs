@@ -1,0 +1,155 @@
+//! Refusal-token training as a GUI job: options, progress, a live loss plot, cancel. The
+//! trained adapter is saved and switched on when the job ends.
+
+use std::path::PathBuf;
+
+use egui_plot::{Legend, Line, Plot, PlotPoints};
+use refusal_lens_engine::finetune::{TrainOptions, TrainProgress};
+use refusal_lens_engine::prompts::{PromptSet, Split};
+
+use crate::worker::{Event, JobId, Worker};
+
+#[derive(Default)]
+pub struct TrainingPanel {
+    pub options: TrainOptions,
+    job: Option<JobId>,
+    progress: Option<TrainProgress>,
+    /// LoRA-phase loss per optimiser step.
+    pub losses: Vec<f32>,
+    pub result: Option<String>,
+    pub error: Option<String>,
+}
+
+impl TrainingPanel {
+    pub fn is_running(&self) -> bool {
+        self.job.is_some()
+    }
+
+    pub fn owns(&self, event: &Event) -> bool {
+        let id = match event {
+            Event::Training { id, .. } | Event::Trained { id, .. } | Event::Failed { id, .. } => {
+                *id
+            }
+            _ => return false,
+        };
+        Some(id) == self.job
+    }
+
+    pub fn on_event(&mut self, event: &Event) {
+        match event {
+            Event::Training { progress, .. } => {
+                if progress.phase == "training LoRA" {
+                    if let Some(l) = progress.loss {
+                        self.losses.push(l);
+                    }
+                }
+                self.progress = Some(progress.clone());
+            }
+            Event::Trained { out, seconds, .. } => {
+                self.job = None;
+                self.result = Some(format!(
+                    "Trained in {seconds:.0} s; saved to {} and switched on.",
+                    out.display()
+                ));
+            }
+            Event::Failed { error, .. } => {
+                self.job = None;
+                self.error = Some(error.clone());
+            }
+            _ => {}
+        }
+    }
+
+    pub fn ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        worker: &mut Worker,
+        sets: &[PromptSet],
+        base_ready: bool,
+    ) {
+        let train: Vec<_> = sets
+            .iter()
+            .flat_map(|s| s.split(Some(Split::Train)).cloned())
+            .filter(|r| r.label.is_some())
+            .collect();
+        ui.horizontal_wrapped(|ui| {
+            let o = &mut self.options;
+            ui.add(
+                egui::DragValue::new(&mut o.epochs)
+                    .range(0..=10)
+                    .prefix("epochs "),
+            );
+            ui.add(
+                egui::DragValue::new(&mut o.rank)
+                    .range(1..=64)
+                    .prefix("rank "),
+            );
+            ui.add(
+                egui::DragValue::new(&mut o.lr)
+                    .range(1e-5..=1e-2)
+                    .speed(1e-4)
+                    .prefix("lr "),
+            );
+            ui.add(
+                egui::DragValue::new(&mut o.first_token_weight)
+                    .range(1.0..=50.0)
+                    .prefix("first-token weight "),
+            );
+            ui.add(egui::DragValue::new(&mut o.seed).prefix("seed "));
+        });
+        ui.horizontal(|ui| {
+            let can = base_ready && self.job.is_none() && !train.is_empty();
+            if ui
+                .add_enabled(can, egui::Button::new(format!("Train refusal tokens on {} train-split prompts", train.len())))
+                .on_hover_text("[refuse] for harmful, [respond] + the model's own reply for harmless; LoRA on q, k, v, o")
+                .clicked()
+            {
+                let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                let out: PathBuf = refusal_lens_engine::cache_dir().join("adapters").join(format!("refusal-tokens-{stamp}"));
+                self.losses.clear();
+                self.result = None;
+                self.error = None;
+                self.progress = None;
+                self.job = Some(worker.train(train.clone(), self.options.clone(), out));
+            }
+            if self.job.is_some() && ui.button("Cancel").clicked() {
+                worker.cancel_all();
+            }
+        });
+        if let Some(p) = &self.progress {
+            if self.job.is_some() {
+                let text = match (p.loss, p.tokens_per_second) {
+                    (Some(l), Some(t)) => format!(
+                        "{}: {}/{} · loss {l:.3} · {t:.0} tok/s",
+                        p.phase, p.step, p.total
+                    ),
+                    _ => format!("{}: {}/{}", p.phase, p.step, p.total),
+                };
+                ui.add(egui::ProgressBar::new(p.step as f32 / p.total.max(1) as f32).text(text));
+            }
+        }
+        if let Some(r) = &self.result {
+            ui.label(r);
+        }
+        if let Some(e) = &self.error {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+        if !self.losses.is_empty() {
+            Plot::new("training_loss")
+                .height(160.0)
+                .legend(Legend::default())
+                .x_axis_label("optimiser step")
+                .y_axis_label("loss (nats / weighted token)")
+                .include_y(0.0)
+                .show(ui, |plot| {
+                    let points: PlotPoints = self
+                        .losses
+                        .iter()
+                        .enumerate()
+                        .map(|(i, l)| [i as f64 + 1.0, *l as f64])
+                        .collect();
+                    plot.line(Line::new("LoRA loss", points));
+                });
+        }
+    }
+}
