@@ -5,6 +5,7 @@ use candle_core::{DType, IndexOp, Tensor, D};
 use crate::config::Family;
 use crate::hooks::{HeadValue, HookPoint, HookSpec, Intervention, Positions};
 use crate::model::{FastPrecision, ForwardOptions, KvCache, LogitsAt, Weights};
+use crate::testing::max_abs_diff;
 use crate::testing::{random_weights, tiny_config, tiny_model};
 use crate::LoadedModel;
 
@@ -27,19 +28,6 @@ fn run(m: &LoadedModel, spec: &HookSpec) -> crate::model::ForwardOutput {
             LogitsAt::All,
             ForwardOptions::default(),
         )
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
         .unwrap()
 }
 

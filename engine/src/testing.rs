@@ -328,3 +328,30 @@ pub fn write_gguf(
     gguf_file::write(&mut file, &meta_refs, &tensor_refs)?;
     Ok(())
 }
+
+/// Logits `[1, s, vocab]` of the exact (dense) path for `ids`, no hooks. Panics on error:
+/// a test helper.
+pub fn dense_logits(m: &LoadedModel, ids: &[u32]) -> Tensor {
+    let t = Tensor::new(ids, m.model.device())
+        .and_then(|t| t.unsqueeze(0))
+        .expect("token tensor");
+    let out = m
+        .model
+        .forward(
+            &m.model.dense,
+            &t,
+            None,
+            &crate::hooks::HookSpec::default(),
+            crate::model::LogitsAt::All,
+            crate::model::ForwardOptions::default(),
+        )
+        .expect("forward pass");
+    out.logits.expect("LogitsAt::All yields logits")
+}
+
+/// max |a − b| over all elements. Panics on error: a test helper.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+        .expect("same shapes")
+}

@@ -1,49 +1,18 @@
 //! Loaders, tokenizer, chat positions and generation on tiny random models written to disk.
 
 use candle_core::quantized::GgmlDType;
-use candle_core::Tensor;
+
 use refusal_lens_engine::chat::ChatTemplate;
 use refusal_lens_engine::config::Family;
 use refusal_lens_engine::generate::{generate, GenerateConfig, Precision, Sampling, StopReason};
 use refusal_lens_engine::hooks::HookSpec;
-use refusal_lens_engine::model::{FastPrecision, ForwardOptions, LogitsAt};
+use refusal_lens_engine::model::FastPrecision;
+use refusal_lens_engine::testing::{dense_logits as logits, max_abs_diff};
 use refusal_lens_engine::testing::{
     random_weights, tiny_config, tiny_model, tiny_template, tiny_tokenizer, write_gguf,
     write_hf_folder,
 };
 use refusal_lens_engine::{Error, LoadedModel};
-
-fn logits(m: &LoadedModel, ids: &[u32]) -> Tensor {
-    let t = Tensor::new(ids, m.model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    m.model
-        .forward(
-            &m.model.dense,
-            &t,
-            None,
-            &HookSpec::default(),
-            LogitsAt::All,
-            ForwardOptions::default(),
-        )
-        .unwrap()
-        .logits
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 const IDS: [u32; 8] = [257, 117, 115, 101, 114, 10, 72, 105];
 

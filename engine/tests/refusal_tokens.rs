@@ -8,30 +8,12 @@ use refusal_lens_engine::finetune::{
 };
 use refusal_lens_engine::generate::{generate, GenerateConfig};
 use refusal_lens_engine::hooks::{HookSpec, Intervention};
-use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
+
 use refusal_lens_engine::prompts::{Label, PromptRecord};
 use refusal_lens_engine::refusal::{RefusalSignal, REFUSE_TOKEN, RESPOND_TOKEN};
+use refusal_lens_engine::testing::dense_logits as logits;
 use refusal_lens_engine::testing::tiny_model;
 use refusal_lens_engine::LoadedModel;
-
-fn logits(m: &LoadedModel, ids: &[u32]) -> Tensor {
-    let t = Tensor::new(ids, m.model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    m.model
-        .forward(
-            &m.model.dense,
-            &t,
-            None,
-            &HookSpec::default(),
-            LogitsAt::All,
-            ForwardOptions::default(),
-        )
-        .unwrap()
-        .logits
-        .unwrap()
-}
 
 fn rows(m: &LoadedModel, seed: f64) -> Tensor {
     let d = m.model.config.d_model;
