@@ -207,11 +207,6 @@ impl Worker {
     pub fn try_recv(&self) -> Option<Event> {
         self.events.try_recv().ok()
     }
-
-    /// Blocks for the next event (CLI and tests).
-    pub fn recv_timeout(&self, timeout: std::time::Duration) -> Option<Event> {
-        self.events.recv_timeout(timeout).ok()
-    }
 }
 
 impl Drop for Worker {

@@ -33,17 +33,6 @@ pub enum HookPoint {
     LnFinal,
 }
 
-/// The per-layer hook kinds, as users type them in `--hooks` lists.
-pub const LAYER_HOOK_KINDS: [&str; 7] = [
-    "resid_pre",
-    "attn_pattern",
-    "attn_z",
-    "attn_out",
-    "resid_mid",
-    "mlp_out",
-    "resid_post",
-];
-
 impl HookPoint {
     pub fn layer(self) -> Option<usize> {
         use HookPoint::*;
