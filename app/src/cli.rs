@@ -196,6 +196,9 @@ pub struct GenerateArgs {
     /// Refusal threshold: with refusal tokens, emit [refuse] when p([refuse]) ≥ τ.
     #[arg(long, default_value_t = 0.5)]
     pub tau: f32,
+    /// Without refusal tokens: logit bias on the refusal openers at the first reply token.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub opener_bias: f32,
     /// Print one JSON object per token, then a summary object.
     #[arg(long)]
     pub json: bool,
@@ -345,6 +348,7 @@ fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
         },
         hooks: HookSpec::default(),
         refusal_gate: gate(lm, a.tau),
+        first_token_bias: crate::worker::opener_bias(lm, a.opener_bias)?,
         precision: if a.exact {
             Precision::Exact
         } else {

@@ -27,6 +27,8 @@ pub struct GenerateRequest {
     pub sampling: Sampling,
     /// Refusal threshold for models with refusal tokens.
     pub tau: f32,
+    /// For models without them: logit bias on the refusal openers at the first reply token.
+    pub opener_bias: f32,
 }
 
 pub enum Job {
@@ -441,6 +443,7 @@ fn run_generate(
         max_new_tokens: request.max_new_tokens,
         sampling: request.sampling,
         refusal_gate: gate(m, request.tau),
+        first_token_bias: opener_bias(m, request.opener_bias)?,
         ..Default::default()
     };
     let cancelled = || cancel_through.load(Ordering::SeqCst) >= id;
@@ -481,4 +484,16 @@ fn run_calibrate(
         .describe()
         .to_string();
     Ok((signal, out))
+}
+
+/// The refusal-opener bias for a model without refusal tokens (none when `bias` is 0).
+pub fn opener_bias(
+    m: &LoadedModel,
+    bias: f32,
+) -> refusal_lens_engine::Result<Option<(Vec<u32>, f32)>> {
+    use refusal_lens_engine::refusal::{opener_ids, REFUSAL_OPENERS};
+    if bias == 0.0 || gate(m, 0.5).is_some() {
+        return Ok(None);
+    }
+    Ok(Some((opener_ids(m, REFUSAL_OPENERS)?, bias)))
 }

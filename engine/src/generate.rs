@@ -58,6 +58,10 @@ pub struct GenerateConfig {
     pub hooks: HookSpec,
     pub precision: Precision,
     pub refusal_gate: Option<RefusalGate>,
+    /// For models without refusal tokens: a logit bias on these tokens (the refusal-opener
+    /// set) at the first reply position only, the same control as τ (b = −logit(τ) makes
+    /// the first token a refusal opener exactly when `P(R) ≥ τ`, greedy aside).
+    pub first_token_bias: Option<(Vec<u32>, f32)>,
 }
 
 impl Default for GenerateConfig {
@@ -68,6 +72,7 @@ impl Default for GenerateConfig {
             hooks: HookSpec::default(),
             precision: Precision::Fast,
             refusal_gate: None,
+            first_token_bias: None,
         }
     }
 }
@@ -190,7 +195,22 @@ pub fn generate(
                 };
                 (id, logprobs[id as usize])
             }
-            (0, None) => sample(&logits, &cfg.sampling, &[], &mut rng)?,
+            (0, None) => match &cfg.first_token_bias {
+                Some((ids, bias)) => {
+                    let biased =
+                        HookSpec::with_interventions(vec![crate::hooks::Intervention::LogitBias {
+                            token_ids: ids.clone(),
+                            bias: *bias,
+                        }]);
+                    sample(
+                        &biased.logits(logits.unsqueeze(0)?)?.squeeze(0)?,
+                        &cfg.sampling,
+                        &[],
+                        &mut rng,
+                    )?
+                }
+                None => sample(&logits, &cfg.sampling, &[], &mut rng)?,
+            },
             _ => sample(&logits, &cfg.sampling, &forbidden, &mut rng)?,
         };
         if index == 0 {

@@ -317,3 +317,30 @@ fn lora_training_lowers_the_loss_and_its_merge_is_what_was_trained() {
         .unwrap();
     assert!(moved > 0.0);
 }
+
+#[test]
+fn the_opener_bias_moves_only_the_first_reply_token() {
+    let m = tiny_model(Family::Qwen2, 25).unwrap();
+    let prompt = m.chat_prompt(None, "hello there").unwrap();
+    let exact = refusal_lens_engine::generate::Precision::Exact;
+    let cfg = GenerateConfig {
+        max_new_tokens: 6,
+        precision: exact,
+        first_token_bias: Some((vec![65], 100.0)),
+        ..Default::default()
+    };
+    let biased = generate(&m, &prompt.ids, &cfg, &|| false, &mut |_| {}).unwrap();
+    assert_eq!(biased.tokens[0].id, 65);
+    // The rest is the unbiased continuation of prompt + that token.
+    let mut ids = prompt.ids.clone();
+    ids.push(65);
+    let plain = GenerateConfig {
+        max_new_tokens: 5,
+        precision: exact,
+        ..Default::default()
+    };
+    let rest = generate(&m, &ids, &plain, &|| false, &mut |_| {}).unwrap();
+    let got: Vec<u32> = biased.tokens[1..].iter().map(|t| t.id).collect();
+    let want: Vec<u32> = rest.tokens.iter().map(|t| t.id).collect();
+    assert_eq!(got, want);
+}

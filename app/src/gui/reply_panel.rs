@@ -12,6 +12,8 @@ pub struct ReplyPanel {
     pub sampling: Sampling,
     /// Refusal threshold τ for models with refusal tokens.
     pub tau: f32,
+    /// Logit bias on the refusal openers for models without them.
+    pub opener_bias: f32,
     job: Option<JobId>,
     running: bool,
     prompt_tokens: Vec<(u32, String)>,
@@ -31,6 +33,7 @@ impl Default for ReplyPanel {
             max_new_tokens: 128,
             sampling: Sampling::default(),
             tau: 0.5,
+            opener_bias: 0.0,
             job: None,
             running: false,
             prompt_tokens: Vec::new(),
@@ -114,6 +117,7 @@ impl ReplyPanel {
             max_new_tokens: self.max_new_tokens,
             sampling: self.sampling,
             tau: self.tau,
+            opener_bias: self.opener_bias,
         };
         self.job = Some(worker.generate(request));
         self.running = true;
@@ -158,6 +162,18 @@ impl ReplyPanel {
                 egui::DragValue::new(&mut self.sampling.seed).prefix("seed "),
             );
         });
+        if !refusal_tokens {
+            ui.horizontal(|ui| {
+                let slider = egui::Slider::new(&mut self.opener_bias, -10.0..=10.0).step_by(0.1).text("refusal-opener bias b (first reply token)");
+                // The reply follows the bias live, as it follows τ with refusal tokens.
+                if ui.add(slider).on_hover_text("Adds b to the logits of the refusal openers (I, Sorry, As, Unfortunately, …) at the first reply position").changed()
+                    && model_ready
+                    && !self.prompt.trim().is_empty()
+                {
+                    self.start(worker);
+                }
+            });
+        }
         if refusal_tokens {
             ui.horizontal(|ui| {
                 let slider = egui::Slider::new(&mut self.tau, 0.0..=1.0)
