@@ -481,34 +481,26 @@ fn bench(lm: &LoadedModel, a: BenchArgs) -> Result<()> {
         f()?;
         Ok(start.elapsed().as_secs_f64())
     };
+    let prefill_once = || -> Result<()> {
+        let weights = model.generation_weights();
+        model.forward(
+            weights,
+            &tokens,
+            None,
+            &HookSpec::default(),
+            LogitsAt::Last,
+            ForwardOptions::default(),
+        )?;
+        Ok(())
+    };
     // Warm-up (page in weights, allocate).
-    model.forward(
-        model.generation_weights(),
-        &tokens,
-        None,
-        &HookSpec::default(),
-        LogitsAt::Last,
-        ForwardOptions::default(),
-    )?;
+    prefill_once()?;
 
     let mut prefill = Vec::new();
     let mut captures = Vec::new();
     let all_resid = HookSpec::capture((0..model.config.n_layers).map(HookPoint::ResidPre));
     for _ in 0..repeats {
-        prefill.push(
-            n as f64
-                / time(&mut || {
-                    model.forward(
-                        model.generation_weights(),
-                        &tokens,
-                        None,
-                        &HookSpec::default(),
-                        LogitsAt::Last,
-                        ForwardOptions::default(),
-                    )?;
-                    Ok(())
-                })?,
-        );
+        prefill.push(n as f64 / time(&mut || prefill_once())?);
         captures.push(
             n as f64
                 / time(&mut || {
