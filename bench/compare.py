@@ -34,7 +34,7 @@ def chatml(prompt):
 def ours(model, threads, tokens):
     exe = os.path.join(ROOT, "target", "release", "refusal-lens")
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
-    out = subprocess.run([exe, "bench", "--model", model, "--prompt", PROMPT, "--max-tokens", str(tokens),
+    out = subprocess.run([exe, "bench", "--base", "--model", model, "--prompt", PROMPT, "--max-tokens", str(tokens),
                           "--json"], env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
 
