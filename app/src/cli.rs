@@ -9,7 +9,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
 use refusal_lens_engine::finetune::{
-    first_token_probabilities, gate, rates_at, train_refusal_tokens, Adapter, TrainOptions,
+    first_token_probabilities, gate, opener_bias, rates_at, train_refusal_tokens, Adapter,
+    TrainOptions,
 };
 use refusal_lens_engine::generate::{generate, GenerateConfig, Precision, Sampling};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
@@ -348,7 +349,7 @@ fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
         },
         hooks: HookSpec::default(),
         refusal_gate: gate(lm, a.tau),
-        first_token_bias: crate::worker::opener_bias(lm, a.opener_bias)?,
+        first_token_bias: opener_bias(lm, a.opener_bias)?,
         precision: if a.exact {
             Precision::Exact
         } else {

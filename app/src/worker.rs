@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use refusal_lens_engine::finetune::{
-    first_token_probabilities, gate, train_refusal_tokens, Adapter, TrainOptions, TrainProgress,
+    first_token_probabilities, gate, opener_bias, train_refusal_tokens, Adapter, TrainOptions,
+    TrainProgress,
 };
 use refusal_lens_engine::generate::{generate, GenerateConfig, Generation, Sampling, TokenStep};
 use refusal_lens_engine::loader::ModelCard;
@@ -484,16 +485,4 @@ fn run_calibrate(
         .describe()
         .to_string();
     Ok((signal, out))
-}
-
-/// The refusal-opener bias for a model without refusal tokens (none when `bias` is 0).
-pub fn opener_bias(
-    m: &LoadedModel,
-    bias: f32,
-) -> refusal_lens_engine::Result<Option<(Vec<u32>, f32)>> {
-    use refusal_lens_engine::refusal::{opener_ids, REFUSAL_OPENERS};
-    if bias == 0.0 || gate(m, 0.5).is_some() {
-        return Ok(None);
-    }
-    Ok(Some((opener_ids(m, REFUSAL_OPENERS)?, bias)))
 }

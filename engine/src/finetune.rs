@@ -364,6 +364,17 @@ pub fn gate(lm: &LoadedModel, tau: f32) -> Option<RefusalGate> {
     })
 }
 
+/// For a model without refusal tokens, the same control as the gate: a logit bias on the
+/// refusal-opener set at the first reply token (none when `bias` is 0 or the model has
+/// refusal tokens).
+pub fn opener_bias(lm: &LoadedModel, bias: f32) -> Result<Option<(Vec<u32>, f32)>> {
+    use crate::refusal::{opener_ids, REFUSAL_OPENERS};
+    if bias == 0.0 || gate(lm, 0.5).is_some() {
+        return Ok(None);
+    }
+    Ok(Some((opener_ids(lm, REFUSAL_OPENERS)?, bias)))
+}
+
 /// `p([refuse])` (or `P(R)` for ordinary models) at t_post for each prompt.
 pub fn first_token_probabilities(
     lm: &LoadedModel,
