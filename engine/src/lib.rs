@@ -3,19 +3,24 @@
 //! One forward pass with hook points ([`model::Model::forward`] + [`hooks::HookSpec`]) is
 //! shared by generation and every analysis.
 
+pub mod activations;
 pub mod chat;
 pub mod config;
+pub mod directions;
 pub mod error;
 pub mod finetune;
 pub mod generate;
 pub mod hooks;
 pub mod loader;
 pub mod model;
+pub mod probe;
 pub mod prompts;
 pub mod refusal;
 pub mod response;
+pub mod tensorfile;
 pub mod testing;
 pub mod tokenizer;
+pub mod trajectory;
 
 use std::path::{Path, PathBuf};
 
@@ -154,6 +159,39 @@ impl LoadedModel {
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         tokenizer::decode(&self.tokenizer, ids)
+    }
+
+    /// A behavioural fingerprint: SHA-256 of the shape and of the exact logits on a fixed
+    /// token sequence. Any change to the weights (an adapter, another file) changes it, so
+    /// cached activations and saved directions can be matched to the model that made them.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let cfg = &self.model.config;
+        let n = 8.min(cfg.vocab_size);
+        let ids: Vec<u32> = (0..n as u32)
+            .map(|i| (i * 7919 + 11) % cfg.vocab_size as u32)
+            .collect();
+        let t = candle_core::Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?;
+        let logits = self
+            .model
+            .forward(
+                &self.model.dense,
+                &t,
+                None,
+                &hooks::HookSpec::default(),
+                model::LogitsAt::All,
+                model::ForwardOptions::default(),
+            )?
+            .logits
+            .expect("LogitsAt::All yields logits")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut h = Sha256::new();
+        h.update(format!("{cfg:?}").as_bytes());
+        for v in logits {
+            h.update(v.to_le_bytes());
+        }
+        Ok(format!("{:x}", h.finalize()))
     }
 
     /// The text of one token as the vocabulary shows it (byte-level pieces decoded).

@@ -112,19 +112,73 @@ pub fn first_positions(
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<FirstPosition>> {
-    let model = &lm.model;
-    let shared = prompts.iter().skip(1).fold(
-        prompts.first().map_or(0, |p| p.len().saturating_sub(1)),
-        |n, p| {
-            n.min(
-                p.iter()
-                    .zip(&prompts[0])
-                    .take_while(|(a, b)| a == b)
-                    .count(),
-            )
-            .min(p.len().saturating_sub(1))
+    let mut spec = hooks.clone();
+    spec.capture.insert(HookPoint::LnFinal);
+    let mut out = Vec::with_capacity(prompts.len());
+    for_each_prompt(
+        lm,
+        weights,
+        prompts,
+        usize::MAX,
+        &spec,
+        LogitsAt::Last,
+        cancelled,
+        progress,
+        &mut |_, _, fwd| {
+            let logits = fwd
+                .logits
+                .as_ref()
+                .expect("LogitsAt::Last yields logits")
+                .flatten_all()?;
+            let normalized = fwd
+                .captures
+                .get(HookPoint::LnFinal)?
+                .expect("captured")
+                .flatten_all()?;
+            out.push(FirstPosition {
+                logprobs: candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1::<f32>()?,
+                logsumexp: logits.log_sum_exp(0)?.to_scalar::<f32>()?,
+                normalized,
+            });
+            Ok(())
         },
-    );
+    )?;
+    Ok(out)
+}
+
+/// The forward pass of each prompt in turn, sharing the KV cache of the longest token prefix
+/// common to all of them (at most `max_shared` tokens, so positions the caller reads stay in
+/// the part it sees). `visit(i, offset, output)` gets prompt `i`'s output for its tokens from
+/// absolute position `offset` on; captures cover those positions only.
+#[allow(clippy::too_many_arguments)]
+pub fn for_each_prompt(
+    lm: &LoadedModel,
+    weights: &Weights,
+    prompts: &[Vec<u32>],
+    max_shared: usize,
+    hooks: &HookSpec,
+    logits_at: LogitsAt,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(usize, usize),
+    visit: &mut dyn FnMut(usize, usize, crate::model::ForwardOutput) -> Result<()>,
+) -> Result<()> {
+    let model = &lm.model;
+    let shared = prompts
+        .iter()
+        .skip(1)
+        .fold(
+            prompts.first().map_or(0, |p| p.len().saturating_sub(1)),
+            |n, p| {
+                n.min(
+                    p.iter()
+                        .zip(&prompts[0])
+                        .take_while(|(a, b)| a == b)
+                        .count(),
+                )
+                .min(p.len().saturating_sub(1))
+            },
+        )
+        .min(max_shared);
     let mut prefix = KvCache::new(model.config.n_layers);
     if shared > 0 {
         let t = Tensor::new(&prompts[0][..shared], model.device())?.unsqueeze(0)?;
@@ -132,17 +186,17 @@ pub fn first_positions(
             weights,
             &t,
             Some(&mut prefix),
-            hooks,
+            &HookSpec::with_interventions(hooks.interventions.clone()),
             LogitsAt::None,
             ForwardOptions::default(),
         )?;
     }
-    let mut spec = hooks.clone();
-    spec.capture.insert(HookPoint::LnFinal);
-    let mut out = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
         if cancelled() {
             return Err(Error::Cancelled);
+        }
+        if p.is_empty() {
+            return Err(Error::InvalidInput(format!("prompt {i} has no tokens")));
         }
         let mut cache = prefix.clone();
         let t = Tensor::new(&p[shared..], model.device())?.unsqueeze(0)?;
@@ -150,29 +204,14 @@ pub fn first_positions(
             weights,
             &t,
             Some(&mut cache),
-            &spec,
-            LogitsAt::Last,
+            hooks,
+            logits_at,
             ForwardOptions::default(),
         )?;
-        let logits = fwd
-            .logits
-            .expect("LogitsAt::Last yields logits")
-            .flatten_all()?;
-        let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1::<f32>()?;
-        let logsumexp = logits.log_sum_exp(0)?.to_scalar::<f32>()?;
-        let normalized = fwd
-            .captures
-            .get(HookPoint::LnFinal)?
-            .expect("captured")
-            .flatten_all()?;
-        out.push(FirstPosition {
-            logprobs,
-            logsumexp,
-            normalized,
-        });
+        visit(i, shared, fwd)?;
         progress(i + 1, prompts.len());
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Refusal rate vs threshold τ for several sets of first-token probabilities.
