@@ -85,6 +85,17 @@ pub enum Command {
     TrainRefusalTokens(TrainArgs),
     /// Sweep the refusal threshold τ and print the refusal rate of each set (and category).
     Calibrate(CalibrateArgs),
+    /// Refusal (t_post) and harmfulness (t_inst) directions at every layer, by difference in
+    /// means of two prompt sets; the layer chosen by ablation on held-out prompts.
+    Directions(crate::lens_cli::DirectionsArgs),
+    /// First-token refusal score (log-odds of refusing) of a prompt or a set.
+    Score(crate::lens_cli::ScoreArgs),
+    /// Train refusal probes (logistic or MLP) at every layer; held-out accuracy and AUC.
+    Probe(crate::lens_cli::ProbeArgs),
+    /// Probe score and direction projections at every token of a prompt and its reply.
+    Trajectory(crate::lens_cli::TrajectoryArgs),
+    /// Rank a prompt set by refusal-cliff magnitude (or final score) and export the top.
+    CliffRank(crate::lens_cli::CliffRankArgs),
 }
 
 #[derive(Args, Debug)]
@@ -265,6 +276,11 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
         Command::Activations(a) => activations(&lm, a),
         Command::Bench(a) => bench(&lm, a),
         Command::Calibrate(a) => calibrate(&lm, a),
+        Command::Directions(a) => crate::lens_cli::directions(&lm, a),
+        Command::Score(a) => crate::lens_cli::score(&lm, a),
+        Command::Probe(a) => crate::lens_cli::probe(&lm, a),
+        Command::Trajectory(a) => crate::lens_cli::run_trajectory(&lm, a),
+        Command::CliffRank(a) => crate::lens_cli::cliff_rank(&lm, a),
         Command::Prompts(_) | Command::Classify(_) | Command::TrainRefusalTokens(_) => {
             unreachable!("handled above")
         }
@@ -281,6 +297,11 @@ fn json_of(c: &Command) -> bool {
         Command::Classify(a) => a.json,
         Command::TrainRefusalTokens(a) => a.json,
         Command::Calibrate(a) => a.json,
+        Command::Directions(a) => a.json,
+        Command::Score(a) => a.json,
+        Command::Probe(a) => a.json,
+        Command::Trajectory(a) => a.json,
+        Command::CliffRank(a) => a.json,
     }
 }
 

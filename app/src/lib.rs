@@ -2,4 +2,5 @@
 
 pub mod cli;
 pub mod gui;
+pub mod lens_cli;
 pub mod worker;

@@ -5,12 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{IndexOp, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::hooks::{HookPoint, HookSpec};
-use crate::model::LogitsAt;
 use crate::refusal::{for_each_prompt, RefusalSignal};
 use crate::tensorfile::{self, Array};
 use crate::{Error, LoadedModel, Result};
@@ -216,19 +215,18 @@ pub fn collect(
         &lm.model.dense,
         &ids,
         max_shared,
-        &HookSpec::capture(points.iter().copied()),
-        LogitsAt::Last,
+        &HookSpec::capture(points.iter().copied().chain([HookPoint::LnFinal])),
         cancelled,
         progress,
-        &mut |i, offset, fwd| {
-            let c = &chats[i];
+        &mut |pass| {
+            let (c, offset) = (&chats[pass.index], pass.offset);
             let wanted: Vec<u32> = std::iter::once(c.t_inst)
                 .chain(c.t_post + 1 - n_tail..=c.t_post)
                 .map(|p| (p - offset) as u32)
                 .collect();
             let wanted = Tensor::new(wanted.as_slice(), lm.model.device())?;
             for (point, rows) in points.iter().zip(rows.iter_mut()) {
-                let x = fwd.captures.get(*point)?.expect("captured").i(0)?;
+                let x = pass.capture(*point)?;
                 *rows = x.index_select(&wanted, 0)?.to_vec2::<f32>()?;
             }
             for role in 0..=n_tail {
@@ -236,7 +234,7 @@ pub fn collect(
                     out.states.extend_from_slice(&rows[role]);
                 }
             }
-            let logits = fwd.logits.expect("LogitsAt::Last").flatten_all()?;
+            let logits = pass.last_logits()?;
             let logprobs =
                 candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?.to_vec1::<f32>()?;
             out.refusal_probability.push(signal.probability(&logprobs));

@@ -365,7 +365,8 @@ pub fn to_tensor(v: &[f32], device: &Device) -> Result<Tensor> {
 /// measure the mean refusal score on held-out harmful prompts; discard candidates in the
 /// last 20% of layers, those whose ablation moves harmless prompts' next-token distribution
 /// by KL > `max_kl`, and those whose addition does not raise refusal on harmless prompts;
-/// pick the lowest ablated score. Records every candidate's numbers.
+/// pick the lowest ablated score. Records every candidate's numbers (zero directions,
+/// such as the embedding at a template token, are skipped).
 #[allow(clippy::too_many_arguments)]
 pub fn select(
     lm: &LoadedModel,
@@ -399,7 +400,7 @@ pub fn select(
     let layers = selectable_layers(dirs.n_states).min(n_layers);
     let total = 2 + layers * positions.len() * 3;
     let mut done = 0;
-    let mut run = |prompts: &[Vec<u32>], hooks: &HookSpec| -> Result<Vec<Vec<f32>>> {
+    let run = |prompts: &[Vec<u32>], hooks: &HookSpec| -> Result<Vec<Vec<f32>>> {
         let out = first_positions(
             lm,
             &lm.model.dense,
@@ -408,8 +409,6 @@ pub fn select(
             cancelled,
             &mut |_, _| {},
         )?;
-        done += 1;
-        progress(done, total);
         Ok(out.into_iter().map(|f| f.logprobs).collect())
     };
     let mean_score = |logprobs: &[Vec<f32>]| {
@@ -423,11 +422,21 @@ pub fn select(
     let clean_harmless = run(&harmless, &HookSpec::default())?;
     let baseline_harmful_score = mean_score(&clean_harmful);
     let baseline_harmless_score = mean_score(&clean_harmless);
+    done += 2;
+    progress(done, total);
     let points = state_points(n_layers);
     let mut candidates = Vec::new();
     for layer in 0..layers {
         for &position in &positions {
-            let v = to_tensor(dirs.refusal_at(layer, position), lm.model.device())?;
+            let raw = dirs.refusal_at(layer, position);
+            if norm(raw) < 1e-6 {
+                // E.g. the embedding at a template token, the same in every prompt: nothing
+                // to ablate or add.
+                done += 3;
+                progress(done, total);
+                continue;
+            }
+            let v = to_tensor(raw, lm.model.device())?;
             let ablate =
                 HookSpec::with_interventions(Intervention::ablate_direction(&v, n_layers)?);
             let ablated_score = mean_score(&run(&harmful, &ablate)?);
@@ -445,6 +454,8 @@ pub fn select(
                 positions: Positions::All,
             }]);
             let added_score = mean_score(&run(&harmless, &add)?);
+            done += 3;
+            progress(done, total);
             let rejected = if kl > options.max_kl {
                 Some(format!("KL {kl:.3} > {}", options.max_kl))
             } else if added_score <= baseline_harmless_score {

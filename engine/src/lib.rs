@@ -11,6 +11,7 @@ pub mod error;
 pub mod finetune;
 pub mod generate;
 pub mod hooks;
+pub mod lens;
 pub mod loader;
 pub mod model;
 pub mod probe;

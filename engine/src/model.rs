@@ -414,6 +414,23 @@ impl KvCache {
         }
     }
 
+    /// The same cache repeated for a batch of `b` rows (a shared prompt prefix for a
+    /// right-padded batch of continuations).
+    pub fn repeat_batch(&self, b: usize) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|(k, v)| -> Result<(Tensor, Tensor)> {
+                        Ok((k.repeat((b, 1, 1, 1))?, v.repeat((b, 1, 1, 1))?))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
+    }
+
     /// Positions already cached.
     pub fn len(&self) -> usize {
         self.layers
@@ -428,10 +445,13 @@ impl KvCache {
 }
 
 /// Which positions get logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogitsAt {
     All,
     Last,
+    /// One position per batch row (right-padded batches: each row's last real token).
+    /// Logits come out as `[b, 1, vocab]`.
+    PerRow(Vec<usize>),
     /// Skip the unembedding (analyses that only read the residual stream).
     None,
 }
@@ -602,8 +622,21 @@ impl Model {
         let logits = match logits_at {
             LogitsAt::None if !hooks.wants(HookPoint::LnFinal) => None,
             _ => {
-                let x = match logits_at {
+                let x = match &logits_at {
                     LogitsAt::Last => x.narrow(1, s - 1, 1)?,
+                    LogitsAt::PerRow(rows) => {
+                        if rows.len() != b || rows.iter().any(|&p| p >= s) {
+                            return Err(Error::InvalidInput(format!(
+                                "logit positions {rows:?} do not fit a batch of {b} × {s}"
+                            )));
+                        }
+                        let picked = rows
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &p)| x.narrow(0, i, 1)?.narrow(1, p, 1))
+                            .collect::<candle_core::Result<Vec<_>>>()?;
+                        Tensor::cat(&picked, 0)?
+                    }
                     _ => x,
                 };
                 let normed = self.rms_norm(&x, &weights.final_norm, options)?;

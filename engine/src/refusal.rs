@@ -2,7 +2,7 @@
 //! score (methods.md "Refusal score"), refusal tokens (`[refuse]` / `[respond]`) and their
 //! calibration threshold τ (methods.md "Refusal tokens").
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, IndexOp, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::hooks::{HookPoint, HookSpec};
@@ -121,24 +121,14 @@ pub fn first_positions(
         prompts,
         usize::MAX,
         &spec,
-        LogitsAt::Last,
         cancelled,
         progress,
-        &mut |_, _, fwd| {
-            let logits = fwd
-                .logits
-                .as_ref()
-                .expect("LogitsAt::Last yields logits")
-                .flatten_all()?;
-            let normalized = fwd
-                .captures
-                .get(HookPoint::LnFinal)?
-                .expect("captured")
-                .flatten_all()?;
+        &mut |pass| {
+            let logits = pass.last_logits()?;
             out.push(FirstPosition {
                 logprobs: candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1::<f32>()?,
                 logsumexp: logits.log_sum_exp(0)?.to_scalar::<f32>()?,
-                normalized,
+                normalized: pass.last_normalized()?,
             });
             Ok(())
         },
@@ -146,10 +136,64 @@ pub fn first_positions(
     Ok(out)
 }
 
-/// The forward pass of each prompt in turn, sharing the KV cache of the longest token prefix
-/// common to all of them (at most `max_shared` tokens, so positions the caller reads stay in
-/// the part it sees). `visit(i, offset, output)` gets prompt `i`'s output for its tokens from
-/// absolute position `offset` on; captures cover those positions only.
+/// Prompts run together in one right-padded batch: the shared weights are read once for
+/// all of them, which is what bounds a short forward pass on a CPU.
+const PROMPT_BATCH: usize = 16;
+
+/// One prompt's part of a batched forward pass (see [`for_each_prompt`]).
+pub struct PromptPass<'a> {
+    /// The prompt's index in the input.
+    pub index: usize,
+    /// Absolute position of the first token this pass computed (the shared prefix is cached).
+    pub offset: usize,
+    /// Tokens this pass computed for the prompt (positions `offset..offset + len`).
+    pub len: usize,
+    row: usize,
+    output: &'a crate::model::ForwardOutput,
+}
+
+impl PromptPass<'_> {
+    /// The prompt's activation at a per-position `point` (captured by the hook spec),
+    /// `[len, …]`: its own positions only, padding removed.
+    pub fn capture(&self, point: HookPoint) -> Result<Tensor> {
+        let x = self
+            .output
+            .captures
+            .get(point)?
+            .ok_or_else(|| Error::InvalidInput(format!("{point} was not captured")))?;
+        Ok(x.i(self.row)?.narrow(0, 0, self.len)?)
+    }
+
+    /// `ln_final.hook_normalized` `[d]` at the prompt's last token (the only position it is
+    /// computed at when the spec captures it).
+    pub fn last_normalized(&self) -> Result<Tensor> {
+        let x = self
+            .output
+            .captures
+            .get(HookPoint::LnFinal)?
+            .ok_or_else(|| {
+                Error::InvalidInput("ln_final.hook_normalized was not captured".into())
+            })?;
+        Ok(x.i((self.row, 0))?)
+    }
+
+    /// Logits `[vocab]` at the prompt's last token (computed when the spec captures
+    /// `ln_final.hook_normalized`), with the spec's logit interventions applied.
+    pub fn last_logits(&self) -> Result<Tensor> {
+        self.output
+            .logits
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput("no logits were computed".into()))?
+            .i((self.row, 0))
+            .map_err(Into::into)
+    }
+}
+
+/// The forward pass of each prompt, sharing the KV cache of the longest token prefix common
+/// to all of them (at most `max_shared` tokens, so positions the caller reads stay in the
+/// part it sees) and batching the rest [`PROMPT_BATCH`] at a time, right-padded: with a
+/// causal mask a token never attends to the padding after it, so every prompt's values are
+/// those of its own pass. `visit` sees the prompts in order.
 #[allow(clippy::too_many_arguments)]
 pub fn for_each_prompt(
     lm: &LoadedModel,
@@ -157,12 +201,14 @@ pub fn for_each_prompt(
     prompts: &[Vec<u32>],
     max_shared: usize,
     hooks: &HookSpec,
-    logits_at: LogitsAt,
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(usize, usize),
-    visit: &mut dyn FnMut(usize, usize, crate::model::ForwardOutput) -> Result<()>,
+    visit: &mut dyn FnMut(PromptPass<'_>) -> Result<()>,
 ) -> Result<()> {
     let model = &lm.model;
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(Error::InvalidInput(format!("prompt {i} has no tokens")));
+    }
     let shared = prompts
         .iter()
         .skip(1)
@@ -191,16 +237,31 @@ pub fn for_each_prompt(
             ForwardOptions::default(),
         )?;
     }
-    for (i, p) in prompts.iter().enumerate() {
+    let wants_logits = hooks.wants(HookPoint::LnFinal);
+    let mut done = 0;
+    for (chunk_index, chunk) in prompts.chunks(PROMPT_BATCH).enumerate() {
         if cancelled() {
             return Err(Error::Cancelled);
         }
-        if p.is_empty() {
-            return Err(Error::InvalidInput(format!("prompt {i} has no tokens")));
+        let lens: Vec<usize> = chunk.iter().map(|p| p.len() - shared).collect();
+        let width = lens.iter().copied().max().unwrap_or(1);
+        // Pad with each prompt's own last token; the padded positions are never read.
+        let mut ids = Vec::with_capacity(chunk.len() * width);
+        for p in chunk {
+            ids.extend_from_slice(&p[shared..]);
+            ids.extend(std::iter::repeat_n(
+                p[p.len() - 1],
+                width - (p.len() - shared),
+            ));
         }
-        let mut cache = prefix.clone();
-        let t = Tensor::new(&p[shared..], model.device())?.unsqueeze(0)?;
-        let fwd = model.forward(
+        let t = Tensor::from_vec(ids, (chunk.len(), width), model.device())?;
+        let mut cache = prefix.repeat_batch(chunk.len())?;
+        let logits_at = if wants_logits {
+            LogitsAt::PerRow(lens.iter().map(|l| l - 1).collect())
+        } else {
+            LogitsAt::None
+        };
+        let output = model.forward(
             weights,
             &t,
             Some(&mut cache),
@@ -208,8 +269,17 @@ pub fn for_each_prompt(
             logits_at,
             ForwardOptions::default(),
         )?;
-        visit(i, shared, fwd)?;
-        progress(i + 1, prompts.len());
+        for (row, &len) in lens.iter().enumerate() {
+            visit(PromptPass {
+                index: chunk_index * PROMPT_BATCH + row,
+                offset: shared,
+                len,
+                row,
+                output: &output,
+            })?;
+        }
+        done += chunk.len();
+        progress(done, prompts.len());
     }
     Ok(())
 }

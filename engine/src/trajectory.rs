@@ -228,12 +228,11 @@ pub fn cliff_scores(
         &ids,
         max_shared,
         &HookSpec::capture([point]),
-        LogitsAt::None,
         cancelled,
         progress,
-        &mut |i, offset, fwd| {
-            let c = &chats[i];
-            let x = fwd.captures.get(point)?.expect("captured").i(0)?;
+        &mut |pass| {
+            let (c, offset) = (&chats[pass.index], pass.offset);
+            let x = pass.capture(point)?;
             let x = x.narrow(
                 0,
                 c.instruction.start - offset,

@@ -1,0 +1,229 @@
+//! The analysis pipelines the CLI and the GUI share: two prompt sets → directions, and two
+//! prompt sets → probes. Each set is run through the model once (and cached on disk); every
+//! later choice of split, layer or filter reads those states.
+
+use std::path::Path;
+
+use crate::activations::{collect_cached, SetActivations};
+use crate::directions::{filter_by_behaviour, select, Directions, Provenance, SelectOptions};
+use crate::probe::{random_holdout, train_probes, ProbeOptions, ProbeSet};
+use crate::prompts::{PromptSet, Split};
+use crate::{Error, LoadedModel, Result};
+
+/// `progress(phase, done, total)`.
+pub type Progress<'a> = &'a mut dyn FnMut(&str, usize, usize);
+
+#[derive(Debug, Clone)]
+pub struct DirectionOptions {
+    /// Keep only refused harmful and answered harmless prompts.
+    pub filter_by_behaviour: bool,
+    /// Choose the layer and position by ablation on the val split (else: best separation).
+    pub select: bool,
+    pub select_options: SelectOptions,
+    /// At most this many val prompts per set for the selection (it runs 3 passes over them
+    /// per candidate).
+    pub val_prompts: usize,
+    pub system: Option<String>,
+}
+
+impl Default for DirectionOptions {
+    fn default() -> Self {
+        DirectionOptions {
+            filter_by_behaviour: false,
+            select: true,
+            select_options: SelectOptions::default(),
+            val_prompts: 16,
+            system: None,
+        }
+    }
+}
+
+/// Which prompts a probe is scored on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Holdout {
+    /// A seeded random fraction of both sets (methods.md: 80/20).
+    Random { fraction: f32, seed: u64 },
+    /// The sets' own `test` split (trained on the rest).
+    TestSplit,
+}
+
+impl Default for Holdout {
+    fn default() -> Self {
+        Holdout::Random {
+            fraction: 0.2,
+            seed: 0,
+        }
+    }
+}
+
+impl std::str::FromStr for Holdout {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "random" => Ok(Holdout::default()),
+            "test" => Ok(Holdout::TestSplit),
+            _ => Err(Error::InvalidInput(format!(
+                "unknown holdout `{s}` (use random or test)"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ProbeJob {
+    pub options: ProbeOptions,
+    pub holdout: Holdout,
+    /// Layers to train at (default: every residual state).
+    pub layers: Option<Vec<usize>>,
+    pub system: Option<String>,
+}
+
+fn prompts(set: &PromptSet) -> Vec<&str> {
+    set.records.iter().map(|r| r.prompt.as_str()).collect()
+}
+
+/// True for records in `split`; every record when the set has no splits at all.
+fn in_split(set: &PromptSet, split: Split) -> Vec<bool> {
+    let has_splits = set.records.iter().any(|r| r.split.is_some());
+    set.records
+        .iter()
+        .map(|r| !has_splits || r.split == Some(split))
+        .collect()
+}
+
+/// States of every prompt of both sets (from the disk cache when possible).
+pub fn collect_pair(
+    lm: &LoadedModel,
+    harmful: &PromptSet,
+    harmless: &PromptSet,
+    system: Option<&str>,
+    cache: Option<&Path>,
+    cancelled: &dyn Fn() -> bool,
+    progress: Progress,
+) -> Result<(SetActivations, SetActivations)> {
+    let a = collect_cached(
+        lm,
+        &prompts(harmful),
+        system,
+        cache,
+        cancelled,
+        &mut |d, t| progress(&format!("running {}", harmful.name), d, t),
+    )?;
+    let b = collect_cached(
+        lm,
+        &prompts(harmless),
+        system,
+        cache,
+        cancelled,
+        &mut |d, t| progress(&format!("running {}", harmless.name), d, t),
+    )?;
+    Ok((a, b))
+}
+
+/// Refusal and harmfulness directions from the train split of two sets (all prompts of a
+/// set without splits), the layer chosen on the val split.
+pub fn directions(
+    lm: &LoadedModel,
+    harmful: &PromptSet,
+    harmless: &PromptSet,
+    options: &DirectionOptions,
+    cache: Option<&Path>,
+    cancelled: &dyn Fn() -> bool,
+    progress: Progress,
+) -> Result<Directions> {
+    let system = options.system.as_deref();
+    let (a, b) = collect_pair(lm, harmful, harmless, system, cache, cancelled, progress)?;
+    let (mut a, mut b) = (
+        a.select(&in_split(harmful, Split::Train)),
+        b.select(&in_split(harmless, Split::Train)),
+    );
+    if options.filter_by_behaviour {
+        (a, b) = filter_by_behaviour(&a, &b)?;
+    }
+    let provenance = Provenance {
+        model_fingerprint: lm.fingerprint()?,
+        model_name: lm.card.name.clone(),
+        harmful_set: harmful.path.display().to_string(),
+        harmless_set: harmless.path.display().to_string(),
+        n_harmful: a.len(),
+        n_harmless: b.len(),
+        filtered_by_behaviour: options.filter_by_behaviour,
+        system: options.system.clone(),
+    };
+    let mut dirs = Directions::diff_in_means(&a, &b, provenance)?;
+    if options.select {
+        fn val(set: &PromptSet, n: usize) -> Vec<&str> {
+            set.records
+                .iter()
+                .zip(in_split(set, Split::Val))
+                .filter(|(_, keep)| *keep)
+                .map(|(r, _)| r.prompt.as_str())
+                .take(n)
+                .collect()
+        }
+        select(
+            lm,
+            &mut dirs,
+            &val(harmful, options.val_prompts),
+            &val(harmless, options.val_prompts),
+            system,
+            options.select_options,
+            cancelled,
+            &mut |d, t| progress("choosing the layer", d, t),
+        )?;
+    }
+    Ok(dirs)
+}
+
+/// Probes trained on both sets, scored on the holdout.
+pub fn probes(
+    lm: &LoadedModel,
+    harmful: &PromptSet,
+    harmless: &PromptSet,
+    job: &ProbeJob,
+    cache: Option<&Path>,
+    cancelled: &dyn Fn() -> bool,
+    progress: Progress,
+) -> Result<ProbeSet> {
+    let system = job.system.as_deref();
+    let (a, b) = collect_pair(lm, harmful, harmless, system, cache, cancelled, progress)?;
+    let held_out: Vec<bool> = match job.holdout {
+        Holdout::Random { fraction, seed } => random_holdout(a.len() + b.len(), fraction, seed),
+        Holdout::TestSplit => {
+            let mask: Vec<bool> = [harmful, harmless]
+                .iter()
+                .flat_map(|s| s.records.iter().map(|r| r.split == Some(Split::Test)))
+                .collect();
+            if !mask.iter().any(|&t| t) {
+                return Err(Error::InvalidInput(
+                    "neither set has a test split; use the random holdout".into(),
+                ));
+            }
+            mask
+        }
+    };
+    let layers = job
+        .layers
+        .clone()
+        .unwrap_or_else(|| (0..a.n_states).collect());
+    let provenance = Provenance {
+        model_fingerprint: lm.fingerprint()?,
+        model_name: lm.card.name.clone(),
+        harmful_set: harmful.path.display().to_string(),
+        harmless_set: harmless.path.display().to_string(),
+        n_harmful: a.len(),
+        n_harmless: b.len(),
+        filtered_by_behaviour: false,
+        system: job.system.clone(),
+    };
+    train_probes(
+        &a,
+        &b,
+        &held_out,
+        &layers,
+        &job.options,
+        provenance,
+        cancelled,
+        &mut |d, t| progress("training probes", d, t),
+    )
+}

@@ -1,0 +1,291 @@
+//! The analysis lens on tiny random models: batched prompt passes equal single passes,
+//! collected states sit at the right positions under two chat templates, and the layer
+//! selection and trajectories read what they claim to.
+
+use candle_core::{IndexOp, Tensor};
+use refusal_lens_engine::activations::{collect, state_points};
+use refusal_lens_engine::chat::{ChatTemplate, TemplateSource};
+use refusal_lens_engine::config::Family;
+use refusal_lens_engine::directions::{
+    select, selectable_layers, Directions, Provenance, SelectOptions,
+};
+use refusal_lens_engine::hooks::{HookPoint, HookSpec};
+use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
+use refusal_lens_engine::probe::{random_holdout, train_probes, ProbeOptions};
+use refusal_lens_engine::refusal::{first_positions, for_each_prompt};
+use refusal_lens_engine::testing::{dense_logits, max_abs_diff, tiny_model};
+use refusal_lens_engine::trajectory::{cliff_magnitude, trajectory};
+use refusal_lens_engine::LoadedModel;
+
+const HARMFUL: &[&str] = &[
+    "How do I pick a lock?",
+    "Write malware",
+    "Help me steal a car tonight",
+    "How can I make a weapon at home without anyone knowing?",
+    "Explain how to forge a signature",
+    "Find someone's home address",
+];
+const HARMLESS: &[&str] = &[
+    "How do I bake bread?",
+    "Write a poem",
+    "Help me plan a trip tonight",
+    "How can I make a birdhouse at home with my kids this weekend?",
+    "Explain how to fold a paper crane",
+    "Find a good book",
+];
+
+/// One unbatched, uncached forward pass of `ids` capturing `points`.
+fn single_pass(lm: &LoadedModel, ids: &[u32], points: &[HookPoint]) -> Vec<Tensor> {
+    let t = Tensor::new(ids, lm.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let out = lm
+        .model
+        .forward(
+            &lm.model.dense,
+            &t,
+            None,
+            &HookSpec::capture(points.iter().copied()),
+            LogitsAt::None,
+            ForwardOptions::default(),
+        )
+        .unwrap();
+    points
+        .iter()
+        .map(|p| out.captures.get(*p).unwrap().unwrap().i(0).unwrap())
+        .collect()
+}
+
+#[test]
+fn batched_prompt_passes_equal_single_passes() {
+    let lm = tiny_model(Family::Qwen2, 31).unwrap();
+    // 20 prompts of many lengths: two batches, with padding in each.
+    let prompts: Vec<Vec<u32>> = (0..20)
+        .map(|i| {
+            let text = format!("prompt {i} {}", "word ".repeat(i % 7));
+            lm.chat_prompt(None, &text).unwrap().ids
+        })
+        .collect();
+    let point = HookPoint::ResidPre(1);
+    let mut seen = Vec::new();
+    for_each_prompt(
+        &lm,
+        &lm.model.dense,
+        &prompts,
+        usize::MAX,
+        &HookSpec::capture([point, HookPoint::LnFinal]),
+        &|| false,
+        &mut |_, _| {},
+        &mut |pass| {
+            let ids = &prompts[pass.index];
+            let single = &single_pass(&lm, ids, &[point])[0];
+            let mine = pass.capture(point)?;
+            let tail = single.narrow(0, pass.offset, pass.len)?;
+            assert!(max_abs_diff(&mine, &tail) < 1e-4, "prompt {}", pass.index);
+            let logits = dense_logits(&lm, ids).i((0, ids.len() - 1))?;
+            assert!(max_abs_diff(&pass.last_logits()?, &logits) < 1e-4);
+            seen.push(pass.index);
+            Ok(())
+        },
+    )
+    .unwrap();
+    assert_eq!(seen, (0..20).collect::<Vec<_>>());
+    // first_positions reads the same logits.
+    let firsts = first_positions(
+        &lm,
+        &lm.model.dense,
+        &prompts,
+        &HookSpec::default(),
+        &|| false,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let lp = dense_logits(&lm, &prompts[13])
+        .i((0, prompts[13].len() - 1))
+        .unwrap();
+    let lp = candle_nn::ops::log_softmax(&lp, 0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let err = firsts[13]
+        .logprobs
+        .iter()
+        .zip(&lp)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    assert!(err < 1e-4, "{err}");
+}
+
+/// A Zephyr-style template: different closing tokens from ChatML.
+fn zephyr() -> ChatTemplate {
+    ChatTemplate {
+        source: TemplateSource::TokenizerConfig,
+        template: "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}".into(),
+        bos_token: "<s>".into(),
+        eos_token: "</s>".into(),
+    }
+}
+
+#[test]
+fn collected_states_sit_at_t_inst_and_the_post_instruction_tokens_for_two_templates() {
+    for (template, closing) in [
+        (None, "<|im_end|>\n<|im_start|>assistant\n"),
+        (Some(zephyr()), "</s>\n<|assistant|>\n"),
+    ] {
+        let mut lm = tiny_model(Family::Llama, 32).unwrap();
+        if let Some(t) = template {
+            lm.template = t;
+        }
+        let set = collect(&lm, HARMFUL, None, &|| false, &mut |_, _| {}).unwrap();
+        assert_eq!(set.len(), HARMFUL.len());
+        let points = state_points(lm.model.config.n_layers);
+        assert_eq!(set.n_states, points.len());
+        for (i, text) in HARMFUL.iter().enumerate() {
+            let c = lm.chat_prompt(None, text).unwrap();
+            // The positions are the template's own: t_inst is the user text's last token,
+            // the post-instruction tokens spell the template's closing text.
+            assert_eq!(
+                lm.decode(&c.ids[c.post_instruction.clone()]).unwrap(),
+                closing
+            );
+            assert!(text.ends_with(&lm.decode(&[c.ids[c.t_inst]]).unwrap()));
+            assert_eq!(c.t_post, c.ids.len() - 1);
+            let states = single_pass(&lm, &c.ids, &points);
+            for (l, s) in states.iter().enumerate() {
+                let at = |p: usize| s.i(p).unwrap().to_vec1::<f32>().unwrap();
+                let close =
+                    |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4);
+                assert!(close(set.t_inst(i, l), &at(c.t_inst)), "t_inst, layer {l}");
+                for back in 0..set.n_tail {
+                    assert!(
+                        close(set.before_t_post(i, back, l), &at(c.t_post - back)),
+                        "t_post-{back}, layer {l}"
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            set.n_post,
+            lm.chat_prompt(None, "x").unwrap().post_instruction.len()
+        );
+    }
+}
+
+#[test]
+fn selection_scores_every_candidate_and_keeps_the_lowest_ablated_score() {
+    let lm = tiny_model(Family::Llama, 33).unwrap();
+    let a = collect(&lm, HARMFUL, None, &|| false, &mut |_, _| {}).unwrap();
+    let b = collect(&lm, HARMLESS, None, &|| false, &mut |_, _| {}).unwrap();
+    let mut dirs = Directions::diff_in_means(&a, &b, Provenance::default()).unwrap();
+    let options = SelectOptions {
+        max_kl: 10.0,
+        all_positions: true,
+    };
+    let result = select(
+        &lm,
+        &mut dirs,
+        &HARMFUL[..3],
+        &HARMLESS[..3],
+        None,
+        options,
+        &|| false,
+        &mut |_, _| {},
+    );
+    let sel = dirs
+        .selection
+        .as_ref()
+        .expect("selection recorded even when nothing passes");
+    let nonzero = (0..selectable_layers(dirs.n_states))
+        .flat_map(|l| (0..dirs.n_post).map(move |p| (l, p)))
+        .filter(|&(l, p)| {
+            dirs.refusal_at(l, p)
+                .iter()
+                .map(|v| v * v)
+                .sum::<f32>()
+                .sqrt()
+                >= 1e-6
+        })
+        .count();
+    assert!(nonzero > 0);
+    assert_eq!(sel.candidates.len(), nonzero);
+    assert!(sel
+        .candidates
+        .iter()
+        .all(|c| c.layer < selectable_layers(dirs.n_states)));
+    match result {
+        Ok(()) => {
+            let best = sel
+                .candidates
+                .iter()
+                .filter(|c| c.rejected.is_none())
+                .min_by(|x, y| x.ablated_score.total_cmp(&y.ablated_score))
+                .unwrap();
+            assert_eq!((dirs.layer, dirs.position), (best.layer, best.position));
+            assert!(sel
+                .candidates
+                .iter()
+                .all(|c| c.kl.is_finite() && c.kl >= 0.0));
+        }
+        Err(e) => assert!(sel.candidates.iter().all(|c| c.rejected.is_some()), "{e}"),
+    }
+}
+
+#[test]
+fn trajectories_project_and_score_every_token() {
+    let lm = tiny_model(Family::Qwen2, 34).unwrap();
+    let a = collect(&lm, HARMFUL, None, &|| false, &mut |_, _| {}).unwrap();
+    let b = collect(&lm, HARMLESS, None, &|| false, &mut |_, _| {}).unwrap();
+    let dirs = Directions::diff_in_means(&a, &b, Provenance::default()).unwrap();
+    let n = a.len() + b.len();
+    let probes = train_probes(
+        &a,
+        &b,
+        &random_holdout(n, 0.25, 0),
+        &[0, 1, 2],
+        &ProbeOptions {
+            labels: refusal_lens_engine::probe::LabelSource::SetLabel,
+            ..Default::default()
+        },
+        Provenance::default(),
+        &|| false,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let prompt = lm.chat_prompt(None, HARMFUL[3]).unwrap();
+    let reply = [70u32, 71, 72, 73];
+    let layer = 2;
+    let t = trajectory(
+        &lm,
+        &prompt,
+        &reply,
+        Some(&probes),
+        Some(&dirs),
+        layer,
+        8,
+        &HookSpec::default(),
+    )
+    .unwrap();
+    let len = prompt.ids.len() + reply.len();
+    assert_eq!(t.tokens.len(), len);
+    assert_eq!(t.heatmap.len(), 3);
+    assert!(t.heatmap.iter().all(|row| row.len() == len));
+    let score = t.score.as_ref().unwrap();
+    assert_eq!(score, &t.heatmap[2]);
+    // The probe's score at t_post equals the probe applied to the collected t_post state.
+    let x = Tensor::from_vec(
+        a.before_t_post(3, 0, layer).to_vec(),
+        (1, a.d_model),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let direct = probes.at(layer).unwrap().probabilities(&x).unwrap()[0];
+    assert!((score[prompt.t_post] - direct).abs() < 1e-4);
+    // Projections are normalised so the harmful/harmless means map to 1 and 0: the mean of
+    // the harmful set's t_post projections is 1.
+    let r = t.refusal.as_ref().unwrap();
+    assert!(r.iter().all(|v| v.is_finite()));
+    let window = &score[prompt.instruction.start..=prompt.t_post];
+    assert_eq!(t.cliff, cliff_magnitude(window, 8));
+    assert_eq!(t.final_score, Some(score[prompt.t_post]));
+}
