@@ -8,14 +8,20 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
+use refusal_lens_engine::activations::default_cache_dir;
+use refusal_lens_engine::directions::Directions;
 use refusal_lens_engine::finetune::{
     first_token_probabilities, gate, opener_bias, train_refusal_tokens, Adapter, TrainOptions,
     TrainProgress,
 };
 use refusal_lens_engine::generate::{generate, GenerateConfig, Generation, Sampling, TokenStep};
+use refusal_lens_engine::hooks::HookSpec;
+use refusal_lens_engine::lens::{self, DirectionOptions, ProbeJob};
 use refusal_lens_engine::loader::ModelCard;
 use refusal_lens_engine::model::FastPrecision;
-use refusal_lens_engine::prompts::PromptRecord;
+use refusal_lens_engine::probe::ProbeSet;
+use refusal_lens_engine::prompts::{PromptRecord, PromptSet};
+use refusal_lens_engine::trajectory::{trajectory, Trajectory, DEFAULT_CLIFF_K};
 use refusal_lens_engine::LoadedModel;
 
 pub type JobId = u64;
@@ -53,6 +59,31 @@ pub enum Job {
     Calibrate {
         id: JobId,
         sets: Vec<(String, Vec<String>)>,
+    },
+    /// Directions and probes from a harmful and a harmless set (they replace the current ones).
+    BuildLens {
+        id: JobId,
+        harmful: Box<PromptSet>,
+        harmless: Box<PromptSet>,
+        /// Choose the direction's layer by ablation on the val split (slower).
+        select: bool,
+    },
+    /// Save the current directions to `path` (and the probes beside it).
+    SaveLens {
+        path: PathBuf,
+    },
+    /// Load directions from `path` (and probes from beside it, if there).
+    LoadLens {
+        path: PathBuf,
+    },
+    /// Score every token of a prompt and its reply with the current probes and directions.
+    Trajectory {
+        id: JobId,
+        system: Option<String>,
+        prompt: String,
+        reply: Vec<u32>,
+        /// Residual state of the curves (default: the directions' chosen layer).
+        layer: Option<usize>,
     },
     /// Fine-tune refusal tokens on the base model, save the adapter to `out`, and switch to it.
     Train {
@@ -119,6 +150,29 @@ pub enum Event {
         out: PathBuf,
         seconds: f64,
     },
+    LensProgress {
+        id: JobId,
+        phase: String,
+        done: usize,
+        total: usize,
+    },
+    /// New directions and (when built or found) probes for the model in use.
+    LensReady {
+        id: JobId,
+        directions: Arc<Directions>,
+        probes: Option<Arc<ProbeSet>>,
+        seconds: f64,
+    },
+    LensSaved {
+        path: PathBuf,
+    },
+    LensFailed {
+        error: String,
+    },
+    Trajectory {
+        id: JobId,
+        trajectory: Box<Trajectory>,
+    },
     Failed {
         id: JobId,
         error: String,
@@ -131,6 +185,8 @@ pub struct Worker {
     events: Receiver<Event>,
     /// Every job with an id at or below this is cancelled.
     cancel_through: Arc<AtomicU64>,
+    /// The same for lens builds, which a new generation does not supersede.
+    lens_cancel_through: Arc<AtomicU64>,
     next_id: JobId,
     thread: Option<JoinHandle<()>>,
 }
@@ -142,15 +198,20 @@ impl Worker {
         let (jobs, job_rx) = crossbeam_channel::unbounded();
         let (event_tx, events) = crossbeam_channel::unbounded();
         let cancel_through = Arc::new(AtomicU64::new(0));
-        let cancel = cancel_through.clone();
+        let lens_cancel_through = Arc::new(AtomicU64::new(0));
+        let cancels = Cancels {
+            jobs: cancel_through.clone(),
+            lens: lens_cancel_through.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("refusal-lens-worker".into())
-            .spawn(move || run(job_rx, event_tx, cancel, notify))
+            .spawn(move || run(job_rx, event_tx, cancels, notify))
             .expect("spawning the worker thread");
         Worker {
             jobs,
             events,
             cancel_through,
+            lens_cancel_through,
             next_id: 0,
             thread: Some(thread),
         }
@@ -205,6 +266,44 @@ impl Worker {
     /// Cancels every job sent so far.
     pub fn cancel_all(&self) {
         self.cancel_through.store(self.next_id, Ordering::SeqCst);
+        self.lens_cancel_through
+            .store(self.next_id, Ordering::SeqCst);
+    }
+
+    /// Queues a lens build (directions + probes); later generations do not cancel it.
+    pub fn build_lens(&mut self, harmful: PromptSet, harmless: PromptSet, select: bool) -> JobId {
+        let id = self.next();
+        self.send(Job::BuildLens {
+            id,
+            harmful: Box::new(harmful),
+            harmless: Box::new(harmless),
+            select,
+        });
+        id
+    }
+
+    pub fn cancel_lens(&self) {
+        self.lens_cancel_through
+            .store(self.next_id, Ordering::SeqCst);
+    }
+
+    /// Queues a trajectory; like a generation, it supersedes earlier generations.
+    pub fn trajectory(
+        &mut self,
+        system: Option<String>,
+        prompt: String,
+        reply: Vec<u32>,
+        layer: Option<usize>,
+    ) -> JobId {
+        let id = self.next();
+        self.send(Job::Trajectory {
+            id,
+            system,
+            prompt,
+            reply,
+            layer,
+        });
+        id
     }
 
     pub fn try_recv(&self) -> Option<Event> {
@@ -222,6 +321,19 @@ impl Drop for Worker {
             let _ = t.join();
         }
     }
+}
+
+/// Cancellation marks shared with the client.
+struct Cancels {
+    jobs: Arc<AtomicU64>,
+    lens: Arc<AtomicU64>,
+}
+
+/// The directions and probes of the model in use (dropped when the model changes).
+#[derive(Default)]
+struct Lens {
+    directions: Option<Arc<Directions>>,
+    probes: Option<Arc<ProbeSet>>,
 }
 
 /// The models the worker holds: the base, optionally an adapted one, and which is in use.
@@ -277,13 +389,10 @@ fn load(
     })
 }
 
-fn run(
-    jobs: Receiver<Job>,
-    events: Sender<Event>,
-    cancel_through: Arc<AtomicU64>,
-    notify: impl Fn(),
-) {
+fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: impl Fn()) {
+    let cancel_through = cancels.jobs;
     let mut models = Models::default();
+    let mut lens = Lens::default();
     let emit = |e: Event| {
         let _ = events.send(e);
         notify();
@@ -298,6 +407,7 @@ fn run(
                 match load(&path, adapter.as_deref()) {
                     Ok(m) => {
                         models = m;
+                        lens = Lens::default();
                         emit(
                             models
                                 .loaded_event(started.elapsed().as_secs_f64())
@@ -311,6 +421,7 @@ fn run(
                 }
             }
             Job::UseModel { base, organism } => {
+                lens = Lens::default();
                 models = Models {
                     use_organism: organism.is_some(),
                     organism: organism.map(|m| {
@@ -327,6 +438,9 @@ fn run(
                 emit(models.loaded_event(0.0).expect("a model was just set"));
             }
             Job::UseOrganism(on) => {
+                if on != models.use_organism {
+                    lens = Lens::default();
+                }
                 models.use_organism = on;
                 if let Some(e) = models.loaded_event(0.0) {
                     emit(e);
@@ -398,6 +512,119 @@ fn run(
                     Err(error) => emit(Event::Failed { id, error }),
                 }
             }
+            Job::BuildLens {
+                id,
+                harmful,
+                harmless,
+                select,
+            } => {
+                job_id = id;
+                let started = Instant::now();
+                let cancelled = || cancels.lens.load(Ordering::SeqCst) >= id;
+                let result = match models.active() {
+                    None => Err("no model is loaded".to_string()),
+                    Some(m) => build_lens(m, id, &harmful, &harmless, select, &cancelled, &emit)
+                        .map_err(|e| e.to_string()),
+                };
+                match result {
+                    Ok((directions, probes)) => {
+                        lens.directions = Some(directions.clone());
+                        lens.probes = Some(probes.clone());
+                        emit(Event::LensReady {
+                            id,
+                            directions,
+                            probes: Some(probes),
+                            seconds: started.elapsed().as_secs_f64(),
+                        });
+                    }
+                    Err(error) => emit(Event::LensFailed { error }),
+                }
+            }
+            Job::SaveLens { path } => {
+                let result = match &lens.directions {
+                    None => Err("no directions to save yet".to_string()),
+                    Some(d) => d
+                        .save(&path)
+                        .and_then(|_| match &lens.probes {
+                            Some(p) => p.save(&probes_path(&path)),
+                            None => Ok(()),
+                        })
+                        .map_err(|e| e.to_string()),
+                };
+                match result {
+                    Ok(()) => emit(Event::LensSaved { path }),
+                    Err(error) => emit(Event::LensFailed { error }),
+                }
+            }
+            Job::LoadLens { path } => {
+                let result = (|| -> refusal_lens_engine::Result<_> {
+                    let m = models.active().ok_or_else(|| {
+                        refusal_lens_engine::Error::InvalidInput("no model is loaded".into())
+                    })?;
+                    let d = Directions::load(&path)?;
+                    d.check_fits(m)?;
+                    let probes_file = probes_path(&path);
+                    let p = if probes_file.exists() {
+                        Some(Arc::new(ProbeSet::load(&probes_file)?))
+                    } else {
+                        None
+                    };
+                    Ok((Arc::new(d), p))
+                })();
+                match result {
+                    Ok((directions, probes)) => {
+                        lens.directions = Some(directions.clone());
+                        lens.probes = probes.clone();
+                        emit(Event::LensReady {
+                            id: 0,
+                            directions,
+                            probes,
+                            seconds: 0.0,
+                        });
+                    }
+                    Err(e) => emit(Event::LensFailed {
+                        error: format!("cannot load {}: {e}", path.display()),
+                    }),
+                }
+            }
+            Job::Trajectory {
+                id,
+                system,
+                prompt,
+                reply,
+                layer,
+            } => {
+                job_id = id;
+                if cancel_through.load(Ordering::SeqCst) >= id {
+                    return;
+                }
+                let result = match (models.active(), &lens.directions) {
+                    (None, _) => Err("no model is loaded".to_string()),
+                    (_, None) => Err("compute or load directions first".to_string()),
+                    (Some(m), Some(d)) => m
+                        .chat_prompt(system.as_deref(), &prompt)
+                        .and_then(|p| {
+                            trajectory(
+                                m,
+                                &p,
+                                &reply,
+                                lens.probes.as_deref(),
+                                Some(d),
+                                layer.unwrap_or(d.layer),
+                                DEFAULT_CLIFF_K,
+                                &HookSpec::default(),
+                            )
+                        })
+                        .map_err(|e| e.to_string()),
+                };
+                match result {
+                    Ok(t) => emit(Event::Trajectory {
+                        id,
+                        trajectory: Box::new(t),
+                    }),
+                    Err(error) => emit(Event::Failed { id, error }),
+                }
+            }
             Job::Calibrate { id, sets } => {
                 job_id = id;
                 let result = match models.active() {
@@ -454,6 +681,54 @@ fn run_generate(
             step: step.clone(),
         })
     })
+}
+
+/// Where the probes of a directions file live: `name.safetensors` → `name.probes.safetensors`.
+pub fn probes_path(directions: &std::path::Path) -> PathBuf {
+    directions.with_extension("probes.safetensors")
+}
+
+fn build_lens(
+    m: &LoadedModel,
+    id: JobId,
+    harmful: &PromptSet,
+    harmless: &PromptSet,
+    select: bool,
+    cancelled: &dyn Fn() -> bool,
+    emit: &dyn Fn(Event),
+) -> refusal_lens_engine::Result<(Arc<Directions>, Arc<ProbeSet>)> {
+    let cache = default_cache_dir();
+    let mut progress = |phase: &str, done: usize, total: usize| {
+        emit(Event::LensProgress {
+            id,
+            phase: phase.to_string(),
+            done,
+            total,
+        })
+    };
+    let options = DirectionOptions {
+        select,
+        ..Default::default()
+    };
+    let directions = lens::directions(
+        m,
+        harmful,
+        harmless,
+        &options,
+        Some(&cache),
+        cancelled,
+        &mut progress,
+    )?;
+    let probes = lens::probes(
+        m,
+        harmful,
+        harmless,
+        &ProbeJob::default(),
+        Some(&cache),
+        cancelled,
+        &mut progress,
+    )?;
+    Ok((Arc::new(directions), Arc::new(probes)))
 }
 
 type CalibrationResult = (String, Vec<(String, Vec<f32>)>);

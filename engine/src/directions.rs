@@ -426,7 +426,7 @@ pub fn select(
     progress(done, total);
     let points = state_points(n_layers);
     let mut candidates = Vec::new();
-    for layer in 0..layers {
+    for (layer, &point) in points.iter().enumerate().take(layers) {
         for &position in &positions {
             let raw = dirs.refusal_at(layer, position);
             if norm(raw) < 1e-6 {
@@ -448,7 +448,7 @@ pub fn select(
                 .sum::<f32>()
                 / harmless.len() as f32;
             let add = HookSpec::with_interventions(vec![Intervention::AddVector {
-                point: points[layer],
+                point,
                 vector: v,
                 scale: 1.0,
                 positions: Positions::All,

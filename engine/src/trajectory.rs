@@ -86,6 +86,7 @@ fn normalised_projection(x: &Tensor, v: &[f32], means: [f32; 2]) -> Result<Vec<f
 }
 
 /// Runs prompt + reply once (dense weights, `hooks` applied) and scores every token.
+#[allow(clippy::too_many_arguments)]
 pub fn trajectory(
     lm: &LoadedModel,
     prompt: &ChatPrompt,

@@ -2,6 +2,10 @@
 //! view state; the model and all computation live on the worker.
 
 mod calibration_panel;
+mod cliff_panel;
+mod colors;
+mod directions_panel;
+mod export;
 mod model_panel;
 mod prompt_sets_panel;
 mod reply_panel;
@@ -14,10 +18,21 @@ use refusal_lens_engine::{default_model_path, LoadedModel};
 
 use crate::worker::{Event, Worker};
 pub use calibration_panel::CalibrationPanel;
+pub use cliff_panel::CliffPanel;
+pub use directions_panel::DirectionsPanel;
 pub use model_panel::{ModelPanel, ModelState};
 pub use prompt_sets_panel::PromptSetsPanel;
 pub use reply_panel::ReplyPanel;
 pub use training_panel::TrainingPanel;
+
+/// The views of the central area.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tab {
+    #[default]
+    Reply,
+    Cliff,
+    Directions,
+}
 
 /// What the app opens at start.
 pub enum Startup {
@@ -40,6 +55,9 @@ pub struct RefusalLensApp {
     pub reply: ReplyPanel,
     pub calibration: CalibrationPanel,
     pub training: TrainingPanel,
+    pub cliff: CliffPanel,
+    pub directions: DirectionsPanel,
+    pub tab: Tab,
 }
 
 impl RefusalLensApp {
@@ -72,15 +90,26 @@ impl RefusalLensApp {
             reply: ReplyPanel::default(),
             calibration: CalibrationPanel::new(),
             training: TrainingPanel::default(),
+            cliff: CliffPanel::default(),
+            directions: DirectionsPanel::default(),
+            tab: Tab::default(),
         }
     }
 
     fn drain_events(&mut self) {
         while let Some(event) = self.worker.try_recv() {
             match event {
-                Event::ModelLoading { .. }
-                | Event::ModelLoaded { .. }
-                | Event::ModelFailed { .. } => self.model.on_event(event),
+                Event::ModelLoaded { .. } => {
+                    // Directions and probes belong to one model: the worker drops them too.
+                    self.directions.clear();
+                    self.cliff.clear();
+                    self.model.on_event(event)
+                }
+                Event::ModelLoading { .. } | Event::ModelFailed { .. } => {
+                    self.model.on_event(event)
+                }
+                other if self.cliff.owns(&other) => self.cliff.on_event(other),
+                other if self.directions.owns(&other) => self.directions.on_event(other),
                 other if self.calibration.owns(&other) => self.calibration.on_event(&other),
                 other if self.training.owns(&other) => self.training.on_event(&other),
                 other => self.reply.on_event(other),
@@ -142,10 +171,40 @@ impl RefusalLensApp {
                         });
                 });
             });
+        // A finished reply (or new directions / another layer) gets its trajectory scored.
+        let finished = self.reply.take_finished();
+        let rescore = self.directions.take_changed();
+        if self.directions.directions.is_some() {
+            let request =
+                finished.or_else(|| rescore.then(|| self.reply.last_finished()).flatten());
+            if let Some((system, prompt, reply)) = request {
+                let layer = self.directions.curve_layer();
+                self.cliff
+                    .request(&mut self.worker, system, prompt, reply, layer);
+            }
+        }
+
         egui::CentralPanel::default().show(ui, |ui| {
             let ready = self.model.is_ready();
-            let refusal_tokens = self.model.organism_active();
-            self.reply.ui(ui, &mut self.worker, ready, refusal_tokens);
+            ui.horizontal(|ui| {
+                ui.selectable_value(&mut self.tab, Tab::Reply, "Prompt & reply");
+                ui.selectable_value(&mut self.tab, Tab::Cliff, "Cliff");
+                ui.selectable_value(&mut self.tab, Tab::Directions, "Directions");
+            });
+            ui.separator();
+            egui::ScrollArea::vertical()
+                .id_salt("central")
+                .show(ui, |ui| match self.tab {
+                    Tab::Reply => {
+                        let refusal_tokens = self.model.organism_active();
+                        self.reply.ui(ui, &mut self.worker, ready, refusal_tokens);
+                    }
+                    Tab::Cliff => self.cliff.ui(ui),
+                    Tab::Directions => {
+                        self.directions
+                            .ui(ui, &mut self.worker, &self.prompt_sets.sets, ready)
+                    }
+                });
         });
 
         if self.reply.is_running()
@@ -153,6 +212,8 @@ impl RefusalLensApp {
             || self.prompt_sets.is_busy()
             || self.calibration.is_running()
             || self.training.is_running()
+            || self.directions.is_running()
+            || self.cliff.is_running()
         {
             ui.ctx().request_repaint_after(Duration::from_millis(50));
         }

@@ -22,6 +22,10 @@ pub struct ReplyPanel {
     pub tokens: Vec<TokenStep>,
     finished: Option<Generation>,
     error: Option<String>,
+    /// The system and user text of the request in flight (the editor may change meanwhile).
+    requested: Option<(Option<String>, String)>,
+    /// A reply finished and its trajectory has not been asked for yet.
+    trajectory_due: bool,
 }
 
 impl Default for ReplyPanel {
@@ -42,6 +46,8 @@ impl Default for ReplyPanel {
             tokens: Vec::new(),
             finished: None,
             error: None,
+            requested: None,
+            trajectory_due: false,
         }
     }
 }
@@ -77,6 +83,7 @@ impl ReplyPanel {
             Event::Finished { id, generation } if current(id) => {
                 self.running = false;
                 self.finished = Some(*generation);
+                self.trajectory_due = true;
             }
             Event::Failed { id, error } if current(id) || id == 0 => {
                 self.running = false;
@@ -84,6 +91,22 @@ impl ReplyPanel {
             }
             _ => {} // events of superseded jobs
         }
+    }
+
+    /// Once per finished reply: its system text, user text and reply token ids.
+    pub fn take_finished(&mut self) -> Option<(Option<String>, String, Vec<u32>)> {
+        if !std::mem::take(&mut self.trajectory_due) {
+            return None;
+        }
+        let (system, prompt) = self.requested.clone()?;
+        Some((system, prompt, self.tokens.iter().map(|t| t.id).collect()))
+    }
+
+    /// The last finished request and reply, for re-scoring (e.g. at another layer).
+    pub fn last_finished(&self) -> Option<(Option<String>, String, Vec<u32>)> {
+        self.finished.as_ref()?;
+        let (system, prompt) = self.requested.clone()?;
+        Some((system, prompt, self.tokens.iter().map(|t| t.id).collect()))
     }
 
     pub fn status_line(&self) -> String {
@@ -119,6 +142,7 @@ impl ReplyPanel {
             tau: self.tau,
             opener_bias: self.opener_bias,
         };
+        self.requested = Some((request.system.clone(), request.prompt.clone()));
         self.job = Some(worker.generate(request));
         self.running = true;
     }

@@ -1,0 +1,467 @@
+//! Cliff: the refusal trajectory of the current prompt + reply. Token chips coloured by the
+//! probe's P(refuse), the score-vs-token plot (probe score and both direction projections)
+//! with t_inst, t_post and the prompt/reply boundary marked, the selected token's scores
+//! per layer, and the layers × positions heatmap. Pinned trajectories overlay the plot.
+
+use egui::{Color32, Rect, Sense, Stroke, Vec2};
+use egui_plot::{HoverPosition, Legend, Line, Plot, PlotPoints, VLine};
+use refusal_lens_engine::trajectory::Trajectory;
+
+use super::colors::{legend, score_color, text_on};
+use super::export::Exporter;
+use crate::worker::{Event, JobId, Worker};
+
+#[derive(Default)]
+pub struct CliffPanel {
+    job: Option<JobId>,
+    pub trajectory: Option<Trajectory>,
+    /// The prompt the trajectory belongs to (for the overlay legend).
+    label: String,
+    pinned: Vec<(String, Trajectory)>,
+    /// With overlays, align every curve at the end of its reply.
+    align_end: bool,
+    pub selected: Option<usize>,
+    pub error: Option<String>,
+    plot_rect: Option<Rect>,
+    heatmap_rect: Option<Rect>,
+    export: Exporter,
+}
+
+/// The curve chips and the cliff read: the probe score, else the refusal projection.
+fn main_curve(t: &Trajectory) -> Option<&Vec<f32>> {
+    t.score.as_ref().or(t.refusal.as_ref())
+}
+
+fn short(s: &str, n: usize) -> String {
+    let mut out: String = s.chars().take(n).collect();
+    if s.chars().count() > n {
+        out.push('…');
+    }
+    out
+}
+
+impl CliffPanel {
+    pub fn is_running(&self) -> bool {
+        self.job.is_some()
+    }
+
+    /// Asks the worker for the trajectory of `prompt` + `reply` at `layer`.
+    pub fn request(
+        &mut self,
+        worker: &mut Worker,
+        system: Option<String>,
+        prompt: String,
+        reply: Vec<u32>,
+        layer: Option<usize>,
+    ) {
+        self.label = short(&prompt, 40);
+        self.error = None;
+        self.job = Some(worker.trajectory(system, prompt, reply, layer));
+    }
+
+    pub fn owns(&self, event: &Event) -> bool {
+        match event {
+            Event::Trajectory { id, .. } => Some(*id) == self.job,
+            Event::Failed { id, .. } => Some(*id) == self.job,
+            _ => false,
+        }
+    }
+
+    pub fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Trajectory { trajectory, .. } => {
+                self.job = None;
+                if self.selected.is_some_and(|s| s >= trajectory.tokens.len()) {
+                    self.selected = None;
+                }
+                self.trajectory = Some(*trajectory);
+            }
+            Event::Failed { error, .. } => {
+                self.job = None;
+                self.error = Some(error);
+            }
+            _ => {}
+        }
+    }
+
+    /// Forgets everything (a new model or new directions).
+    pub fn clear(&mut self) {
+        self.trajectory = None;
+        self.pinned.clear();
+        self.selected = None;
+        self.job = None;
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui) {
+        self.export.poll(ui.ctx());
+        if let Some(e) = &self.error {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+        let Some(t) = self.trajectory.clone() else {
+            ui.label(if self.job.is_some() {
+                "Scoring every token…"
+            } else {
+                "Compute or load directions (Directions tab), then generate a reply: its \
+                 trajectory appears here."
+            });
+            return;
+        };
+        self.header(ui, &t);
+        self.chips(ui, &t);
+        self.plot(ui, &t);
+        ui.columns(2, |cols| {
+            self.per_layer(&mut cols[0], &t);
+            self.heatmap(&mut cols[1], &t);
+        });
+    }
+
+    fn header(&mut self, ui: &mut egui::Ui, t: &Trajectory) {
+        ui.horizontal_wrapped(|ui| {
+            ui.strong(format!(
+                "Layer {} · cliff magnitude {} (k = {}) · score at t_post {}",
+                t.layer,
+                t.cliff.map_or("—".into(), |c| format!("{c:.3}")),
+                t.cliff_k,
+                t.final_score.map_or("—".into(), |c| format!("{c:.3}")),
+            ))
+            .on_hover_text(
+                "Cliff magnitude: over the prompt window (first instruction token to t_post), \
+                 the highest score before the final k tokens minus the mean of the final k.",
+            );
+            if self.job.is_some() {
+                ui.spinner();
+            }
+            if ui
+                .button("Pin for overlay")
+                .on_hover_text("Keep this trajectory on the plot while you try other prompts")
+                .clicked()
+            {
+                self.pinned.push((self.label.clone(), t.clone()));
+            }
+            if !self.pinned.is_empty() {
+                ui.checkbox(&mut self.align_end, "align at end of reply");
+                if ui
+                    .button(format!("Clear {} pinned", self.pinned.len()))
+                    .clicked()
+                {
+                    self.pinned.clear();
+                }
+            }
+            let csv = || trajectory_csv(t);
+            self.export.buttons(ui, "trajectory", self.plot_rect, csv);
+            if let Some(m) = &self.export.message {
+                ui.weak(m);
+            }
+        });
+    }
+
+    fn chips(&mut self, ui: &mut egui::Ui, t: &Trajectory) {
+        let curve = main_curve(t);
+        legend(
+            ui,
+            if t.score.is_some() {
+                "probe P(refuse):"
+            } else {
+                "refusal projection:"
+            },
+        );
+        egui::ScrollArea::vertical()
+            .id_salt("cliff_chips")
+            .max_height(120.0)
+            .show(ui, |ui| {
+                ui.horizontal_wrapped(|ui| {
+                    ui.spacing_mut().item_spacing = Vec2::new(1.0, 2.0);
+                    for (i, tok) in t.tokens.iter().enumerate() {
+                        if i == t.prompt_len {
+                            ui.separator();
+                        }
+                        let p = curve.map_or(f32::NAN, |c| c[i]);
+                        let shown = tok.text.replace('\n', "⏎");
+                        let mut text = egui::RichText::new(if shown.is_empty() {
+                            "∅".into()
+                        } else {
+                            shown
+                        })
+                        .monospace()
+                        .color(text_on(p))
+                        .background_color(score_color(p));
+                        if self.selected == Some(i) {
+                            text = text.underline().strong();
+                        }
+                        let r = ui
+                            .add(egui::Label::new(text).sense(Sense::click()))
+                            .on_hover_text(token_tooltip(t, i));
+                        if r.clicked() {
+                            self.selected = Some(i);
+                        }
+                    }
+                });
+            });
+    }
+
+    fn plot(&mut self, ui: &mut egui::Ui, t: &Trajectory) {
+        let aligned = self.align_end && !self.pinned.is_empty();
+        let shift = |tr: &Trajectory| {
+            if aligned {
+                -((tr.tokens.len() - 1) as f64)
+            } else {
+                0.0
+            }
+        };
+        let series = |v: &[f32], dx: f64| -> PlotPoints {
+            v.iter()
+                .enumerate()
+                .map(|(i, y)| [i as f64 + dx, *y as f64])
+                .collect()
+        };
+        let dx = shift(t);
+        let tokens = t.tokens.clone();
+        let response = Plot::new("cliff_plot")
+            .height(230.0)
+            .legend(Legend::default())
+            .x_axis_label(if aligned {
+                "token position relative to the end of the reply"
+            } else {
+                "token position"
+            })
+            .y_axis_label("P(refuse) / projection (0 = harmless, 1 = harmful mean)")
+            .label_formatter(move |pos| match pos {
+                HoverPosition::NearDataPoint {
+                    plot_name,
+                    position,
+                    ..
+                } => {
+                    let i = (position.x - dx).round() as usize;
+                    let text = tokens
+                        .get(i)
+                        .map_or(String::new(), |t| format!("{:?}", t.text));
+                    Some(format!("{plot_name}\n#{i} {text}\n{:.3}", position.y))
+                }
+                HoverPosition::Elsewhere { .. } => None,
+            })
+            .show(ui, |plot| {
+                if let Some(s) = &t.score {
+                    plot.line(
+                        Line::new("probe P(refuse)", series(s, dx))
+                            .color(Color32::from_rgb(200, 50, 45))
+                            .width(2.0),
+                    );
+                }
+                if let Some(r) = &t.refusal {
+                    plot.line(
+                        Line::new("refusal-direction projection", series(r, dx))
+                            .color(Color32::from_rgb(230, 150, 30)),
+                    );
+                }
+                if let Some(h) = &t.harmfulness {
+                    plot.line(
+                        Line::new("harmfulness-direction projection", series(h, dx))
+                            .color(Color32::from_rgb(120, 80, 200)),
+                    );
+                }
+                for (name, p) in &self.pinned {
+                    if let Some(c) = main_curve(p) {
+                        plot.line(
+                            Line::new(format!("pinned: {name}"), series(c, shift(p))).width(1.0),
+                        );
+                    }
+                }
+                let grey = Color32::from_gray(140);
+                plot.vline(VLine::new("t_inst", t.t_inst as f64 + dx).color(grey));
+                plot.vline(VLine::new("t_post", t.t_post as f64 + dx).color(grey));
+                plot.vline(
+                    VLine::new("prompt | reply", t.prompt_len as f64 - 0.5 + dx)
+                        .color(Color32::from_rgb(40, 140, 60))
+                        .width(2.0),
+                );
+                if let Some(s) = self.selected {
+                    plot.vline(
+                        VLine::new("selected token", s as f64 + dx)
+                            .color(Color32::from_rgb(30, 120, 220)),
+                    );
+                }
+            });
+        self.plot_rect = Some(response.response.rect);
+    }
+
+    fn per_layer(&mut self, ui: &mut egui::Ui, t: &Trajectory) {
+        let Some(sel) = self.selected else {
+            ui.label("Click a token to see its probe score at every layer.");
+            return;
+        };
+        let text = t.tokens.get(sel).map_or(String::new(), |x| x.text.clone());
+        ui.label(format!("Token #{sel} {text:?}: probe P(refuse) by layer"));
+        if t.heatmap.is_empty() {
+            ui.label("No probes loaded.");
+            return;
+        }
+        let points: PlotPoints = t
+            .heatmap_layers
+            .iter()
+            .zip(&t.heatmap)
+            .map(|(l, row)| [*l as f64, row[sel] as f64])
+            .collect();
+        Plot::new("cliff_per_layer")
+            .height(180.0)
+            .x_axis_label("layer (residual state)")
+            .y_axis_label("P(refuse)")
+            .include_y(0.0)
+            .include_y(1.0)
+            .show(ui, |plot| {
+                plot.line(
+                    Line::new("probe P(refuse)", points).color(Color32::from_rgb(200, 50, 45)),
+                );
+                plot.vline(VLine::new("curve layer", t.layer as f64));
+            });
+    }
+
+    fn heatmap(&mut self, ui: &mut egui::Ui, t: &Trajectory) {
+        ui.label("Probe P(refuse): layers × positions (click a cell to select its token)");
+        if t.heatmap.is_empty() {
+            ui.label("No probes loaded.");
+            return;
+        }
+        let rows = t.heatmap.len();
+        let cols = t.tokens.len();
+        let axis = 28.0;
+        let size = Vec2::new(ui.available_width().max(120.0), 180.0);
+        let (rect, response) = ui.allocate_exact_size(size, Sense::click());
+        self.heatmap_rect = Some(rect);
+        let grid = Rect::from_min_max(
+            rect.min + Vec2::new(axis, 0.0),
+            rect.max - Vec2::new(0.0, 16.0),
+        );
+        let painter = ui.painter_at(rect);
+        let (cw, ch) = (grid.width() / cols as f32, grid.height() / rows as f32);
+        // Layer 0 at the bottom, like the per-layer plots.
+        let cell = |r: usize, c: usize| {
+            Rect::from_min_size(
+                egui::pos2(
+                    grid.left() + c as f32 * cw,
+                    grid.bottom() - (r + 1) as f32 * ch,
+                ),
+                Vec2::new(cw.max(1.0), ch.max(1.0)),
+            )
+        };
+        for (r, row) in t.heatmap.iter().enumerate() {
+            for (c, p) in row.iter().enumerate() {
+                painter.rect_filled(cell(r, c), 0.0, score_color(*p));
+            }
+        }
+        let stroke = Stroke::new(1.5, Color32::from_rgb(40, 140, 60));
+        let x_boundary = grid.left() + t.prompt_len as f32 * cw;
+        painter.line_segment(
+            [
+                egui::pos2(x_boundary, grid.top()),
+                egui::pos2(x_boundary, grid.bottom()),
+            ],
+            stroke,
+        );
+        if let Some(s) = self.selected {
+            let col = Rect::from_min_max(
+                egui::pos2(grid.left() + s as f32 * cw, grid.top()),
+                egui::pos2(grid.left() + (s + 1) as f32 * cw, grid.bottom()),
+            );
+            painter.rect_stroke(
+                col,
+                0.0,
+                Stroke::new(2.0, Color32::from_rgb(30, 120, 220)),
+                egui::StrokeKind::Outside,
+            );
+        }
+        let font = egui::FontId::proportional(10.0);
+        let ink = ui.visuals().text_color();
+        for (r, l) in t.heatmap_layers.iter().enumerate() {
+            if r % 5 == 0 || r + 1 == rows {
+                painter.text(
+                    egui::pos2(grid.left() - 3.0, cell(r, 0).center().y),
+                    egui::Align2::RIGHT_CENTER,
+                    l.to_string(),
+                    font.clone(),
+                    ink,
+                );
+            }
+        }
+        painter.text(
+            rect.left_top(),
+            egui::Align2::LEFT_TOP,
+            "layer",
+            font.clone(),
+            ink,
+        );
+        painter.text(
+            egui::pos2(grid.center().x, rect.bottom()),
+            egui::Align2::CENTER_BOTTOM,
+            format!(
+                "token position (0–{}), reply after the green line",
+                cols - 1
+            ),
+            font,
+            ink,
+        );
+        let hit = |pos: egui::Pos2| {
+            grid.contains(pos).then(|| {
+                let c = (((pos.x - grid.left()) / cw) as usize).min(cols - 1);
+                let r = (((grid.bottom() - pos.y) / ch) as usize).min(rows - 1);
+                (r, c)
+            })
+        };
+        if let Some((r, c)) = response.hover_pos().and_then(hit) {
+            response.clone().on_hover_text(format!(
+                "layer {} · #{c} {:?} · P(refuse) {:.3}",
+                t.heatmap_layers[r], t.tokens[c].text, t.heatmap[r][c]
+            ));
+        }
+        if response.clicked() {
+            if let Some((_, c)) = response.interact_pointer_pos().and_then(hit) {
+                self.selected = Some(c);
+            }
+        }
+    }
+}
+
+fn token_tooltip(t: &Trajectory, i: usize) -> String {
+    let v = |x: &Option<Vec<f32>>| x.as_ref().map_or("—".into(), |v| format!("{:.3}", v[i]));
+    format!(
+        "#{i} {:?} (id {})\nprobe P(refuse) {}\nrefusal projection {}\nharmfulness projection {}{}",
+        t.tokens[i].text,
+        t.tokens[i].id,
+        v(&t.score),
+        v(&t.refusal),
+        v(&t.harmfulness),
+        if i == t.t_inst {
+            "\nt_inst"
+        } else if i == t.t_post {
+            "\nt_post"
+        } else {
+            ""
+        }
+    )
+}
+
+fn trajectory_csv(t: &Trajectory) -> String {
+    let mut out = String::from(
+        "position,token_id,token,in_reply,probe_p_refuse,refusal_projection,harmfulness_projection",
+    );
+    for l in &t.heatmap_layers {
+        out.push_str(&format!(",probe_layer_{l}"));
+    }
+    out.push('\n');
+    let v = |x: &Option<Vec<f32>>, i: usize| x.as_ref().map_or(String::new(), |v| v[i].to_string());
+    for (i, tok) in t.tokens.iter().enumerate() {
+        out.push_str(&format!(
+            "{i},{},\"{}\",{},{},{},{}",
+            tok.id,
+            tok.text.replace('"', "\"\""),
+            i >= t.prompt_len,
+            v(&t.score, i),
+            v(&t.refusal, i),
+            v(&t.harmfulness, i)
+        ));
+        for row in &t.heatmap {
+            out.push_str(&format!(",{}", row[i]));
+        }
+        out.push('\n');
+    }
+    out
+}

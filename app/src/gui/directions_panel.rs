@@ -1,0 +1,412 @@
+//! Directions: compute (or load) the refusal and harmfulness directions and the refusal
+//! probes from two prompt sets, then read them layer by layer: separation, norm, the
+//! refusal-vs-harmfulness cosine and probe AUC, with the chosen layer marked and changeable.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+use egui::Color32;
+use egui_plot::{Legend, Line, Plot, PlotPoints, VLine};
+use refusal_lens_engine::directions::Directions;
+use refusal_lens_engine::probe::ProbeSet;
+use refusal_lens_engine::prompts::{Label, PromptSet};
+
+use super::export::Exporter;
+use crate::worker::{Event, Job, JobId, Worker};
+
+#[derive(Default)]
+pub struct DirectionsPanel {
+    job: Option<JobId>,
+    progress: (String, usize, usize),
+    pub directions: Option<Arc<Directions>>,
+    pub probes: Option<Arc<ProbeSet>>,
+    /// The layer the Cliff curves read (None: the directions' chosen layer).
+    pub layer: Option<usize>,
+    /// Choose the layer by ablation on the val split (slower).
+    pub select: bool,
+    harmful: usize,
+    harmless: usize,
+    pub error: Option<String>,
+    message: Option<String>,
+    dialog: Option<(Receiver<Option<PathBuf>>, bool)>,
+    /// Set when new directions arrive or the layer changes: the Cliff needs a new trajectory.
+    changed: bool,
+    export: Exporter,
+    plot_rect: Option<egui::Rect>,
+}
+
+/// The index of the set whose records carry `label` (else of the set named like it).
+fn default_set(sets: &[PromptSet], label: Label, name: &str) -> usize {
+    sets.iter()
+        .position(|s| s.name == name)
+        .or_else(|| {
+            sets.iter()
+                .position(|s| s.records.iter().all(|r| r.label == Some(label)))
+        })
+        .unwrap_or(0)
+}
+
+impl DirectionsPanel {
+    pub fn is_running(&self) -> bool {
+        self.job.is_some()
+    }
+
+    /// The layer the trajectory curves should read.
+    pub fn curve_layer(&self) -> Option<usize> {
+        self.layer.or(self.directions.as_ref().map(|d| d.layer))
+    }
+
+    /// True once after new directions or a new layer.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    pub fn owns(&self, event: &Event) -> bool {
+        matches!(
+            event,
+            Event::LensProgress { .. }
+                | Event::LensReady { .. }
+                | Event::LensSaved { .. }
+                | Event::LensFailed { .. }
+        )
+    }
+
+    pub fn on_event(&mut self, event: Event) {
+        match event {
+            Event::LensProgress {
+                id,
+                phase,
+                done,
+                total,
+            } if Some(id) == self.job => self.progress = (phase, done, total),
+            Event::LensReady {
+                directions,
+                probes,
+                seconds,
+                ..
+            } => {
+                self.job = None;
+                self.message = Some(format!(
+                    "{} directions over {} layers{} in {seconds:.1} s",
+                    if directions.selection.is_some() {
+                        "selected"
+                    } else {
+                        "computed"
+                    },
+                    directions.n_states,
+                    if probes.is_some() { " + probes" } else { "" }
+                ));
+                self.directions = Some(directions);
+                self.probes = probes;
+                self.layer = None;
+                self.changed = true;
+            }
+            Event::LensSaved { path } => self.message = Some(format!("saved {}", path.display())),
+            Event::LensFailed { error } => {
+                self.job = None;
+                self.error = Some(error);
+            }
+            _ => {}
+        }
+    }
+
+    /// Forgets the directions (the model changed).
+    pub fn clear(&mut self) {
+        self.directions = None;
+        self.probes = None;
+        self.layer = None;
+        self.job = None;
+    }
+
+    fn poll_dialog(&mut self, worker: &mut Worker) {
+        if let Some((rx, save)) = &self.dialog {
+            if let Ok(picked) = rx.try_recv() {
+                let save = *save;
+                self.dialog = None;
+                if let Some(path) = picked {
+                    worker.send(if save {
+                        Job::SaveLens { path }
+                    } else {
+                        Job::LoadLens { path }
+                    });
+                }
+            }
+        }
+    }
+
+    fn open_dialog(&mut self, save: bool) {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let d = rfd::FileDialog::new().add_filter("Directions (safetensors)", &["safetensors"]);
+            let picked = if save {
+                d.set_file_name("directions.safetensors").save_file()
+            } else {
+                d.pick_file()
+            };
+            let _ = tx.send(picked);
+        });
+        self.dialog = Some((rx, save));
+    }
+
+    pub fn ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        worker: &mut Worker,
+        sets: &[PromptSet],
+        model_ready: bool,
+    ) {
+        self.poll_dialog(worker);
+        self.export.poll(ui.ctx());
+        if sets.is_empty() {
+            ui.label(
+                "Load a harmful and a harmless prompt set (left panel) to compute directions.",
+            );
+        } else {
+            if self.harmful >= sets.len() || self.harmless >= sets.len() {
+                self.harmful = default_set(sets, Label::Harmful, "harmful");
+                self.harmless = default_set(sets, Label::Harmless, "harmless");
+            }
+            ui.horizontal_wrapped(|ui| {
+                let pick = |ui: &mut egui::Ui, id: &str, idx: &mut usize| {
+                    egui::ComboBox::from_id_salt(id)
+                        .selected_text(sets[*idx].name.clone())
+                        .show_ui(ui, |ui| {
+                            for (i, s) in sets.iter().enumerate() {
+                                ui.selectable_value(idx, i, format!("{} ({})", s.name, s.len()));
+                            }
+                        });
+                };
+                ui.label("harmful:");
+                pick(ui, "dir_harmful", &mut self.harmful);
+                ui.label("harmless:");
+                pick(ui, "dir_harmless", &mut self.harmless);
+                ui.checkbox(&mut self.select, "choose layer by ablation")
+                    .on_hover_text(
+                        "methods.md layer selection: ablate each candidate on val prompts, \
+                         drop the last 20% of layers and candidates with KL > 0.1 or no effect \
+                         when added; about 2 minutes on 2 cores. Off: the best-separating layer.",
+                    );
+                let can = model_ready && self.job.is_none() && self.harmful != self.harmless;
+                if ui
+                    .add_enabled(can, egui::Button::new("Compute directions & probes"))
+                    .on_hover_text("Diff-in-means on the train split, logistic probes at every layer (80/20 holdout)")
+                    .clicked()
+                {
+                    self.error = None;
+                    self.progress = ("starting".into(), 0, 1);
+                    self.job = Some(worker.build_lens(
+                        sets[self.harmful].clone(),
+                        sets[self.harmless].clone(),
+                        self.select,
+                    ));
+                }
+            });
+        }
+        if self.job.is_some() {
+            ui.horizontal(|ui| {
+                let (phase, done, total) = &self.progress;
+                ui.add(
+                    egui::ProgressBar::new(*done as f32 / (*total).max(1) as f32)
+                        .desired_width(260.0)
+                        .text(format!("{phase}: {done} / {total}")),
+                );
+                if ui.button("Cancel").clicked() {
+                    worker.cancel_lens();
+                }
+            });
+        }
+        ui.horizontal(|ui| {
+            if ui
+                .add_enabled(self.directions.is_some(), egui::Button::new("Save…"))
+                .on_hover_text("Directions as safetensors with metadata; probes beside them (.probes.safetensors)")
+                .clicked()
+            {
+                self.open_dialog(true);
+            }
+            if ui.add_enabled(model_ready, egui::Button::new("Load…")).clicked() {
+                self.open_dialog(false);
+            }
+            if let Some(m) = &self.message {
+                ui.weak(m);
+            }
+        });
+        if let Some(e) = &self.error {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+        let Some(d) = self.directions.clone() else {
+            return;
+        };
+        self.summary(ui, &d);
+        self.plots(ui, &d);
+    }
+
+    fn summary(&mut self, ui: &mut egui::Ui, d: &Directions) {
+        let p = &d.provenance;
+        ui.label(format!(
+            "{} harmful vs {} harmless prompts{} · chosen: layer {}, position t_post−{}{}",
+            p.n_harmful,
+            p.n_harmless,
+            if p.filtered_by_behaviour {
+                " (filtered by behaviour)"
+            } else {
+                ""
+            },
+            d.layer,
+            d.n_post - 1 - d.position,
+            match &d.selection {
+                Some(s) => format!(
+                    " (by ablation on {}+{} val prompts; {} candidates)",
+                    s.n_harmful,
+                    s.n_harmless,
+                    s.candidates.len()
+                ),
+                None => " (best separation; no ablation selection)".into(),
+            }
+        ));
+        ui.horizontal(|ui| {
+            let mut layer = self.curve_layer().unwrap_or(d.layer);
+            ui.label("Layer of the Cliff curves:");
+            if ui
+                .add(egui::Slider::new(&mut layer, 0..=d.n_states - 1))
+                .changed()
+            {
+                self.layer = Some(layer);
+                self.changed = true;
+            }
+            if ui.button("Reset to chosen").clicked() {
+                self.layer = None;
+                self.changed = true;
+            }
+            let csv = || directions_csv(d, self.probes.as_deref());
+            self.export.buttons(ui, "directions", self.plot_rect, csv);
+            if let Some(m) = &self.export.message {
+                ui.weak(m);
+            }
+        });
+    }
+
+    fn plots(&mut self, ui: &mut egui::Ui, d: &Directions) {
+        let chosen = d.layer as f64;
+        let current = self.curve_layer().map(|l| l as f64);
+        let per_layer = |f: &dyn Fn(usize) -> f32| -> PlotPoints {
+            (0..d.n_states).map(|l| [l as f64, f(l) as f64]).collect()
+        };
+        let red = Color32::from_rgb(200, 50, 45);
+        let purple = Color32::from_rgb(120, 80, 200);
+        let marks = |plot: &mut egui_plot::PlotUi| {
+            plot.vline(VLine::new("chosen layer", chosen).color(Color32::from_rgb(40, 140, 60)));
+            if let Some(c) = current.filter(|c| *c != chosen) {
+                plot.vline(VLine::new("curve layer", c).color(Color32::from_rgb(30, 120, 220)));
+            }
+        };
+        let top = ui.cursor().min;
+        ui.columns(2, |cols| {
+            Plot::new("dir_separation")
+                .height(190.0)
+                .legend(Legend::default())
+                .x_axis_label("layer (residual state)")
+                .y_axis_label("separation (gap / pooled std)")
+                .show(&mut cols[0], |plot| {
+                    plot.line(
+                        Line::new(
+                            "refusal (t_post)",
+                            per_layer(&|l| d.stats[l].refusal_separation),
+                        )
+                        .color(red),
+                    );
+                    plot.line(
+                        Line::new(
+                            "harmfulness (t_inst)",
+                            per_layer(&|l| d.stats[l].harmfulness_separation),
+                        )
+                        .color(purple),
+                    );
+                    marks(plot);
+                });
+            Plot::new("dir_norm")
+                .height(190.0)
+                .legend(Legend::default())
+                .x_axis_label("layer (residual state)")
+                .y_axis_label("‖direction‖ (residual units)")
+                .show(&mut cols[1], |plot| {
+                    plot.line(
+                        Line::new("‖refusal‖", per_layer(&|l| d.stats[l].refusal_norm)).color(red),
+                    );
+                    plot.line(
+                        Line::new("‖harmfulness‖", per_layer(&|l| d.stats[l].harmfulness_norm))
+                            .color(purple),
+                    );
+                    marks(plot);
+                });
+        });
+        ui.columns(2, |cols| {
+            Plot::new("dir_cosine")
+                .height(190.0)
+                .legend(Legend::default())
+                .x_axis_label("layer (residual state)")
+                .y_axis_label("cosine")
+                .include_y(0.0)
+                .include_y(1.0)
+                .show(&mut cols[0], |plot| {
+                    plot.line(Line::new(
+                        "cos(refusal, harmfulness)",
+                        per_layer(&|l| d.stats[l].cosine),
+                    ));
+                    marks(plot);
+                });
+            Plot::new("dir_probe_auc")
+                .height(190.0)
+                .legend(Legend::default())
+                .x_axis_label("layer (residual state)")
+                .y_axis_label("held-out AUC / accuracy")
+                .include_y(0.5)
+                .include_y(1.0)
+                .show(&mut cols[1], |plot| {
+                    if let Some(p) = &self.probes {
+                        let auc: PlotPoints = p
+                            .metrics
+                            .iter()
+                            .filter_map(|m| Some([m.layer as f64, m.test_auc? as f64]))
+                            .collect();
+                        let acc: PlotPoints = p
+                            .metrics
+                            .iter()
+                            .map(|m| [m.layer as f64, m.test_accuracy as f64])
+                            .collect();
+                        plot.line(Line::new("probe AUC", auc).color(red));
+                        plot.line(Line::new("probe accuracy", acc));
+                    }
+                    marks(plot);
+                });
+        });
+        let bottom = ui.cursor().min;
+        self.plot_rect = Some(egui::Rect::from_min_max(
+            top,
+            egui::pos2(ui.max_rect().right(), bottom.y),
+        ));
+    }
+}
+
+fn directions_csv(d: &Directions, probes: Option<&ProbeSet>) -> String {
+    let mut out = String::from(
+        "layer,refusal_norm,refusal_separation,harmfulness_norm,harmfulness_separation,cosine,probe_test_auc,probe_test_accuracy,chosen\n",
+    );
+    for s in &d.stats {
+        let m = probes.and_then(|p| p.metrics.iter().find(|m| m.layer == s.layer));
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{}\n",
+            s.layer,
+            s.refusal_norm,
+            s.refusal_separation,
+            s.harmfulness_norm,
+            s.harmfulness_separation,
+            s.cosine,
+            m.and_then(|m| m.test_auc)
+                .map_or(String::new(), |a| a.to_string()),
+            m.map_or(String::new(), |m| m.test_accuracy.to_string()),
+            s.layer == d.layer
+        ));
+    }
+    out
+}
