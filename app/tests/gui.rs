@@ -266,3 +266,56 @@ fn training_refusal_tokens_in_the_gui_plots_the_loss_and_switches_the_organism_o
             == 1
     );
 }
+
+#[test]
+fn directions_then_a_reply_give_a_cliff_plot_whose_token_chips_select_tokens() {
+    // Keep the activation cache of this tiny model out of the user's cache.
+    let cache = tempfile::tempdir().unwrap();
+    std::env::set_var("REFUSAL_LENS_CACHE", cache.path());
+    let mut h = harness();
+    step_until(&mut h, "the model and the prompt sets", |a| {
+        a.model.is_ready() && a.prompt_sets.sets.len() >= 2
+    });
+    h.get_by_label("Directions").click();
+    h.step();
+    h.get_by_label("Compute directions & probes").click();
+    step_until(&mut h, "directions and probes", |a| {
+        a.directions.probes.is_some() || a.directions.error.is_some()
+    });
+    assert_eq!(h.state().directions.error, None);
+    h.get_by_label_contains("chosen: layer");
+    h.get_by_label("Layer of the Cliff curves:");
+
+    h.get_by_label("Prompt & reply").click();
+    h.step();
+    h.state_mut().reply.max_new_tokens = 10;
+    h.get_by_label("Generate").click();
+    step_until(&mut h, "the reply's trajectory", |a| {
+        a.cliff.trajectory.is_some() || a.cliff.error.is_some()
+    });
+    assert_eq!(h.state().cliff.error, None);
+    h.get_by_label("Cliff").click();
+    h.step();
+    h.get_by_label_contains("cliff magnitude");
+    h.get_by_label("Pin for overlay");
+    let t = h.state().cliff.trajectory.clone().unwrap();
+    assert_eq!(t.tokens.len(), t.prompt_len + h.state().reply.tokens.len());
+    assert_eq!(t.heatmap.len(), t.heatmap_layers.len());
+    // Click the chip of the first reply token whose text appears nowhere earlier.
+    let (i, text) = t
+        .tokens
+        .iter()
+        .enumerate()
+        .find(|(i, tok)| {
+            !tok.text.trim().is_empty()
+                && !tok.text.contains('\n')
+                && t.tokens[..*i].iter().all(|o| o.text != tok.text)
+        })
+        .map(|(i, tok)| (i, tok.text.clone()))
+        .expect("a token with unique text");
+    assert_eq!(h.state().cliff.selected, None);
+    h.get_all_by_label(&text).next().unwrap().click();
+    h.step();
+    assert_eq!(h.state().cliff.selected, Some(i));
+    h.get_by_label_contains(&format!("Token #{i} "));
+}

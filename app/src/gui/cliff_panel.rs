@@ -176,9 +176,9 @@ impl CliffPanel {
                             ui.separator();
                         }
                         let p = curve.map_or(f32::NAN, |c| c[i]);
-                        let shown = tok.text.replace('\n', "⏎");
+                        let shown = tok.text.replace('\n', "↵");
                         let mut text = egui::RichText::new(if shown.is_empty() {
-                            "∅".into()
+                            "(empty)".into()
                         } else {
                             shown
                         })

@@ -25,8 +25,9 @@ pub struct DirectionsPanel {
     pub layer: Option<usize>,
     /// Choose the layer by ablation on the val split (slower).
     pub select: bool,
-    harmful: usize,
-    harmless: usize,
+    /// Indices into the loaded prompt sets (chosen by label/name until the user picks).
+    harmful: Option<usize>,
+    harmless: Option<usize>,
     pub error: Option<String>,
     message: Option<String>,
     dialog: Option<(Receiver<Option<PathBuf>>, bool)>,
@@ -163,10 +164,13 @@ impl DirectionsPanel {
                 "Load a harmful and a harmless prompt set (left panel) to compute directions.",
             );
         } else {
-            if self.harmful >= sets.len() || self.harmless >= sets.len() {
-                self.harmful = default_set(sets, Label::Harmful, "harmful");
-                self.harmless = default_set(sets, Label::Harmless, "harmless");
-            }
+            let (mut harmful, mut harmless) = match (self.harmful, self.harmless) {
+                (Some(a), Some(b)) if a < sets.len() && b < sets.len() => (a, b),
+                _ => (
+                    default_set(sets, Label::Harmful, "harmful"),
+                    default_set(sets, Label::Harmless, "harmless"),
+                ),
+            };
             ui.horizontal_wrapped(|ui| {
                 let pick = |ui: &mut egui::Ui, id: &str, idx: &mut usize| {
                     egui::ComboBox::from_id_salt(id)
@@ -178,16 +182,16 @@ impl DirectionsPanel {
                         });
                 };
                 ui.label("harmful:");
-                pick(ui, "dir_harmful", &mut self.harmful);
+                pick(ui, "dir_harmful", &mut harmful);
                 ui.label("harmless:");
-                pick(ui, "dir_harmless", &mut self.harmless);
+                pick(ui, "dir_harmless", &mut harmless);
                 ui.checkbox(&mut self.select, "choose layer by ablation")
                     .on_hover_text(
                         "methods.md layer selection: ablate each candidate on val prompts, \
                          drop the last 20% of layers and candidates with KL > 0.1 or no effect \
                          when added; about 2 minutes on 2 cores. Off: the best-separating layer.",
                     );
-                let can = model_ready && self.job.is_none() && self.harmful != self.harmless;
+                let can = model_ready && self.job.is_none() && harmful != harmless;
                 if ui
                     .add_enabled(can, egui::Button::new("Compute directions & probes"))
                     .on_hover_text("Diff-in-means on the train split, logistic probes at every layer (80/20 holdout)")
@@ -196,12 +200,13 @@ impl DirectionsPanel {
                     self.error = None;
                     self.progress = ("starting".into(), 0, 1);
                     self.job = Some(worker.build_lens(
-                        sets[self.harmful].clone(),
-                        sets[self.harmless].clone(),
+                        sets[harmful].clone(),
+                        sets[harmless].clone(),
                         self.select,
                     ));
                 }
             });
+            (self.harmful, self.harmless) = (Some(harmful), Some(harmless));
         }
         if self.job.is_some() {
             ui.horizontal(|ui| {
@@ -244,7 +249,7 @@ impl DirectionsPanel {
     fn summary(&mut self, ui: &mut egui::Ui, d: &Directions) {
         let p = &d.provenance;
         ui.label(format!(
-            "{} harmful vs {} harmless prompts{} · chosen: layer {}, position t_post−{}{}",
+            "{} harmful vs {} harmless prompts{} · chosen: layer {}, position t_post-{}{}",
             p.n_harmful,
             p.n_harmless,
             if p.filtered_by_behaviour {
@@ -328,13 +333,13 @@ impl DirectionsPanel {
                 .height(190.0)
                 .legend(Legend::default())
                 .x_axis_label("layer (residual state)")
-                .y_axis_label("‖direction‖ (residual units)")
+                .y_axis_label("direction norm (residual units)")
                 .show(&mut cols[1], |plot| {
                     plot.line(
-                        Line::new("‖refusal‖", per_layer(&|l| d.stats[l].refusal_norm)).color(red),
+                        Line::new("norm of refusal", per_layer(&|l| d.stats[l].refusal_norm)).color(red),
                     );
                     plot.line(
-                        Line::new("‖harmfulness‖", per_layer(&|l| d.stats[l].harmfulness_norm))
+                        Line::new("norm of harmfulness", per_layer(&|l| d.stats[l].harmfulness_norm))
                             .color(purple),
                     );
                     marks(plot);
