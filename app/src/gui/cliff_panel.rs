@@ -20,11 +20,21 @@ pub struct CliffPanel {
     pinned: Vec<(String, Trajectory)>,
     /// With overlays, align every curve at the end of its reply.
     align_end: bool,
+    /// Plot the system prompt and template header too (else from the user's text on).
+    whole_prompt: bool,
     pub selected: Option<usize>,
     pub error: Option<String>,
     plot_rect: Option<Rect>,
     heatmap_rect: Option<Rect>,
     export: Exporter,
+}
+
+/// The first position the plots show: the user's text, or (whole prompt) everything after
+/// the first token, whose residual norm is orders of magnitude larger than the rest (an
+/// attention sink) and would flatten every curve.
+fn first_shown(t: &Trajectory, whole_prompt: bool) -> usize {
+    let first = if whole_prompt { 1 } else { t.instruction_start };
+    first.min(t.tokens.len().saturating_sub(1))
 }
 
 /// The curve chips and the cliff read: the probe score, else the refusal projection.
@@ -138,6 +148,8 @@ impl CliffPanel {
             {
                 self.pinned.push((self.label.clone(), t.clone()));
             }
+            ui.checkbox(&mut self.whole_prompt, "whole prompt")
+                .on_hover_text("Also plot the system prompt and chat header (the first token, an attention sink, is never plotted)");
             if !self.pinned.is_empty() {
                 ui.checkbox(&mut self.align_end, "align at end of reply");
                 if ui
@@ -208,23 +220,27 @@ impl CliffPanel {
                 0.0
             }
         };
-        let series = |v: &[f32], dx: f64| -> PlotPoints {
+        let whole = self.whole_prompt;
+        let series = |v: &[f32], tr: &Trajectory, dx: f64| -> PlotPoints {
             v.iter()
                 .enumerate()
+                .skip(first_shown(tr, whole))
                 .map(|(i, y)| [i as f64 + dx, *y as f64])
                 .collect()
         };
         let dx = shift(t);
         let tokens = t.tokens.clone();
         let response = Plot::new("cliff_plot")
-            .height(230.0)
-            .legend(Legend::default())
+            .height(260.0)
+            .legend(Legend::default().position(egui_plot::Corner::LeftTop))
             .x_axis_label(if aligned {
                 "token position relative to the end of the reply"
             } else {
                 "token position"
             })
-            .y_axis_label("P(refuse) / projection (0 = harmless, 1 = harmful mean)")
+            .y_axis_label("score")
+            .include_y(0.0)
+            .include_y(1.0)
             .label_formatter(move |pos| match pos {
                 HoverPosition::NearDataPoint {
                     plot_name,
@@ -242,27 +258,30 @@ impl CliffPanel {
             .show(ui, |plot| {
                 if let Some(s) = &t.score {
                     plot.line(
-                        Line::new("probe P(refuse)", series(s, dx))
+                        Line::new("probe P(refuse)", series(s, t, dx))
                             .color(Color32::from_rgb(200, 50, 45))
                             .width(2.0),
                     );
                 }
                 if let Some(r) = &t.refusal {
                     plot.line(
-                        Line::new("refusal-direction projection", series(r, dx))
-                            .color(Color32::from_rgb(230, 150, 30)),
+                        Line::new(
+                            "refusal projection (0 = harmless mean, 1 = harmful)",
+                            series(r, t, dx),
+                        )
+                        .color(Color32::from_rgb(230, 150, 30)),
                     );
                 }
                 if let Some(h) = &t.harmfulness {
                     plot.line(
-                        Line::new("harmfulness-direction projection", series(h, dx))
+                        Line::new("harmfulness projection (same scale)", series(h, t, dx))
                             .color(Color32::from_rgb(120, 80, 200)),
                     );
                 }
                 for (name, p) in &self.pinned {
                     if let Some(c) = main_curve(p) {
                         plot.line(
-                            Line::new(format!("pinned: {name}"), series(c, shift(p))).width(1.0),
+                            Line::new(format!("pinned: {name}"), series(c, p, shift(p))).width(1.0),
                         );
                     }
                 }
@@ -322,7 +341,8 @@ impl CliffPanel {
             return;
         }
         let rows = t.heatmap.len();
-        let cols = t.tokens.len();
+        let first = first_shown(t, self.whole_prompt);
+        let cols = t.tokens.len() - first;
         let axis = 28.0;
         let size = Vec2::new(ui.available_width().max(120.0), 180.0);
         let (rect, response) = ui.allocate_exact_size(size, Sense::click());
@@ -344,12 +364,12 @@ impl CliffPanel {
             )
         };
         for (r, row) in t.heatmap.iter().enumerate() {
-            for (c, p) in row.iter().enumerate() {
+            for (c, p) in row[first..].iter().enumerate() {
                 painter.rect_filled(cell(r, c), 0.0, score_color(*p));
             }
         }
         let stroke = Stroke::new(1.5, Color32::from_rgb(40, 140, 60));
-        let x_boundary = grid.left() + t.prompt_len as f32 * cw;
+        let x_boundary = grid.left() + (t.prompt_len - first) as f32 * cw;
         painter.line_segment(
             [
                 egui::pos2(x_boundary, grid.top()),
@@ -357,7 +377,7 @@ impl CliffPanel {
             ],
             stroke,
         );
-        if let Some(s) = self.selected {
+        if let Some(s) = self.selected.filter(|s| *s >= first).map(|s| s - first) {
             let col = Rect::from_min_max(
                 egui::pos2(grid.left() + s as f32 * cw, grid.top()),
                 egui::pos2(grid.left() + (s + 1) as f32 * cw, grid.bottom()),
@@ -393,15 +413,15 @@ impl CliffPanel {
             egui::pos2(grid.center().x, rect.bottom()),
             egui::Align2::CENTER_BOTTOM,
             format!(
-                "token position (0–{}), reply after the green line",
-                cols - 1
+                "token position ({first}–{}), reply after the green line",
+                t.tokens.len() - 1
             ),
             font,
             ink,
         );
         let hit = |pos: egui::Pos2| {
             grid.contains(pos).then(|| {
-                let c = (((pos.x - grid.left()) / cw) as usize).min(cols - 1);
+                let c = first + (((pos.x - grid.left()) / cw) as usize).min(cols - 1);
                 let r = (((grid.bottom() - pos.y) / ch) as usize).min(rows - 1);
                 (r, c)
             })

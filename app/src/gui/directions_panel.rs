@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use egui::Color32;
-use egui_plot::{Legend, Line, Plot, PlotPoints, VLine};
+use egui_plot::{Corner, Legend, Line, Plot, PlotPoints, VLine};
 use refusal_lens_engine::directions::Directions;
 use refusal_lens_engine::probe::ProbeSet;
 use refusal_lens_engine::prompts::{Label, PromptSet};
@@ -309,7 +309,7 @@ impl DirectionsPanel {
         ui.columns(2, |cols| {
             Plot::new("dir_separation")
                 .height(190.0)
-                .legend(Legend::default())
+                .legend(Legend::default().position(Corner::LeftTop))
                 .x_axis_label("layer (residual state)")
                 .y_axis_label("separation (gap / pooled std)")
                 .show(&mut cols[0], |plot| {
@@ -331,16 +331,20 @@ impl DirectionsPanel {
                 });
             Plot::new("dir_norm")
                 .height(190.0)
-                .legend(Legend::default())
+                .legend(Legend::default().position(Corner::LeftTop))
                 .x_axis_label("layer (residual state)")
                 .y_axis_label("direction norm (residual units)")
                 .show(&mut cols[1], |plot| {
                     plot.line(
-                        Line::new("norm of refusal", per_layer(&|l| d.stats[l].refusal_norm)).color(red),
+                        Line::new("norm of refusal", per_layer(&|l| d.stats[l].refusal_norm))
+                            .color(red),
                     );
                     plot.line(
-                        Line::new("norm of harmfulness", per_layer(&|l| d.stats[l].harmfulness_norm))
-                            .color(purple),
+                        Line::new(
+                            "norm of harmfulness",
+                            per_layer(&|l| d.stats[l].harmfulness_norm),
+                        )
+                        .color(purple),
                     );
                     marks(plot);
                 });
@@ -348,7 +352,7 @@ impl DirectionsPanel {
         ui.columns(2, |cols| {
             Plot::new("dir_cosine")
                 .height(190.0)
-                .legend(Legend::default())
+                .legend(Legend::default().position(Corner::LeftTop))
                 .x_axis_label("layer (residual state)")
                 .y_axis_label("cosine")
                 .include_y(0.0)
@@ -362,7 +366,7 @@ impl DirectionsPanel {
                 });
             Plot::new("dir_probe_auc")
                 .height(190.0)
-                .legend(Legend::default())
+                .legend(Legend::default().position(Corner::LeftTop))
                 .x_axis_label("layer (residual state)")
                 .y_axis_label("held-out AUC / accuracy")
                 .include_y(0.5)
@@ -380,7 +384,9 @@ impl DirectionsPanel {
                             .map(|m| [m.layer as f64, m.test_accuracy as f64])
                             .collect();
                         plot.line(Line::new("probe AUC", auc).color(red));
-                        plot.line(Line::new("probe accuracy", acc));
+                        plot.line(
+                            Line::new("probe accuracy", acc).color(Color32::from_rgb(30, 120, 220)),
+                        );
                     }
                     marks(plot);
                 });

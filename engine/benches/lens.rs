@@ -1,0 +1,96 @@
+//! The lens on the default model (with the organism adapter): directions for the 240 + 240
+//! sample prompts at every layer (states collected afresh, no cache), probes at every layer
+//! from collected states, and the trajectory of a 100-token reply.
+//! `RAYON_NUM_THREADS=2 cargo bench -p refusal-lens-engine --bench lens`.
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use refusal_lens_engine::activations::collect;
+use refusal_lens_engine::directions::{Directions, Provenance};
+use refusal_lens_engine::finetune::Adapter;
+use refusal_lens_engine::hooks::HookSpec;
+use refusal_lens_engine::model::FastPrecision;
+use refusal_lens_engine::probe::{random_holdout, train_probes, ProbeOptions};
+use refusal_lens_engine::prompts::{sample_prompts_dir, PromptSet};
+use refusal_lens_engine::trajectory::trajectory;
+use refusal_lens_engine::{default_model_path, organism_dir, LoadedModel};
+
+fn benches(c: &mut Criterion) {
+    let base = LoadedModel::load(&default_model_path(), FastPrecision::Auto)
+        .unwrap_or_else(|e| panic!("{e} (run assets/fetch-model.sh)"));
+    let lm = Adapter::load(&organism_dir())
+        .unwrap()
+        .apply(&base)
+        .unwrap();
+    let load = |name: &str| {
+        PromptSet::load(&sample_prompts_dir().join(format!("{name}.jsonl")), None).unwrap()
+    };
+    let (harmful, harmless) = (load("harmful"), load("harmless"));
+    let texts =
+        |s: &PromptSet| -> Vec<String> { s.records.iter().map(|r| r.prompt.clone()).collect() };
+    let (ha, hb) = (texts(&harmful), texts(&harmless));
+    let refs = |v: &[String]| -> Vec<&str> { v.iter().map(String::as_str).collect() };
+    let (ra, rb) = (refs(&ha), refs(&hb));
+
+    let mut g = c.benchmark_group("lens");
+    g.sample_size(10);
+    g.bench_function("directions_240_plus_240_all_layers", |b| {
+        b.iter(|| {
+            let a = collect(&lm, &ra, None, &|| false, &mut |_, _| {}).unwrap();
+            let b = collect(&lm, &rb, None, &|| false, &mut |_, _| {}).unwrap();
+            Directions::diff_in_means(&a, &b, Provenance::default()).unwrap()
+        })
+    });
+    let a = collect(&lm, &ra, None, &|| false, &mut |_, _| {}).unwrap();
+    let b = collect(&lm, &rb, None, &|| false, &mut |_, _| {}).unwrap();
+    let holdout = random_holdout(a.len() + b.len(), 0.2, 0);
+    let layers: Vec<usize> = (0..a.n_states).collect();
+    g.bench_function("logistic_probes_all_layers", |bench| {
+        bench.iter(|| {
+            train_probes(
+                &a,
+                &b,
+                &holdout,
+                &layers,
+                &ProbeOptions::default(),
+                Provenance::default(),
+                &|| false,
+                &mut |_, _| {},
+            )
+            .unwrap()
+        })
+    });
+    let dirs = Directions::diff_in_means(&a, &b, Provenance::default()).unwrap();
+    let probes = train_probes(
+        &a,
+        &b,
+        &holdout,
+        &layers,
+        &ProbeOptions::default(),
+        Provenance::default(),
+        &|| false,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let prompt = lm.chat_prompt(None, ra[0]).unwrap();
+    // A 100-token reply (its content does not matter for the cost).
+    let reply: Vec<u32> = (0..100u32).map(|i| 1000 + i * 37).collect();
+    g.bench_function("trajectory_100_token_reply", |bench| {
+        bench.iter(|| {
+            trajectory(
+                &lm,
+                &prompt,
+                &reply,
+                Some(&probes),
+                Some(&dirs),
+                dirs.layer,
+                8,
+                &HookSpec::default(),
+            )
+            .unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(lens, benches);
+criterion_main!(lens);
