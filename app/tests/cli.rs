@@ -366,3 +366,179 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("P(refusal openers)"));
 }
+
+#[test]
+fn directions_probe_trajectory_and_cliff_rank_chain_through_saved_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_folder(dir.path());
+    let set = |label: &str, word: &str| {
+        let path = dir.path().join(format!("{label}.jsonl"));
+        let rows: String = (0..12)
+            .map(|i| {
+                let split = ["train", "train", "val", "test"][i % 4];
+                format!("{{\"id\":\"{label}-{i}\",\"prompt\":\"{word} request number {i}\",\"label\":\"{label}\",\"split\":\"{split}\"}}\n")
+            })
+            .collect();
+        std::fs::write(&path, rows).unwrap();
+        path.display().to_string()
+    };
+    let (harmful, harmless) = (set("harmful", "evil"), set("harmless", "kind"));
+    let dirs = dir.path().join("dirs.safetensors").display().to_string();
+    let probes = dir.path().join("probes.safetensors").display().to_string();
+    let cache = dir.path().join("cache");
+    let run_here = |args: &[&str]| {
+        bin()
+            .env("REFUSAL_LENS_CACHE", &cache)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ok = |out: &Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let common = [
+        "--model",
+        &model,
+        "--harmful",
+        &harmful,
+        "--harmless",
+        &harmless,
+    ];
+
+    let mut args = vec!["directions"];
+    args.extend(common);
+    args.extend([
+        "--val-prompts",
+        "3",
+        "--max-kl",
+        "100",
+        "--out",
+        &dirs,
+        "--json",
+    ]);
+    let out = run_here(&args);
+    // A random model may fail every candidate's "addition raises refusal" test: then the
+    // command says so in one line; otherwise it saves what it chose.
+    if out.status.success() {
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            v["directions"]["provenance"]["n_harmful"], 6,
+            "the train split"
+        );
+        assert!(
+            v["directions"]["selection"]["candidates"]
+                .as_array()
+                .unwrap()
+                .len()
+                > 0
+        );
+    } else {
+        assert!(stderr_line(&out).contains("no (layer, position) candidate"));
+        let mut args = vec!["directions"];
+        args.extend(common);
+        args.extend(["--no-select", "--out", &dirs, "--json"]);
+        ok(&run_here(&args));
+    }
+    assert!(Path::new(&dirs).exists());
+    // The states were cached: a second run reads them.
+    assert!(
+        std::fs::read_dir(cache.join("activations"))
+            .unwrap()
+            .count()
+            == 2
+    );
+
+    let mut args = vec!["probe"];
+    args.extend(common);
+    args.extend([
+        "--labels",
+        "set",
+        "--holdout",
+        "test",
+        "--out",
+        &probes,
+        "--json",
+    ]);
+    let v = ok(&run_here(&args));
+    assert_eq!(v["probes"]["n_test"], 6);
+    assert_eq!(
+        v["probes"]["metrics"].as_array().unwrap().len(),
+        3,
+        "2 layers + the final state"
+    );
+
+    let v = ok(&run_here(&[
+        "trajectory",
+        "--model",
+        &model,
+        "--prompt",
+        "evil request number 99",
+        "--reply-tokens",
+        "5",
+        "--probes",
+        &probes,
+        "--directions",
+        &dirs,
+        "--layer",
+        "1",
+        "--json",
+    ]));
+    let t = &v["trajectory"];
+    let n = t["tokens"].as_array().unwrap().len();
+    assert_eq!(t["score"].as_array().unwrap().len(), n);
+    assert_eq!(t["heatmap"].as_array().unwrap().len(), 3);
+    assert_eq!(t["layer"], 1);
+
+    let top = dir.path().join("top.jsonl");
+    let v = ok(&run_here(&[
+        "cliff-rank",
+        "--model",
+        &model,
+        "--set",
+        &harmful,
+        "--probes",
+        &probes,
+        "--layer",
+        "1",
+        "--top",
+        "0.25",
+        "--out",
+        top.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(v["top"], 3);
+    let ranked = v["ranked"].as_array().unwrap();
+    assert_eq!(ranked.len(), 12);
+    let cliffs: Vec<f64> = ranked
+        .iter()
+        .map(|r| r["cliff"].as_f64().unwrap())
+        .collect();
+    assert!(
+        cliffs.windows(2).all(|w| w[0] >= w[1]),
+        "largest cliff first: {cliffs:?}"
+    );
+    let exported = std::fs::read_to_string(&top).unwrap();
+    assert_eq!(exported.lines().count(), 3);
+    assert!(exported.contains("\"cliff\""));
+
+    let out = run_here(&[
+        "score", "--model", &model, "--set", &harmful, "--split", "test", "--json",
+    ]);
+    assert_eq!(ok(&out)["prompts"].as_array().unwrap().len(), 3);
+    let out = run_here(&[
+        "trajectory",
+        "--model",
+        &model,
+        "--prompt",
+        "x",
+        "--probes",
+        "/nonexistent.safetensors",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("nonexistent"));
+}

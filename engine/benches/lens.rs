@@ -28,8 +28,8 @@ fn benches(c: &mut Criterion) {
     let texts =
         |s: &PromptSet| -> Vec<String> { s.records.iter().map(|r| r.prompt.clone()).collect() };
     let (ha, hb) = (texts(&harmful), texts(&harmless));
-    let refs = |v: &[String]| -> Vec<&str> { v.iter().map(String::as_str).collect() };
-    let (ra, rb) = (refs(&ha), refs(&hb));
+    let ra: Vec<&str> = ha.iter().map(String::as_str).collect();
+    let rb: Vec<&str> = hb.iter().map(String::as_str).collect();
 
     let mut g = c.benchmark_group("lens");
     g.sample_size(10);
