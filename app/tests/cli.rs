@@ -430,13 +430,10 @@ fn directions_probe_trajectory_and_cliff_rank_chain_through_saved_files() {
             v["directions"]["provenance"]["n_harmful"], 6,
             "the train split"
         );
-        assert!(
-            v["directions"]["selection"]["candidates"]
-                .as_array()
-                .unwrap()
-                .len()
-                > 0
-        );
+        assert!(!v["directions"]["selection"]["candidates"]
+            .as_array()
+            .unwrap()
+            .is_empty());
     } else {
         assert!(stderr_line(&out).contains("no (layer, position) candidate"));
         let mut args = vec!["directions"];
