@@ -96,6 +96,10 @@ pub enum Command {
     Trajectory(crate::lens_cli::TrajectoryArgs),
     /// Rank a prompt set by refusal-cliff magnitude (or final score) and export the top.
     CliffRank(crate::lens_cli::CliffRankArgs),
+    /// Dose-response: refusal rate, refusal score, judgement and response modes vs α.
+    Sweep(crate::steer_cli::SweepArgs),
+    /// Export a steering vector as a llama.cpp control vector (GGUF).
+    ControlVector(crate::steer_cli::ControlVectorArgs),
 }
 
 #[derive(Args, Debug)]
@@ -211,6 +215,8 @@ pub struct GenerateArgs {
     /// Without refusal tokens: logit bias on the refusal openers at the first reply token.
     #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub opener_bias: f32,
+    #[command(flatten)]
+    pub steer: crate::steer_cli::SteerArgs,
     /// Print one JSON object per token, then a summary object.
     #[arg(long)]
     pub json: bool,
@@ -281,6 +287,8 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
         Command::Probe(a) => crate::lens_cli::probe(&lm, a),
         Command::Trajectory(a) => crate::lens_cli::run_trajectory(&lm, a),
         Command::CliffRank(a) => crate::lens_cli::cliff_rank(&lm, a),
+        Command::Sweep(a) => crate::steer_cli::run_sweep(&lm, a),
+        Command::ControlVector(a) => crate::steer_cli::control_vector(&lm, a),
         Command::Prompts(_) | Command::Classify(_) | Command::TrainRefusalTokens(_) => {
             unreachable!("handled above")
         }
@@ -302,6 +310,8 @@ fn json_of(c: &Command) -> bool {
         Command::Probe(a) => a.json,
         Command::Trajectory(a) => a.json,
         Command::CliffRank(a) => a.json,
+        Command::Sweep(a) => a.json,
+        Command::ControlVector(_) => false,
     }
 }
 
@@ -361,6 +371,18 @@ fn info(lm: &LoadedModel, a: InfoArgs) -> Result<()> {
 
 fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
     let prompt = lm.chat_prompt(a.system.as_deref(), &a.prompt)?;
+    let (steering, dirs) = a.steer.build(lm)?;
+    let judgement = if steering.is_empty() {
+        None
+    } else {
+        Some(refusal_lens_engine::steering::judgement(
+            lm,
+            &steering,
+            dirs.as_ref(),
+            a.system.as_deref(),
+            &a.prompt,
+        )?)
+    };
     let cfg = GenerateConfig {
         max_new_tokens: a.max_tokens,
         sampling: Sampling {
@@ -368,9 +390,10 @@ fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
             top_p: a.top_p,
             seed: a.seed,
         },
-        hooks: HookSpec::default(),
+        hooks: steering.hooks(lm, dirs.as_ref(), &prompt, None)?,
         refusal_gate: gate(lm, a.tau),
         first_token_bias: opener_bias(lm, a.opener_bias)?,
+        refusal_signal: Some(refusal_lens_engine::refusal::RefusalSignal::for_model(lm)?),
         precision: if a.exact {
             Precision::Exact
         } else {
@@ -399,6 +422,8 @@ fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
     let summary = serde_json::json!({
         "summary": {
             "refusal_probability": g.refusal_probability,
+            "steering": steering.edits.iter().map(|e| e.describe()).collect::<Vec<_>>(),
+            "judgement": judgement,
             "response_mode": mode.mode,
             "response_mode_reason": mode.reason,
             "prompt_tokens": g.prompt_tokens,
@@ -415,6 +440,14 @@ fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
         writeln!(stdout, "{summary}")?;
     } else {
         writeln!(stdout)?;
+        if !steering.is_empty() {
+            let edits: Vec<String> = steering.edits.iter().map(|e| e.describe()).collect();
+            eprintln!(
+                "[steering: {}; judgement log p(yes) − log p(no) = {:.2}]",
+                edits.join(", "),
+                judgement.unwrap_or(f32::NAN)
+            );
+        }
         eprintln!(
             "[{} prompt tokens, {} generated, {:.0} tok/s prefill, {:.1} tok/s generation, stop: {:?}; response mode: {} ({})]",
             g.prompt_tokens, g.tokens.len(), g.prefill_tokens_per_second(), g.decode_tokens_per_second(), g.stop, mode.mode.name(), mode.reason

@@ -173,7 +173,7 @@ pub struct CliffRankArgs {
 }
 
 /// A progress bar on stderr (only on a terminal, never with --json).
-fn progress_bar(quiet: bool) -> impl FnMut(&str, usize, usize) {
+pub fn progress_bar(quiet: bool) -> impl FnMut(&str, usize, usize) {
     let pb = (!quiet && std::io::stderr().is_terminal()).then(|| {
         let pb = indicatif::ProgressBar::new(1);
         pb.set_style(

@@ -3,4 +3,5 @@
 pub mod cli;
 pub mod gui;
 pub mod lens_cli;
+pub mod steer_cli;
 pub mod worker;

@@ -295,7 +295,10 @@ fn directions_then_a_reply_give_a_cliff_plot_whose_token_chips_select_tokens() {
     });
     assert_eq!(h.state().cliff.error, None);
     h.get_by_label("Cliff").click();
-    h.step();
+    // A few frames for the layout to settle (the first frame of a tab sizes its areas).
+    for _ in 0..3 {
+        h.step();
+    }
     h.get_by_label_contains("cliff magnitude");
     h.get_by_label("Pin for overlay");
     let t = h.state().cliff.trajectory.clone().unwrap();

@@ -62,6 +62,9 @@ pub struct GenerateConfig {
     /// set) at the first reply position only, the same control as τ (b = −logit(τ) makes
     /// the first token a refusal opener exactly when `P(R) ≥ τ`, greedy aside).
     pub first_token_bias: Option<(Vec<u32>, f32)>,
+    /// Read this refusal signal at the first reply position into
+    /// [`Generation::refusal_probability`] (the gate reports its own `p([refuse])` anyway).
+    pub refusal_signal: Option<crate::refusal::RefusalSignal>,
 }
 
 impl Default for GenerateConfig {
@@ -73,6 +76,7 @@ impl Default for GenerateConfig {
             precision: Precision::Fast,
             refusal_gate: None,
             first_token_bias: None,
+            refusal_signal: None,
         }
     }
 }
@@ -195,22 +199,30 @@ pub fn generate(
                 };
                 (id, logprobs[id as usize])
             }
-            (0, None) => match &cfg.first_token_bias {
-                Some((ids, bias)) => {
-                    let biased =
-                        HookSpec::with_interventions(vec![crate::hooks::Intervention::LogitBias {
-                            token_ids: ids.clone(),
-                            bias: *bias,
-                        }]);
-                    sample(
-                        &biased.logits(logits.unsqueeze(0)?)?.squeeze(0)?,
-                        &cfg.sampling,
-                        &[],
-                        &mut rng,
-                    )?
+            (0, None) => {
+                if let Some(signal) = &cfg.refusal_signal {
+                    let logprobs =
+                        candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1::<f32>()?;
+                    out.refusal_probability = Some(signal.probability(&logprobs));
                 }
-                None => sample(&logits, &cfg.sampling, &[], &mut rng)?,
-            },
+                match &cfg.first_token_bias {
+                    Some((ids, bias)) => {
+                        let biased = HookSpec::with_interventions(vec![
+                            crate::hooks::Intervention::LogitBias {
+                                token_ids: ids.clone(),
+                                bias: *bias,
+                            },
+                        ]);
+                        sample(
+                            &biased.logits(logits.unsqueeze(0)?)?.squeeze(0)?,
+                            &cfg.sampling,
+                            &[],
+                            &mut rng,
+                        )?
+                    }
+                    None => sample(&logits, &cfg.sampling, &[], &mut rng)?,
+                }
+            }
             _ => sample(&logits, &cfg.sampling, &forbidden, &mut rng)?,
         };
         if index == 0 {

@@ -18,6 +18,7 @@ pub mod probe;
 pub mod prompts;
 pub mod refusal;
 pub mod response;
+pub mod steering;
 pub mod tensorfile;
 pub mod testing;
 pub mod tokenizer;
