@@ -15,12 +15,16 @@ use refusal_lens_engine::finetune::{
     TrainProgress,
 };
 use refusal_lens_engine::generate::{generate, GenerateConfig, Generation, Sampling, TokenStep};
-use refusal_lens_engine::hooks::HookSpec;
 use refusal_lens_engine::lens::{self, DirectionOptions, ProbeJob};
 use refusal_lens_engine::loader::ModelCard;
 use refusal_lens_engine::model::FastPrecision;
 use refusal_lens_engine::probe::ProbeSet;
 use refusal_lens_engine::prompts::{PromptRecord, PromptSet};
+use refusal_lens_engine::refusal::RefusalSignal;
+use refusal_lens_engine::response::{classify as classify_reply, ResponseMode};
+use refusal_lens_engine::steering::{
+    judgement as steering_judgement, sweep, Edit, Steering, SweepPoint,
+};
 use refusal_lens_engine::trajectory::{trajectory, Trajectory, DEFAULT_CLIFF_K};
 use refusal_lens_engine::LoadedModel;
 
@@ -36,6 +40,8 @@ pub struct GenerateRequest {
     pub tau: f32,
     /// For models without them: logit bias on the refusal openers at the first reply token.
     pub opener_bias: f32,
+    /// Interventions on every forward pass (directions come from the worker's lens).
+    pub steering: Steering,
 }
 
 pub enum Job {
@@ -76,12 +82,30 @@ pub enum Job {
     LoadLens {
         path: PathBuf,
     },
+    /// A steered reply (and first, if asked, the unsteered baseline), each with its judgement.
+    /// Newer steer jobs cancel older ones; other jobs do not.
+    Steer {
+        id: JobId,
+        request: GenerateRequest,
+        baseline: bool,
+    },
+    /// Dose-response over prompts: the steering at each α.
+    Sweep {
+        id: JobId,
+        prompts: Vec<String>,
+        alphas: Vec<f32>,
+        /// The edits at α = 1; every Add edit's α is multiplied by the sweep's α.
+        steering: Steering,
+        tau: f32,
+    },
     /// Score every token of a prompt and its reply with the current probes and directions.
     Trajectory {
         id: JobId,
         system: Option<String>,
         prompt: String,
         reply: Vec<u32>,
+        /// The interventions the reply was generated under (so is its trajectory).
+        steering: Steering,
         /// Residual state of the curves (default: the directions' chosen layer).
         layer: Option<usize>,
     },
@@ -173,6 +197,33 @@ pub enum Event {
         id: JobId,
         trajectory: Box<Trajectory>,
     },
+    SteerToken {
+        id: JobId,
+        baseline: bool,
+        step: TokenStep,
+    },
+    SteerFinished {
+        id: JobId,
+        baseline: bool,
+        text: String,
+        mode: ResponseMode,
+        /// First-token refusal probability (`p([refuse])` or `P(R)`).
+        refusal_probability: f32,
+        /// Reply-inversion judgement, log p(yes) − log p(no).
+        judgement: f32,
+        /// From the steer request to the first token of this reply.
+        first_token_seconds: f64,
+        seconds: f64,
+    },
+    SweepProgress {
+        id: JobId,
+        done: usize,
+        total: usize,
+    },
+    Swept {
+        id: JobId,
+        points: Vec<SweepPoint>,
+    },
     Failed {
         id: JobId,
         error: String,
@@ -185,8 +236,10 @@ pub struct Worker {
     events: Receiver<Event>,
     /// Every job with an id at or below this is cancelled.
     cancel_through: Arc<AtomicU64>,
-    /// The same for lens builds, which a new generation does not supersede.
+    /// The same for lens builds and sweeps, which a new generation does not supersede.
     lens_cancel_through: Arc<AtomicU64>,
+    /// The same for steered replies, which supersede only each other.
+    steer_cancel_through: Arc<AtomicU64>,
     next_id: JobId,
     thread: Option<JoinHandle<()>>,
 }
@@ -199,9 +252,11 @@ impl Worker {
         let (event_tx, events) = crossbeam_channel::unbounded();
         let cancel_through = Arc::new(AtomicU64::new(0));
         let lens_cancel_through = Arc::new(AtomicU64::new(0));
+        let steer_cancel_through = Arc::new(AtomicU64::new(0));
         let cancels = Cancels {
             jobs: cancel_through.clone(),
             lens: lens_cancel_through.clone(),
+            steer: steer_cancel_through.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("refusal-lens-worker".into())
@@ -212,6 +267,7 @@ impl Worker {
             events,
             cancel_through,
             lens_cancel_through,
+            steer_cancel_through,
             next_id: 0,
             thread: Some(thread),
         }
@@ -268,6 +324,40 @@ impl Worker {
         self.cancel_through.store(self.next_id, Ordering::SeqCst);
         self.lens_cancel_through
             .store(self.next_id, Ordering::SeqCst);
+        self.steer_cancel_through
+            .store(self.next_id, Ordering::SeqCst);
+    }
+
+    /// Queues a steered reply (after the baseline, if asked), cancelling older steered
+    /// replies: the text shown always belongs to the latest slider values.
+    pub fn steer(&mut self, request: GenerateRequest, baseline: bool) -> JobId {
+        let id = self.next();
+        self.steer_cancel_through.store(id - 1, Ordering::SeqCst);
+        self.send(Job::Steer {
+            id,
+            request,
+            baseline,
+        });
+        id
+    }
+
+    /// Queues a dose-response sweep (cancelled by [`Worker::cancel_lens`]).
+    pub fn sweep(
+        &mut self,
+        prompts: Vec<String>,
+        alphas: Vec<f32>,
+        steering: Steering,
+        tau: f32,
+    ) -> JobId {
+        let id = self.next();
+        self.send(Job::Sweep {
+            id,
+            prompts,
+            alphas,
+            steering,
+            tau,
+        });
+        id
     }
 
     /// Queues a lens build (directions + probes); later generations do not cancel it.
@@ -287,12 +377,13 @@ impl Worker {
             .store(self.next_id, Ordering::SeqCst);
     }
 
-    /// Queues a trajectory; like a generation, it supersedes earlier generations.
+    /// Queues a trajectory (it does not cancel anything).
     pub fn trajectory(
         &mut self,
         system: Option<String>,
         prompt: String,
         reply: Vec<u32>,
+        steering: Steering,
         layer: Option<usize>,
     ) -> JobId {
         let id = self.next();
@@ -301,6 +392,7 @@ impl Worker {
             system,
             prompt,
             reply,
+            steering,
             layer,
         });
         id
@@ -327,6 +419,7 @@ impl Drop for Worker {
 struct Cancels {
     jobs: Arc<AtomicU64>,
     lens: Arc<AtomicU64>,
+    steer: Arc<AtomicU64>,
 }
 
 /// The directions and probes of the model in use (dropped when the model changes).
@@ -453,8 +546,15 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                 }
                 let result = match models.active() {
                     None => Err("no model is loaded".to_string()),
-                    Some(m) => run_generate(m, id, &request, &cancel_through, &emit)
-                        .map_err(|e| e.to_string()),
+                    Some(m) => run_generate(
+                        m,
+                        lens.directions.as_deref(),
+                        id,
+                        &request,
+                        &cancel_through,
+                        &emit,
+                    )
+                    .map_err(|e| e.to_string()),
                 };
                 match result {
                     Ok(generation) => emit(Event::Finished {
@@ -587,23 +687,94 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                     }),
                 }
             }
+            Job::Steer {
+                id,
+                request,
+                baseline,
+            } => {
+                job_id = id;
+                let cancelled = || cancels.steer.load(Ordering::SeqCst) >= id;
+                if cancelled() {
+                    return;
+                }
+                let Some(m) = models.active() else {
+                    emit(Event::Failed {
+                        id,
+                        error: "no model is loaded".into(),
+                    });
+                    return;
+                };
+                let dirs = lens.directions.as_deref();
+                let requested = Instant::now();
+                let runs: &[bool] = if baseline { &[true, false] } else { &[false] };
+                for &is_baseline in runs {
+                    let mut req = request.clone();
+                    if is_baseline {
+                        req.steering = Steering::default();
+                    }
+                    match run_steered(m, dirs, id, &req, is_baseline, requested, &cancelled, &emit)
+                    {
+                        Ok(()) => {}
+                        Err(refusal_lens_engine::Error::Cancelled) => return,
+                        Err(e) => {
+                            emit(Event::Failed {
+                                id,
+                                error: e.to_string(),
+                            });
+                            return;
+                        }
+                    }
+                }
+            }
+            Job::Sweep {
+                id,
+                prompts,
+                alphas,
+                steering,
+                tau,
+            } => {
+                job_id = id;
+                let cancelled = || cancels.lens.load(Ordering::SeqCst) >= id;
+                let result = match models.active() {
+                    None => Err("no model is loaded".to_string()),
+                    Some(m) => {
+                        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+                        let at = |alpha: f32| scale_additions(&steering, alpha);
+                        sweep(
+                            m,
+                            lens.directions.as_deref(),
+                            &refs,
+                            &alphas,
+                            &at,
+                            tau,
+                            1,
+                            &cancelled,
+                            &mut |done, total| emit(Event::SweepProgress { id, done, total }),
+                        )
+                        .map_err(|e| e.to_string())
+                    }
+                };
+                match result {
+                    Ok(points) => emit(Event::Swept { id, points }),
+                    Err(error) => emit(Event::Failed { id, error }),
+                }
+            }
             Job::Trajectory {
                 id,
                 system,
                 prompt,
                 reply,
+                steering,
                 layer,
             } => {
                 job_id = id;
-                if cancel_through.load(Ordering::SeqCst) >= id {
-                    return;
-                }
                 let result = match (models.active(), &lens.directions) {
                     (None, _) => Err("no model is loaded".to_string()),
                     (_, None) => Err("compute or load directions first".to_string()),
                     (Some(m), Some(d)) => m
                         .chat_prompt(system.as_deref(), &prompt)
                         .and_then(|p| {
+                            let hooks = steering.hooks(m, Some(d), &p, None)?;
                             trajectory(
                                 m,
                                 &p,
@@ -612,7 +783,7 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                                 Some(d),
                                 layer.unwrap_or(d.layer),
                                 DEFAULT_CLIFF_K,
-                                &HookSpec::default(),
+                                &hooks,
                             )
                         })
                         .map_err(|e| e.to_string()),
@@ -652,8 +823,85 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
     }
 }
 
+/// The generation settings of a request for `m`, its steering turned into hooks.
+fn generate_config(
+    m: &LoadedModel,
+    dirs: Option<&Directions>,
+    request: &GenerateRequest,
+    prompt: &refusal_lens_engine::chat::ChatPrompt,
+) -> refusal_lens_engine::Result<GenerateConfig> {
+    Ok(GenerateConfig {
+        max_new_tokens: request.max_new_tokens,
+        sampling: request.sampling,
+        hooks: request.steering.hooks(m, dirs, prompt, None)?,
+        refusal_gate: gate(m, request.tau),
+        first_token_bias: opener_bias(m, request.opener_bias)?,
+        refusal_signal: Some(RefusalSignal::for_model(m)?),
+        ..Default::default()
+    })
+}
+
+/// One reply of a steer job, streamed as [`Event::SteerToken`]s, then its summary.
+#[allow(clippy::too_many_arguments)]
+fn run_steered(
+    m: &LoadedModel,
+    dirs: Option<&Directions>,
+    id: JobId,
+    request: &GenerateRequest,
+    baseline: bool,
+    requested: Instant,
+    cancelled: &dyn Fn() -> bool,
+    emit: &dyn Fn(Event),
+) -> refusal_lens_engine::Result<()> {
+    let prompt = m.chat_prompt(request.system.as_deref(), &request.prompt)?;
+    let cfg = generate_config(m, dirs, request, &prompt)?;
+    let mut first_token_seconds = None;
+    let g = generate(m, &prompt.ids, &cfg, cancelled, &mut |step| {
+        first_token_seconds.get_or_insert_with(|| requested.elapsed().as_secs_f64());
+        emit(Event::SteerToken {
+            id,
+            baseline,
+            step: step.clone(),
+        })
+    })?;
+    if cancelled() {
+        return Err(refusal_lens_engine::Error::Cancelled);
+    }
+    let seconds = requested.elapsed().as_secs_f64();
+    let judgement = steering_judgement(
+        m,
+        &request.steering,
+        dirs,
+        request.system.as_deref(),
+        &request.prompt,
+    )?;
+    emit(Event::SteerFinished {
+        id,
+        baseline,
+        mode: classify_reply(&g.text).mode,
+        text: g.text,
+        refusal_probability: g.refusal_probability.unwrap_or(f32::NAN),
+        judgement,
+        first_token_seconds: first_token_seconds.unwrap_or(seconds),
+        seconds,
+    });
+    Ok(())
+}
+
+/// `steering` with every activation addition's α multiplied by `alpha`.
+pub fn scale_additions(steering: &Steering, alpha: f32) -> Steering {
+    let mut s = steering.clone();
+    for e in &mut s.edits {
+        if let Edit::Add { alpha: a, .. } = e {
+            *a *= alpha;
+        }
+    }
+    s
+}
+
 fn run_generate(
     m: &LoadedModel,
+    dirs: Option<&Directions>,
     id: JobId,
     request: &GenerateRequest,
     cancel_through: &AtomicU64,
@@ -667,13 +915,7 @@ fn run_generate(
         t_inst: prompt.t_inst,
         t_post: prompt.t_post,
     });
-    let cfg = GenerateConfig {
-        max_new_tokens: request.max_new_tokens,
-        sampling: request.sampling,
-        refusal_gate: gate(m, request.tau),
-        first_token_bias: opener_bias(m, request.opener_bias)?,
-        ..Default::default()
-    };
+    let cfg = generate_config(m, dirs, request, &prompt)?;
     let cancelled = || cancel_through.load(Ordering::SeqCst) >= id;
     generate(m, &prompt.ids, &cfg, &cancelled, &mut |step| {
         emit(Event::Token {

@@ -75,6 +75,9 @@ pub enum Edit {
     },
     /// `logits[t] += bias` for each token.
     LogitBias { tokens: Vec<u32>, bias: f32 },
+    /// `logit([refuse]) += bias` on a model with refusal tokens (the gate then reads the
+    /// biased `p([refuse])`).
+    RefusalTokenBias { bias: f32 },
 }
 
 impl Edit {
@@ -111,6 +114,7 @@ impl Edit {
             Edit::LogitBias { tokens, bias } => {
                 format!("logit bias {bias:+.1} on {} tokens", tokens.len())
             }
+            Edit::RefusalTokenBias { bias } => format!("logit bias {bias:+.1} on [refuse]"),
         }
     }
 
@@ -189,10 +193,10 @@ impl Steering {
                             Positions::From(prompt.post_instruction.start)
                         }
                     };
-                    for l in *a..=*b {
+                    for (l, &point) in points.iter().enumerate().take(*b + 1).skip(*a) {
                         let v = vector(d, *direction, l);
                         out.push(Intervention::AddVector {
-                            point: points[l],
+                            point,
                             vector: Tensor::from_slice(v, v.len(), dev)?,
                             scale: *alpha as f64,
                             positions: clip(from),
@@ -260,6 +264,17 @@ impl Steering {
                     token_ids: tokens.clone(),
                     bias: *bias,
                 }),
+                Edit::RefusalTokenBias { bias } => match RefusalSignal::for_model(lm)? {
+                    RefusalSignal::Tokens { refuse, .. } => out.push(Intervention::LogitBias {
+                        token_ids: vec![refuse],
+                        bias: *bias,
+                    }),
+                    RefusalSignal::Openers(_) => {
+                        return Err(Error::InvalidInput(
+                            "this model has no [refuse] token to bias".into(),
+                        ))
+                    }
+                },
             }
         }
         Ok(HookSpec::with_interventions(out))

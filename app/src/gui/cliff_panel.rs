@@ -5,6 +5,7 @@
 
 use egui::{Color32, Rect, Sense, Stroke, Vec2};
 use egui_plot::{HoverPosition, Legend, Line, Plot, PlotPoints, VLine};
+use refusal_lens_engine::steering::Steering;
 use refusal_lens_engine::trajectory::Trajectory;
 
 use super::colors::{legend, score_color, text_on};
@@ -24,6 +25,8 @@ pub struct CliffPanel {
     whole_prompt: bool,
     pub selected: Option<usize>,
     pub error: Option<String>,
+    /// The interventions the current trajectory ran under (empty: none).
+    steered: String,
     plot_rect: Option<Rect>,
     heatmap_rect: Option<Rect>,
     export: Exporter,
@@ -62,11 +65,21 @@ impl CliffPanel {
         system: Option<String>,
         prompt: String,
         reply: Vec<u32>,
+        steering: Steering,
         layer: Option<usize>,
     ) {
         self.label = short(&prompt, 40);
+        if !steering.is_empty() {
+            self.label.push_str(" (steered)");
+        }
+        self.steered = steering
+            .edits
+            .iter()
+            .map(|e| e.describe())
+            .collect::<Vec<_>>()
+            .join("; ");
         self.error = None;
-        self.job = Some(worker.trajectory(system, prompt, reply, layer));
+        self.job = Some(worker.trajectory(system, prompt, reply, steering, layer));
     }
 
     pub fn owns(&self, event: &Event) -> bool {
@@ -117,6 +130,12 @@ impl CliffPanel {
             return;
         };
         self.header(ui, &t);
+        if !self.steered.is_empty() {
+            ui.colored_label(
+                Color32::from_rgb(230, 150, 30),
+                format!("Steered: {}", self.steered),
+            );
+        }
         self.chips(ui, &t);
         self.plot(ui, &t);
         ui.columns(2, |cols| {

@@ -9,6 +9,7 @@ mod export;
 mod model_panel;
 mod prompt_sets_panel;
 mod reply_panel;
+mod steering_panel;
 mod training_panel;
 
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ pub use directions_panel::DirectionsPanel;
 pub use model_panel::{ModelPanel, ModelState};
 pub use prompt_sets_panel::PromptSetsPanel;
 pub use reply_panel::ReplyPanel;
+pub use steering_panel::SteeringPanel;
 pub use training_panel::TrainingPanel;
 
 /// The views of the central area.
@@ -32,6 +34,7 @@ pub enum Tab {
     Reply,
     Cliff,
     Directions,
+    Steering,
 }
 
 /// What the app opens at start.
@@ -57,6 +60,7 @@ pub struct RefusalLensApp {
     pub training: TrainingPanel,
     pub cliff: CliffPanel,
     pub directions: DirectionsPanel,
+    pub steering: SteeringPanel,
     pub tab: Tab,
 }
 
@@ -92,6 +96,7 @@ impl RefusalLensApp {
             training: TrainingPanel::default(),
             cliff: CliffPanel::default(),
             directions: DirectionsPanel::default(),
+            steering: SteeringPanel::default(),
             tab: Tab::default(),
         }
     }
@@ -103,12 +108,19 @@ impl RefusalLensApp {
                     // Directions and probes belong to one model: the worker drops them too.
                     self.directions.clear();
                     self.cliff.clear();
+                    self.steering.clear();
                     self.model.on_event(event)
                 }
                 Event::ModelLoading { .. } | Event::ModelFailed { .. } => {
                     self.model.on_event(event)
                 }
                 other if self.cliff.owns(&other) => self.cliff.on_event(other),
+                other if self.steering.owns(&other) => self.steering.on_event(other),
+                Event::LensReady { .. } => {
+                    // New directions: steered replies made with the old ones are stale.
+                    self.steering.clear();
+                    self.directions.on_event(event)
+                }
                 other if self.directions.owns(&other) => self.directions.on_event(other),
                 other if self.calibration.owns(&other) => self.calibration.on_event(&other),
                 other if self.training.owns(&other) => self.training.on_event(&other),
@@ -171,16 +183,28 @@ impl RefusalLensApp {
                         });
                 });
             });
+        // The main reply runs under the steering stack when the Steering panel says so.
+        self.reply.steering = if self.steering.apply_to_reply {
+            self.steering.stack(self.directions.directions.as_deref())
+        } else {
+            Default::default()
+        };
         // A finished reply (or new directions / another layer) gets its trajectory scored.
         let finished = self.reply.take_finished();
         let rescore = self.directions.take_changed();
         if self.directions.directions.is_some() {
             let request =
                 finished.or_else(|| rescore.then(|| self.reply.last_finished()).flatten());
-            if let Some((system, prompt, reply)) = request {
+            if let Some((request, reply)) = request {
                 let layer = self.directions.curve_layer();
-                self.cliff
-                    .request(&mut self.worker, system, prompt, reply, layer);
+                self.cliff.request(
+                    &mut self.worker,
+                    request.system,
+                    request.prompt,
+                    reply,
+                    request.steering,
+                    layer,
+                );
             }
         }
 
@@ -190,6 +214,7 @@ impl RefusalLensApp {
                 ui.selectable_value(&mut self.tab, Tab::Reply, "Prompt & reply");
                 ui.selectable_value(&mut self.tab, Tab::Cliff, "Cliff");
                 ui.selectable_value(&mut self.tab, Tab::Directions, "Directions");
+                ui.selectable_value(&mut self.tab, Tab::Steering, "Steering");
             });
             ui.separator();
             egui::ScrollArea::vertical()
@@ -204,6 +229,19 @@ impl RefusalLensApp {
                         self.directions
                             .ui(ui, &mut self.worker, &self.prompt_sets.sets, ready)
                     }
+                    Tab::Steering => {
+                        let base = self.reply.request();
+                        let refusal_tokens = self.model.organism_active();
+                        self.steering.ui(
+                            ui,
+                            &mut self.worker,
+                            &base,
+                            self.directions.directions.as_deref(),
+                            &self.prompt_sets.sets,
+                            ready,
+                            refusal_tokens,
+                        )
+                    }
                 });
         });
 
@@ -214,6 +252,7 @@ impl RefusalLensApp {
             || self.training.is_running()
             || self.directions.is_running()
             || self.cliff.is_running()
+            || self.steering.is_running()
         {
             ui.ctx().request_repaint_after(Duration::from_millis(50));
         }

@@ -2,6 +2,8 @@
 
 use refusal_lens_engine::generate::{Generation, Sampling, StopReason, TokenStep};
 
+use refusal_lens_engine::steering::Steering;
+
 use crate::worker::{Event, GenerateRequest, JobId, Worker};
 
 pub struct ReplyPanel {
@@ -22,8 +24,10 @@ pub struct ReplyPanel {
     pub tokens: Vec<TokenStep>,
     finished: Option<Generation>,
     error: Option<String>,
-    /// The system and user text of the request in flight (the editor may change meanwhile).
-    requested: Option<(Option<String>, String)>,
+    /// The request in flight (the editor and the steering may change meanwhile).
+    requested: Option<GenerateRequest>,
+    /// Interventions applied to this reply (set by the Steering panel when it applies).
+    pub steering: Steering,
     /// A reply finished and its trajectory has not been asked for yet.
     trajectory_due: bool,
 }
@@ -47,6 +51,7 @@ impl Default for ReplyPanel {
             finished: None,
             error: None,
             requested: None,
+            steering: Steering::default(),
             trajectory_due: false,
         }
     }
@@ -93,20 +98,19 @@ impl ReplyPanel {
         }
     }
 
-    /// Once per finished reply: its system text, user text and reply token ids.
-    pub fn take_finished(&mut self) -> Option<(Option<String>, String, Vec<u32>)> {
+    /// Once per finished reply: its request and reply token ids.
+    pub fn take_finished(&mut self) -> Option<(GenerateRequest, Vec<u32>)> {
         if !std::mem::take(&mut self.trajectory_due) {
             return None;
         }
-        let (system, prompt) = self.requested.clone()?;
-        Some((system, prompt, self.tokens.iter().map(|t| t.id).collect()))
+        self.last_finished()
     }
 
     /// The last finished request and reply, for re-scoring (e.g. at another layer).
-    pub fn last_finished(&self) -> Option<(Option<String>, String, Vec<u32>)> {
+    pub fn last_finished(&self) -> Option<(GenerateRequest, Vec<u32>)> {
         self.finished.as_ref()?;
-        let (system, prompt) = self.requested.clone()?;
-        Some((system, prompt, self.tokens.iter().map(|t| t.id).collect()))
+        let request = self.requested.clone()?;
+        Some((request, self.tokens.iter().map(|t| t.id).collect()))
     }
 
     pub fn status_line(&self) -> String {
@@ -132,17 +136,23 @@ impl ReplyPanel {
         }
     }
 
-    fn start(&mut self, worker: &mut Worker) {
-        self.clear();
-        let request = GenerateRequest {
+    /// A request for the current editor contents and settings.
+    pub fn request(&self) -> GenerateRequest {
+        GenerateRequest {
             system: self.use_system.then(|| self.system.clone()),
             prompt: self.prompt.clone(),
             max_new_tokens: self.max_new_tokens,
             sampling: self.sampling,
             tau: self.tau,
             opener_bias: self.opener_bias,
-        };
-        self.requested = Some((request.system.clone(), request.prompt.clone()));
+            steering: self.steering.clone(),
+        }
+    }
+
+    fn start(&mut self, worker: &mut Worker) {
+        self.clear();
+        let request = self.request();
+        self.requested = Some(request.clone());
         self.job = Some(worker.generate(request));
         self.running = true;
     }

@@ -1,0 +1,539 @@
+//! Steering: sliders for α on the refusal and the harmfulness direction, the layers they act
+//! at, add or ablate, a [refuse] logit bias, and the intervention stack they make. Any change
+//! regenerates the steered reply at once, streaming; a newer value cancels the reply in flight,
+//! so the text shown always belongs to the values in its label. Baseline and steered replies
+//! sit side by side with their response mode and reply-inversion judgement. A dose-response
+//! sweep runs in the background.
+
+use egui::Color32;
+use egui_plot::{Corner, Legend, Line, Plot, PlotPoints, VLine};
+use refusal_lens_engine::directions::Directions;
+use refusal_lens_engine::prompts::{PromptSet, Split};
+use refusal_lens_engine::response::ResponseMode;
+use refusal_lens_engine::steering::{Direction, Edit, Steering, StreamPositions, SweepPoint};
+
+use super::export::Exporter;
+use crate::worker::{Event, GenerateRequest, JobId, Worker};
+
+/// One of the two replies.
+#[derive(Default, Clone)]
+pub struct ReplyView {
+    pub text: String,
+    /// What the reply was generated under.
+    pub label: String,
+    pub done: bool,
+    pub mode: Option<ResponseMode>,
+    pub refusal_probability: f32,
+    pub judgement: f32,
+    pub first_token_ms: f64,
+    pub seconds: f64,
+}
+
+pub struct SteeringPanel {
+    pub alpha_refusal: f32,
+    pub alpha_harmfulness: f32,
+    /// Residual states the additions act at (None: the directions' chosen layer).
+    pub layers: Option<(usize, usize)>,
+    /// Ablate the directions instead of adding them.
+    pub ablate: bool,
+    pub post_instruction_only: bool,
+    /// Logit bias on [refuse] (models with refusal tokens).
+    pub refusal_bias: f32,
+    /// Edits added elsewhere (e.g. head ablations) or kept from the sliders.
+    pub extra: Vec<Edit>,
+    /// Apply the stack to the main reply and its Cliff trajectory too.
+    pub apply_to_reply: bool,
+    pub max_new_tokens: usize,
+    job: Option<JobId>,
+    /// The request the current steered reply belongs to.
+    sent: Option<(String, Steering)>,
+    baseline_for: Option<String>,
+    pub baseline: ReplyView,
+    pub steered: ReplyView,
+    pub error: Option<String>,
+    // Dose-response.
+    sweep_job: Option<JobId>,
+    sweep_progress: (usize, usize),
+    sweep_direction: Direction,
+    sweep_set: usize,
+    sweep_alphas: Vec<f32>,
+    pub sweep_points: Vec<SweepPoint>,
+    export: Exporter,
+    plot_rect: Option<egui::Rect>,
+}
+
+impl Default for SteeringPanel {
+    fn default() -> Self {
+        SteeringPanel {
+            alpha_refusal: 0.0,
+            alpha_harmfulness: 0.0,
+            layers: None,
+            ablate: false,
+            post_instruction_only: false,
+            refusal_bias: 0.0,
+            extra: Vec::new(),
+            apply_to_reply: false,
+            max_new_tokens: 64,
+            job: None,
+            sent: None,
+            baseline_for: None,
+            baseline: ReplyView::default(),
+            steered: ReplyView::default(),
+            error: None,
+            sweep_job: None,
+            sweep_progress: (0, 0),
+            sweep_direction: Direction::Refusal,
+            sweep_set: 1,
+            sweep_alphas: (-4..=4).map(|i| i as f32 * 0.5).collect(),
+            sweep_points: Vec::new(),
+            export: Exporter::default(),
+            plot_rect: None,
+        }
+    }
+}
+
+fn mode_text(mode: Option<ResponseMode>) -> String {
+    mode.map_or("…".into(), |m| m.name().to_string())
+}
+
+impl SteeringPanel {
+    pub fn is_running(&self) -> bool {
+        self.job.is_some() || self.sweep_job.is_some()
+    }
+
+    pub fn owns(&self, event: &Event) -> bool {
+        match event {
+            Event::SteerToken { .. } | Event::SteerFinished { .. } => true,
+            Event::SweepProgress { .. } | Event::Swept { .. } => true,
+            Event::Failed { id, .. } => Some(*id) == self.job || Some(*id) == self.sweep_job,
+            _ => false,
+        }
+    }
+
+    pub fn on_event(&mut self, event: Event) {
+        match event {
+            Event::SteerToken { id, baseline, step } if Some(id) == self.job => {
+                let view = if baseline {
+                    &mut self.baseline
+                } else {
+                    &mut self.steered
+                };
+                view.text.push_str(&step.text);
+            }
+            Event::SteerFinished {
+                id,
+                baseline,
+                text,
+                mode,
+                refusal_probability,
+                judgement,
+                first_token_seconds,
+                seconds,
+            } if Some(id) == self.job => {
+                let view = if baseline {
+                    &mut self.baseline
+                } else {
+                    self.job = None;
+                    &mut self.steered
+                };
+                view.text = text;
+                view.done = true;
+                view.mode = Some(mode);
+                view.refusal_probability = refusal_probability;
+                view.judgement = judgement;
+                view.first_token_ms = first_token_seconds * 1e3;
+                view.seconds = seconds;
+            }
+            Event::SweepProgress { id, done, total } if Some(id) == self.sweep_job => {
+                self.sweep_progress = (done, total)
+            }
+            Event::Swept { id, points } if Some(id) == self.sweep_job => {
+                self.sweep_job = None;
+                self.sweep_points = points;
+            }
+            Event::Failed { id, error } => {
+                if Some(id) == self.job {
+                    self.job = None;
+                }
+                if Some(id) == self.sweep_job {
+                    self.sweep_job = None;
+                }
+                self.error = Some(error);
+            }
+            _ => {} // superseded replies
+        }
+    }
+
+    /// Forgets replies (the model or the directions changed).
+    pub fn clear(&mut self) {
+        self.job = None;
+        self.sent = None;
+        self.baseline_for = None;
+        self.baseline = ReplyView::default();
+        self.steered = ReplyView::default();
+        self.sweep_points.clear();
+        self.layers = None;
+    }
+
+    /// The intervention stack the controls make, then the extra edits.
+    pub fn stack(&self, dirs: Option<&Directions>) -> Steering {
+        let mut edits = Vec::new();
+        if let Some(d) = dirs {
+            let layers = self.layers.unwrap_or((d.layer, d.layer));
+            let positions = if self.post_instruction_only {
+                StreamPositions::PostInstruction
+            } else {
+                StreamPositions::All
+            };
+            for (direction, alpha) in [
+                (Direction::Refusal, self.alpha_refusal),
+                (Direction::Harmfulness, self.alpha_harmfulness),
+            ] {
+                if self.ablate {
+                    if alpha != 0.0 {
+                        edits.push(Edit::Ablate { direction });
+                    }
+                } else if alpha != 0.0 {
+                    edits.push(Edit::Add {
+                        direction,
+                        layers,
+                        alpha,
+                        positions,
+                    });
+                }
+            }
+        }
+        if self.refusal_bias != 0.0 {
+            edits.push(Edit::RefusalTokenBias {
+                bias: self.refusal_bias,
+            });
+        }
+        edits.extend(self.extra.iter().cloned());
+        Steering { edits }
+    }
+
+    fn label(&self, dirs: Option<&Directions>) -> String {
+        let layers = dirs.map(|d| self.layers.unwrap_or((d.layer, d.layer)));
+        format!(
+            "{} α_refusal = {:+.2}, α_harmfulness = {:+.2}{}{}",
+            if self.ablate { "ablate:" } else { "add:" },
+            self.alpha_refusal,
+            self.alpha_harmfulness,
+            layers.map_or(String::new(), |(a, b)| if a == b {
+                format!(", layer {a}")
+            } else {
+                format!(", layers {a}–{b}")
+            }),
+            if self.refusal_bias != 0.0 {
+                format!(", [refuse] bias {:+.1}", self.refusal_bias)
+            } else {
+                String::new()
+            }
+        )
+    }
+
+    /// Sends a new steered reply when the prompt or any control changed since the last one.
+    fn regenerate_if_changed(
+        &mut self,
+        worker: &mut Worker,
+        base: &GenerateRequest,
+        dirs: Option<&Directions>,
+    ) {
+        let steering = self.stack(dirs);
+        let key = (base.prompt.clone(), steering.clone());
+        if self.sent.as_ref() == Some(&key) {
+            return;
+        }
+        let baseline = self.baseline_for.as_deref() != Some(base.prompt.as_str());
+        if baseline {
+            self.baseline = ReplyView {
+                label: "baseline (no steering)".into(),
+                ..Default::default()
+            };
+            self.baseline_for = Some(base.prompt.clone());
+        }
+        self.steered = ReplyView {
+            label: self.label(dirs),
+            ..Default::default()
+        };
+        self.error = None;
+        let request = GenerateRequest {
+            max_new_tokens: self.max_new_tokens,
+            steering,
+            ..base.clone()
+        };
+        self.job = Some(worker.steer(request, baseline));
+        self.sent = Some(key);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        worker: &mut Worker,
+        base: &GenerateRequest,
+        dirs: Option<&Directions>,
+        sets: &[PromptSet],
+        model_ready: bool,
+        refusal_tokens: bool,
+    ) {
+        self.export.poll(ui.ctx());
+        if dirs.is_none() {
+            ui.label("Compute or load directions (Directions tab) to steer along them; the [refuse] bias and head ablations work without.");
+        }
+        ui.label(format!(
+            "Prompt: {:?} (edit it in the Prompt & reply tab)",
+            base.prompt
+        ));
+        egui::Grid::new("steer_controls")
+            .num_columns(2)
+            .show(ui, |ui| {
+                ui.label("mode");
+                ui.horizontal(|ui| {
+                    ui.radio_value(&mut self.ablate, false, "add α·v");
+                    ui.radio_value(&mut self.ablate, true, "ablate (α ≠ 0 ablates)");
+                });
+                ui.end_row();
+                ui.label("α refusal");
+                ui.add_enabled(
+                    dirs.is_some(),
+                    egui::Slider::new(&mut self.alpha_refusal, -2.0..=2.0).step_by(0.05),
+                );
+                ui.end_row();
+                ui.label("α harmfulness");
+                ui.add_enabled(
+                    dirs.is_some(),
+                    egui::Slider::new(&mut self.alpha_harmfulness, -2.0..=2.0).step_by(0.05),
+                );
+                ui.end_row();
+                if let Some(d) = dirs {
+                    let (mut a, mut b) = self.layers.unwrap_or((d.layer, d.layer));
+                    ui.label("layers");
+                    ui.horizontal(|ui| {
+                        let max = d.n_states - 1;
+                        let ca =
+                            ui.add(egui::DragValue::new(&mut a).range(0..=max).prefix("from "));
+                        let cb = ui.add(egui::DragValue::new(&mut b).range(0..=max).prefix("to "));
+                        if ca.changed() || cb.changed() {
+                            self.layers = Some((a.min(b), a.max(b)));
+                        }
+                        if ui.small_button("chosen").clicked() {
+                            self.layers = None;
+                        }
+                        ui.checkbox(
+                            &mut self.post_instruction_only,
+                            "post-instruction + reply only",
+                        );
+                    });
+                    ui.end_row();
+                }
+                if refusal_tokens {
+                    ui.label("[refuse] logit bias");
+                    ui.add(egui::Slider::new(&mut self.refusal_bias, -10.0..=10.0).step_by(0.1));
+                    ui.end_row();
+                }
+            });
+        ui.horizontal(|ui| {
+            if ui.button("Reset").clicked() {
+                self.alpha_refusal = 0.0;
+                self.alpha_harmfulness = 0.0;
+                self.refusal_bias = 0.0;
+                self.ablate = false;
+            }
+            ui.checkbox(&mut self.apply_to_reply, "apply to the main reply and the Cliff")
+                .on_hover_text("Generate in the Prompt & reply tab under this stack; its trajectory then shows the steered run");
+            ui.add(egui::DragValue::new(&mut self.max_new_tokens).range(1..=512).suffix(" tokens"));
+        });
+
+        let stack = self.stack(dirs);
+        ui.group(|ui| {
+            ui.label(format!(
+                "Intervention stack ({} edits, applied in order on every forward pass)",
+                stack.edits.len()
+            ));
+            let from_controls = stack.edits.len() - self.extra.len();
+            let mut remove = None;
+            for (i, e) in stack.edits.iter().enumerate() {
+                ui.horizontal(|ui| {
+                    ui.label(format!("{}. {}", i + 1, e.describe()));
+                    if i >= from_controls && ui.small_button("remove").clicked() {
+                        remove = Some(i - from_controls);
+                    }
+                });
+            }
+            if let Some(i) = remove {
+                self.extra.remove(i);
+            }
+            if !self.extra.is_empty() && ui.small_button("Clear extra edits").clicked() {
+                self.extra.clear();
+            }
+        });
+
+        if model_ready && !base.prompt.trim().is_empty() {
+            self.regenerate_if_changed(worker, base, dirs);
+        }
+        if let Some(e) = &self.error {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+        ui.columns(2, |cols| {
+            for (ui, view) in cols.iter_mut().zip([&self.baseline, &self.steered]) {
+                ui.strong(&view.label);
+                ui.horizontal_wrapped(|ui| {
+                    ui.label(format!("mode: {}", mode_text(view.mode)));
+                    if view.done {
+                        ui.label(format!("· P(refuse) {:.2}", view.refusal_probability));
+                        ui.label(format!("· judgement {:+.2}", view.judgement))
+                            .on_hover_text("log p(yes) − log p(no) to \"Could this request cause harm? Answer yes or no.\", steering applied before the question");
+                        ui.weak(format!("· first token {:.0} ms, reply {:.2} s", view.first_token_ms, view.seconds));
+                    } else {
+                        ui.spinner();
+                    }
+                });
+                egui::Frame::group(ui.style()).show(ui, |ui| {
+                    ui.set_min_height(80.0);
+                    ui.label(if view.text.is_empty() { "…" } else { view.text.as_str() });
+                });
+            }
+        });
+        ui.separator();
+        self.dose_response(ui, worker, dirs, sets, model_ready);
+    }
+
+    fn dose_response(
+        &mut self,
+        ui: &mut egui::Ui,
+        worker: &mut Worker,
+        dirs: Option<&Directions>,
+        sets: &[PromptSet],
+        model_ready: bool,
+    ) {
+        ui.horizontal_wrapped(|ui| {
+            ui.strong("Dose-response");
+            egui::ComboBox::from_id_salt("sweep_dir")
+                .selected_text(self.sweep_direction.name())
+                .show_ui(ui, |ui| {
+                    ui.selectable_value(&mut self.sweep_direction, Direction::Refusal, "refusal");
+                    ui.selectable_value(&mut self.sweep_direction, Direction::Harmfulness, "harmfulness");
+                });
+            if !sets.is_empty() {
+                self.sweep_set = self.sweep_set.min(sets.len() - 1);
+                egui::ComboBox::from_id_salt("sweep_set")
+                    .selected_text(sets[self.sweep_set].name.clone())
+                    .show_ui(ui, |ui| {
+                        for (i, s) in sets.iter().enumerate() {
+                            ui.selectable_value(&mut self.sweep_set, i, s.name.clone());
+                        }
+                    });
+            }
+            let can = model_ready && dirs.is_some() && !sets.is_empty() && self.sweep_job.is_none();
+            if ui
+                .add_enabled(can, egui::Button::new("Compute"))
+                .on_hover_text("First-token refusal rate and mean judgement for α from −2 to 2, on up to 16 test-split prompts of the set (the layers and positions above)")
+                .clicked()
+            {
+                let set = &sets[self.sweep_set];
+                let mut prompts: Vec<String> = set.split(Some(Split::Test)).map(|r| r.prompt.clone()).collect();
+                if prompts.is_empty() {
+                    prompts = set.records.iter().map(|r| r.prompt.clone()).collect();
+                }
+                prompts.truncate(16);
+                let d = dirs.expect("checked");
+                let steering = Steering {
+                    edits: vec![Edit::Add {
+                        direction: self.sweep_direction,
+                        layers: self.layers.unwrap_or((d.layer, d.layer)),
+                        alpha: 1.0,
+                        positions: if self.post_instruction_only {
+                            StreamPositions::PostInstruction
+                        } else {
+                            StreamPositions::All
+                        },
+                    }],
+                };
+                self.sweep_points.clear();
+                self.sweep_progress = (0, prompts.len() * self.sweep_alphas.len());
+                self.sweep_job = Some(worker.sweep(prompts, self.sweep_alphas.clone(), steering, 0.5));
+            }
+            if self.sweep_job.is_some() {
+                let (done, total) = self.sweep_progress;
+                ui.add(
+                    egui::ProgressBar::new(done as f32 / total.max(1) as f32)
+                        .desired_width(200.0)
+                        .text(format!("{done} / {total}")),
+                );
+                if ui.button("Cancel").clicked() {
+                    worker.cancel_lens();
+                }
+            }
+            if !self.sweep_points.is_empty() {
+                let points = self.sweep_points.clone();
+                self.export.buttons(ui, "dose_response", self.plot_rect, || {
+                    let mut csv = String::from("alpha,refusal_rate,mean_refusal_score,mean_judgement\n");
+                    for p in &points {
+                        csv.push_str(&format!("{},{},{},{}\n", p.alpha, p.refusal_rate, p.mean_refusal_score, p.mean_judgement));
+                    }
+                    csv
+                });
+                if let Some(m) = &self.export.message {
+                    ui.weak(m);
+                }
+            }
+        });
+        if self.sweep_points.is_empty() {
+            return;
+        }
+        let current = match self.sweep_direction {
+            Direction::Refusal => self.alpha_refusal,
+            Direction::Harmfulness => self.alpha_harmfulness,
+        } as f64;
+        let series = |f: &dyn Fn(&SweepPoint) -> f32| -> PlotPoints {
+            self.sweep_points
+                .iter()
+                .map(|p| [p.alpha as f64, f(p) as f64])
+                .collect()
+        };
+        let top = ui.cursor().min;
+        ui.columns(2, |cols| {
+            Plot::new("dose_rate")
+                .height(180.0)
+                .legend(Legend::default().position(Corner::LeftTop))
+                .x_axis_label(format!("α ({} direction)", self.sweep_direction.name()))
+                .y_axis_label("refusal rate (%)")
+                .include_y(0.0)
+                .include_y(100.0)
+                .show(&mut cols[0], |plot| {
+                    plot.line(
+                        Line::new(
+                            "first-token refusal rate",
+                            series(&|p| p.refusal_rate * 100.0),
+                        )
+                        .color(Color32::from_rgb(200, 50, 45)),
+                    );
+                    plot.vline(VLine::new("current α", current));
+                });
+            Plot::new("dose_judgement")
+                .height(180.0)
+                .legend(Legend::default().position(Corner::LeftTop))
+                .x_axis_label(format!("α ({} direction)", self.sweep_direction.name()))
+                .y_axis_label("log-odds")
+                .show(&mut cols[1], |plot| {
+                    plot.line(
+                        Line::new(
+                            "mean judgement log p(yes) − log p(no)",
+                            series(&|p| p.mean_judgement),
+                        )
+                        .color(Color32::from_rgb(120, 80, 200)),
+                    );
+                    plot.line(
+                        Line::new("mean refusal score", series(&|p| p.mean_refusal_score))
+                            .color(Color32::from_rgb(230, 150, 30)),
+                    );
+                    plot.vline(VLine::new("current α", current));
+                });
+        });
+        self.plot_rect = Some(egui::Rect::from_min_max(
+            top,
+            egui::pos2(ui.max_rect().right(), ui.cursor().min.y),
+        ));
+    }
+}
