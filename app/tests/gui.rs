@@ -322,3 +322,104 @@ fn directions_then_a_reply_give_a_cliff_plot_whose_token_chips_select_tokens() {
     assert_eq!(h.state().cliff.selected, Some(i));
     h.get_by_label_contains(&format!("Token #{i} "));
 }
+
+#[test]
+fn dragging_the_refusal_slider_regenerates_a_reply_labelled_with_the_new_alpha() {
+    let cache = tempfile::tempdir().unwrap();
+    std::env::set_var("REFUSAL_LENS_CACHE", cache.path());
+    let mut h = harness();
+    step_until(&mut h, "the model and the prompt sets", |a| {
+        a.model.is_ready() && a.prompt_sets.sets.len() >= 2
+    });
+    h.get_by_label("Directions").click();
+    h.step();
+    h.get_by_label("Compute directions & probes").click();
+    step_until(&mut h, "directions", |a| a.directions.probes.is_some());
+    h.get_by_label("Steering").click();
+    for _ in 0..3 {
+        h.step();
+    }
+    // Opening the tab replies at α = 0: baseline and steered.
+    step_until(&mut h, "the first steered reply", |a| {
+        a.steering.steered.done && a.steering.baseline.done
+    });
+    assert!(h
+        .state()
+        .steering
+        .steered
+        .label
+        .contains("α_refusal = +0.00"));
+    // Drag the α-refusal slider (the first slider of the tab) from its handle (α = 0, the
+    // middle of −2…2) rightwards over ten frames: every new value sends a reply and
+    // supersedes the one before.
+    let rail = h
+        .get_all_by_role(egui::accesskit::Role::Slider)
+        .next()
+        .expect("the α sliders")
+        .rect();
+    let start = rail.center();
+    h.hover_at(start);
+    h.step();
+    h.drag_at(start);
+    h.step();
+    for i in 1..=10 {
+        h.hover_at(start + egui::vec2(rail.width() * 0.0125 * i as f32, 0.0));
+        h.step();
+    }
+    let end = start + egui::vec2(rail.width() * 0.125, 0.0);
+    h.drop_at(end);
+    h.step();
+    let alpha = h.state().steering.alpha_refusal;
+    assert!(alpha > 0.2, "the drag moved α to {alpha}");
+    step_until(&mut h, "the reply for the final α", |a| {
+        a.steering.steered.done
+    });
+    let steered = &h.state().steering.steered;
+    let label = format!("α_refusal = {alpha:+.2}");
+    assert!(
+        steered.label.contains(&label),
+        "{} vs {label}",
+        steered.label
+    );
+    assert!(steered.mode.is_some() && steered.judgement.is_finite());
+    h.get_by_label_contains(&label);
+    // The stack lists the edit the slider made.
+    h.get_by_label_contains(&format!("add {alpha:+.2} × refusal at layer"));
+}
+
+#[test]
+fn a_newer_steer_request_cancels_the_older_one_before_it_finishes() {
+    use refusal_lens::worker::{Event, GenerateRequest, Worker};
+    let model = tiny_model(Family::Llama, 1).unwrap();
+    let mut worker = Worker::spawn(|| {});
+    worker.send(refusal_lens::worker::Job::UseModel {
+        base: Box::new(model),
+        organism: None,
+    });
+    let request = |tokens: usize| GenerateRequest {
+        system: None,
+        prompt: "Tell me about owls".into(),
+        max_new_tokens: tokens,
+        sampling: Default::default(),
+        tau: 0.5,
+        opener_bias: 0.0,
+        steering: Default::default(),
+    };
+    let old = worker.steer(request(5000), false);
+    let new = worker.steer(request(8), false);
+    let start = Instant::now();
+    let mut finished = Vec::new();
+    while !finished.contains(&new) {
+        assert!(start.elapsed() < Duration::from_secs(60), "no reply");
+        match worker.try_recv() {
+            Some(Event::SteerFinished { id, .. }) => finished.push(id),
+            Some(Event::Failed { error, .. }) => panic!("{error}"),
+            Some(_) => {}
+            None => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+    assert!(
+        !finished.contains(&old),
+        "the superseded reply ran to its end"
+    );
+}
