@@ -120,6 +120,13 @@ impl DirectionsPanel {
         self.job = None;
     }
 
+    /// Starts computing directions and probes from two sets.
+    pub fn start(&mut self, worker: &mut Worker, harmful: &PromptSet, harmless: &PromptSet) {
+        self.error = None;
+        self.progress = ("starting".into(), 0, 1);
+        self.job = Some(worker.build_lens(harmful.clone(), harmless.clone(), self.select));
+    }
+
     fn poll_dialog(&mut self, worker: &mut Worker) {
         if let Some((rx, save)) = &self.dialog {
             if let Ok(picked) = rx.try_recv() {
@@ -197,13 +204,7 @@ impl DirectionsPanel {
                     .on_hover_text("Diff-in-means on the train split, logistic probes at every layer (80/20 holdout)")
                     .clicked()
                 {
-                    self.error = None;
-                    self.progress = ("starting".into(), 0, 1);
-                    self.job = Some(worker.build_lens(
-                        sets[harmful].clone(),
-                        sets[harmless].clone(),
-                        self.select,
-                    ));
+                    self.start(worker, &sets[harmful], &sets[harmless]);
                 }
             });
             (self.harmful, self.harmless) = (Some(harmful), Some(harmless));

@@ -101,6 +101,25 @@ impl RefusalLensApp {
         }
     }
 
+    /// Computes directions and probes from the loaded sets named harmful and harmless (what
+    /// the Directions tab's button does with its default choice).
+    pub fn compute_lens(&mut self) -> bool {
+        let find = |name: &str| {
+            self.prompt_sets
+                .sets
+                .iter()
+                .find(|s| s.name == name)
+                .cloned()
+        };
+        match (find("harmful"), find("harmless")) {
+            (Some(a), Some(b)) => {
+                self.directions.start(&mut self.worker, &a, &b);
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn drain_events(&mut self) {
         while let Some(event) = self.worker.try_recv() {
             match event {

@@ -1,0 +1,234 @@
+//! Live-steering latency through the real worker on the default model + organism: a scripted
+//! slider drag (α 0 → 1 in 20 steps, one every 30 ms), then single slider changes at rest,
+//! and the UI's own per-frame cost while a steered reply streams.
+//! `cargo bench -p refusal-lens --bench steering_latency` (set RAYON_NUM_THREADS as the app
+//! does: cores − 1 for the worker).
+
+use std::time::{Duration, Instant};
+
+use refusal_lens::gui::{RefusalLensApp, Startup, Tab};
+use refusal_lens::worker::{Event, GenerateRequest, Job, JobId, Worker};
+use refusal_lens_engine::prompts::{sample_prompts_dir, PromptSet};
+use refusal_lens_engine::steering::{Direction, Edit, Steering, StreamPositions};
+use refusal_lens_engine::{default_model_path, organism_dir};
+
+fn wait(worker: &Worker, what: &str, mut done: impl FnMut(&Event) -> bool) {
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "timed out: {what}"
+        );
+        match worker.try_recv() {
+            Some(Event::Failed { error, .. }) | Some(Event::LensFailed { error }) => {
+                panic!("{what}: {error}")
+            }
+            Some(Event::ModelFailed { error, .. }) => panic!("{what}: {error}"),
+            Some(e) if done(&e) => return,
+            Some(_) => {}
+            None => std::thread::sleep(Duration::from_millis(1)),
+        }
+    }
+}
+
+fn request(alpha: f32, layer: usize, tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        system: None,
+        prompt: "How do I bake bread at home?".into(),
+        max_new_tokens: tokens,
+        sampling: Default::default(),
+        tau: 0.5,
+        opener_bias: 0.0,
+        steering: Steering {
+            edits: vec![Edit::Add {
+                direction: Direction::Refusal,
+                layers: (layer, layer),
+                alpha,
+                positions: StreamPositions::All,
+            }],
+        },
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    // Pin the thread count before candle reads it (see app/src/main.rs).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads()
+            .saturating_sub(1)
+            .max(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let mut worker = Worker::spawn(|| {});
+    worker.send(Job::LoadModel {
+        path: default_model_path(),
+        adapter: Some(organism_dir()),
+    });
+    wait(&worker, "the model", |e| {
+        matches!(e, Event::ModelLoaded { .. })
+    });
+    let load =
+        |n: &str| PromptSet::load(&sample_prompts_dir().join(format!("{n}.jsonl")), None).unwrap();
+    worker.build_lens(load("harmful"), load("harmless"), false);
+    let mut layer = 0;
+    wait(&worker, "directions", |e| match e {
+        Event::LensReady { directions, .. } => {
+            layer = directions.layer;
+            true
+        }
+        _ => false,
+    });
+
+    // Warm up (first-call allocations) with the baseline.
+    let id = worker.steer(request(0.0, layer, 8), true);
+    wait(
+        &worker,
+        "warm-up",
+        |e| matches!(e, Event::SteerFinished { id: i, baseline: false, .. } if *i == id),
+    );
+
+    // 1. The scripted drag.
+    let mut sent: Vec<(JobId, Instant)> = Vec::new();
+    let mut first_token: Vec<f64> = Vec::new();
+    let drag_start = Instant::now();
+    let steps = 20;
+    let mut next_step = 0;
+    let (final_first, final_total) = loop {
+        if next_step <= steps
+            && drag_start.elapsed() >= Duration::from_millis(30 * next_step as u64)
+        {
+            let alpha = next_step as f32 / steps as f32;
+            sent.push((
+                worker.steer(request(alpha, layer, 64), false),
+                Instant::now(),
+            ));
+            next_step += 1;
+        }
+        match worker.try_recv() {
+            Some(Event::SteerToken {
+                id,
+                baseline: false,
+                step,
+            }) if step.index == 0 => {
+                if let Some((_, t)) = sent.iter().find(|(i, _)| *i == id) {
+                    first_token.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            Some(Event::SteerFinished {
+                id,
+                baseline: false,
+                first_token_seconds,
+                seconds,
+                ..
+            }) => {
+                if id == sent.last().map(|(i, _)| *i).unwrap_or(0) && next_step > steps {
+                    break (first_token_seconds * 1e3, seconds);
+                }
+            }
+            Some(Event::Failed { error, .. }) => panic!("{error}"),
+            Some(_) => {}
+            None => std::thread::sleep(Duration::from_micros(200)),
+        }
+    };
+    println!(
+        "scripted drag: {} slider values in {:.0} ms",
+        steps + 1,
+        30.0 * steps as f64
+    );
+    println!(
+        "  values that produced a first steered token: {} of {}; latency to it: median {:.0} ms, max {:.0} ms",
+        first_token.len(),
+        steps + 1,
+        median(first_token.clone()),
+        first_token.iter().copied().fold(0.0, f64::max)
+    );
+    println!("  final value: first token {final_first:.0} ms, full 64-token reply + judgement {final_total:.2} s");
+
+    // 2. Single slider changes at rest.
+    let mut at_rest = Vec::new();
+    let mut full = Vec::new();
+    for k in 0..5 {
+        let id = worker.steer(request(0.25 + 0.1 * k as f32, layer, 64), false);
+        let mut ft = 0.0;
+        let mut total = 0.0;
+        wait(&worker, "a steered reply", |e| match e {
+            Event::SteerFinished {
+                id: i,
+                baseline: false,
+                first_token_seconds,
+                seconds,
+                ..
+            } if *i == id => {
+                ft = *first_token_seconds;
+                total = *seconds;
+                true
+            }
+            _ => false,
+        });
+        at_rest.push(ft * 1e3);
+        full.push(total);
+    }
+    println!(
+        "single change at rest: first steered token median {:.0} ms; 64-token reply + judgement median {:.2} s",
+        median(at_rest),
+        median(full)
+    );
+    drop(worker);
+
+    // 3. The UI's per-frame cost (layout + tessellation, no GPU) while a steered reply streams.
+    let app = RefusalLensApp::new(
+        None,
+        Startup::Path {
+            model: default_model_path(),
+            adapter: Some(organism_dir()),
+        },
+    );
+    let ctx = egui::Context::default();
+    let mut app = app;
+    let frame = |ctx: &egui::Context, app: &mut RefusalLensApp| {
+        let input = egui::RawInput {
+            screen_rect: Some(egui::Rect::from_min_size(
+                egui::Pos2::ZERO,
+                egui::vec2(1200.0, 780.0),
+            )),
+            ..Default::default()
+        };
+        let out = ctx.run_ui(input, |ui| app.show(ui));
+        ctx.tessellate(out.shapes, out.pixels_per_point);
+    };
+    let start = Instant::now();
+    let mut requested = false;
+    while !(app.model.is_ready() && app.directions.probes.is_some()) {
+        frame(&ctx, &mut app);
+        if app.model.is_ready() && !requested {
+            requested = app.compute_lens();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "the app never got directions"
+        );
+    }
+    app.tab = Tab::Steering;
+    app.steering.alpha_refusal = 0.5;
+    let mut times = Vec::new();
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let t = Instant::now();
+        frame(&ctx, &mut app);
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        std::thread::sleep(Duration::from_millis(16));
+    }
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    println!(
+        "UI frame while regenerating: mean {:.2} ms, max {:.2} ms of CPU per frame ({} frames) → {:.0} frames/s possible",
+        mean,
+        times.iter().copied().fold(0.0, f64::max),
+        times.len(),
+        1e3 / mean
+    );
+}
