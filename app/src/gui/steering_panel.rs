@@ -495,7 +495,7 @@ impl SteeringPanel {
         let top = ui.cursor().min;
         ui.columns(2, |cols| {
             Plot::new("dose_rate")
-                .height(180.0)
+                .height(210.0)
                 .legend(Legend::default().position(Corner::LeftTop))
                 .x_axis_label(format!("α ({} direction)", self.sweep_direction.name()))
                 .y_axis_label("refusal rate (%)")
@@ -509,10 +509,12 @@ impl SteeringPanel {
                         )
                         .color(Color32::from_rgb(200, 50, 45)),
                     );
-                    plot.vline(VLine::new("current α", current));
+                    plot.vline(
+                        VLine::new("current α", current).color(Color32::from_rgb(30, 120, 220)),
+                    );
                 });
             Plot::new("dose_judgement")
-                .height(180.0)
+                .height(210.0)
                 .legend(Legend::default().position(Corner::LeftTop))
                 .x_axis_label(format!("α ({} direction)", self.sweep_direction.name()))
                 .y_axis_label("log-odds")
@@ -528,7 +530,9 @@ impl SteeringPanel {
                         Line::new("mean refusal score", series(&|p| p.mean_refusal_score))
                             .color(Color32::from_rgb(230, 150, 30)),
                     );
-                    plot.vline(VLine::new("current α", current));
+                    plot.vline(
+                        VLine::new("current α", current).color(Color32::from_rgb(30, 120, 220)),
+                    );
                 });
         });
         self.plot_rect = Some(egui::Rect::from_min_max(
