@@ -100,6 +100,8 @@ pub enum Command {
     Sweep(crate::steer_cli::SweepArgs),
     /// Export a steering vector as a llama.cpp control vector (GGUF).
     ControlVector(crate::steer_cli::ControlVectorArgs),
+    /// Per-head attribution: dla, interchange or ablation (layers × heads, top heads).
+    Heads(crate::heads_cli::HeadsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -289,6 +291,7 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
         Command::CliffRank(a) => crate::lens_cli::cliff_rank(&lm, a),
         Command::Sweep(a) => crate::steer_cli::run_sweep(&lm, a),
         Command::ControlVector(a) => crate::steer_cli::control_vector(&lm, a),
+        Command::Heads(a) => crate::heads_cli::run(&lm, a),
         Command::Prompts(_) | Command::Classify(_) | Command::TrainRefusalTokens(_) => {
             unreachable!("handled above")
         }
@@ -312,6 +315,7 @@ fn json_of(c: &Command) -> bool {
         Command::CliffRank(a) => a.json,
         Command::Sweep(a) => a.json,
         Command::ControlVector(_) => false,
+        Command::Heads(a) => a.json,
     }
 }
 

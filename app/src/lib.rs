@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod gui;
+pub mod heads_cli;
 pub mod lens_cli;
 pub mod steer_cli;
 pub mod worker;

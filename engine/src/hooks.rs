@@ -193,6 +193,15 @@ pub enum Intervention {
     },
     /// `logits[t] += bias` for each listed token.
     LogitBias { token_ids: Vec<u32>, bias: f32 },
+    /// Batch row `r` gets head `heads[r]`'s `z` replaced by `values[r]` (`[n, d_h]`) at
+    /// absolute positions `start..start+n`: one batched pass patches a different head in
+    /// every row (interchange and ablation scans).
+    PatchHeadPerRow {
+        layer: usize,
+        start: usize,
+        heads: Vec<usize>,
+        values: Vec<Tensor>,
+    },
 }
 
 impl Intervention {
@@ -300,6 +309,32 @@ impl HookSpec {
                     head,
                     value,
                 } if *l == layer => map_head(&z, *head, |zh| set_head(zh, value, offset))?,
+                Intervention::PatchHeadPerRow {
+                    layer: l,
+                    start,
+                    heads,
+                    values,
+                } if *l == layer => {
+                    let b = z.dim(0)?;
+                    if heads.len() != b || values.len() != b {
+                        return Err(Error::InvalidInput(format!(
+                            "{} per-row head patches for a batch of {b}",
+                            heads.len()
+                        )));
+                    }
+                    let rows = (0..b)
+                        .map(|r| {
+                            let value = HeadValue::PerPosition {
+                                start: *start,
+                                rows: values[r].clone(),
+                            };
+                            map_head(&z.narrow(0, r, 1)?, heads[r], |zh| {
+                                set_head(zh, &value, offset)
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::cat(&rows, 0)?
+                }
                 _ => z,
             };
         }

@@ -10,6 +10,7 @@ pub mod directions;
 pub mod error;
 pub mod finetune;
 pub mod generate;
+pub mod heads;
 pub mod hooks;
 pub mod lens;
 pub mod loader;

@@ -1,0 +1,454 @@
+//! Head attribution (methods.md "Head attribution"): direct logit attribution of every head
+//! onto the refusal-vs-compliance logit direction, exact interchange (necessity and
+//! sufficiency) between a harmful and a harmless prompt, and the effect of ablating each head.
+//! Scans batch one layer's heads into one forward pass, each batch row patching a different
+//! head ([`Intervention::PatchHeadPerRow`]).
+
+use candle_core::{IndexOp, Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use crate::hooks::{HookPoint, HookSpec, Intervention};
+use crate::model::{ForwardOptions, KvCache, LogitsAt};
+use crate::refusal::{first_positions, opener_ids, refusal_score, RefusalSignal};
+use crate::{Error, LoadedModel, Result};
+
+/// First tokens of compliant replies, the other end of the logit direction for models
+/// without refusal tokens.
+pub const COMPLIANCE_OPENERS: &[&str] = &[
+    "Sure",
+    "Here",
+    "Certainly",
+    "Of course",
+    "To",
+    "The",
+    "Yes",
+    "Step",
+    "First",
+];
+
+/// One value per head, layers × heads, row-major.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeadMap {
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub values: Vec<f32>,
+}
+
+impl HeadMap {
+    pub fn zeros(n_layers: usize, n_heads: usize) -> Self {
+        HeadMap {
+            n_layers,
+            n_heads,
+            values: vec![0.0; n_layers * n_heads],
+        }
+    }
+
+    pub fn get(&self, layer: usize, head: usize) -> f32 {
+        self.values[layer * self.n_heads + head]
+    }
+
+    fn set(&mut self, layer: usize, head: usize, v: f32) {
+        self.values[layer * self.n_heads + head] = v;
+    }
+
+    /// `(layer, head, value)` sorted by value, largest first.
+    pub fn ranked(&self) -> Vec<(usize, usize, f32)> {
+        let mut all: Vec<_> = (0..self.n_layers)
+            .flat_map(|l| (0..self.n_heads).map(move |h| (l, h)))
+            .map(|(l, h)| (l, h, self.get(l, h)))
+            .collect();
+        all.sort_by(|a, b| b.2.total_cmp(&a.2));
+        all
+    }
+
+    fn add_scaled(&mut self, other: &HeadMap, scale: f32) {
+        for (a, b) in self.values.iter_mut().zip(&other.values) {
+            *a += b * scale;
+        }
+    }
+}
+
+/// `u`: the unembedding direction whose dot product with the final normalised state is the
+/// refusal-vs-compliance logit difference: `W_U[refuse] − W_U[respond]` on a model with
+/// refusal tokens, else the mean row of the refusal openers minus that of the compliance
+/// openers.
+pub fn logit_direction(lm: &LoadedModel) -> Result<Vec<f32>> {
+    let w = lm.model.dense.lm_head.dense_weight()?; // [vocab, d]
+    let dev = w.device().clone();
+    let mean_row = |ids: &[u32]| -> Result<Tensor> {
+        Ok(w.index_select(&Tensor::new(ids, &dev)?, 0)?.mean(0)?)
+    };
+    let u = match RefusalSignal::for_model(lm)? {
+        RefusalSignal::Tokens { refuse, respond } => {
+            (mean_row(&[refuse])? - mean_row(&[respond])?)?
+        }
+        RefusalSignal::Openers(r) => {
+            let c = opener_ids(lm, COMPLIANCE_OPENERS)?;
+            let c: Vec<u32> = c.into_iter().filter(|i| !r.contains(i)).collect();
+            (mean_row(&r)? - mean_row(&c)?)?
+        }
+    };
+    Ok(u.to_vec1()?)
+}
+
+/// Direct logit attribution at t_post of one prompt: every head's write, the embedding and
+/// every MLP write, each dotted with `g ⊙ u / rms(x_L)` (the final RMSNorm linearised at this
+/// run). They sum to the logit difference the model computes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dla {
+    pub heads: HeadMap,
+    pub embed: f32,
+    pub mlp: Vec<f32>,
+    /// The logit difference from the model's own logits.
+    pub logit_difference: f32,
+}
+
+impl Dla {
+    /// Heads + embedding + MLPs.
+    pub fn sum(&self) -> f32 {
+        self.heads.values.iter().sum::<f32>() + self.embed + self.mlp.iter().sum::<f32>()
+    }
+}
+
+/// DLA of each prompt (chat-templated), from one batched pass per 16 prompts.
+pub fn dla(
+    lm: &LoadedModel,
+    prompts: &[&str],
+    system: Option<&str>,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Dla>> {
+    let cfg = &lm.model.config;
+    let (n_layers, n_heads, dh, d) = (cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.d_model);
+    let dev = lm.model.device().clone();
+    let u = Tensor::from_vec(logit_direction(lm)?, d, &dev)?;
+    let gain_u = (lm
+        .model
+        .dense
+        .final_norm
+        .to_dtype(candle_core::DType::F32)?
+        * &u)?;
+    // W_O^T (g ⊙ u) per layer, [H, d_h]: a head's DLA is z · this / rms.
+    let read: Vec<Tensor> = lm
+        .model
+        .dense
+        .blocks
+        .iter()
+        .map(|b| -> Result<Tensor> {
+            let w_o = b.o.dense_weight()?; // [d, H·d_h]
+            Ok(gain_u.unsqueeze(0)?.matmul(&w_o)?.reshape((n_heads, dh))?)
+        })
+        .collect::<Result<_>>()?;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| lm.chat_prompt(system, p).map(|c| c.ids))
+        .collect::<Result<_>>()?;
+    let mut points: Vec<HookPoint> = vec![
+        HookPoint::Embed,
+        HookPoint::ResidPost(n_layers - 1),
+        HookPoint::LnFinal,
+    ];
+    points.extend((0..n_layers).flat_map(|l| [HookPoint::AttnZ(l), HookPoint::MlpOut(l)]));
+    let eps = cfg.rms_eps as f32;
+    let mut out = Vec::with_capacity(prompts.len());
+    crate::refusal::for_each_prompt(
+        lm,
+        &lm.model.dense,
+        &ids,
+        usize::MAX,
+        &HookSpec::capture(points),
+        cancelled,
+        progress,
+        &mut |pass| {
+            let t = pass.len - 1;
+            let at = |p: HookPoint| -> Result<Tensor> { Ok(pass.capture(p)?.i(t)?) };
+            let x_l = at(HookPoint::ResidPost(n_layers - 1))?;
+            let rms = (x_l.sqr()?.mean_all()?.to_scalar::<f32>()? + eps).sqrt();
+            let dot = |x: &Tensor| -> Result<f32> {
+                Ok((x * &gain_u)?.sum_all()?.to_scalar::<f32>()? / rms)
+            };
+            let mut heads = HeadMap::zeros(n_layers, n_heads);
+            let mut mlp = Vec::with_capacity(n_layers);
+            for (l, r) in read.iter().enumerate() {
+                let z = at(HookPoint::AttnZ(l))?; // [H, d_h]
+                let per_head = (z * r)?.sum(D::Minus1)?.to_vec1::<f32>()?;
+                for (h, v) in per_head.into_iter().enumerate() {
+                    heads.set(l, h, v / rms);
+                }
+                mlp.push(dot(&at(HookPoint::MlpOut(l))?)?);
+            }
+            let logit_difference = (pass.last_normalized()? * &u)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            out.push(Dla {
+                heads,
+                embed: dot(&at(HookPoint::Embed)?)?,
+                mlp,
+                logit_difference,
+            });
+            Ok(())
+        },
+    )?;
+    Ok(out)
+}
+
+/// Mean DLA of the harmful prompts minus that of the harmless ones.
+pub fn dla_difference(dla_harmful: &[Dla], dla_harmless: &[Dla]) -> Result<HeadMap> {
+    let first = dla_harmful
+        .first()
+        .or(dla_harmless.first())
+        .ok_or_else(|| Error::InvalidInput("no prompts".into()))?;
+    let mut m = HeadMap::zeros(first.heads.n_layers, first.heads.n_heads);
+    for x in dla_harmful {
+        m.add_scaled(&x.heads, 1.0 / dla_harmful.len() as f32);
+    }
+    for x in dla_harmless {
+        m.add_scaled(&x.heads, -1.0 / dla_harmless.len() as f32);
+    }
+    Ok(m)
+}
+
+/// Exact interchange between a harmful and a harmless prompt.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Interchange {
+    /// Harmless head output patched into the harmful run: the fall in refusal score over
+    /// the clean gap.
+    pub necessity: HeadMap,
+    /// Harmful head output patched into the harmless run: the rise over the clean gap.
+    pub sufficiency: HeadMap,
+    pub clean_harmful: f32,
+    pub clean_harmless: f32,
+    /// Positions patched: the last `k` of each prompt, aligned at the end.
+    pub k: usize,
+}
+
+/// A prompt's clean run, split before its last `k` tokens.
+struct Clean {
+    ids: Vec<u32>,
+    prefix: KvCache,
+    /// `[k, H, d_h]` per layer at the last `k` positions.
+    z: Vec<Tensor>,
+    score: f32,
+}
+
+fn refusal_score_of(signal: &RefusalSignal, logits: &Tensor) -> Result<f32> {
+    let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?.to_vec1::<f32>()?;
+    Ok(refusal_score(signal.probability(&lp)))
+}
+
+fn clean_run(lm: &LoadedModel, ids: Vec<u32>, k: usize, signal: &RefusalSignal) -> Result<Clean> {
+    let m = &lm.model;
+    let n = m.config.n_layers;
+    let split = ids.len() - k;
+    let mut prefix = KvCache::new(n);
+    if split > 0 {
+        let t = Tensor::new(&ids[..split], m.device())?.unsqueeze(0)?;
+        m.forward(
+            &m.dense,
+            &t,
+            Some(&mut prefix),
+            &HookSpec::default(),
+            LogitsAt::None,
+            ForwardOptions::default(),
+        )?;
+    }
+    let mut cache = prefix.clone();
+    let t = Tensor::new(&ids[split..], m.device())?.unsqueeze(0)?;
+    let out = m.forward(
+        &m.dense,
+        &t,
+        Some(&mut cache),
+        &HookSpec::capture((0..n).map(HookPoint::AttnZ)),
+        LogitsAt::Last,
+        ForwardOptions::default(),
+    )?;
+    let z = (0..n)
+        .map(|l| {
+            Ok(out
+                .captures
+                .get(HookPoint::AttnZ(l))?
+                .expect("captured")
+                .i(0)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let score = refusal_score_of(signal, &out.logits.expect("logits").flatten_all()?)?;
+    Ok(Clean {
+        ids,
+        prefix,
+        z,
+        score,
+    })
+}
+
+/// Refusal scores of `target`'s run with, in one batch per layer, each head's `z` at the last
+/// `k` positions replaced by `source`'s.
+fn patched_scores(
+    lm: &LoadedModel,
+    target: &Clean,
+    source: &Clean,
+    k: usize,
+    signal: &RefusalSignal,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(),
+) -> Result<HeadMap> {
+    let m = &lm.model;
+    let (n, h) = (m.config.n_layers, m.config.n_heads);
+    let split = target.ids.len() - k;
+    let tail = Tensor::new(&target.ids[split..], m.device())?
+        .unsqueeze(0)?
+        .repeat((h, 1))?;
+    let prefix = target.prefix.repeat_batch(h)?;
+    let mut map = HeadMap::zeros(n, h);
+    for l in 0..n {
+        if cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let values = (0..h)
+            .map(|head| Ok(source.z[l].i((.., head))?.contiguous()?))
+            .collect::<Result<Vec<_>>>()?;
+        let hooks = HookSpec::with_interventions(vec![Intervention::PatchHeadPerRow {
+            layer: l,
+            start: split,
+            heads: (0..h).collect(),
+            values,
+        }]);
+        let mut cache = prefix.clone();
+        let logits = m
+            .forward(
+                &m.dense,
+                &tail,
+                Some(&mut cache),
+                &hooks,
+                LogitsAt::Last,
+                ForwardOptions::default(),
+            )?
+            .logits
+            .expect("logits");
+        for head in 0..h {
+            map.set(l, head, refusal_score_of(signal, &logits.i((head, 0))?)?);
+        }
+        progress();
+    }
+    Ok(map)
+}
+
+/// Exact interchange for every head, both directions, patching the last `k` positions
+/// (default: the post-instruction tokens, the same template tokens in both prompts).
+pub fn interchange(
+    lm: &LoadedModel,
+    harmful: &str,
+    harmless: &str,
+    k: Option<usize>,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Interchange> {
+    let a = lm.chat_prompt(None, harmful)?;
+    let b = lm.chat_prompt(None, harmless)?;
+    let k = k
+        .unwrap_or_else(|| a.post_instruction.len().min(b.post_instruction.len()))
+        .clamp(1, a.ids.len().min(b.ids.len()));
+    let signal = RefusalSignal::for_model(lm)?;
+    let clean_a = clean_run(lm, a.ids, k, &signal)?;
+    let clean_b = clean_run(lm, b.ids, k, &signal)?;
+    let gap = clean_a.score - clean_b.score;
+    if gap.abs() < 1e-3 {
+        return Err(Error::InvalidInput(format!(
+            "the two prompts have the same refusal score ({:.3}); interchange needs a gap",
+            clean_a.score
+        )));
+    }
+    let total = 2 * lm.model.config.n_layers;
+    let mut done = 0;
+    let mut tick = || {
+        done += 1;
+        progress(done, total)
+    };
+    let into_harmful = patched_scores(lm, &clean_a, &clean_b, k, &signal, cancelled, &mut tick)?;
+    let into_harmless = patched_scores(lm, &clean_b, &clean_a, k, &signal, cancelled, &mut tick)?;
+    let norm = |map: HeadMap, f: &dyn Fn(f32) -> f32| HeadMap {
+        values: map.values.into_iter().map(f).collect(),
+        ..map
+    };
+    Ok(Interchange {
+        necessity: norm(into_harmful, &|s| (clean_a.score - s) / gap),
+        sufficiency: norm(into_harmless, &|s| (s - clean_b.score) / gap),
+        clean_harmful: clean_a.score,
+        clean_harmless: clean_b.score,
+        k,
+    })
+}
+
+/// The mean change in refusal score over `prompts` when each head's `z` is scaled by
+/// `factor` (0: zero ablation; 0.1/0.01: the attention-scale ablation of the cliff code).
+pub fn ablation_effect(
+    lm: &LoadedModel,
+    prompts: &[&str],
+    factor: f32,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<HeadMap> {
+    let m = &lm.model;
+    let (n, h) = (m.config.n_layers, m.config.n_heads);
+    let signal = RefusalSignal::for_model(lm)?;
+    let mut mean = HeadMap::zeros(n, h);
+    let total = prompts.len() * n;
+    for (i, p) in prompts.iter().enumerate() {
+        let ids = lm.chat_prompt(None, p)?.ids;
+        let clean = clean_run(lm, ids.clone(), ids.len(), &signal)?;
+        let tokens = Tensor::new(ids.as_slice(), m.device())?
+            .unsqueeze(0)?
+            .repeat((h, 1))?;
+        for l in 0..n {
+            if cancelled() {
+                return Err(Error::Cancelled);
+            }
+            // Scaling z at layer l is patching it with factor × its clean value: nothing
+            // before layer l changes.
+            let values = (0..h)
+                .map(|head| Ok((clean.z[l].i((.., head))? * factor as f64)?.contiguous()?))
+                .collect::<Result<Vec<_>>>()?;
+            let hooks = HookSpec::with_interventions(vec![Intervention::PatchHeadPerRow {
+                layer: l,
+                start: 0,
+                heads: (0..h).collect(),
+                values,
+            }]);
+            let logits = m
+                .forward(
+                    &m.dense,
+                    &tokens,
+                    None,
+                    &hooks,
+                    LogitsAt::Last,
+                    ForwardOptions::default(),
+                )?
+                .logits
+                .expect("logits");
+            for head in 0..h {
+                let s = refusal_score_of(&signal, &logits.i((head, 0))?)?;
+                mean.set(
+                    l,
+                    head,
+                    mean.get(l, head) + (s - clean.score) / prompts.len() as f32,
+                );
+            }
+            progress(i * n + l + 1, total);
+        }
+    }
+    Ok(mean)
+}
+
+/// Refusal scores of prompts (helper for callers that compare before/after).
+pub fn scores(lm: &LoadedModel, prompts: &[&str], hooks: &HookSpec) -> Result<Vec<f32>> {
+    let signal = RefusalSignal::for_model(lm)?;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| lm.chat_prompt(None, p).map(|c| c.ids))
+        .collect::<Result<_>>()?;
+    Ok(
+        first_positions(lm, &lm.model.dense, &ids, hooks, &|| false, &mut |_, _| {})?
+            .iter()
+            .map(|f| refusal_score(signal.probability(&f.logprobs)))
+            .collect(),
+    )
+}

@@ -1,0 +1,236 @@
+//! Head attribution on tiny random models, against hand-built single-head runs.
+
+use candle_core::{IndexOp, Tensor};
+use refusal_lens_engine::config::Family;
+use refusal_lens_engine::heads::{ablation_effect, dla, interchange, logit_direction};
+use refusal_lens_engine::hooks::{HeadValue, HookPoint, HookSpec, Intervention};
+use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
+use refusal_lens_engine::refusal::{refusal_score, RefusalSignal, REFUSE_TOKEN, RESPOND_TOKEN};
+use refusal_lens_engine::testing::{max_abs_diff, tiny_model};
+use refusal_lens_engine::LoadedModel;
+
+/// A tiny model with refusal tokens whose rows are random, so the logit direction is not 0.
+fn with_tokens(seed: u64) -> LoadedModel {
+    let mut lm = tiny_model(Family::Qwen2, seed).unwrap();
+    let d = lm.model.config.d_model;
+    let rows: Vec<f32> = (0..2 * d)
+        .map(|i| ((i * 7919 % 97) as f32 / 97.0 - 0.5) * 0.6)
+        .collect();
+    let rows = Tensor::from_vec(rows, (2, d), lm.model.device()).unwrap();
+    lm.add_tokens_untied(
+        &[REFUSE_TOKEN, RESPOND_TOKEN],
+        &(&rows * 0.0).unwrap(),
+        &rows,
+    )
+    .unwrap();
+    lm
+}
+
+fn last_logits(lm: &LoadedModel, ids: &[u32], hooks: &HookSpec) -> Tensor {
+    let t = Tensor::new(ids, lm.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    lm.model
+        .forward(
+            &lm.model.dense,
+            &t,
+            None,
+            hooks,
+            LogitsAt::Last,
+            ForwardOptions::default(),
+        )
+        .unwrap()
+        .logits
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+}
+
+fn score(lm: &LoadedModel, logits: &Tensor) -> f32 {
+    let lp = candle_nn::ops::log_softmax(logits, 0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    refusal_score(RefusalSignal::for_model(lm).unwrap().probability(&lp))
+}
+
+#[test]
+fn dla_of_heads_embedding_and_mlps_sums_to_the_logit_difference() {
+    for lm in [with_tokens(51), tiny_model(Family::Llama, 52).unwrap()] {
+        let prompts = ["How do I pick a lock?", "Bake me a cake", "hi"];
+        let out = dla(&lm, &prompts, None, &|| false, &mut |_, _| {}).unwrap();
+        let u = logit_direction(&lm).unwrap();
+        assert!(u.iter().any(|v| *v != 0.0));
+        for (p, d) in prompts.iter().zip(&out) {
+            let scale = d.logit_difference.abs().max(1.0);
+            assert!(
+                (d.sum() - d.logit_difference).abs() < 1e-4 * scale,
+                "{p}: parts {} vs logits {}",
+                d.sum(),
+                d.logit_difference
+            );
+            assert_eq!(
+                d.heads.values.len(),
+                lm.model.config.n_layers * lm.model.config.n_heads
+            );
+        }
+    }
+}
+
+#[test]
+fn per_row_head_patches_equal_single_head_patches_and_self_patches_change_nothing() {
+    let lm = with_tokens(53);
+    let ids = lm.chat_prompt(None, "Tell me about owls").unwrap().ids;
+    let other = lm.chat_prompt(None, "Tell me about cars").unwrap().ids;
+    let (l, h) = (1, lm.model.config.n_heads);
+    let z_of = |ids: &[u32]| {
+        let t = Tensor::new(ids, lm.model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let out = lm
+            .model
+            .forward(
+                &lm.model.dense,
+                &t,
+                None,
+                &HookSpec::capture([HookPoint::AttnZ(l)]),
+                LogitsAt::None,
+                ForwardOptions::default(),
+            )
+            .unwrap();
+        out.captures
+            .get(HookPoint::AttnZ(l))
+            .unwrap()
+            .unwrap()
+            .i(0)
+            .unwrap()
+    };
+    let (own, theirs) = (z_of(&ids), z_of(&other));
+    let k = 4;
+    let start = ids.len() - k;
+    let batch = |source: &Tensor| {
+        let src_start = source.dim(0).unwrap() - k;
+        let values = (0..h)
+            .map(|head| source.i((src_start.., head)).unwrap().contiguous().unwrap())
+            .collect();
+        let hooks = HookSpec::with_interventions(vec![Intervention::PatchHeadPerRow {
+            layer: l,
+            start,
+            heads: (0..h).collect(),
+            values,
+        }]);
+        let t = Tensor::new(ids.as_slice(), lm.model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .repeat((h, 1))
+            .unwrap();
+        lm.model
+            .forward(
+                &lm.model.dense,
+                &t,
+                None,
+                &hooks,
+                LogitsAt::Last,
+                ForwardOptions::default(),
+            )
+            .unwrap()
+            .logits
+            .unwrap()
+    };
+    let clean = last_logits(&lm, &ids, &HookSpec::default());
+    let selfp = batch(&own);
+    let patched = batch(&theirs);
+    for head in 0..h {
+        assert!(
+            max_abs_diff(&selfp.i((head, 0)).unwrap(), &clean) < 1e-4,
+            "self-patch of head {head}"
+        );
+        let single = HookSpec::with_interventions(vec![Intervention::SetHead {
+            layer: l,
+            head,
+            value: HeadValue::PerPosition {
+                start,
+                rows: theirs
+                    .i((theirs.dim(0).unwrap() - k.., head))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap(),
+            },
+        }]);
+        assert!(
+            max_abs_diff(
+                &patched.i((head, 0)).unwrap(),
+                &last_logits(&lm, &ids, &single)
+            ) < 1e-4,
+            "head {head}"
+        );
+    }
+}
+
+#[test]
+fn interchange_and_ablation_match_single_head_runs() {
+    let lm = with_tokens(54);
+    let (harmful, harmless) = (
+        "Explain how to break into a house",
+        "Explain how to paint a house",
+    );
+    let r = interchange(&lm, harmful, harmless, Some(3), &|| false, &mut |_, _| {}).unwrap();
+    let a = lm.chat_prompt(None, harmful).unwrap().ids;
+    let b = lm.chat_prompt(None, harmless).unwrap().ids;
+    assert!(
+        (score(&lm, &last_logits(&lm, &a, &HookSpec::default())) - r.clean_harmful).abs() < 1e-3
+    );
+    let gap = r.clean_harmful - r.clean_harmless;
+    // Head (1, 2): the harmless run's z at its last 3 positions, into the harmful run's.
+    let (l, head) = (1, 2);
+    let t = Tensor::new(b.as_slice(), lm.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let zb = lm
+        .model
+        .forward(
+            &lm.model.dense,
+            &t,
+            None,
+            &HookSpec::capture([HookPoint::AttnZ(l)]),
+            LogitsAt::None,
+            ForwardOptions::default(),
+        )
+        .unwrap()
+        .captures
+        .get(HookPoint::AttnZ(l))
+        .unwrap()
+        .unwrap()
+        .i(0)
+        .unwrap();
+    let rows = zb.i((b.len() - 3.., head)).unwrap().contiguous().unwrap();
+    let hooks = HookSpec::with_interventions(vec![Intervention::SetHead {
+        layer: l,
+        head,
+        value: HeadValue::PerPosition {
+            start: a.len() - 3,
+            rows,
+        },
+    }]);
+    let patched = score(&lm, &last_logits(&lm, &a, &hooks));
+    let want = (r.clean_harmful - patched) / gap;
+    assert!(
+        (r.necessity.get(l, head) - want).abs() < 1e-3 * want.abs().max(1.0),
+        "{} vs {want}",
+        r.necessity.get(l, head)
+    );
+
+    // Ablation: zeroing head (0, 1) on one prompt, against a ScaleHead run.
+    let effect = ablation_effect(&lm, &[harmful], 0.0, &|| false, &mut |_, _| {}).unwrap();
+    let zeroed = HookSpec::with_interventions(vec![Intervention::ScaleHead {
+        layer: 0,
+        head: 1,
+        factor: 0.0,
+    }]);
+    let want = score(&lm, &last_logits(&lm, &a, &zeroed)) - r.clean_harmful;
+    assert!((effect.get(0, 1) - want).abs() < 1e-3 * want.abs().max(1.0));
+}
