@@ -15,6 +15,7 @@ use refusal_lens_engine::finetune::{
     TrainProgress,
 };
 use refusal_lens_engine::generate::{generate, GenerateConfig, Generation, Sampling, TokenStep};
+use refusal_lens_engine::heads::HeadMap;
 use refusal_lens_engine::lens::{self, DirectionOptions, ProbeJob};
 use refusal_lens_engine::loader::ModelCard;
 use refusal_lens_engine::model::FastPrecision;
@@ -97,6 +98,13 @@ pub enum Job {
         /// The edits at α = 1; every Add edit's α is multiplied by the sweep's α.
         steering: Steering,
         tau: f32,
+    },
+    /// Per-head metrics for a harmful/harmless pair: DLA difference, interchange necessity
+    /// and sufficiency, and the effect of zero-ablating each head on the harmful prompt.
+    Heads {
+        id: JobId,
+        harmful: String,
+        harmless: String,
     },
     /// Score every token of a prompt and its reply with the current probes and directions.
     Trajectory {
@@ -219,6 +227,16 @@ pub enum Event {
         id: JobId,
         done: usize,
         total: usize,
+    },
+    HeadsProgress {
+        id: JobId,
+        phase: String,
+        done: usize,
+        total: usize,
+    },
+    HeadsReady {
+        id: JobId,
+        metrics: Box<HeadMetrics>,
     },
     Swept {
         id: JobId,
@@ -360,6 +378,17 @@ impl Worker {
         id
     }
 
+    /// Queues the per-head metrics of a pair (cancelled by [`Worker::cancel_lens`]).
+    pub fn heads(&mut self, harmful: String, harmless: String) -> JobId {
+        let id = self.next();
+        self.send(Job::Heads {
+            id,
+            harmful,
+            harmless,
+        });
+        id
+    }
+
     /// Queues a lens build (directions + probes); later generations do not cancel it.
     pub fn build_lens(&mut self, harmful: PromptSet, harmless: PromptSet, select: bool) -> JobId {
         let id = self.next();
@@ -413,6 +442,22 @@ impl Drop for Worker {
             let _ = t.join();
         }
     }
+}
+
+/// Every per-head metric of one pair.
+#[derive(Debug, Clone)]
+pub struct HeadMetrics {
+    pub harmful: String,
+    pub harmless: String,
+    /// Mean DLA of the harmful prompt minus the harmless one's.
+    pub dla: HeadMap,
+    pub necessity: HeadMap,
+    pub sufficiency: HeadMap,
+    /// Change in the harmful prompt's refusal score when the head is zeroed.
+    pub ablation: HeadMap,
+    pub clean_harmful: f32,
+    pub clean_harmless: f32,
+    pub seconds: f64,
 }
 
 /// Cancellation marks shared with the client.
@@ -759,6 +804,26 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                     Err(error) => emit(Event::Failed { id, error }),
                 }
             }
+            Job::Heads {
+                id,
+                harmful,
+                harmless,
+            } => {
+                job_id = id;
+                let cancelled = || cancels.lens.load(Ordering::SeqCst) >= id;
+                let result = match models.active() {
+                    None => Err("no model is loaded".to_string()),
+                    Some(m) => head_metrics(m, id, harmful, harmless, &cancelled, &emit)
+                        .map_err(|e| e.to_string()),
+                };
+                match result {
+                    Ok(metrics) => emit(Event::HeadsReady {
+                        id,
+                        metrics: Box::new(metrics),
+                    }),
+                    Err(error) => emit(Event::Failed { id, error }),
+                }
+            }
             Job::Trajectory {
                 id,
                 system,
@@ -922,6 +987,69 @@ fn run_generate(
             id,
             step: step.clone(),
         })
+    })
+}
+
+fn head_metrics(
+    m: &LoadedModel,
+    id: JobId,
+    harmful: String,
+    harmless: String,
+    cancelled: &dyn Fn() -> bool,
+    emit: &dyn Fn(Event),
+) -> refusal_lens_engine::Result<HeadMetrics> {
+    use refusal_lens_engine::heads::{ablation_effect, dla, dla_difference, interchange};
+    let started = Instant::now();
+    let progress = |phase: &str| {
+        let phase = phase.to_string();
+        move |done: usize, total: usize| {
+            emit(Event::HeadsProgress {
+                id,
+                phase: phase.clone(),
+                done,
+                total,
+            })
+        }
+    };
+    let da = dla(
+        m,
+        &[harmful.as_str()],
+        None,
+        cancelled,
+        &mut progress("DLA"),
+    )?;
+    let db = dla(
+        m,
+        &[harmless.as_str()],
+        None,
+        cancelled,
+        &mut progress("DLA"),
+    )?;
+    let x = interchange(
+        m,
+        &harmful,
+        &harmless,
+        None,
+        cancelled,
+        &mut progress("interchange"),
+    )?;
+    let ablation = ablation_effect(
+        m,
+        &[harmful.as_str()],
+        0.0,
+        cancelled,
+        &mut progress("ablation"),
+    )?;
+    Ok(HeadMetrics {
+        dla: dla_difference(&da, &db)?,
+        necessity: x.necessity,
+        sufficiency: x.sufficiency,
+        ablation,
+        clean_harmful: x.clean_harmful,
+        clean_harmless: x.clean_harmless,
+        harmful,
+        harmless,
+        seconds: started.elapsed().as_secs_f64(),
     })
 }
 

@@ -431,3 +431,55 @@ fn a_newer_steer_request_cancels_the_older_one_before_it_finishes() {
         "the superseded reply ran to its end"
     );
 }
+
+#[test]
+fn clicking_a_head_cell_ablates_it_and_requests_a_new_reply() {
+    use refusal_lens_engine::steering::Edit;
+    let mut h = harness();
+    step_until(&mut h, "the model and the prompt sets", |a| {
+        a.model.is_ready() && a.prompt_sets.sets.len() >= 2
+    });
+    h.get_by_label("Head attribution").click();
+    h.step();
+    h.get_by_label("Compute").click();
+    step_until(&mut h, "the head metrics", |a| {
+        a.heads.metrics.is_some() || a.heads.error.is_some()
+    });
+    assert_eq!(h.state().heads.error, None);
+    for _ in 0..2 {
+        h.step();
+    }
+    let m = h.state().heads.metrics.clone().unwrap();
+    assert_eq!(m.dla.values.len(), 2 * 4, "tiny model: 2 layers × 4 heads");
+    h.get_by_label_contains("interchange necessity");
+    let cell = h
+        .state()
+        .heads
+        .cell_center(1, 2)
+        .expect("the heatmap is drawn");
+    h.hover_at(cell);
+    h.step();
+    h.drag_at(cell);
+    h.step();
+    h.drop_at(cell);
+    h.step();
+    let ablated: Vec<(usize, usize)> = h
+        .state()
+        .steering
+        .extra
+        .iter()
+        .filter_map(|e| match e {
+            Edit::AblateHead { layer, head, .. } => Some((*layer, *head)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ablated, vec![(1, 2)]);
+    assert!(h.state().heads.reply_job.is_some() || h.state().heads.reply.done);
+    step_until(&mut h, "the reply with the head ablated", |a| {
+        a.heads.reply.done
+    });
+    h.get_by_label_contains("reply with 1 head(s) ablated");
+    h.get_by_label("Clear ablations (1)").click();
+    h.step();
+    assert!(h.state().steering.extra.is_empty());
+}

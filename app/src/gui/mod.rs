@@ -6,6 +6,7 @@ mod cliff_panel;
 mod colors;
 mod directions_panel;
 mod export;
+mod heads_panel;
 mod model_panel;
 mod prompt_sets_panel;
 mod reply_panel;
@@ -21,6 +22,7 @@ use crate::worker::{Event, Worker};
 pub use calibration_panel::CalibrationPanel;
 pub use cliff_panel::CliffPanel;
 pub use directions_panel::DirectionsPanel;
+pub use heads_panel::HeadsPanel;
 pub use model_panel::{ModelPanel, ModelState};
 pub use prompt_sets_panel::PromptSetsPanel;
 pub use reply_panel::ReplyPanel;
@@ -35,6 +37,7 @@ pub enum Tab {
     Cliff,
     Directions,
     Steering,
+    Heads,
 }
 
 /// What the app opens at start.
@@ -61,6 +64,7 @@ pub struct RefusalLensApp {
     pub cliff: CliffPanel,
     pub directions: DirectionsPanel,
     pub steering: SteeringPanel,
+    pub heads: HeadsPanel,
     pub tab: Tab,
 }
 
@@ -97,6 +101,7 @@ impl RefusalLensApp {
             cliff: CliffPanel::default(),
             directions: DirectionsPanel::default(),
             steering: SteeringPanel::default(),
+            heads: HeadsPanel::default(),
             tab: Tab::default(),
         }
     }
@@ -128,6 +133,7 @@ impl RefusalLensApp {
                     self.directions.clear();
                     self.cliff.clear();
                     self.steering.clear();
+                    self.heads.clear();
                     self.model.on_event(event)
                 }
                 Event::ModelLoading { .. } | Event::ModelFailed { .. } => {
@@ -135,6 +141,7 @@ impl RefusalLensApp {
                 }
                 other if self.cliff.owns(&other) => self.cliff.on_event(other),
                 other if self.steering.owns(&other) => self.steering.on_event(other),
+                other if self.heads.owns(&other) => self.heads.on_event(other),
                 Event::LensReady { .. } => {
                     // New directions: steered replies made with the old ones are stale.
                     self.steering.clear();
@@ -234,6 +241,7 @@ impl RefusalLensApp {
                 ui.selectable_value(&mut self.tab, Tab::Cliff, "Cliff");
                 ui.selectable_value(&mut self.tab, Tab::Directions, "Directions");
                 ui.selectable_value(&mut self.tab, Tab::Steering, "Steering");
+                ui.selectable_value(&mut self.tab, Tab::Heads, "Head attribution");
             });
             ui.separator();
             egui::ScrollArea::vertical()
@@ -261,6 +269,26 @@ impl RefusalLensApp {
                             refusal_tokens,
                         )
                     }
+                    Tab::Heads => {
+                        let base = self.reply.request();
+                        let controls = self
+                            .steering
+                            .control_stack(self.directions.directions.as_deref());
+                        let stack = move |extra: &[refusal_lens_engine::steering::Edit]| {
+                            let mut s = controls.clone();
+                            s.edits.extend(extra.iter().cloned());
+                            s
+                        };
+                        self.heads.ui(
+                            ui,
+                            &mut self.worker,
+                            &self.prompt_sets.sets,
+                            &mut self.steering.extra,
+                            stack,
+                            &base,
+                            ready,
+                        )
+                    }
                 });
         });
 
@@ -272,6 +300,7 @@ impl RefusalLensApp {
             || self.directions.is_running()
             || self.cliff.is_running()
             || self.steering.is_running()
+            || self.heads.is_running()
         {
             ui.ctx().request_repaint_after(Duration::from_millis(50));
         }

@@ -103,7 +103,7 @@ impl SteeringPanel {
 
     pub fn owns(&self, event: &Event) -> bool {
         match event {
-            Event::SteerToken { .. } | Event::SteerFinished { .. } => true,
+            Event::SteerToken { id, .. } | Event::SteerFinished { id, .. } => Some(*id) == self.job,
             Event::SweepProgress { .. } | Event::Swept { .. } => true,
             Event::Failed { id, .. } => Some(*id) == self.job || Some(*id) == self.sweep_job,
             _ => false,
@@ -177,6 +177,13 @@ impl SteeringPanel {
 
     /// The intervention stack the controls make, then the extra edits.
     pub fn stack(&self, dirs: Option<&Directions>) -> Steering {
+        let mut s = self.control_stack(dirs);
+        s.edits.extend(self.extra.iter().cloned());
+        s
+    }
+
+    /// The edits the sliders and switches make (without the extra edits).
+    pub fn control_stack(&self, dirs: Option<&Directions>) -> Steering {
         let mut edits = Vec::new();
         if let Some(d) = dirs {
             let layers = self.layers.unwrap_or((d.layer, d.layer));
@@ -208,7 +215,6 @@ impl SteeringPanel {
                 bias: self.refusal_bias,
             });
         }
-        edits.extend(self.extra.iter().cloned());
         Steering { edits }
     }
 

@@ -1,0 +1,476 @@
+//! Heads: the layers × heads heatmap of one metric for a harmful/harmless pair (DLA
+//! difference, interchange necessity or sufficiency, ablation effect), on a diverging colour
+//! scale centred on zero. Hover a cell for the head's name and every metric; click it to
+//! toggle the head's ablation: it joins the intervention stack (the Steering tab lists it) and
+//! the reply to the current prompt and its refusal score are regenerated at once.
+
+use egui::{Color32, Rect, Sense, Stroke, Vec2};
+use refusal_lens_engine::prompts::PromptSet;
+use refusal_lens_engine::steering::{Edit, HeadAblation, Steering};
+
+use super::export::Exporter;
+use super::steering_panel::ReplyView;
+use crate::heads_cli::test_pairs;
+use crate::worker::{Event, GenerateRequest, HeadMetrics, JobId, Worker};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Metric {
+    #[default]
+    Dla,
+    Necessity,
+    Sufficiency,
+    Ablation,
+}
+
+impl Metric {
+    const ALL: [Metric; 4] = [
+        Metric::Dla,
+        Metric::Necessity,
+        Metric::Sufficiency,
+        Metric::Ablation,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Metric::Dla => "DLA (harmful − harmless)",
+            Metric::Necessity => "interchange necessity",
+            Metric::Sufficiency => "interchange sufficiency",
+            Metric::Ablation => "zero-ablation effect on refusal score",
+        }
+    }
+
+    fn of(self, m: &HeadMetrics, l: usize, h: usize) -> f32 {
+        match self {
+            Metric::Dla => m.dla.get(l, h),
+            Metric::Necessity => m.necessity.get(l, h),
+            Metric::Sufficiency => m.sufficiency.get(l, h),
+            Metric::Ablation => m.ablation.get(l, h),
+        }
+    }
+}
+
+/// Blue (negative) – white (0) – red (positive), `v / scale` clamped to ±1.
+fn diverging(v: f32, scale: f32) -> Color32 {
+    super::colors::score_color(0.5 + 0.5 * (v / scale.max(1e-9)).clamp(-1.0, 1.0))
+}
+
+const HEATMAP_AXIS: f32 = 30.0;
+const HEATMAP_CELL_H: f32 = 14.0;
+
+#[derive(Default)]
+pub struct HeadsPanel {
+    pub metric: Metric,
+    pair: usize,
+    job: Option<JobId>,
+    progress: (String, usize, usize),
+    pub metrics: Option<HeadMetrics>,
+    pub error: Option<String>,
+    /// Percent of heads "ablate top k%" takes.
+    top_percent: f32,
+    /// The reply regenerated under the stack after an ablation change.
+    pub reply_job: Option<JobId>,
+    pub reply: ReplyView,
+    /// Set when a click changed the ablations: regenerate the reply.
+    changed: bool,
+    export: Exporter,
+    heatmap_rect: Option<Rect>,
+}
+
+impl HeadsPanel {
+    pub fn is_running(&self) -> bool {
+        self.job.is_some() || self.reply_job.is_some()
+    }
+
+    pub fn owns(&self, event: &Event) -> bool {
+        match event {
+            Event::HeadsProgress { id, .. } | Event::HeadsReady { id, .. } => Some(*id) == self.job,
+            Event::SteerToken { id, .. } | Event::SteerFinished { id, .. } => {
+                Some(*id) == self.reply_job
+            }
+            Event::Failed { id, .. } => Some(*id) == self.job || Some(*id) == self.reply_job,
+            _ => false,
+        }
+    }
+
+    pub fn on_event(&mut self, event: Event) {
+        match event {
+            Event::HeadsProgress {
+                phase, done, total, ..
+            } => self.progress = (phase, done, total),
+            Event::HeadsReady { metrics, .. } => {
+                self.job = None;
+                self.metrics = Some(*metrics);
+            }
+            Event::SteerToken { step, .. } => self.reply.text.push_str(&step.text),
+            Event::SteerFinished {
+                text,
+                mode,
+                refusal_probability,
+                judgement,
+                first_token_seconds,
+                seconds,
+                ..
+            } => {
+                self.reply_job = None;
+                self.reply = ReplyView {
+                    text,
+                    label: std::mem::take(&mut self.reply.label),
+                    done: true,
+                    mode: Some(mode),
+                    refusal_probability,
+                    judgement,
+                    first_token_ms: first_token_seconds * 1e3,
+                    seconds,
+                };
+            }
+            Event::Failed { id, error } => {
+                if Some(id) == self.job {
+                    self.job = None;
+                }
+                if Some(id) == self.reply_job {
+                    self.reply_job = None;
+                }
+                self.error = Some(error);
+            }
+            _ => {}
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.metrics = None;
+        self.job = None;
+        self.reply_job = None;
+        self.reply = ReplyView::default();
+    }
+
+    /// Where cell `(l, h)` was drawn last frame (for scripted clicks).
+    pub fn cell_center(&self, l: usize, h: usize) -> Option<egui::Pos2> {
+        let rect = self.heatmap_rect?;
+        let m = self.metrics.as_ref()?;
+        let grid = Rect::from_min_max(
+            rect.min + Vec2::new(HEATMAP_AXIS, 0.0),
+            rect.max - Vec2::new(0.0, 18.0),
+        );
+        let cw = grid.width() / m.dla.n_heads as f32;
+        Some(egui::pos2(
+            grid.left() + (h as f32 + 0.5) * cw,
+            grid.bottom() - (l as f32 + 0.5) * HEATMAP_CELL_H,
+        ))
+    }
+
+    fn ablated(extra: &[Edit], l: usize, h: usize) -> Option<usize> {
+        extra.iter().position(
+            |e| matches!(e, Edit::AblateHead { layer, head, .. } if *layer == l && *head == h),
+        )
+    }
+
+    /// Toggles the zero ablation of head `(l, h)` in the stack's extra edits.
+    pub fn toggle(&mut self, extra: &mut Vec<Edit>, l: usize, h: usize) {
+        match Self::ablated(extra, l, h) {
+            Some(i) => {
+                extra.remove(i);
+            }
+            None => extra.push(Edit::AblateHead {
+                layer: l,
+                head: h,
+                how: HeadAblation::Zero,
+            }),
+        }
+        self.changed = true;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        worker: &mut Worker,
+        sets: &[PromptSet],
+        extra: &mut Vec<Edit>,
+        stack: impl Fn(&[Edit]) -> Steering,
+        base: &GenerateRequest,
+        model_ready: bool,
+    ) {
+        self.export.poll(ui.ctx());
+        let find = |name: &str| sets.iter().find(|s| s.name == name);
+        let pairs = match (find("harmful"), find("harmless")) {
+            (Some(a), Some(b)) => test_pairs(a, b),
+            _ => Vec::new(),
+        };
+        ui.horizontal_wrapped(|ui| {
+            if pairs.is_empty() {
+                ui.label("Load the harmful and harmless sample sets (with pair ids) to pick a pair.");
+                return;
+            }
+            self.pair = self.pair.min(pairs.len() - 1);
+            ui.label("pair:");
+            egui::ComboBox::from_id_salt("heads_pair")
+                .width(360.0)
+                .selected_text(pairs[self.pair].0.clone())
+                .show_ui(ui, |ui| {
+                    for (i, (a, _)) in pairs.iter().enumerate() {
+                        ui.selectable_value(&mut self.pair, i, a.clone());
+                    }
+                });
+            let can = model_ready && self.job.is_none();
+            if ui
+                .add_enabled(can, egui::Button::new("Compute"))
+                .on_hover_text("DLA, exact interchange both ways and zero ablation for every head (about 10 s on 2 cores)")
+                .clicked()
+            {
+                self.error = None;
+                self.progress = ("starting".into(), 0, 1);
+                let (a, b) = pairs[self.pair].clone();
+                self.job = Some(worker.heads(a, b));
+            }
+            if self.job.is_some() {
+                let (phase, done, total) = &self.progress;
+                ui.add(
+                    egui::ProgressBar::new(*done as f32 / (*total).max(1) as f32)
+                        .desired_width(200.0)
+                        .text(format!("{phase}: {done} / {total}")),
+                );
+                if ui.button("Cancel").clicked() {
+                    worker.cancel_lens();
+                }
+            }
+        });
+        if !pairs.is_empty() {
+            ui.weak(format!("harmless twin: {}", pairs[self.pair].1));
+        }
+        if let Some(e) = &self.error {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+        let Some(m) = self.metrics.clone() else {
+            return;
+        };
+        ui.horizontal_wrapped(|ui| {
+            ui.label("metric:");
+            for metric in Metric::ALL {
+                ui.selectable_value(&mut self.metric, metric, metric.name());
+            }
+        });
+        ui.label(format!(
+            "{:?} vs {:?}: clean refusal score {:.2} vs {:.2} · computed in {:.1} s",
+            m.harmful, m.harmless, m.clean_harmful, m.clean_harmless, m.seconds
+        ));
+        ui.horizontal(|ui| {
+            ui.add(
+                egui::Slider::new(&mut self.top_percent, 1.0..=20.0)
+                    .suffix(" %")
+                    .text("top"),
+            );
+            if ui
+                .button("Ablate top k%")
+                .on_hover_text("Zero-ablate the heads with the largest values of this metric")
+                .clicked()
+            {
+                let n = ((m.dla.values.len() as f32 * self.top_percent / 100.0).round() as usize)
+                    .max(1);
+                let mut ranked: Vec<(usize, usize, f32)> = (0..m.dla.n_layers)
+                    .flat_map(|l| (0..m.dla.n_heads).map(move |h| (l, h)))
+                    .map(|(l, h)| (l, h, self.metric.of(&m, l, h)))
+                    .collect();
+                ranked.sort_by(|a, b| b.2.total_cmp(&a.2));
+                for (l, h, _) in ranked.into_iter().take(n) {
+                    if Self::ablated(extra, l, h).is_none() {
+                        self.toggle(extra, l, h);
+                    }
+                }
+            }
+            let n_ablated = extra
+                .iter()
+                .filter(|e| matches!(e, Edit::AblateHead { .. }))
+                .count();
+            if ui
+                .add_enabled(
+                    n_ablated > 0,
+                    egui::Button::new(format!("Clear ablations ({n_ablated})")),
+                )
+                .clicked()
+            {
+                extra.retain(|e| !matches!(e, Edit::AblateHead { .. }));
+                self.changed = true;
+            }
+            let csv = || heads_csv(&m);
+            self.export.buttons(ui, "heads", self.heatmap_rect, csv);
+            if let Some(msg) = &self.export.message {
+                ui.weak(msg);
+            }
+        });
+        self.heatmap(ui, &m, extra);
+        if std::mem::take(&mut self.changed) && model_ready && !base.prompt.trim().is_empty() {
+            let n = extra
+                .iter()
+                .filter(|e| matches!(e, Edit::AblateHead { .. }))
+                .count();
+            self.reply = ReplyView {
+                label: format!("reply with {n} head(s) ablated (and the rest of the stack)"),
+                ..Default::default()
+            };
+            let request = GenerateRequest {
+                steering: stack(extra),
+                max_new_tokens: 48,
+                ..base.clone()
+            };
+            self.reply_job = Some(worker.steer(request, false));
+        }
+        if !self.reply.label.is_empty() {
+            ui.separator();
+            ui.strong(&self.reply.label);
+            ui.horizontal(|ui| {
+                if self.reply.done {
+                    ui.label(format!(
+                        "P(refuse) {:.2} · mode {} · first token {:.0} ms",
+                        self.reply.refusal_probability,
+                        self.reply.mode.map_or("", |m| m.name()),
+                        self.reply.first_token_ms
+                    ));
+                } else {
+                    ui.spinner();
+                }
+            });
+            ui.label(format!("Prompt: {:?}", base.prompt));
+            egui::Frame::group(ui.style()).show(ui, |ui| {
+                ui.label(if self.reply.text.is_empty() {
+                    "…"
+                } else {
+                    self.reply.text.as_str()
+                });
+            });
+        }
+    }
+
+    fn heatmap(&mut self, ui: &mut egui::Ui, m: &HeadMetrics, extra: &mut Vec<Edit>) {
+        let (rows, cols) = (m.dla.n_layers, m.dla.n_heads);
+        let value = |l: usize, h: usize| self.metric.of(m, l, h);
+        let scale = (0..rows)
+            .flat_map(|l| (0..cols).map(move |h| (l, h)))
+            .map(|(l, h)| value(l, h).abs())
+            .fold(0.0f32, f32::max);
+        // Legend: the diverging scale with its numeric ends.
+        ui.horizontal(|ui| {
+            ui.label(format!("{}:", self.metric.name()));
+            ui.label(format!("{:+.3}", -scale));
+            let (r, _) = ui.allocate_exact_size(Vec2::new(160.0, 14.0), Sense::hover());
+            for i in 0..40 {
+                let t = (i as f32 + 0.5) / 40.0;
+                let cell = Rect::from_min_max(
+                    egui::pos2(r.left() + r.width() * i as f32 / 40.0, r.top()),
+                    egui::pos2(r.left() + r.width() * (i + 1) as f32 / 40.0, r.bottom()),
+                );
+                ui.painter()
+                    .rect_filled(cell, 0.0, diverging((t * 2.0 - 1.0) * scale, scale));
+            }
+            ui.label(format!("{:+.3}", scale));
+            ui.weak("· crossed cell = ablated · click a cell to toggle");
+        });
+        let (axis, cell_h) = (HEATMAP_AXIS, HEATMAP_CELL_H);
+        let size = Vec2::new(ui.available_width().min(420.0), rows as f32 * cell_h + 18.0);
+        let (rect, response) = ui.allocate_exact_size(size, Sense::click());
+        self.heatmap_rect = Some(rect);
+        let grid = Rect::from_min_max(
+            rect.min + Vec2::new(axis, 0.0),
+            rect.max - Vec2::new(0.0, 18.0),
+        );
+        let cw = grid.width() / cols as f32;
+        let cell = |l: usize, h: usize| {
+            // Layer 0 at the bottom.
+            Rect::from_min_size(
+                egui::pos2(
+                    grid.left() + h as f32 * cw,
+                    grid.bottom() - (l + 1) as f32 * cell_h,
+                ),
+                Vec2::new(cw, cell_h),
+            )
+        };
+        let painter = ui.painter_at(rect);
+        let ink = ui.visuals().text_color();
+        let font = egui::FontId::proportional(10.0);
+        for l in 0..rows {
+            for h in 0..cols {
+                let c = cell(l, h);
+                painter.rect_filled(c.shrink(0.5), 0.0, diverging(value(l, h), scale));
+                if Self::ablated(extra, l, h).is_some() {
+                    let s = Stroke::new(2.0, Color32::BLACK);
+                    painter.line_segment(
+                        [
+                            c.left_top() + Vec2::splat(2.0),
+                            c.right_bottom() - Vec2::splat(2.0),
+                        ],
+                        s,
+                    );
+                    painter.line_segment(
+                        [
+                            c.right_top() + Vec2::new(-2.0, 2.0),
+                            c.left_bottom() + Vec2::new(2.0, -2.0),
+                        ],
+                        s,
+                    );
+                    painter.rect_stroke(
+                        c,
+                        0.0,
+                        Stroke::new(1.5, Color32::from_rgb(30, 120, 220)),
+                        egui::StrokeKind::Inside,
+                    );
+                }
+            }
+            if l % 5 == 0 || l + 1 == rows {
+                painter.text(
+                    egui::pos2(grid.left() - 3.0, cell(l, 0).center().y),
+                    egui::Align2::RIGHT_CENTER,
+                    format!("L{l}"),
+                    font.clone(),
+                    ink,
+                );
+            }
+        }
+        for h in 0..cols {
+            painter.text(
+                egui::pos2(cell(0, h).center().x, grid.bottom() + 2.0),
+                egui::Align2::CENTER_TOP,
+                format!("H{h}"),
+                font.clone(),
+                ink,
+            );
+        }
+        painter.text(rect.left_top(), egui::Align2::LEFT_TOP, "layer", font, ink);
+        let hit = |pos: egui::Pos2| {
+            grid.contains(pos).then(|| {
+                let h = (((pos.x - grid.left()) / cw) as usize).min(cols - 1);
+                let l = (((grid.bottom() - pos.y) / cell_h) as usize).min(rows - 1);
+                (l, h)
+            })
+        };
+        if let Some((l, h)) = response.hover_pos().and_then(hit) {
+            response.clone().on_hover_text(format!(
+                "L{l}.H{h}\nDLA {:+.4}\nnecessity {:+.4}\nsufficiency {:+.4}\nzero-ablation Δ refusal score {:+.4}{}",
+                m.dla.get(l, h),
+                m.necessity.get(l, h),
+                m.sufficiency.get(l, h),
+                m.ablation.get(l, h),
+                if Self::ablated(extra, l, h).is_some() { "\n(ablated)" } else { "" }
+            ));
+        }
+        if response.clicked() {
+            if let Some((l, h)) = response.interact_pointer_pos().and_then(hit) {
+                self.toggle(extra, l, h);
+            }
+        }
+    }
+}
+
+fn heads_csv(m: &HeadMetrics) -> String {
+    let mut out = String::from("layer,head,dla,necessity,sufficiency,zero_ablation_delta\n");
+    for l in 0..m.dla.n_layers {
+        for h in 0..m.dla.n_heads {
+            out.push_str(&format!(
+                "{l},{h},{},{},{},{}\n",
+                m.dla.get(l, h),
+                m.necessity.get(l, h),
+                m.sufficiency.get(l, h),
+                m.ablation.get(l, h)
+            ));
+        }
+    }
+    out
+}
