@@ -203,6 +203,9 @@ pub struct SweepArgs {
     /// Greedy reply tokens per prompt for the response-mode mix (1: first token only).
     #[arg(long, default_value_t = 24)]
     pub reply_tokens: usize,
+    /// Edits applied under every α (e.g. --ablate-head 27.2).
+    #[command(flatten)]
+    pub base: SteerArgs,
     #[arg(long, default_value_t = 0.5)]
     pub tau: f32,
     #[arg(long)]
@@ -229,13 +232,19 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
     } else {
         StreamPositions::All
     };
-    let steering_at = |alpha: f32| Steering {
-        edits: vec![Edit::Add {
+    let (base, base_dirs) = a.base.build(lm)?;
+    if base_dirs.is_some() {
+        bail!("--steer/--ablate-direction under a sweep would use a second directions file; use --ablate-head only");
+    }
+    let steering_at = |alpha: f32| {
+        let mut edits = base.edits.clone();
+        edits.push(Edit::Add {
             direction,
             layers,
             alpha,
             positions,
-        }],
+        });
+        Steering { edits }
     };
     let started = std::time::Instant::now();
     let mut bar = crate::lens_cli::progress_bar(a.json);
@@ -252,8 +261,10 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
     )?;
     let mut labels: Vec<String> = a.alphas.iter().map(|x| format!("{x:+.2}")).collect();
     if a.with_ablation {
-        let ablate = |_: f32| Steering {
-            edits: vec![Edit::Ablate { direction }],
+        let ablate = |_: f32| {
+            let mut edits = base.edits.clone();
+            edits.push(Edit::Ablate { direction });
+            Steering { edits }
         };
         let mut bar = crate::lens_cli::progress_bar(a.json);
         points.extend(sweep(

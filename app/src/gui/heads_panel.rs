@@ -243,6 +243,9 @@ impl HeadsPanel {
         let Some(m) = self.metrics.clone() else {
             return;
         };
+        if self.top_percent < 1.0 {
+            self.top_percent = 3.0; // the published "top ~3%"
+        }
         ui.horizontal_wrapped(|ui| {
             ui.label("metric:");
             for metric in Metric::ALL {
@@ -433,7 +436,6 @@ impl HeadsPanel {
                 ink,
             );
         }
-        painter.text(rect.left_top(), egui::Align2::LEFT_TOP, "layer", font, ink);
         let hit = |pos: egui::Pos2| {
             grid.contains(pos).then(|| {
                 let h = (((pos.x - grid.left()) / cw) as usize).min(cols - 1);
