@@ -23,10 +23,13 @@ pub struct HeadsArgs {
     pub harmful: PathBuf,
     #[arg(long, default_value = "sample_prompts/harmless.jsonl")]
     pub harmless: PathBuf,
-    /// Which test pair of the sets (0-based), or how many pairs for dla and ablation.
+    /// The split the pairs come from (pick heads on val, measure on test).
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Which pair of the split (0-based).
     #[arg(long, default_value_t = 0)]
     pub pair: usize,
-    /// dla/ablation: average over this many test pairs (harmful side for ablation).
+    /// dla/ablation: average over this many pairs (harmful side for ablation).
     #[arg(long, default_value_t = 1)]
     pub pairs: usize,
     /// interchange: patch the last k positions (default: the post-instruction tokens).
@@ -44,8 +47,13 @@ pub struct HeadsArgs {
 
 /// The (harmful, harmless) test pairs of two sets, matched by `pair_id`.
 pub fn test_pairs(harmful: &PromptSet, harmless: &PromptSet) -> Vec<(String, String)> {
+    pairs_in(harmful, harmless, Split::Test)
+}
+
+/// The (harmful, harmless) pairs of one split, matched by `pair_id`.
+pub fn pairs_in(harmful: &PromptSet, harmless: &PromptSet, split: Split) -> Vec<(String, String)> {
     harmful
-        .split(Some(Split::Test))
+        .split(Some(split))
         .filter_map(|a| {
             let id = a.pair_id.as_ref()?;
             let b = harmless
@@ -71,9 +79,13 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
             let load = |p: &PathBuf| {
                 PromptSet::load(p, None).with_context(|| format!("cannot read {}", p.display()))
             };
-            let all = test_pairs(&load(&a.harmful)?, &load(&a.harmless)?);
+            let split: Split = a.split.parse()?;
+            let all = pairs_in(&load(&a.harmful)?, &load(&a.harmless)?, split);
             if all.is_empty() {
-                bail!("the sets have no test pairs (records with a shared pair_id)");
+                bail!(
+                    "the sets have no {} pairs (records with a shared pair_id)",
+                    a.split
+                );
             }
             all.into_iter().skip(a.pair).take(a.pairs.max(1)).collect()
         }

@@ -194,9 +194,6 @@ pub struct SweepArgs {
         default_value = "-1,-0.5,0,0.5,1"
     )]
     pub alphas: Vec<f32>,
-    /// Add only at post-instruction and generated positions.
-    #[arg(long)]
-    pub post_instruction_only: bool,
     /// Also measure with the direction ablated (a row labelled "ablate").
     #[arg(long)]
     pub with_ablation: bool,
@@ -227,7 +224,7 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
         prompts = set.records.iter().map(|r| r.prompt.as_str()).collect();
     }
     prompts.truncate(a.limit.unwrap_or(usize::MAX));
-    let positions = if a.post_instruction_only {
+    let positions = if a.base.post_instruction_only {
         StreamPositions::PostInstruction
     } else {
         StreamPositions::All
