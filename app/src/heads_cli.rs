@@ -4,13 +4,16 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use refusal_lens_engine::heads::{ablation_effect, dla, dla_difference, interchange, HeadMap};
+use refusal_lens_engine::heads::{
+    ablation_effect, attribution_patching, correlation, dla, dla_difference, interchange, HeadMap,
+};
 use refusal_lens_engine::prompts::{PromptSet, Split};
 use refusal_lens_engine::LoadedModel;
 
 #[derive(Args, Debug)]
 pub struct HeadsArgs {
-    /// dla (harmful − harmless), interchange (necessity and sufficiency) or ablation.
+    /// dla (harmful − harmless), interchange (necessity and sufficiency), attribution
+    /// (attribution patching vs exact interchange) or ablation.
     pub metric: String,
     /// The harmful prompt of the pair (default: a test pair of the sample sets).
     #[arg(long)]
@@ -147,6 +150,29 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
             }
             serde_json::json!({"metric": "interchange", "pair": pairs[0], "result": r})
         }
+        "attribution" => {
+            let (x, y) = &pairs[0];
+            let t0 = std::time::Instant::now();
+            let fast = attribution_patching(lm, x, y, a.k)?;
+            let fast_seconds = t0.elapsed().as_secs_f64();
+            let exact = interchange(lm, x, y, a.k, &|| false, &mut |d, t| {
+                bar("exact patching", d, t)
+            })?;
+            let r_nec = correlation(&fast.necessity, &exact.necessity);
+            let r_suf = correlation(&fast.sufficiency, &exact.sufficiency);
+            if !a.json {
+                println!("pair: {x:?} vs {y:?}; last {} positions", fast.k);
+                println!(
+                    "attribution patching (one forward + one backward per prompt) in {fast_seconds:.2} s; \
+                     Pearson r with exact interchange: necessity {r_nec:.3}, sufficiency {r_suf:.3}"
+                );
+                print_top("necessity, attribution estimate", &fast.necessity, a.top);
+                print_top("necessity, exact", &exact.necessity, a.top);
+            }
+            serde_json::json!({"metric": "attribution", "pair": pairs[0], "attribution": fast,
+                "exact": exact, "attribution_seconds": fast_seconds,
+                "correlation": {"necessity": r_nec, "sufficiency": r_suf}})
+        }
         "ablation" => {
             let effect = ablation_effect(lm, &harmful, a.factor, &|| false, &mut |d, t| {
                 bar("ablating heads", d, t)
@@ -161,7 +187,7 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
             }
             serde_json::json!({"metric": "ablation", "factor": a.factor, "prompts": harmful, "heads": effect})
         }
-        other => bail!("unknown metric `{other}` (use dla, interchange or ablation)"),
+        other => bail!("unknown metric `{other}` (use dla, interchange, attribution or ablation)"),
     };
     let seconds = started.elapsed().as_secs_f64();
     if a.json {

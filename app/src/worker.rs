@@ -453,6 +453,9 @@ pub struct HeadMetrics {
     pub dla: HeadMap,
     pub necessity: HeadMap,
     pub sufficiency: HeadMap,
+    /// Attribution patching's estimate of `necessity`, and its Pearson r with it.
+    pub attribution: HeadMap,
+    pub attribution_r: f32,
     /// Change in the harmful prompt's refusal score when the head is zeroed.
     pub ablation: HeadMap,
     pub clean_harmful: f32,
@@ -998,7 +1001,9 @@ fn head_metrics(
     cancelled: &dyn Fn() -> bool,
     emit: &dyn Fn(Event),
 ) -> refusal_lens_engine::Result<HeadMetrics> {
-    use refusal_lens_engine::heads::{ablation_effect, dla, dla_difference, interchange};
+    use refusal_lens_engine::heads::{
+        ablation_effect, attribution_patching, correlation, dla, dla_difference, interchange,
+    };
     let started = Instant::now();
     let progress = |phase: &str| {
         let phase = phase.to_string();
@@ -1040,7 +1045,10 @@ fn head_metrics(
         cancelled,
         &mut progress("ablation"),
     )?;
+    let attribution = attribution_patching(m, &harmful, &harmless, Some(x.k))?.necessity;
     Ok(HeadMetrics {
+        attribution_r: correlation(&attribution, &x.necessity),
+        attribution,
         dla: dla_difference(&da, &db)?,
         necessity: x.necessity,
         sufficiency: x.sufficiency,

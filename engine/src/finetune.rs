@@ -635,18 +635,7 @@ type LoraVars = [(candle_core::Var, candle_core::Var); 4];
 /// The dense weights, frozen, with LoRA on q, k, v, o. The token rows stay outside (see
 /// `example_loss`) so that no gradient is ever formed for the 49k-row embedding.
 fn lora_weights(dense: &Weights, lora: &[LoraVars], scale: f64) -> Result<Weights> {
-    let freeze = |lin: &Linear| -> Result<Linear> {
-        Ok(match lin {
-            Linear::Dense { weight_t, bias } => Linear::Frozen {
-                weight_t: weight_t.clone(),
-                bias: bias.clone(),
-            },
-            other => Linear::Frozen {
-                weight_t: other.dense_weight()?.t()?,
-                bias: other.bias().cloned(),
-            },
-        })
-    };
+    let freeze = |lin: &Linear| lin.frozen();
     let wrap = |lin: &Linear, (a, b): &(candle_core::Var, candle_core::Var)| -> Result<Linear> {
         Ok(Linear::LoRA {
             base: Box::new(freeze(lin)?),

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hooks::{HookPoint, HookSpec, Intervention};
 use crate::model::{ForwardOptions, KvCache, LogitsAt};
-use crate::refusal::{first_positions, opener_ids, refusal_score, RefusalSignal};
+use crate::refusal::{opener_ids, RefusalSignal};
 use crate::{Error, LoadedModel, Result};
 
 /// First tokens of compliant replies, the other end of the logit direction for models
@@ -233,7 +233,7 @@ struct Clean {
 
 fn refusal_score_of(signal: &RefusalSignal, logits: &Tensor) -> Result<f32> {
     let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?.to_vec1::<f32>()?;
-    Ok(refusal_score(signal.probability(&lp)))
+    Ok(signal.log_odds(&lp))
 }
 
 fn clean_run(lm: &LoadedModel, ids: Vec<u32>, k: usize, signal: &RefusalSignal) -> Result<Clean> {
@@ -438,17 +438,146 @@ pub fn ablation_effect(
     Ok(mean)
 }
 
-/// Refusal scores of prompts (helper for callers that compare before/after).
-pub fn scores(lm: &LoadedModel, prompts: &[&str], hooks: &HookSpec) -> Result<Vec<f32>> {
-    let signal = RefusalSignal::for_model(lm)?;
-    let ids: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| lm.chat_prompt(None, p).map(|c| c.ids))
-        .collect::<Result<_>>()?;
-    Ok(
-        first_positions(lm, &lm.model.dense, &ids, hooks, &|| false, &mut |_, _| {})?
+/// The refusal score at the last position as a differentiable function of the logits
+/// `[vocab]`: `log P(R) − log(1 − P(R))` = `lse(logits on R) − lse(logits off R)`.
+fn differentiable_score(logits: &Tensor, refusal_ids: &[u32]) -> Result<Tensor> {
+    let vocab = logits.dim(0)?;
+    let mut on = vec![-1e9f32; vocab];
+    let mut off = vec![0f32; vocab];
+    for &i in refusal_ids {
+        on[i as usize] = 0.0;
+        off[i as usize] = -1e9;
+    }
+    let dev = logits.device();
+    let on = (logits + Tensor::from_vec(on, vocab, dev)?)?.log_sum_exp(0)?;
+    let off = (logits + Tensor::from_vec(off, vocab, dev)?)?.log_sum_exp(0)?;
+    Ok((on - off)?)
+}
+
+/// `∂(refusal score)/∂z_l` at every layer for one prompt (`[s, H, d_h]` each), from one
+/// differentiable forward pass and one backward pass, plus the clean `z` and score.
+pub fn score_gradients(lm: &LoadedModel, ids: &[u32]) -> Result<(Vec<Tensor>, Vec<Tensor>, f32)> {
+    let m = &lm.model;
+    let cfg = &m.config;
+    let (n, h, dh, s) = (cfg.n_layers, cfg.n_heads, cfg.head_dim, ids.len());
+    let refusal_ids = match RefusalSignal::for_model(lm)? {
+        RefusalSignal::Tokens { refuse, .. } => vec![refuse],
+        RefusalSignal::Openers(ids) => ids,
+    };
+    let deltas = (0..n)
+        .map(|_| candle_core::Var::zeros((1, s, h, dh), candle_core::DType::F32, m.device()))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut hooks = HookSpec::with_interventions(
+        deltas
             .iter()
-            .map(|f| refusal_score(signal.probability(&f.logprobs)))
+            .enumerate()
+            .map(|(layer, d)| Intervention::AddToZ {
+                layer,
+                delta: d.as_tensor().clone(),
+            })
             .collect(),
-    )
+    );
+    hooks.capture.extend((0..n).map(HookPoint::AttnZ));
+    let t = Tensor::new(ids, m.device())?.unsqueeze(0)?;
+    // Frozen linears: the backward pass forms activation gradients only, no weight gradients.
+    let frozen = m.dense.frozen()?;
+    let out = m.forward(
+        &frozen,
+        &t,
+        None,
+        &hooks,
+        LogitsAt::Last,
+        ForwardOptions {
+            differentiable: true,
+        },
+    )?;
+    let score = differentiable_score(&out.logits.expect("logits").flatten_all()?, &refusal_ids)?;
+    let grads = score.backward()?;
+    let g = deltas
+        .iter()
+        .map(|d| {
+            Ok(match grads.get(d.as_tensor()) {
+                Some(g) => g.i(0)?,
+                None => Tensor::zeros((s, h, dh), candle_core::DType::F32, m.device())?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let z = (0..n)
+        .map(|l| {
+            Ok(out
+                .captures
+                .get(HookPoint::AttnZ(l))?
+                .expect("captured")
+                .i(0)?
+                .detach())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((g, z, score.to_scalar::<f32>()?))
+}
+
+/// Attribution patching: the first-order estimate of [`interchange`] from one forward and one
+/// backward pass per prompt: patching head `(l, h)`'s last `k` positions from the other
+/// prompt changes the refusal score by ≈ `Σ (z_other − z_self) · ∂score/∂z`.
+pub fn attribution_patching(
+    lm: &LoadedModel,
+    harmful: &str,
+    harmless: &str,
+    k: Option<usize>,
+) -> Result<Interchange> {
+    let a = lm.chat_prompt(None, harmful)?.ids;
+    let b = lm.chat_prompt(None, harmless)?.ids;
+    let pa = lm.chat_prompt(None, harmful)?;
+    let pb = lm.chat_prompt(None, harmless)?;
+    let k = k
+        .unwrap_or_else(|| pa.post_instruction.len().min(pb.post_instruction.len()))
+        .clamp(1, a.len().min(b.len()));
+    let (ga, za, sa) = score_gradients(lm, &a)?;
+    let (gb, zb, sb) = score_gradients(lm, &b)?;
+    let gap = sa - sb;
+    if gap.abs() < 1e-3 {
+        return Err(Error::InvalidInput(
+            "the two prompts have the same refusal score".into(),
+        ));
+    }
+    let cfg = &lm.model.config;
+    let estimate = |g: &[Tensor], z_self: &[Tensor], z_other: &[Tensor]| -> Result<HeadMap> {
+        let mut map = HeadMap::zeros(cfg.n_layers, cfg.n_heads);
+        for l in 0..cfg.n_layers {
+            let tail = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, t.dim(0)? - k, k)?) };
+            let diff = (tail(&z_other[l])? - tail(&z_self[l])?)?;
+            let per_head = (diff * tail(&g[l])?)?.sum((0, 2))?.to_vec1::<f32>()?;
+            for (h, v) in per_head.into_iter().enumerate() {
+                map.set(l, h, v);
+            }
+        }
+        Ok(map)
+    };
+    let into_harmful = estimate(&ga, &za, &zb)?;
+    let into_harmless = estimate(&gb, &zb, &za)?;
+    let scale = |m: HeadMap, f: f32| HeadMap {
+        values: m.values.into_iter().map(|v| v * f).collect(),
+        ..m
+    };
+    Ok(Interchange {
+        necessity: scale(into_harmful, -1.0 / gap),
+        sufficiency: scale(into_harmless, 1.0 / gap),
+        clean_harmful: sa,
+        clean_harmless: sb,
+        k,
+    })
+}
+
+/// Pearson correlation of two head maps.
+pub fn correlation(a: &HeadMap, b: &HeadMap) -> f32 {
+    let n = a.values.len() as f64;
+    let ma = a.values.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let mb = b.values.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let (mut sab, mut saa, mut sbb) = (0.0, 0.0, 0.0);
+    for (&x, &y) in a.values.iter().zip(&b.values) {
+        let (dx, dy) = (x as f64 - ma, y as f64 - mb);
+        sab += dx * dy;
+        saa += dx * dx;
+        sbb += dy * dy;
+    }
+    (sab / (saa.sqrt() * sbb.sqrt()).max(1e-30)) as f32
 }

@@ -193,6 +193,10 @@ pub enum Intervention {
     },
     /// `logits[t] += bias` for each listed token.
     LogitBias { token_ids: Vec<u32>, bias: f32 },
+    /// `z_l ← z_l + delta` (`delta` shaped like `z`, `[b, s, h, d_h]`, for the positions of
+    /// this pass). With `delta` a zero `Var`, the backward pass yields `∂metric/∂z_l`
+    /// (attribution patching).
+    AddToZ { layer: usize, delta: Tensor },
     /// Batch row `r` gets head `heads[r]`'s `z` replaced by `values[r]` (`[n, d_h]`) at
     /// absolute positions `start..start+n`: one batched pass patches a different head in
     /// every row (interchange and ablation scans).
@@ -309,6 +313,9 @@ impl HookSpec {
                     head,
                     value,
                 } if *l == layer => map_head(&z, *head, |zh| set_head(zh, value, offset))?,
+                Intervention::AddToZ { layer: l, delta } if *l == layer => {
+                    z.broadcast_add(delta)?
+                }
                 Intervention::PatchHeadPerRow {
                     layer: l,
                     start,

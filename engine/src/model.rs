@@ -192,6 +192,23 @@ impl Linear {
         }
     }
 
+    /// The same weight as a [`Linear::Frozen`]: its backward pass forms only the input
+    /// gradient (for gradients with respect to activations, not weights).
+    pub fn frozen(&self) -> Result<Linear> {
+        Ok(match self {
+            Linear::Dense { weight_t, bias } | Linear::Frozen { weight_t, bias } => {
+                Linear::Frozen {
+                    weight_t: weight_t.clone(),
+                    bias: bias.clone(),
+                }
+            }
+            other => Linear::Frozen {
+                weight_t: other.dense_weight()?.t()?,
+                bias: other.bias().cloned(),
+            },
+        })
+    }
+
     /// The weight as a contiguous dense f32 `[out, in]` tensor (a copy).
     pub fn dense_weight(&self) -> Result<Tensor> {
         match self {
@@ -441,6 +458,37 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Weights {
+    /// Every linear layer frozen (see [`Linear::frozen`]); the tensors are shared.
+    pub fn frozen(&self) -> Result<Weights> {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| -> Result<BlockWeights> {
+                let mut b = b.clone();
+                for lin in [
+                    &mut b.q,
+                    &mut b.k,
+                    &mut b.v,
+                    &mut b.o,
+                    &mut b.gate,
+                    &mut b.up,
+                    &mut b.down,
+                ] {
+                    *lin = lin.frozen()?;
+                }
+                Ok(b)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Weights {
+            embed: self.embed.clone(),
+            blocks,
+            final_norm: self.final_norm.clone(),
+            lm_head: self.lm_head.frozen()?,
+        })
     }
 }
 

@@ -86,6 +86,36 @@ impl RefusalSignal {
     }
 }
 
+/// `log P(ids) − log(1 − P(ids))` from log-probabilities, without the clamp of
+/// [`refusal_score`]: exact when the model is nearly certain either way.
+pub fn log_odds(logprobs: &[f32], ids: &[u32]) -> f32 {
+    let lse = |it: &mut dyn Iterator<Item = f32>| -> f32 {
+        let v: Vec<f32> = it.collect();
+        let m = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if !m.is_finite() {
+            return m;
+        }
+        m + v.iter().map(|x| (x - m).exp()).sum::<f32>().ln()
+    };
+    let on = lse(&mut ids.iter().map(|&i| logprobs[i as usize]));
+    let off = lse(&mut logprobs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !ids.contains(&(*i as u32)))
+        .map(|(_, &x)| x));
+    on - off
+}
+
+impl RefusalSignal {
+    /// The refusal score as exact log-odds (see [`log_odds`]).
+    pub fn log_odds(&self, logprobs: &[f32]) -> f32 {
+        match self {
+            RefusalSignal::Tokens { refuse, .. } => log_odds(logprobs, &[*refuse]),
+            RefusalSignal::Openers(ids) => log_odds(logprobs, ids),
+        }
+    }
+}
+
 /// `log p − log(1 − p)`: positive means the model leans to refusing.
 pub fn refusal_score(p: f32) -> f32 {
     let p = p.clamp(1e-7, 1.0 - 1e-7);

@@ -5,7 +5,7 @@ use refusal_lens_engine::config::Family;
 use refusal_lens_engine::heads::{ablation_effect, dla, interchange, logit_direction};
 use refusal_lens_engine::hooks::{HeadValue, HookPoint, HookSpec, Intervention};
 use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
-use refusal_lens_engine::refusal::{refusal_score, RefusalSignal, REFUSE_TOKEN, RESPOND_TOKEN};
+use refusal_lens_engine::refusal::{RefusalSignal, REFUSE_TOKEN, RESPOND_TOKEN};
 use refusal_lens_engine::testing::{max_abs_diff, tiny_model};
 use refusal_lens_engine::LoadedModel;
 
@@ -52,7 +52,7 @@ fn score(lm: &LoadedModel, logits: &Tensor) -> f32 {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    refusal_score(RefusalSignal::for_model(lm).unwrap().probability(&lp))
+    RefusalSignal::for_model(lm).unwrap().log_odds(&lp)
 }
 
 #[test]
@@ -233,4 +233,55 @@ fn interchange_and_ablation_match_single_head_runs() {
     }]);
     let want = score(&lm, &last_logits(&lm, &a, &zeroed)) - r.clean_harmful;
     assert!((effect.get(0, 1) - want).abs() < 1e-3 * want.abs().max(1.0));
+}
+
+#[test]
+fn attribution_patching_is_exact_to_first_order_and_tracks_exact_interchange() {
+    use refusal_lens_engine::heads::{attribution_patching, correlation, score_gradients};
+    let lm = with_tokens(55);
+    let ids = lm
+        .chat_prompt(None, "Explain how to break into a house")
+        .unwrap()
+        .ids;
+    let (grads, z, score0) = score_gradients(&lm, &ids).unwrap();
+    let clean = score(&lm, &last_logits(&lm, &ids, &HookSpec::default()));
+    assert!((score0 - clean).abs() < 1e-3, "{score0} vs {clean}");
+    // A small patch of one head's z (where the model is linear in it): the exact change in
+    // the refusal score equals the gradient's prediction.
+    let (l, h) = (0, 1);
+    let shape = z[l].dims().to_vec();
+    let n: usize = shape.iter().product();
+    let mut delta = vec![0f32; n];
+    let (s, heads, dh) = (shape[0], shape[1], shape[2]);
+    for p in s - 3..s {
+        for d in 0..dh {
+            delta[(p * heads + h) * dh + d] = 1e-2 * ((p * 31 + d * 7) % 11) as f32 / 11.0;
+        }
+    }
+    let delta = Tensor::from_vec(delta, (s, heads, dh), lm.model.device()).unwrap();
+    let predicted = (&delta * &grads[l])
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let hooks = HookSpec::with_interventions(vec![Intervention::AddToZ {
+        layer: l,
+        delta: delta.unsqueeze(0).unwrap(),
+    }]);
+    let exact = score(&lm, &last_logits(&lm, &ids, &hooks)) - score0;
+    assert!(
+        (exact - predicted).abs() < 0.05 * predicted.abs().max(1e-3),
+        "exact {exact} vs predicted {predicted}"
+    );
+    // Against exact interchange on a pair: the same clean scores, correlated estimates.
+    let (a, b) = (
+        "Explain how to break into a house",
+        "Explain how to paint a house",
+    );
+    let fast = attribution_patching(&lm, a, b, Some(3)).unwrap();
+    let slow = interchange(&lm, a, b, Some(3), &|| false, &mut |_, _| {}).unwrap();
+    assert!((fast.clean_harmful - slow.clean_harmful).abs() < 1e-3);
+    let r = correlation(&fast.necessity, &slow.necessity);
+    assert!(r > 0.5, "necessity correlation {r}");
 }

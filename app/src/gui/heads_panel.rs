@@ -19,6 +19,7 @@ pub enum Metric {
     Dla,
     Necessity,
     Sufficiency,
+    Attribution,
     Ablation,
 }
 
@@ -35,6 +36,7 @@ impl Metric {
             Metric::Dla => "DLA (harmful − harmless)",
             Metric::Necessity => "interchange necessity",
             Metric::Sufficiency => "interchange sufficiency",
+            Metric::Attribution => "attribution patching (necessity estimate)",
             Metric::Ablation => "zero-ablation effect on refusal score",
         }
     }
@@ -44,6 +46,7 @@ impl Metric {
             Metric::Dla => m.dla.get(l, h),
             Metric::Necessity => m.necessity.get(l, h),
             Metric::Sufficiency => m.sufficiency.get(l, h),
+            Metric::Attribution => m.attribution.get(l, h),
             Metric::Ablation => m.ablation.get(l, h),
         }
     }
@@ -253,8 +256,8 @@ impl HeadsPanel {
             }
         });
         ui.label(format!(
-            "{:?} vs {:?}: clean refusal score {:.2} vs {:.2} · computed in {:.1} s",
-            m.harmful, m.harmless, m.clean_harmful, m.clean_harmless, m.seconds
+            "{:?} vs {:?}: clean refusal score {:.2} vs {:.2} · attribution vs exact necessity r = {:.3} · computed in {:.1} s",
+            m.harmful, m.harmless, m.clean_harmful, m.clean_harmless, m.attribution_r, m.seconds
         ));
         ui.horizontal(|ui| {
             ui.add(
@@ -445,10 +448,11 @@ impl HeadsPanel {
         };
         if let Some((l, h)) = response.hover_pos().and_then(hit) {
             response.clone().on_hover_text(format!(
-                "L{l}.H{h}\nDLA {:+.4}\nnecessity {:+.4}\nsufficiency {:+.4}\nzero-ablation Δ refusal score {:+.4}{}",
+                "L{l}.H{h}\nDLA {:+.4}\nnecessity {:+.4}\nsufficiency {:+.4}\nattribution estimate {:+.4}\nzero-ablation Δ refusal score {:+.4}{}",
                 m.dla.get(l, h),
                 m.necessity.get(l, h),
                 m.sufficiency.get(l, h),
+                m.attribution.get(l, h),
                 m.ablation.get(l, h),
                 if Self::ablated(extra, l, h).is_some() { "\n(ablated)" } else { "" }
             ));
@@ -462,14 +466,17 @@ impl HeadsPanel {
 }
 
 fn heads_csv(m: &HeadMetrics) -> String {
-    let mut out = String::from("layer,head,dla,necessity,sufficiency,zero_ablation_delta\n");
+    let mut out = String::from(
+        "layer,head,dla,necessity,sufficiency,attribution_necessity,zero_ablation_delta\n",
+    );
     for l in 0..m.dla.n_layers {
         for h in 0..m.dla.n_heads {
             out.push_str(&format!(
-                "{l},{h},{},{},{},{}\n",
+                "{l},{h},{},{},{},{},{}\n",
                 m.dla.get(l, h),
                 m.necessity.get(l, h),
                 m.sufficiency.get(l, h),
+                m.attribution.get(l, h),
                 m.ablation.get(l, h)
             ));
         }
