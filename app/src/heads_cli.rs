@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use refusal_lens_engine::heads::{
-    ablation_effect, attribution_patching, correlation, dla, dla_difference, interchange, HeadMap,
+    ablation_effect, attribution_patching, cipher_contrast, correlation, dla, dla_difference,
+    find_routing, interchange, knockout_cascade, refusal_scores, scale_heads, suppression_scan,
+    Cipher, HeadMap,
 };
 use refusal_lens_engine::prompts::{PromptSet, Split};
 use refusal_lens_engine::LoadedModel;
@@ -13,7 +15,9 @@ use refusal_lens_engine::LoadedModel;
 #[derive(Args, Debug)]
 pub struct HeadsArgs {
     /// dla (harmful − harmless), interchange (necessity and sufficiency), attribution
-    /// (attribution patching vs exact interchange) or ablation.
+    /// (attribution patching vs exact interchange), ablation, suppression (heads whose
+    /// ablation raises refusal on complied-with harmful prompts; --pairs caps the prompts),
+    /// cascade / routing (knockout cascade of a gate; the gate/amplifier finder) or cipher.
     pub metric: String,
     /// The harmful prompt of the pair (default: a test pair of the sample sets).
     #[arg(long)]
@@ -41,6 +45,12 @@ pub struct HeadsArgs {
     /// ablation: scale each head's z by this (0 = zero ablation; 0.1 traces, 0.01 ablates).
     #[arg(long, default_value_t = 0.0)]
     pub factor: f32,
+    /// cascade: the gate head L.H to knock out (default: found by the gate/amplifier finder).
+    #[arg(long)]
+    pub gate: Option<String>,
+    /// cipher: caesar, atbash or random (seeded).
+    #[arg(long, default_value = "caesar")]
+    pub cipher: String,
     /// Rows of the top-heads table.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
@@ -66,6 +76,20 @@ pub fn pairs_in(harmful: &PromptSet, harmless: &PromptSet, split: Split) -> Vec<
             Some((a.prompt.clone(), b.prompt.clone()))
         })
         .collect()
+}
+
+/// `L.H` (or `L12.H3`).
+pub fn parse_head(s: &str) -> Result<(usize, usize)> {
+    let (l, h) = s
+        .trim_start_matches('L')
+        .split_once('.')
+        .with_context(|| format!("expected a head as L.H, got `{s}`"))?;
+    Ok((
+        l.parse().with_context(|| format!("bad layer in `{s}`"))?,
+        h.trim_start_matches('H')
+            .parse()
+            .with_context(|| format!("bad head in `{s}`"))?,
+    ))
 }
 
 fn print_top(name: &str, map: &HeadMap, top: usize) {
@@ -103,10 +127,10 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
     let harmless: Vec<&str> = pairs.iter().map(|p| p.1.as_str()).collect();
     let result = match a.metric.as_str() {
         "dla" => {
-            let da = dla(lm, &harmful, None, &|| false, &mut |d, t| {
+            let da = dla(lm, &harmful, None, &[], &|| false, &mut |d, t| {
                 bar("DLA harmful", d, t)
             })?;
-            let db = dla(lm, &harmless, None, &|| false, &mut |d, t| {
+            let db = dla(lm, &harmless, None, &[], &|| false, &mut |d, t| {
                 bar("DLA harmless", d, t)
             })?;
             let diff = dla_difference(&da, &db)?;
@@ -173,6 +197,85 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
                 "exact": exact, "attribution_seconds": fast_seconds,
                 "correlation": {"necessity": r_nec, "sufficiency": r_suf}})
         }
+        "cascade" | "routing" => {
+            let (x, y) = &pairs[0];
+            let da = dla(lm, &[x.as_str()], None, &[], &|| false, &mut |_, _| {})?;
+            let db = dla(lm, &[y.as_str()], None, &[], &|| false, &mut |_, _| {})?;
+            let diff = dla_difference(&da, &db)?;
+            let (routing, cascade) = match &a.gate {
+                Some(g) => {
+                    let gate = parse_head(g)?;
+                    (None, knockout_cascade(lm, &[x.as_str()], gate, &|| false)?)
+                }
+                None => {
+                    let ex = interchange(lm, x, y, a.k, &|| false, &mut |d, t| bar("exact patching", d, t))?;
+                    let (r, c) = find_routing(lm, x, &diff, &ex.necessity, &|| false)?;
+                    (Some(r), c)
+                }
+            };
+            if !a.json {
+                println!("pair: {x:?} vs {y:?}");
+                if let Some(r) = &routing {
+                    println!(
+                        "gate: L{}.H{} (necessity {:.3}, DLA {:+.3}); amplifiers (clean DLA → change with the gate knocked out):",
+                        r.gate.0, r.gate.1, r.gate_necessity, r.gate_dla
+                    );
+                    for (l, h, c, d) in &r.amplifiers {
+                        println!("  L{l}.H{h:<3} {c:>8.3} {d:>+9.3}");
+                    }
+                    if r.amplifiers.is_empty() {
+                        println!("  none of the top-10 DLA heads after the gate lose ≥ 25% of their DLA");
+                    }
+                }
+                let mut falls = cascade.clone();
+                falls.values.iter_mut().for_each(|v| *v = -*v);
+                print_top("knockout cascade: largest DLA falls", &falls, a.top);
+            }
+            serde_json::json!({"metric": "cascade", "pair": pairs[0], "routing": routing, "cascade": cascade})
+        }
+        "cipher" => {
+            let cipher: Cipher = a.cipher.parse()?;
+            let map = cipher_contrast(lm, &harmful, cipher, &|| false, &mut |d, t| bar("DLA", d, t))?;
+            if !a.json {
+                println!(
+                    "cipher contrast ({}): DLA plain − cipher over {} harmful prompt(s); e.g. {:?}",
+                    a.cipher,
+                    harmful.len(),
+                    cipher.wrap(harmful[0])
+                );
+                print_top("cipher-sensitive heads (plain − cipher)", &map, a.top);
+            }
+            serde_json::json!({"metric": "cipher", "cipher": a.cipher, "prompts": harmful, "heads": map})
+        }
+        "suppression" => {
+            let set = PromptSet::load(&a.harmful, None)?;
+            let all: Vec<&str> = set.records.iter().map(|r| r.prompt.as_str()).collect();
+            let factor = if a.factor == 0.0 { 0.1 } else { a.factor };
+            let (complied, map) = suppression_scan(lm, &all, factor, a.pairs.max(1), &|| false, &mut |d, t| bar("scanning heads", d, t))?;
+            let n_top = ((map.values.len() as f32 * 0.03).round() as usize).max(1);
+            let top: Vec<(usize, usize)> = map.ranked().into_iter().take(n_top).map(|(l, h, _)| (l, h)).collect();
+            let refs: Vec<&str> = complied.iter().map(String::as_str).collect();
+            let rate = |s: &[f32]| s.iter().filter(|x| **x > 0.0).count() as f32 / s.len() as f32;
+            let before = refusal_scores(lm, &refs, &[])?;
+            let after = refusal_scores(lm, &refs, &scale_heads(&top, factor))?;
+            if !a.json {
+                println!(
+                    "{} complied-with harmful prompt(s) of {}; attention scaled ×{factor}",
+                    complied.len(),
+                    a.harmful.display()
+                );
+                print_top("refusal-suppressing heads (refusal score rise)", &map, a.top);
+                println!(
+                    "ablating the top {n_top} (3%): refusal rate on these prompts {:.0}% → {:.0}%, mean score {:.2} → {:.2}",
+                    rate(&before) * 100.0,
+                    rate(&after) * 100.0,
+                    before.iter().sum::<f32>() / before.len() as f32,
+                    after.iter().sum::<f32>() / after.len() as f32
+                );
+            }
+            serde_json::json!({"metric": "suppression", "factor": factor, "prompts": complied, "heads": map,
+                "top": top, "refusal_rate_before": rate(&before), "refusal_rate_after": rate(&after)})
+        }
         "ablation" => {
             let effect = ablation_effect(lm, &harmful, a.factor, &|| false, &mut |d, t| {
                 bar("ablating heads", d, t)
@@ -187,7 +290,9 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
             }
             serde_json::json!({"metric": "ablation", "factor": a.factor, "prompts": harmful, "heads": effect})
         }
-        other => bail!("unknown metric `{other}` (use dla, interchange, attribution or ablation)"),
+        other => bail!(
+            "unknown metric `{other}` (use dla, interchange, attribution, ablation, suppression, cascade, routing or cipher)"
+        ),
     };
     let seconds = started.elapsed().as_secs_f64();
     if a.json {

@@ -15,7 +15,7 @@ use refusal_lens_engine::finetune::{
     TrainProgress,
 };
 use refusal_lens_engine::generate::{generate, GenerateConfig, Generation, Sampling, TokenStep};
-use refusal_lens_engine::heads::HeadMap;
+use refusal_lens_engine::heads::{HeadMap, Routing};
 use refusal_lens_engine::lens::{self, DirectionOptions, ProbeJob};
 use refusal_lens_engine::loader::ModelCard;
 use refusal_lens_engine::model::FastPrecision;
@@ -105,6 +105,12 @@ pub enum Job {
         id: JobId,
         harmful: String,
         harmless: String,
+    },
+    /// The knockout cascade of a chosen gate head on a harmful prompt.
+    Cascade {
+        id: JobId,
+        harmful: String,
+        gate: (usize, usize),
     },
     /// Score every token of a prompt and its reply with the current probes and directions.
     Trajectory {
@@ -237,6 +243,11 @@ pub enum Event {
     HeadsReady {
         id: JobId,
         metrics: Box<HeadMetrics>,
+    },
+    Cascade {
+        id: JobId,
+        gate: (usize, usize),
+        cascade: HeadMap,
     },
     Swept {
         id: JobId,
@@ -389,6 +400,13 @@ impl Worker {
         id
     }
 
+    /// Queues a knockout cascade (cancelled by [`Worker::cancel_lens`]).
+    pub fn cascade(&mut self, harmful: String, gate: (usize, usize)) -> JobId {
+        let id = self.next();
+        self.send(Job::Cascade { id, harmful, gate });
+        id
+    }
+
     /// Queues a lens build (directions + probes); later generations do not cancel it.
     pub fn build_lens(&mut self, harmful: PromptSet, harmless: PromptSet, select: bool) -> JobId {
         let id = self.next();
@@ -458,6 +476,13 @@ pub struct HeadMetrics {
     pub attribution_r: f32,
     /// Change in the harmful prompt's refusal score when the head is zeroed.
     pub ablation: HeadMap,
+    /// DLA of the harmful prompt plain minus Caesar-encoded (cipher contrast).
+    pub cipher: HeadMap,
+    /// The gate/amplifier finder's answer.
+    pub routing: Routing,
+    /// The knockout cascade of `cascade_gate`: every head's DLA change with it zeroed.
+    pub cascade: HeadMap,
+    pub cascade_gate: (usize, usize),
     pub clean_harmful: f32,
     pub clean_harmless: f32,
     pub seconds: f64,
@@ -827,6 +852,24 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                     Err(error) => emit(Event::Failed { id, error }),
                 }
             }
+            Job::Cascade { id, harmful, gate } => {
+                job_id = id;
+                let cancelled = || cancels.lens.load(Ordering::SeqCst) >= id;
+                let result = match models.active() {
+                    None => Err("no model is loaded".to_string()),
+                    Some(m) => refusal_lens_engine::heads::knockout_cascade(
+                        m,
+                        &[harmful.as_str()],
+                        gate,
+                        &cancelled,
+                    )
+                    .map_err(|e| e.to_string()),
+                };
+                match result {
+                    Ok(cascade) => emit(Event::Cascade { id, gate, cascade }),
+                    Err(error) => emit(Event::Failed { id, error }),
+                }
+            }
             Job::Trajectory {
                 id,
                 system,
@@ -1002,7 +1045,8 @@ fn head_metrics(
     emit: &dyn Fn(Event),
 ) -> refusal_lens_engine::Result<HeadMetrics> {
     use refusal_lens_engine::heads::{
-        ablation_effect, attribution_patching, correlation, dla, dla_difference, interchange,
+        ablation_effect, attribution_patching, cipher_contrast, correlation, dla, dla_difference,
+        find_routing, interchange, Cipher,
     };
     let started = Instant::now();
     let progress = |phase: &str| {
@@ -1020,6 +1064,7 @@ fn head_metrics(
         m,
         &[harmful.as_str()],
         None,
+        &[],
         cancelled,
         &mut progress("DLA"),
     )?;
@@ -1027,6 +1072,7 @@ fn head_metrics(
         m,
         &[harmless.as_str()],
         None,
+        &[],
         cancelled,
         &mut progress("DLA"),
     )?;
@@ -1046,10 +1092,23 @@ fn head_metrics(
         &mut progress("ablation"),
     )?;
     let attribution = attribution_patching(m, &harmful, &harmless, Some(x.k))?.necessity;
+    let dla_diff = dla_difference(&da, &db)?;
+    let (routing, cascade) = find_routing(m, &harmful, &dla_diff, &x.necessity, cancelled)?;
+    let cipher = cipher_contrast(
+        m,
+        &[harmful.as_str()],
+        Cipher::Caesar,
+        cancelled,
+        &mut |_, _| {},
+    )?;
     Ok(HeadMetrics {
         attribution_r: correlation(&attribution, &x.necessity),
         attribution,
-        dla: dla_difference(&da, &db)?,
+        dla: dla_diff,
+        cipher,
+        cascade_gate: routing.gate,
+        routing,
+        cascade,
         necessity: x.necessity,
         sufficiency: x.sufficiency,
         ablation,

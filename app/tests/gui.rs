@@ -483,3 +483,43 @@ fn clicking_a_head_cell_ablates_it_and_requests_a_new_reply() {
     h.step();
     assert!(h.state().steering.extra.is_empty());
 }
+
+#[test]
+fn shift_clicking_a_head_computes_its_knockout_cascade() {
+    let mut h = harness();
+    step_until(&mut h, "the model and the prompt sets", |a| {
+        a.model.is_ready() && a.prompt_sets.sets.len() >= 2
+    });
+    h.get_by_label("Head attribution").click();
+    h.step();
+    h.get_by_label("Compute").click();
+    step_until(&mut h, "the head metrics", |a| {
+        a.heads.metrics.is_some() || a.heads.error.is_some()
+    });
+    assert_eq!(h.state().heads.error, None);
+    h.get_by_label_contains("Gate (25–65% depth");
+    for _ in 0..2 {
+        h.step();
+    }
+    let cell = h.state().heads.cell_center(1, 3).unwrap();
+    h.hover_at(cell);
+    h.step();
+    h.event(egui::Event::ModifiersChanged(egui::Modifiers::SHIFT));
+    h.drag_at(cell);
+    h.step();
+    h.drop_at(cell);
+    h.event(egui::Event::ModifiersChanged(egui::Modifiers::NONE));
+    h.step();
+    step_until(&mut h, "the cascade", |a| {
+        a.heads.metrics.as_ref().unwrap().cascade_gate == (1, 3) || a.heads.error.is_some()
+    });
+    assert_eq!(h.state().heads.error, None);
+    // Shift-click selects a gate; it does not ablate.
+    assert!(h.state().steering.extra.is_empty());
+    let m = h.state().heads.metrics.clone().unwrap();
+    // Knocking out L1.H3 cannot change layer-0 heads or its neighbours in layer 1.
+    assert!((0..4).all(|head| m.cascade.get(0, head).abs() < 1e-5));
+    assert!([0, 1, 2]
+        .iter()
+        .all(|&head| m.cascade.get(1, head).abs() < 1e-5));
+}

@@ -101,6 +101,8 @@ pub struct Dla {
     pub mlp: Vec<f32>,
     /// The logit difference from the model's own logits.
     pub logit_difference: f32,
+    /// `rms(x_L)` at t_post, the linearisation point.
+    pub rms: f32,
 }
 
 impl Dla {
@@ -110,11 +112,13 @@ impl Dla {
     }
 }
 
-/// DLA of each prompt (chat-templated), from one batched pass per 16 prompts.
+/// DLA of each prompt (chat-templated), from one batched pass per 16 prompts, with
+/// `interventions` applied (e.g. a knocked-out gate head; the norm is linearised at that run).
 pub fn dla(
     lm: &LoadedModel,
     prompts: &[&str],
     system: Option<&str>,
+    interventions: &[Intervention],
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Dla>> {
@@ -151,12 +155,14 @@ pub fn dla(
     points.extend((0..n_layers).flat_map(|l| [HookPoint::AttnZ(l), HookPoint::MlpOut(l)]));
     let eps = cfg.rms_eps as f32;
     let mut out = Vec::with_capacity(prompts.len());
+    let mut hooks = HookSpec::capture(points);
+    hooks.interventions = interventions.to_vec();
     crate::refusal::for_each_prompt(
         lm,
         &lm.model.dense,
         &ids,
         usize::MAX,
-        &HookSpec::capture(points),
+        &hooks,
         cancelled,
         progress,
         &mut |pass| {
@@ -185,6 +191,7 @@ pub fn dla(
                 embed: dot(&at(HookPoint::Embed)?)?,
                 mlp,
                 logit_difference,
+                rms,
             });
             Ok(())
         },
@@ -580,4 +587,231 @@ pub fn correlation(a: &HeadMap, b: &HeadMap) -> f32 {
         sbb += dy * dy;
     }
     (sab / (saa.sqrt() * sbb.sqrt()).max(1e-30)) as f32
+}
+
+/// Knockout cascade: every head's DLA on `prompts` with the gate head zero-ablated, minus its
+/// clean DLA (mean over prompts), both with the final norm linearised at the clean run (so
+/// heads up to the gate's layer are unchanged, the gate itself loses all of its DLA, and
+/// amplifiers show up as large negative values after it).
+pub fn knockout_cascade(
+    lm: &LoadedModel,
+    prompts: &[&str],
+    gate: (usize, usize),
+    cancelled: &dyn Fn() -> bool,
+) -> Result<HeadMap> {
+    let knock = [Intervention::ScaleHead {
+        layer: gate.0,
+        head: gate.1,
+        factor: 0.0,
+    }];
+    let clean = dla(lm, prompts, None, &[], cancelled, &mut |_, _| {})?;
+    let out = dla(lm, prompts, None, &knock, cancelled, &mut |_, _| {})?;
+    let mut m = HeadMap::zeros(clean[0].heads.n_layers, clean[0].heads.n_heads);
+    for (c, o) in clean.iter().zip(&out) {
+        m.add_scaled(&o.heads, o.rms / c.rms / prompts.len() as f32);
+        m.add_scaled(&c.heads, -1.0 / prompts.len() as f32);
+    }
+    Ok(m)
+}
+
+/// What the gate/amplifier finder reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Routing {
+    /// The gate: in 25–65% depth, the highest interchange necessity among heads whose |DLA|
+    /// is at most a quarter of the largest |DLA| (it routes, it does not write refusal).
+    pub gate: (usize, usize),
+    pub gate_necessity: f32,
+    pub gate_dla: f32,
+    /// Later heads among the top DLA heads whose DLA falls by at least 25% when the gate is
+    /// knocked out: (layer, head, clean DLA, DLA change).
+    pub amplifiers: Vec<(usize, usize, f32, f32)>,
+}
+
+/// The gate/amplifier finder of methods.md on one pair's metrics.
+pub fn find_routing(
+    lm: &LoadedModel,
+    harmful: &str,
+    dla_diff: &HeadMap,
+    necessity: &HeadMap,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(Routing, HeadMap)> {
+    let n = dla_diff.n_layers;
+    let lo = (n as f32 * 0.25).floor() as usize;
+    let hi = ((n as f32 * 0.65).ceil() as usize).min(n);
+    let max_dla = dla_diff.values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let gate = (lo..hi)
+        .flat_map(|l| (0..dla_diff.n_heads).map(move |h| (l, h)))
+        .filter(|&(l, h)| dla_diff.get(l, h).abs() <= 0.25 * max_dla)
+        .max_by(|a, b| necessity.get(a.0, a.1).total_cmp(&necessity.get(b.0, b.1)))
+        .ok_or_else(|| Error::InvalidInput("no head in 25–65% depth".into()))?;
+    let clean = dla(lm, &[harmful], None, &[], cancelled, &mut |_, _| {})?;
+    let cascade = knockout_cascade(lm, &[harmful], gate, cancelled)?;
+    let mut amplifiers: Vec<(usize, usize, f32, f32)> = dla_diff
+        .ranked()
+        .into_iter()
+        .filter(|&(l, _, v)| l > gate.0 && v > 0.0)
+        .take(10)
+        .map(|(l, h, _)| (l, h, clean[0].heads.get(l, h), cascade.get(l, h)))
+        .filter(|&(_, _, c, d)| c > 0.0 && d <= -0.25 * c)
+        .collect();
+    amplifiers.sort_by(|a, b| a.3.total_cmp(&b.3));
+    Ok((
+        Routing {
+            gate,
+            gate_necessity: necessity.get(gate.0, gate.1),
+            gate_dla: dla_diff.get(gate.0, gate.1),
+            amplifiers,
+        },
+        cascade,
+    ))
+}
+
+/// In-context substitution ciphers for the cipher contrast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Cipher {
+    /// Shift letters by 3.
+    Caesar,
+    /// a↔z, b↔y, …
+    Atbash,
+    /// A random letter permutation from this seed.
+    Random(u64),
+}
+
+impl Cipher {
+    fn key(self) -> Vec<char> {
+        let alphabet: Vec<char> = ('a'..='z').collect();
+        match self {
+            Cipher::Caesar => alphabet
+                .iter()
+                .map(|&c| (((c as u8 - b'a' + 3) % 26) + b'a') as char)
+                .collect(),
+            Cipher::Atbash => alphabet.iter().rev().copied().collect(),
+            Cipher::Random(seed) => {
+                use rand::seq::SliceRandom;
+                use rand::SeedableRng;
+                let mut k = alphabet.clone();
+                k.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+                k
+            }
+        }
+    }
+
+    /// `text` with every letter substituted (case kept).
+    pub fn encode(self, text: &str) -> String {
+        let key = self.key();
+        text.chars()
+            .map(|c| {
+                if c.is_ascii_lowercase() {
+                    key[(c as u8 - b'a') as usize]
+                } else if c.is_ascii_uppercase() {
+                    key[(c.to_ascii_lowercase() as u8 - b'a') as usize].to_ascii_uppercase()
+                } else {
+                    c
+                }
+            })
+            .collect()
+    }
+
+    /// The user message: the key stated, then the encoded request.
+    pub fn wrap(self, text: &str) -> String {
+        let key: String = self.key().into_iter().collect();
+        format!(
+            "The message below is written in a substitution cipher. Plain letters abcdefghijklmnopqrstuvwxyz map to cipher letters {key}. Decode it and answer it.\n\n{}",
+            self.encode(text)
+        )
+    }
+}
+
+impl std::str::FromStr for Cipher {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "caesar" => Ok(Cipher::Caesar),
+            "atbash" => Ok(Cipher::Atbash),
+            "random" => Ok(Cipher::Random(0)),
+            _ => Err(Error::InvalidInput(format!(
+                "unknown cipher `{s}` (use caesar, atbash or random)"
+            ))),
+        }
+    }
+}
+
+/// Cipher contrast: mean DLA of the plain prompts minus that of their cipher versions.
+pub fn cipher_contrast(
+    lm: &LoadedModel,
+    prompts: &[&str],
+    cipher: Cipher,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<HeadMap> {
+    let wrapped: Vec<String> = prompts.iter().map(|p| cipher.wrap(p)).collect();
+    let wrapped: Vec<&str> = wrapped.iter().map(String::as_str).collect();
+    let plain = dla(lm, prompts, None, &[], cancelled, progress)?;
+    let coded = dla(lm, &wrapped, None, &[], cancelled, progress)?;
+    dla_difference(&plain, &coded)
+}
+
+/// First-token refusal log-odds of each prompt under `interventions`.
+pub fn refusal_scores(
+    lm: &LoadedModel,
+    prompts: &[&str],
+    interventions: &[Intervention],
+) -> Result<Vec<f32>> {
+    let signal = RefusalSignal::for_model(lm)?;
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| lm.chat_prompt(None, p).map(|c| c.ids))
+        .collect::<Result<_>>()?;
+    let hooks = HookSpec::with_interventions(interventions.to_vec());
+    Ok(crate::refusal::first_positions(
+        lm,
+        &lm.model.dense,
+        &ids,
+        &hooks,
+        &|| false,
+        &mut |_, _| {},
+    )?
+    .iter()
+    .map(|f| signal.log_odds(&f.logprobs))
+    .collect())
+}
+
+/// The suppression-head scan (methods.md): on the harmful prompts the model complies with
+/// (refusal log-odds < 0; at most `limit`), the mean rise in refusal score when each head's
+/// attention is scaled by `factor`. Returns those prompts and the map.
+pub fn suppression_scan(
+    lm: &LoadedModel,
+    harmful: &[&str],
+    factor: f32,
+    limit: usize,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<String>, HeadMap)> {
+    let scores = refusal_scores(lm, harmful, &[])?;
+    let complied: Vec<&str> = harmful
+        .iter()
+        .zip(&scores)
+        .filter(|(_, s)| **s < 0.0)
+        .map(|(p, _)| *p)
+        .take(limit)
+        .collect();
+    if complied.is_empty() {
+        return Err(Error::InvalidInput(
+            "the model refuses every one of these harmful prompts: nothing to scan".into(),
+        ));
+    }
+    let map = ablation_effect(lm, &complied, factor, cancelled, progress)?;
+    Ok((complied.iter().map(|s| s.to_string()).collect(), map))
+}
+
+/// Scale-ablation interventions for heads.
+pub fn scale_heads(heads: &[(usize, usize)], factor: f32) -> Vec<Intervention> {
+    heads
+        .iter()
+        .map(|&(layer, head)| Intervention::ScaleHead {
+            layer,
+            head,
+            factor: factor as f64,
+        })
+        .collect()
 }

@@ -59,7 +59,7 @@ fn score(lm: &LoadedModel, logits: &Tensor) -> f32 {
 fn dla_of_heads_embedding_and_mlps_sums_to_the_logit_difference() {
     for lm in [with_tokens(51), tiny_model(Family::Llama, 52).unwrap()] {
         let prompts = ["How do I pick a lock?", "Bake me a cake", "hi"];
-        let out = dla(&lm, &prompts, None, &|| false, &mut |_, _| {}).unwrap();
+        let out = dla(&lm, &prompts, None, &[], &|| false, &mut |_, _| {}).unwrap();
         let u = logit_direction(&lm).unwrap();
         assert!(u.iter().any(|v| *v != 0.0));
         for (p, d) in prompts.iter().zip(&out) {
@@ -284,4 +284,32 @@ fn attribution_patching_is_exact_to_first_order_and_tracks_exact_interchange() {
     assert!((fast.clean_harmful - slow.clean_harmful).abs() < 1e-3);
     let r = correlation(&fast.necessity, &slow.necessity);
     assert!(r > 0.5, "necessity correlation {r}");
+}
+
+#[test]
+fn the_cascade_zeroes_the_gate_and_leaves_earlier_heads_alone() {
+    use refusal_lens_engine::heads::{dla, knockout_cascade};
+    let lm = with_tokens(56);
+    let p = "Explain how to break into a house";
+    let clean = dla(&lm, &[p], None, &[], &|| false, &mut |_, _| {}).unwrap();
+    let c = knockout_cascade(&lm, &[p], (1, 2), &|| false).unwrap();
+    for h in 0..lm.model.config.n_heads {
+        assert!(c.get(0, h).abs() < 1e-5, "layer 0 head {h}");
+    }
+    // The gate's own DLA goes to zero: its change is minus its clean DLA.
+    assert!((c.get(1, 2) + clean[0].heads.get(1, 2)).abs() < 1e-4);
+}
+
+#[test]
+fn ciphers_substitute_letters_and_state_their_key() {
+    use refusal_lens_engine::heads::Cipher;
+    assert_eq!(Cipher::Caesar.encode("abc XYZ, ok!"), "def ABC, rn!");
+    assert_eq!(Cipher::Atbash.encode("abz Hello"), "zya Svool");
+    let r = Cipher::Random(7).encode("abcdefghijklmnopqrstuvwxyz");
+    let mut sorted: Vec<char> = r.chars().collect();
+    sorted.sort_unstable();
+    assert_eq!(sorted.into_iter().collect::<String>(), "abcdefghijklmnopqrstuvwxyz");
+    assert_eq!(Cipher::Random(7).encode("hello"), Cipher::Random(7).encode("hello"));
+    let wrapped = Cipher::Caesar.wrap("Hi");
+    assert!(wrapped.contains("defghijklmnopqrstuvwxyzabc") && wrapped.ends_with("Kl"));
 }

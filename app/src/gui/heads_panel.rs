@@ -21,6 +21,8 @@ pub enum Metric {
     Sufficiency,
     Attribution,
     Ablation,
+    Cipher,
+    Cascade,
 }
 
 impl Metric {
@@ -38,6 +40,8 @@ impl Metric {
             Metric::Sufficiency => "interchange sufficiency",
             Metric::Attribution => "attribution patching (necessity estimate)",
             Metric::Ablation => "zero-ablation effect on refusal score",
+            Metric::Cipher => "cipher contrast (DLA plain − Caesar)",
+            Metric::Cascade => "knockout cascade (DLA change, gate zeroed)",
         }
     }
 
@@ -48,6 +52,8 @@ impl Metric {
             Metric::Sufficiency => m.sufficiency.get(l, h),
             Metric::Attribution => m.attribution.get(l, h),
             Metric::Ablation => m.ablation.get(l, h),
+            Metric::Cipher => m.cipher.get(l, h),
+            Metric::Cascade => m.cascade.get(l, h),
         }
     }
 }
@@ -75,6 +81,8 @@ pub struct HeadsPanel {
     pub reply: ReplyView,
     /// Set when a click changed the ablations: regenerate the reply.
     changed: bool,
+    /// A shift-clicked head to compute the knockout cascade of.
+    gate_request: Option<(usize, usize)>,
     export: Exporter,
     heatmap_rect: Option<Rect>,
 }
@@ -86,7 +94,9 @@ impl HeadsPanel {
 
     pub fn owns(&self, event: &Event) -> bool {
         match event {
-            Event::HeadsProgress { id, .. } | Event::HeadsReady { id, .. } => Some(*id) == self.job,
+            Event::HeadsProgress { id, .. }
+            | Event::HeadsReady { id, .. }
+            | Event::Cascade { id, .. } => Some(*id) == self.job,
             Event::SteerToken { id, .. } | Event::SteerFinished { id, .. } => {
                 Some(*id) == self.reply_job
             }
@@ -103,6 +113,14 @@ impl HeadsPanel {
             Event::HeadsReady { metrics, .. } => {
                 self.job = None;
                 self.metrics = Some(*metrics);
+            }
+            Event::Cascade { gate, cascade, .. } => {
+                self.job = None;
+                if let Some(m) = &mut self.metrics {
+                    m.cascade = cascade;
+                    m.cascade_gate = gate;
+                }
+                self.metric = Metric::Cascade;
             }
             Event::SteerToken { step, .. } => self.reply.text.push_str(&step.text),
             Event::SteerFinished {
@@ -259,6 +277,22 @@ impl HeadsPanel {
             "{:?} vs {:?}: clean refusal score {:.2} vs {:.2} · attribution vs exact necessity r = {:.3} · computed in {:.1} s",
             m.harmful, m.harmless, m.clean_harmful, m.clean_harmless, m.attribution_r, m.seconds
         ));
+        let r = &m.routing;
+        let amps: Vec<String> = r
+            .amplifiers
+            .iter()
+            .map(|(l, h, c, d)| format!("L{l}.H{h} ({c:+.2} to {:+.2})", c + d))
+            .collect();
+        ui.label(format!(
+            "Gate (25–65% depth, high necessity, small DLA): L{}.H{} (necessity {:.3}, DLA {:+.3}) · amplifiers losing ≥ 25% of their DLA without it: {} · cascade shown for L{}.H{} (green outline; shift-click a cell to knock out another gate)",
+            r.gate.0,
+            r.gate.1,
+            r.gate_necessity,
+            r.gate_dla,
+            if amps.is_empty() { "none".to_string() } else { amps.join(", ") },
+            m.cascade_gate.0,
+            m.cascade_gate.1
+        ));
         ui.horizontal(|ui| {
             ui.add(
                 egui::Slider::new(&mut self.top_percent, 1.0..=20.0)
@@ -304,6 +338,12 @@ impl HeadsPanel {
             }
         });
         self.heatmap(ui, &m, extra);
+        if let Some(gate) = self.gate_request.take() {
+            if self.job.is_none() {
+                self.progress = ("knockout cascade".into(), 0, 1);
+                self.job = Some(worker.cascade(m.harmful.clone(), gate));
+            }
+        }
         if std::mem::take(&mut self.changed) && model_ready && !base.prompt.trim().is_empty() {
             let n = extra
                 .iter()
@@ -448,36 +488,55 @@ impl HeadsPanel {
         };
         if let Some((l, h)) = response.hover_pos().and_then(hit) {
             response.clone().on_hover_text(format!(
-                "L{l}.H{h}\nDLA {:+.4}\nnecessity {:+.4}\nsufficiency {:+.4}\nattribution estimate {:+.4}\nzero-ablation Δ refusal score {:+.4}{}",
+                "L{l}.H{h}\nDLA {:+.4}\nnecessity {:+.4}\nsufficiency {:+.4}\nattribution estimate {:+.4}\nzero-ablation Δ refusal score {:+.4}\ncipher contrast {:+.4}\ncascade (gate L{}.H{}) {:+.4}{}",
                 m.dla.get(l, h),
                 m.necessity.get(l, h),
                 m.sufficiency.get(l, h),
                 m.attribution.get(l, h),
                 m.ablation.get(l, h),
+                m.cipher.get(l, h),
+                m.cascade_gate.0,
+                m.cascade_gate.1,
+                m.cascade.get(l, h),
                 if Self::ablated(extra, l, h).is_some() { "\n(ablated)" } else { "" }
             ));
         }
         if response.clicked() {
             if let Some((l, h)) = response.interact_pointer_pos().and_then(hit) {
-                self.toggle(extra, l, h);
+                if ui.input(|i| i.modifiers.shift) {
+                    self.gate_request = Some((l, h));
+                } else {
+                    self.toggle(extra, l, h);
+                }
             }
+        }
+        if m.cascade_gate.0 < rows {
+            let c = cell(m.cascade_gate.0, m.cascade_gate.1);
+            painter.rect_stroke(
+                c,
+                0.0,
+                Stroke::new(2.0, Color32::from_rgb(40, 140, 60)),
+                egui::StrokeKind::Inside,
+            );
         }
     }
 }
 
 fn heads_csv(m: &HeadMetrics) -> String {
     let mut out = String::from(
-        "layer,head,dla,necessity,sufficiency,attribution_necessity,zero_ablation_delta\n",
+        "layer,head,dla,necessity,sufficiency,attribution_necessity,zero_ablation_delta,cipher_contrast,cascade\n",
     );
     for l in 0..m.dla.n_layers {
         for h in 0..m.dla.n_heads {
             out.push_str(&format!(
-                "{l},{h},{},{},{},{},{}\n",
+                "{l},{h},{},{},{},{},{},{},{}\n",
                 m.dla.get(l, h),
                 m.necessity.get(l, h),
                 m.sufficiency.get(l, h),
                 m.attribution.get(l, h),
-                m.ablation.get(l, h)
+                m.ablation.get(l, h),
+                m.cipher.get(l, h),
+                m.cascade.get(l, h)
             ));
         }
     }
