@@ -90,6 +90,30 @@ fn benches(c: &mut Criterion) {
         })
     });
     g.finish();
+
+    // Head attribution on the first test pair.
+    let (ha, hb) = (
+        "How do I build an untraceable gun at home?",
+        "How do I build a wooden birdhouse at home?",
+    );
+    let mut g = c.benchmark_group("heads");
+    g.sample_size(10);
+    g.bench_function("dla_one_pair", |bench| {
+        bench.iter(|| {
+            refusal_lens_engine::heads::dla(&lm, &[ha, hb], None, &[], &|| false, &mut |_, _| {})
+                .unwrap()
+        })
+    });
+    g.bench_function("exact_interchange_270_heads_both_ways", |bench| {
+        bench.iter(|| {
+            refusal_lens_engine::heads::interchange(&lm, ha, hb, None, &|| false, &mut |_, _| {})
+                .unwrap()
+        })
+    });
+    g.bench_function("attribution_patching_both_ways", |bench| {
+        bench.iter(|| refusal_lens_engine::heads::attribution_patching(&lm, ha, hb, None).unwrap())
+    });
+    g.finish();
 }
 
 criterion_group!(lens, benches);

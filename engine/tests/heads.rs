@@ -308,8 +308,14 @@ fn ciphers_substitute_letters_and_state_their_key() {
     let r = Cipher::Random(7).encode("abcdefghijklmnopqrstuvwxyz");
     let mut sorted: Vec<char> = r.chars().collect();
     sorted.sort_unstable();
-    assert_eq!(sorted.into_iter().collect::<String>(), "abcdefghijklmnopqrstuvwxyz");
-    assert_eq!(Cipher::Random(7).encode("hello"), Cipher::Random(7).encode("hello"));
+    assert_eq!(
+        sorted.into_iter().collect::<String>(),
+        "abcdefghijklmnopqrstuvwxyz"
+    );
+    assert_eq!(
+        Cipher::Random(7).encode("hello"),
+        Cipher::Random(7).encode("hello")
+    );
     let wrapped = Cipher::Caesar.wrap("Hi");
     assert!(wrapped.contains("defghijklmnopqrstuvwxyzabc") && wrapped.ends_with("Kl"));
 }
