@@ -26,11 +26,14 @@ pub enum Metric {
 }
 
 impl Metric {
-    const ALL: [Metric; 4] = [
+    const ALL: [Metric; 7] = [
         Metric::Dla,
         Metric::Necessity,
         Metric::Sufficiency,
+        Metric::Attribution,
         Metric::Ablation,
+        Metric::Cipher,
+        Metric::Cascade,
     ];
 
     fn name(self) -> &'static str {
