@@ -488,6 +488,19 @@ pub struct HeadMetrics {
     pub seconds: f64,
 }
 
+/// Emits `ok(value)`, or the error as [`Event::Failed`].
+fn report<T>(
+    emit: &dyn Fn(Event),
+    id: JobId,
+    result: Result<T, String>,
+    ok: impl FnOnce(T) -> Event,
+) {
+    emit(match result {
+        Ok(v) => ok(v),
+        Err(error) => Event::Failed { id, error },
+    })
+}
+
 /// Cancellation marks shared with the client.
 struct Cancels {
     jobs: Arc<AtomicU64>,
@@ -511,6 +524,17 @@ struct Models {
 }
 
 impl Models {
+    /// Runs `f` on the model in use; errors (and a missing model) as one-line text.
+    fn with_active<T>(
+        &self,
+        f: impl FnOnce(&LoadedModel) -> refusal_lens_engine::Result<T>,
+    ) -> Result<T, String> {
+        let m = self
+            .active()
+            .ok_or_else(|| "no model is loaded".to_string())?;
+        f(m).map_err(|e| e.to_string())
+    }
+
     fn active(&self) -> Option<&LoadedModel> {
         match (&self.organism, self.use_organism) {
             (Some((m, _)), true) => Some(m),
@@ -617,9 +641,8 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                 if cancel_through.load(Ordering::SeqCst) >= id {
                     return; // superseded before it started
                 }
-                let result = match models.active() {
-                    None => Err("no model is loaded".to_string()),
-                    Some(m) => run_generate(
+                let result = models.with_active(|m| {
+                    run_generate(
                         m,
                         lens.directions.as_deref(),
                         id,
@@ -627,15 +650,11 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                         &cancel_through,
                         &emit,
                     )
-                    .map_err(|e| e.to_string()),
-                };
-                match result {
-                    Ok(generation) => emit(Event::Finished {
-                        id,
-                        generation: Box::new(generation),
-                    }),
-                    Err(error) => emit(Event::Failed { id, error }),
-                }
+                });
+                report(&emit, id, result, |generation| Event::Finished {
+                    id,
+                    generation: Box::new(generation),
+                });
             }
             Job::Train {
                 id,
@@ -694,11 +713,9 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                 job_id = id;
                 let started = Instant::now();
                 let cancelled = || cancels.lens.load(Ordering::SeqCst) >= id;
-                let result = match models.active() {
-                    None => Err("no model is loaded".to_string()),
-                    Some(m) => build_lens(m, id, &harmful, &harmless, select, &cancelled, &emit)
-                        .map_err(|e| e.to_string()),
-                };
+                let result = models.with_active(|m| {
+                    build_lens(m, id, &harmful, &harmless, select, &cancelled, &emit)
+                });
                 match result {
                     Ok((directions, probes)) => {
                         lens.directions = Some(directions.clone());
@@ -808,29 +825,22 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
             } => {
                 job_id = id;
                 let cancelled = || cancels.lens.load(Ordering::SeqCst) >= id;
-                let result = match models.active() {
-                    None => Err("no model is loaded".to_string()),
-                    Some(m) => {
-                        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-                        let at = |alpha: f32| scale_additions(&steering, alpha);
-                        sweep(
-                            m,
-                            lens.directions.as_deref(),
-                            &refs,
-                            &alphas,
-                            &at,
-                            tau,
-                            1,
-                            &cancelled,
-                            &mut |done, total| emit(Event::SweepProgress { id, done, total }),
-                        )
-                        .map_err(|e| e.to_string())
-                    }
-                };
-                match result {
-                    Ok(points) => emit(Event::Swept { id, points }),
-                    Err(error) => emit(Event::Failed { id, error }),
-                }
+                let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+                let at = |alpha: f32| scale_additions(&steering, alpha);
+                let result = models.with_active(|m| {
+                    sweep(
+                        m,
+                        lens.directions.as_deref(),
+                        &refs,
+                        &alphas,
+                        &at,
+                        tau,
+                        1,
+                        &cancelled,
+                        &mut |done, total| emit(Event::SweepProgress { id, done, total }),
+                    )
+                });
+                report(&emit, id, result, |points| Event::Swept { id, points });
             }
             Job::Heads {
                 id,
@@ -839,36 +849,29 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
             } => {
                 job_id = id;
                 let cancelled = || cancels.lens.load(Ordering::SeqCst) >= id;
-                let result = match models.active() {
-                    None => Err("no model is loaded".to_string()),
-                    Some(m) => head_metrics(m, id, harmful, harmless, &cancelled, &emit)
-                        .map_err(|e| e.to_string()),
-                };
-                match result {
-                    Ok(metrics) => emit(Event::HeadsReady {
-                        id,
-                        metrics: Box::new(metrics),
-                    }),
-                    Err(error) => emit(Event::Failed { id, error }),
-                }
+                let result = models
+                    .with_active(|m| head_metrics(m, id, harmful, harmless, &cancelled, &emit));
+                report(&emit, id, result, |metrics| Event::HeadsReady {
+                    id,
+                    metrics: Box::new(metrics),
+                });
             }
             Job::Cascade { id, harmful, gate } => {
                 job_id = id;
                 let cancelled = || cancels.lens.load(Ordering::SeqCst) >= id;
-                let result = match models.active() {
-                    None => Err("no model is loaded".to_string()),
-                    Some(m) => refusal_lens_engine::heads::knockout_cascade(
+                let result = models.with_active(|m| {
+                    refusal_lens_engine::heads::knockout_cascade(
                         m,
                         &[harmful.as_str()],
                         gate,
                         &cancelled,
                     )
-                    .map_err(|e| e.to_string()),
-                };
-                match result {
-                    Ok(cascade) => emit(Event::Cascade { id, gate, cascade }),
-                    Err(error) => emit(Event::Failed { id, error }),
-                }
+                });
+                report(&emit, id, result, |cascade| Event::Cascade {
+                    id,
+                    gate,
+                    cascade,
+                });
             }
             Job::Trajectory {
                 id,
@@ -909,15 +912,13 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
             }
             Job::Calibrate { id, sets } => {
                 job_id = id;
-                let result = match models.active() {
-                    None => Err("no model is loaded".to_string()),
-                    Some(m) => run_calibrate(m, id, &sets, &cancel_through, &emit)
-                        .map_err(|e| e.to_string()),
-                };
-                match result {
-                    Ok((signal, sets)) => emit(Event::Calibrated { id, signal, sets }),
-                    Err(error) => emit(Event::Failed { id, error }),
-                }
+                let result =
+                    models.with_active(|m| run_calibrate(m, id, &sets, &cancel_through, &emit));
+                report(&emit, id, result, |(signal, sets)| Event::Calibrated {
+                    id,
+                    signal,
+                    sets,
+                });
             }
         }));
         if let Err(panic) = outcome {

@@ -91,6 +91,25 @@ fn in_split(set: &PromptSet, split: Split) -> Vec<bool> {
         .collect()
 }
 
+/// What a result was computed from: the model and the two sets with the prompts used.
+fn provenance(
+    lm: &LoadedModel,
+    (harmful, n_harmful): (&PromptSet, usize),
+    (harmless, n_harmless): (&PromptSet, usize),
+    system: &Option<String>,
+) -> Result<Provenance> {
+    Ok(Provenance {
+        model_fingerprint: lm.fingerprint()?,
+        model_name: lm.card.name.clone(),
+        harmful_set: harmful.path.display().to_string(),
+        harmless_set: harmless.path.display().to_string(),
+        n_harmful,
+        n_harmless,
+        filtered_by_behaviour: false,
+        system: system.clone(),
+    })
+}
+
 /// States of every prompt of both sets (from the disk cache when possible).
 pub fn collect_pair(
     lm: &LoadedModel,
@@ -141,14 +160,8 @@ pub fn directions(
         (a, b) = filter_by_behaviour(&a, &b)?;
     }
     let provenance = Provenance {
-        model_fingerprint: lm.fingerprint()?,
-        model_name: lm.card.name.clone(),
-        harmful_set: harmful.path.display().to_string(),
-        harmless_set: harmless.path.display().to_string(),
-        n_harmful: a.len(),
-        n_harmless: b.len(),
         filtered_by_behaviour: options.filter_by_behaviour,
-        system: options.system.clone(),
+        ..provenance(lm, (harmful, a.len()), (harmless, b.len()), &options.system)?
     };
     let mut dirs = Directions::diff_in_means(&a, &b, provenance)?;
     if options.select {
@@ -206,16 +219,7 @@ pub fn probes(
         .layers
         .clone()
         .unwrap_or_else(|| (0..a.n_states).collect());
-    let provenance = Provenance {
-        model_fingerprint: lm.fingerprint()?,
-        model_name: lm.card.name.clone(),
-        harmful_set: harmful.path.display().to_string(),
-        harmless_set: harmless.path.display().to_string(),
-        n_harmful: a.len(),
-        n_harmless: b.len(),
-        filtered_by_behaviour: false,
-        system: job.system.clone(),
-    };
+    let provenance = provenance(lm, (harmful, a.len()), (harmless, b.len()), &job.system)?;
     train_probes(
         &a,
         &b,

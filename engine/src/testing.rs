@@ -355,3 +355,46 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
         .expect("same shapes")
 }
+
+/// One uncached forward pass of `ids` on the dense weights under `hooks`, also capturing
+/// `points`: logits `[s, vocab]` at every position and each capture without its batch axis.
+/// Panics on error: a test helper.
+pub fn dense_run(
+    m: &LoadedModel,
+    ids: &[u32],
+    hooks: &crate::hooks::HookSpec,
+    points: &[crate::hooks::HookPoint],
+) -> (Tensor, Vec<Tensor>) {
+    use candle_core::IndexOp;
+    let mut spec = hooks.clone();
+    spec.capture.extend(points.iter().copied());
+    let t = Tensor::new(ids, m.model.device())
+        .and_then(|t| t.unsqueeze(0))
+        .expect("token tensor");
+    let out = m
+        .model
+        .forward(
+            &m.model.dense,
+            &t,
+            None,
+            &spec,
+            crate::model::LogitsAt::All,
+            crate::model::ForwardOptions::default(),
+        )
+        .expect("forward pass");
+    let captures = points
+        .iter()
+        .map(|p| {
+            out.captures
+                .get(*p)
+                .expect("capture")
+                .expect("captured")
+                .i(0)
+                .expect("batch row")
+        })
+        .collect();
+    (
+        out.logits.expect("logits").i(0).expect("batch row"),
+        captures,
+    )
+}

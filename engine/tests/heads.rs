@@ -6,7 +6,7 @@ use refusal_lens_engine::heads::{ablation_effect, dla, interchange, logit_direct
 use refusal_lens_engine::hooks::{HeadValue, HookPoint, HookSpec, Intervention};
 use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
 use refusal_lens_engine::refusal::{RefusalSignal, REFUSE_TOKEN, RESPOND_TOKEN};
-use refusal_lens_engine::testing::{max_abs_diff, tiny_model};
+use refusal_lens_engine::testing::{dense_run, max_abs_diff, tiny_model};
 use refusal_lens_engine::LoadedModel;
 
 /// A tiny model with refusal tokens whose rows are random, so the logit direction is not 0.
@@ -27,24 +27,7 @@ fn with_tokens(seed: u64) -> LoadedModel {
 }
 
 fn last_logits(lm: &LoadedModel, ids: &[u32], hooks: &HookSpec) -> Tensor {
-    let t = Tensor::new(ids, lm.model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    lm.model
-        .forward(
-            &lm.model.dense,
-            &t,
-            None,
-            hooks,
-            LogitsAt::Last,
-            ForwardOptions::default(),
-        )
-        .unwrap()
-        .logits
-        .unwrap()
-        .flatten_all()
-        .unwrap()
+    dense_run(lm, ids, hooks, &[]).0.i(ids.len() - 1).unwrap()
 }
 
 fn score(lm: &LoadedModel, logits: &Tensor) -> f32 {
@@ -85,27 +68,9 @@ fn per_row_head_patches_equal_single_head_patches_and_self_patches_change_nothin
     let other = lm.chat_prompt(None, "Tell me about cars").unwrap().ids;
     let (l, h) = (1, lm.model.config.n_heads);
     let z_of = |ids: &[u32]| {
-        let t = Tensor::new(ids, lm.model.device())
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let out = lm
-            .model
-            .forward(
-                &lm.model.dense,
-                &t,
-                None,
-                &HookSpec::capture([HookPoint::AttnZ(l)]),
-                LogitsAt::None,
-                ForwardOptions::default(),
-            )
-            .unwrap();
-        out.captures
-            .get(HookPoint::AttnZ(l))
-            .unwrap()
-            .unwrap()
-            .i(0)
-            .unwrap()
+        dense_run(&lm, ids, &HookSpec::default(), &[HookPoint::AttnZ(l)])
+            .1
+            .remove(0)
     };
     let (own, theirs) = (z_of(&ids), z_of(&other));
     let k = 4;

@@ -10,10 +10,9 @@ use refusal_lens_engine::directions::{
     select, selectable_layers, Directions, Provenance, SelectOptions,
 };
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
-use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
 use refusal_lens_engine::probe::{random_holdout, train_probes, ProbeOptions};
 use refusal_lens_engine::refusal::{first_positions, for_each_prompt};
-use refusal_lens_engine::testing::{dense_logits, max_abs_diff, tiny_model};
+use refusal_lens_engine::testing::{dense_logits, dense_run, max_abs_diff, tiny_model};
 use refusal_lens_engine::trajectory::{cliff_magnitude, trajectory};
 use refusal_lens_engine::LoadedModel;
 
@@ -36,25 +35,7 @@ const HARMLESS: &[&str] = &[
 
 /// One unbatched, uncached forward pass of `ids` capturing `points`.
 fn single_pass(lm: &LoadedModel, ids: &[u32], points: &[HookPoint]) -> Vec<Tensor> {
-    let t = Tensor::new(ids, lm.model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let out = lm
-        .model
-        .forward(
-            &lm.model.dense,
-            &t,
-            None,
-            &HookSpec::capture(points.iter().copied()),
-            LogitsAt::None,
-            ForwardOptions::default(),
-        )
-        .unwrap();
-    points
-        .iter()
-        .map(|p| out.captures.get(*p).unwrap().unwrap().i(0).unwrap())
-        .collect()
+    dense_run(lm, ids, &HookSpec::default(), points).1
 }
 
 #[test]

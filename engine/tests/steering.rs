@@ -6,13 +6,12 @@ use refusal_lens_engine::activations::{collect, state_points};
 use refusal_lens_engine::config::Family;
 use refusal_lens_engine::directions::{Directions, Provenance};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec, Intervention, Positions};
-use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
 use refusal_lens_engine::refusal::{REFUSE_TOKEN, RESPOND_TOKEN};
 use refusal_lens_engine::steering::{
     head_mean, judgement, sweep, write_control_vector, Direction, Edit, HeadAblation, Steering,
     StreamPositions,
 };
-use refusal_lens_engine::testing::{max_abs_diff, tiny_model};
+use refusal_lens_engine::testing::{dense_run, max_abs_diff, tiny_model};
 use refusal_lens_engine::LoadedModel;
 
 const HARMFUL: &[&str] = &[
@@ -41,28 +40,7 @@ fn run(
     hooks: &HookSpec,
     capture: &[HookPoint],
 ) -> (Tensor, Vec<Tensor>) {
-    let mut spec = hooks.clone();
-    spec.capture.extend(capture.iter().copied());
-    let t = Tensor::new(ids, lm.model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let out = lm
-        .model
-        .forward(
-            &lm.model.dense,
-            &t,
-            None,
-            &spec,
-            LogitsAt::All,
-            ForwardOptions::default(),
-        )
-        .unwrap();
-    let caps = capture
-        .iter()
-        .map(|p| out.captures.get(*p).unwrap().unwrap().i(0).unwrap())
-        .collect();
-    (out.logits.unwrap().i(0).unwrap(), caps)
+    dense_run(lm, ids, hooks, capture)
 }
 
 #[test]
