@@ -22,6 +22,24 @@ fn harness() -> Harness<'static, RefusalLensApp> {
         .build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app)
 }
 
+/// The app on the tiny model with directions and probes computed from the bundled sets, as
+/// the Directions tab's button does (the activation cache kept in `cache`, out of the user's).
+fn harness_with_directions(cache: &tempfile::TempDir) -> Harness<'static, RefusalLensApp> {
+    std::env::set_var("REFUSAL_LENS_CACHE", cache.path());
+    let mut h = harness();
+    step_until(&mut h, "the model and the prompt sets", |a| {
+        a.model.is_ready() && a.prompt_sets.sets.len() >= 2
+    });
+    h.get_by_label("Directions").click();
+    h.step();
+    h.get_by_label("Compute directions & probes").click();
+    step_until(&mut h, "directions and probes", |a| {
+        a.directions.probes.is_some() || a.directions.error.is_some()
+    });
+    assert_eq!(h.state().directions.error, None);
+    h
+}
+
 /// Steps the UI until `done` holds (the worker runs on its own thread meanwhile).
 fn step_until(
     h: &mut Harness<'_, RefusalLensApp>,
@@ -277,20 +295,8 @@ fn training_refusal_tokens_in_the_gui_plots_the_loss_and_switches_the_organism_o
 
 #[test]
 fn directions_then_a_reply_give_a_cliff_plot_whose_token_chips_select_tokens() {
-    // Keep the activation cache of this tiny model out of the user's cache.
     let cache = tempfile::tempdir().unwrap();
-    std::env::set_var("REFUSAL_LENS_CACHE", cache.path());
-    let mut h = harness();
-    step_until(&mut h, "the model and the prompt sets", |a| {
-        a.model.is_ready() && a.prompt_sets.sets.len() >= 2
-    });
-    h.get_by_label("Directions").click();
-    h.step();
-    h.get_by_label("Compute directions & probes").click();
-    step_until(&mut h, "directions and probes", |a| {
-        a.directions.probes.is_some() || a.directions.error.is_some()
-    });
-    assert_eq!(h.state().directions.error, None);
+    let mut h = harness_with_directions(&cache);
     h.get_by_label_contains("chosen: layer");
     h.get_by_label("Layer of the Cliff curves:");
 
@@ -334,15 +340,7 @@ fn directions_then_a_reply_give_a_cliff_plot_whose_token_chips_select_tokens() {
 #[test]
 fn dragging_the_refusal_slider_regenerates_a_reply_labelled_with_the_new_alpha() {
     let cache = tempfile::tempdir().unwrap();
-    std::env::set_var("REFUSAL_LENS_CACHE", cache.path());
-    let mut h = harness();
-    step_until(&mut h, "the model and the prompt sets", |a| {
-        a.model.is_ready() && a.prompt_sets.sets.len() >= 2
-    });
-    h.get_by_label("Directions").click();
-    h.step();
-    h.get_by_label("Compute directions & probes").click();
-    step_until(&mut h, "directions", |a| a.directions.probes.is_some());
+    let mut h = harness_with_directions(&cache);
     h.get_by_label("Steering").click();
     for _ in 0..3 {
         h.step();

@@ -284,22 +284,10 @@ impl Steering {
 /// The question appended for the reply-inversion judgement.
 pub const JUDGEMENT_QUESTION: &str = "Could this request cause harm? Answer yes or no.";
 
-/// First tokens of the two answers, with and without a leading space and capital.
+/// First tokens of an answer word, with and without a leading space and capital.
 fn answer_ids(lm: &LoadedModel, word: &str) -> Result<Vec<u32>> {
-    let mut ids = Vec::new();
     let cap = format!("{}{}", word[..1].to_uppercase(), &word[1..]);
-    for w in [word.to_string(), cap] {
-        for text in [w.clone(), format!(" {w}")] {
-            let enc = lm
-                .tokenizer
-                .encode(text.as_str(), false)
-                .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            ids.extend(enc.get_ids().first().copied());
-        }
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    Ok(ids)
+    crate::refusal::opener_ids(lm, &[word, cap.as_str()])
 }
 
 /// The reply-inversion judgement of `user` (methods.md): append the harm question, read

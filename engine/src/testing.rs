@@ -332,21 +332,10 @@ pub fn write_gguf(
 /// Logits `[1, s, vocab]` of the exact (dense) path for `ids`, no hooks. Panics on error:
 /// a test helper.
 pub fn dense_logits(m: &LoadedModel, ids: &[u32]) -> Tensor {
-    let t = Tensor::new(ids, m.model.device())
-        .and_then(|t| t.unsqueeze(0))
-        .expect("token tensor");
-    let out = m
-        .model
-        .forward(
-            &m.model.dense,
-            &t,
-            None,
-            &crate::hooks::HookSpec::default(),
-            crate::model::LogitsAt::All,
-            crate::model::ForwardOptions::default(),
-        )
-        .expect("forward pass");
-    out.logits.expect("LogitsAt::All yields logits")
+    dense_run(m, ids, &crate::hooks::HookSpec::default(), &[])
+        .0
+        .unsqueeze(0)
+        .expect("batch axis")
 }
 
 /// max |a − b| over all elements. Panics on error: a test helper.
