@@ -73,7 +73,14 @@ fn main() {
     });
     let load =
         |n: &str| PromptSet::load(&sample_prompts_dir().join(format!("{n}.jsonl")), None).unwrap();
-    worker.build_lens(load("harmful"), load("harmless"), false);
+    worker.build_lens(
+        load("harmful"),
+        load("harmless"),
+        refusal_lens_engine::lens::DirectionOptions {
+            select: false,
+            ..Default::default()
+        },
+    );
     let mut layer = 0;
     wait(&worker, "directions", |e| match e {
         Event::LensReady { directions, .. } => {

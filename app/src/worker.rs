@@ -72,8 +72,8 @@ pub enum Job {
         id: JobId,
         harmful: Box<PromptSet>,
         harmless: Box<PromptSet>,
-        /// Choose the direction's layer by ablation on the val split (slower).
-        select: bool,
+        /// Layer selection, behaviour filter and the rest.
+        options: DirectionOptions,
     },
     /// Save the current directions to `path` (and the probes beside it).
     SaveLens {
@@ -408,13 +408,18 @@ impl Worker {
     }
 
     /// Queues a lens build (directions + probes); later generations do not cancel it.
-    pub fn build_lens(&mut self, harmful: PromptSet, harmless: PromptSet, select: bool) -> JobId {
+    pub fn build_lens(
+        &mut self,
+        harmful: PromptSet,
+        harmless: PromptSet,
+        options: DirectionOptions,
+    ) -> JobId {
         let id = self.next();
         self.send(Job::BuildLens {
             id,
             harmful: Box::new(harmful),
             harmless: Box::new(harmless),
-            select,
+            options,
         });
         id
     }
@@ -708,13 +713,13 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                 id,
                 harmful,
                 harmless,
-                select,
+                options,
             } => {
                 job_id = id;
                 let started = Instant::now();
                 let cancelled = || cancels.lens.load(Ordering::SeqCst) >= id;
                 let result = models.with_active(|m| {
-                    build_lens(m, id, &harmful, &harmless, select, &cancelled, &emit)
+                    build_lens(m, id, &harmful, &harmless, &options, &cancelled, &emit)
                 });
                 match result {
                     Ok((directions, probes)) => {
@@ -1131,7 +1136,7 @@ fn build_lens(
     id: JobId,
     harmful: &PromptSet,
     harmless: &PromptSet,
-    select: bool,
+    options: &DirectionOptions,
     cancelled: &dyn Fn() -> bool,
     emit: &dyn Fn(Event),
 ) -> refusal_lens_engine::Result<(Arc<Directions>, Arc<ProbeSet>)> {
@@ -1144,15 +1149,11 @@ fn build_lens(
             total,
         })
     };
-    let options = DirectionOptions {
-        select,
-        ..Default::default()
-    };
     let directions = lens::directions(
         m,
         harmful,
         harmless,
-        &options,
+        options,
         Some(&cache),
         cancelled,
         &mut progress,

@@ -9,6 +9,7 @@ use crossbeam_channel::Receiver;
 use egui::Color32;
 use egui_plot::{Corner, Legend, Line, Plot, PlotPoints, VLine};
 use refusal_lens_engine::directions::Directions;
+use refusal_lens_engine::lens::DirectionOptions;
 use refusal_lens_engine::probe::ProbeSet;
 use refusal_lens_engine::prompts::{Label, PromptSet};
 
@@ -25,6 +26,8 @@ pub struct DirectionsPanel {
     pub layer: Option<usize>,
     /// Choose the layer by ablation on the val split (slower).
     pub select: bool,
+    /// Use only refused harmful and answered harmless prompts.
+    pub filter_by_behaviour: bool,
     /// Indices into the loaded prompt sets (chosen by label/name until the user picks).
     harmful: Option<usize>,
     harmless: Option<usize>,
@@ -124,7 +127,12 @@ impl DirectionsPanel {
     pub fn start(&mut self, worker: &mut Worker, harmful: &PromptSet, harmless: &PromptSet) {
         self.error = None;
         self.progress = ("starting".into(), 0, 1);
-        self.job = Some(worker.build_lens(harmful.clone(), harmless.clone(), self.select));
+        let options = DirectionOptions {
+            select: self.select,
+            filter_by_behaviour: self.filter_by_behaviour,
+            ..Default::default()
+        };
+        self.job = Some(worker.build_lens(harmful.clone(), harmless.clone(), options));
     }
 
     fn poll_dialog(&mut self, worker: &mut Worker) {
@@ -192,6 +200,8 @@ impl DirectionsPanel {
                 pick(ui, "dir_harmful", &mut harmful);
                 ui.label("harmless:");
                 pick(ui, "dir_harmless", &mut harmless);
+                ui.checkbox(&mut self.filter_by_behaviour, "only refused / answered")
+                    .on_hover_text("Keep harmful prompts the model refuses and harmless ones it answers (refusal score above / below 0), as the published pipelines do");
                 ui.checkbox(&mut self.select, "choose layer by ablation")
                     .on_hover_text(
                         "methods.md layer selection: ablate each candidate on val prompts, \
