@@ -36,7 +36,8 @@ pub struct HeadsArgs {
     /// Which pair of the split (0-based).
     #[arg(long, default_value_t = 0)]
     pub pair: usize,
-    /// dla/ablation: average over this many pairs (harmful side for ablation).
+    /// dla, interchange, ablation, cipher: average over this many pairs (the harmful side for
+    /// ablation and cipher; suppression: at most this many complied-with prompts).
     #[arg(long, default_value_t = 1)]
     pub pairs: usize,
     /// interchange: patch the last k positions (default: the post-instruction tokens).
@@ -151,12 +152,30 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
             serde_json::json!({"metric": "dla", "pairs": pairs, "heads": diff})
         }
         "interchange" => {
-            let (x, y) = &pairs[0];
-            let r = interchange(lm, x, y, a.k, &|| false, &mut |d, t| {
-                bar("patching heads", d, t)
-            })?;
+            // One pair, or the mean over a paired set (each pair normalised by its own gap).
+            let mut results = Vec::with_capacity(pairs.len());
+            for (i, (x, y)) in pairs.iter().enumerate() {
+                results.push(interchange(lm, x, y, a.k, &|| false, &mut |d, t| {
+                    bar(&format!("pair {}/{}", i + 1, pairs.len()), d, t)
+                })?);
+            }
+            let mut r = results[0].clone();
+            if results.len() > 1 {
+                let n = results.len() as f32;
+                for (v, i) in r.necessity.values.iter_mut().zip(0..) {
+                    *v = results.iter().map(|x| x.necessity.values[i]).sum::<f32>() / n;
+                }
+                for (v, i) in r.sufficiency.values.iter_mut().zip(0..) {
+                    *v = results.iter().map(|x| x.sufficiency.values[i]).sum::<f32>() / n;
+                }
+                r.clean_harmful = results.iter().map(|x| x.clean_harmful).sum::<f32>() / n;
+                r.clean_harmless = results.iter().map(|x| x.clean_harmless).sum::<f32>() / n;
+            }
             if !a.json {
-                println!("pair: {x:?} vs {y:?}");
+                match pairs.as_slice() {
+                    [(x, y)] => println!("pair: {x:?} vs {y:?}"),
+                    _ => println!("mean over {} pairs", pairs.len()),
+                }
                 println!(
                     "clean refusal score harmful {:.3}, harmless {:.3}; last {} positions patched",
                     r.clean_harmful, r.clean_harmless, r.k
@@ -172,7 +191,7 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
                     a.top,
                 );
             }
-            serde_json::json!({"metric": "interchange", "pair": pairs[0], "result": r})
+            serde_json::json!({"metric": "interchange", "pairs": pairs, "result": r})
         }
         "attribution" => {
             let (x, y) = &pairs[0];
