@@ -104,9 +104,7 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
     let pairs = match (&a.harmful_prompt, &a.harmless_prompt) {
         (Some(x), Some(y)) => vec![(x.clone(), y.clone())],
         (None, None) => {
-            let load = |p: &PathBuf| {
-                PromptSet::load(p, None).with_context(|| format!("cannot read {}", p.display()))
-            };
+            let load = |p: &PathBuf| Ok::<_, anyhow::Error>(PromptSet::load(p, None)?);
             let split: Split = a.split.parse()?;
             let all = pairs_in(&load(&a.harmful)?, &load(&a.harmless)?, split);
             if all.is_empty() {

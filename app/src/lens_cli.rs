@@ -34,9 +34,7 @@ pub struct SetPair {
 
 impl SetPair {
     fn load(&self) -> Result<(PromptSet, PromptSet)> {
-        let load = |p: &Path| {
-            PromptSet::load(p, None).with_context(|| format!("cannot read {}", p.display()))
-        };
+        let load = |p: &Path| Ok::<_, anyhow::Error>(PromptSet::load(p, None)?);
         Ok((load(&self.harmful)?, load(&self.harmless)?))
     }
 
