@@ -6,8 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use refusal_lens_engine::heads::{
     ablation_effect, attribution_patching, cipher_contrast, correlation, dla, dla_difference,
-    find_routing, interchange, knockout_cascade, refusal_scores, scale_heads, suppression_scan,
-    Cipher, HeadMap,
+    find_routing, head_means, interchange, knockout_cascade, refusal_scores, scale_heads,
+    suppression_scan, Cipher, HeadMap, ScanAblation,
 };
 use refusal_lens_engine::prompts::{PromptSet, Split};
 use refusal_lens_engine::LoadedModel;
@@ -46,6 +46,9 @@ pub struct HeadsArgs {
     /// ablation: scale each head's z by this (0 = zero ablation; 0.1 traces, 0.01 ablates).
     #[arg(long, default_value_t = 0.0)]
     pub factor: f32,
+    /// ablation: replace each head's z by its mean over the harmless prompts instead.
+    #[arg(long)]
+    pub mean: bool,
     /// cascade: the gate head L.H to knock out (default: found by the gate/amplifier finder).
     #[arg(long)]
     pub gate: Option<String>,
@@ -294,13 +297,23 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
                 "top": top, "refusal_rate_before": rate(&before), "refusal_rate_after": rate(&after)})
         }
         "ablation" => {
-            let effect = ablation_effect(lm, &harmful, a.factor, &|| false, &mut |d, t| {
+            let how = if a.mean {
+                // Means over the harmless sides of the pairs' split.
+                ScanAblation::Mean(head_means(lm, &harmless)?)
+            } else {
+                ScanAblation::Scale(a.factor)
+            };
+            let effect = ablation_effect(lm, &harmful, &how, &|| false, &mut |d, t| {
                 bar("ablating heads", d, t)
             })?;
             if !a.json {
                 println!(
-                    "change in refusal score when each head's z is scaled by {} ({} harmful prompt(s)); most refusal-suppressing first",
-                    a.factor,
+                    "change in refusal score when each head is {} ({} harmful prompt(s)); most refusal-suppressing first",
+                    if a.mean {
+                        format!("mean-ablated (means over {} harmless prompts)", harmless.len())
+                    } else {
+                        format!("scaled by {}", a.factor)
+                    },
                     harmful.len()
                 );
                 print_top("refusal score rise on ablation", &effect, a.top);

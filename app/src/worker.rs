@@ -1093,7 +1093,7 @@ fn head_metrics(
     let ablation = ablation_effect(
         m,
         &[harmful.as_str()],
-        0.0,
+        &refusal_lens_engine::heads::ScanAblation::Scale(0.0),
         cancelled,
         &mut progress("ablation"),
     )?;

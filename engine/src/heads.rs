@@ -385,12 +385,64 @@ pub fn interchange(
     })
 }
 
-/// The mean change in refusal score over `prompts` when each head's `z` is scaled by
-/// `factor` (0: zero ablation; 0.1/0.01: the attention-scale ablation of the cliff code).
+/// How a scan ablates each head.
+#[derive(Debug, Clone)]
+pub enum ScanAblation {
+    /// `z ← factor · z` (0: zero ablation; 0.1/0.01: the cliff code's attention scaling).
+    Scale(f32),
+    /// `z ←` the head's mean over a reference set, `[L][H] → [d_h]` (see [`head_means`]).
+    Mean(Vec<Vec<Tensor>>),
+}
+
+/// Every head's mean `z` over every position of `prompts`: `[L][H]`, each `[d_h]`.
+pub fn head_means(lm: &LoadedModel, prompts: &[&str]) -> Result<Vec<Vec<Tensor>>> {
+    let m = &lm.model;
+    let (n, h) = (m.config.n_layers, m.config.n_heads);
+    let mut sums: Vec<Option<Tensor>> = vec![None; n];
+    let mut count = 0usize;
+    for p in prompts {
+        let ids = lm.chat_prompt(None, p)?.ids;
+        let t = Tensor::new(ids.as_slice(), m.device())?.unsqueeze(0)?;
+        let out = m.forward(
+            &m.dense,
+            &t,
+            None,
+            &HookSpec::capture((0..n).map(HookPoint::AttnZ)),
+            LogitsAt::None,
+            ForwardOptions::default(),
+        )?;
+        for (l, sum) in sums.iter_mut().enumerate() {
+            let z = out
+                .captures
+                .get(HookPoint::AttnZ(l))?
+                .expect("captured")
+                .i(0)?
+                .sum(0)?;
+            *sum = Some(match sum.take() {
+                Some(s) => (s + z)?,
+                None => z,
+            });
+        }
+        count += ids.len();
+    }
+    if count == 0 {
+        return Err(Error::InvalidInput(
+            "no reference prompts for the head means".into(),
+        ));
+    }
+    sums.into_iter()
+        .map(|s| {
+            let mean = (s.expect("one prompt at least") / count as f64)?;
+            (0..h).map(|head| Ok(mean.i(head)?)).collect()
+        })
+        .collect()
+}
+
+/// The mean change in refusal score over `prompts` when each head is ablated as `how` says.
 pub fn ablation_effect(
     lm: &LoadedModel,
     prompts: &[&str],
-    factor: f32,
+    how: &ScanAblation,
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<HeadMap> {
@@ -412,7 +464,16 @@ pub fn ablation_effect(
             // Scaling z at layer l is patching it with factor × its clean value: nothing
             // before layer l changes.
             let values = (0..h)
-                .map(|head| Ok((clean.z[l].i((.., head))? * factor as f64)?.contiguous()?))
+                .map(|head| {
+                    let z = clean.z[l].i((.., head))?;
+                    Ok(match how {
+                        ScanAblation::Scale(f) => (z * *f as f64)?.contiguous()?,
+                        ScanAblation::Mean(means) => means[l][head]
+                            .unsqueeze(0)?
+                            .broadcast_as(z.shape())?
+                            .contiguous()?,
+                    })
+                })
                 .collect::<Result<Vec<_>>>()?;
             let hooks = HookSpec::with_interventions(vec![Intervention::PatchHeadPerRow {
                 layer: l,
@@ -800,7 +861,13 @@ pub fn suppression_scan(
             "the model refuses every one of these harmful prompts: nothing to scan".into(),
         ));
     }
-    let map = ablation_effect(lm, &complied, factor, cancelled, progress)?;
+    let map = ablation_effect(
+        lm,
+        &complied,
+        &ScanAblation::Scale(factor),
+        cancelled,
+        progress,
+    )?;
     Ok((complied.iter().map(|s| s.to_string()).collect(), map))
 }
 

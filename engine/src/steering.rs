@@ -480,49 +480,11 @@ pub fn head_mean(
     layer: usize,
     head: usize,
 ) -> Result<Vec<f32>> {
-    use crate::hooks::HookPoint;
     let cfg = &lm.model.config;
     if layer >= cfg.n_layers || head >= cfg.n_heads {
         return Err(Error::InvalidInput(format!("no head L{layer}.H{head}")));
     }
-    let ids: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| lm.chat_prompt(None, p).map(|c| c.ids))
-        .collect::<Result<_>>()?;
-    let mut sum = vec![0.0f64; cfg.head_dim];
-    let mut n = 0usize;
-    for ids in &ids {
-        let t = Tensor::new(ids.as_slice(), lm.model.device())?.unsqueeze(0)?;
-        let out = lm.model.forward(
-            &lm.model.dense,
-            &t,
-            None,
-            &HookSpec::capture([HookPoint::AttnZ(layer)]),
-            LogitsAt::None,
-            ForwardOptions::default(),
-        )?;
-        // [1, s, h, d_h] → this head's [s, d_h].
-        let z = out
-            .captures
-            .get(HookPoint::AttnZ(layer))?
-            .expect("captured")
-            .squeeze(0)?
-            .narrow(1, head, 1)?
-            .squeeze(1)?
-            .to_vec2::<f32>()?;
-        for row in z {
-            for (s, v) in sum.iter_mut().zip(row) {
-                *s += v as f64;
-            }
-            n += 1;
-        }
-    }
-    if n == 0 {
-        return Err(Error::InvalidInput(
-            "no reference prompts for the mean".into(),
-        ));
-    }
-    Ok(sum.into_iter().map(|s| (s / n as f64) as f32).collect())
+    Ok(crate::heads::head_means(lm, prompts)?[layer][head].to_vec1()?)
 }
 
 /// Writes `α · v_l` for each state `l` in `layers` as a llama.cpp control vector (GGUF,

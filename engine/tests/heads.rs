@@ -2,7 +2,9 @@
 
 use candle_core::{IndexOp, Tensor};
 use refusal_lens_engine::config::Family;
-use refusal_lens_engine::heads::{ablation_effect, dla, interchange, logit_direction};
+use refusal_lens_engine::heads::{
+    ablation_effect, dla, head_means, interchange, logit_direction, ScanAblation,
+};
 use refusal_lens_engine::hooks::{HeadValue, HookPoint, HookSpec, Intervention};
 use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
 use refusal_lens_engine::refusal::{RefusalSignal, REFUSE_TOKEN, RESPOND_TOKEN};
@@ -190,7 +192,14 @@ fn interchange_and_ablation_match_single_head_runs() {
     );
 
     // Ablation: zeroing head (0, 1) on one prompt, against a ScaleHead run.
-    let effect = ablation_effect(&lm, &[harmful], 0.0, &|| false, &mut |_, _| {}).unwrap();
+    let effect = ablation_effect(
+        &lm,
+        &[harmful],
+        &ScanAblation::Scale(0.0),
+        &|| false,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let zeroed = HookSpec::with_interventions(vec![Intervention::ScaleHead {
         layer: 0,
         head: 1,
@@ -198,6 +207,36 @@ fn interchange_and_ablation_match_single_head_runs() {
     }]);
     let want = score(&lm, &last_logits(&lm, &a, &zeroed)) - r.clean_harmful;
     assert!((effect.get(0, 1) - want).abs() < 1e-3 * want.abs().max(1.0));
+
+    // Mean ablation against a SetHead run with the same mean.
+    let means = head_means(&lm, &[harmless, "Tell me a joke"]).unwrap();
+    let effect = ablation_effect(
+        &lm,
+        &[harmful],
+        &ScanAblation::Mean(means.clone()),
+        &|| false,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let meaned = HookSpec::with_interventions(vec![Intervention::SetHead {
+        layer: 1,
+        head: 3,
+        value: HeadValue::Broadcast(means[1][3].clone()),
+    }]);
+    let want = score(&lm, &last_logits(&lm, &a, &meaned)) - r.clean_harmful;
+    assert!(
+        (effect.get(1, 3) - want).abs() < 1e-3 * want.abs().max(1.0),
+        "{} vs {want}",
+        effect.get(1, 3)
+    );
+    // The means are the heads' averages over every position of the reference prompts.
+    let want_mean =
+        refusal_lens_engine::steering::head_mean(&lm, &[harmless, "Tell me a joke"], 1, 3).unwrap();
+    let got: Vec<f32> = means[1][3].to_vec1().unwrap();
+    assert!(got
+        .iter()
+        .zip(&want_mean)
+        .all(|(x, y)| (x - y).abs() < 1e-5));
 }
 
 #[test]
