@@ -265,6 +265,14 @@ impl CliffPanel {
                     plot_name,
                     position,
                     ..
+                } if plot_name.starts_with("pinned") => Some(format!(
+                    "{plot_name}\nposition {:.0}\n{:.3}",
+                    position.x, position.y
+                )),
+                HoverPosition::NearDataPoint {
+                    plot_name,
+                    position,
+                    ..
                 } => {
                     let i = (position.x - dx).round() as usize;
                     let text = tokens
