@@ -100,7 +100,8 @@ pub enum Command {
     Sweep(crate::steer_cli::SweepArgs),
     /// Export a steering vector as a llama.cpp control vector (GGUF).
     ControlVector(crate::steer_cli::ControlVectorArgs),
-    /// Per-head attribution: dla, interchange or ablation (layers × heads, top heads).
+    /// Per-head attribution (layers × heads, top heads): dla, interchange, attribution,
+    /// ablation, suppression, cascade/routing, cipher.
     Heads(crate::heads_cli::HeadsArgs),
 }
 
