@@ -521,3 +521,22 @@ fn shift_clicking_a_head_computes_its_knockout_cascade() {
         .iter()
         .all(|&head| m.cascade.get(1, head).abs() < 1e-5));
 }
+
+#[test]
+fn a_reply_generated_under_the_stack_gets_a_steered_trajectory() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut h = harness_with_directions(&cache);
+    h.state_mut().steering.alpha_refusal = 1.0;
+    h.state_mut().steering.apply_to_reply = true;
+    h.get_by_label("Prompt & reply").click();
+    h.step();
+    h.state_mut().reply.max_new_tokens = 6;
+    h.get_by_label("Generate").click();
+    step_until(&mut h, "the steered reply's trajectory", |a| {
+        a.cliff.trajectory.is_some() || a.cliff.error.is_some()
+    });
+    assert_eq!(h.state().cliff.error, None);
+    h.get_by_label("Cliff").click();
+    h.step();
+    h.get_by_label_contains("Steered: add +1.00 × refusal at layer");
+}
