@@ -75,6 +75,10 @@ pub enum Job {
         /// Layer selection, behaviour filter and the rest.
         options: DirectionOptions,
     },
+    /// Make `layer` the directions' chosen layer (steering, saving and trajectories use it).
+    ChooseLayer {
+        layer: usize,
+    },
     /// Save the current directions to `path` (and the probes beside it).
     SaveLens {
         path: PathBuf,
@@ -735,6 +739,23 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                     Err(error) => emit(Event::LensFailed { error }),
                 }
             }
+            Job::ChooseLayer { layer } => match &lens.directions {
+                Some(d) if layer < d.n_states => {
+                    let mut d = (**d).clone();
+                    d.layer = layer;
+                    let directions = Arc::new(d);
+                    lens.directions = Some(directions.clone());
+                    emit(Event::LensReady {
+                        id: 0,
+                        directions,
+                        probes: lens.probes.clone(),
+                        seconds: 0.0,
+                    });
+                }
+                _ => emit(Event::LensFailed {
+                    error: format!("no directions with a layer {layer}"),
+                }),
+            },
             Job::SaveLens { path } => {
                 let result = match &lens.directions {
                     None => Err("no directions to save yet".to_string()),

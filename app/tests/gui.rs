@@ -540,3 +540,18 @@ fn a_reply_generated_under_the_stack_gets_a_steered_trajectory() {
     h.step();
     h.get_by_label_contains("Steered: add +1.00 × refusal at layer");
 }
+
+#[test]
+fn the_chosen_layer_can_be_changed_from_the_directions_tab() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut h = harness_with_directions(&cache);
+    let chosen = h.state().directions.directions.as_ref().unwrap().layer;
+    let other = if chosen == 0 { 1 } else { 0 };
+    h.state_mut().directions.layer = Some(other);
+    h.step();
+    h.get_by_label("Make it the chosen layer").click();
+    step_until(&mut h, "the new chosen layer", |a| {
+        a.directions.directions.as_ref().unwrap().layer == other
+    });
+    h.get_by_label_contains(&format!("chosen: layer {other}"));
+}

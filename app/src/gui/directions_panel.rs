@@ -91,16 +91,20 @@ impl DirectionsPanel {
                 ..
             } => {
                 self.job = None;
-                self.message = Some(format!(
-                    "{} directions over {} layers{} in {seconds:.1} s",
-                    if directions.selection.is_some() {
-                        "selected"
-                    } else {
-                        "computed"
-                    },
-                    directions.n_states,
-                    if probes.is_some() { " + probes" } else { "" }
-                ));
+                self.message = Some(if seconds == 0.0 {
+                    format!("directions ready (chosen layer {})", directions.layer)
+                } else {
+                    format!(
+                        "{} directions over {} layers{} in {seconds:.1} s",
+                        if directions.selection.is_some() {
+                            "selected"
+                        } else {
+                            "computed"
+                        },
+                        directions.n_states,
+                        if probes.is_some() { " + probes" } else { "" }
+                    )
+                });
                 self.directions = Some(directions);
                 self.probes = probes;
                 self.layer = None;
@@ -253,11 +257,11 @@ impl DirectionsPanel {
         let Some(d) = self.directions.clone() else {
             return;
         };
-        self.summary(ui, &d);
+        self.summary(ui, worker, &d);
         self.plots(ui, &d);
     }
 
-    fn summary(&mut self, ui: &mut egui::Ui, d: &Directions) {
+    fn summary(&mut self, ui: &mut egui::Ui, worker: &mut Worker, d: &Directions) {
         let p = &d.provenance;
         ui.label(format!(
             "{} harmful vs {} harmless prompts{} · chosen: layer {}, position t_post-{}{}",
@@ -293,6 +297,18 @@ impl DirectionsPanel {
             if ui.button("Reset to chosen").clicked() {
                 self.layer = None;
                 self.changed = true;
+            }
+            if ui
+                .add_enabled(
+                    self.layer.is_some_and(|l| l != d.layer),
+                    egui::Button::new("Make it the chosen layer"),
+                )
+                .on_hover_text("Steering, saving and every later trajectory use the chosen layer")
+                .clicked()
+            {
+                if let Some(layer) = self.layer {
+                    worker.send(Job::ChooseLayer { layer });
+                }
             }
             let csv = || directions_csv(d, self.probes.as_deref());
             self.export.buttons(ui, "directions", self.plot_rect, csv);
