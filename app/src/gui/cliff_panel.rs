@@ -251,7 +251,7 @@ impl CliffPanel {
         let tokens = t.tokens.clone();
         let response = Plot::new("cliff_plot")
             .height(260.0)
-            .legend(Legend::default().position(egui_plot::Corner::LeftTop))
+            .legend(Legend::default().position(egui_plot::Corner::LeftBottom))
             .x_axis_label(if aligned {
                 "token position relative to the end of the reply"
             } else {
@@ -312,18 +312,29 @@ impl CliffPanel {
                         );
                     }
                 }
-                let grey = Color32::from_gray(140);
-                plot.vline(VLine::new("t_inst", t.t_inst as f64 + dx).color(grey));
-                plot.vline(VLine::new("t_post", t.t_post as f64 + dx).color(grey));
-                plot.vline(
-                    VLine::new("prompt | reply", t.prompt_len as f64 - 0.5 + dx)
-                        .color(Color32::from_rgb(40, 140, 60))
-                        .width(2.0),
-                );
+                // Position markers are labelled in the plot, not the legend, which keeps the
+                // legend to the curves.
+                let grey = Color32::from_gray(150);
+                let green = Color32::from_rgb(40, 140, 60);
+                let blue = Color32::from_rgb(30, 120, 220);
+                let mut marks = vec![
+                    ("t_inst", t.t_inst as f64 + dx, grey),
+                    ("t_post", t.t_post as f64 + dx, grey),
+                    ("reply", t.prompt_len as f64 - 0.5 + dx, green),
+                ];
                 if let Some(s) = self.selected {
-                    plot.vline(
-                        VLine::new("selected token", s as f64 + dx)
-                            .color(Color32::from_rgb(30, 120, 220)),
+                    marks.push(("selected", s as f64 + dx, blue));
+                }
+                let bounds = plot.plot_bounds();
+                let (top, step) = (bounds.max()[1], (bounds.max()[1] - bounds.min()[1]) * 0.07);
+                // Stagger the labels: the markers are often one token apart.
+                for (k, (label, x, color)) in marks.into_iter().enumerate() {
+                    let y = top - step * k as f64;
+                    plot.vline(VLine::new("", x).color(color));
+                    plot.text(
+                        egui_plot::Text::new("", egui_plot::PlotPoint::new(x, y), label)
+                            .color(color)
+                            .anchor(egui::Align2::LEFT_TOP),
                     );
                 }
             });
