@@ -107,8 +107,8 @@ pub enum Job {
     /// and sufficiency, and the effect of zero-ablating each head on the harmful prompt.
     Heads {
         id: JobId,
-        harmful: String,
-        harmless: String,
+        /// (harmful, harmless) pairs; metrics are their means.
+        pairs: Vec<(String, String)>,
     },
     /// The knockout cascade of a chosen gate head on a harmful prompt.
     Cascade {
@@ -394,13 +394,9 @@ impl Worker {
     }
 
     /// Queues the per-head metrics of a pair (cancelled by [`Worker::cancel_lens`]).
-    pub fn heads(&mut self, harmful: String, harmless: String) -> JobId {
+    pub fn heads(&mut self, pairs: Vec<(String, String)>) -> JobId {
         let id = self.next();
-        self.send(Job::Heads {
-            id,
-            harmful,
-            harmless,
-        });
+        self.send(Job::Heads { id, pairs });
         id
     }
 
@@ -474,8 +470,10 @@ impl Drop for Worker {
 /// Every per-head metric of one pair.
 #[derive(Debug, Clone)]
 pub struct HeadMetrics {
+    /// The first pair (and how many pairs the metrics average over).
     pub harmful: String,
     pub harmless: String,
+    pub pairs: usize,
     /// Mean DLA of the harmful prompt minus the harmless one's.
     pub dla: HeadMap,
     pub necessity: HeadMap,
@@ -485,8 +483,9 @@ pub struct HeadMetrics {
     pub attribution_r: f32,
     /// Change in the harmful prompt's refusal score when the head is zeroed.
     pub ablation: HeadMap,
-    /// DLA of the harmful prompt plain minus Caesar-encoded (cipher contrast).
-    pub cipher: HeadMap,
+    /// DLA of the harmful prompt plain minus Caesar-encoded (cipher contrast), or why it
+    /// could not be computed (the encoded prompt states its key and may not fit the context).
+    pub cipher: Result<HeadMap, String>,
     /// The gate/amplifier finder's answer.
     pub routing: Routing,
     /// The knockout cascade of `cascade_gate`: every head's DLA change with it zeroed.
@@ -868,15 +867,10 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                 });
                 report(&emit, id, result, |points| Event::Swept { id, points });
             }
-            Job::Heads {
-                id,
-                harmful,
-                harmless,
-            } => {
+            Job::Heads { id, pairs } => {
                 job_id = id;
                 let cancelled = || cancels.lens.load(Ordering::SeqCst) >= id;
-                let result = models
-                    .with_active(|m| head_metrics(m, id, harmful, harmless, &cancelled, &emit));
+                let result = models.with_active(|m| head_metrics(m, id, &pairs, &cancelled, &emit));
                 report(&emit, id, result, |metrics| Event::HeadsReady {
                     id,
                     metrics: Box::new(metrics),
@@ -1066,18 +1060,20 @@ fn run_generate(
 fn head_metrics(
     m: &LoadedModel,
     id: JobId,
-    harmful: String,
-    harmless: String,
+    pairs: &[(String, String)],
     cancelled: &dyn Fn() -> bool,
     emit: &dyn Fn(Event),
 ) -> refusal_lens_engine::Result<HeadMetrics> {
     use refusal_lens_engine::heads::{
         ablation_effect, attribution_patching, cipher_contrast, correlation, dla, dla_difference,
-        find_routing, interchange, Cipher,
+        find_routing, interchange, Cipher, ScanAblation,
     };
+    let (first_harmful, first_harmless) = pairs
+        .first()
+        .cloned()
+        .ok_or_else(|| refusal_lens_engine::Error::InvalidInput("no pair chosen".into()))?;
     let started = Instant::now();
-    let progress = |phase: &str| {
-        let phase = phase.to_string();
+    let progress = |phase: String| {
         move |done: usize, total: usize| {
             emit(Event::HeadsProgress {
                 id,
@@ -1087,62 +1083,65 @@ fn head_metrics(
             })
         }
     };
+    let harmful: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
+    let harmless: Vec<&str> = pairs.iter().map(|p| p.1.as_str()).collect();
     let da = dla(
         m,
-        &[harmful.as_str()],
+        &harmful,
         None,
         &[],
         cancelled,
-        &mut progress("DLA"),
+        &mut progress("DLA".into()),
     )?;
     let db = dla(
         m,
-        &[harmless.as_str()],
+        &harmless,
         None,
         &[],
         cancelled,
-        &mut progress("DLA"),
+        &mut progress("DLA".into()),
     )?;
-    let x = interchange(
-        m,
-        &harmful,
-        &harmless,
-        None,
-        cancelled,
-        &mut progress("interchange"),
-    )?;
+    let dla_diff = dla_difference(&da, &db)?;
+    // Interchange and attribution per pair (each normalised by its own gap), then averaged.
+    let (mut necessity, mut sufficiency, mut attribution) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut clean_harmful, mut clean_harmless) = (0.0, 0.0);
+    for (i, (a, b)) in pairs.iter().enumerate() {
+        let phase = format!("interchange, pair {}/{}", i + 1, pairs.len());
+        let x = interchange(m, a, b, None, cancelled, &mut progress(phase))?;
+        attribution.push(attribution_patching(m, a, b, Some(x.k))?.necessity);
+        clean_harmful += x.clean_harmful / pairs.len() as f32;
+        clean_harmless += x.clean_harmless / pairs.len() as f32;
+        necessity.push(x.necessity);
+        sufficiency.push(x.sufficiency);
+    }
+    let necessity = HeadMap::mean(&necessity)?;
+    let attribution = HeadMap::mean(&attribution)?;
     let ablation = ablation_effect(
         m,
-        &[harmful.as_str()],
-        &refusal_lens_engine::heads::ScanAblation::Scale(0.0),
+        &harmful,
+        &ScanAblation::Scale(0.0),
         cancelled,
-        &mut progress("ablation"),
+        &mut progress("ablation".into()),
     )?;
-    let attribution = attribution_patching(m, &harmful, &harmless, Some(x.k))?.necessity;
-    let dla_diff = dla_difference(&da, &db)?;
-    let (routing, cascade) = find_routing(m, &harmful, &dla_diff, &x.necessity, cancelled)?;
-    let cipher = cipher_contrast(
-        m,
-        &[harmful.as_str()],
-        Cipher::Caesar,
-        cancelled,
-        &mut |_, _| {},
-    )?;
+    let (routing, cascade) = find_routing(m, &first_harmful, &dla_diff, &necessity, cancelled)?;
+    let cipher = cipher_contrast(m, &harmful, Cipher::Caesar, cancelled, &mut |_, _| {})
+        .map_err(|e| e.to_string());
     Ok(HeadMetrics {
-        attribution_r: correlation(&attribution, &x.necessity),
+        attribution_r: correlation(&attribution, &necessity),
         attribution,
         dla: dla_diff,
         cipher,
         cascade_gate: routing.gate,
         routing,
         cascade,
-        necessity: x.necessity,
-        sufficiency: x.sufficiency,
+        necessity,
+        sufficiency: HeadMap::mean(&sufficiency)?,
         ablation,
-        clean_harmful: x.clean_harmful,
-        clean_harmless: x.clean_harmless,
-        harmful,
-        harmless,
+        clean_harmful,
+        clean_harmless,
+        pairs: pairs.len(),
+        harmful: first_harmful,
+        harmless: first_harmless,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

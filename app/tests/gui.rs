@@ -490,11 +490,15 @@ fn shift_clicking_a_head_computes_its_knockout_cascade() {
     });
     h.get_by_label("Head attribution").click();
     h.step();
+    // Metrics as means over two pairs.
+    h.state_mut().heads.n_pairs = 2;
     h.get_by_label("Compute").click();
     step_until(&mut h, "the head metrics", |a| {
         a.heads.metrics.is_some() || a.heads.error.is_some()
     });
     assert_eq!(h.state().heads.error, None);
+    assert_eq!(h.state().heads.metrics.as_ref().unwrap().pairs, 2);
+    h.get_by_label_contains("and 1 more pairs (means)");
     h.get_by_label_contains("Gate (25–65% depth");
     for _ in 0..2 {
         h.step();

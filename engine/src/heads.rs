@@ -61,6 +61,18 @@ impl HeadMap {
         all
     }
 
+    /// The element-wise mean of several maps of one shape.
+    pub fn mean(maps: &[HeadMap]) -> Result<HeadMap> {
+        let first = maps
+            .first()
+            .ok_or_else(|| Error::InvalidInput("no maps to average".into()))?;
+        let mut m = HeadMap::zeros(first.n_layers, first.n_heads);
+        for x in maps {
+            m.add_scaled(x, 1.0 / maps.len() as f32);
+        }
+        Ok(m)
+    }
+
     fn add_scaled(&mut self, other: &HeadMap, scale: f32) {
         for (a, b) in self.values.iter_mut().zip(&other.values) {
             *a += b * scale;

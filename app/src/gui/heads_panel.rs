@@ -55,7 +55,7 @@ impl Metric {
             Metric::Sufficiency => m.sufficiency.get(l, h),
             Metric::Attribution => m.attribution.get(l, h),
             Metric::Ablation => m.ablation.get(l, h),
-            Metric::Cipher => m.cipher.get(l, h),
+            Metric::Cipher => m.cipher.as_ref().map_or(0.0, |c| c.get(l, h)),
             Metric::Cascade => m.cascade.get(l, h),
         }
     }
@@ -73,6 +73,8 @@ const HEATMAP_CELL_H: f32 = 14.0;
 pub struct HeadsPanel {
     pub metric: Metric,
     pair: usize,
+    /// Average over this many pairs, from the chosen one on.
+    pub n_pairs: usize,
     job: Option<JobId>,
     progress: (String, usize, usize),
     pub metrics: Option<HeadMetrics>,
@@ -235,6 +237,13 @@ impl HeadsPanel {
                         ui.selectable_value(&mut self.pair, i, a.clone());
                     }
                 });
+            ui.add(
+                egui::DragValue::new(&mut self.n_pairs)
+                    .range(1..=pairs.len().min(20))
+                    .prefix("mean over ")
+                    .suffix(" pair(s)"),
+            )
+            .on_hover_text("Average every metric over this many test pairs, from the chosen one on (about 10 s per pair)");
             let can = model_ready && self.job.is_none();
             if ui
                 .add_enabled(can, egui::Button::new("Compute"))
@@ -243,8 +252,9 @@ impl HeadsPanel {
             {
                 self.error = None;
                 self.progress = ("starting".into(), 0, 1);
-                let (a, b) = pairs[self.pair].clone();
-                self.job = Some(worker.heads(a, b));
+                let chosen: Vec<(String, String)> =
+                    pairs.iter().skip(self.pair).take(self.n_pairs.max(1)).cloned().collect();
+                self.job = Some(worker.heads(chosen));
             }
             if self.job.is_some() {
                 let (phase, done, total) = &self.progress;
@@ -276,9 +286,21 @@ impl HeadsPanel {
                 ui.selectable_value(&mut self.metric, metric, metric.name());
             }
         });
+        if let (Metric::Cipher, Err(e)) = (self.metric, &m.cipher) {
+            ui.colored_label(
+                ui.visuals().warn_fg_color,
+                format!("No cipher contrast: {e}"),
+            );
+        }
         ui.label(format!(
-            "{:?} vs {:?}: clean refusal score {:.2} vs {:.2} · attribution vs exact necessity r = {:.3} · computed in {:.1} s",
-            m.harmful, m.harmless, m.clean_harmful, m.clean_harmless, m.attribution_r, m.seconds
+            "{:?} vs {:?}{}: clean refusal score {:.2} vs {:.2} · attribution vs exact necessity r = {:.3} · computed in {:.1} s",
+            m.harmful,
+            m.harmless,
+            if m.pairs > 1 { format!(" and {} more pairs (means)", m.pairs - 1) } else { String::new() },
+            m.clean_harmful,
+            m.clean_harmless,
+            m.attribution_r,
+            m.seconds
         ));
         let r = &m.routing;
         let amps: Vec<String> = r
@@ -497,7 +519,7 @@ impl HeadsPanel {
                 m.sufficiency.get(l, h),
                 m.attribution.get(l, h),
                 m.ablation.get(l, h),
-                m.cipher.get(l, h),
+                m.cipher.as_ref().map_or(f32::NAN, |c| c.get(l, h)),
                 m.cascade_gate.0,
                 m.cascade_gate.1,
                 m.cascade.get(l, h),
@@ -538,7 +560,7 @@ fn heads_csv(m: &HeadMetrics) -> String {
                 m.sufficiency.get(l, h),
                 m.attribution.get(l, h),
                 m.ablation.get(l, h),
-                m.cipher.get(l, h),
+                m.cipher.as_ref().map_or(f32::NAN, |c| c.get(l, h)),
                 m.cascade.get(l, h)
             ));
         }
