@@ -127,27 +127,11 @@ impl HeadsPanel {
                 }
                 self.metric = Metric::Cascade;
             }
-            Event::SteerToken { step, .. } => self.reply.text.push_str(&step.text),
-            Event::SteerFinished {
-                text,
-                mode,
-                refusal_probability,
-                judgement,
-                first_token_seconds,
-                seconds,
-                ..
-            } => {
-                self.reply_job = None;
-                self.reply = ReplyView {
-                    text,
-                    label: std::mem::take(&mut self.reply.label),
-                    done: true,
-                    mode: Some(mode),
-                    refusal_probability,
-                    judgement,
-                    first_token_ms: first_token_seconds * 1e3,
-                    seconds,
-                };
+            Event::SteerToken { .. } | Event::SteerFinished { .. } => {
+                if matches!(event, Event::SteerFinished { .. }) {
+                    self.reply_job = None;
+                }
+                self.reply.follow(event);
             }
             Event::Failed { id, error } => {
                 if Some(id) == self.job {

@@ -92,6 +92,33 @@ impl Default for SteeringPanel {
     }
 }
 
+impl ReplyView {
+    /// Follows a steered reply's events: each token appends, the summary completes it.
+    pub fn follow(&mut self, event: Event) {
+        match event {
+            Event::SteerToken { step, .. } => self.text.push_str(&step.text),
+            Event::SteerFinished {
+                text,
+                mode,
+                refusal_probability,
+                judgement,
+                first_token_seconds,
+                seconds,
+                ..
+            } => {
+                self.text = text;
+                self.done = true;
+                self.mode = Some(mode);
+                self.refusal_probability = refusal_probability;
+                self.judgement = judgement;
+                self.first_token_ms = first_token_seconds * 1e3;
+                self.seconds = seconds;
+            }
+            _ => {}
+        }
+    }
+}
+
 fn mode_text(mode: Option<ResponseMode>) -> String {
     mode.map_or("…".into(), |m| m.name().to_string())
 }
@@ -112,37 +139,18 @@ impl SteeringPanel {
 
     pub fn on_event(&mut self, event: Event) {
         match event {
-            Event::SteerToken { id, baseline, step } if Some(id) == self.job => {
-                let view = if baseline {
-                    &mut self.baseline
-                } else {
-                    &mut self.steered
-                };
-                view.text.push_str(&step.text);
-            }
-            Event::SteerFinished {
-                id,
-                baseline,
-                text,
-                mode,
-                refusal_probability,
-                judgement,
-                first_token_seconds,
-                seconds,
-            } if Some(id) == self.job => {
-                let view = if baseline {
-                    &mut self.baseline
-                } else {
+            Event::SteerToken { id, baseline, .. } | Event::SteerFinished { id, baseline, .. }
+                if Some(id) == self.job =>
+            {
+                if !baseline && matches!(event, Event::SteerFinished { .. }) {
                     self.job = None;
+                }
+                let view = if baseline {
+                    &mut self.baseline
+                } else {
                     &mut self.steered
                 };
-                view.text = text;
-                view.done = true;
-                view.mode = Some(mode);
-                view.refusal_probability = refusal_probability;
-                view.judgement = judgement;
-                view.first_token_ms = first_token_seconds * 1e3;
-                view.seconds = seconds;
+                view.follow(event);
             }
             Event::SweepProgress { id, done, total } if Some(id) == self.sweep_job => {
                 self.sweep_progress = (done, total)
