@@ -3,7 +3,8 @@
 
 use candle_core::{Device, Tensor};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
-use refusal_lens_engine::model::{FastPrecision, ForwardOptions, LogitsAt};
+use refusal_lens_engine::model::FastPrecision;
+use refusal_lens_engine::testing::dense_run;
 use refusal_lens_engine::LoadedModel;
 use refusal_lens_tests::{fixtures_dir, relative_error};
 
@@ -19,42 +20,15 @@ fn check(name: &str) {
     let n = m.model.config.n_layers;
     let mut points: Vec<HookPoint> = (0..n).map(HookPoint::ResidPre).collect();
     points.push(HookPoint::LnFinal);
-    let tokens = Tensor::new(ids.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let out = m
-        .model
-        .forward(
-            &m.model.dense,
-            &tokens,
-            None,
-            &HookSpec::capture(points),
-            LogitsAt::All,
-            ForwardOptions::default(),
-        )
-        .unwrap();
+    let (logits, captures) = dense_run(&m, &ids, &HookSpec::default(), &points);
     let as_tensor = |v: &serde_json::Value| {
         let rows: Vec<Vec<f32>> = serde_json::from_value(v.clone()).unwrap();
         Tensor::new(rows, &Device::Cpu).unwrap()
     };
-    let logits = out.logits.unwrap().squeeze(0).unwrap();
     let err = relative_error(&logits, &as_tensor(&expected["logits"]));
     assert!(err < TOLERANCE, "{name} logits: relative error {err}");
-    for l in 0..=n {
-        let point = if l < n {
-            HookPoint::ResidPre(l)
-        } else {
-            HookPoint::LnFinal
-        };
-        let ours = out
-            .captures
-            .get(point)
-            .unwrap()
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
-        let err = relative_error(&ours, &as_tensor(&expected["hidden_states"][l]));
+    for (l, (point, ours)) in points.iter().zip(&captures).enumerate() {
+        let err = relative_error(ours, &as_tensor(&expected["hidden_states"][l]));
         assert!(err < TOLERANCE, "{name} {point}: relative error {err}");
     }
 }

@@ -5,6 +5,7 @@
 use candle_core::{Device, Tensor};
 use refusal_lens_engine::generate::{generate, GenerateConfig, Precision};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
+use refusal_lens_engine::testing::dense_run;
 use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
 use refusal_lens_tests::{default_model, fixtures_dir, relative_error};
 use serde::Deserialize;
@@ -109,38 +110,19 @@ fn hidden_states_and_logits_match_transformers() {
     for (i, p) in r.prompts.iter().enumerate() {
         let mut points: Vec<HookPoint> = r.layers.iter().map(|&l| HookPoint::ResidPre(l)).collect();
         points.push(HookPoint::LnFinal);
-        let tokens = Tensor::new(p.ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let out = m
-            .model
-            .forward(
-                &m.model.dense,
-                &tokens,
-                None,
-                &HookSpec::capture(points),
-                LogitsAt::All,
-                ForwardOptions::default(),
-            )
-            .unwrap();
+        let (logits, captures) = dense_run(&m, &p.ids, &HookSpec::default(), &points);
         let n = p.ids.len();
-        let last = |x: Tensor| {
-            x.squeeze(0)
-                .unwrap()
-                .narrow(0, n - r.last_positions, r.last_positions)
-                .unwrap()
-        };
-        for &l in &r.layers {
-            let ours = last(out.captures.get(HookPoint::ResidPre(l)).unwrap().unwrap());
+        let last = |x: &Tensor| x.narrow(0, n - r.last_positions, r.last_positions).unwrap();
+        for (&l, x) in r.layers.iter().zip(&captures) {
+            let ours = last(x);
             let err = relative_error(&ours, &t[&format!("p{i}.resid_pre.{l}")]);
             eprintln!("prompt {i} resid_pre {l}: relative error {err:.2e}");
             assert!(err < TOLERANCE, "prompt {i} layer {l}: {err}");
         }
-        let ours = last(out.captures.get(HookPoint::LnFinal).unwrap().unwrap());
+        let ours = last(captures.last().expect("ln_final captured"));
         let err = relative_error(&ours, &t[&format!("p{i}.ln_final")]);
         assert!(err < TOLERANCE, "prompt {i} ln_final: {err}");
-        let logits = out.logits.unwrap().squeeze(0).unwrap().get(n - 1).unwrap();
+        let logits = logits.get(n - 1).unwrap();
         let err = relative_error(&logits, &t[&format!("p{i}.logits_last")]);
         eprintln!("prompt {i} last logits: relative error {err:.2e}");
         assert!(err < TOLERANCE, "prompt {i} logits: {err}");
