@@ -12,7 +12,7 @@ use refusal_lens_engine::hooks::{HookSpec, Intervention};
 use refusal_lens_engine::prompts::{Label, PromptRecord};
 use refusal_lens_engine::refusal::{RefusalSignal, REFUSE_TOKEN, RESPOND_TOKEN};
 use refusal_lens_engine::testing::dense_logits as logits;
-use refusal_lens_engine::testing::tiny_model;
+use refusal_lens_engine::testing::{max_abs_diff, tiny_model};
 use refusal_lens_engine::LoadedModel;
 
 fn rows(m: &LoadedModel, seed: f64) -> Tensor {
@@ -41,16 +41,7 @@ fn extending_the_vocabulary_keeps_old_tokens_and_their_logits() {
         assert_eq!(m.model.config.vocab_size, 261);
         let after = logits(&m, &ids);
         let old = after.narrow(2, 0, 259).unwrap();
-        let diff = (old - &before)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&old, &before);
         assert!(diff < 1e-5, "{family:?}: old logits moved by {diff}");
         // The new tokens are single ids, round-trip, and their logit is h · row.
         let enc = m.tokenizer.encode("[refuse] hi", false).unwrap();
@@ -185,26 +176,12 @@ fn training_separates_the_training_prompts_and_adapters_round_trip() {
     adapter.save(dir.path()).unwrap();
     let again = Adapter::load(dir.path()).unwrap();
     assert_eq!(again.meta.tokens, vec!["[refuse]", "[respond]"]);
-    let diff = (again.rows.to_dtype(DType::F32).unwrap() - &adapter.rows)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&again.rows.to_dtype(DType::F32).unwrap(), &adapter.rows);
     assert_eq!(diff, 0.0);
     // Retraining on the same data with the same seed gives the same rows.
     let twice = train_refusal_tokens(&base, &train, &opts, &|| false, &mut |_| {}).unwrap();
     assert_eq!(twice.meta.data_sha256, adapter.meta.data_sha256);
-    let diff = (twice.rows - &adapter.rows)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&twice.rows, &adapter.rows);
     assert_eq!(diff, 0.0);
     // Training twice on a model that already has the tokens is refused.
     assert!(train_refusal_tokens(&organism, &train, &opts, &|| false, &mut |_| {}).is_err());
@@ -271,50 +248,23 @@ fn lora_training_lowers_the_loss_and_its_merge_is_what_was_trained() {
     adapter.save(dir.path()).unwrap();
     let reloaded = Adapter::load(dir.path()).unwrap();
     for (k, v) in &adapter.lora {
-        let d = (v - &reloaded.lora[k])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(v, &reloaded.lora[k]);
         assert_eq!(d, 0.0, "{k}");
     }
-    let d = (&adapter.rows - &reloaded.rows)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = max_abs_diff(&adapter.rows, &reloaded.rows);
     assert_eq!(d, 0.0, "rows");
     let (a, b) = (
         adapter.apply(&base).unwrap(),
         reloaded.apply(&base).unwrap(),
     );
     let ids = [257u32, 98, 97, 100, 258, 10, 259];
-    let diff = (logits(&a, &ids) - logits(&b, &ids))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&logits(&a, &ids), &logits(&b, &ids));
     assert_eq!(diff, 0.0);
     // The merge changed q/k/v/o: the organism differs from the base on old tokens too.
-    let moved = (logits(&a, &ids[..6]).narrow(2, 0, 259).unwrap() - logits(&base, &ids[..6]))
-        .unwrap()
-        .abs()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let moved = max_abs_diff(
+        &logits(&a, &ids[..6]).narrow(2, 0, 259).unwrap(),
+        &logits(&base, &ids[..6]),
+    );
     assert!(moved > 0.0);
 }
 

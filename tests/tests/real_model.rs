@@ -5,8 +5,8 @@
 use candle_core::{Device, Tensor};
 use refusal_lens_engine::generate::{generate, GenerateConfig, Precision};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
-use refusal_lens_engine::testing::dense_run;
 use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
+use refusal_lens_engine::testing::dense_run;
 use refusal_lens_tests::{default_model, fixtures_dir, relative_error};
 use serde::Deserialize;
 
