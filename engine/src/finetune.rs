@@ -798,23 +798,7 @@ mod tests {
             organism
                 .add_tokens_untied(&["[refuse]", "[respond]"], &input_rows, &rows)
                 .unwrap();
-            let t = Tensor::new(ids.as_slice(), &dev)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let logits = organism
-                .model
-                .forward(
-                    &organism.model.dense,
-                    &t,
-                    None,
-                    &HookSpec::default(),
-                    LogitsAt::All,
-                    ForwardOptions::default(),
-                )
-                .unwrap()
-                .logits
-                .unwrap()
+            let logits = crate::testing::dense_logits(&organism, &ids)
                 .squeeze(0)
                 .unwrap();
             // After the first reply position the refusal tokens are forbidden.
