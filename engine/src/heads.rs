@@ -300,13 +300,14 @@ fn clean_run(lm: &LoadedModel, ids: Vec<u32>, k: usize, signal: &RefusalSignal) 
 }
 
 /// Refusal scores of `target`'s run with, in one batch per layer, each head's `z` at the last
-/// `k` positions replaced by `source`'s.
+/// `k` positions replaced by `value(layer, head)` (`[k, d_h]`): the prefix before them is
+/// reused from the clean run, so only those positions are recomputed.
 fn patched_scores(
     lm: &LoadedModel,
     target: &Clean,
-    source: &Clean,
     k: usize,
     signal: &RefusalSignal,
+    value: &dyn Fn(usize, usize) -> Result<Tensor>,
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(),
 ) -> Result<HeadMap> {
@@ -323,7 +324,7 @@ fn patched_scores(
             return Err(Error::Cancelled);
         }
         let values = (0..h)
-            .map(|head| Ok(source.z[l].i((.., head))?.contiguous()?))
+            .map(|head| Ok(value(l, head)?.contiguous()?))
             .collect::<Result<Vec<_>>>()?;
         let hooks = HookSpec::with_interventions(vec![Intervention::PatchHeadPerRow {
             layer: l,
@@ -382,8 +383,25 @@ pub fn interchange(
         done += 1;
         progress(done, total)
     };
-    let into_harmful = patched_scores(lm, &clean_a, &clean_b, k, &signal, cancelled, &mut tick)?;
-    let into_harmless = patched_scores(lm, &clean_b, &clean_a, k, &signal, cancelled, &mut tick)?;
+    let z_of = |source: &Clean, l: usize, head: usize| Ok(source.z[l].i((.., head))?);
+    let into_harmful = patched_scores(
+        lm,
+        &clean_a,
+        k,
+        &signal,
+        &|l, h| z_of(&clean_b, l, h),
+        cancelled,
+        &mut tick,
+    )?;
+    let into_harmless = patched_scores(
+        lm,
+        &clean_b,
+        k,
+        &signal,
+        &|l, h| z_of(&clean_a, l, h),
+        cancelled,
+        &mut tick,
+    )?;
     let norm = |map: HeadMap, f: &dyn Fn(f32) -> f32| HeadMap {
         values: map.values.into_iter().map(f).collect(),
         ..map
@@ -465,54 +483,26 @@ pub fn ablation_effect(
     let total = prompts.len() * n;
     for (i, p) in prompts.iter().enumerate() {
         let ids = lm.chat_prompt(None, p)?.ids;
-        let clean = clean_run(lm, ids.clone(), ids.len(), &signal)?;
-        let tokens = Tensor::new(ids.as_slice(), m.device())?
-            .unsqueeze(0)?
-            .repeat((h, 1))?;
-        for l in 0..n {
-            if cancelled() {
-                return Err(Error::Cancelled);
-            }
-            // Scaling z at layer l is patching it with factor × its clean value: nothing
-            // before layer l changes.
-            let values = (0..h)
-                .map(|head| {
-                    let z = clean.z[l].i((.., head))?;
-                    Ok(match how {
-                        ScanAblation::Scale(f) => (z * *f as f64)?.contiguous()?,
-                        ScanAblation::Mean(means) => means[l][head]
-                            .unsqueeze(0)?
-                            .broadcast_as(z.shape())?
-                            .contiguous()?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let hooks = HookSpec::with_interventions(vec![Intervention::PatchHeadPerRow {
-                layer: l,
-                start: 0,
-                heads: (0..h).collect(),
-                values,
-            }]);
-            let logits = m
-                .forward(
-                    &m.dense,
-                    &tokens,
-                    None,
-                    &hooks,
-                    LogitsAt::Last,
-                    ForwardOptions::default(),
-                )?
-                .logits
-                .expect("logits");
-            for head in 0..h {
-                let s = refusal_score_of(&signal, &logits.i((head, 0))?)?;
-                mean.set(
-                    l,
-                    head,
-                    mean.get(l, head) + (s - clean.score) / prompts.len() as f32,
-                );
-            }
-            progress(i * n + l + 1, total);
+        let len = ids.len();
+        // Patch every position: scaling z at layer l is patching it with factor × its clean
+        // value, since nothing before layer l changes.
+        let clean = clean_run(lm, ids, len, &signal)?;
+        let value = |l: usize, head: usize| -> Result<Tensor> {
+            let z = clean.z[l].i((.., head))?;
+            Ok(match how {
+                ScanAblation::Scale(f) => (z * *f as f64)?,
+                ScanAblation::Mean(means) => {
+                    means[l][head].unsqueeze(0)?.broadcast_as(z.shape())?
+                }
+            })
+        };
+        let mut layer = 0;
+        let scores = patched_scores(lm, &clean, len, &signal, &value, cancelled, &mut || {
+            layer += 1;
+            progress(i * n + layer, total);
+        })?;
+        for (acc, s) in mean.values.iter_mut().zip(&scores.values) {
+            *acc += (s - clean.score) / prompts.len() as f32;
         }
     }
     Ok(mean)
