@@ -165,6 +165,34 @@ impl SteerArgs {
     }
 }
 
+/// A direction from a saved directions file and the layers it acts at.
+#[derive(Args, Debug)]
+pub struct DirectionChoice {
+    /// Directions saved by `refusal-lens directions --out`.
+    #[arg(long)]
+    pub directions: PathBuf,
+    /// refusal or harmfulness.
+    #[arg(long, default_value = "refusal")]
+    pub direction: String,
+    /// Layer or range A-B (default: the directions' chosen layer).
+    #[arg(long)]
+    pub layers: Option<String>,
+}
+
+impl DirectionChoice {
+    /// The directions (checked against `lm`), the direction and the layer range.
+    fn load(&self, lm: &LoadedModel) -> Result<(Directions, Direction, (usize, usize))> {
+        let dirs = Directions::load(&self.directions)?;
+        dirs.check_fits(lm)?;
+        let direction = parse_direction(Some(self.direction.as_str()))?;
+        let layers = match &self.layers {
+            Some(l) => parse_layers(l)?,
+            None => (dirs.layer, dirs.layer),
+        };
+        Ok((dirs, direction, layers))
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct SweepArgs {
     /// Prompts to steer.
@@ -176,16 +204,10 @@ pub struct SweepArgs {
     /// At most this many prompts.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Directions saved by `refusal-lens directions --out`.
-    #[arg(long)]
-    pub directions: PathBuf,
-    /// refusal or harmfulness.
-    #[arg(long, default_value = "refusal")]
-    pub direction: String,
-    /// Layer (or range A-B) to add at (default: the directions' chosen layer). A single layer
-    /// with negative α is detection-layer modulation.
-    #[arg(long)]
-    pub layers: Option<String>,
+    /// Which direction, from which file, at which layers (a single layer with negative α is
+    /// detection-layer modulation).
+    #[command(flatten)]
+    pub steer_along: DirectionChoice,
     /// Comma-separated α values.
     #[arg(
         long,
@@ -210,13 +232,7 @@ pub struct SweepArgs {
 }
 
 pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
-    let dirs = Directions::load(&a.directions)?;
-    dirs.check_fits(lm)?;
-    let direction = parse_direction(Some(a.direction.as_str()))?;
-    let layers = match &a.layers {
-        Some(l) => parse_layers(l)?,
-        None => (dirs.layer, dirs.layer),
-    };
+    let (dirs, direction, layers) = a.steer_along.load(lm)?;
     let set = PromptSet::load(&a.set, None)?;
     let split = a.split.as_deref().map(str::parse::<Split>).transpose()?;
     let mut prompts: Vec<&str> = set.split(split).map(|r| r.prompt.as_str()).collect();
@@ -281,7 +297,7 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"set": a.set, "prompts": prompts.len(), "direction": a.direction,
+            serde_json::json!({"set": a.set, "prompts": prompts.len(), "direction": direction.name(),
                 "layers": layers, "labels": labels, "points": points, "seconds": seconds})
         );
         return Ok(());
@@ -290,7 +306,7 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
         "{} prompts of {}; {} direction at layers {}–{}; refusal = first-token p ≥ τ = {}",
         prompts.len(),
         a.set.display(),
-        a.direction,
+        direction.name(),
         layers.0,
         layers.1,
         a.tau
@@ -328,15 +344,10 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct ControlVectorArgs {
-    /// Directions saved by `refusal-lens directions --out`.
-    #[arg(long)]
-    pub directions: PathBuf,
-    /// refusal or harmfulness.
-    #[arg(long, default_value = "refusal")]
-    pub direction: String,
-    /// Residual states to cover, A-B (llama.cpp's layer N output is state N+1; ≥ 2).
-    #[arg(long)]
-    pub layers: Option<String>,
+    /// Which direction, from which file, at which residual states (llama.cpp's layer N output
+    /// is state N+1, so states ≥ 2).
+    #[command(flatten)]
+    pub export: DirectionChoice,
     /// Scale baked into the vectors (llama.cpp applies its own scale on top).
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub alpha: f32,
@@ -345,16 +356,11 @@ pub struct ControlVectorArgs {
 }
 
 pub fn control_vector(lm: &LoadedModel, a: ControlVectorArgs) -> Result<()> {
-    let dirs = Directions::load(&a.directions)?;
-    dirs.check_fits(lm)?;
-    let layers = match &a.layers {
-        Some(l) => parse_layers(l)?,
-        None => (dirs.layer, dirs.layer),
-    };
+    let (dirs, direction, layers) = a.export.load(lm)?;
     write_control_vector(
         &a.out,
         &dirs,
-        parse_direction(Some(a.direction.as_str()))?,
+        direction,
         layers,
         a.alpha,
         &lm.card.architecture,
@@ -362,7 +368,7 @@ pub fn control_vector(lm: &LoadedModel, a: ControlVectorArgs) -> Result<()> {
     println!(
         "wrote {} ({} direction, states {}–{} → llama.cpp direction.{}–{}, α {})",
         a.out.display(),
-        a.direction,
+        direction.name(),
         layers.0,
         layers.1,
         layers.0 - 1,
