@@ -96,12 +96,8 @@ impl CalibrationPanel {
             ui.checkbox(&mut self.test_split_only, "test split only");
             if self.job.is_some() {
                 let (done, total) = self.progress;
-                ui.add(
-                    egui::ProgressBar::new(done as f32 / total.max(1) as f32)
-                        .desired_width(180.0)
-                        .text(format!("{done} / {total} prompts")),
-                );
-                if ui.button("Cancel").clicked() {
+                if super::progress_with_cancel(ui, done, total, format!("{done} / {total} prompts"))
+                {
                     worker.cancel_all();
                 }
             }

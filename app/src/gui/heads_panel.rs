@@ -242,12 +242,7 @@ impl HeadsPanel {
             }
             if self.job.is_some() {
                 let (phase, done, total) = &self.progress;
-                ui.add(
-                    egui::ProgressBar::new(*done as f32 / (*total).max(1) as f32)
-                        .desired_width(200.0)
-                        .text(format!("{phase}: {done} / {total}")),
-                );
-                if ui.button("Cancel").clicked() {
+                if super::progress_with_cancel(ui, *done, *total, format!("{phase}: {done} / {total}")) {
                     worker.cancel_lens();
                 }
             }

@@ -29,6 +29,22 @@ pub use reply_panel::ReplyPanel;
 pub use steering_panel::SteeringPanel;
 pub use training_panel::TrainingPanel;
 
+/// A job's progress bar (`done / total`, with `text`) and its Cancel button; true when
+/// Cancel was clicked.
+pub(crate) fn progress_with_cancel(
+    ui: &mut egui::Ui,
+    done: usize,
+    total: usize,
+    text: String,
+) -> bool {
+    ui.add(
+        egui::ProgressBar::new(done as f32 / total.max(1) as f32)
+            .desired_width(220.0)
+            .text(text),
+    );
+    ui.button("Cancel").clicked()
+}
+
 /// The views of the central area.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Tab {

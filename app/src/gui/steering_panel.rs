@@ -470,12 +470,7 @@ impl SteeringPanel {
             }
             if self.sweep_job.is_some() {
                 let (done, total) = self.sweep_progress;
-                ui.add(
-                    egui::ProgressBar::new(done as f32 / total.max(1) as f32)
-                        .desired_width(200.0)
-                        .text(format!("{done} / {total}")),
-                );
-                if ui.button("Cancel").clicked() {
+                if super::progress_with_cancel(ui, done, total, format!("{done} / {total}")) {
                     worker.cancel_lens();
                 }
             }
