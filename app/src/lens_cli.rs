@@ -440,50 +440,70 @@ fn sample_sets() -> Result<(PromptSet, PromptSet)> {
     .context("no --probes/--directions given and the sample sets are not here (run from the repository root)")
 }
 
-/// The probes from `--probes`, or logistic probes trained on the sample sets (cached states).
-fn load_or_train_probes(lm: &LoadedModel, files: &LensFiles, quiet: bool) -> Result<ProbeSet> {
-    if let Some(p) = &files.probes {
-        return Ok(ProbeSet::load(p)?);
-    }
-    let (harmful, harmless) = sample_sets()?;
-    Ok(lens::probes(
-        lm,
-        &harmful,
-        &harmless,
-        &ProbeJob::default(),
-        Some(&default_cache_dir()),
-        &|| false,
-        &mut progress_bar(quiet),
-    )?)
-}
-
-/// The directions from `--directions`, or diff-in-means on the sample sets (no selection).
-fn load_or_build_directions(
+/// The probes from `--probes` (and, with `with_directions`, the directions from
+/// `--directions`). What is not given is built from the sample sets: logistic probes, and
+/// diff-in-means directions without layer selection, from states collected (or read from the
+/// cache) once for both.
+fn lens_inputs(
     lm: &LoadedModel,
     files: &LensFiles,
+    with_directions: bool,
     quiet: bool,
-) -> Result<Directions> {
-    if let Some(p) = &files.directions {
-        return Ok(Directions::load(p)?);
+) -> Result<(ProbeSet, Option<Directions>)> {
+    let given_probes = files.probes.as_deref().map(ProbeSet::load).transpose()?;
+    let given_directions = match &files.directions {
+        Some(p) if with_directions => Some(Directions::load(p)?),
+        _ => None,
+    };
+    let need_directions = with_directions && given_directions.is_none();
+    if let (Some(p), false) = (&given_probes, need_directions) {
+        return Ok((p.clone(), given_directions));
     }
     let (harmful, harmless) = sample_sets()?;
-    Ok(lens::directions(
+    let mut bar = progress_bar(quiet);
+    let states = lens::collect_pair(
         lm,
         &harmful,
         &harmless,
-        &DirectionOptions {
-            select: false,
-            ..Default::default()
-        },
+        None,
         Some(&default_cache_dir()),
         &|| false,
-        &mut progress_bar(quiet),
-    )?)
+        &mut bar,
+    )?;
+    let probes = match given_probes {
+        Some(p) => p,
+        None => lens::probes_from_states(
+            lm,
+            &harmful,
+            &harmless,
+            &states,
+            &ProbeJob::default(),
+            &|| false,
+            &mut bar,
+        )?,
+    };
+    let directions = match given_directions {
+        Some(d) => Some(d),
+        None if need_directions => Some(lens::directions_from_states(
+            lm,
+            &harmful,
+            &harmless,
+            &states,
+            &DirectionOptions {
+                select: false,
+                ..Default::default()
+            },
+            &|| false,
+            &mut bar,
+        )?),
+        None => None,
+    };
+    Ok((probes, directions))
 }
 
 pub fn run_trajectory(lm: &LoadedModel, a: TrajectoryArgs) -> Result<()> {
-    let probes = load_or_train_probes(lm, &a.lens, a.json)?;
-    let directions = load_or_build_directions(lm, &a.lens, a.json)?;
+    let (probes, directions) = lens_inputs(lm, &a.lens, true, a.json)?;
+    let directions = directions.expect("asked for directions");
     let layer = a.lens.layer.unwrap_or_else(|| probes.best_layer());
     let prompt = lm.chat_prompt(None, &a.prompt)?;
     let reply = if a.reply_tokens > 0 {
@@ -579,7 +599,7 @@ pub fn cliff_rank(lm: &LoadedModel, a: CliffRankArgs) -> Result<()> {
         bail!("--top must be a fraction in (0, 1]");
     }
     let set = PromptSet::load(&a.set, None)?;
-    let probes = load_or_train_probes(lm, &a.lens, a.json)?;
+    let (probes, _) = lens_inputs(lm, &a.lens, false, a.json)?;
     let layer = a.lens.layer.unwrap_or_else(|| probes.best_layer());
     let probe = probes
         .at(layer)

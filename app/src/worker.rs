@@ -1169,21 +1169,35 @@ fn build_lens(
             total,
         })
     };
-    let directions = lens::directions(
+    // Both read the same states: collect (or load) them once.
+    let job = ProbeJob {
+        system: options.system.clone(),
+        ..Default::default()
+    };
+    let states = lens::collect_pair(
         m,
         harmful,
         harmless,
-        options,
+        options.system.as_deref(),
         Some(&cache),
         cancelled,
         &mut progress,
     )?;
-    let probes = lens::probes(
+    let directions = lens::directions_from_states(
         m,
         harmful,
         harmless,
-        &ProbeJob::default(),
-        Some(&cache),
+        &states,
+        options,
+        cancelled,
+        &mut progress,
+    )?;
+    let probes = lens::probes_from_states(
+        m,
+        harmful,
+        harmless,
+        &states,
+        &job,
         cancelled,
         &mut progress,
     )?;

@@ -151,7 +151,22 @@ pub fn directions(
     progress: Progress,
 ) -> Result<Directions> {
     let system = options.system.as_deref();
-    let (a, b) = collect_pair(lm, harmful, harmless, system, cache, cancelled, progress)?;
+    let states = collect_pair(lm, harmful, harmless, system, cache, cancelled, progress)?;
+    directions_from_states(lm, harmful, harmless, &states, options, cancelled, progress)
+}
+
+/// [`directions`] from states already collected for every prompt of the two sets (with the
+/// same system prompt as `options`).
+pub fn directions_from_states(
+    lm: &LoadedModel,
+    harmful: &PromptSet,
+    harmless: &PromptSet,
+    (a, b): &(SetActivations, SetActivations),
+    options: &DirectionOptions,
+    cancelled: &dyn Fn() -> bool,
+    progress: Progress,
+) -> Result<Directions> {
+    let system = options.system.as_deref();
     let (mut a, mut b) = (
         a.select(&in_split(harmful, Split::Train)),
         b.select(&in_split(harmless, Split::Train)),
@@ -199,7 +214,21 @@ pub fn probes(
     progress: Progress,
 ) -> Result<ProbeSet> {
     let system = job.system.as_deref();
-    let (a, b) = collect_pair(lm, harmful, harmless, system, cache, cancelled, progress)?;
+    let states = collect_pair(lm, harmful, harmless, system, cache, cancelled, progress)?;
+    probes_from_states(lm, harmful, harmless, &states, job, cancelled, progress)
+}
+
+/// [`probes`] from states already collected for every prompt of the two sets (with the same
+/// system prompt as `job`).
+pub fn probes_from_states(
+    lm: &LoadedModel,
+    harmful: &PromptSet,
+    harmless: &PromptSet,
+    (a, b): &(SetActivations, SetActivations),
+    job: &ProbeJob,
+    cancelled: &dyn Fn() -> bool,
+    progress: Progress,
+) -> Result<ProbeSet> {
     let held_out: Vec<bool> = match job.holdout {
         Holdout::Random { fraction, seed } => random_holdout(a.len() + b.len(), fraction, seed),
         Holdout::TestSplit => {
@@ -221,8 +250,8 @@ pub fn probes(
         .unwrap_or_else(|| (0..a.n_states).collect());
     let provenance = provenance(lm, (harmful, a.len()), (harmless, b.len()), &job.system)?;
     train_probes(
-        &a,
-        &b,
+        a,
+        b,
         &held_out,
         &layers,
         &job.options,
