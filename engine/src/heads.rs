@@ -85,11 +85,8 @@ impl HeadMap {
 /// refusal tokens, else the mean row of the refusal openers minus that of the compliance
 /// openers.
 pub fn logit_direction(lm: &LoadedModel) -> Result<Vec<f32>> {
-    let w = lm.model.dense.lm_head.dense_weight()?; // [vocab, d]
-    let dev = w.device().clone();
-    let mean_row = |ids: &[u32]| -> Result<Tensor> {
-        Ok(w.index_select(&Tensor::new(ids, &dev)?, 0)?.mean(0)?)
-    };
+    let w = &lm.model.dense.lm_head;
+    let mean_row = |ids: &[u32]| -> Result<Tensor> { Ok(w.rows(ids)?.mean(0)?) };
     let u = match RefusalSignal::for_model(lm)? {
         RefusalSignal::Tokens { refuse, respond } => {
             (mean_row(&[refuse])? - mean_row(&[respond])?)?

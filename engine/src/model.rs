@@ -209,6 +209,27 @@ impl Linear {
         })
     }
 
+    /// Rows `ids` of the weight (`[n, in]`, f32), without densifying the whole matrix when it
+    /// is stored dense (the unembedding has 49k rows; analyses need a handful).
+    pub fn rows(&self, ids: &[u32]) -> Result<Tensor> {
+        let idx = Tensor::new(ids, &Device::Cpu)?;
+        Ok(match self {
+            Linear::Dense { weight_t, .. } | Linear::Frozen { weight_t, .. } => {
+                let idx = idx.to_device(weight_t.device())?;
+                let w = weight_t.t()?; // [out, in]; contiguous for a tied embedding
+                if w.is_contiguous() {
+                    w.index_select(&idx, 0)?
+                } else {
+                    weight_t.contiguous()?.index_select(&idx, 1)?.t()?.contiguous()?
+                }
+            }
+            other => {
+                let w = other.dense_weight()?;
+                w.index_select(&idx.to_device(w.device())?, 0)?
+            }
+        })
+    }
+
     /// The weight as a contiguous dense f32 `[out, in]` tensor (a copy).
     pub fn dense_weight(&self) -> Result<Tensor> {
         match self {
