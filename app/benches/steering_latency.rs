@@ -1,8 +1,8 @@
 //! Live-steering latency through the real worker on the default model + organism: a scripted
 //! slider drag (α 0 → 1 in 20 steps, one every 30 ms), then single slider changes at rest,
 //! and the UI's own per-frame cost while a steered reply streams.
-//! `cargo bench -p refusal-lens --bench steering_latency` (set RAYON_NUM_THREADS as the app
-//! does: cores − 1 for the worker).
+//! `cargo bench -p refusal-lens --bench steering_latency` (the worker gets cores − 1 threads,
+//! as in the app, unless RAYON_NUM_THREADS is set).
 
 use std::time::{Duration, Instant};
 
@@ -56,13 +56,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    // Pin the thread count before candle reads it (see app/src/main.rs).
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = candle_core::utils::get_num_threads()
-            .saturating_sub(1)
-            .max(1);
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    // Threads as the GUI runs them.
+    refusal_lens::pin_thread_count(true);
     let mut worker = Worker::spawn(|| {});
     worker.send(Job::LoadModel {
         path: default_model_path(),

@@ -3,20 +3,7 @@ use refusal_lens::cli::Cli;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // candle asks for its thread count on every matmul, and without RAYON_NUM_THREADS that
-    // means parsing /proc/cpuinfo each time (measured: 9 of 32 s when collecting 480
-    // prompts). Pin it once, before any thread starts. The GUI leaves one core to the UI
-    // thread: with every core busy-waiting in rayon, a 2-core machine rendering in software
-    // generated 4 tok/s instead of 82.
-    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let cores = candle_core::utils::get_num_threads();
-        let n = if cli.command.is_none() {
-            cores.saturating_sub(1).max(1)
-        } else {
-            cores
-        };
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    }
+    refusal_lens::pin_thread_count(cli.command.is_none());
     let result = match cli.command {
         Some(command) => refusal_lens::cli::run(
             command,

@@ -220,7 +220,11 @@ impl Linear {
                 if w.is_contiguous() {
                     w.index_select(&idx, 0)?
                 } else {
-                    weight_t.contiguous()?.index_select(&idx, 1)?.t()?.contiguous()?
+                    weight_t
+                        .contiguous()?
+                        .index_select(&idx, 1)?
+                        .t()?
+                        .contiguous()?
                 }
             }
             other => {
