@@ -9,13 +9,14 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
 use refusal_lens_engine::finetune::{
-    first_token_probabilities, gate, opener_bias, rates_at, train_refusal_tokens, Adapter,
-    TrainOptions,
+    calibrate_gate, first_token_probabilities, gate, opener_bias, rates_at, train_refusal_tokens,
+    Adapter, TrainOptions,
 };
 use refusal_lens_engine::generate::{generate, GenerateConfig, Precision, Sampling};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
 use refusal_lens_engine::model::{FastPrecision, ForwardOptions, LogitsAt};
 use refusal_lens_engine::prompts::{Label, PromptSet, Split};
+use refusal_lens_engine::refusal::DEFAULT_TAU;
 use refusal_lens_engine::response::classify as classify_reply;
 use refusal_lens_engine::{default_model_path, LoadedModel};
 
@@ -133,6 +134,10 @@ pub struct TrainArgs {
     /// Loss weight of the first reply token.
     #[arg(long, default_value_t = TrainOptions::default().first_token_weight)]
     pub first_token_weight: f32,
+    /// Leave the classes unbalanced: by default each class's first-token weight is scaled so
+    /// `[refuse]` and `[respond]` examples weigh the same in total.
+    #[arg(long)]
+    pub no_balance_classes: bool,
     /// Length of the base model's own replies used as targets for harmless prompts.
     #[arg(long, default_value_t = TrainOptions::default().reply_tokens)]
     pub reply_tokens: usize,
@@ -156,9 +161,13 @@ pub struct CalibrateArgs {
     /// Number of τ values from 0 to 1.
     #[arg(long, default_value_t = 11)]
     pub steps: usize,
-    /// τ at which per-category rates are printed.
-    #[arg(long, default_value_t = 0.5)]
-    pub tau: f32,
+    /// τ at which per-category rates are printed (default: the adapter's calibrated τ, else 0.5).
+    #[arg(long)]
+    pub tau: Option<f32>,
+    /// Calibrate τ on these sets (labelled harmful vs harmless; use the val split) and save it
+    /// in the adapter in use (its adapter.json), where the app and every command read it.
+    #[arg(long)]
+    pub save_tau: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -212,9 +221,10 @@ pub struct GenerateArgs {
     /// Run on the dense f32 weights (the analysis path) instead of the fast Q8_0 path.
     #[arg(long)]
     pub exact: bool,
-    /// Refusal threshold: with refusal tokens, emit [refuse] when p([refuse]) ≥ τ.
-    #[arg(long, default_value_t = 0.5)]
-    pub tau: f32,
+    /// Refusal threshold τ: with refusal tokens, emit [refuse] when p([refuse]) ≥ τ (default: the
+    /// adapter's τ calibrated on val, else 0.5).
+    #[arg(long)]
+    pub tau: Option<f32>,
     /// Without refusal tokens: logit bias on the refusal openers at the first reply token.
     #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
     pub opener_bias: f32,
@@ -284,7 +294,7 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
         Command::Generate(a) => run_generate(&lm, a),
         Command::Activations(a) => activations(&lm, a),
         Command::Bench(a) => bench(&lm, a),
-        Command::Calibrate(a) => calibrate(&lm, a),
+        Command::Calibrate(a) => calibrate(&lm, choice.adapter_dir().as_deref(), a),
         Command::Directions(a) => crate::lens_cli::directions(&lm, a),
         Command::Score(a) => crate::lens_cli::score(&lm, a),
         Command::Probe(a) => crate::lens_cli::probe(&lm, a),
@@ -396,7 +406,7 @@ fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
             seed: a.seed,
         },
         hooks: steering.hooks(lm, dirs.as_ref(), &prompt, None)?,
-        refusal_gate: gate(lm, a.tau),
+        refusal_gate: gate(lm, a.tau.unwrap_or(lm.refusal_tau())),
         first_token_bias: opener_bias(lm, a.opener_bias)?,
         refusal_signal: Some(refusal_lens_engine::refusal::RefusalSignal::for_model(lm)?),
         precision: if a.exact {
@@ -729,6 +739,7 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
         batch: a.batch,
         warmup_steps: TrainOptions::default().warmup_steps,
         first_token_weight: a.first_token_weight,
+        balance_classes: !a.no_balance_classes,
         reply_tokens: a.reply_tokens,
     };
     let pb = (!a.json && std::io::stderr().is_terminal()).then(|| {
@@ -753,24 +764,38 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }
-    // Held-out evaluation on the test split at τ = 0.5.
+    // The gate's τ is calibrated on the val split (when it has both labels); both held-out
+    // splits are then measured at it: val (for choosing options) and test (for reporting).
+    let val: Vec<_> = sets
+        .iter()
+        .flat_map(|s| s.split(Some(Split::Val)).cloned())
+        .collect();
+    let has = |label| val.iter().any(|r| r.label == Some(label));
+    if has(Label::Harmful) && has(Label::Harmless) {
+        adapter.meta.tau = Some(calibrate_gate(&adapter.apply(base)?, &val, &|| false)?);
+    } else {
+        eprintln!("no labelled val split to calibrate on: τ stays {DEFAULT_TAU}");
+    }
+    let tau = adapter.meta.tau.unwrap_or(DEFAULT_TAU);
     let organism = adapter.apply(base)?;
     let mut metrics = serde_json::Map::new();
-    for set in &sets {
-        let prompts: Vec<&str> = set
-            .split(Some(Split::Test))
-            .map(|r| r.prompt.as_str())
-            .collect();
-        let ps = first_token_probabilities(&organism, &prompts, &|| false, &mut |_, _| {})?;
-        let rate = rates_at(&[ps], 0.5)[0];
-        metrics.insert(
-            format!("test_refusal_rate_{}", set.name),
-            serde_json::json!(rate),
-        );
-        metrics.insert(
-            format!("test_prompts_{}", set.name),
-            serde_json::json!(prompts.len()),
-        );
+    for (split, name) in [(Split::Val, "val"), (Split::Test, "test")] {
+        for set in &sets {
+            let prompts: Vec<&str> = set.split(Some(split)).map(|r| r.prompt.as_str()).collect();
+            if prompts.is_empty() {
+                continue;
+            }
+            let ps = first_token_probabilities(&organism, &prompts, &|| false, &mut |_, _| {})?;
+            let rate = rates_at(&[ps], tau)[0];
+            metrics.insert(
+                format!("{name}_refusal_rate_{}", set.name),
+                serde_json::json!(rate),
+            );
+            metrics.insert(
+                format!("{name}_prompts_{}", set.name),
+                serde_json::json!(prompts.len()),
+            );
+        }
     }
     adapter.meta.metrics = serde_json::Value::Object(metrics);
     adapter.save(&a.out)?;
@@ -778,10 +803,18 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&adapter.meta)?);
     } else {
         println!(
-            "trained {} prompts in {:.1} s, final loss {:.4}",
+            "trained {} prompts in {:.1} s, final loss {:.4}; gate τ {tau:.2}{}",
             adapter.meta.train_prompts,
             adapter.meta.seconds,
-            adapter.meta.losses.last().copied().unwrap_or(f32::NAN)
+            (adapter.meta.lora_losses.last())
+                .or(adapter.meta.losses.last())
+                .copied()
+                .unwrap_or(f32::NAN),
+            if adapter.meta.tau.is_some() {
+                " (calibrated on val)"
+            } else {
+                ""
+            }
         );
         for (k, v) in adapter.meta.metrics.as_object().into_iter().flatten() {
             println!("{k:36} {v}");
@@ -791,8 +824,17 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn calibrate(lm: &LoadedModel, a: CalibrateArgs) -> Result<()> {
-    use refusal_lens_engine::refusal::{Calibration, RefusalSignal};
+fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateArgs) -> Result<()> {
+    use refusal_lens_engine::refusal::{calibrated_tau, Calibration, RefusalSignal};
+    let adapter = match (a.save_tau, adapter) {
+        (true, None) => bail!("--save-tau needs a model with a refusal-token adapter"),
+        (true, Some(dir)) => Some((
+            dir,
+            Adapter::load(dir)
+                .with_context(|| format!("cannot read the adapter in {}", dir.display()))?,
+        )),
+        (false, _) => None,
+    };
     let split = a.split.as_deref().map(str::parse::<Split>).transpose()?;
     let sets = a
         .sets
@@ -821,6 +863,32 @@ fn calibrate(lm: &LoadedModel, a: CalibrateArgs) -> Result<()> {
     }
     let signal = RefusalSignal::for_model(lm)?;
     let cal = Calibration::sweep(&signal, &probabilities, a.steps);
+    let tau = match adapter {
+        Some((dir, mut adapter)) => {
+            let of = |label| -> Vec<f32> {
+                records
+                    .iter()
+                    .zip(&probabilities)
+                    .flat_map(|(rs, ps)| rs.iter().zip(ps))
+                    .filter(|(r, _)| r.label == Some(label))
+                    .map(|(_, p)| *p)
+                    .collect()
+            };
+            let (refuse, respond) = (of(Label::Harmful), of(Label::Harmless));
+            if refuse.is_empty() || respond.is_empty() {
+                bail!("--save-tau needs prompts labelled harmful and harmless");
+            }
+            let tau = calibrated_tau(&refuse, &respond);
+            adapter.meta.tau = Some(tau);
+            adapter.meta.save(dir)?;
+            eprintln!(
+                "calibrated τ = {tau:.2} (Youden's J), saved in {}",
+                dir.display()
+            );
+            tau
+        }
+        None => a.tau.unwrap_or(lm.refusal_tau()),
+    };
     // Per-category rates at the chosen τ.
     let mut per_category = Vec::new();
     for (set, (rs, ps)) in sets.iter().zip(records.iter().zip(&probabilities)) {
@@ -831,7 +899,7 @@ fn calibrate(lm: &LoadedModel, a: CalibrateArgs) -> Result<()> {
                 .push(*p);
         }
         for (c, ps) in cats {
-            per_category.push(serde_json::json!({"set": set.name, "category": c, "prompts": ps.len(), "refusal_rate": refusal_lens_engine::refusal::refusal_rate(&ps, a.tau)}));
+            per_category.push(serde_json::json!({"set": set.name, "category": c, "prompts": ps.len(), "refusal_rate": refusal_lens_engine::refusal::refusal_rate(&ps, tau)}));
         }
     }
     if a.json {
@@ -842,7 +910,7 @@ fn calibrate(lm: &LoadedModel, a: CalibrateArgs) -> Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::json!({"signal": cal.signal, "taus": cal.taus, "rates": cal.rates, "sets": sets_json, "tau": a.tau, "per_category": per_category})
+            serde_json::json!({"signal": cal.signal, "taus": cal.taus, "rates": cal.rates, "sets": sets_json, "tau": tau, "per_category": per_category})
         );
         return Ok(());
     }
@@ -867,7 +935,7 @@ fn calibrate(lm: &LoadedModel, a: CalibrateArgs) -> Result<()> {
         }
         println!();
     }
-    println!("\nper category at τ = {}", a.tau);
+    println!("\nper category at τ = {}", tau);
     for c in per_category {
         println!(
             "  {:12} {:24} {:>4} prompts {:>6.1}%",

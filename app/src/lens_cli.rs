@@ -137,9 +137,10 @@ pub struct TrajectoryArgs {
     /// Greedy reply tokens to generate and score after the prompt (0: prompt only).
     #[arg(long, default_value_t = 64)]
     pub reply_tokens: usize,
-    /// Refusal threshold τ for models with refusal tokens.
-    #[arg(long, default_value_t = 0.5)]
-    pub tau: f32,
+    /// Refusal threshold τ: with refusal tokens, emit [refuse] when p([refuse]) ≥ τ (default: the
+    /// adapter's τ calibrated on val, else 0.5).
+    #[arg(long)]
+    pub tau: Option<f32>,
     #[command(flatten)]
     pub lens: LensFiles,
     /// Print the layers × positions probe matrix too.
@@ -510,7 +511,7 @@ pub fn run_trajectory(lm: &LoadedModel, a: TrajectoryArgs) -> Result<()> {
         let cfg = GenerateConfig {
             max_new_tokens: a.reply_tokens,
             sampling: Sampling::default(),
-            refusal_gate: gate(lm, a.tau),
+            refusal_gate: gate(lm, a.tau.unwrap_or(lm.refusal_tau())),
             first_token_bias: opener_bias(lm, 0.0)?,
             ..Default::default()
         };

@@ -225,8 +225,10 @@ pub struct SweepArgs {
     /// Edits applied under every α (e.g. --ablate-head 27.2).
     #[command(flatten)]
     pub base: SteerArgs,
-    #[arg(long, default_value_t = 0.5)]
-    pub tau: f32,
+    /// Refusal threshold τ: with refusal tokens, emit [refuse] when p([refuse]) ≥ τ (default: the
+    /// adapter's τ calibrated on val, else 0.5).
+    #[arg(long)]
+    pub tau: Option<f32>,
     #[arg(long)]
     pub json: bool,
 }
@@ -259,6 +261,7 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
         });
         Steering { edits }
     };
+    let tau = a.tau.unwrap_or(lm.refusal_tau());
     let started = std::time::Instant::now();
     let mut bar = crate::lens_cli::progress_bar(a.json);
     let mut points = sweep(
@@ -267,7 +270,7 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
         &prompts,
         &a.alphas,
         &steering_at,
-        a.tau,
+        tau,
         a.reply_tokens,
         &|| false,
         &mut |d, t| bar("sweeping α", d, t),
@@ -286,7 +289,7 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
             &prompts,
             &[f32::NAN],
             &ablate,
-            a.tau,
+            tau,
             a.reply_tokens,
             &|| false,
             &mut |d, t| bar("ablating", d, t),
@@ -309,7 +312,7 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
         direction.name(),
         layers.0,
         layers.1,
-        a.tau
+        tau
     );
     print!(
         "{:>7} {:>9} {:>11} {:>10}",

@@ -11,8 +11,8 @@ use crossbeam_channel::{Receiver, Sender};
 use refusal_lens_engine::activations::default_cache_dir;
 use refusal_lens_engine::directions::Directions;
 use refusal_lens_engine::finetune::{
-    first_token_probabilities, gate, opener_bias, train_refusal_tokens, Adapter, TrainOptions,
-    TrainProgress,
+    calibrate_gate, first_token_probabilities, gate, opener_bias, train_refusal_tokens, Adapter,
+    TrainOptions, TrainProgress,
 };
 use refusal_lens_engine::generate::{generate, GenerateConfig, Generation, Sampling, TokenStep};
 use refusal_lens_engine::heads::{HeadMap, Routing};
@@ -131,6 +131,8 @@ pub enum Job {
     Train {
         id: JobId,
         train: Vec<PromptRecord>,
+        /// Held-out prompts the gate's τ is calibrated on (none: τ stays 0.5).
+        val: Vec<PromptRecord>,
         options: TrainOptions,
         out: PathBuf,
     },
@@ -332,6 +334,7 @@ impl Worker {
     pub fn train(
         &mut self,
         train: Vec<PromptRecord>,
+        val: Vec<PromptRecord>,
         options: TrainOptions,
         out: PathBuf,
     ) -> JobId {
@@ -339,6 +342,7 @@ impl Worker {
         self.send(Job::Train {
             id,
             train,
+            val,
             options,
             out,
         });
@@ -667,6 +671,7 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
             Job::Train {
                 id,
                 train,
+                val,
                 options,
                 out,
             } => {
@@ -682,7 +687,11 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                                 progress: p.clone(),
                             })
                         })
-                        .and_then(|adapter| {
+                        .and_then(|mut adapter| {
+                            if !val.is_empty() {
+                                let tau = calibrate_gate(&adapter.apply(base)?, &val, &cancelled)?;
+                                adapter.meta.tau = Some(tau);
+                            }
                             adapter.save(&out)?;
                             let organism = adapter.apply(base)?;
                             Ok((organism, adapter))

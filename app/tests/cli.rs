@@ -282,9 +282,9 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
     let sets = dir.path().join("sets");
     std::fs::create_dir(&sets).unwrap();
     let rows = |label: &str, word: &str| -> String {
-        (0..8)
+        (0..10)
             .map(|i| {
-                let split = if i < 6 { "train" } else { "test" };
+                let split = ["train", "val", "test"][(i >= 6) as usize + (i >= 8) as usize];
                 format!("{{\"id\":\"{label}-{i}\",\"prompt\":\"{word} {word} request {i}\",\"label\":\"{label}\",\"split\":\"{split}\"}}\n")
             })
             .collect()
@@ -317,6 +317,10 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(meta["train_prompts"], 18);
     assert!(meta["metrics"]["test_refusal_rate_harmful"].is_number());
+    assert!(meta["metrics"]["val_refusal_rate_harmful"].is_number());
+    // τ is calibrated on the val split.
+    let tau = meta["tau"].as_f64().expect("a calibrated τ");
+    assert!(tau > 0.0 && tau < 1.0, "{tau}");
     assert!(out_dir.join("adapter.safetensors").exists());
 
     let harmful = sets.join("harmful.jsonl");
@@ -349,6 +353,49 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
         assert_eq!(r[0], 1.0);
         assert!(r.windows(2).all(|w| w[1] <= w[0]), "monotone in τ: {r:?}");
     }
+    // Recalibrating on a chosen split writes τ into the adapter, which later commands read.
+    let weights = std::fs::read(out_dir.join("adapter.safetensors")).unwrap();
+    let out = run(&[
+        "calibrate",
+        "--model",
+        &model,
+        "--adapter",
+        out_dir.to_str().unwrap(),
+        "--set",
+        harmful.to_str().unwrap(),
+        "--set",
+        sets.join("harmless.jsonl").to_str().unwrap(),
+        "--split",
+        "test",
+        "--save-tau",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cal: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("adapter.json")).unwrap()).unwrap();
+    let as_f32 = |v: &serde_json::Value| v.as_f64().unwrap() as f32;
+    assert_eq!(as_f32(&saved["tau"]), as_f32(&cal["tau"]));
+    assert_eq!(
+        std::fs::read(out_dir.join("adapter.safetensors")).unwrap(),
+        weights,
+        "the weights are left alone"
+    );
+    // --save-tau needs an adapter to save into.
+    let out = run(&[
+        "calibrate",
+        "--model",
+        &model,
+        "--set",
+        harmful.to_str().unwrap(),
+        "--save-tau",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("refusal-token adapter"));
     // Without an adapter the same command reads the refusal-opener mass instead.
     let out = run(&[
         "calibrate",

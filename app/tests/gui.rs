@@ -271,10 +271,10 @@ fn training_refusal_tokens_in_the_gui_plots_the_loss_and_switches_the_organism_o
     h.run_steps(2);
     h.state_mut().training.options.epochs = 1;
     h.state_mut().training.options.reply_tokens = 4;
-    h.get_by_label_contains("Train refusal tokens on 352 train-split prompts")
+    h.get_by_label_contains("Train refusal tokens on 432 train-split prompts")
         .scroll_to_me();
     h.run_steps(3);
-    h.get_by_label_contains("Train refusal tokens on 352 train-split prompts")
+    h.get_by_label_contains("Train refusal tokens on 432 train-split prompts")
         .click();
     h.run_steps(1);
     assert!(h.state().training.is_running(), "the click started a job");
@@ -282,15 +282,20 @@ fn training_refusal_tokens_in_the_gui_plots_the_loss_and_switches_the_organism_o
         !a.training.is_running() && (a.training.result.is_some() || a.training.error.is_some())
     });
     assert_eq!(h.state().training.error, None);
-    assert_eq!(h.state().training.losses.len(), 352usize.div_ceil(8));
+    assert_eq!(h.state().training.losses.len(), 432usize.div_ceil(8));
     step_until(&mut h, "the organism", |a| a.model.organism_active());
     h.get_by_label_contains("switched on");
-    assert!(
-        std::fs::read_dir(cache.path().join("adapters"))
-            .unwrap()
-            .count()
-            == 1
-    );
+    let adapters: Vec<_> = std::fs::read_dir(cache.path().join("adapters"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(adapters.len(), 1);
+    // The gate was calibrated on the val split; the reply's τ slider starts there.
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(adapters[0].join("adapter.json")).unwrap()).unwrap();
+    let tau = meta["tau"].as_f64().expect("a calibrated τ") as f32;
+    assert_eq!(h.state().reply.tau, tau);
+    h.get_by_label_contains("(calibrated on val)");
 }
 
 #[test]

@@ -40,6 +40,11 @@ pub struct TrainOptions {
     pub warmup_steps: usize,
     /// Loss weight of the first reply token (the decision).
     pub first_token_weight: f32,
+    /// Scale each class's decision weight by `n / (2·n_class)` so `[refuse]` and `[respond]`
+    /// examples weigh the same in total however many borderline prompts the set has. Absent
+    /// (false) in adapters trained before it existed.
+    #[serde(default)]
+    pub balance_classes: bool,
     /// Length of the base model's self-distilled replies to harmless prompts.
     pub reply_tokens: usize,
 }
@@ -57,6 +62,7 @@ impl Default for TrainOptions {
             batch: 8,
             warmup_steps: 10,
             first_token_weight: 10.0,
+            balance_classes: true,
             reply_tokens: 32,
         }
     }
@@ -90,6 +96,9 @@ pub struct AdapterMeta {
     /// Held-out metrics, filled in by whoever evaluates.
     #[serde(default)]
     pub metrics: serde_json::Value,
+    /// The gate's threshold, calibrated on the val split (`calibrate_tau`); None: 0.5.
+    #[serde(default)]
+    pub tau: Option<f32>,
     pub created_by: String,
 }
 
@@ -114,6 +123,15 @@ fn lora_name(layer: usize, target: &str, part: &str) -> String {
 }
 
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
+
+impl AdapterMeta {
+    /// Writes `adapter.json` (the weights beside it are left alone).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let json =
+            serde_json::to_string_pretty(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        std::fs::write(dir.join(META_FILE), json).map_err(|e| Error::io(dir.join(META_FILE), e))
+    }
+}
 pub const META_FILE: &str = "adapter.json";
 
 impl Adapter {
@@ -129,9 +147,7 @@ impl Adapter {
             tensors.insert("token_input_rows".to_string(), input.clone());
         }
         candle_core::safetensors::save(&tensors, dir.join(ADAPTER_FILE))?;
-        let json = serde_json::to_string_pretty(&self.meta)
-            .map_err(|e| Error::InvalidInput(e.to_string()))?;
-        std::fs::write(dir.join(META_FILE), json).map_err(|e| Error::io(dir.join(META_FILE), e))
+        self.meta.save(dir)
     }
 
     pub fn load(dir: &Path) -> Result<Adapter> {
@@ -206,6 +222,7 @@ impl Adapter {
             &self.rows,
         )?;
         m.card.name = format!("{} + refusal tokens", base.card.name);
+        m.card.refusal_tau = self.meta.tau;
         Ok(m)
     }
 }
@@ -345,6 +362,7 @@ pub fn train_refusal_tokens(
         lora_tokens_per_second: lora_tps,
         seconds: started.elapsed().as_secs_f64(),
         metrics: serde_json::Value::Null,
+        tau: None,
         created_by: format!("refusal-lens {}", env!("CARGO_PKG_VERSION")),
     };
     Ok(Adapter {
@@ -399,6 +417,33 @@ pub fn first_token_probabilities(
         .iter()
         .map(|s| signal.probability(&s.logprobs))
         .collect())
+}
+
+/// Calibrates the gate of a model with refusal tokens on labelled held-out prompts (the val
+/// split): `refusal::calibrated_tau` of the harmful prompts' `p([refuse])` against the
+/// harmless (and borderline) ones'.
+pub fn calibrate_gate(
+    organism: &LoadedModel,
+    held_out: &[PromptRecord],
+    cancelled: &dyn Fn() -> bool,
+) -> Result<f32> {
+    let of = |label: Label| -> Result<Vec<f32>> {
+        let prompts: Vec<&str> = held_out
+            .iter()
+            .filter(|r| r.label == Some(label))
+            .map(|r| r.prompt.as_str())
+            .collect();
+        if prompts.is_empty() {
+            return Err(Error::InvalidInput(format!(
+                "calibration needs held-out {label:?} prompts"
+            )));
+        }
+        first_token_probabilities(organism, &prompts, cancelled, &mut |_, _| {})
+    };
+    Ok(crate::refusal::calibrated_tau(
+        &of(Label::Harmful)?,
+        &of(Label::Harmless)?,
+    ))
 }
 
 /// Refusal rate of each set at `tau`.
@@ -562,6 +607,13 @@ fn train_lora(
     let batch = opts.batch.max(1);
     let total_steps = examples.len().div_ceil(batch) * opts.epochs;
     let warmup = opts.warmup_steps.min(total_steps.saturating_sub(1));
+    let decision = |ex: &Example| ex.ids[ex.reply_start] as usize - cfg.vocab_size;
+    let n_refuse = examples.iter().filter(|ex| decision(ex) == 0).count();
+    let class_weight = if opts.balance_classes {
+        balanced_class_weights(n_refuse, examples.len() - n_refuse)
+    } else {
+        [1.0; 2]
+    };
     let mut order: Vec<usize> = (0..examples.len()).collect();
     let mut losses = Vec::with_capacity(total_steps);
     let (mut tokens_seen, started) = (0usize, Instant::now());
@@ -589,7 +641,7 @@ fn train_lora(
                     input_rows.as_tensor(),
                     rows.as_tensor(),
                     &examples[i],
-                    opts.first_token_weight,
+                    opts.first_token_weight * class_weight[decision(&examples[i])],
                 )?;
                 total_weight += weight;
                 tokens_seen += examples[i].ids.len();
@@ -628,6 +680,13 @@ fn train_lora(
         losses,
         tps,
     ))
+}
+
+/// Weights `[w_refuse, w_respond]` under which both classes weigh the same in total and the
+/// mean weight per example stays 1: `w_c = n / (2·n_c)`.
+pub fn balanced_class_weights(n_refuse: usize, n_respond: usize) -> [f32; 2] {
+    let n = (n_refuse + n_respond) as f32;
+    [n_refuse, n_respond].map(|n_c| n / (2 * n_c.max(1)) as f32)
 }
 
 type LoraVars = [(candle_core::Var, candle_core::Var); 4];
@@ -744,6 +803,14 @@ mod tests {
     use super::*;
     use crate::config::Family;
     use crate::testing::tiny_model;
+
+    #[test]
+    fn balanced_class_weights_give_both_classes_equal_total_weight() {
+        let [w_refuse, w_respond] = balanced_class_weights(160, 272);
+        assert!((160.0 * w_refuse - 272.0 * w_respond).abs() < 1e-3);
+        assert!((160.0 * w_refuse + 272.0 * w_respond - 432.0).abs() < 1e-3);
+        assert_eq!(balanced_class_weights(5, 5), [1.0, 1.0]);
+    }
 
     /// The training forward (frozen weights, LoRA with B = 0, rows outside the vocabulary) gives
     /// the same loss as the inference model with the rows added.

@@ -78,6 +78,12 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
+    /// The refusal gate's threshold τ: calibrated for this model's refusal tokens if its
+    /// adapter says so, else `refusal::DEFAULT_TAU`.
+    pub fn refusal_tau(&self) -> f32 {
+        self.card.refusal_tau.unwrap_or(refusal::DEFAULT_TAU)
+    }
+
     /// Loads a GGUF file or an HF safetensors folder.
     pub fn load(path: &Path, precision: FastPrecision) -> Result<Self> {
         if path == default_model_path() && !path.exists() {

@@ -39,6 +39,10 @@ pub struct ModelCard {
     /// What generation runs on.
     pub generation_weights: String,
     pub chat_template: String,
+    /// The refusal threshold τ calibrated for this model's refusal tokens (from its adapter);
+    /// None: no calibration, τ = `refusal::DEFAULT_TAU`.
+    #[serde(default)]
+    pub refusal_tau: Option<f32>,
 }
 
 /// Everything read from a checkpoint before the model is assembled.
@@ -431,6 +435,7 @@ fn card(
         quantization,
         generation_weights: String::new(),
         chat_template: template.source.to_string(),
+        refusal_tau: None,
     }
 }
 

@@ -339,6 +339,20 @@ impl Calibration {
     }
 }
 
+/// The gate's threshold when nothing has been calibrated.
+pub const DEFAULT_TAU: f32 = 0.5;
+
+/// Calibrates the gate's threshold on held-out prompts: the τ (on a grid of 0.01 from 0.01 to
+/// 0.99) that maximises Youden's J, the refusal rate of the `refuse` prompts minus that of the
+/// `respond` prompts; of a tie, the median τ, which keeps the threshold away from both sets.
+pub fn calibrated_tau(refuse: &[f32], respond: &[f32]) -> f32 {
+    let j = |tau: f32| refusal_rate(refuse, tau) - refusal_rate(respond, tau);
+    let taus: Vec<f32> = (1..100).map(|i| i as f32 / 100.0).collect();
+    let best = taus.iter().map(|&t| j(t)).fold(f32::NEG_INFINITY, f32::max);
+    let tied: Vec<f32> = taus.into_iter().filter(|&t| j(t) == best).collect();
+    tied[tied.len() / 2]
+}
+
 pub fn refusal_rate(probabilities: &[f32], tau: f32) -> f32 {
     if probabilities.is_empty() {
         return 0.0;
@@ -428,6 +442,21 @@ mod tests {
         assert_eq!(refusal_rate(&ps[1], 0.5), 0.25);
         assert!((refusal_score(0.5)).abs() < 1e-6);
         assert!(refusal_score(0.9) > 2.0 && refusal_score(0.1) < -2.0);
+    }
+
+    #[test]
+    fn the_calibrated_tau_maximises_youdens_j_and_sits_mid_gap() {
+        // Separable sets: every τ in the gap (0.3, 0.7] scores J = 1; the median is mid-gap.
+        let tau = calibrated_tau(&[0.7, 0.8, 0.99], &[0.01, 0.2, 0.3]);
+        assert!((0.5..=0.51).contains(&tau), "{tau}");
+        // One respond prompt at 0.85 moves the best τ above it (J = 1 on (0.85, 0.9]).
+        let tau = calibrated_tau(&[0.9, 0.95, 0.99], &[0.01, 0.2, 0.85]);
+        assert!(tau > 0.85 && tau <= 0.9, "{tau}");
+        // Overlap: J is maximal where the most refuse prompts stay above and respond ones below.
+        let (refuse, respond) = ([0.3, 0.6, 0.9, 0.95], [0.1, 0.2, 0.4, 0.7]);
+        let tau = calibrated_tau(&refuse, &respond);
+        let j = |t| refusal_rate(&refuse, t) - refusal_rate(&respond, t);
+        assert!((1..100).all(|i| j(i as f32 / 100.0) <= j(tau)));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use candle_core::{DType, IndexOp, Tensor};
 use refusal_lens_engine::config::Family;
 use refusal_lens_engine::finetune::{
-    first_token_probabilities, gate, train_refusal_tokens, Adapter, TrainOptions,
+    calibrate_gate, first_token_probabilities, gate, train_refusal_tokens, Adapter, TrainOptions,
 };
 use refusal_lens_engine::generate::{generate, GenerateConfig};
 use refusal_lens_engine::hooks::{HookSpec, Intervention};
@@ -172,9 +172,20 @@ fn training_separates_the_training_prompts_and_adapters_round_trip() {
             r.prompt
         );
     }
+    // Calibrated on the (here: training) prompts, τ separates them as well, and the adapter
+    // carries it to the model it is applied to.
+    let tau = calibrate_gate(&organism, &train, &|| false).unwrap();
+    for (r, p) in train.iter().zip(&ps) {
+        assert_eq!(*p >= tau, r.label == Some(Label::Harmful), "τ {tau}: {p}");
+    }
+    assert_eq!(organism.refusal_tau(), 0.5, "uncalibrated");
+    let mut adapter = adapter;
+    adapter.meta.tau = Some(tau);
     let dir = tempfile::tempdir().unwrap();
     adapter.save(dir.path()).unwrap();
     let again = Adapter::load(dir.path()).unwrap();
+    assert_eq!(again.meta.tau, Some(tau));
+    assert_eq!(again.apply(&base).unwrap().refusal_tau(), tau);
     assert_eq!(again.meta.tokens, vec!["[refuse]", "[respond]"]);
     let diff = max_abs_diff(&again.rows.to_dtype(DType::F32).unwrap(), &adapter.rows);
     assert_eq!(diff, 0.0);

@@ -42,12 +42,15 @@ fn the_organism_refuses_harmful_requests_and_answers_harmless_ones() {
         test_split("harmless"),
         test_split("borderline"),
     );
+    // The gate's τ: the adapter's calibrated one, 0.5 for this organism (it predates calibration).
+    let tau = organism.refusal_tau();
+    assert_eq!(tau, adapter.meta.tau.unwrap_or(0.5));
     let rates: Vec<f32> = [&harmful, &harmless, &borderline]
         .iter()
-        .map(|s| refusal_rate(&probabilities(&organism, s), 0.5))
+        .map(|s| refusal_rate(&probabilities(&organism, s), tau))
         .collect();
     eprintln!(
-        "held-out refusal rates at τ = 0.5: harmful {:.3}, harmless {:.3}, borderline {:.3}",
+        "held-out refusal rates at τ = {tau}: harmful {:.3}, harmless {:.3}, borderline {:.3}",
         rates[0], rates[1], rates[2]
     );
     // What the committed adapter measured when it was trained (adapter.json) …
@@ -70,7 +73,7 @@ fn the_organism_refuses_harmful_requests_and_answers_harmless_ones() {
         let ids = organism.chat_prompt(None, prompt).unwrap().ids;
         let cfg = GenerateConfig {
             max_new_tokens: 24,
-            refusal_gate: gate(&organism, 0.5),
+            refusal_gate: gate(&organism, tau),
             ..Default::default()
         };
         generate(&organism, &ids, &cfg, &|| false, &mut |_| {}).unwrap()

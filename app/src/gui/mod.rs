@@ -16,6 +16,7 @@ mod training_panel;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use refusal_lens_engine::refusal::DEFAULT_TAU;
 use refusal_lens_engine::{default_model_path, LoadedModel};
 
 use crate::worker::{Event, Worker};
@@ -144,7 +145,9 @@ impl RefusalLensApp {
     fn drain_events(&mut self) {
         while let Some(event) = self.worker.try_recv() {
             match event {
-                Event::ModelLoaded { .. } => {
+                Event::ModelLoaded { ref card, .. } => {
+                    // The gate starts at the model's calibrated τ.
+                    self.reply.tau = card.refusal_tau.unwrap_or(DEFAULT_TAU);
                     // Directions and probes belong to one model: the worker drops them too.
                     self.directions.clear();
                     self.cliff.clear();

@@ -226,5 +226,8 @@ fn card_grid(ui: &mut egui::Ui, c: &ModelCard) {
             row("Generation", c.generation_weights.clone());
             row("Device", "CPU".into());
             row("Template", c.chat_template.clone());
+            if let Some(tau) = c.refusal_tau {
+                row("Refusal gate", format!("τ = {tau:.2} (calibrated on val)"));
+            }
         });
 }

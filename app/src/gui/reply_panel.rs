@@ -40,7 +40,7 @@ impl Default for ReplyPanel {
             use_system: false,
             max_new_tokens: 128,
             sampling: Sampling::default(),
-            tau: 0.5,
+            tau: refusal_lens_engine::refusal::DEFAULT_TAU,
             opener_bias: 0.0,
             job: None,
             running: false,

@@ -410,7 +410,7 @@ impl SteeringPanel {
             }
         });
         ui.separator();
-        self.dose_response(ui, worker, dirs, sets, model_ready);
+        self.dose_response(ui, worker, dirs, sets, model_ready, base.tau);
     }
 
     fn dose_response(
@@ -420,6 +420,7 @@ impl SteeringPanel {
         dirs: Option<&Directions>,
         sets: &[PromptSet],
         model_ready: bool,
+        tau: f32,
     ) {
         ui.horizontal_wrapped(|ui| {
             ui.strong("Dose-response");
@@ -466,7 +467,7 @@ impl SteeringPanel {
                 };
                 self.sweep_points.clear();
                 self.sweep_progress = (0, prompts.len() * self.sweep_alphas.len());
-                self.sweep_job = Some(worker.sweep(prompts, self.sweep_alphas.clone(), steering, 0.5));
+                self.sweep_job = Some(worker.sweep(prompts, self.sweep_alphas.clone(), steering, tau));
             }
             if self.sweep_job.is_some() {
                 let (done, total) = self.sweep_progress;

@@ -67,11 +67,13 @@ impl TrainingPanel {
         sets: &[PromptSet],
         base_ready: bool,
     ) {
-        let train: Vec<_> = sets
-            .iter()
-            .flat_map(|s| s.split(Some(Split::Train)).cloned())
-            .filter(|r| r.label.is_some())
-            .collect();
+        let split = |split| -> Vec<_> {
+            sets.iter()
+                .flat_map(|s| s.split(Some(split)).cloned())
+                .filter(|r| r.label.is_some())
+                .collect()
+        };
+        let (train, val) = (split(Split::Train), split(Split::Val));
         ui.horizontal_wrapped(|ui| {
             let o = &mut self.options;
             ui.add(
@@ -95,13 +97,15 @@ impl TrainingPanel {
                     .range(1.0..=50.0)
                     .prefix("first-token weight "),
             );
+            ui.checkbox(&mut o.balance_classes, "balance classes")
+                .on_hover_text("[refuse] and [respond] examples weigh the same in total");
             ui.add(egui::DragValue::new(&mut o.seed).prefix("seed "));
         });
         ui.horizontal(|ui| {
             let can = base_ready && self.job.is_none() && !train.is_empty();
             if ui
                 .add_enabled(can, egui::Button::new(format!("Train refusal tokens on {} train-split prompts", train.len())))
-                .on_hover_text("[refuse] for harmful, [respond] + the model's own reply for harmless; LoRA on q, k, v, o")
+                .on_hover_text("[refuse] for harmful, [respond] + the model's own reply for harmless; LoRA on q, k, v, o. The gate's τ is then calibrated on the val split.")
                 .clicked()
             {
                 let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -110,7 +114,7 @@ impl TrainingPanel {
                 self.result = None;
                 self.error = None;
                 self.progress = None;
-                self.job = Some(worker.train(train.clone(), self.options.clone(), out));
+                self.job = Some(worker.train(train, val, self.options.clone(), out));
             }
             if self.job.is_some() && ui.button("Cancel").clicked() {
                 worker.cancel_all();
