@@ -770,11 +770,9 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
         .iter()
         .flat_map(|s| s.split(Some(Split::Val)).cloned())
         .collect();
-    let has = |label| val.iter().any(|r| r.label == Some(label));
-    if has(Label::Harmful) && has(Label::Harmless) {
-        adapter.meta.tau = Some(calibrate_gate(&adapter.apply(base)?, &val, &|| false)?);
-    } else {
-        eprintln!("no labelled val split to calibrate on: τ stays {DEFAULT_TAU}");
+    adapter.meta.tau = calibrate_gate(&adapter.apply(base)?, &val, &|| false)?;
+    if adapter.meta.tau.is_none() {
+        eprintln!("no harmful and harmless val prompts to calibrate on: τ stays {DEFAULT_TAU}");
     }
     let tau = adapter.meta.tau.unwrap_or(DEFAULT_TAU);
     let organism = adapter.apply(base)?;

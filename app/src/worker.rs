@@ -131,7 +131,8 @@ pub enum Job {
     Train {
         id: JobId,
         train: Vec<PromptRecord>,
-        /// Held-out prompts the gate's τ is calibrated on (none: τ stays 0.5).
+        /// Held-out prompts the gate's τ is calibrated on (without harmful and harmless ones
+        /// τ stays 0.5).
         val: Vec<PromptRecord>,
         options: TrainOptions,
         out: PathBuf,
@@ -688,10 +689,8 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                             })
                         })
                         .and_then(|mut adapter| {
-                            if !val.is_empty() {
-                                let tau = calibrate_gate(&adapter.apply(base)?, &val, &cancelled)?;
-                                adapter.meta.tau = Some(tau);
-                            }
+                            adapter.meta.tau =
+                                calibrate_gate(&adapter.apply(base)?, &val, &cancelled)?;
                             adapter.save(&out)?;
                             let organism = adapter.apply(base)?;
                             Ok((organism, adapter))

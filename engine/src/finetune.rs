@@ -96,7 +96,7 @@ pub struct AdapterMeta {
     /// Held-out metrics, filled in by whoever evaluates.
     #[serde(default)]
     pub metrics: serde_json::Value,
-    /// The gate's threshold, calibrated on the val split (`calibrate_tau`); None: 0.5.
+    /// The gate's threshold, calibrated on the val split (`calibrate_gate`); None: 0.5.
     #[serde(default)]
     pub tau: Option<f32>,
     pub created_by: String,
@@ -123,6 +123,7 @@ fn lora_name(layer: usize, target: &str, part: &str) -> String {
 }
 
 pub const ADAPTER_FILE: &str = "adapter.safetensors";
+pub const META_FILE: &str = "adapter.json";
 
 impl AdapterMeta {
     /// Writes `adapter.json` (the weights beside it are left alone).
@@ -132,7 +133,6 @@ impl AdapterMeta {
         std::fs::write(dir.join(META_FILE), json).map_err(|e| Error::io(dir.join(META_FILE), e))
     }
 }
-pub const META_FILE: &str = "adapter.json";
 
 impl Adapter {
     pub fn save(&self, dir: &Path) -> Result<()> {
@@ -421,29 +421,29 @@ pub fn first_token_probabilities(
 
 /// Calibrates the gate of a model with refusal tokens on labelled held-out prompts (the val
 /// split): `refusal::calibrated_tau` of the harmful prompts' `p([refuse])` against the
-/// harmless (and borderline) ones'.
+/// harmless (and borderline) ones'. None when `held_out` lacks either label.
 pub fn calibrate_gate(
     organism: &LoadedModel,
     held_out: &[PromptRecord],
     cancelled: &dyn Fn() -> bool,
-) -> Result<f32> {
-    let of = |label: Label| -> Result<Vec<f32>> {
-        let prompts: Vec<&str> = held_out
+) -> Result<Option<f32>> {
+    let prompts = |label: Label| -> Vec<&str> {
+        held_out
             .iter()
             .filter(|r| r.label == Some(label))
             .map(|r| r.prompt.as_str())
-            .collect();
-        if prompts.is_empty() {
-            return Err(Error::InvalidInput(format!(
-                "calibration needs held-out {label:?} prompts"
-            )));
-        }
-        first_token_probabilities(organism, &prompts, cancelled, &mut |_, _| {})
+            .collect()
     };
-    Ok(crate::refusal::calibrated_tau(
-        &of(Label::Harmful)?,
-        &of(Label::Harmless)?,
-    ))
+    let (harmful, harmless) = (prompts(Label::Harmful), prompts(Label::Harmless));
+    if harmful.is_empty() || harmless.is_empty() {
+        return Ok(None);
+    }
+    let p =
+        |prompts: &[&str]| first_token_probabilities(organism, prompts, cancelled, &mut |_, _| {});
+    Ok(Some(crate::refusal::calibrated_tau(
+        &p(&harmful)?,
+        &p(&harmless)?,
+    )))
 }
 
 /// Refusal rate of each set at `tau`.

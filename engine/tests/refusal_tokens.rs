@@ -174,7 +174,13 @@ fn training_separates_the_training_prompts_and_adapters_round_trip() {
     }
     // Calibrated on the (here: training) prompts, τ separates them as well, and the adapter
     // carries it to the model it is applied to.
-    let tau = calibrate_gate(&organism, &train, &|| false).unwrap();
+    let tau = calibrate_gate(&organism, &train, &|| false)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        calibrate_gate(&organism, &train[..1], &|| false).unwrap(),
+        None
+    );
     for (r, p) in train.iter().zip(&ps) {
         assert_eq!(*p >= tau, r.label == Some(Label::Harmful), "τ {tau}: {p}");
     }
