@@ -823,7 +823,9 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
 }
 
 fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateArgs) -> Result<()> {
-    use refusal_lens_engine::refusal::{calibrated_tau, Calibration, RefusalSignal};
+    use refusal_lens_engine::refusal::{
+        calibrated_tau, wilson_interval, Calibration, RefusalSignal,
+    };
     let adapter = match (a.save_tau, adapter) {
         (true, None) => bail!("--save-tau needs a model with a refusal-token adapter"),
         (true, Some(dir)) => Some((
@@ -887,6 +889,17 @@ fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateAr
         }
         None => a.tau.unwrap_or(lm.refusal_tau()),
     };
+    // Each set's rate at the chosen τ with its 95% interval: small sets measure coarsely.
+    let at_tau: Vec<_> = sets
+        .iter()
+        .zip(&probabilities)
+        .map(|(s, ps)| {
+            let refused = ps.iter().filter(|&&p| p >= tau).count();
+            let (lo, hi) = wilson_interval(refused, ps.len());
+            serde_json::json!({"set": s.name, "refused": refused, "prompts": ps.len(),
+                "refusal_rate": refused as f32 / ps.len() as f32, "ci95": [lo, hi]})
+        })
+        .collect();
     // Per-category rates at the chosen τ.
     let mut per_category = Vec::new();
     for (set, (rs, ps)) in sets.iter().zip(records.iter().zip(&probabilities)) {
@@ -908,7 +921,7 @@ fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateAr
             .collect();
         println!(
             "{}",
-            serde_json::json!({"signal": cal.signal, "taus": cal.taus, "rates": cal.rates, "sets": sets_json, "tau": tau, "per_category": per_category})
+            serde_json::json!({"signal": cal.signal, "taus": cal.taus, "rates": cal.rates, "sets": sets_json, "tau": tau, "at_tau": at_tau, "per_category": per_category})
         );
         return Ok(());
     }
@@ -933,7 +946,19 @@ fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateAr
         }
         println!();
     }
-    println!("\nper category at τ = {}", tau);
+    println!("\nat τ = {tau} (95% Wilson interval)");
+    for s in &at_tau {
+        println!(
+            "  {:12} {:>4} of {:>4} {:>6.1}%   [{:.1}, {:.1}]%",
+            s["set"].as_str().unwrap_or(""),
+            s["refused"].as_u64().unwrap_or(0),
+            s["prompts"].as_u64().unwrap_or(0),
+            s["refusal_rate"].as_f64().unwrap_or(0.0) * 100.0,
+            s["ci95"][0].as_f64().unwrap_or(0.0) * 100.0,
+            s["ci95"][1].as_f64().unwrap_or(0.0) * 100.0
+        );
+    }
+    println!("\nper category at τ = {tau}");
     for c in per_category {
         println!(
             "  {:12} {:24} {:>4} prompts {:>6.1}%",

@@ -343,6 +343,15 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
     );
     let cal: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(cal["signal"], "p([refuse]) at t_post");
+    // Each set's rate at τ comes with its 95% interval around it.
+    for s in cal["at_tau"].as_array().unwrap() {
+        let (rate, lo, hi) = (
+            s["refusal_rate"].as_f64().unwrap(),
+            s["ci95"][0].as_f64().unwrap(),
+            s["ci95"][1].as_f64().unwrap(),
+        );
+        assert!(lo <= rate && rate <= hi && hi - lo > 0.1, "{s}");
+    }
     for rates in cal["rates"].as_array().unwrap() {
         let r: Vec<f64> = rates
             .as_array()

@@ -353,6 +353,23 @@ pub fn calibrated_tau(refuse: &[f32], respond: &[f32]) -> f32 {
     tied[tied.len() / 2]
 }
 
+/// The Wilson score interval (95%, z = 1.96) of a rate of `k` in `n`: how far a refusal rate
+/// measured on a small set can be from the model's true rate (36 of 40 → 77–96%).
+pub fn wilson_interval(k: usize, n: usize) -> (f32, f32) {
+    if n == 0 {
+        return (0.0, 1.0);
+    }
+    let (z, n_f) = (1.96f64, n as f64);
+    let p = k as f64 / n_f;
+    let centre = p + z * z / (2.0 * n_f);
+    let spread = z * (p * (1.0 - p) / n_f + z * z / (4.0 * n_f * n_f)).sqrt();
+    let denominator = 1.0 + z * z / n_f;
+    (
+        ((centre - spread) / denominator).max(0.0) as f32,
+        ((centre + spread) / denominator).min(1.0) as f32,
+    )
+}
+
 pub fn refusal_rate(probabilities: &[f32], tau: f32) -> f32 {
     if probabilities.is_empty() {
         return 0.0;
@@ -442,6 +459,19 @@ mod tests {
         assert_eq!(refusal_rate(&ps[1], 0.5), 0.25);
         assert!((refusal_score(0.5)).abs() < 1e-6);
         assert!(refusal_score(0.9) > 2.0 && refusal_score(0.1) < -2.0);
+    }
+
+    #[test]
+    fn wilson_intervals_match_known_values() {
+        // Values of the closed form, computed independently in Python.
+        let (lo, hi) = wilson_interval(36, 40);
+        assert!(
+            (lo - 0.7694).abs() < 1e-3 && (hi - 0.9604).abs() < 1e-3,
+            "{lo} {hi}"
+        );
+        let (lo, hi) = wilson_interval(0, 24);
+        assert!(lo == 0.0 && (hi - 0.1380).abs() < 1e-3, "{hi}");
+        assert_eq!(wilson_interval(0, 0), (0.0, 1.0));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use egui_plot::{Legend, Line, Plot, PlotPoints, VLine};
 use refusal_lens_engine::prompts::{PromptSet, Split};
-use refusal_lens_engine::refusal::refusal_rate;
+use refusal_lens_engine::refusal::{refusal_rate, wilson_interval};
 
 use crate::worker::{Event, JobId, Worker};
 
@@ -111,7 +111,17 @@ impl CalibrationPanel {
         let summary: Vec<String> = self
             .curves
             .iter()
-            .map(|(n, ps)| format!("{n} {:.0}%", refusal_rate(ps, tau) * 100.0))
+            .map(|(n, ps)| {
+                let refused = ps.iter().filter(|&&p| p >= tau).count();
+                let (lo, hi) = wilson_interval(refused, ps.len());
+                format!(
+                    "{n} {:.0}% ({refused}/{}, 95% CI {:.0}–{:.0}%)",
+                    refusal_rate(ps, tau) * 100.0,
+                    ps.len(),
+                    lo * 100.0,
+                    hi * 100.0
+                )
+            })
             .collect();
         ui.label(format!(
             "Refusal rate at τ = {tau:.2}: {}   (signal: {})",
