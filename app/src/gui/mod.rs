@@ -78,6 +78,9 @@ pub struct RefusalLensApp {
     pub reply: ReplyPanel,
     pub calibration: CalibrationPanel,
     pub training: TrainingPanel,
+    /// Which of the bottom sections (calibration, fine-tuning) are open: an open one gets room
+    /// for its plot however small the panel was left.
+    bottom_open: [bool; 2],
     pub cliff: CliffPanel,
     pub directions: DirectionsPanel,
     pub steering: SteeringPanel,
@@ -114,6 +117,7 @@ impl RefusalLensApp {
             prompt_sets: PromptSetsPanel::with_bundled_sets(),
             reply: ReplyPanel::default(),
             calibration: CalibrationPanel::new(),
+            bottom_open: [false; 2],
             training: TrainingPanel::default(),
             cliff: CliffPanel::default(),
             directions: DirectionsPanel::default(),
@@ -204,28 +208,41 @@ impl RefusalLensApp {
                     }
                 });
             });
+        let room = if self.bottom_open.contains(&true) {
+            ui.available_height() * 0.5
+        } else {
+            0.0
+        };
         egui::Panel::bottom("calibration")
             .resizable(true)
+            .min_size(room)
             .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| {
                     let ready = self.model.is_ready();
-                    egui::CollapsingHeader::new("Calibration: refusal rate vs threshold τ")
-                        .default_open(false)
-                        .show(ui, |ui| {
-                            self.calibration.ui(
-                                ui,
-                                &mut self.worker,
-                                &self.prompt_sets.sets,
-                                ready,
-                                self.reply.tau,
-                            );
-                        });
-                    egui::CollapsingHeader::new("Refusal-token fine-tuning")
-                        .default_open(false)
+                    let header =
+                        egui::CollapsingHeader::new("Calibration: refusal rate vs threshold τ")
+                            .open(Some(self.bottom_open[0]))
+                            .show(ui, |ui| {
+                                self.calibration.ui(
+                                    ui,
+                                    &mut self.worker,
+                                    &self.prompt_sets.sets,
+                                    ready,
+                                    self.reply.tau,
+                                );
+                            });
+                    if header.header_response.clicked() {
+                        self.bottom_open[0] ^= true;
+                    }
+                    let header = egui::CollapsingHeader::new("Refusal-token fine-tuning")
+                        .open(Some(self.bottom_open[1]))
                         .show(ui, |ui| {
                             self.training
                                 .ui(ui, &mut self.worker, &self.prompt_sets.sets, ready);
                         });
+                    if header.header_response.clicked() {
+                        self.bottom_open[1] ^= true;
+                    }
                 });
             });
         // The main reply runs under the steering stack when the Steering panel says so.
