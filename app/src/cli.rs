@@ -138,6 +138,9 @@ pub struct TrainArgs {
     /// `[refuse]` and `[respond]` examples weigh the same in total.
     #[arg(long)]
     pub no_balance_classes: bool,
+    /// Label smoothing ε of the decision token: its target puts ε on the other refusal token.
+    #[arg(long, default_value_t = TrainOptions::default().decision_smoothing)]
+    pub decision_smoothing: f32,
     /// Length of the base model's own replies used as targets for harmless prompts.
     #[arg(long, default_value_t = TrainOptions::default().reply_tokens)]
     pub reply_tokens: usize,
@@ -740,6 +743,7 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
         warmup_steps: TrainOptions::default().warmup_steps,
         first_token_weight: a.first_token_weight,
         balance_classes: !a.no_balance_classes,
+        decision_smoothing: a.decision_smoothing,
         reply_tokens: a.reply_tokens,
     };
     let pb = (!a.json && std::io::stderr().is_terminal()).then(|| {

@@ -45,6 +45,10 @@ pub struct TrainOptions {
     /// (false) in adapters trained before it existed.
     #[serde(default)]
     pub balance_classes: bool,
+    /// Label smoothing of the decision: the first token's target puts this much probability on
+    /// the other refusal token, so `p([refuse])` stays graded and τ has something to trade.
+    #[serde(default)]
+    pub decision_smoothing: f32,
     /// Length of the base model's self-distilled replies to harmless prompts.
     pub reply_tokens: usize,
 }
@@ -63,6 +67,7 @@ impl Default for TrainOptions {
             warmup_steps: 10,
             first_token_weight: 10.0,
             balance_classes: true,
+            decision_smoothing: 0.0,
             reply_tokens: 32,
         }
     }
@@ -273,6 +278,12 @@ pub fn train_refusal_tokens(
         return Err(Error::InvalidInput(
             "training needs labelled harmful and harmless prompts".into(),
         ));
+    }
+    if !(0.0..0.5).contains(&opts.decision_smoothing) {
+        return Err(Error::InvalidInput(format!(
+            "decision smoothing must be in [0, 0.5), not {}",
+            opts.decision_smoothing
+        )));
     }
     if base.tokenizer.token_to_id(REFUSE_TOKEN).is_some() {
         return Err(Error::InvalidInput(
@@ -642,6 +653,7 @@ fn train_lora(
                     rows.as_tensor(),
                     &examples[i],
                     opts.first_token_weight * class_weight[decision(&examples[i])],
+                    opts.decision_smoothing,
                 )?;
                 total_weight += weight;
                 tokens_seen += examples[i].ids.len();
@@ -727,7 +739,8 @@ fn lora_weights(dense: &Weights, lora: &[LoraVars], scale: f64) -> Result<Weight
     })
 }
 
-/// Weighted cross-entropy of an example's reply tokens (the first weighted), and the weight sum.
+/// Weighted cross-entropy of an example's reply tokens (the first weighted, its target smoothed
+/// towards the other refusal token by `smoothing`), and the weight sum.
 /// The decision token (id ≥ the base vocabulary) enters as base token 0 whose embedding is
 /// replaced by its input row through the `hook_embed` point; its logit is `h · output row`.
 fn example_loss(
@@ -737,6 +750,7 @@ fn example_loss(
     rows: &Tensor,
     ex: &Example,
     first_weight: f32,
+    smoothing: f32,
 ) -> Result<(Tensor, f32)> {
     let model = &lm.model;
     let dev = model.device();
@@ -789,7 +803,18 @@ fn example_loss(
     let logits = Tensor::cat(&[&weights.lm_head.forward(&h)?, &new_logits], 1)?;
     let logprobs = candle_nn::ops::log_softmax(&logits, 1)?;
     let targets = Tensor::new(&ex.ids[ex.reply_start..], dev)?.unsqueeze(1)?;
-    let picked = logprobs.gather(&targets, 1)?.squeeze(1)?;
+    let mut picked = logprobs.gather(&targets, 1)?.squeeze(1)?;
+    if smoothing > 0.0 {
+        // The decision's target: 1 − ε on its token, ε on the other refusal token.
+        let other = (vocab as usize + (1 - decision)) as u32;
+        let first = logprobs.get(0)?;
+        let smoothed = ((first.get(ex.ids[ex.reply_start] as usize)? * (1.0 - smoothing as f64))?
+            + (first.get(other as usize)? * smoothing as f64)?)?;
+        picked = Tensor::cat(
+            &[&smoothed.unsqueeze(0)?, &picked.narrow(0, 1, count - 1)?],
+            0,
+        )?;
+    }
     let w: Vec<f32> = (0..count)
         .map(|i| if i == 0 { first_weight } else { 1.0 })
         .collect();
@@ -859,7 +884,8 @@ mod tests {
                 })
                 .collect();
             let weights = lora_weights(&base.model.dense, &lora, 2.0).unwrap();
-            let (loss, w) = example_loss(&base, &weights, &input_rows, &rows, &ex, 1.0).unwrap();
+            let (loss, w) =
+                example_loss(&base, &weights, &input_rows, &rows, &ex, 1.0, 0.0).unwrap();
             assert_eq!(w, 4.0);
             let mut organism = base.clone();
             organism
@@ -890,6 +916,19 @@ mod tests {
             assert!(
                 (got - want).abs() < 1e-3 * want.abs().max(1.0),
                 "{family:?}: training loss {got} vs inference {want}"
+            );
+            // Smoothing moves ε of the decision's target onto the other refusal token
+            // ([respond] is the target here, so [refuse] = v gets ε).
+            let eps = 0.2;
+            let (smoothed, _) =
+                example_loss(&base, &weights, &input_rows, &rows, &ex, 1.0, eps).unwrap();
+            let first = &lp[0];
+            let want_smoothed = want + first[ids[reply_start] as usize]
+                - ((1.0 - eps) * first[ids[reply_start] as usize] + eps * first[v as usize]);
+            let got = smoothed.to_scalar::<f32>().unwrap();
+            assert!(
+                (got - want_smoothed).abs() < 1e-3 * want_smoothed.abs().max(1.0),
+                "{family:?}: smoothed loss {got} vs {want_smoothed}"
             );
         }
     }

@@ -99,6 +99,13 @@ impl TrainingPanel {
             );
             ui.checkbox(&mut o.balance_classes, "balance classes")
                 .on_hover_text("[refuse] and [respond] examples weigh the same in total");
+            ui.add(
+                egui::DragValue::new(&mut o.decision_smoothing)
+                    .range(0.0..=0.45)
+                    .speed(0.01)
+                    .prefix("decision smoothing "),
+            )
+            .on_hover_text("Label smoothing ε of the first token: keeps p([refuse]) graded");
             ui.add(egui::DragValue::new(&mut o.seed).prefix("seed "));
         });
         ui.horizontal(|ui| {
