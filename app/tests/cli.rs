@@ -23,6 +23,21 @@ fn tiny_folder(dir: &Path) -> String {
     dir.join("tiny").display().to_string()
 }
 
+/// Asserts that the command succeeded, showing its stderr if not.
+fn succeeded(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The JSON a successful command printed.
+fn json_of(out: &Output) -> serde_json::Value {
+    succeeded(out);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn stderr_line(out: &Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(
@@ -38,12 +53,7 @@ fn info_prints_the_model_card() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_folder(dir.path());
     let out = run(&["info", "--model", &model, "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let card: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let card = json_of(&out);
     assert_eq!(card["n_layers"], 2);
     assert_eq!(card["n_heads"], 4);
     assert_eq!(card["n_kv_heads"], 2);
@@ -71,11 +81,7 @@ fn generate_streams_tokens_as_json() {
         "6",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -141,12 +147,7 @@ fn activations_are_written_under_their_hook_names() {
         "--logits",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = json_of(&out);
     let n = summary["tokens"].as_u64().unwrap() as usize;
     let t = candle_core::safetensors::load(&out_file, &candle_core::Device::Cpu).unwrap();
     assert_eq!(t["blocks.0.hook_resid_pre"].dims(), &[1, n, 64]);
@@ -233,11 +234,7 @@ fn prompts_imports_and_converts_sets() {
         "--out",
         out_file.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("2 prompts") && text.contains("harmful 2"),
@@ -269,8 +266,7 @@ fn classify_reports_the_mode_and_its_evidence() {
         "I'm sorry, but I can't help with that.",
         "--json",
     ]);
-    assert!(out.status.success());
-    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = json_of(&out);
     assert_eq!(c["mode"], "refusal");
     assert_eq!(c["declines"][0]["phrase"], "i'm sorry");
 }
@@ -309,12 +305,7 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
         "300",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let meta = json_of(&out);
     assert_eq!(meta["train_prompts"], 18);
     assert!(meta["metrics"]["test_refusal_rate_harmful"].is_number());
     assert!(meta["metrics"]["val_refusal_rate_harmful"].is_number());
@@ -336,12 +327,7 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
         sets.join("harmless.jsonl").to_str().unwrap(),
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cal: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cal = json_of(&out);
     assert_eq!(cal["signal"], "p([refuse]) at t_post");
     // Each set's rate at τ comes with its 95% interval around it.
     for s in cal["at_tau"].as_array().unwrap() {
@@ -379,12 +365,7 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
         "--save-tau",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cal: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cal = json_of(&out);
     let saved: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("adapter.json")).unwrap()).unwrap();
     let as_f32 = |v: &serde_json::Value| v.as_f64().unwrap() as f32;
@@ -415,11 +396,7 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
         "--split",
         "test",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(&out);
     assert!(String::from_utf8_lossy(&out.stdout).contains("P(refusal openers)"));
 }
 
@@ -448,14 +425,6 @@ fn directions_probe_trajectory_and_cliff_rank_chain_through_saved_files() {
             .args(args)
             .output()
             .unwrap()
-    };
-    let ok = |out: &Output| {
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
     };
     let common = [
         "--model",
@@ -495,7 +464,7 @@ fn directions_probe_trajectory_and_cliff_rank_chain_through_saved_files() {
         let mut args = vec!["directions"];
         args.extend(common);
         args.extend(["--no-select", "--out", &dirs, "--json"]);
-        ok(&run_here(&args));
+        json_of(&run_here(&args));
     }
     assert!(Path::new(&dirs).exists());
     // The states were cached: a second run reads them.
@@ -517,7 +486,7 @@ fn directions_probe_trajectory_and_cliff_rank_chain_through_saved_files() {
         &probes,
         "--json",
     ]);
-    let v = ok(&run_here(&args));
+    let v = json_of(&run_here(&args));
     assert_eq!(v["probes"]["n_test"], 6);
     assert_eq!(
         v["probes"]["metrics"].as_array().unwrap().len(),
@@ -525,7 +494,7 @@ fn directions_probe_trajectory_and_cliff_rank_chain_through_saved_files() {
         "2 layers + the final state"
     );
 
-    let v = ok(&run_here(&[
+    let v = json_of(&run_here(&[
         "trajectory",
         "--model",
         &model,
@@ -548,7 +517,7 @@ fn directions_probe_trajectory_and_cliff_rank_chain_through_saved_files() {
     assert_eq!(t["layer"], 1);
 
     let top = dir.path().join("top.jsonl");
-    let v = ok(&run_here(&[
+    let v = json_of(&run_here(&[
         "cliff-rank",
         "--model",
         &model,
@@ -582,7 +551,7 @@ fn directions_probe_trajectory_and_cliff_rank_chain_through_saved_files() {
     let out = run_here(&[
         "score", "--model", &model, "--set", &harmful, "--split", "test", "--json",
     ]);
-    assert_eq!(ok(&out)["prompts"].as_array().unwrap().len(), 3);
+    assert_eq!(json_of(&out)["prompts"].as_array().unwrap().len(), 3);
     let out = run_here(&[
         "trajectory",
         "--model",
