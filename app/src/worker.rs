@@ -318,17 +318,17 @@ impl Worker {
         self.send(Job::LoadModel { path, adapter });
     }
 
-    fn next(&mut self) -> JobId {
+    /// Sends the job made with the next id and returns that id.
+    fn queue(&mut self, job: impl FnOnce(JobId) -> Job) -> JobId {
         self.next_id += 1;
+        self.send(job(self.next_id));
         self.next_id
     }
 
     /// Queues a generation, cancelling every earlier job (a newer request supersedes).
     pub fn generate(&mut self, request: GenerateRequest) -> JobId {
-        let id = self.next();
-        self.cancel_through.store(id - 1, Ordering::SeqCst);
-        self.send(Job::Generate { id, request });
-        id
+        self.cancel_through.store(self.next_id, Ordering::SeqCst);
+        self.queue(|id| Job::Generate { id, request })
     }
 
     /// Queues a refusal-token training run.
@@ -339,22 +339,18 @@ impl Worker {
         options: TrainOptions,
         out: PathBuf,
     ) -> JobId {
-        let id = self.next();
-        self.send(Job::Train {
+        self.queue(|id| Job::Train {
             id,
             train,
             val,
             options,
             out,
-        });
-        id
+        })
     }
 
     /// Queues a calibration sweep (it does not cancel anything).
     pub fn calibrate(&mut self, sets: Vec<(String, Vec<String>)>) -> JobId {
-        let id = self.next();
-        self.send(Job::Calibrate { id, sets });
-        id
+        self.queue(|id| Job::Calibrate { id, sets })
     }
 
     /// Cancels every job sent so far.
@@ -369,14 +365,13 @@ impl Worker {
     /// Queues a steered reply (after the baseline, if asked), cancelling older steered
     /// replies: the text shown always belongs to the latest slider values.
     pub fn steer(&mut self, request: GenerateRequest, baseline: bool) -> JobId {
-        let id = self.next();
-        self.steer_cancel_through.store(id - 1, Ordering::SeqCst);
-        self.send(Job::Steer {
+        self.steer_cancel_through
+            .store(self.next_id, Ordering::SeqCst);
+        self.queue(|id| Job::Steer {
             id,
             request,
             baseline,
-        });
-        id
+        })
     }
 
     /// Queues a dose-response sweep (cancelled by [`Worker::cancel_lens`]).
@@ -387,29 +382,23 @@ impl Worker {
         steering: Steering,
         tau: f32,
     ) -> JobId {
-        let id = self.next();
-        self.send(Job::Sweep {
+        self.queue(|id| Job::Sweep {
             id,
             prompts,
             alphas,
             steering,
             tau,
-        });
-        id
+        })
     }
 
     /// Queues the per-head metrics of a pair (cancelled by [`Worker::cancel_lens`]).
     pub fn heads(&mut self, pairs: Vec<(String, String)>) -> JobId {
-        let id = self.next();
-        self.send(Job::Heads { id, pairs });
-        id
+        self.queue(|id| Job::Heads { id, pairs })
     }
 
     /// Queues a knockout cascade (cancelled by [`Worker::cancel_lens`]).
     pub fn cascade(&mut self, harmful: String, gate: (usize, usize)) -> JobId {
-        let id = self.next();
-        self.send(Job::Cascade { id, harmful, gate });
-        id
+        self.queue(|id| Job::Cascade { id, harmful, gate })
     }
 
     /// Queues a lens build (directions + probes); later generations do not cancel it.
@@ -419,14 +408,12 @@ impl Worker {
         harmless: PromptSet,
         options: DirectionOptions,
     ) -> JobId {
-        let id = self.next();
-        self.send(Job::BuildLens {
+        self.queue(|id| Job::BuildLens {
             id,
             harmful: Box::new(harmful),
             harmless: Box::new(harmless),
             options,
-        });
-        id
+        })
     }
 
     pub fn cancel_lens(&self) {
@@ -443,16 +430,14 @@ impl Worker {
         steering: Steering,
         layer: Option<usize>,
     ) -> JobId {
-        let id = self.next();
-        self.send(Job::Trajectory {
+        self.queue(|id| Job::Trajectory {
             id,
             system,
             prompt,
             reply,
             steering,
             layer,
-        });
-        id
+        })
     }
 
     pub fn try_recv(&self) -> Option<Event> {
