@@ -44,33 +44,22 @@ fn benches(c: &mut Criterion) {
     let b = collect(&lm, &rb, None, &|| false, &mut |_, _| {}).unwrap();
     let holdout = random_holdout(a.len() + b.len(), 0.2, 0);
     let layers: Vec<usize> = (0..a.n_states).collect();
-    g.bench_function("logistic_probes_all_layers", |bench| {
-        bench.iter(|| {
-            train_probes(
-                &a,
-                &b,
-                &holdout,
-                &layers,
-                &ProbeOptions::default(),
-                Provenance::default(),
-                &|| false,
-                &mut |_, _| {},
-            )
-            .unwrap()
-        })
-    });
+    let fit_probes = || {
+        train_probes(
+            &a,
+            &b,
+            &holdout,
+            &layers,
+            &ProbeOptions::default(),
+            Provenance::default(),
+            &|| false,
+            &mut |_, _| {},
+        )
+        .unwrap()
+    };
+    g.bench_function("logistic_probes_all_layers", |bench| bench.iter(fit_probes));
     let dirs = Directions::diff_in_means(&a, &b, Provenance::default()).unwrap();
-    let probes = train_probes(
-        &a,
-        &b,
-        &holdout,
-        &layers,
-        &ProbeOptions::default(),
-        Provenance::default(),
-        &|| false,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let probes = fit_probes();
     let prompt = lm.chat_prompt(None, ra[0]).unwrap();
     // A 100-token reply (its content does not matter for the cost).
     let reply: Vec<u32> = (0..100u32).map(|i| 1000 + i * 37).collect();

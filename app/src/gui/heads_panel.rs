@@ -491,17 +491,12 @@ impl HeadsPanel {
             })
         };
         if let Some((l, h)) = response.hover_pos().and_then(hit) {
+            let [dla, necessity, sufficiency, attribution, ablation, cipher, cascade] =
+                head_values(m, l, h);
             response.clone().on_hover_text(format!(
-                "L{l}.H{h}\nDLA {:+.4}\nnecessity {:+.4}\nsufficiency {:+.4}\nattribution estimate {:+.4}\nzero-ablation Δ refusal score {:+.4}\ncipher contrast {:+.4}\ncascade (gate L{}.H{}) {:+.4}{}",
-                m.dla.get(l, h),
-                m.necessity.get(l, h),
-                m.sufficiency.get(l, h),
-                m.attribution.get(l, h),
-                m.ablation.get(l, h),
-                m.cipher.as_ref().map_or(f32::NAN, |c| c.get(l, h)),
+                "L{l}.H{h}\nDLA {dla:+.4}\nnecessity {necessity:+.4}\nsufficiency {sufficiency:+.4}\nattribution estimate {attribution:+.4}\nzero-ablation Δ refusal score {ablation:+.4}\ncipher contrast {cipher:+.4}\ncascade (gate L{}.H{}) {cascade:+.4}{}",
                 m.cascade_gate.0,
                 m.cascade_gate.1,
-                m.cascade.get(l, h),
                 if Self::ablated(extra, l, h).is_some() { "\n(ablated)" } else { "" }
             ));
         }
@@ -526,22 +521,28 @@ impl HeadsPanel {
     }
 }
 
+/// Head (l, h) under every metric, in the order of the CSV columns: DLA, necessity,
+/// sufficiency, attribution, zero-ablation Δ, cipher contrast (NaN when it failed), cascade.
+fn head_values(m: &HeadMetrics, l: usize, h: usize) -> [f32; 7] {
+    [
+        m.dla.get(l, h),
+        m.necessity.get(l, h),
+        m.sufficiency.get(l, h),
+        m.attribution.get(l, h),
+        m.ablation.get(l, h),
+        m.cipher.as_ref().map_or(f32::NAN, |c| c.get(l, h)),
+        m.cascade.get(l, h),
+    ]
+}
+
 fn heads_csv(m: &HeadMetrics) -> String {
     let mut out = String::from(
         "layer,head,dla,necessity,sufficiency,attribution_necessity,zero_ablation_delta,cipher_contrast,cascade\n",
     );
     for l in 0..m.dla.n_layers {
         for h in 0..m.dla.n_heads {
-            out.push_str(&format!(
-                "{l},{h},{},{},{},{},{},{},{}\n",
-                m.dla.get(l, h),
-                m.necessity.get(l, h),
-                m.sufficiency.get(l, h),
-                m.attribution.get(l, h),
-                m.ablation.get(l, h),
-                m.cipher.as_ref().map_or(f32::NAN, |c| c.get(l, h)),
-                m.cascade.get(l, h)
-            ));
+            let values: Vec<String> = head_values(m, l, h).map(|v| v.to_string()).into();
+            out.push_str(&format!("{l},{h},{}\n", values.join(",")));
         }
     }
     out
