@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
 use refusal_lens_engine::finetune::{
-    calibrate_gate, first_token_probabilities, gate, opener_bias, rates_at, train_refusal_tokens,
-    Adapter, TrainOptions,
+    first_token_probabilities, gate, opener_bias, rates_at, train_refusal_tokens, Adapter,
+    TrainOptions,
 };
 use refusal_lens_engine::generate::{generate, GenerateConfig, Precision, Sampling};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
@@ -774,12 +774,11 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
         .iter()
         .flat_map(|s| s.split(Some(Split::Val)).cloned())
         .collect();
-    adapter.meta.tau = calibrate_gate(&adapter.apply(base)?, &val, &|| false)?;
+    let organism = adapter.apply_calibrated(base, &val, &|| false)?;
     if adapter.meta.tau.is_none() {
         eprintln!("no harmful and harmless val prompts to calibrate on: τ stays {DEFAULT_TAU}");
     }
-    let tau = adapter.meta.tau.unwrap_or(DEFAULT_TAU);
-    let organism = adapter.apply(base)?;
+    let tau = organism.refusal_tau();
     let mut metrics = serde_json::Map::new();
     for (split, name) in [(Split::Val, "val"), (Split::Test, "test")] {
         for set in &sets {

@@ -11,8 +11,8 @@ use crossbeam_channel::{Receiver, Sender};
 use refusal_lens_engine::activations::default_cache_dir;
 use refusal_lens_engine::directions::Directions;
 use refusal_lens_engine::finetune::{
-    calibrate_gate, first_token_probabilities, gate, opener_bias, train_refusal_tokens, Adapter,
-    TrainOptions, TrainProgress,
+    first_token_probabilities, gate, opener_bias, train_refusal_tokens, Adapter, TrainOptions,
+    TrainProgress,
 };
 use refusal_lens_engine::generate::{generate, GenerateConfig, Generation, Sampling, TokenStep};
 use refusal_lens_engine::heads::{HeadMap, Routing};
@@ -674,10 +674,8 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                             })
                         })
                         .and_then(|mut adapter| {
-                            adapter.meta.tau =
-                                calibrate_gate(&adapter.apply(base)?, &val, &cancelled)?;
+                            let organism = adapter.apply_calibrated(base, &val, &cancelled)?;
                             adapter.save(&out)?;
-                            let organism = adapter.apply(base)?;
                             Ok((organism, adapter))
                         })
                         .map_err(|e| e.to_string())

@@ -191,6 +191,20 @@ impl Adapter {
         })
     }
 
+    /// [`Adapter::apply`], then the gate calibrated on `held_out` ([`calibrate_gate`]): the τ
+    /// goes into the adapter's metadata and the returned model's card.
+    pub fn apply_calibrated(
+        &mut self,
+        base: &LoadedModel,
+        held_out: &[PromptRecord],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<LoadedModel> {
+        let mut organism = self.apply(base)?;
+        self.meta.tau = calibrate_gate(&organism, held_out, cancelled)?;
+        organism.card.refusal_tau = self.meta.tau;
+        Ok(organism)
+    }
+
     /// The model with the adapter's tokens added (the base model is left as it is).
     pub fn apply(&self, base: &LoadedModel) -> Result<LoadedModel> {
         let mut m = base.clone();

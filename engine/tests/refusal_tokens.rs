@@ -186,7 +186,11 @@ fn training_separates_the_training_prompts_and_adapters_round_trip() {
     }
     assert_eq!(organism.refusal_tau(), 0.5, "uncalibrated");
     let mut adapter = adapter;
-    adapter.meta.tau = Some(tau);
+    let calibrated = adapter.apply_calibrated(&base, &train, &|| false).unwrap();
+    assert_eq!(
+        (adapter.meta.tau, calibrated.refusal_tau()),
+        (Some(tau), tau)
+    );
     let dir = tempfile::tempdir().unwrap();
     adapter.save(dir.path()).unwrap();
     let again = Adapter::load(dir.path()).unwrap();
