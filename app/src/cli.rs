@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
 use refusal_lens_engine::finetune::{
-    first_token_probabilities, gate, opener_bias, rates_at, train_refusal_tokens, Adapter,
-    TrainOptions,
+    calibrated_tau_of, first_token_probabilities, gate, opener_bias, rates_at,
+    train_refusal_tokens, Adapter, TrainOptions,
 };
 use refusal_lens_engine::generate::{generate, GenerateConfig, Precision, Sampling};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
@@ -826,9 +826,7 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
 }
 
 fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateArgs) -> Result<()> {
-    use refusal_lens_engine::refusal::{
-        calibrated_tau, wilson_interval, Calibration, RefusalSignal,
-    };
+    use refusal_lens_engine::refusal::{wilson_interval, Calibration, RefusalSignal};
     let adapter = match (a.save_tau, adapter) {
         (true, None) => bail!("--save-tau needs a model with a refusal-token adapter"),
         (true, Some(dir)) => Some((
@@ -868,20 +866,13 @@ fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateAr
     let cal = Calibration::sweep(&signal, &probabilities, a.steps);
     let tau = match adapter {
         Some((dir, mut adapter)) => {
-            let of = |label| -> Vec<f32> {
-                records
-                    .iter()
-                    .zip(&probabilities)
-                    .flat_map(|(rs, ps)| rs.iter().zip(ps))
-                    .filter(|(r, _)| r.label == Some(label))
-                    .map(|(_, p)| *p)
-                    .collect()
-            };
-            let (refuse, respond) = (of(Label::Harmful), of(Label::Harmless));
-            if refuse.is_empty() || respond.is_empty() {
+            let scored = records
+                .iter()
+                .zip(&probabilities)
+                .flat_map(|(rs, ps)| rs.iter().copied().zip(ps.iter().copied()));
+            let Some(tau) = calibrated_tau_of(scored) else {
                 bail!("--save-tau needs prompts labelled harmful and harmless");
-            }
-            let tau = calibrated_tau(&refuse, &respond);
+            };
             adapter.meta.tau = Some(tau);
             adapter.meta.save(dir)?;
             eprintln!(

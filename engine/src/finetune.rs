@@ -452,23 +452,30 @@ pub fn calibrate_gate(
     held_out: &[PromptRecord],
     cancelled: &dyn Fn() -> bool,
 ) -> Result<Option<f32>> {
-    let prompts = |label: Label| -> Vec<&str> {
-        held_out
-            .iter()
-            .filter(|r| r.label == Some(label))
-            .map(|r| r.prompt.as_str())
-            .collect()
-    };
-    let (harmful, harmless) = (prompts(Label::Harmful), prompts(Label::Harmless));
-    if harmful.is_empty() || harmless.is_empty() {
+    let has = |label| held_out.iter().any(|r| r.label == Some(label));
+    if !(has(Label::Harmful) && has(Label::Harmless)) {
         return Ok(None);
     }
-    let p =
-        |prompts: &[&str]| first_token_probabilities(organism, prompts, cancelled, &mut |_, _| {});
-    Ok(Some(crate::refusal::calibrated_tau(
-        &p(&harmful)?,
-        &p(&harmless)?,
-    )))
+    let prompts: Vec<&str> = held_out.iter().map(|r| r.prompt.as_str()).collect();
+    let ps = first_token_probabilities(organism, &prompts, cancelled, &mut |_, _| {})?;
+    Ok(calibrated_tau_of(held_out.iter().zip(ps)))
+}
+
+/// `refusal::calibrated_tau` of the harmful prompts' probabilities against the harmless ones';
+/// None without both.
+pub fn calibrated_tau_of<'a>(
+    scored: impl IntoIterator<Item = (&'a PromptRecord, f32)>,
+) -> Option<f32> {
+    let (mut refuse, mut respond) = (Vec::new(), Vec::new());
+    for (r, p) in scored {
+        match r.label {
+            Some(Label::Harmful) => refuse.push(p),
+            Some(Label::Harmless) => respond.push(p),
+            None => {}
+        }
+    }
+    (!refuse.is_empty() && !respond.is_empty())
+        .then(|| crate::refusal::calibrated_tau(&refuse, &respond))
 }
 
 /// Refusal rate of each set at `tau`.
