@@ -81,7 +81,7 @@ impl LoadedModel {
     /// The refusal gate's threshold τ: calibrated for this model's refusal tokens if its
     /// adapter says so, else `refusal::DEFAULT_TAU`.
     pub fn refusal_tau(&self) -> f32 {
-        self.card.refusal_tau.unwrap_or(refusal::DEFAULT_TAU)
+        self.card.gate_tau()
     }
 
     /// Loads a GGUF file or an HF safetensors folder.

@@ -45,6 +45,13 @@ pub struct ModelCard {
     pub refusal_tau: Option<f32>,
 }
 
+impl ModelCard {
+    /// The refusal gate's threshold: the calibrated one, else `refusal::DEFAULT_TAU`.
+    pub fn gate_tau(&self) -> f32 {
+        self.refusal_tau.unwrap_or(crate::refusal::DEFAULT_TAU)
+    }
+}
+
 /// Everything read from a checkpoint before the model is assembled.
 pub struct Checkpoint {
     pub config: ModelConfig,

@@ -16,7 +16,6 @@ mod training_panel;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use refusal_lens_engine::refusal::DEFAULT_TAU;
 use refusal_lens_engine::{default_model_path, LoadedModel};
 
 use crate::worker::{Event, Worker};
@@ -151,7 +150,7 @@ impl RefusalLensApp {
             match event {
                 Event::ModelLoaded { ref card, .. } => {
                     // The gate starts at the model's calibrated τ.
-                    self.reply.tau = card.refusal_tau.unwrap_or(DEFAULT_TAU);
+                    self.reply.tau = card.gate_tau();
                     // Directions and probes belong to one model: the worker drops them too.
                     self.directions.clear();
                     self.cliff.clear();
