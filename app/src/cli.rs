@@ -826,7 +826,7 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
 }
 
 fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateArgs) -> Result<()> {
-    use refusal_lens_engine::refusal::{wilson_interval, Calibration, RefusalSignal};
+    use refusal_lens_engine::refusal::{refusal_rate, refusals_at, Calibration, RefusalSignal};
     let adapter = match (a.save_tau, adapter) {
         (true, None) => bail!("--save-tau needs a model with a refusal-token adapter"),
         (true, Some(dir)) => Some((
@@ -888,10 +888,9 @@ fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateAr
         .iter()
         .zip(&probabilities)
         .map(|(s, ps)| {
-            let refused = ps.iter().filter(|&&p| p >= tau).count();
-            let (lo, hi) = wilson_interval(refused, ps.len());
-            serde_json::json!({"set": s.name, "refused": refused, "prompts": ps.len(),
-                "refusal_rate": refused as f32 / ps.len() as f32, "ci95": [lo, hi]})
+            let r = refusals_at(ps, tau);
+            serde_json::json!({"set": s.name, "refused": r.refused, "prompts": r.prompts,
+                "refusal_rate": refusal_rate(ps, tau), "ci95": [r.interval.0, r.interval.1]})
         })
         .collect();
     // Per-category rates at the chosen τ.
@@ -904,7 +903,7 @@ fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateAr
                 .push(*p);
         }
         for (c, ps) in cats {
-            per_category.push(serde_json::json!({"set": set.name, "category": c, "prompts": ps.len(), "refusal_rate": refusal_lens_engine::refusal::refusal_rate(&ps, tau)}));
+            per_category.push(serde_json::json!({"set": set.name, "category": c, "prompts": ps.len(), "refusal_rate": refusal_rate(&ps, tau)}));
         }
     }
     if a.json {

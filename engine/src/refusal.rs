@@ -370,6 +370,23 @@ pub fn wilson_interval(k: usize, n: usize) -> (f32, f32) {
     )
 }
 
+/// A set's refusals at τ: how many of how many, and the rate's 95% Wilson interval.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RefusalsAt {
+    pub refused: usize,
+    pub prompts: usize,
+    pub interval: (f32, f32),
+}
+
+pub fn refusals_at(probabilities: &[f32], tau: f32) -> RefusalsAt {
+    let refused = probabilities.iter().filter(|&&p| p >= tau).count();
+    RefusalsAt {
+        refused,
+        prompts: probabilities.len(),
+        interval: wilson_interval(refused, probabilities.len()),
+    }
+}
+
 pub fn refusal_rate(probabilities: &[f32], tau: f32) -> f32 {
     if probabilities.is_empty() {
         return 0.0;

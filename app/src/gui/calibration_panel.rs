@@ -3,7 +3,7 @@
 
 use egui_plot::{Legend, Line, Plot, PlotPoints, VLine};
 use refusal_lens_engine::prompts::{PromptSet, Split};
-use refusal_lens_engine::refusal::{refusal_rate, wilson_interval};
+use refusal_lens_engine::refusal::{refusal_rate, refusals_at};
 
 use crate::worker::{Event, JobId, Worker};
 
@@ -112,14 +112,14 @@ impl CalibrationPanel {
             .curves
             .iter()
             .map(|(n, ps)| {
-                let refused = ps.iter().filter(|&&p| p >= tau).count();
-                let (lo, hi) = wilson_interval(refused, ps.len());
+                let r = refusals_at(ps, tau);
                 format!(
-                    "{n} {:.0}% ({refused}/{}, 95% CI {:.0}–{:.0}%)",
+                    "{n} {:.0}% ({}/{}, 95% CI {:.0}–{:.0}%)",
                     refusal_rate(ps, tau) * 100.0,
-                    ps.len(),
-                    lo * 100.0,
-                    hi * 100.0
+                    r.refused,
+                    r.prompts,
+                    r.interval.0 * 100.0,
+                    r.interval.1 * 100.0
                 )
             })
             .collect();
