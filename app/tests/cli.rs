@@ -315,18 +315,23 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
     assert!(out_dir.join("adapter.safetensors").exists());
 
     let harmful = sets.join("harmful.jsonl");
-    let out = run(&[
-        "calibrate",
-        "--model",
-        &model,
-        "--adapter",
-        out_dir.to_str().unwrap(),
-        "--set",
-        harmful.to_str().unwrap(),
-        "--set",
-        sets.join("harmless.jsonl").to_str().unwrap(),
-        "--json",
-    ]);
+    let harmless = sets.join("harmless.jsonl");
+    let calibrate_adapter = |extra: &[&str]| {
+        let mut args = vec![
+            "calibrate",
+            "--model",
+            &model,
+            "--adapter",
+            out_dir.to_str().unwrap(),
+            "--set",
+            harmful.to_str().unwrap(),
+            "--set",
+            harmless.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        run(&args)
+    };
+    let out = calibrate_adapter(&["--json"]);
     let cal = json_of(&out);
     assert_eq!(cal["signal"], "p([refuse]) at t_post");
     // Each set's rate at τ comes with its 95% interval around it.
@@ -350,21 +355,7 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
     }
     // Recalibrating on a chosen split writes τ into the adapter, which later commands read.
     let weights = std::fs::read(out_dir.join("adapter.safetensors")).unwrap();
-    let out = run(&[
-        "calibrate",
-        "--model",
-        &model,
-        "--adapter",
-        out_dir.to_str().unwrap(),
-        "--set",
-        harmful.to_str().unwrap(),
-        "--set",
-        sets.join("harmless.jsonl").to_str().unwrap(),
-        "--split",
-        "test",
-        "--save-tau",
-        "--json",
-    ]);
+    let out = calibrate_adapter(&["--split", "test", "--save-tau", "--json"]);
     let cal = json_of(&out);
     let saved: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("adapter.json")).unwrap()).unwrap();
