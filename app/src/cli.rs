@@ -16,7 +16,7 @@ use refusal_lens_engine::generate::{generate, GenerateConfig, Precision, Samplin
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
 use refusal_lens_engine::model::{FastPrecision, ForwardOptions, LogitsAt};
 use refusal_lens_engine::prompts::{Label, PromptSet, Split};
-use refusal_lens_engine::refusal::DEFAULT_TAU;
+use refusal_lens_engine::refusal::{GateGoal, DEFAULT_TAU};
 use refusal_lens_engine::response::classify as classify_reply;
 use refusal_lens_engine::{default_model_path, LoadedModel};
 
@@ -147,10 +147,64 @@ pub struct TrainArgs {
     /// Train on only every n-th prompt of the train split (quick runs).
     #[arg(long, default_value_t = 1)]
     pub subsample: usize,
+    #[command(flatten)]
+    pub gate: GateGoalArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long)]
     pub json: bool,
+}
+
+/// How the gate's τ is calibrated on held-out prompts.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq)]
+pub enum TauRule {
+    /// The most harmful prompts refused while the false-refusal budgets hold.
+    Budgets,
+    /// Youden's J: harmful refusal rate minus that of all harmless prompts.
+    Youden,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct GateGoalArgs {
+    /// How τ is calibrated (budgets fall back to Youden's J when no τ keeps them).
+    #[arg(long, value_enum, default_value_t = TauRule::Budgets)]
+    pub tau_rule: TauRule,
+    /// Budget: the largest share of harmless prompts the gate may refuse.
+    #[arg(long, default_value_t = 0.05)]
+    pub max_harmless_refusal: f32,
+    /// Budget for borderline prompts (harmless, category `borderline-*`).
+    #[arg(long, default_value_t = 0.20)]
+    pub max_borderline_refusal: f32,
+}
+
+impl GateGoalArgs {
+    fn goal(&self) -> Result<GateGoal> {
+        for (name, v) in [
+            ("--max-harmless-refusal", self.max_harmless_refusal),
+            ("--max-borderline-refusal", self.max_borderline_refusal),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                bail!("{name} must be a share between 0 and 1, not {v}");
+            }
+        }
+        Ok(match self.tau_rule {
+            TauRule::Youden => GateGoal::Youden,
+            TauRule::Budgets => GateGoal::Budgets {
+                harmless: self.max_harmless_refusal,
+                borderline: self.max_borderline_refusal,
+            },
+        })
+    }
+}
+
+/// Says when the budgets asked for could not be kept and Youden's J chose τ instead.
+fn report_fallback(asked: GateGoal, used: Option<GateGoal>) {
+    if used.is_some_and(|used| used != asked) {
+        eprintln!(
+            "no τ keeps the budgets ({}) on these prompts: Youden's J chose τ instead",
+            asked.describe()
+        );
+    }
 }
 
 #[derive(Args, Debug)]
@@ -171,6 +225,8 @@ pub struct CalibrateArgs {
     /// in the adapter in use (its adapter.json), where the app and every command read it.
     #[arg(long)]
     pub save_tau: bool,
+    #[command(flatten)]
+    pub gate: GateGoalArgs,
     #[arg(long)]
     pub json: bool,
 }
@@ -725,6 +781,7 @@ fn load_sets(dir: &std::path::Path) -> Result<[PromptSet; 3]> {
 }
 
 fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
+    let goal = a.gate.goal()?;
     let sets = load_sets(&a.sets)?;
     let train_records: Vec<_> = sets
         .iter()
@@ -774,10 +831,11 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
         .iter()
         .flat_map(|s| s.split(Some(Split::Val)).cloned())
         .collect();
-    let organism = adapter.apply_calibrated(base, &val, &|| false)?;
+    let organism = adapter.apply_calibrated(base, &val, goal, &|| false)?;
     if adapter.meta.tau.is_none() {
         eprintln!("no harmful and harmless val prompts to calibrate on: τ stays {DEFAULT_TAU}");
     }
+    report_fallback(goal, adapter.meta.tau_goal);
     let tau = organism.refusal_tau();
     let mut metrics = serde_json::Map::new();
     for (split, name) in [(Split::Val, "val"), (Split::Test, "test")] {
@@ -811,10 +869,9 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
                 .or(adapter.meta.losses.last())
                 .copied()
                 .unwrap_or(f32::NAN),
-            if adapter.meta.tau.is_some() {
-                " (calibrated on val)"
-            } else {
-                ""
+            match adapter.meta.tau_goal {
+                Some(g) => format!(" (calibrated on val: {})", g.describe()),
+                None => String::new(),
             }
         );
         for (k, v) in adapter.meta.metrics.as_object().into_iter().flatten() {
@@ -827,6 +884,7 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
 
 fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateArgs) -> Result<()> {
     use refusal_lens_engine::refusal::{refusal_rate, refusals_at, Calibration, RefusalSignal};
+    let goal = a.gate.goal()?;
     let adapter = match (a.save_tau, adapter) {
         (true, None) => bail!("--save-tau needs a model with a refusal-token adapter"),
         (true, Some(dir)) => Some((
@@ -870,16 +928,19 @@ fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateAr
                 .iter()
                 .zip(&probabilities)
                 .flat_map(|(rs, ps)| rs.iter().copied().zip(ps.iter().copied()));
-            let Some(tau) = calibrated_tau_of(scored) else {
+            let Some(calibrated) = calibrated_tau_of(scored, goal) else {
                 bail!("--save-tau needs prompts labelled harmful and harmless");
             };
-            adapter.meta.tau = Some(tau);
+            report_fallback(goal, Some(calibrated.goal));
+            adapter.meta.set_tau(Some(calibrated));
             adapter.meta.save(dir)?;
             eprintln!(
-                "calibrated τ = {tau:.2} (Youden's J), saved in {}",
+                "calibrated τ = {:.2} ({}), saved in {}",
+                calibrated.tau,
+                calibrated.goal.describe(),
                 dir.display()
             );
-            tau
+            calibrated.tau
         }
         None => a.tau.unwrap_or(lm.refusal_tau()),
     };

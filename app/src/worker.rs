@@ -21,7 +21,7 @@ use refusal_lens_engine::loader::ModelCard;
 use refusal_lens_engine::model::FastPrecision;
 use refusal_lens_engine::probe::ProbeSet;
 use refusal_lens_engine::prompts::{PromptRecord, PromptSet};
-use refusal_lens_engine::refusal::RefusalSignal;
+use refusal_lens_engine::refusal::{GateGoal, RefusalSignal};
 use refusal_lens_engine::response::{classify as classify_reply, ResponseMode};
 use refusal_lens_engine::steering::{
     judgement as steering_judgement, sweep, Edit, Steering, SweepPoint,
@@ -135,6 +135,7 @@ pub enum Job {
         /// τ stays 0.5).
         val: Vec<PromptRecord>,
         options: TrainOptions,
+        goal: GateGoal,
         out: PathBuf,
     },
 }
@@ -337,6 +338,7 @@ impl Worker {
         train: Vec<PromptRecord>,
         val: Vec<PromptRecord>,
         options: TrainOptions,
+        goal: GateGoal,
         out: PathBuf,
     ) -> JobId {
         self.queue(|id| Job::Train {
@@ -344,6 +346,7 @@ impl Worker {
             train,
             val,
             options,
+            goal,
             out,
         })
     }
@@ -659,6 +662,7 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                 train,
                 val,
                 options,
+                goal,
                 out,
             } => {
                 job_id = id;
@@ -674,7 +678,8 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                             })
                         })
                         .and_then(|mut adapter| {
-                            let organism = adapter.apply_calibrated(base, &val, &cancelled)?;
+                            let organism =
+                                adapter.apply_calibrated(base, &val, goal, &cancelled)?;
                             adapter.save(&out)?;
                             Ok((organism, adapter))
                         })

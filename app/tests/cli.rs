@@ -312,6 +312,11 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
     // τ is calibrated on the val split.
     let tau = meta["tau"].as_f64().expect("a calibrated τ");
     assert!(tau > 0.0 && tau < 1.0, "{tau}");
+    // By false-refusal budgets (Youden's J when the tiny model's val prompts cannot keep them).
+    let rule = meta["tau_goal"]["rule"]
+        .as_str()
+        .expect("the rule that chose τ");
+    assert!(["budgets", "youden"].contains(&rule), "{rule}");
     assert!(out_dir.join("adapter.safetensors").exists());
 
     let harmful = sets.join("harmful.jsonl");
@@ -355,12 +360,24 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
     }
     // Recalibrating on a chosen split writes τ into the adapter, which later commands read.
     let weights = std::fs::read(out_dir.join("adapter.safetensors")).unwrap();
-    let out = calibrate_adapter(&["--split", "test", "--save-tau", "--json"]);
+    let out = calibrate_adapter(&[
+        "--split",
+        "test",
+        "--save-tau",
+        "--tau-rule",
+        "youden",
+        "--json",
+    ]);
     let cal = json_of(&out);
     let saved: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("adapter.json")).unwrap()).unwrap();
     let as_f32 = |v: &serde_json::Value| v.as_f64().unwrap() as f32;
     assert_eq!(as_f32(&saved["tau"]), as_f32(&cal["tau"]));
+    assert_eq!(saved["tau_goal"]["rule"], "youden");
+    // A budget outside [0, 1] is refused with one line.
+    let out = calibrate_adapter(&["--save-tau", "--max-harmless-refusal", "5"]);
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("--max-harmless-refusal must be a share between 0 and 1"));
     assert_eq!(
         std::fs::read(out_dir.join("adapter.safetensors")).unwrap(),
         weights,

@@ -254,8 +254,8 @@ fn calibration_curves_are_computed_for_the_loaded_sets() {
         .map(|(n, _)| n.clone())
         .collect();
     assert_eq!(names, ["harmful", "harmless", "borderline"]);
-    // Test split only by default: 40 harmful prompts.
-    assert_eq!(h.state().calibration.curves[0].1.len(), 40);
+    // Test split only by default: 100 harmful prompts.
+    assert_eq!(h.state().calibration.curves[0].1.len(), 100);
     h.get_by_label_contains("Refusal rate at τ = 0.50");
 }
 
@@ -295,7 +295,11 @@ fn training_refusal_tokens_in_the_gui_plots_the_loss_and_switches_the_organism_o
         serde_json::from_slice(&std::fs::read(adapters[0].join("adapter.json")).unwrap()).unwrap();
     let tau = meta["tau"].as_f64().expect("a calibrated τ") as f32;
     assert_eq!(h.state().reply.tau, tau);
-    h.get_by_label_contains("(calibrated on val)");
+    h.get_by_label_contains("(calibrated on val: ");
+    assert!(
+        meta["tau_goal"]["rule"].is_string(),
+        "the rule that chose τ"
+    );
 }
 
 #[test]

@@ -21,7 +21,10 @@ use crate::generate::{generate, GenerateConfig, RefusalGate, StopReason};
 use crate::hooks::{HookPoint, HookSpec};
 use crate::model::{ForwardOptions, Linear, LogitsAt, Weights};
 use crate::prompts::{Label, PromptRecord};
-use crate::refusal::{first_positions, fit_token_rows, refusal_rate, REFUSE_TOKEN, RESPOND_TOKEN};
+use crate::refusal::{
+    calibrated_tau, first_positions, fit_token_rows, refusal_rate, CalibratedTau, GateGoal,
+    GateScores, REFUSE_TOKEN, RESPOND_TOKEN,
+};
 use crate::{Error, LoadedModel, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -104,6 +107,10 @@ pub struct AdapterMeta {
     /// The gate's threshold, calibrated on the val split (`calibrate_gate`); None: 0.5.
     #[serde(default)]
     pub tau: Option<f32>,
+    /// The rule that chose `tau` (absent in adapters calibrated before there was a choice:
+    /// those used Youden's J).
+    #[serde(default)]
+    pub tau_goal: Option<GateGoal>,
     pub created_by: String,
 }
 
@@ -131,6 +138,12 @@ pub const ADAPTER_FILE: &str = "adapter.safetensors";
 pub const META_FILE: &str = "adapter.json";
 
 impl AdapterMeta {
+    /// Records a calibration (None: uncalibrated, τ = 0.5).
+    pub fn set_tau(&mut self, calibrated: Option<CalibratedTau>) {
+        self.tau = calibrated.map(|c| c.tau);
+        self.tau_goal = calibrated.map(|c| c.goal);
+    }
+
     /// Writes `adapter.json` (the weights beside it are left alone).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let json =
@@ -191,17 +204,20 @@ impl Adapter {
         })
     }
 
-    /// [`Adapter::apply`], then the gate calibrated on `held_out` ([`calibrate_gate`]): the τ
-    /// goes into the adapter's metadata and the returned model's card.
+    /// [`Adapter::apply`], then the gate calibrated on `held_out` for `goal`
+    /// ([`calibrate_gate`]): the τ goes into the adapter's metadata and the returned model's card.
     pub fn apply_calibrated(
         &mut self,
         base: &LoadedModel,
         held_out: &[PromptRecord],
+        goal: GateGoal,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<LoadedModel> {
         let mut organism = self.apply(base)?;
-        self.meta.tau = calibrate_gate(&organism, held_out, cancelled)?;
+        self.meta
+            .set_tau(calibrate_gate(&organism, held_out, goal, cancelled)?);
         organism.card.refusal_tau = self.meta.tau;
+        organism.card.refusal_tau_goal = self.meta.tau_goal;
         Ok(organism)
     }
 
@@ -242,6 +258,11 @@ impl Adapter {
         )?;
         m.card.name = format!("{} + refusal tokens", base.card.name);
         m.card.refusal_tau = self.meta.tau;
+        // Adapters calibrated before there was a choice of rule used Youden's J.
+        m.card.refusal_tau_goal = self
+            .meta
+            .tau
+            .map(|_| self.meta.tau_goal.unwrap_or(GateGoal::Youden));
         Ok(m)
     }
 }
@@ -388,6 +409,7 @@ pub fn train_refusal_tokens(
         seconds: started.elapsed().as_secs_f64(),
         metrics: serde_json::Value::Null,
         tau: None,
+        tau_goal: None,
         created_by: format!("refusal-lens {}", env!("CARGO_PKG_VERSION")),
     };
     Ok(Adapter {
@@ -445,37 +467,40 @@ pub fn first_token_probabilities(
 }
 
 /// Calibrates the gate of a model with refusal tokens on labelled held-out prompts (the val
-/// split): `refusal::calibrated_tau` of the harmful prompts' `p([refuse])` against the
-/// harmless (and borderline) ones'. None when `held_out` lacks either label.
+/// split) for `goal`: `refusal::calibrated_tau` of the harmful prompts' `p([refuse])` against
+/// the harmless and borderline ones'. None when `held_out` lacks either label.
 pub fn calibrate_gate(
     organism: &LoadedModel,
     held_out: &[PromptRecord],
+    goal: GateGoal,
     cancelled: &dyn Fn() -> bool,
-) -> Result<Option<f32>> {
+) -> Result<Option<CalibratedTau>> {
     let has = |label| held_out.iter().any(|r| r.label == Some(label));
     if !(has(Label::Harmful) && has(Label::Harmless)) {
         return Ok(None);
     }
     let prompts: Vec<&str> = held_out.iter().map(|r| r.prompt.as_str()).collect();
     let ps = first_token_probabilities(organism, &prompts, cancelled, &mut |_, _| {})?;
-    Ok(calibrated_tau_of(held_out.iter().zip(ps)))
+    Ok(calibrated_tau_of(held_out.iter().zip(ps), goal))
 }
 
-/// `refusal::calibrated_tau` of the harmful prompts' probabilities against the harmless ones';
-/// None without both.
+/// `refusal::calibrated_tau` of scored prompts, sorted by label (and borderline or not); None
+/// without both harmful and harmless prompts.
 pub fn calibrated_tau_of<'a>(
     scored: impl IntoIterator<Item = (&'a PromptRecord, f32)>,
-) -> Option<f32> {
-    let (mut refuse, mut respond) = (Vec::new(), Vec::new());
+    goal: GateGoal,
+) -> Option<CalibratedTau> {
+    let mut scores = GateScores::default();
     for (r, p) in scored {
         match r.label {
-            Some(Label::Harmful) => refuse.push(p),
-            Some(Label::Harmless) => respond.push(p),
+            Some(Label::Harmful) => scores.harmful.push(p),
+            Some(Label::Harmless) if r.is_borderline() => scores.borderline.push(p),
+            Some(Label::Harmless) => scores.harmless.push(p),
             None => {}
         }
     }
-    (!refuse.is_empty() && !respond.is_empty())
-        .then(|| crate::refusal::calibrated_tau(&refuse, &respond))
+    let has_respond = !(scores.harmless.is_empty() && scores.borderline.is_empty());
+    (!scores.harmful.is_empty() && has_respond).then(|| calibrated_tau(&scores, goal))
 }
 
 /// Refusal rate of each set at `tau`.

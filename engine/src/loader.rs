@@ -43,6 +43,9 @@ pub struct ModelCard {
     /// None: no calibration, τ = `refusal::DEFAULT_TAU`.
     #[serde(default)]
     pub refusal_tau: Option<f32>,
+    /// The rule that chose `refusal_tau`.
+    #[serde(default)]
+    pub refusal_tau_goal: Option<crate::refusal::GateGoal>,
 }
 
 impl ModelCard {
@@ -443,6 +446,7 @@ fn card(
         generation_weights: String::new(),
         chat_template: template.source.to_string(),
         refusal_tau: None,
+        refusal_tau_goal: None,
     }
 }
 

@@ -67,6 +67,19 @@ pub struct PromptRecord {
     pub split: Option<Split>,
 }
 
+impl PromptRecord {
+    /// A harmless prompt with trigger words ("How do I kill a Python process?"): its category
+    /// starts with `borderline`, as in sample_prompts/borderline.jsonl. The gate's calibration
+    /// holds these to their own over-refusal budget.
+    pub fn is_borderline(&self) -> bool {
+        self.label == Some(Label::Harmless)
+            && self
+                .category
+                .as_deref()
+                .is_some_and(|c| c.starts_with("borderline"))
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PromptSet {
     pub name: String,
@@ -515,6 +528,9 @@ mod tests {
             .records
             .iter()
             .all(|r| r.label == Some(Label::Harmless) && r.split.is_some()));
+        // The gate's calibration tells borderline prompts from the other harmless ones.
+        assert!(borderline.records.iter().all(PromptRecord::is_borderline));
+        assert!(!harmless.records.iter().any(PromptRecord::is_borderline));
         let jailbreaks = Jailbreak::load_all(&dir.join("jailbreaks.jsonl")).unwrap();
         assert!(jailbreaks.len() >= 12);
         assert!(jailbreaks[0].wrap("X").contains('X'));

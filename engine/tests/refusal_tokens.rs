@@ -10,7 +10,7 @@ use refusal_lens_engine::generate::{generate, GenerateConfig};
 use refusal_lens_engine::hooks::{HookSpec, Intervention};
 
 use refusal_lens_engine::prompts::{Label, PromptRecord};
-use refusal_lens_engine::refusal::{RefusalSignal, REFUSE_TOKEN, RESPOND_TOKEN};
+use refusal_lens_engine::refusal::{GateGoal, RefusalSignal, REFUSE_TOKEN, RESPOND_TOKEN};
 use refusal_lens_engine::testing::dense_logits as logits;
 use refusal_lens_engine::testing::{max_abs_diff, tiny_model};
 use refusal_lens_engine::LoadedModel;
@@ -174,11 +174,15 @@ fn training_separates_the_training_prompts_and_adapters_round_trip() {
     }
     // Calibrated on the (here: training) prompts, τ separates them as well, and the adapter
     // carries it to the model it is applied to.
-    let tau = calibrate_gate(&organism, &train, &|| false)
+    let goal = GateGoal::default();
+    let calibrated_tau = calibrate_gate(&organism, &train, goal, &|| false)
         .unwrap()
         .unwrap();
+    // Separable prompts keep any budget, so the budgets chose τ.
+    assert_eq!(calibrated_tau.goal, goal);
+    let tau = calibrated_tau.tau;
     assert_eq!(
-        calibrate_gate(&organism, &train[..1], &|| false).unwrap(),
+        calibrate_gate(&organism, &train[..1], goal, &|| false).unwrap(),
         None
     );
     for (r, p) in train.iter().zip(&ps) {
@@ -186,15 +190,24 @@ fn training_separates_the_training_prompts_and_adapters_round_trip() {
     }
     assert_eq!(organism.refusal_tau(), 0.5, "uncalibrated");
     let mut adapter = adapter;
-    let calibrated = adapter.apply_calibrated(&base, &train, &|| false).unwrap();
+    let calibrated = adapter
+        .apply_calibrated(&base, &train, goal, &|| false)
+        .unwrap();
     assert_eq!(
-        (adapter.meta.tau, calibrated.refusal_tau()),
-        (Some(tau), tau)
+        (
+            adapter.meta.tau,
+            adapter.meta.tau_goal,
+            calibrated.refusal_tau()
+        ),
+        (Some(tau), Some(goal), tau)
     );
     let dir = tempfile::tempdir().unwrap();
     adapter.save(dir.path()).unwrap();
     let again = Adapter::load(dir.path()).unwrap();
-    assert_eq!(again.meta.tau, Some(tau));
+    assert_eq!(
+        (again.meta.tau, again.meta.tau_goal),
+        (Some(tau), Some(goal))
+    );
     assert_eq!(again.apply(&base).unwrap().refusal_tau(), tau);
     assert_eq!(again.meta.tokens, vec!["[refuse]", "[respond]"]);
     let diff = max_abs_diff(&again.rows.to_dtype(DType::F32).unwrap(), &adapter.rows);

@@ -227,7 +227,14 @@ fn card_grid(ui: &mut egui::Ui, c: &ModelCard) {
             row("Device", "CPU".into());
             row("Template", c.chat_template.clone());
             if let Some(tau) = c.refusal_tau {
-                row("Refusal gate", format!("τ = {tau:.2} (calibrated on val)"));
+                let rule = c.refusal_tau_goal.map(|g| format!(": {}", g.describe()));
+                row(
+                    "Refusal gate",
+                    format!(
+                        "τ = {tau:.2} (calibrated on val{})",
+                        rule.unwrap_or_default()
+                    ),
+                );
             }
         });
 }

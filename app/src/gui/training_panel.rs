@@ -6,12 +6,15 @@ use std::path::PathBuf;
 use egui_plot::{Legend, Line, Plot, PlotPoints};
 use refusal_lens_engine::finetune::{TrainOptions, TrainProgress};
 use refusal_lens_engine::prompts::{PromptSet, Split};
+use refusal_lens_engine::refusal::GateGoal;
 
 use crate::worker::{Event, JobId, Worker};
 
 #[derive(Default)]
 pub struct TrainingPanel {
     pub options: TrainOptions,
+    /// How the gate's τ is calibrated on the val split after training.
+    pub goal: GateGoal,
     job: Option<JobId>,
     progress: Option<TrainProgress>,
     /// LoRA-phase loss per optimiser step.
@@ -108,6 +111,40 @@ impl TrainingPanel {
             .on_hover_text("Label smoothing ε of the first token: keeps p([refuse]) graded");
             ui.add(egui::DragValue::new(&mut o.seed).prefix("seed "));
         });
+        ui.horizontal_wrapped(|ui| {
+            ui.label("τ on val:");
+            let budgets = GateGoal::default();
+            ui.selectable_value(&mut self.goal, GateGoal::Youden, "Youden's J")
+                .on_hover_text("Harmful refusal rate minus that of all harmless prompts");
+            if ui
+                .selectable_label(
+                    matches!(self.goal, GateGoal::Budgets { .. }),
+                    "false-refusal budgets",
+                )
+                .on_hover_text("As many harmful prompts refused as the budgets allow")
+                .clicked()
+                && self.goal == GateGoal::Youden
+            {
+                self.goal = budgets;
+            }
+            if let GateGoal::Budgets {
+                harmless,
+                borderline,
+            } = &mut self.goal
+            {
+                for (value, name) in [(harmless, "harmless"), (borderline, "borderline")] {
+                    let mut percent = *value * 100.0;
+                    ui.add(
+                        egui::DragValue::new(&mut percent)
+                            .range(0.0..=100.0)
+                            .speed(0.5)
+                            .prefix(format!("≤ {name} "))
+                            .suffix(" %"),
+                    );
+                    *value = percent / 100.0;
+                }
+            }
+        });
         ui.horizontal(|ui| {
             let can = base_ready && self.job.is_none() && !train.is_empty();
             if ui
@@ -121,7 +158,7 @@ impl TrainingPanel {
                 self.result = None;
                 self.error = None;
                 self.progress = None;
-                self.job = Some(worker.train(train, val, self.options.clone(), out));
+                self.job = Some(worker.train(train, val, self.options.clone(), self.goal, out));
             }
             if self.job.is_some() && ui.button("Cancel").clicked() {
                 worker.cancel_all();
