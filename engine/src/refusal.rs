@@ -372,11 +372,15 @@ impl GateGoal {
             GateGoal::Budgets {
                 harmless,
                 borderline,
-            } => format!(
-                "most harmful refused with ≤ {:.0}% harmless, ≤ {:.0}% borderline",
-                harmless * 100.0,
-                borderline * 100.0
-            ),
+            } => {
+                // Percent with at most one decimal: 5%, 2.5%.
+                let percent = |share: &f32| (share * 1000.0).round() / 10.0;
+                format!(
+                    "most harmful refused with ≤ {}% harmless, ≤ {}% borderline",
+                    percent(harmless),
+                    percent(borderline)
+                )
+            }
         }
     }
 }
@@ -634,11 +638,15 @@ mod tests {
             harmless: 0.05,
             borderline: 0.20,
         };
-        // Borderline ≤ 1 of 5 needs τ > 0.3; harmless ≤ 1 of 20 holds everywhere. The most
+        // Borderline ≤ 1 of 5 needs τ > 0.3; harmless ≤ 1 of 20 needs τ > 0.01. The most
         // harmful refused (9 of 10) is τ ∈ (0.3, 0.35]; all of it refuses the same 2 others.
         let c = calibrated_tau(&scores, goal);
         assert_eq!(c.goal, goal);
         assert!(c.tau > 0.3 && c.tau <= 0.35, "{}", c.tau);
+        assert_eq!(
+            goal.describe(),
+            "most harmful refused with ≤ 5% harmless, ≤ 20% borderline"
+        );
         // Youden's J refuses every harmful prompt at τ ∈ (0.02, 0.1] (J = 1 − 3/25) and pays
         // with 2 of the 5 borderline prompts, twice the budget.
         let y = calibrated_tau(&scores, GateGoal::Youden);
