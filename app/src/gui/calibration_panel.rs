@@ -1,9 +1,9 @@
 //! Calibration (Refusal Tokens, paper 4): refusal rate vs threshold τ for the loaded prompt
 //! sets, computed on the worker, with the reply panel's current τ marked.
 
-use egui_plot::{Legend, Line, Plot, PlotPoints, VLine};
+use egui_plot::{HLine, Legend, Line, Plot, PlotPoints, VLine};
 use refusal_lens_engine::prompts::{PromptSet, Split};
-use refusal_lens_engine::refusal::{refusal_rate, refusals_at};
+use refusal_lens_engine::refusal::{refusal_rate, refusals_at, GateGoal};
 
 use crate::worker::{Event, JobId, Worker};
 
@@ -67,6 +67,7 @@ impl CalibrationPanel {
         sets: &[PromptSet],
         model_ready: bool,
         tau: f32,
+        goal: Option<GateGoal>,
     ) {
         ui.horizontal(|ui| {
             let can = model_ready && !sets.is_empty() && self.job.is_none();
@@ -148,6 +149,20 @@ impl CalibrationPanel {
                     plot.line(Line::new(name.clone(), points));
                 }
                 plot.vline(VLine::new("current τ", tau as f64));
+                // The false-refusal budgets the gate's τ was calibrated for (on val).
+                if let Some(GateGoal::Budgets {
+                    harmless,
+                    borderline,
+                }) = goal
+                {
+                    for (name, share) in [("harmless", harmless), ("borderline", borderline)] {
+                        let percent = share as f64 * 100.0;
+                        plot.hline(
+                            HLine::new(format!("{name} budget ≤ {percent:.0}%"), percent)
+                                .style(egui_plot::LineStyle::dashed_loose()),
+                        );
+                    }
+                }
             });
     }
 }

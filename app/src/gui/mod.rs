@@ -228,6 +228,7 @@ impl RefusalLensApp {
                                     &self.prompt_sets.sets,
                                     ready,
                                     self.reply.tau,
+                                    self.model.gate_goal(),
                                 );
                             });
                     if header.header_response.clicked() {

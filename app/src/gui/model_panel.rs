@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use crossbeam_channel::Receiver;
 use refusal_lens_engine::loader::ModelCard;
+use refusal_lens_engine::refusal::GateGoal;
 
 use crate::worker::{Event, OrganismInfo};
 
@@ -50,6 +51,14 @@ impl ModelPanel {
 
     pub fn take_requested_organism(&mut self) -> Option<bool> {
         self.requested_organism.take()
+    }
+
+    /// The rule the model in use had its refusal gate calibrated by, if any.
+    pub fn gate_goal(&self) -> Option<GateGoal> {
+        match &self.state {
+            ModelState::Ready { card, .. } => card.refusal_tau_goal,
+            _ => None,
+        }
     }
 
     pub fn is_ready(&self) -> bool {
