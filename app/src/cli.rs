@@ -922,16 +922,21 @@ fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateAr
     }
     let signal = RefusalSignal::for_model(lm)?;
     let cal = Calibration::sweep(&signal, &probabilities, a.steps);
+    // The τ the rule chooses on these prompts (when they are labelled harmful and harmless);
+    // --save-tau keeps it.
+    let scored = records
+        .iter()
+        .zip(&probabilities)
+        .flat_map(|(rs, ps)| rs.iter().copied().zip(ps.iter().copied()));
+    let calibrated = calibrated_tau_of(scored, goal);
+    if let Some(c) = calibrated {
+        report_fallback(goal, Some(c.goal));
+    }
     let tau = match adapter {
         Some((dir, mut adapter)) => {
-            let scored = records
-                .iter()
-                .zip(&probabilities)
-                .flat_map(|(rs, ps)| rs.iter().copied().zip(ps.iter().copied()));
-            let Some(calibrated) = calibrated_tau_of(scored, goal) else {
+            let Some(calibrated) = calibrated else {
                 bail!("--save-tau needs prompts labelled harmful and harmless");
             };
-            report_fallback(goal, Some(calibrated.goal));
             adapter.meta.set_tau(Some(calibrated));
             adapter.meta.save(dir)?;
             eprintln!(
@@ -975,7 +980,7 @@ fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateAr
             .collect();
         println!(
             "{}",
-            serde_json::json!({"signal": cal.signal, "taus": cal.taus, "rates": cal.rates, "sets": sets_json, "tau": tau, "at_tau": at_tau, "per_category": per_category})
+            serde_json::json!({"signal": cal.signal, "taus": cal.taus, "rates": cal.rates, "sets": sets_json, "tau": tau, "calibrated": calibrated, "at_tau": at_tau, "per_category": per_category})
         );
         return Ok(());
     }
@@ -999,6 +1004,13 @@ fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateAr
             print!("{:>13.1}%", r[i] * 100.0);
         }
         println!();
+    }
+    if let (Some(c), false) = (calibrated, a.save_tau) {
+        println!(
+            "\nτ by {} on these prompts: {:.2} (--save-tau keeps it)",
+            c.goal.describe(),
+            c.tau
+        );
     }
     println!("\nat τ = {tau} (95% Wilson interval)");
     for s in &at_tau {

@@ -336,9 +336,13 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
         args.extend(extra);
         run(&args)
     };
-    let out = calibrate_adapter(&["--json"]);
+    let out = calibrate_adapter(&["--json", "--tau-rule", "youden"]);
     let cal = json_of(&out);
     assert_eq!(cal["signal"], "p([refuse]) at t_post");
+    // The τ the rule would choose on these labelled sets, without saving it.
+    assert_eq!(cal["calibrated"]["goal"]["rule"], "youden");
+    let would = cal["calibrated"]["tau"].as_f64().expect("a τ by the rule");
+    assert!(would > 0.0 && would < 1.0, "{would}");
     // Each set's rate at τ comes with its 95% interval around it.
     for s in cal["at_tau"].as_array().unwrap() {
         let (rate, lo, hi) = (
