@@ -144,6 +144,13 @@ impl AdapterMeta {
         self.tau_goal = calibrated.map(|c| c.goal);
     }
 
+    /// Puts the gate's calibrated τ and its rule on the card of the model the adapter is on.
+    fn mark_gate(&self, card: &mut crate::loader::ModelCard) {
+        card.refusal_tau = self.tau;
+        // Adapters calibrated before there was a choice of rule used Youden's J.
+        card.refusal_tau_goal = self.tau.map(|_| self.tau_goal.unwrap_or(GateGoal::Youden));
+    }
+
     /// Writes `adapter.json` (the weights beside it are left alone).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let json =
@@ -216,8 +223,7 @@ impl Adapter {
         let mut organism = self.apply(base)?;
         self.meta
             .set_tau(calibrate_gate(&organism, held_out, goal, cancelled)?);
-        organism.card.refusal_tau = self.meta.tau;
-        organism.card.refusal_tau_goal = self.meta.tau_goal;
+        self.meta.mark_gate(&mut organism.card);
         Ok(organism)
     }
 
@@ -257,12 +263,7 @@ impl Adapter {
             &self.rows,
         )?;
         m.card.name = format!("{} + refusal tokens", base.card.name);
-        m.card.refusal_tau = self.meta.tau;
-        // Adapters calibrated before there was a choice of rule used Youden's J.
-        m.card.refusal_tau_goal = self
-            .meta
-            .tau
-            .map(|_| self.meta.tau_goal.unwrap_or(GateGoal::Youden));
+        self.meta.mark_gate(&mut m.card);
         Ok(m)
     }
 }
