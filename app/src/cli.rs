@@ -837,26 +837,7 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
     }
     report_fallback(goal, adapter.meta.tau_goal);
     let tau = organism.refusal_tau();
-    let mut metrics = serde_json::Map::new();
-    for (split, name) in [(Split::Val, "val"), (Split::Test, "test")] {
-        for set in &sets {
-            let prompts: Vec<&str> = set.split(Some(split)).map(|r| r.prompt.as_str()).collect();
-            if prompts.is_empty() {
-                continue;
-            }
-            let ps = first_token_probabilities(&organism, &prompts, &|| false, &mut |_, _| {})?;
-            let rate = rates_at(&[ps], tau)[0];
-            metrics.insert(
-                format!("{name}_refusal_rate_{}", set.name),
-                serde_json::json!(rate),
-            );
-            metrics.insert(
-                format!("{name}_prompts_{}", set.name),
-                serde_json::json!(prompts.len()),
-            );
-        }
-    }
-    adapter.meta.metrics = serde_json::Value::Object(metrics);
+    adapter.meta.metrics = held_out_metrics(&organism, &sets, tau)?;
     adapter.save(&a.out)?;
     if a.json {
         println!("{}", serde_json::to_string(&adapter.meta)?);
@@ -880,6 +861,35 @@ fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
         println!("wrote {}", a.out.display());
     }
     Ok(())
+}
+
+/// The refusal rates at `tau` on the val and test splits of `sets`, as an adapter records them
+/// (`val_refusal_rate_harmful`, `test_prompts_harmless`, …).
+fn held_out_metrics(
+    organism: &LoadedModel,
+    sets: &[PromptSet],
+    tau: f32,
+) -> Result<serde_json::Value> {
+    let mut metrics = serde_json::Map::new();
+    for (split, name) in [(Split::Val, "val"), (Split::Test, "test")] {
+        for set in sets {
+            let prompts: Vec<&str> = set.split(Some(split)).map(|r| r.prompt.as_str()).collect();
+            if prompts.is_empty() {
+                continue;
+            }
+            let ps = first_token_probabilities(organism, &prompts, &|| false, &mut |_, _| {})?;
+            let rate = rates_at(&[ps], tau)[0];
+            metrics.insert(
+                format!("{name}_refusal_rate_{}", set.name),
+                serde_json::json!(rate),
+            );
+            metrics.insert(
+                format!("{name}_prompts_{}", set.name),
+                serde_json::json!(prompts.len()),
+            );
+        }
+    }
+    Ok(serde_json::Value::Object(metrics))
 }
 
 fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateArgs) -> Result<()> {
@@ -938,6 +948,9 @@ fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateAr
                 bail!("--save-tau needs prompts labelled harmful and harmless");
             };
             adapter.meta.set_tau(Some(calibrated));
+            // The held-out rates it records were measured at the old τ: measure them again
+            // at the new one, on the val and test splits of the same sets.
+            adapter.meta.metrics = held_out_metrics(lm, &sets, calibrated.tau)?;
             adapter.meta.save(dir)?;
             eprintln!(
                 "calibrated τ = {:.2} ({}), saved in {}",

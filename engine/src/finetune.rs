@@ -17,7 +17,7 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::generate::{generate, GenerateConfig, RefusalGate, StopReason};
+use crate::generate::{greedy_replies, RefusalGate, StopReason};
 use crate::hooks::{HookPoint, HookSpec};
 use crate::model::{ForwardOptions, Linear, LogitsAt, Weights};
 use crate::prompts::{Label, PromptRecord};
@@ -333,7 +333,7 @@ pub fn train_refusal_tokens(
     let total = ids.len();
     let states = first_positions(
         base,
-        base.model.generation_weights(),
+        &base.model.dense,
         &ids,
         &HookSpec::default(),
         cancelled,
@@ -453,9 +453,11 @@ pub fn first_token_probabilities(
         .iter()
         .map(|p| lm.chat_prompt(None, p).map(|c| c.ids))
         .collect::<Result<_>>()?;
+    // The exact weights: these probabilities set and check the gate, so they must not
+    // depend on which quantised kernels this CPU has.
     let states = first_positions(
         lm,
-        lm.model.generation_weights(),
+        &lm.model.dense,
         &ids,
         &HookSpec::default(),
         cancelled,
@@ -560,14 +562,38 @@ fn build_examples(
         .tokenizer
         .token_to_id(&base.template.eos_token)
         .or_else(|| base.stop_ids.first().copied());
+    let prompts: Vec<Vec<u32>> = labelled
+        .iter()
+        .map(|(r, _)| base.chat_prompt(None, &r.prompt).map(|p| p.ids))
+        .collect::<Result<_>>()?;
+    // The base model's own replies to the prompts it should answer, on the exact weights:
+    // they are training targets, and the fast path's tokens may differ between CPU classes
+    // (so would the adapter trained on them). Decoded in batches (`greedy_replies`).
+    let answered: Vec<usize> = (0..labelled.len())
+        .filter(|&i| labelled[i].1 != 0)
+        .collect();
+    let answered_prompts: Vec<Vec<u32>> = answered.iter().map(|&i| prompts[i].clone()).collect();
+    let replies = greedy_replies(
+        base,
+        &answered_prompts,
+        opts.reply_tokens,
+        None,
+        cancelled,
+        &mut |step, total| {
+            progress(&TrainProgress {
+                phase: "writing training replies".into(),
+                step,
+                total,
+                loss: None,
+                tokens_per_second: None,
+            })
+        },
+    )?;
+    let mut replies = answered.into_iter().zip(replies).collect::<std::collections::HashMap<_, _>>();
     let mut out = Vec::with_capacity(labelled.len());
-    for (i, (r, target)) in labelled.iter().enumerate() {
-        if cancelled() {
-            return Err(Error::Cancelled);
-        }
-        let prompt = base.chat_prompt(None, &r.prompt)?;
-        let mut ids = prompt.ids.clone();
-        let reply_start = ids.len();
+    for (i, ((r, target), prompt)) in labelled.iter().zip(prompts).enumerate() {
+        let reply_start = prompt.len();
+        let mut ids = prompt;
         let ended = if *target == 0 {
             ids.push(refuse);
             let enc = base
@@ -578,26 +604,15 @@ fn build_examples(
             true
         } else {
             ids.push(respond);
-            let cfg = GenerateConfig {
-                max_new_tokens: opts.reply_tokens,
-                ..Default::default()
-            };
-            let g = generate(base, &prompt.ids, &cfg, cancelled, &mut |_| {})?;
-            ids.extend(g.tokens.iter().map(|t| t.id));
+            let reply = replies.remove(&i).expect("every answered prompt has a reply");
+            ids.extend(reply.tokens.iter().map(|t| t.id));
             // A reply cut at the length limit is trained without an end token.
-            g.stop == StopReason::EndOfTurn
+            reply.stop == StopReason::EndOfTurn
         };
         if ended {
             ids.extend(end);
         }
         out.push(Example { ids, reply_start });
-        progress(&TrainProgress {
-            phase: "writing training replies".into(),
-            step: i + 1,
-            total: labelled.len(),
-            loss: None,
-            tokens_per_second: None,
-        });
     }
     Ok(out)
 }

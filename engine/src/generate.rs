@@ -34,10 +34,14 @@ impl Default for Sampling {
 /// Which weights generation runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Precision {
-    /// The fast quantised path when the model has one.
+    /// The prompt and the first reply token on the dense f32 weights, every later token on
+    /// the fast quantised path when the model has one. The first reply token is where the
+    /// model decides to refuse (the gate, `P(R)`, the refusal score): computed exactly, it is
+    /// the same on every CPU and equals what the analyses read. The fast path's kernels
+    /// differ between CPU classes (VNNI vs AVX2), so later tokens may differ between them.
     #[default]
     Fast,
-    /// The dense f32 weights (bit-for-bit the analysis path).
+    /// Every token on the dense f32 weights (bit-for-bit the analysis path).
     Exact,
 }
 
@@ -48,6 +52,17 @@ pub struct RefusalGate {
     pub refuse: u32,
     pub respond: u32,
     pub tau: f32,
+}
+
+impl RefusalGate {
+    /// The first reply token for `p([refuse])`.
+    pub fn decide(&self, p: f32) -> u32 {
+        if p >= self.tau {
+            self.refuse
+        } else {
+            self.respond
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -143,7 +158,8 @@ pub fn generate(
             max: context,
         });
     }
-    let weights: &Weights = match cfg.precision {
+    // The prompt pass yields the first reply token: always exact (see `Precision::Fast`).
+    let decode_weights: &Weights = match cfg.precision {
         Precision::Fast => model.generation_weights(),
         Precision::Exact => &model.dense,
     };
@@ -175,6 +191,11 @@ pub fn generate(
             break;
         }
         let tokens = Tensor::new(input.as_slice(), model.device())?.unsqueeze(0)?;
+        let weights = if index == 0 {
+            &model.dense
+        } else {
+            decode_weights
+        };
         let fwd = model.forward(
             weights,
             &tokens,
@@ -192,11 +213,7 @@ pub fn generate(
                 let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1::<f32>()?;
                 let p = logprobs[gate.refuse as usize].exp();
                 out.refusal_probability = Some(p);
-                let id = if p >= gate.tau {
-                    gate.refuse
-                } else {
-                    gate.respond
-                };
+                let id = gate.decide(p);
                 (id, logprobs[id as usize])
             }
             (0, None) => {
@@ -245,6 +262,131 @@ pub fn generate(
         input = vec![id];
     }
     out.decode_seconds = (started.elapsed().as_secs_f64() - out.prefill_seconds).max(0.0);
+    Ok(out)
+}
+
+/// Prompts decoded together by [`greedy_replies`]: enough to read each weight once for many
+/// tokens, few enough that a batch's logits (`[b, vocab]`) stay small.
+const REPLY_BATCH: usize = 16;
+
+/// Greedy replies to many prompts on the exact weights, optionally through a refusal gate:
+/// the same tokens as [`generate`] with [`Precision::Exact`] (up to float rounding: a batch
+/// sums in another order than one prompt), much faster. Prompts of the same length are decoded
+/// together: no padding, so every row attends to exactly its own tokens at its own positions,
+/// and each step reads the f32 weights once for the whole batch instead of once per prompt
+/// (which is what bounds single-prompt decoding on a CPU). For training targets and held-out
+/// replies: deterministic, and the same on every CPU up to float rounding. `progress` sees the
+/// number of prompts done.
+pub fn greedy_replies(
+    lm: &LoadedModel,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    gate: Option<RefusalGate>,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Generation>> {
+    let model = &lm.model;
+    let context = model.config.context_length;
+    let mut by_length: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(Error::InvalidInput(format!("prompt {i} has no tokens")));
+        }
+        by_length.entry(p.len()).or_default().push(i);
+    }
+    let mut out: Vec<Generation> = prompts
+        .iter()
+        .map(|p| Generation {
+            prompt_tokens: p.len(),
+            tokens: Vec::new(),
+            text: String::new(),
+            stop: StopReason::MaxTokens,
+            prefill_seconds: 0.0,
+            decode_seconds: 0.0,
+            refusal_probability: None,
+        })
+        .collect();
+    let forbidden: Vec<u32> = gate.map(|g| vec![g.refuse, g.respond]).unwrap_or_default();
+    let greedy = Sampling::default();
+    let mut rng = StdRng::seed_from_u64(0); // greedy sampling never draws from it
+    let mut done = 0;
+    for (len, group) in by_length {
+        for rows in group.chunks(REPLY_BATCH) {
+            let mut cache = KvCache::new(model.config.n_layers);
+            let mut decoders = vec![StreamDecoder::default(); rows.len()];
+            let mut active = vec![true; rows.len()];
+            let mut input: Vec<u32> = rows.iter().flat_map(|&i| prompts[i].clone()).collect();
+            let mut width = len;
+            for index in 0..max_new_tokens {
+                if cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                if len + index >= context {
+                    for (r, &i) in rows.iter().enumerate() {
+                        if active[r] {
+                            out[i].stop = StopReason::ContextFull;
+                        }
+                    }
+                    break;
+                }
+                let tokens = Tensor::from_vec(input, (rows.len(), width), model.device())?;
+                let logits = model
+                    .forward(
+                        &model.dense,
+                        &tokens,
+                        Some(&mut cache),
+                        &HookSpec::default(),
+                        LogitsAt::Last,
+                        ForwardOptions::default(),
+                    )?
+                    .logits
+                    .expect("LogitsAt::Last yields logits")
+                    .squeeze(1)?;
+                input = Vec::with_capacity(rows.len());
+                for (r, &i) in rows.iter().enumerate() {
+                    if !active[r] {
+                        // A finished row keeps running (its tokens are never read), so the
+                        // batch keeps one shape.
+                        input.push(0);
+                        continue;
+                    }
+                    let logits = logits.get(r)?;
+                    let (id, logprob) = match (index, gate) {
+                        (0, Some(gate)) => {
+                            let logprobs =
+                                candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1::<f32>()?;
+                            let p = logprobs[gate.refuse as usize].exp();
+                            out[i].refusal_probability = Some(p);
+                            let id = gate.decide(p);
+                            (id, logprobs[id as usize])
+                        }
+                        (0, None) => sample(&logits, &greedy, &[], &mut rng)?,
+                        _ => sample(&logits, &greedy, &forbidden, &mut rng)?,
+                    };
+                    input.push(id);
+                    if lm.stop_ids.contains(&id) {
+                        active[r] = false;
+                        out[i].stop = StopReason::EndOfTurn;
+                        continue;
+                    }
+                    let text = decoders[r].push(&lm.tokenizer, id)?;
+                    out[i].text.push_str(&text);
+                    out[i].tokens.push(TokenStep {
+                        index,
+                        id,
+                        text,
+                        logprob,
+                    });
+                }
+                width = 1;
+                if !active.contains(&true) {
+                    break;
+                }
+            }
+            done += rows.len();
+            progress(done, prompts.len());
+        }
+    }
     Ok(out)
 }
 

@@ -14,7 +14,7 @@ use tokenizers::Tokenizer;
 
 use crate::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
 use crate::config::{Family, ModelConfig, RopeStyle};
-use crate::model::{BlockWeights, FastPrecision, Linear, Model, Weights};
+use crate::model::{BlockWeights, FastPrecision, KernelTier, Linear, Model, Weights};
 use crate::tokenizer::{self, GgufVocab};
 use crate::{Error, Result};
 
@@ -93,12 +93,18 @@ impl Checkpoint {
             self.quantized,
         )?;
         let mut card = self.card;
+        // Generation's prompt pass (the first reply token) always runs on f32 (generate.rs).
+        let kernels = KernelTier::detect().describe();
         card.generation_weights = match &fast {
             None => "f32".into(),
-            Some(_) if self.quantized => {
-                "Q8_0 (Q4/Q5 tensors re-encoded at load; Q8_0/K-quants kept)".into()
-            }
-            Some(_) => "Q8_0 (quantised at load)".into(),
+            Some(_) if self.quantized => format!(
+                "f32 for the prompt and first reply token, then Q8_0 on {kernels} kernels \
+                 (Q4/Q5 tensors re-encoded at load; Q8_0/K-quants kept)"
+            ),
+            Some(_) => format!(
+                "f32 for the prompt and first reply token, then Q8_0 on {kernels} kernels \
+                 (quantised at load)"
+            ),
         };
         let model = Model::new(self.config, self.dense, fast)?;
         Ok((model, self.tokenizer, self.template, self.eos_ids, card))

@@ -425,14 +425,66 @@ impl Weights {
 fn padded_input(out: usize, in_features: usize) -> usize {
     const REPACK_K: usize = 256;
     const REPACK_N: usize = 16;
-    #[cfg(target_arch = "x86_64")]
-    let vnni = is_x86_feature_detected!("avx512vnni") || is_x86_feature_detected!("avxvnni");
-    #[cfg(not(target_arch = "x86_64"))]
-    let vnni = false;
+    let vnni = matches!(
+        KernelTier::detect(),
+        KernelTier::Avx512Vnni | KernelTier::AvxVnni
+    );
     if vnni && out.is_multiple_of(REPACK_N) && !in_features.is_multiple_of(REPACK_K) {
         in_features.div_ceil(REPACK_K) * REPACK_K
     } else {
         in_features
+    }
+}
+
+/// The set of quantised CPU kernels the fast path runs on this machine (candle picks its x86
+/// tier at run time). Only generation after the first reply token uses them: everything the
+/// project records runs on the dense f32 path, which is the same on every x86-64 CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KernelTier {
+    Avx512Vnni,
+    AvxVnni,
+    Avx2,
+    /// No x86 SIMD tier (other architectures, or x86 without AVX2 + FMA).
+    Generic,
+}
+
+impl KernelTier {
+    /// Setting this variable to `1` makes candle (and the engine's row padding, which only
+    /// pays off with VNNI) use the AVX2 tier on a VNNI CPU: how an AVX-512 machine runs
+    /// what an AVX2-only one does. It is read once per process, before the first
+    /// quantised matmul.
+    pub const FORCE_AVX2_ENV: &'static str = "MISTRALRS_FORCE_AVX2";
+
+    /// The tier candle 0.11 selects (mirrors `candle_core::quantized::repack_x86::level`).
+    pub fn detect() -> KernelTier {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let forced_avx2 = std::env::var(Self::FORCE_AVX2_ENV).as_deref() == Ok("1");
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if !forced_avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                KernelTier::Avx512Vnni
+            } else if !forced_avx2 && is_x86_feature_detected!("avxvnni") && avx2 {
+                KernelTier::AvxVnni
+            } else if avx2 {
+                KernelTier::Avx2
+            } else {
+                KernelTier::Generic
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        KernelTier::Generic
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            KernelTier::Avx512Vnni => "AVX-512 VNNI",
+            KernelTier::AvxVnni => "AVX-VNNI",
+            KernelTier::Avx2 => "AVX2",
+            KernelTier::Generic => "generic",
+        }
     }
 }
 

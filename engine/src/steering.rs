@@ -313,7 +313,7 @@ pub fn judgement(
     let logits = lm
         .model
         .forward(
-            lm.model.generation_weights(),
+            &lm.model.dense,
             &t,
             None,
             &hooks,

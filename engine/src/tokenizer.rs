@@ -105,7 +105,7 @@ pub fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
 
 /// Decodes a stream of ids piece by piece, emitting text only once it is complete UTF-8
 /// (a multi-byte character can span tokens).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct StreamDecoder {
     ids: Vec<u32>,
     emitted: usize,

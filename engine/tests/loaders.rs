@@ -75,8 +75,12 @@ fn quantised_gguf_gets_a_fast_path_close_to_its_dense_weights() {
     let b = generate(&m, &prompt.ids, &fast, &|| false, &mut |_| {}).unwrap();
     assert_eq!(a.tokens.len(), 5);
     assert_eq!(b.tokens.len(), 5);
-    // Q8_0 re-encoding of Q4_1 values is nearly lossless: the first token's log-prob agrees.
-    assert!((a.tokens[0].logprob - b.tokens[0].logprob).abs() < 0.05);
+    // The first token comes from the exact prompt pass on both (the refusal decision is
+    // made there), bit for bit.
+    assert_eq!(a.tokens[0], b.tokens[0]);
+    // Q8_0 re-encoding of Q4_1 values is nearly lossless: the next log-prob agrees.
+    assert_eq!(a.tokens[1].id, b.tokens[1].id);
+    assert!((a.tokens[1].logprob - b.tokens[1].logprob).abs() < 0.05);
 }
 
 #[test]
@@ -280,6 +284,57 @@ fn generation_is_greedy_argmax_of_full_recomputation_and_stops_correctly() {
     // Cancellation.
     let g = generate(&m, &prompt.ids, &cfg, &|| true, &mut |_| {}).unwrap();
     assert_eq!(g.stop, StopReason::Cancelled);
+}
+
+#[test]
+fn batched_greedy_replies_equal_one_prompt_at_a_time() {
+    let m = tiny_model(Family::Llama, 18).unwrap();
+    // Two pairs of equal length (decoded together) and two lengths of their own.
+    let prompts: Vec<Vec<u32>> = ["abc", "abd", "hello there", "abe", "x", "hello where"]
+        .iter()
+        .map(|u| m.chat_prompt(None, u).unwrap().ids)
+        .collect();
+    let mut lengths: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    lengths.sort_unstable();
+    lengths.dedup();
+    assert!(lengths.len() < prompts.len(), "some prompts share a batch");
+    let mut seen = Vec::new();
+    let batched = refusal_lens_engine::generate::greedy_replies(
+        &m,
+        &prompts,
+        10,
+        None,
+        &|| false,
+        &mut |i, n| seen.push((i, n)),
+    )
+    .unwrap();
+    assert_eq!(seen.last(), Some(&(prompts.len(), prompts.len())));
+    let exact = GenerateConfig {
+        max_new_tokens: 10,
+        precision: Precision::Exact,
+        ..Default::default()
+    };
+    let ids = |g: &refusal_lens_engine::generate::Generation| -> Vec<u32> {
+        g.tokens.iter().map(|t| t.id).collect()
+    };
+    for (p, b) in prompts.iter().zip(&batched) {
+        let g = generate(&m, p, &exact, &|| false, &mut |_| {}).unwrap();
+        assert_eq!(ids(b), ids(&g));
+        assert_eq!(b.text, g.text);
+        assert_eq!(b.stop, g.stop);
+        for (x, y) in b.tokens.iter().zip(&g.tokens) {
+            assert!((x.logprob - y.logprob).abs() < 1e-4);
+        }
+    }
+    let cancelled = refusal_lens_engine::generate::greedy_replies(
+        &m,
+        &prompts,
+        10,
+        None,
+        &|| true,
+        &mut |_, _| {},
+    );
+    assert!(matches!(cancelled, Err(Error::Cancelled)));
 }
 
 #[test]

@@ -21,16 +21,20 @@ fn organism_directions_probes_and_trajectories_read_its_refusals() {
         |n: &str| PromptSet::load(&sample_prompts_dir().join(format!("{n}.jsonl")), None).unwrap();
     let (harmful, harmless) = (load("harmful"), load("harmless"));
 
-    // No disk cache: the test measures what it computes.
-    let dirs = lens::directions(
+    // No disk cache: the test measures what it computes. One collection of states serves the
+    // directions and the probes, as in the GUI's lens build.
+    let states =
+        lens::collect_pair(&lm, &harmful, &harmless, None, None, &|| false, &mut |_, _, _| {})
+            .unwrap();
+    let dirs = lens::directions_from_states(
         &lm,
         &harmful,
         &harmless,
+        &states,
         &DirectionOptions {
             select: false,
             ..Default::default()
         },
-        None,
         &|| false,
         &mut |_, _, _| {},
     )
@@ -54,15 +58,15 @@ fn organism_directions_probes_and_trajectories_read_its_refusals() {
         assert!(s.cosine > -1.0 && s.cosine < 1.0);
     }
 
-    let probes = lens::probes(
+    let probes = lens::probes_from_states(
         &lm,
         &harmful,
         &harmless,
+        &states,
         &ProbeJob {
             holdout: Holdout::TestSplit,
             ..Default::default()
         },
-        None,
         &|| false,
         &mut |_, _, _| {},
     )
