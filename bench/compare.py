@@ -7,8 +7,18 @@ GGUF and the same number of threads, and prints tokens/s and the ratios the issu
   forward with all residual captures   ours / transformers (output_hidden_states)   (target >= 3)
 
 Needs: a release build (cargo build --release), and in the Python running this script
-`pip install llama-cpp-python torch transformers accelerate gguf`.
-Usage: python3 bench/compare.py [--threads 2] [--tokens 64] [--model PATH]
+`pip install llama-cpp-python torch transformers accelerate gguf` (`--no-transformers` skips
+the last column and needs only llama-cpp-python and numpy).
+Usage: python3 bench/compare.py [--threads 2] [--tokens 64] [--model PATH] [--avx2 DIR]
+
+CPU classes. candle and llama.cpp both pick their kernels by CPU: with VNNI (AVX-512 or AVX)
+or with AVX2 only. `--avx2 DIR` measures the AVX2 row on a VNNI machine: ours runs with
+MISTRALRS_FORCE_AVX2=1 (candle's tier switch, which the engine's padding follows), llama.cpp
+is imported from DIR, an AVX2-only build of llama-cpp-python:
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+    -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF" pip install --no-cache-dir --target DIR llama-cpp-python
+(the plain `pip install llama-cpp-python` builds for the native CPU). Our f32 path (the
+captured forward) keeps gemm's AVX-512 kernels, which have no run-time switch.
 """
 import argparse
 import json
@@ -31,9 +41,12 @@ def chatml(prompt):
             "<|im_start|>assistant\n")
 
 
-def ours(model, threads, tokens):
+def ours(model, threads, tokens, avx2):
     exe = os.path.join(ROOT, "target", "release", "refusal-lens")
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    env.pop("MISTRALRS_FORCE_AVX2", None)
+    if avx2:
+        env["MISTRALRS_FORCE_AVX2"] = "1"
     out = subprocess.run([exe, "bench", "--base", "--model", model, "--prompt", PROMPT, "--max-tokens", str(tokens),
                           "--json"], env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout)
@@ -94,12 +107,23 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--avx2", metavar="DIR", help="AVX2 row: an AVX2-only llama-cpp-python in DIR")
+    ap.add_argument("--no-transformers", action="store_true")
     a = ap.parse_args()
     if not os.path.exists(a.model):
         sys.exit(f"model not found at {a.model}; run assets/fetch-model.sh")
-    o = ours(a.model, a.threads, a.tokens)
+    if a.avx2:
+        sys.path.insert(0, a.avx2)
+    o = ours(a.model, a.threads, a.tokens, bool(a.avx2))
     l = llama_cpp(a.model, a.threads, a.tokens)
-    h = transformers_(a.model, a.threads, a.tokens)
+    nan = float("nan")
+    h = ({"generation": nan, "forward_all_hidden_states": nan} if a.no_transformers
+         else transformers_(a.model, a.threads, a.tokens))
+    with open("/proc/cpuinfo") as f:
+        flags = next((l.split(":", 1)[1].split() for l in f if l.startswith("flags")), [])
+    tier = "AVX2 (forced)" if a.avx2 else ("AVX-512 VNNI" if "avx512_vnni" in flags else
+                                           "AVX-VNNI" if "avx_vnni" in flags else "AVX2")
+    print(f"kernels: {tier}")
     print(f"{a.threads} threads, prompt of {o['prompt_tokens']} tokens, {a.tokens} new tokens (greedy)\n")
     print(f"{'':38}{'refusal-lens':>14}{'llama.cpp':>12}{'transformers':>14}")
     print(f"{'prefill tok/s':38}{o['prefill_tokens_per_second']:>14.0f}{l['prefill']:>12.0f}{'':>14}")
@@ -113,7 +137,7 @@ def main():
     print(f"generation          ours / llama.cpp     = {r1:.2f}  (target >= 0.8)")
     print(f"steered generation  ours / llama.cpp     = {r2:.2f}  (target >= 0.7)")
     print(f"captured forward    ours / transformers  = {r3:.2f}  (target >= 3)")
-    print(json.dumps({"ours": o, "llama_cpp": l, "transformers": h,
+    print(json.dumps({"kernels": tier, "ours": o, "llama_cpp": l, "transformers": h,
                       "ratios": {"generation": r1, "steered": r2, "captures": r3}}))
 
 

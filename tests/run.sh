@@ -13,6 +13,9 @@ if ! ldconfig -p 2>/dev/null | grep -q libvulkan_lvp || ! ldconfig -p 2>/dev/nul
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
 fi
 assets/fetch-model.sh
-# 2-thread candle kernels collapse when test binaries compete for 2 cores (findings.md).
+# The tests of one binary run side by side, one per core: each gets one kernel thread (2-thread
+# candle kernels collapse 10x when they compete for the cores). A binary with a single test
+# takes every core (refusal_lens_tests::use_all_cores_when_alone).
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-1}"
+export REFUSAL_LENS_SOLO_THREADS="${REFUSAL_LENS_SOLO_THREADS:-$(nproc)}"
 cargo test --release --workspace --no-fail-fast "$@"

@@ -22,6 +22,17 @@ pub fn default_model() -> LoadedModel {
     LoadedModel::load(&path, FastPrecision::Auto).expect("loading the default model")
 }
 
+/// For a test binary with a single test: nothing else in its process competes for the cores,
+/// so its kernels may use all of them. `tests/run.sh` runs every binary with one kernel
+/// thread (`RAYON_NUM_THREADS=1`, as tests of one binary run side by side) and names the
+/// machine's core count in `REFUSAL_LENS_SOLO_THREADS`; call this first thing in the test.
+/// candle reads `RAYON_NUM_THREADS` at each matmul, rayon when its pool starts.
+pub fn use_all_cores_when_alone() {
+    if let Ok(n) = std::env::var("REFUSAL_LENS_SOLO_THREADS") {
+        std::env::set_var("RAYON_NUM_THREADS", n);
+    }
+}
+
 /// max |a − b| / max |b|: the error relative to the reference tensor's scale.
 pub fn relative_error(ours: &Tensor, reference: &Tensor) -> f32 {
     let diff = (ours - reference)

@@ -12,6 +12,7 @@ use refusal_lens_tests::default_model;
 
 #[test]
 fn organism_directions_probes_and_trajectories_read_its_refusals() {
+    refusal_lens_tests::use_all_cores_when_alone();
     let base = default_model();
     let lm = Adapter::load(&organism_dir())
         .unwrap()

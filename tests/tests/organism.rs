@@ -215,13 +215,25 @@ fn retraining_on_a_reduced_set_reproduces_the_organisms_decisions() {
         .zip(&b)
         .filter(|(x, y)| (**x >= 0.5) == (**y >= 0.5))
         .count();
+    // And on its own, the retrained gate separates the harmful test prompts (the first 100)
+    // from the harmless ones.
+    let labels: Vec<bool> = (0..prompts.len()).map(|i| i < prompts.len() / 2).collect();
+    let auc = refusal_lens_engine::probe::auc(&b, &labels).unwrap();
     eprintln!(
-        "retrained on half the train split for one epoch: {agree} of {} test decisions agree",
-        prompts.len()
+        "retrained on a quarter of the train split for one epoch: {agree} of {} test \
+         decisions agree with the organism's (at τ 0.5); test AUC {auc:.3} (the organism's: \
+         {:.3})",
+        prompts.len(),
+        refusal_lens_engine::probe::auc(&a, &labels).unwrap()
     );
+    // Measured: 164 of 200 (82%) and AUC 0.920 (the organism's own: 0.941). A retrain that
+    // learned nothing answers one way (~50% agreement, AUC 0.5). The agreement bound sits
+    // 2.5 binomial standard deviations (2.7 points for 200 decisions) below the measurement,
+    // the AUC bound 3.5 of its standard deviations (≈ 0.02 for 100 + 100 prompts).
     assert!(
-        agree as f32 >= 0.85 * prompts.len() as f32,
+        agree as f32 >= 0.75 * prompts.len() as f32,
         "{agree} of {}",
         prompts.len()
     );
+    assert!(auc >= 0.85, "test AUC {auc}");
 }

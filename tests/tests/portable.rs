@@ -139,6 +139,8 @@ fn numbers_on(force_avx2: bool, dir: &std::path::Path) -> Numbers {
 
 #[test]
 fn recorded_numbers_do_not_depend_on_the_kernel_tier() {
+    // The child processes run one at a time and inherit it.
+    refusal_lens_tests::use_all_cores_when_alone();
     let dir = tempfile::tempdir().unwrap();
     let own = numbers_on(false, dir.path());
     let avx2 = numbers_on(true, dir.path());
