@@ -277,7 +277,8 @@ pub struct GenerateArgs {
     pub top_p: f64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Run on the dense f32 weights (the analysis path) instead of the fast Q8_0 path.
+    /// Every reply token on the dense f32 weights (the analysis path); by default only the
+    /// prompt pass and so the first reply token are, and later tokens use the fast Q8_0 path.
     #[arg(long)]
     pub exact: bool,
     /// Refusal threshold τ: with refusal tokens, emit [refuse] when p([refuse]) ≥ τ (default: the
@@ -610,10 +611,10 @@ fn bench(lm: &LoadedModel, a: BenchArgs) -> Result<()> {
         f()?;
         Ok(start.elapsed().as_secs_f64())
     };
+    // Generation's prompt pass, which runs on the exact weights (generate::Precision::Fast).
     let prefill_once = || -> Result<()> {
-        let weights = model.generation_weights();
         model.forward(
-            weights,
+            &model.dense,
             &tokens,
             None,
             &HookSpec::default(),
@@ -677,6 +678,7 @@ fn bench(lm: &LoadedModel, a: BenchArgs) -> Result<()> {
         "model": lm.card.name,
         "prompt_tokens": n,
         "threads": std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into()),
+        "kernels": refusal_lens_engine::model::KernelTier::detect().describe(),
         "prefill_tokens_per_second": median(prefill),
         "generation_tokens_per_second": plain,
         "generated_tokens": plain_n,
@@ -688,6 +690,7 @@ fn bench(lm: &LoadedModel, a: BenchArgs) -> Result<()> {
         println!("{report}");
     } else {
         println!("prompt tokens                  {n}");
+        println!("fast-path kernels              {}", report["kernels"]);
         println!(
             "prefill                        {:.0} tok/s",
             report["prefill_tokens_per_second"].as_f64().unwrap_or(0.0)

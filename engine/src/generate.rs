@@ -292,6 +292,12 @@ pub fn greedy_replies(
         if p.is_empty() {
             return Err(Error::InvalidInput(format!("prompt {i} has no tokens")));
         }
+        if p.len() >= context {
+            return Err(Error::ContextOverflow {
+                len: p.len(),
+                max: context,
+            });
+        }
         by_length.entry(p.len()).or_default().push(i);
     }
     let mut out: Vec<Generation> = prompts
@@ -321,7 +327,7 @@ pub fn greedy_replies(
                 if cancelled() {
                     return Err(Error::Cancelled);
                 }
-                if len + index >= context {
+                if len + index > context {
                     for (r, &i) in rows.iter().enumerate() {
                         if active[r] {
                             out[i].stop = StopReason::ContextFull;
