@@ -10,6 +10,7 @@ Needs: a release build (cargo build --release), and in the Python running this s
 `pip install llama-cpp-python torch transformers accelerate gguf` (`--no-transformers` skips
 the last column and needs only llama-cpp-python and numpy).
 Usage: python3 bench/compare.py [--threads 2] [--tokens 64] [--model PATH] [--avx2 DIR]
+                              [--llama-cpp DIR] [--no-transformers]
 
 CPU classes. candle and llama.cpp both pick their kernels by CPU: with VNNI (AVX-512 or AVX)
 or with AVX2 only. `--avx2 DIR` measures the AVX2 row on a VNNI machine: ours runs with
@@ -17,8 +18,13 @@ MISTRALRS_FORCE_AVX2=1 (candle's tier switch, which the engine's padding follows
 is imported from DIR, an AVX2-only build of llama-cpp-python:
   CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
     -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF" pip install --no-cache-dir --target DIR llama-cpp-python
-(the plain `pip install llama-cpp-python` builds for the native CPU). Our f32 path (the
-captured forward) keeps gemm's AVX-512 kernels, which have no run-time switch.
+(the plain `pip install llama-cpp-python` builds for the native CPU; where the CPU reports AMX
+that the system does not enable, as in some VMs, that build dies with SIGILL in
+ggml_backend_amx_mul_mat: build the VNNI row the same way with -DGGML_AVX512=ON
+-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
+-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF and pass it with --llama-cpp DIR).
+Our f32 path (the prompt pass, the captured forward) keeps gemm's AVX-512 kernels, which have
+no run-time switch.
 """
 import argparse
 import json
@@ -108,12 +114,14 @@ def main():
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--avx2", metavar="DIR", help="AVX2 row: an AVX2-only llama-cpp-python in DIR")
+    ap.add_argument("--llama-cpp", metavar="DIR", help="import llama-cpp-python from DIR")
     ap.add_argument("--no-transformers", action="store_true")
     a = ap.parse_args()
     if not os.path.exists(a.model):
         sys.exit(f"model not found at {a.model}; run assets/fetch-model.sh")
-    if a.avx2:
-        sys.path.insert(0, a.avx2)
+    for d in (a.llama_cpp, a.avx2):
+        if d:
+            sys.path.insert(0, d)
     o = ours(a.model, a.threads, a.tokens, bool(a.avx2))
     l = llama_cpp(a.model, a.threads, a.tokens)
     nan = float("nan")

@@ -98,13 +98,9 @@ impl Checkpoint {
         card.generation_weights = match &fast {
             None => "f32".into(),
             Some(_) if self.quantized => format!(
-                "f32 for the prompt and first reply token, then Q8_0 on {kernels} kernels \
-                 (Q4/Q5 tensors re-encoded at load; Q8_0/K-quants kept)"
+                "f32 prompt pass, then Q8_0 · {kernels} (Q4/Q5 re-encoded at load)"
             ),
-            Some(_) => format!(
-                "f32 for the prompt and first reply token, then Q8_0 on {kernels} kernels \
-                 (quantised at load)"
-            ),
+            Some(_) => format!("f32 prompt pass, then Q8_0 · {kernels} (quantised at load)"),
         };
         let model = Model::new(self.config, self.dense, fast)?;
         Ok((model, self.tokenizer, self.template, self.eos_ids, card))
