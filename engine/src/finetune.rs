@@ -589,7 +589,10 @@ fn build_examples(
             })
         },
     )?;
-    let mut replies = answered.into_iter().zip(replies).collect::<std::collections::HashMap<_, _>>();
+    let mut replies = answered
+        .into_iter()
+        .zip(replies)
+        .collect::<std::collections::HashMap<_, _>>();
     let mut out = Vec::with_capacity(labelled.len());
     for (i, ((r, target), prompt)) in labelled.iter().zip(prompts).enumerate() {
         let reply_start = prompt.len();
@@ -604,7 +607,9 @@ fn build_examples(
             true
         } else {
             ids.push(respond);
-            let reply = replies.remove(&i).expect("every answered prompt has a reply");
+            let reply = replies
+                .remove(&i)
+                .expect("every answered prompt has a reply");
             ids.extend(reply.tokens.iter().map(|t| t.id));
             // A reply cut at the length limit is trained without an end token.
             reply.stop == StopReason::EndOfTurn

@@ -63,6 +63,15 @@ impl RefusalGate {
             self.respond
         }
     }
+
+    /// At the first reply position, from its `[vocab]` logits: the token the gate emits, its
+    /// log-probability, and `p([refuse])`.
+    fn first_token(&self, logits: &Tensor) -> Result<(u32, f32, f32)> {
+        let logprobs = candle_nn::ops::log_softmax(logits, D::Minus1)?.to_vec1::<f32>()?;
+        let p = logprobs[self.refuse as usize].exp();
+        let id = self.decide(p);
+        Ok((id, logprobs[id as usize], p))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -128,6 +137,19 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// Nothing generated yet after a prompt of `prompt_tokens`.
+    fn new(prompt_tokens: usize) -> Self {
+        Generation {
+            prompt_tokens,
+            tokens: Vec::new(),
+            text: String::new(),
+            stop: StopReason::MaxTokens,
+            prefill_seconds: 0.0,
+            decode_seconds: 0.0,
+            refusal_probability: None,
+        }
+    }
+
     pub fn prefill_tokens_per_second(&self) -> f64 {
         self.prompt_tokens as f64 / self.prefill_seconds.max(1e-9)
     }
@@ -166,15 +188,7 @@ pub fn generate(
     let mut rng = StdRng::seed_from_u64(cfg.sampling.seed);
     let mut cache = KvCache::new(model.config.n_layers);
     let mut decoder = StreamDecoder::default();
-    let mut out = Generation {
-        prompt_tokens: prompt.len(),
-        tokens: Vec::new(),
-        text: String::new(),
-        stop: StopReason::MaxTokens,
-        prefill_seconds: 0.0,
-        decode_seconds: 0.0,
-        refusal_probability: None,
-    };
+    let mut out = Generation::new(prompt.len());
     let forbidden: Vec<u32> = cfg
         .refusal_gate
         .map(|g| vec![g.refuse, g.respond])
@@ -210,11 +224,9 @@ pub fn generate(
             .flatten_all()?;
         let (id, logprob) = match (index, cfg.refusal_gate) {
             (0, Some(gate)) => {
-                let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1::<f32>()?;
-                let p = logprobs[gate.refuse as usize].exp();
+                let (id, logprob, p) = gate.first_token(&logits)?;
                 out.refusal_probability = Some(p);
-                let id = gate.decide(p);
-                (id, logprobs[id as usize])
+                (id, logprob)
             }
             (0, None) => {
                 if let Some(signal) = &cfg.refusal_signal {
@@ -300,18 +312,7 @@ pub fn greedy_replies(
         }
         by_length.entry(p.len()).or_default().push(i);
     }
-    let mut out: Vec<Generation> = prompts
-        .iter()
-        .map(|p| Generation {
-            prompt_tokens: p.len(),
-            tokens: Vec::new(),
-            text: String::new(),
-            stop: StopReason::MaxTokens,
-            prefill_seconds: 0.0,
-            decode_seconds: 0.0,
-            refusal_probability: None,
-        })
-        .collect();
+    let mut out: Vec<Generation> = prompts.iter().map(|p| Generation::new(p.len())).collect();
     let forbidden: Vec<u32> = gate.map(|g| vec![g.refuse, g.respond]).unwrap_or_default();
     let greedy = Sampling::default();
     let mut rng = StdRng::seed_from_u64(0); // greedy sampling never draws from it
@@ -359,12 +360,9 @@ pub fn greedy_replies(
                     let logits = logits.get(r)?;
                     let (id, logprob) = match (index, gate) {
                         (0, Some(gate)) => {
-                            let logprobs =
-                                candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1::<f32>()?;
-                            let p = logprobs[gate.refuse as usize].exp();
+                            let (id, logprob, p) = gate.first_token(&logits)?;
                             out[i].refusal_probability = Some(p);
-                            let id = gate.decide(p);
-                            (id, logprobs[id as usize])
+                            (id, logprob)
                         }
                         (0, None) => sample(&logits, &greedy, &[], &mut rng)?,
                         _ => sample(&logits, &greedy, &forbidden, &mut rng)?,

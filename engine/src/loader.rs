@@ -97,9 +97,9 @@ impl Checkpoint {
         let kernels = KernelTier::detect().describe();
         card.generation_weights = match &fast {
             None => "f32".into(),
-            Some(_) if self.quantized => format!(
-                "f32 prompt pass, then Q8_0 · {kernels} (Q4/Q5 re-encoded at load)"
-            ),
+            Some(_) if self.quantized => {
+                format!("f32 prompt pass, then Q8_0 · {kernels} (Q4/Q5 re-encoded at load)")
+            }
             Some(_) => format!("f32 prompt pass, then Q8_0 · {kernels} (quantised at load)"),
         };
         let model = Model::new(self.config, self.dense, fast)?;

@@ -438,7 +438,8 @@ fn padded_input(out: usize, in_features: usize) -> usize {
 
 /// The set of quantised CPU kernels the fast path runs on this machine (candle picks its x86
 /// tier at run time). Only generation after the first reply token uses them: everything the
-/// project records runs on the dense f32 path, which is the same on every x86-64 CPU.
+/// project records runs on the dense f32 path, which computes the same on every x86-64 CPU up
+/// to float rounding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KernelTier {
     Avx512Vnni,

@@ -24,9 +24,16 @@ fn organism_directions_probes_and_trajectories_read_its_refusals() {
 
     // No disk cache: the test measures what it computes. One collection of states serves the
     // directions and the probes, as in the GUI's lens build.
-    let states =
-        lens::collect_pair(&lm, &harmful, &harmless, None, None, &|| false, &mut |_, _, _| {})
-            .unwrap();
+    let states = lens::collect_pair(
+        &lm,
+        &harmful,
+        &harmless,
+        None,
+        None,
+        &|| false,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
     let dirs = lens::directions_from_states(
         &lm,
         &harmful,

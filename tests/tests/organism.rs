@@ -3,8 +3,7 @@
 //! `cargo test --release -p refusal-lens-tests --test organism`.
 
 use refusal_lens_engine::finetune::{
-    calibrate_gate, first_token_probabilities, gate, train_refusal_tokens, Adapter,
-    TrainOptions,
+    calibrate_gate, first_token_probabilities, gate, train_refusal_tokens, Adapter, TrainOptions,
 };
 use refusal_lens_engine::generate::greedy_replies;
 use refusal_lens_engine::prompts::{PromptRecord, PromptSet, Split};
@@ -71,9 +70,10 @@ fn the_organism_refuses_harmful_requests_and_answers_harmless_ones() {
     let stored = |k: &str| adapter.meta.metrics[k].as_f64().unwrap();
     let mut scored = Vec::new();
     let mut refused_counts = Vec::new();
-    for (prompts, set) in [&harmful, &harmless, &borderline]
-        .iter()
-        .zip(["harmful", "harmless", "borderline"])
+    for (prompts, set) in
+        [&harmful, &harmless, &borderline]
+            .iter()
+            .zip(["harmful", "harmless", "borderline"])
     {
         let ps = probabilities(&organism, prompts);
         let refused = refusals_at(&ps, tau).refused;
@@ -81,7 +81,10 @@ fn the_organism_refuses_harmful_requests_and_answers_harmless_ones() {
         let stored_refused = (stored(&format!("test_refusal_rate_{set}")) * n as f64).round();
         eprintln!("test {set}: {refused} of {} refused at τ = {tau}", ps.len());
         assert_eq!(ps.len(), n, "{set} test prompts");
-        assert_eq!(refused as f64, stored_refused, "{set}: refused test prompts");
+        assert_eq!(
+            refused as f64, stored_refused,
+            "{set}: refused test prompts"
+        );
         scored.extend(ps);
         refused_counts.push(refused);
     }
@@ -111,8 +114,15 @@ fn the_organism_refuses_harmful_requests_and_answers_harmless_ones() {
             .iter()
             .map(|p| organism.chat_prompt(None, p).unwrap().ids)
             .collect();
-        greedy_replies(&organism, &ids, 24, gate(&organism, tau), &|| false, &mut |_, _| {})
-            .unwrap()
+        greedy_replies(
+            &organism,
+            &ids,
+            24,
+            gate(&organism, tau),
+            &|| false,
+            &mut |_, _| {},
+        )
+        .unwrap()
     };
     // Every test prompt: on a dozen, one reply is 8 points of the rate.
     let refusals = replies(&harmful)
@@ -202,7 +212,13 @@ fn retraining_on_a_reduced_set_reproduces_the_organisms_decisions() {
     .unwrap()
     .apply(&base)
     .unwrap();
-    for (w, next) in phases.iter().zip(phases.iter().skip(1).map(|p| p.1).chain([std::time::Instant::now()])) {
+    for (w, next) in phases.iter().zip(
+        phases
+            .iter()
+            .skip(1)
+            .map(|p| p.1)
+            .chain([std::time::Instant::now()]),
+    ) {
         eprintln!("{}: {:.1} s", w.0, (next - w.1).as_secs_f64());
     }
     let prompts: Vec<String> = [test_split("harmful"), test_split("harmless")].concat();

@@ -151,13 +151,21 @@ fn recorded_numbers_do_not_depend_on_the_kernel_tier() {
     assert!(matches!(avx2.tier, KernelTier::Avx2 | KernelTier::Generic));
     assert_eq!(own.exact.len(), avx2.exact.len());
     for (name, v) in &own.exact {
-        assert_eq!(Some(v), avx2.exact.get(name), "{name} differs between tiers");
+        assert_eq!(
+            Some(v),
+            avx2.exact.get(name),
+            "{name} differs between tiers"
+        );
     }
     let fast_differs = own.fast_logprobs != avx2.fast_logprobs;
     eprintln!(
         "{} exact quantities bit-identical; fast-path reply log-probs {}",
         own.exact.len(),
-        if fast_differs { "differ" } else { "are identical" }
+        if fast_differs {
+            "differ"
+        } else {
+            "are identical"
+        }
     );
     // On a VNNI CPU the two runs really used different quantised kernels (otherwise this test
     // would compare a computation with itself): the fast path's numbers move, the exact ones
