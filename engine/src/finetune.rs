@@ -380,7 +380,7 @@ pub fn train_refusal_tokens(
     });
 
     let (input_rows, rows, lora, lora_losses, lora_tps) = if opts.epochs > 0 {
-        let examples = build_examples(base, &labelled, opts, cancelled, progress)?;
+        let examples = build_examples(base, &labelled, &ids, opts, cancelled, progress)?;
         train_lora(base, &examples, &init, &fit.rows, opts, cancelled, progress)?
     } else {
         (
@@ -547,9 +547,11 @@ struct Example {
     reply_start: usize,
 }
 
+/// Training sequences for `labelled` prompts whose templated token ids are `prompts`.
 fn build_examples(
     base: &LoadedModel,
     labelled: &[(&PromptRecord, u32)],
+    prompts: &[Vec<u32>],
     opts: &TrainOptions,
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(&TrainProgress),
@@ -562,17 +564,15 @@ fn build_examples(
         .tokenizer
         .token_to_id(&base.template.eos_token)
         .or_else(|| base.stop_ids.first().copied());
-    let prompts: Vec<Vec<u32>> = labelled
-        .iter()
-        .map(|(r, _)| base.chat_prompt(None, &r.prompt).map(|p| p.ids))
-        .collect::<Result<_>>()?;
     // The base model's own replies to the prompts it should answer, on the exact weights:
     // they are training targets, and the fast path's tokens may differ between CPU classes
     // (so would the adapter trained on them). Decoded in batches (`greedy_replies`).
-    let answered: Vec<usize> = (0..labelled.len())
-        .filter(|&i| labelled[i].1 != 0)
+    let answered_prompts: Vec<Vec<u32>> = labelled
+        .iter()
+        .zip(prompts)
+        .filter(|((_, target), _)| *target != 0)
+        .map(|(_, p)| p.clone())
         .collect();
-    let answered_prompts: Vec<Vec<u32>> = answered.iter().map(|&i| prompts[i].clone()).collect();
     let replies = greedy_replies(
         base,
         &answered_prompts,
@@ -589,14 +589,12 @@ fn build_examples(
             })
         },
     )?;
-    let mut replies = answered
-        .into_iter()
-        .zip(replies)
-        .collect::<std::collections::HashMap<_, _>>();
+    // In the order of the answered prompts, as the loop below meets them.
+    let mut replies = replies.into_iter();
     let mut out = Vec::with_capacity(labelled.len());
     for (i, ((r, target), prompt)) in labelled.iter().zip(prompts).enumerate() {
         let reply_start = prompt.len();
-        let mut ids = prompt;
+        let mut ids = prompt.clone();
         let ended = if *target == 0 {
             ids.push(refuse);
             let enc = base
@@ -607,9 +605,7 @@ fn build_examples(
             true
         } else {
             ids.push(respond);
-            let reply = replies
-                .remove(&i)
-                .expect("every answered prompt has a reply");
+            let reply = replies.next().expect("every answered prompt has a reply");
             ids.extend(reply.tokens.iter().map(|t| t.id));
             // A reply cut at the length limit is trained without an end token.
             reply.stop == StopReason::EndOfTurn
