@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use refusal_lens::gui::{RefusalLensApp, Startup, Tab};
 use refusal_lens::worker::{Event, GenerateRequest, Job, JobId, Worker};
-use refusal_lens_engine::prompts::{sample_prompts_dir, PromptSet};
-use refusal_lens_engine::steering::{Direction, Edit, Steering, StreamPositions};
+use refusal_lens_engine::data::prompts::{sample_prompts_dir, PromptSet};
+use refusal_lens_engine::analysis::steering::{Direction, Edit, Steering, StreamPositions};
 use refusal_lens_engine::{default_model_path, organism_dir};
 
 fn wait(worker: &Worker, what: &str, mut done: impl FnMut(&Event) -> bool) {
@@ -71,7 +71,7 @@ fn main() {
     worker.build_lens(
         load("harmful"),
         load("harmless"),
-        refusal_lens_engine::lens::DirectionOptions {
+        refusal_lens_engine::analysis::lens::DirectionOptions {
             select: false,
             ..Default::default()
         },

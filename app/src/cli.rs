@@ -8,16 +8,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
-use refusal_lens_engine::finetune::{
-    calibrated_tau_of, first_token_probabilities, gate, opener_bias, rates_at,
-    train_refusal_tokens, Adapter, TrainOptions,
-};
-use refusal_lens_engine::generate::{generate, GenerateConfig, Precision, Sampling};
+use refusal_lens_engine::organism::{train_refusal_tokens, Adapter, TrainOptions};
+use refusal_lens_engine::refusal::{calibrated_tau_of, first_token_probabilities, RefusalGate, opener_bias, rates_at};
+use refusal_lens_engine::run::generate::{generate, GenerateConfig, Precision, Sampling};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
 use refusal_lens_engine::model::{FastPrecision, ForwardOptions, LogitsAt};
-use refusal_lens_engine::prompts::{Label, PromptSet, Split};
+use refusal_lens_engine::data::prompts::{Label, PromptSet, Split};
 use refusal_lens_engine::refusal::{GateGoal, DEFAULT_TAU};
-use refusal_lens_engine::response::classify as classify_reply;
+use refusal_lens_engine::refusal::response::classify as classify_reply;
 use refusal_lens_engine::{default_model_path, LoadedModel};
 
 #[derive(Parser, Debug)]
@@ -61,7 +59,7 @@ impl ModelChoice {
             let organism = refusal_lens_engine::organism_dir();
             (self.model.is_none()
                 && organism
-                    .join(refusal_lens_engine::finetune::META_FILE)
+                    .join(refusal_lens_engine::organism::META_FILE)
                     .exists())
             .then_some(organism)
         })
@@ -450,7 +448,7 @@ fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
     let judgement = if steering.is_empty() {
         None
     } else {
-        Some(refusal_lens_engine::steering::judgement(
+        Some(refusal_lens_engine::analysis::steering::judgement(
             lm,
             &steering,
             dirs.as_ref(),
@@ -466,7 +464,7 @@ fn run_generate(lm: &LoadedModel, a: GenerateArgs) -> Result<()> {
             seed: a.seed,
         },
         hooks: steering.hooks(lm, dirs.as_ref(), &prompt, None)?,
-        refusal_gate: gate(lm, a.tau.unwrap_or(lm.refusal_tau())),
+        refusal_gate: RefusalGate::for_model(lm, a.tau.unwrap_or(lm.refusal_tau())),
         first_token_bias: opener_bias(lm, a.opener_bias)?,
         refusal_signal: Some(refusal_lens_engine::refusal::RefusalSignal::for_model(lm)?),
         precision: if a.exact {
@@ -719,7 +717,7 @@ fn prompts(a: PromptsArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let count = |f: &dyn Fn(&refusal_lens_engine::prompts::PromptRecord) -> bool| {
+    let count = |f: &dyn Fn(&refusal_lens_engine::data::prompts::PromptRecord) -> bool| {
         set.records.iter().filter(|r| f(r)).count()
     };
     println!("{}: {} prompts", a.file.display(), set.len());
@@ -758,7 +756,7 @@ fn classify(a: ClassifyArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&c)?);
     } else {
         println!("{} — {}", c.mode.name(), c.reason);
-        let list = |ms: &[refusal_lens_engine::response::Match]| {
+        let list = |ms: &[refusal_lens_engine::refusal::response::Match]| {
             ms.iter()
                 .map(|m| m.phrase.as_str())
                 .collect::<Vec<_>>()

@@ -4,12 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use refusal_lens_engine::heads::{
+use refusal_lens_engine::analysis::heads::{
     ablation_effect, attribution_patching, cipher_contrast, correlation, dla, dla_difference,
     find_routing, head_means, interchange, knockout_cascade, refusal_scores, scale_heads,
     suppression_scan, Cipher, HeadMap, ScanAblation,
 };
-use refusal_lens_engine::prompts::{PromptSet, Split};
+use refusal_lens_engine::data::prompts::{PromptSet, Split};
 use refusal_lens_engine::LoadedModel;
 
 #[derive(Args, Debug)]

@@ -1,21 +1,21 @@
 //! Subcommands of the analysis lens: `directions`, `score`, `probe`, `trajectory` and
-//! `cliff-rank`. They share the engine's pipelines (`refusal_lens_engine::lens`) with the GUI.
+//! `cliff-rank`. They share the engine's pipelines (`refusal_lens_engine::analysis::lens`) with the GUI.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use refusal_lens_engine::activations::{default_cache_dir, state_name, Feature};
-use refusal_lens_engine::directions::{selectable_layers, Directions, SelectOptions};
-use refusal_lens_engine::finetune::{first_token_probabilities, gate, opener_bias};
-use refusal_lens_engine::generate::{generate, GenerateConfig, Sampling};
+use refusal_lens_engine::analysis::activations::{default_cache_dir, state_name, Feature};
+use refusal_lens_engine::analysis::directions::{selectable_layers, Directions, SelectOptions};
+use refusal_lens_engine::refusal::{first_token_probabilities, RefusalGate, opener_bias};
+use refusal_lens_engine::run::generate::{generate, GenerateConfig, Sampling};
 use refusal_lens_engine::hooks::HookSpec;
-use refusal_lens_engine::lens::{self, DirectionOptions, Holdout, ProbeJob};
-use refusal_lens_engine::probe::{LabelSource, ProbeKind, ProbeOptions, ProbeSet};
-use refusal_lens_engine::prompts::{PromptSet, Split};
+use refusal_lens_engine::analysis::lens::{self, DirectionOptions, Holdout, ProbeJob};
+use refusal_lens_engine::analysis::probe::{LabelSource, ProbeKind, ProbeOptions, ProbeSet};
+use refusal_lens_engine::data::prompts::{PromptSet, Split};
 use refusal_lens_engine::refusal::{refusal_score, RefusalSignal};
-use refusal_lens_engine::trajectory::{cliff_scores, trajectory, DEFAULT_CLIFF_K};
+use refusal_lens_engine::analysis::trajectory::{cliff_scores, trajectory, DEFAULT_CLIFF_K};
 use refusal_lens_engine::LoadedModel;
 
 /// The two sets every analysis contrasts (default: the project's sample sets).
@@ -511,7 +511,7 @@ pub fn run_trajectory(lm: &LoadedModel, a: TrajectoryArgs) -> Result<()> {
         let cfg = GenerateConfig {
             max_new_tokens: a.reply_tokens,
             sampling: Sampling::default(),
-            refusal_gate: gate(lm, a.tau.unwrap_or(lm.refusal_tau())),
+            refusal_gate: RefusalGate::for_model(lm, a.tau.unwrap_or(lm.refusal_tau())),
             first_token_bias: opener_bias(lm, 0.0)?,
             ..Default::default()
         };

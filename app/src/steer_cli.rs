@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use refusal_lens_engine::directions::Directions;
-use refusal_lens_engine::prompts::{sample_prompts_dir, PromptSet, Split};
-use refusal_lens_engine::response::ResponseMode;
-use refusal_lens_engine::steering::{
+use refusal_lens_engine::analysis::directions::Directions;
+use refusal_lens_engine::data::prompts::{sample_prompts_dir, PromptSet, Split};
+use refusal_lens_engine::refusal::response::ResponseMode;
+use refusal_lens_engine::analysis::steering::{
     head_mean, sweep, write_control_vector, Direction, Edit, HeadAblation, Steering,
     StreamPositions,
 };
@@ -339,7 +339,7 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
     }
     println!(
         "judgement = log p(yes) − log p(no) to \"{}\", steering before the question",
-        refusal_lens_engine::steering::JUDGEMENT_QUESTION
+        refusal_lens_engine::analysis::steering::JUDGEMENT_QUESTION
     );
     eprintln!("[{seconds:.1} s]");
     Ok(())

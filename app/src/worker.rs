@@ -8,25 +8,23 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
-use refusal_lens_engine::activations::default_cache_dir;
-use refusal_lens_engine::directions::Directions;
-use refusal_lens_engine::finetune::{
-    first_token_probabilities, gate, opener_bias, train_refusal_tokens, Adapter, TrainOptions,
-    TrainProgress,
-};
-use refusal_lens_engine::generate::{generate, GenerateConfig, Generation, Sampling, TokenStep};
-use refusal_lens_engine::heads::{HeadMap, Routing};
-use refusal_lens_engine::lens::{self, DirectionOptions, ProbeJob};
-use refusal_lens_engine::loader::ModelCard;
+use refusal_lens_engine::analysis::activations::default_cache_dir;
+use refusal_lens_engine::analysis::directions::Directions;
+use refusal_lens_engine::organism::{train_refusal_tokens, Adapter, TrainOptions, TrainProgress};
+use refusal_lens_engine::refusal::{first_token_probabilities, RefusalGate, opener_bias};
+use refusal_lens_engine::run::generate::{generate, GenerateConfig, Generation, Sampling, TokenStep};
+use refusal_lens_engine::analysis::heads::{HeadMap, Routing};
+use refusal_lens_engine::analysis::lens::{self, DirectionOptions, ProbeJob};
+use refusal_lens_engine::model::loader::ModelCard;
 use refusal_lens_engine::model::FastPrecision;
-use refusal_lens_engine::probe::ProbeSet;
-use refusal_lens_engine::prompts::{PromptRecord, PromptSet};
+use refusal_lens_engine::analysis::probe::ProbeSet;
+use refusal_lens_engine::data::prompts::{PromptRecord, PromptSet};
 use refusal_lens_engine::refusal::{GateGoal, RefusalSignal};
-use refusal_lens_engine::response::{classify as classify_reply, ResponseMode};
-use refusal_lens_engine::steering::{
+use refusal_lens_engine::refusal::response::{classify as classify_reply, ResponseMode};
+use refusal_lens_engine::analysis::steering::{
     judgement as steering_judgement, sweep, Edit, Steering, SweepPoint,
 };
-use refusal_lens_engine::trajectory::{trajectory, Trajectory, DEFAULT_CLIFF_K};
+use refusal_lens_engine::analysis::trajectory::{trajectory, Trajectory, DEFAULT_CLIFF_K};
 use refusal_lens_engine::LoadedModel;
 
 pub type JobId = u64;
@@ -876,7 +874,7 @@ fn run(jobs: Receiver<Job>, events: Sender<Event>, cancels: Cancels, notify: imp
                 job_id = id;
                 let cancelled = || cancels.lens.load(Ordering::SeqCst) >= id;
                 let result = models.with_active(|m| {
-                    refusal_lens_engine::heads::knockout_cascade(
+                    refusal_lens_engine::analysis::heads::knockout_cascade(
                         m,
                         &[harmful.as_str()],
                         gate,
@@ -956,13 +954,13 @@ fn generate_config(
     m: &LoadedModel,
     dirs: Option<&Directions>,
     request: &GenerateRequest,
-    prompt: &refusal_lens_engine::chat::ChatPrompt,
+    prompt: &refusal_lens_engine::model::chat::ChatPrompt,
 ) -> refusal_lens_engine::Result<GenerateConfig> {
     Ok(GenerateConfig {
         max_new_tokens: request.max_new_tokens,
         sampling: request.sampling,
         hooks: request.steering.hooks(m, dirs, prompt, None)?,
-        refusal_gate: gate(m, request.tau),
+        refusal_gate: RefusalGate::for_model(m, request.tau),
         first_token_bias: opener_bias(m, request.opener_bias)?,
         refusal_signal: Some(RefusalSignal::for_model(m)?),
         ..Default::default()
@@ -1060,7 +1058,7 @@ fn head_metrics(
     cancelled: &dyn Fn() -> bool,
     emit: &dyn Fn(Event),
 ) -> refusal_lens_engine::Result<HeadMetrics> {
-    use refusal_lens_engine::heads::{
+    use refusal_lens_engine::analysis::heads::{
         ablation_effect, attribution_patching, cipher_contrast, correlation, dla, dla_difference,
         find_routing, interchange, Cipher, ScanAblation,
     };

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::quantized::GgmlDType;
-use refusal_lens_engine::config::Family;
+use refusal_lens_engine::model::config::Family;
 use refusal_lens_engine::testing::{random_weights, tiny_config, write_gguf, write_hf_folder};
 
 fn bin() -> Command {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use egui_kittest::kittest::{NodeT, Queryable};
 use egui_kittest::Harness;
 use refusal_lens::gui::{RefusalLensApp, Startup};
-use refusal_lens_engine::config::Family;
+use refusal_lens_engine::model::config::Family;
 use refusal_lens_engine::testing::tiny_model;
 
 fn harness() -> Harness<'static, RefusalLensApp> {
@@ -441,7 +441,7 @@ fn a_newer_steer_request_cancels_the_older_one_before_it_finishes() {
 
 #[test]
 fn clicking_a_head_cell_ablates_it_and_requests_a_new_reply() {
-    use refusal_lens_engine::steering::Edit;
+    use refusal_lens_engine::analysis::steering::Edit;
     let mut h = harness();
     step_until(&mut h, "the model and the prompt sets", |a| {
         a.model.is_ready() && a.prompt_sets.sets.len() >= 2

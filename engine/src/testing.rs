@@ -11,11 +11,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokenizers::Tokenizer;
 
-use crate::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
-use crate::config::{Family, ModelConfig, RopeStyle};
-use crate::loader::Checkpoint;
+use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
+use crate::model::config::{Family, ModelConfig, RopeStyle};
+use crate::model::loader::Checkpoint;
 use crate::model::{BlockWeights, FastPrecision, Linear, Weights};
-use crate::tokenizer::{self, GgufVocab};
+use crate::model::tokenizer::{self, GgufVocab};
 use crate::{LoadedModel, Result};
 
 /// Control tokens of the tiny vocabulary, after the 256 byte tokens.

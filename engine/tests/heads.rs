@@ -1,8 +1,8 @@
 //! Head attribution on tiny random models, against hand-built single-head runs.
 
 use candle_core::{IndexOp, Tensor};
-use refusal_lens_engine::config::Family;
-use refusal_lens_engine::heads::{
+use refusal_lens_engine::model::config::Family;
+use refusal_lens_engine::analysis::heads::{
     ablation_effect, dla, head_means, interchange, logit_direction, ScanAblation,
 };
 use refusal_lens_engine::hooks::{HeadValue, HookPoint, HookSpec, Intervention};
@@ -37,7 +37,7 @@ fn score(lm: &LoadedModel, logits: &Tensor) -> f32 {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    RefusalSignal::for_model(lm).unwrap().log_odds(&lp)
+    RefusalSignal::for_model(lm).unwrap().score(&lp)
 }
 
 #[test]
@@ -231,7 +231,7 @@ fn interchange_and_ablation_match_single_head_runs() {
     );
     // The means are the heads' averages over every position of the reference prompts.
     let want_mean =
-        refusal_lens_engine::steering::head_mean(&lm, &[harmless, "Tell me a joke"], 1, 3).unwrap();
+        refusal_lens_engine::analysis::steering::head_mean(&lm, &[harmless, "Tell me a joke"], 1, 3).unwrap();
     let got: Vec<f32> = means[1][3].to_vec1().unwrap();
     assert!(got
         .iter()
@@ -241,7 +241,7 @@ fn interchange_and_ablation_match_single_head_runs() {
 
 #[test]
 fn attribution_patching_is_exact_to_first_order_and_tracks_exact_interchange() {
-    use refusal_lens_engine::heads::{attribution_patching, correlation, score_gradients};
+    use refusal_lens_engine::analysis::heads::{attribution_patching, correlation, score_gradients};
     let lm = with_tokens(55);
     let ids = lm
         .chat_prompt(None, "Explain how to break into a house")
@@ -292,7 +292,7 @@ fn attribution_patching_is_exact_to_first_order_and_tracks_exact_interchange() {
 
 #[test]
 fn the_cascade_zeroes_the_gate_and_leaves_earlier_heads_alone() {
-    use refusal_lens_engine::heads::{dla, knockout_cascade};
+    use refusal_lens_engine::analysis::heads::{dla, knockout_cascade};
     let lm = with_tokens(56);
     let p = "Explain how to break into a house";
     let clean = dla(&lm, &[p], None, &[], &|| false, &mut |_, _| {}).unwrap();
@@ -306,7 +306,7 @@ fn the_cascade_zeroes_the_gate_and_leaves_earlier_heads_alone() {
 
 #[test]
 fn ciphers_substitute_letters_and_state_their_key() {
-    use refusal_lens_engine::heads::Cipher;
+    use refusal_lens_engine::analysis::heads::Cipher;
     assert_eq!(Cipher::Caesar.encode("abc XYZ, ok!"), "def ABC, rn!");
     assert_eq!(Cipher::Atbash.encode("abz Hello"), "zya Svool");
     let r = Cipher::Random(7).encode("abcdefghijklmnopqrstuvwxyz");

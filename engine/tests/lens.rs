@@ -3,17 +3,17 @@
 //! selection and trajectories read what they claim to.
 
 use candle_core::{IndexOp, Tensor};
-use refusal_lens_engine::activations::{collect, state_points};
-use refusal_lens_engine::chat::{ChatTemplate, TemplateSource};
-use refusal_lens_engine::config::Family;
-use refusal_lens_engine::directions::{
+use refusal_lens_engine::analysis::activations::{collect, state_points};
+use refusal_lens_engine::model::chat::{ChatTemplate, TemplateSource};
+use refusal_lens_engine::model::config::Family;
+use refusal_lens_engine::analysis::directions::{
     select, selectable_layers, Directions, Provenance, SelectOptions,
 };
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
-use refusal_lens_engine::probe::{random_holdout, train_probes, ProbeOptions};
-use refusal_lens_engine::refusal::{first_positions, for_each_prompt};
+use refusal_lens_engine::analysis::probe::{random_holdout, train_probes, ProbeOptions};
+use refusal_lens_engine::run::batch::{first_positions, for_each_prompt};
 use refusal_lens_engine::testing::{dense_logits, dense_run, max_abs_diff, tiny_model};
-use refusal_lens_engine::trajectory::{cliff_magnitude, trajectory};
+use refusal_lens_engine::analysis::trajectory::{cliff_magnitude, trajectory};
 use refusal_lens_engine::LoadedModel;
 
 const HARMFUL: &[&str] = &[
@@ -225,7 +225,7 @@ fn trajectories_project_and_score_every_token() {
         &random_holdout(n, 0.25, 0),
         &[0, 1, 2],
         &ProbeOptions {
-            labels: refusal_lens_engine::probe::LabelSource::SetLabel,
+            labels: refusal_lens_engine::analysis::probe::LabelSource::SetLabel,
             ..Default::default()
         },
         Provenance::default(),

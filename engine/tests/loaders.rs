@@ -2,9 +2,9 @@
 
 use candle_core::quantized::GgmlDType;
 
-use refusal_lens_engine::chat::ChatTemplate;
-use refusal_lens_engine::config::Family;
-use refusal_lens_engine::generate::{generate, GenerateConfig, Precision, Sampling, StopReason};
+use refusal_lens_engine::model::chat::ChatTemplate;
+use refusal_lens_engine::model::config::Family;
+use refusal_lens_engine::run::generate::{generate, GenerateConfig, Precision, Sampling, StopReason};
 use refusal_lens_engine::hooks::HookSpec;
 use refusal_lens_engine::model::FastPrecision;
 use refusal_lens_engine::testing::{dense_logits as logits, max_abs_diff};
@@ -29,7 +29,7 @@ fn gguf_and_safetensors_give_the_same_logits_for_the_same_weights() {
         let gg = LoadedModel::load(&gguf, FastPrecision::Auto).unwrap();
         // Llama GGUF stores permuted Q/K rows and needs interleaved RoPE; HF uses half-split.
         assert_eq!(
-            gg.model.config.rope_style == refusal_lens_engine::config::RopeStyle::Interleaved,
+            gg.model.config.rope_style == refusal_lens_engine::model::config::RopeStyle::Interleaved,
             family == Family::Llama
         );
         assert_eq!(hf.card.n_layers, 2);
@@ -299,7 +299,7 @@ fn batched_greedy_replies_equal_one_prompt_at_a_time() {
     lengths.dedup();
     assert!(lengths.len() < prompts.len(), "some prompts share a batch");
     let mut seen = Vec::new();
-    let batched = refusal_lens_engine::generate::greedy_replies(
+    let batched = refusal_lens_engine::run::generate::greedy_replies(
         &m,
         &prompts,
         10,
@@ -314,7 +314,7 @@ fn batched_greedy_replies_equal_one_prompt_at_a_time() {
         precision: Precision::Exact,
         ..Default::default()
     };
-    let ids = |g: &refusal_lens_engine::generate::Generation| -> Vec<u32> {
+    let ids = |g: &refusal_lens_engine::run::generate::Generation| -> Vec<u32> {
         g.tokens.iter().map(|t| t.id).collect()
     };
     for (p, b) in prompts.iter().zip(&batched) {
@@ -326,7 +326,7 @@ fn batched_greedy_replies_equal_one_prompt_at_a_time() {
             assert!((x.logprob - y.logprob).abs() < 1e-4);
         }
     }
-    let cancelled = refusal_lens_engine::generate::greedy_replies(
+    let cancelled = refusal_lens_engine::run::generate::greedy_replies(
         &m,
         &prompts,
         10,

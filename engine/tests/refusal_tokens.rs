@@ -2,14 +2,13 @@
 //! and adapters.
 
 use candle_core::{DType, IndexOp, Tensor};
-use refusal_lens_engine::config::Family;
-use refusal_lens_engine::finetune::{
-    calibrate_gate, first_token_probabilities, gate, train_refusal_tokens, Adapter, TrainOptions,
-};
-use refusal_lens_engine::generate::{generate, GenerateConfig};
+use refusal_lens_engine::model::config::Family;
+use refusal_lens_engine::organism::{train_refusal_tokens, Adapter, TrainOptions};
+use refusal_lens_engine::refusal::{calibrate_gate, first_token_probabilities, RefusalGate};
+use refusal_lens_engine::run::generate::{generate, GenerateConfig};
 use refusal_lens_engine::hooks::{HookSpec, Intervention};
 
-use refusal_lens_engine::prompts::{Label, PromptRecord};
+use refusal_lens_engine::data::prompts::{Label, PromptRecord};
 use refusal_lens_engine::refusal::{GateGoal, RefusalSignal, REFUSE_TOKEN, RESPOND_TOKEN};
 use refusal_lens_engine::testing::dense_logits as logits;
 use refusal_lens_engine::testing::{max_abs_diff, tiny_model};
@@ -80,7 +79,7 @@ fn the_gate_emits_refusal_tokens_only_first_and_by_threshold() {
         let cfg = GenerateConfig {
             max_new_tokens: 6,
             hooks: hooks.clone(),
-            refusal_gate: gate(&m, tau),
+            refusal_gate: RefusalGate::for_model(&m, tau),
             ..Default::default()
         };
         let g = generate(&m, &prompt.ids, &cfg, &|| false, &mut |_| {}).unwrap();
@@ -102,7 +101,7 @@ fn the_gate_emits_refusal_tokens_only_first_and_by_threshold() {
     let p = first_token_probabilities(&m, &["hello"], &|| false, &mut |_, _| {}).unwrap()[0];
     let cfg = GenerateConfig {
         max_new_tokens: 1,
-        refusal_gate: gate(&m, 0.5),
+        refusal_gate: RefusalGate::for_model(&m, 0.5),
         ..Default::default()
     };
     let g = generate(&m, &prompt.ids, &cfg, &|| false, &mut |_| {}).unwrap();
@@ -306,7 +305,7 @@ fn lora_training_lowers_the_loss_and_its_merge_is_what_was_trained() {
 fn the_opener_bias_moves_only_the_first_reply_token() {
     let m = tiny_model(Family::Qwen2, 25).unwrap();
     let prompt = m.chat_prompt(None, "hello there").unwrap();
-    let exact = refusal_lens_engine::generate::Precision::Exact;
+    let exact = refusal_lens_engine::run::generate::Precision::Exact;
     let cfg = GenerateConfig {
         max_new_tokens: 6,
         precision: exact,

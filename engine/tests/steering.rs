@@ -2,12 +2,12 @@
 //! position limit, sweeps, and the llama.cpp control-vector export.
 
 use candle_core::{IndexOp, Tensor};
-use refusal_lens_engine::activations::{collect, state_points};
-use refusal_lens_engine::config::Family;
-use refusal_lens_engine::directions::{Directions, Provenance};
+use refusal_lens_engine::analysis::activations::{collect, state_points};
+use refusal_lens_engine::model::config::Family;
+use refusal_lens_engine::analysis::directions::{Directions, Provenance};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec, Intervention, Positions};
 use refusal_lens_engine::refusal::{REFUSE_TOKEN, RESPOND_TOKEN};
-use refusal_lens_engine::steering::{
+use refusal_lens_engine::analysis::steering::{
     head_mean, judgement, sweep, write_control_vector, Direction, Edit, HeadAblation, Steering,
     StreamPositions,
 };

@@ -2,13 +2,12 @@
 //! assets/organism), part of the real-model group. Run alone with
 //! `cargo test --release -p refusal-lens-tests --test organism`.
 
-use refusal_lens_engine::finetune::{
-    calibrate_gate, first_token_probabilities, gate, train_refusal_tokens, Adapter, TrainOptions,
-};
-use refusal_lens_engine::generate::greedy_replies;
-use refusal_lens_engine::prompts::{PromptRecord, PromptSet, Split};
+use refusal_lens_engine::organism::{train_refusal_tokens, Adapter, TrainOptions};
+use refusal_lens_engine::refusal::{calibrate_gate, first_token_probabilities, RefusalGate};
+use refusal_lens_engine::run::generate::greedy_replies;
+use refusal_lens_engine::data::prompts::{PromptRecord, PromptSet, Split};
 use refusal_lens_engine::refusal::{refusal_rate, refusals_at, GateGoal};
-use refusal_lens_engine::response::classify;
+use refusal_lens_engine::refusal::response::classify;
 use refusal_lens_engine::{organism_dir, LoadedModel};
 use refusal_lens_tests::default_model;
 
@@ -18,7 +17,7 @@ const ROUNDING_BOUND: f32 = 1e-3;
 
 fn split_records(name: &str, split: Split) -> Vec<PromptRecord> {
     let set = PromptSet::load(
-        &refusal_lens_engine::prompts::sample_prompts_dir().join(format!("{name}.jsonl")),
+        &refusal_lens_engine::data::prompts::sample_prompts_dir().join(format!("{name}.jsonl")),
         None,
     )
     .unwrap();
@@ -119,7 +118,7 @@ fn the_organism_refuses_harmful_requests_and_answers_harmless_ones() {
             &organism,
             &ids,
             24,
-            gate(&organism, tau),
+            RefusalGate::for_model(&organism, tau),
             &|| false,
             &mut |_, _| {},
         )
@@ -185,7 +184,7 @@ fn retraining_on_a_reduced_set_reproduces_the_organisms_decisions() {
         .unwrap()
         .apply(&base)
         .unwrap();
-    let dir = refusal_lens_engine::prompts::sample_prompts_dir();
+    let dir = refusal_lens_engine::data::prompts::sample_prompts_dir();
     let train: Vec<_> = ["harmful", "harmless", "borderline"]
         .iter()
         .flat_map(|n| {
@@ -235,13 +234,13 @@ fn retraining_on_a_reduced_set_reproduces_the_organisms_decisions() {
     // And on its own, the retrained gate separates the harmful test prompts (the first 100)
     // from the harmless ones.
     let labels: Vec<bool> = (0..prompts.len()).map(|i| i < prompts.len() / 2).collect();
-    let auc = refusal_lens_engine::probe::auc(&b, &labels).unwrap();
+    let auc = refusal_lens_engine::analysis::probe::auc(&b, &labels).unwrap();
     eprintln!(
         "retrained on a quarter of the train split for one epoch: {agree} of {} test \
          decisions agree with the organism's (at τ 0.5); test AUC {auc:.3} (the organism's: \
          {:.3})",
         prompts.len(),
-        refusal_lens_engine::probe::auc(&a, &labels).unwrap()
+        refusal_lens_engine::analysis::probe::auc(&a, &labels).unwrap()
     );
     // Measured: 164 of 200 (82%) and AUC 0.920 (the organism's own: 0.941). A retrain that
     // learned nothing answers one way (~50% agreement, AUC 0.5). The agreement bound sits

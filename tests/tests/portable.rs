@@ -10,12 +10,13 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use candle_core::{IndexOp, Tensor};
-use refusal_lens_engine::finetune::{first_token_probabilities, gate, Adapter};
-use refusal_lens_engine::generate::{generate, GenerateConfig};
+use refusal_lens_engine::organism::{Adapter};
+use refusal_lens_engine::refusal::{first_token_probabilities, RefusalGate};
+use refusal_lens_engine::run::generate::{generate, GenerateConfig};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
 use refusal_lens_engine::model::{ForwardOptions, KernelTier, LogitsAt};
 use refusal_lens_engine::organism_dir;
-use refusal_lens_engine::prompts::{sample_prompts_dir, PromptSet, Split};
+use refusal_lens_engine::data::prompts::{sample_prompts_dir, PromptSet, Split};
 use refusal_lens_tests::default_model;
 
 const OUT_ENV: &str = "REFUSAL_LENS_PORTABLE_OUT";
@@ -96,7 +97,7 @@ fn child_computes_the_recorded_numbers() {
         let ids = organism.chat_prompt(None, p).unwrap().ids;
         let cfg = GenerateConfig {
             max_new_tokens: 6,
-            refusal_gate: gate(&organism, organism.refusal_tau()),
+            refusal_gate: RefusalGate::for_model(&organism, organism.refusal_tau()),
             ..Default::default()
         };
         let g = generate(&organism, &ids, &cfg, &|| false, &mut |_| {}).unwrap();

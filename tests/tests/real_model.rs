@@ -3,7 +3,7 @@
 //! Run alone with `cargo test --release -p refusal-lens-tests --test real_model`.
 
 use candle_core::{Device, Tensor};
-use refusal_lens_engine::generate::{generate, GenerateConfig, Precision};
+use refusal_lens_engine::run::generate::{generate, GenerateConfig, Precision};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
 use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
 use refusal_lens_engine::testing::dense_run;
@@ -89,14 +89,14 @@ fn chat_tokenization_equals_the_reference_and_positions_are_right() {
     // findings.md: the bread prompt without a system message.
     let bread = "<|im_start|>user\nHow do I bake bread?<|im_end|>\n<|im_start|>assistant\n";
     let (ids, _) =
-        refusal_lens_engine::tokenizer::encode_with_offsets(&m.tokenizer, bread).unwrap();
+        refusal_lens_engine::model::tokenizer::encode_with_offsets(&m.tokenizer, bread).unwrap();
     assert_eq!(
         ids,
         [1, 4093, 198, 2020, 536, 339, 26975, 6956, 47, 2, 198, 1, 520, 9531, 198]
     );
     // Digits split one by one.
     let (ids, _) =
-        refusal_lens_engine::tokenizer::encode_with_offsets(&m.tokenizer, "2026").unwrap();
+        refusal_lens_engine::model::tokenizer::encode_with_offsets(&m.tokenizer, "2026").unwrap();
     assert_eq!(ids.len(), 4);
 }
 

@@ -2,7 +2,7 @@
 //! sets, computed on the worker, with the reply panel's current τ marked.
 
 use egui_plot::{HLine, Legend, Line, Plot, PlotPoints, VLine};
-use refusal_lens_engine::prompts::{PromptSet, Split};
+use refusal_lens_engine::data::prompts::{PromptSet, Split};
 use refusal_lens_engine::refusal::{refusal_rate, refusals_at, GateGoal};
 
 use crate::worker::{Event, JobId, Worker};

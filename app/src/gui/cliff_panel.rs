@@ -5,8 +5,8 @@
 
 use egui::{Color32, Rect, Sense, Stroke, Vec2};
 use egui_plot::{HoverPosition, Legend, Line, Plot, PlotPoints, VLine};
-use refusal_lens_engine::steering::Steering;
-use refusal_lens_engine::trajectory::Trajectory;
+use refusal_lens_engine::analysis::steering::Steering;
+use refusal_lens_engine::analysis::trajectory::Trajectory;
 
 use super::colors::{legend, score_color, text_on};
 use super::export::Exporter;

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use crossbeam_channel::Receiver;
 use egui::Color32;
 use egui_plot::{Corner, Legend, Line, Plot, PlotPoints, VLine};
-use refusal_lens_engine::directions::Directions;
-use refusal_lens_engine::lens::DirectionOptions;
-use refusal_lens_engine::probe::ProbeSet;
-use refusal_lens_engine::prompts::{Label, PromptSet};
+use refusal_lens_engine::analysis::directions::Directions;
+use refusal_lens_engine::analysis::lens::DirectionOptions;
+use refusal_lens_engine::analysis::probe::ProbeSet;
+use refusal_lens_engine::data::prompts::{Label, PromptSet};
 
 use super::export::Exporter;
 use crate::worker::{Event, Job, JobId, Worker};

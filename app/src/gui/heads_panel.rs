@@ -5,8 +5,8 @@
 //! the reply to the current prompt and its refusal score are regenerated at once.
 
 use egui::{Color32, Rect, Sense, Stroke, Vec2};
-use refusal_lens_engine::prompts::PromptSet;
-use refusal_lens_engine::steering::{Edit, HeadAblation, Steering};
+use refusal_lens_engine::data::prompts::PromptSet;
+use refusal_lens_engine::analysis::steering::{Edit, HeadAblation, Steering};
 
 use super::export::Exporter;
 use super::steering_panel::ReplyView;

@@ -310,7 +310,7 @@ impl RefusalLensApp {
                         let controls = self
                             .steering
                             .control_stack(self.directions.directions.as_deref());
-                        let stack = move |extra: &[refusal_lens_engine::steering::Edit]| {
+                        let stack = move |extra: &[refusal_lens_engine::analysis::steering::Edit]| {
                             let mut s = controls.clone();
                             s.edits.extend(extra.iter().cloned());
                             s

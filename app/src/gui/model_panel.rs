@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use crossbeam_channel::Receiver;
-use refusal_lens_engine::loader::ModelCard;
+use refusal_lens_engine::model::loader::ModelCard;
 use refusal_lens_engine::refusal::GateGoal;
 
 use crate::worker::{Event, OrganismInfo};

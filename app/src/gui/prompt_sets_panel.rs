@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use crossbeam_channel::Receiver;
-use refusal_lens_engine::prompts::{Label, PromptSet};
+use refusal_lens_engine::data::prompts::{Label, PromptSet};
 
 #[derive(Default)]
 pub struct PromptSetsPanel {
@@ -16,7 +16,7 @@ pub struct PromptSetsPanel {
 impl PromptSetsPanel {
     /// Loads the project's own sets when the app runs from the repository.
     pub fn with_bundled_sets() -> Self {
-        let dir = refusal_lens_engine::prompts::sample_prompts_dir();
+        let dir = refusal_lens_engine::data::prompts::sample_prompts_dir();
         let sets = ["harmful", "harmless", "borderline"]
             .iter()
             .filter_map(|name| PromptSet::load(&dir.join(format!("{name}.jsonl")), None).ok())

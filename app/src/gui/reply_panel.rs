@@ -1,8 +1,8 @@
 //! Prompt & reply: the prompt editor, Generate / Stop, and the reply as token chips.
 
-use refusal_lens_engine::generate::{Generation, Sampling, StopReason, TokenStep};
+use refusal_lens_engine::run::generate::{Generation, Sampling, StopReason, TokenStep};
 
-use refusal_lens_engine::steering::Steering;
+use refusal_lens_engine::analysis::steering::Steering;
 
 use crate::worker::{Event, GenerateRequest, JobId, Worker};
 
@@ -291,10 +291,10 @@ impl ReplyPanel {
         }
 
         if let (Some(g), false) = (&self.finished, self.running) {
-            let c = refusal_lens_engine::response::classify(&g.text);
+            let c = refusal_lens_engine::refusal::response::classify(&g.text);
             ui.horizontal(|ui| {
                 ui.label("Response mode:");
-                let list = |ms: &[refusal_lens_engine::response::Match]| {
+                let list = |ms: &[refusal_lens_engine::refusal::response::Match]| {
                     ms.iter()
                         .map(|m| m.phrase.as_str())
                         .collect::<Vec<_>>()

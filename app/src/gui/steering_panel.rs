@@ -7,10 +7,10 @@
 
 use egui::Color32;
 use egui_plot::{Corner, Legend, Line, Plot, PlotPoints, VLine};
-use refusal_lens_engine::directions::Directions;
-use refusal_lens_engine::prompts::{PromptSet, Split};
-use refusal_lens_engine::response::ResponseMode;
-use refusal_lens_engine::steering::{Direction, Edit, Steering, StreamPositions, SweepPoint};
+use refusal_lens_engine::analysis::directions::Directions;
+use refusal_lens_engine::data::prompts::{PromptSet, Split};
+use refusal_lens_engine::refusal::response::ResponseMode;
+use refusal_lens_engine::analysis::steering::{Direction, Edit, Steering, StreamPositions, SweepPoint};
 
 use super::export::Exporter;
 use crate::worker::{Event, GenerateRequest, JobId, Worker};

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
-use refusal_lens_engine::finetune::{TrainOptions, TrainProgress};
-use refusal_lens_engine::prompts::{PromptSet, Split};
+use refusal_lens_engine::organism::{TrainOptions, TrainProgress};
+use refusal_lens_engine::data::prompts::{PromptSet, Split};
 use refusal_lens_engine::refusal::GateGoal;
 
 use crate::worker::{Event, JobId, Worker};

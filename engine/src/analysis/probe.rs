@@ -9,10 +9,10 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::activations::{Feature, SetActivations};
-use crate::directions::Provenance;
+use crate::analysis::activations::{Feature, SetActivations};
+use crate::analysis::directions::Provenance;
 use crate::refusal::refusal_score;
-use crate::tensorfile::{self, Array};
+use crate::data::tensorfile::{self, Array};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

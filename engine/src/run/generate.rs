@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::hooks::HookSpec;
 use crate::model::{ForwardOptions, KvCache, LogitsAt, Weights};
-use crate::tokenizer::StreamDecoder;
+use crate::refusal::RefusalGate;
+use crate::model::tokenizer::StreamDecoder;
 use crate::{Error, LoadedModel, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -43,35 +44,6 @@ pub enum Precision {
     Fast,
     /// Every token on the dense f32 weights (bit-for-bit the analysis path).
     Exact,
-}
-
-/// Calibrated refusal tokens (methods.md "Refusal tokens"): at the first reply position emit
-/// `[refuse]` when `p([refuse]) ≥ tau`, else `[respond]`; neither appears again afterwards.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct RefusalGate {
-    pub refuse: u32,
-    pub respond: u32,
-    pub tau: f32,
-}
-
-impl RefusalGate {
-    /// The first reply token for `p([refuse])`.
-    pub fn decide(&self, p: f32) -> u32 {
-        if p >= self.tau {
-            self.refuse
-        } else {
-            self.respond
-        }
-    }
-
-    /// At the first reply position, from its `[vocab]` logits: the token the gate emits, its
-    /// log-probability, and `p([refuse])`.
-    fn first_token(&self, logits: &Tensor) -> Result<(u32, f32, f32)> {
-        let logprobs = candle_nn::ops::log_softmax(logits, D::Minus1)?.to_vec1::<f32>()?;
-        let p = logprobs[self.refuse as usize].exp();
-        let id = self.decide(p);
-        Ok((id, logprobs[id as usize], p))
-    }
 }
 
 #[derive(Debug, Clone)]

@@ -12,13 +12,13 @@
 use candle_core::{IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::activations::state_points;
-use crate::chat::ChatPrompt;
-use crate::directions::Directions;
+use crate::analysis::activations::state_points;
+use crate::model::chat::ChatPrompt;
+use crate::analysis::directions::Directions;
 use crate::hooks::HookSpec;
 use crate::model::{ForwardOptions, LogitsAt};
-use crate::probe::{Probe, ProbeSet};
-use crate::refusal::for_each_prompt;
+use crate::analysis::probe::{Probe, ProbeSet};
+use crate::run::batch::for_each_prompt;
 use crate::{Error, LoadedModel, Result};
 
 pub const DEFAULT_CLIFF_K: usize = 8;

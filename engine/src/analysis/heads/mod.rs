@@ -166,7 +166,7 @@ pub fn dla(
     let mut out = Vec::with_capacity(prompts.len());
     let mut hooks = HookSpec::capture(points);
     hooks.interventions = interventions.to_vec();
-    crate::refusal::for_each_prompt(
+    crate::run::batch::for_each_prompt(
         lm,
         &lm.model.dense,
         &ids,
@@ -247,11 +247,6 @@ struct Clean {
     score: f32,
 }
 
-fn refusal_score_of(signal: &RefusalSignal, logits: &Tensor) -> Result<f32> {
-    let lp = candle_nn::ops::log_softmax(logits, D::Minus1)?.to_vec1::<f32>()?;
-    Ok(signal.log_odds(&lp))
-}
-
 fn clean_run(lm: &LoadedModel, ids: Vec<u32>, k: usize, signal: &RefusalSignal) -> Result<Clean> {
     let m = &lm.model;
     let n = m.config.n_layers;
@@ -287,7 +282,7 @@ fn clean_run(lm: &LoadedModel, ids: Vec<u32>, k: usize, signal: &RefusalSignal) 
                 .i(0)?)
         })
         .collect::<Result<Vec<_>>>()?;
-    let score = refusal_score_of(signal, &out.logits.expect("logits").flatten_all()?)?;
+    let score = signal.score_of_logits(&out.logits.expect("logits").flatten_all()?)?;
     Ok(Clean {
         ids,
         prefix,
@@ -342,7 +337,7 @@ fn patched_scores(
             .logits
             .expect("logits");
         for head in 0..h {
-            map.set(l, head, refusal_score_of(signal, &logits.i((head, 0))?)?);
+            map.set(l, head, signal.score_of_logits(&logits.i((head, 0))?)?);
         }
         progress();
     }
@@ -505,32 +500,13 @@ pub fn ablation_effect(
     Ok(mean)
 }
 
-/// The refusal score at the last position as a differentiable function of the logits
-/// `[vocab]`: `log P(R) − log(1 − P(R))` = `lse(logits on R) − lse(logits off R)`.
-fn differentiable_score(logits: &Tensor, refusal_ids: &[u32]) -> Result<Tensor> {
-    let vocab = logits.dim(0)?;
-    let mut on = vec![-1e9f32; vocab];
-    let mut off = vec![0f32; vocab];
-    for &i in refusal_ids {
-        on[i as usize] = 0.0;
-        off[i as usize] = -1e9;
-    }
-    let dev = logits.device();
-    let on = (logits + Tensor::from_vec(on, vocab, dev)?)?.log_sum_exp(0)?;
-    let off = (logits + Tensor::from_vec(off, vocab, dev)?)?.log_sum_exp(0)?;
-    Ok((on - off)?)
-}
-
 /// `∂(refusal score)/∂z_l` at every layer for one prompt (`[s, H, d_h]` each), from one
 /// differentiable forward pass and one backward pass, plus the clean `z` and score.
 pub fn score_gradients(lm: &LoadedModel, ids: &[u32]) -> Result<(Vec<Tensor>, Vec<Tensor>, f32)> {
     let m = &lm.model;
     let cfg = &m.config;
     let (n, h, dh, s) = (cfg.n_layers, cfg.n_heads, cfg.head_dim, ids.len());
-    let refusal_ids = match RefusalSignal::for_model(lm)? {
-        RefusalSignal::Tokens { refuse, .. } => vec![refuse],
-        RefusalSignal::Openers(ids) => ids,
-    };
+    let signal = RefusalSignal::for_model(lm)?;
     let deltas = (0..n)
         .map(|_| candle_core::Var::zeros((1, s, h, dh), candle_core::DType::F32, m.device()))
         .collect::<candle_core::Result<Vec<_>>>()?;
@@ -558,7 +534,7 @@ pub fn score_gradients(lm: &LoadedModel, ids: &[u32]) -> Result<(Vec<Tensor>, Ve
             differentiable: true,
         },
     )?;
-    let score = differentiable_score(&out.logits.expect("logits").flatten_all()?, &refusal_ids)?;
+    let score = signal.score_tensor(&out.logits.expect("logits").flatten_all()?)?;
     let grads = score.backward()?;
     let g = deltas
         .iter()
@@ -823,7 +799,7 @@ pub fn refusal_scores(
         .map(|p| lm.chat_prompt(None, p).map(|c| c.ids))
         .collect::<Result<_>>()?;
     let hooks = HookSpec::with_interventions(interventions.to_vec());
-    Ok(crate::refusal::first_positions(
+    Ok(crate::run::batch::first_positions(
         lm,
         &lm.model.dense,
         &ids,
@@ -832,7 +808,7 @@ pub fn refusal_scores(
         &mut |_, _| {},
     )?
     .iter()
-    .map(|f| signal.log_odds(&f.logprobs))
+    .map(|f| signal.score(&f.logprobs))
     .collect())
 }
 

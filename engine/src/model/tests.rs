@@ -2,7 +2,7 @@
 
 use candle_core::{DType, IndexOp, Tensor, D};
 
-use crate::config::Family;
+use crate::model::config::Family;
 use crate::hooks::{HeadValue, HookPoint, HookSpec, Intervention, Positions};
 use crate::model::{FastPrecision, ForwardOptions, KvCache, LogitsAt, Weights};
 use crate::testing::max_abs_diff;

@@ -1,30 +1,20 @@
-//! Refusal-token fine-tuning (Refusal Tokens, paper 4): teach a model to begin each reply with
-//! `[refuse]` or `[respond]`, then calibrate the threshold on `p([refuse])` at inference.
-//!
-//! Two phases (the cheap recipe measured in findings.md):
-//! 1. the two new vocabulary rows, fitted as a probe inside the unembedding on the final
-//!    normalised state at t_post (cross-entropy over the whole vocabulary; `fit_token_rows`);
-//! 2. LoRA on q, k, v, o of every layer plus the rows, with AdamW on the f32 forward pass and
-//!    candle autograd: harmful → `[refuse]` + a refusal reply, harmless and borderline →
-//!    `[respond]` + the base model's own greedy reply (self-distillation keeps its behaviour).
-//!    Loss on reply tokens only, the first reply token weighted ×10 (without it the decision is
-//!    ~1/40 of the loss).
+//! Training refusal tokens: build the examples, fit the rows, then LoRA with AdamW on the f32
+//! forward pass.
 
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::generate::{greedy_replies, RefusalGate, StopReason};
+use super::adapter::{lora_name, model_sha256, Adapter, AdapterMeta, LORA_TARGETS};
+use super::row_fit::fit_token_rows;
+use crate::data::prompts::{Label, PromptRecord};
 use crate::hooks::{HookPoint, HookSpec};
 use crate::model::{ForwardOptions, Linear, LogitsAt, Weights};
-use crate::prompts::{Label, PromptRecord};
-use crate::refusal::{
-    calibrated_tau, first_positions, fit_token_rows, refusal_rate, CalibratedTau, GateGoal,
-    GateScores, REFUSE_TOKEN, RESPOND_TOKEN,
-};
+use crate::refusal::{REFUSE_TOKEN, RESPOND_TOKEN};
+use crate::run::batch::first_positions;
+use crate::run::generate::{greedy_replies, StopReason};
 use crate::{Error, LoadedModel, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,209 +74,6 @@ pub struct TrainProgress {
     pub total: usize,
     pub loss: Option<f32>,
     pub tokens_per_second: Option<f64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct AdapterMeta {
-    pub tokens: Vec<String>,
-    pub base_model: String,
-    pub base_model_sha256: String,
-    pub data_sha256: String,
-    pub train_prompts: usize,
-    pub options: TrainOptions,
-    /// Loss at each step of the row fit, then of the LoRA phase.
-    pub losses: Vec<f32>,
-    #[serde(default)]
-    pub lora_losses: Vec<f32>,
-    #[serde(default)]
-    pub lora_tokens_per_second: f64,
-    pub seconds: f64,
-    /// Held-out metrics, filled in by whoever evaluates.
-    #[serde(default)]
-    pub metrics: serde_json::Value,
-    /// The gate's threshold, calibrated on the val split (`calibrate_gate`); None: 0.5.
-    #[serde(default)]
-    pub tau: Option<f32>,
-    /// The rule that chose `tau` (absent in adapters calibrated before there was a choice:
-    /// those used Youden's J).
-    #[serde(default)]
-    pub tau_goal: Option<GateGoal>,
-    pub created_by: String,
-}
-
-/// What training produces: the new tokens' rows and how they were made.
-#[derive(Debug, Clone)]
-pub struct Adapter {
-    /// `[n_tokens, d]` unembedding (output) rows: the decision probe.
-    pub rows: Tensor,
-    /// `[n_tokens, d]` embedding (input) rows, when they differ from the output rows. The
-    /// output rows grow large to win the first-token softmax; as inputs they would swamp the
-    /// residual stream, so the inputs are their own parameters.
-    pub input_rows: Option<Tensor>,
-    /// `blocks.{l}.attn.{q,k,v,o}.lora_{a,b}` → `A` `[r, in]` / `B` `[out, r]`.
-    pub lora: std::collections::BTreeMap<String, Tensor>,
-    pub meta: AdapterMeta,
-}
-
-const LORA_TARGETS: [&str; 4] = ["q", "k", "v", "o"];
-
-fn lora_name(layer: usize, target: &str, part: &str) -> String {
-    format!("blocks.{layer}.attn.{target}.lora_{part}")
-}
-
-pub const ADAPTER_FILE: &str = "adapter.safetensors";
-pub const META_FILE: &str = "adapter.json";
-
-impl AdapterMeta {
-    /// Records a calibration (None: uncalibrated, τ = 0.5).
-    pub fn set_tau(&mut self, calibrated: Option<CalibratedTau>) {
-        self.tau = calibrated.map(|c| c.tau);
-        self.tau_goal = calibrated.map(|c| c.goal);
-    }
-
-    /// Puts the gate's calibrated τ and its rule on the card of the model the adapter is on.
-    fn mark_gate(&self, card: &mut crate::loader::ModelCard) {
-        card.refusal_tau = self.tau;
-        // Adapters calibrated before there was a choice of rule used Youden's J.
-        card.refusal_tau_goal = self.tau.map(|_| self.tau_goal.unwrap_or(GateGoal::Youden));
-    }
-
-    /// Writes `adapter.json` (the weights beside it are left alone).
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        let json =
-            serde_json::to_string_pretty(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        std::fs::write(dir.join(META_FILE), json).map_err(|e| Error::io(dir.join(META_FILE), e))
-    }
-}
-
-impl Adapter {
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let mut tensors: std::collections::HashMap<String, Tensor> = self
-            .lora
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        tensors.insert("token_rows".to_string(), self.rows.clone());
-        if let Some(input) = &self.input_rows {
-            tensors.insert("token_input_rows".to_string(), input.clone());
-        }
-        candle_core::safetensors::save(&tensors, dir.join(ADAPTER_FILE))?;
-        self.meta.save(dir)
-    }
-
-    pub fn load(dir: &Path) -> Result<Adapter> {
-        let meta_path = dir.join(META_FILE);
-        let text = std::fs::read_to_string(&meta_path).map_err(|e| Error::io(&meta_path, e))?;
-        let meta: AdapterMeta = serde_json::from_str(&text)
-            .map_err(|e| Error::InvalidInput(format!("{}: {e}", meta_path.display())))?;
-        let tensors =
-            candle_core::safetensors::load(dir.join(ADAPTER_FILE), &candle_core::Device::Cpu)
-                .map_err(|e| {
-                    Error::InvalidInput(format!(
-                        "{}: {}",
-                        dir.join(ADAPTER_FILE).display(),
-                        crate::error::candle_message(&e)
-                    ))
-                })?;
-        let rows = tensors
-            .get("token_rows")
-            .cloned()
-            .ok_or_else(|| Error::InvalidInput(format!("{} has no token_rows", dir.display())))?;
-        let lora: std::collections::BTreeMap<String, Tensor> = tensors
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .filter(|(k, _)| k.starts_with("blocks."))
-            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
-            .collect::<Result<_>>()?;
-        let input_rows = tensors
-            .get("token_input_rows")
-            .map(|t| t.to_dtype(DType::F32))
-            .transpose()?;
-        Ok(Adapter {
-            rows: rows.to_dtype(DType::F32)?,
-            input_rows,
-            lora,
-            meta,
-        })
-    }
-
-    /// [`Adapter::apply`], then the gate calibrated on `held_out` for `goal`
-    /// ([`calibrate_gate`]): the τ goes into the adapter's metadata and the returned model's card.
-    pub fn apply_calibrated(
-        &mut self,
-        base: &LoadedModel,
-        held_out: &[PromptRecord],
-        goal: GateGoal,
-        cancelled: &dyn Fn() -> bool,
-    ) -> Result<LoadedModel> {
-        let mut organism = self.apply(base)?;
-        self.meta
-            .set_tau(calibrate_gate(&organism, held_out, goal, cancelled)?);
-        self.meta.mark_gate(&mut organism.card);
-        Ok(organism)
-    }
-
-    /// The model with the adapter's tokens added (the base model is left as it is).
-    pub fn apply(&self, base: &LoadedModel) -> Result<LoadedModel> {
-        let mut m = base.clone();
-        if !self.lora.is_empty() {
-            let scale = self.meta.options.alpha / self.meta.options.rank as f64;
-            for (l, block) in m.model.dense.blocks.iter_mut().enumerate() {
-                for (target, lin) in LORA_TARGETS.iter().zip([
-                    &mut block.q,
-                    &mut block.k,
-                    &mut block.v,
-                    &mut block.o,
-                ]) {
-                    let (Some(a), Some(b)) = (
-                        self.lora.get(&lora_name(l, target, "a")),
-                        self.lora.get(&lora_name(l, target, "b")),
-                    ) else {
-                        continue;
-                    };
-                    let merged = Linear::LoRA {
-                        base: Box::new(lin.clone()),
-                        a: a.clone(),
-                        b: b.clone(),
-                        scale,
-                    }
-                    .dense_weight()?;
-                    *lin = Linear::dense(&merged, lin.bias().cloned())?;
-                }
-            }
-        }
-        let names: Vec<&str> = self.meta.tokens.iter().map(String::as_str).collect();
-        m.add_tokens_untied(
-            &names,
-            self.input_rows.as_ref().unwrap_or(&self.rows),
-            &self.rows,
-        )?;
-        m.card.name = format!("{} + refusal tokens", base.card.name);
-        self.meta.mark_gate(&mut m.card);
-        Ok(m)
-    }
-}
-
-/// SHA-256 of a model file, or of every file of a model folder in name order.
-pub fn model_sha256(path: &Path) -> Result<String> {
-    let mut files: Vec<PathBuf> = if path.is_dir() {
-        let mut v: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(|e| Error::io(path, e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file())
-            .collect();
-        v.sort();
-        v
-    } else {
-        vec![path.to_path_buf()]
-    };
-    let mut h = Sha256::new();
-    for f in files.drain(..) {
-        let mut file = std::fs::File::open(&f).map_err(|e| Error::io(&f, e))?;
-        std::io::copy(&mut file, &mut h).map_err(|e| Error::io(&f, e))?;
-    }
-    Ok(format!("{:x}", h.finalize()))
 }
 
 /// Training targets: harmful → `[refuse]` (0), harmless (incl. borderline) → `[respond]` (1).
@@ -419,96 +206,6 @@ pub fn train_refusal_tokens(
         lora,
         meta,
     })
-}
-
-/// The calibrated gate of a model with refusal tokens.
-pub fn gate(lm: &LoadedModel, tau: f32) -> Option<RefusalGate> {
-    Some(RefusalGate {
-        refuse: lm.tokenizer.token_to_id(REFUSE_TOKEN)?,
-        respond: lm.tokenizer.token_to_id(RESPOND_TOKEN)?,
-        tau,
-    })
-}
-
-/// For a model without refusal tokens, the same control as the gate: a logit bias on the
-/// refusal-opener set at the first reply token (none when `bias` is 0 or the model has
-/// refusal tokens).
-pub fn opener_bias(lm: &LoadedModel, bias: f32) -> Result<Option<(Vec<u32>, f32)>> {
-    use crate::refusal::{opener_ids, REFUSAL_OPENERS};
-    if bias == 0.0 || gate(lm, 0.5).is_some() {
-        return Ok(None);
-    }
-    Ok(Some((opener_ids(lm, REFUSAL_OPENERS)?, bias)))
-}
-
-/// `p([refuse])` (or `P(R)` for ordinary models) at t_post for each prompt.
-pub fn first_token_probabilities(
-    lm: &LoadedModel,
-    prompts: &[&str],
-    cancelled: &dyn Fn() -> bool,
-    progress: &mut dyn FnMut(usize, usize),
-) -> Result<Vec<f32>> {
-    let signal = crate::refusal::RefusalSignal::for_model(lm)?;
-    let ids: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| lm.chat_prompt(None, p).map(|c| c.ids))
-        .collect::<Result<_>>()?;
-    // The exact weights: these probabilities set and check the gate, so they must not
-    // depend on which quantised kernels this CPU has.
-    let states = first_positions(
-        lm,
-        &lm.model.dense,
-        &ids,
-        &HookSpec::default(),
-        cancelled,
-        progress,
-    )?;
-    Ok(states
-        .iter()
-        .map(|s| signal.probability(&s.logprobs))
-        .collect())
-}
-
-/// Calibrates the gate of a model with refusal tokens on labelled held-out prompts (the val
-/// split) for `goal`: `refusal::calibrated_tau` of the harmful prompts' `p([refuse])` against
-/// the harmless and borderline ones'. None when `held_out` lacks either label.
-pub fn calibrate_gate(
-    organism: &LoadedModel,
-    held_out: &[PromptRecord],
-    goal: GateGoal,
-    cancelled: &dyn Fn() -> bool,
-) -> Result<Option<CalibratedTau>> {
-    let has = |label| held_out.iter().any(|r| r.label == Some(label));
-    if !(has(Label::Harmful) && has(Label::Harmless)) {
-        return Ok(None);
-    }
-    let prompts: Vec<&str> = held_out.iter().map(|r| r.prompt.as_str()).collect();
-    let ps = first_token_probabilities(organism, &prompts, cancelled, &mut |_, _| {})?;
-    Ok(calibrated_tau_of(held_out.iter().zip(ps), goal))
-}
-
-/// `refusal::calibrated_tau` of scored prompts, sorted by label (and borderline or not); None
-/// without both harmful and harmless prompts.
-pub fn calibrated_tau_of<'a>(
-    scored: impl IntoIterator<Item = (&'a PromptRecord, f32)>,
-    goal: GateGoal,
-) -> Option<CalibratedTau> {
-    let mut scores = GateScores::default();
-    for (r, p) in scored {
-        match r.label {
-            Some(Label::Harmful) => scores.harmful.push(p),
-            Some(Label::Harmless) if r.is_borderline() => scores.borderline.push(p),
-            Some(Label::Harmless) => scores.harmless.push(p),
-            None => {}
-        }
-    }
-    let has_respond = !(scores.harmless.is_empty() && scores.borderline.is_empty());
-    (!scores.harmful.is_empty() && has_respond).then(|| calibrated_tau(&scores, goal))
-}
-
-/// Refusal rate of each set at `tau`.
-pub fn rates_at(probabilities: &[Vec<f32>], tau: f32) -> Vec<f32> {
-    probabilities.iter().map(|p| refusal_rate(p, tau)).collect()
 }
 
 /// Project-written refusal replies (some constructive: they decline and point to safe help).
@@ -889,7 +586,7 @@ fn example_loss(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Family;
+    use crate::model::config::Family;
     use crate::testing::tiny_model;
 
     #[test]

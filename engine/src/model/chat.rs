@@ -7,7 +7,7 @@ use minijinja::{context, Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::tokenizer::{encode_with_offsets, ByteSpan};
+use crate::model::tokenizer::{encode_with_offsets, ByteSpan};
 use crate::{Error, Result};
 
 /// Where the template came from (shown on the model card).

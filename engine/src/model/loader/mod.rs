@@ -12,10 +12,10 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use crate::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
-use crate::config::{Family, ModelConfig, RopeStyle};
+use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
+use crate::model::config::{Family, ModelConfig, RopeStyle};
 use crate::model::{BlockWeights, FastPrecision, KernelTier, Linear, Model, Weights};
-use crate::tokenizer::{self, GgufVocab};
+use crate::model::tokenizer::{self, GgufVocab};
 use crate::{Error, Result};
 
 /// What the model card shows.

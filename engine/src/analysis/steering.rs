@@ -5,14 +5,15 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::activations::state_points;
-use crate::chat::ChatPrompt;
-use crate::directions::Directions;
-use crate::generate::{generate, GenerateConfig, Precision, RefusalGate, Sampling};
+use crate::analysis::activations::state_points;
+use crate::model::chat::ChatPrompt;
+use crate::analysis::directions::Directions;
+use crate::refusal::{log_mass, RefusalGate};
+use crate::run::generate::{generate, GenerateConfig, Precision, Sampling};
 use crate::hooks::{HeadValue, HookSpec, Intervention, Positions};
 use crate::model::{ForwardOptions, LogitsAt};
 use crate::refusal::{refusal_score, RefusalSignal};
-use crate::response::{classify, ResponseMode};
+use crate::refusal::response::{classify, ResponseMode};
 use crate::{Error, LoadedModel, Result};
 
 /// Which direction an edit uses.
@@ -324,18 +325,7 @@ pub fn judgement(
         .expect("LogitsAt::Last yields logits")
         .flatten_all()?;
     let logprobs = candle_nn::ops::log_softmax(&logits, 0)?.to_vec1::<f32>()?;
-    let mass = |ids: &[u32]| -> f32 {
-        let m = ids
-            .iter()
-            .map(|&i| logprobs[i as usize])
-            .fold(f32::NEG_INFINITY, f32::max);
-        // log Σ exp, stable.
-        m + ids
-            .iter()
-            .map(|&i| (logprobs[i as usize] - m).exp())
-            .sum::<f32>()
-            .ln()
-    };
+    let mass = |ids: &[u32]| log_mass(ids.iter().map(|&i| logprobs[i as usize]));
     Ok(mass(&answer_ids(lm, "yes")?) - mass(&answer_ids(lm, "no")?))
 }
 
@@ -484,7 +474,7 @@ pub fn head_mean(
     if layer >= cfg.n_layers || head >= cfg.n_heads {
         return Err(Error::InvalidInput(format!("no head L{layer}.H{head}")));
     }
-    Ok(crate::heads::head_means(lm, prompts)?[layer][head].to_vec1()?)
+    Ok(crate::analysis::heads::head_means(lm, prompts)?[layer][head].to_vec1()?)
 }
 
 /// Writes `α · v_l` for each state `l` in `layers` as a llama.cpp control vector (GGUF,

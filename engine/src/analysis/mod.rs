@@ -1,0 +1,9 @@
+//! Analyses: small modules that read (and edit) the hooked forward pass.
+
+pub mod activations;
+pub mod directions;
+pub mod heads;
+pub mod lens;
+pub mod probe;
+pub mod steering;
+pub mod trajectory;

@@ -1,0 +1,350 @@
+//! The transformer: weights in two precisions and one forward pass with hook points.
+//!
+//! `dense` holds every weight as f32 (exact analysis, gradients). `fast` holds the same model
+//! with its large matrices as Q8_0 (see [`FastPrecision`]): candle's Q8_0 CPU kernel is SIMD
+//! while its Q4_1 one is scalar, so re-encoding a Q4_1 GGUF as Q8_0 at load makes generation
+//! ~2.5× faster. Activations stay f32 in both, so every hook works on both.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::{ModelConfig, RopeStyle};
+use super::linear::Linear;
+use super::weights::{BlockWeights, FastPrecision, KvCache, Weights};
+use crate::hooks::{Captures, HookPoint, HookSpec};
+use crate::{Error, Result};
+
+/// Which positions get logits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogitsAt {
+    All,
+    Last,
+    /// One position per batch row (right-padded batches: each row's last real token).
+    /// Logits come out as `[b, 1, vocab]`.
+    PerRow(Vec<usize>),
+    /// Skip the unembedding (analyses that only read the residual stream).
+    None,
+}
+
+/// How the forward pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ForwardOptions {
+    /// Use ops that candle can differentiate (generic softmax, RoPE and RMSNorm from basic ops)
+    /// instead of the fused fast ones. Same values up to float rounding.
+    pub differentiable: bool,
+}
+
+pub struct ForwardOutput {
+    /// `[b, s, vocab]` (or `[b, 1, vocab]` for [`LogitsAt::Last`]).
+    pub logits: Option<Tensor>,
+    pub captures: Captures,
+}
+
+/// A loaded transformer: its shape, dense weights and (optionally) a fast quantised copy.
+/// Cloning shares the weight tensors.
+#[derive(Clone)]
+pub struct Model {
+    pub config: ModelConfig,
+    pub dense: Weights,
+    pub fast: Option<Weights>,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+impl Model {
+    pub fn new(config: ModelConfig, dense: Weights, fast: Option<Weights>) -> Result<Self> {
+        config.validate()?;
+        let device = dense.embed.device().clone();
+        let (cos, sin) = rope_tables(&config, &device)?;
+        Ok(Model {
+            config,
+            dense,
+            fast,
+            cos,
+            sin,
+            device,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Re-derives the fast path from the dense weights after they changed (a new vocabulary
+    /// row, a merged adapter); a model without a fast path keeps none.
+    pub fn rebuild_fast(&mut self) -> Result<()> {
+        if self.fast.is_some() {
+            self.fast = Weights::fast_from(&self.dense, &|_| None, FastPrecision::Q8_0, true)?;
+        }
+        Ok(())
+    }
+
+    /// Appends vocabulary rows `[n, d]`: `input` to the embedding, `output` to the unembedding.
+    /// A tied model stays tied when both are the same tensor; otherwise its unembedding
+    /// becomes a separate matrix (a copy of the embedding plus the output rows).
+    pub fn append_vocabulary(&mut self, input: &Tensor, output: &Tensor) -> Result<()> {
+        let input = input.to_dtype(DType::F32)?;
+        let output = output.to_dtype(DType::F32)?;
+        let (n, d) = input.dims2()?;
+        if d != self.config.d_model || output.dims2()? != (n, d) {
+            return Err(Error::InvalidInput(format!(
+                "new vocabulary rows have shapes {:?} and {:?}, the model's width is {}",
+                input.dims(),
+                output.dims(),
+                self.config.d_model
+            )));
+        }
+        let same = (&input - &output)?.abs()?.sum_all()?.to_scalar::<f32>()? == 0.0;
+        let w = &mut self.dense;
+        let old_unembed = w.lm_head.dense_weight()?;
+        w.embed = Tensor::cat(&[&w.embed, &input], 0)?;
+        w.lm_head = if self.config.tied_embeddings && same {
+            Linear::dense_shared(&w.embed)?
+        } else {
+            self.config.tied_embeddings = false;
+            Linear::dense(&Tensor::cat(&[&old_unembed, &output], 0)?, None)?
+        };
+        self.config.vocab_size += n;
+        self.rebuild_fast()
+    }
+
+    /// The weights generation uses: the fast path when there is one.
+    pub fn generation_weights(&self) -> &Weights {
+        self.fast.as_ref().unwrap_or(&self.dense)
+    }
+
+    /// One forward pass over `tokens` (`[b, s]`, u32) continuing from `cache` if given.
+    pub fn forward(
+        &self,
+        weights: &Weights,
+        tokens: &Tensor,
+        cache: Option<&mut KvCache>,
+        hooks: &HookSpec,
+        logits_at: LogitsAt,
+        options: ForwardOptions,
+    ) -> Result<ForwardOutput> {
+        let cfg = &self.config;
+        let (b, s) = tokens.dims2()?;
+        let offset = cache.as_ref().map_or(0, |c| c.len());
+        if offset + s > cfg.context_length {
+            return Err(Error::ContextOverflow {
+                len: offset + s,
+                max: cfg.context_length,
+            });
+        }
+        let mut captures = Captures::default();
+        let mask = causal_mask(s, offset, &self.device)?;
+        let cos = self.cos.narrow(0, offset, s)?;
+        let sin = self.sin.narrow(0, offset, s)?;
+        let mut cache = cache;
+
+        let embedded =
+            weights
+                .embed
+                .embedding(&tokens.flatten_all()?)?
+                .reshape((b, s, cfg.d_model))?;
+        let mut x = hooks.residual(HookPoint::Embed, embedded, offset, &mut captures)?;
+
+        for (l, block) in weights.blocks.iter().enumerate() {
+            x = hooks.residual(HookPoint::ResidPre(l), x, offset, &mut captures)?;
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
+            let attn_in = self.rms_norm(&x, &block.attn_norm, options)?;
+            let z = self.attention(
+                l,
+                block,
+                &attn_in,
+                layer_cache,
+                mask.as_ref(),
+                (&cos, &sin),
+                hooks,
+                offset,
+                &mut captures,
+                options,
+            )?;
+            let attn_out = block
+                .o
+                .forward(&z.reshape((b, s, cfg.n_heads * cfg.head_dim))?)?;
+            let attn_out =
+                hooks.residual(HookPoint::AttnOut(l), attn_out, offset, &mut captures)?;
+            x = hooks.residual(
+                HookPoint::ResidMid(l),
+                (x + attn_out)?,
+                offset,
+                &mut captures,
+            )?;
+
+            let mlp_in = self.rms_norm(&x, &block.mlp_norm, options)?;
+            let [gate, up]: [Tensor; 2] =
+                Linear::forward_shared_input(&[&block.gate, &block.up], &mlp_in)?
+                    .try_into()
+                    .expect("two projections in, two out");
+            let mlp_out = block.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            let mlp_out = hooks.residual(HookPoint::MlpOut(l), mlp_out, offset, &mut captures)?;
+            x = hooks.residual(
+                HookPoint::ResidPost(l),
+                (x + mlp_out)?,
+                offset,
+                &mut captures,
+            )?;
+        }
+
+        let logits = match logits_at {
+            LogitsAt::None if !hooks.wants(HookPoint::LnFinal) => None,
+            _ => {
+                let x = match &logits_at {
+                    LogitsAt::Last => x.narrow(1, s - 1, 1)?,
+                    LogitsAt::PerRow(rows) => {
+                        if rows.len() != b || rows.iter().any(|&p| p >= s) {
+                            return Err(Error::InvalidInput(format!(
+                                "logit positions {rows:?} do not fit a batch of {b} × {s}"
+                            )));
+                        }
+                        let picked = rows
+                            .iter()
+                            .enumerate()
+                            .map(|(i, &p)| x.narrow(0, i, 1)?.narrow(1, p, 1))
+                            .collect::<candle_core::Result<Vec<_>>>()?;
+                        Tensor::cat(&picked, 0)?
+                    }
+                    _ => x,
+                };
+                let normed = self.rms_norm(&x, &weights.final_norm, options)?;
+                let normed = hooks.residual(HookPoint::LnFinal, normed, offset, &mut captures)?;
+                match logits_at {
+                    LogitsAt::None => None,
+                    _ => Some(hooks.logits(weights.lm_head.forward(&normed)?)?),
+                }
+            }
+        };
+        Ok(ForwardOutput { logits, captures })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: usize,
+        block: &BlockWeights,
+        x: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mask: Option<&Tensor>,
+        (cos, sin): (&Tensor, &Tensor),
+        hooks: &HookSpec,
+        offset: usize,
+        captures: &mut Captures,
+        options: ForwardOptions,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let (b, s, _) = x.dims3()?;
+        let (h, h_kv, dh) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, s, n, dh))?.transpose(1, 2)?.contiguous()?)
+        };
+        let [q, k, v]: [Tensor; 3] =
+            Linear::forward_shared_input(&[&block.q, &block.k, &block.v], x)?
+                .try_into()
+                .expect("three projections in, three out");
+        let q = self.rope(&heads(q, h)?, cos, sin, options)?;
+        let k = self.rope(&heads(k, h_kv)?, cos, sin, options)?;
+        let v = heads(v, h_kv)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((k0, v0)) => (Tensor::cat(&[&k0, &k], 2)?, Tensor::cat(&[&v0, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        // Grouped-query attention without copying K/V per query head: the n_rep query heads
+        // of a group are consecutive, so [b, h, s, d_h] regroups as [b, h_kv, n_rep·s, d_h].
+        let n_rep = h / h_kv;
+        let t = k.dim(2)?;
+        let q = q.reshape((b, h_kv, n_rep * s, dh))?;
+        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
+        let scores = match mask {
+            Some(m) => scores
+                .reshape((b, h_kv, n_rep, s, t))?
+                .broadcast_add(m)?
+                .reshape((b, h_kv, n_rep * s, t))?,
+            None => scores,
+        };
+        let pattern = if options.differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        if hooks.wants(HookPoint::AttnPattern(layer)) {
+            captures.push(
+                HookPoint::AttnPattern(layer),
+                pattern.reshape((b, h, s, t))?,
+            );
+        }
+        // [b, h, s, d_h] → TransformerLens' hook_z layout [b, s, h, d_h].
+        let z = pattern
+            .matmul(&v)?
+            .reshape((b, h, s, dh))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        hooks.attn_z(layer, z, offset, captures)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, options: ForwardOptions) -> Result<Tensor> {
+        let eps = self.config.rms_eps as f32;
+        Ok(if options.differentiable {
+            candle_nn::ops::rms_norm_slow(x, weight, eps)?
+        } else {
+            candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps)?
+        })
+    }
+
+    fn rope(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        options: ForwardOptions,
+    ) -> Result<Tensor> {
+        use candle_nn::rotary_emb as re;
+        Ok(match (self.config.rope_style, options.differentiable) {
+            (RopeStyle::Interleaved, false) => re::rope_i(x, cos, sin)?,
+            (RopeStyle::Interleaved, true) => re::rope_i_slow(x, cos, sin)?,
+            (RopeStyle::HalfSplit, false) => re::rope(x, cos, sin)?,
+            (RopeStyle::HalfSplit, true) => re::rope_slow(x, cos, sin)?,
+        })
+    }
+}
+
+fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = cfg.head_dim / 2;
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64) as f32)
+        .collect();
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((cfg.context_length, 1))?;
+    let angles = positions.broadcast_mul(&inv_freq)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+/// Additive causal mask `[s, offset+s]`, `None` for a single query (it sees everything).
+fn causal_mask(s: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
+    if s == 1 {
+        return Ok(None);
+    }
+    let t = offset + s;
+    let mask: Vec<f32> = (0..s)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                if j > offset + i {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Some(Tensor::from_vec(mask, (s, t), device)?))
+}

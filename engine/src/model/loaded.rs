@@ -1,0 +1,152 @@
+//! [`LoadedModel`]: a model ready to use, with its tokenizer, chat template and card.
+
+use std::path::Path;
+
+use super::chat::{ChatPrompt, ChatTemplate};
+use super::loader::{Checkpoint, ModelCard};
+use super::{FastPrecision, Model};
+use crate::hooks::HookSpec;
+use crate::{default_model_path, Error, Result, FETCH_COMMAND};
+
+/// A model ready to use: weights, tokenizer, chat template and card. Cloning shares weights.
+#[derive(Clone)]
+pub struct LoadedModel {
+    pub model: Model,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub template: ChatTemplate,
+    /// Tokens that end a reply (EOS and end-of-turn tokens).
+    pub stop_ids: Vec<u32>,
+    pub card: ModelCard,
+}
+
+impl LoadedModel {
+    /// The refusal gate's threshold τ: calibrated for this model's refusal tokens if its
+    /// adapter says so, else `crate::refusal::DEFAULT_TAU`.
+    pub fn refusal_tau(&self) -> f32 {
+        self.card.gate_tau()
+    }
+
+    /// Loads a GGUF file or an HF safetensors folder.
+    pub fn load(path: &Path, precision: FastPrecision) -> Result<Self> {
+        if path == default_model_path() && !path.exists() {
+            return Err(Error::DefaultModelMissing {
+                path: path.to_path_buf(),
+                fetch: FETCH_COMMAND,
+            });
+        }
+        Self::from_checkpoint(Checkpoint::load(path)?, precision)
+    }
+
+    pub fn from_checkpoint(ck: Checkpoint, precision: FastPrecision) -> Result<Self> {
+        let (model, tokenizer, template, mut stop_ids, card) = ck.into_model(precision)?;
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(LoadedModel {
+            model,
+            tokenizer,
+            template,
+            stop_ids,
+            card,
+        })
+    }
+
+    /// Renders the chat prompt for `user` (and an optional system message) and finds its
+    /// positions; fails if it does not fit the context.
+    pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> Result<ChatPrompt> {
+        let prompt = self.template.prompt(&self.tokenizer, system, user)?;
+        let max = self.model.config.context_length;
+        if prompt.ids.len() >= max {
+            return Err(Error::ContextOverflow {
+                len: prompt.ids.len(),
+                max,
+            });
+        }
+        Ok(prompt)
+    }
+
+    /// Adds special tokens with their embedding (and, untied, unembedding) rows `[n, d]`;
+    /// returns their ids. Existing tokens keep their ids and logits.
+    pub fn add_tokens(&mut self, names: &[&str], rows: &candle_core::Tensor) -> Result<Vec<u32>> {
+        self.add_tokens_untied(names, rows, rows)
+    }
+
+    /// Like [`LoadedModel::add_tokens`] with separate input (embedding) and output
+    /// (unembedding) rows.
+    pub fn add_tokens_untied(
+        &mut self,
+        names: &[&str],
+        input: &candle_core::Tensor,
+        output: &candle_core::Tensor,
+    ) -> Result<Vec<u32>> {
+        let first = self.model.config.vocab_size as u32;
+        if names
+            .iter()
+            .any(|n| self.tokenizer.token_to_id(n).is_some())
+        {
+            return Err(Error::InvalidInput(format!(
+                "the vocabulary already has one of {names:?}"
+            )));
+        }
+        let added: Vec<tokenizers::AddedToken> = names
+            .iter()
+            .map(|n| tokenizers::AddedToken::from(n.to_string(), true))
+            .collect();
+        self.tokenizer
+            .add_special_tokens(added)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let ids: Vec<u32> = names
+            .iter()
+            .filter_map(|n| self.tokenizer.token_to_id(n))
+            .collect();
+        if ids != (first..first + names.len() as u32).collect::<Vec<_>>() {
+            return Err(Error::Tokenizer(format!(
+                "new tokens got ids {ids:?}, expected them after the {first} existing ones"
+            )));
+        }
+        self.model.append_vocabulary(input, output)?;
+        self.card.vocab_size = self.model.config.vocab_size;
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        super::tokenizer::decode(&self.tokenizer, ids)
+    }
+
+    /// A behavioural fingerprint: SHA-256 of the shape and of the exact logits on a fixed
+    /// token sequence. Any change to the weights (an adapter, another file) changes it, so
+    /// cached activations and saved directions can be matched to the model that made them.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let cfg = &self.model.config;
+        let n = 8.min(cfg.vocab_size);
+        let ids: Vec<u32> = (0..n as u32)
+            .map(|i| (i * 7919 + 11) % cfg.vocab_size as u32)
+            .collect();
+        let t = candle_core::Tensor::new(ids.as_slice(), self.model.device())?.unsqueeze(0)?;
+        let logits = self
+            .model
+            .forward(
+                &self.model.dense,
+                &t,
+                None,
+                &HookSpec::default(),
+                super::LogitsAt::All,
+                super::ForwardOptions::default(),
+            )?
+            .logits
+            .expect("LogitsAt::All yields logits")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut h = Sha256::new();
+        h.update(format!("{cfg:?}").as_bytes());
+        for v in logits {
+            h.update(v.to_le_bytes());
+        }
+        Ok(format!("{:x}", h.finalize()))
+    }
+
+    /// The text of one token as the vocabulary shows it (byte-level pieces decoded).
+    pub fn token_text(&self, id: u32) -> String {
+        self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"))
+    }
+}

@@ -1,0 +1,19 @@
+//! The model: loading checkpoints (GGUF, HF folders), tokenizer and chat template, weights in
+//! two precisions, and the one forward pass with hook points that everything shares.
+
+pub mod chat;
+pub mod config;
+mod forward;
+mod linear;
+mod loaded;
+pub mod loader;
+pub mod tokenizer;
+mod weights;
+
+pub use forward::{ForwardOptions, ForwardOutput, LogitsAt, Model};
+pub use linear::Linear;
+pub use loaded::LoadedModel;
+pub use weights::{BlockWeights, FastPrecision, KernelTier, KvCache, Weights};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,271 @@
+//! The weights of a model in one precision, the fast quantised copy built from them, the CPU
+//! kernel tier that copy runs on, and the key/value cache.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::Tensor;
+
+use super::linear::Linear;
+use crate::Result;
+
+/// The weights of one block.
+#[derive(Debug, Clone)]
+pub struct BlockWeights {
+    pub attn_norm: Tensor,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub mlp_norm: Tensor,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+/// A full set of weights in one precision.
+#[derive(Debug, Clone)]
+pub struct Weights {
+    /// Token embeddings `[vocab, d]`, always f32 for exact lookups.
+    pub embed: Tensor,
+    pub blocks: Vec<BlockWeights>,
+    pub final_norm: Tensor,
+    /// Unembedding `[vocab, d]` (shares `embed` when the model ties them).
+    pub lm_head: Linear,
+}
+
+/// Which quantisation the fast generation path uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FastPrecision {
+    /// Q8_0 for quantised checkpoints (re-encoding Q4/Q5 blocks, keeping Q8/K-quants), f32 for
+    /// float checkpoints so their generation stays exact.
+    Auto,
+    /// Every projection as Q8_0.
+    Q8_0,
+    /// No quantised path: generation runs on the dense f32 weights.
+    F32,
+}
+
+impl Weights {
+    /// Builds the fast path from dense weights and, for quantised checkpoints, the original
+    /// quantised tensors (by the same role names).
+    pub(crate) fn fast_from(
+        dense: &Weights,
+        originals: &dyn Fn(&str) -> Option<Arc<QTensor>>,
+        precision: FastPrecision,
+        checkpoint_is_quantized: bool,
+    ) -> Result<Option<Weights>> {
+        let quantize = match precision {
+            FastPrecision::F32 => return Ok(None),
+            FastPrecision::Auto => checkpoint_is_quantized,
+            FastPrecision::Q8_0 => true,
+        };
+        if !quantize {
+            return Ok(None);
+        }
+        let requant = |name: &str, lin: &Linear| -> Result<Linear> {
+            if matches!(lin, Linear::Quantized { .. }) {
+                return Ok(lin.clone());
+            }
+            let (out, in_features) = lin.dims()?;
+            let padded_in = padded_input(out, in_features);
+            let keep = originals(name)
+                .filter(|q| keeps_fast_kernel(q.dtype()) && padded_in == in_features);
+            let q = match keep {
+                Some(q) => q,
+                None if in_features % GgmlDType::Q8_0.block_size() == 0 => {
+                    let w = lin
+                        .dense_weight()?
+                        .pad_with_zeros(1, 0, padded_in - in_features)?;
+                    Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0)?)
+                }
+                None => return Ok(lin.clone()),
+            };
+            let weight = Arc::new(QMatMul::from_arc(q)?);
+            Ok(Linear::Quantized {
+                weight,
+                bias: lin.bias().cloned(),
+                in_features,
+                padded_in,
+            })
+        };
+        let blocks = dense
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(l, b)| {
+                let n = |part: &str| format!("blk.{l}.{part}");
+                Ok(BlockWeights {
+                    attn_norm: b.attn_norm.clone(),
+                    q: requant(&n("attn_q"), &b.q)?,
+                    k: requant(&n("attn_k"), &b.k)?,
+                    v: requant(&n("attn_v"), &b.v)?,
+                    o: requant(&n("attn_output"), &b.o)?,
+                    mlp_norm: b.mlp_norm.clone(),
+                    gate: requant(&n("ffn_gate"), &b.gate)?,
+                    up: requant(&n("ffn_up"), &b.up)?,
+                    down: requant(&n("ffn_down"), &b.down)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Weights {
+            embed: dense.embed.clone(),
+            blocks,
+            final_norm: dense.final_norm.clone(),
+            lm_head: requant("output", &dense.lm_head)?,
+        }))
+    }
+}
+
+/// The input size to store a Q8_0 `[out, in]` weight with. candle 0.11's x86 VNNI kernels
+/// (repacked 16-row tiles) need `in` to be a multiple of 256 and `out` of 16; elsewhere it
+/// falls back to a kernel ~4× slower (SmolLM2's width 576: 44 µs vs 10 µs for a 1536-row
+/// matrix). Zero-padding the input to the next multiple of 256 costs a third more bytes and
+/// wins that back several times over where the VNNI kernels run.
+fn padded_input(out: usize, in_features: usize) -> usize {
+    const REPACK_K: usize = 256;
+    const REPACK_N: usize = 16;
+    let vnni = matches!(
+        KernelTier::detect(),
+        KernelTier::Avx512Vnni | KernelTier::AvxVnni
+    );
+    if vnni && out.is_multiple_of(REPACK_N) && !in_features.is_multiple_of(REPACK_K) {
+        in_features.div_ceil(REPACK_K) * REPACK_K
+    } else {
+        in_features
+    }
+}
+
+/// The set of quantised CPU kernels the fast path runs on this machine (candle picks its x86
+/// tier at run time). Only generation after the first reply token uses them: everything the
+/// project records runs on the dense f32 path, which computes the same on every x86-64 CPU up
+/// to float rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KernelTier {
+    Avx512Vnni,
+    AvxVnni,
+    Avx2,
+    /// No x86 SIMD tier (other architectures, or x86 without AVX2 + FMA).
+    Generic,
+}
+
+impl KernelTier {
+    /// Setting this variable to `1` makes candle (and the engine's row padding, which only
+    /// pays off with VNNI) use the AVX2 tier on a VNNI CPU: how an AVX-512 machine runs
+    /// what an AVX2-only one does. It is read once per process, before the first
+    /// quantised matmul.
+    pub const FORCE_AVX2_ENV: &'static str = "MISTRALRS_FORCE_AVX2";
+
+    /// The tier candle 0.11 selects (mirrors `candle_core::quantized::repack_x86::level`).
+    pub fn detect() -> KernelTier {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let forced_avx2 = std::env::var(Self::FORCE_AVX2_ENV).as_deref() == Ok("1");
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if !forced_avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                KernelTier::Avx512Vnni
+            } else if !forced_avx2 && is_x86_feature_detected!("avxvnni") && avx2 {
+                KernelTier::AvxVnni
+            } else if avx2 {
+                KernelTier::Avx2
+            } else {
+                KernelTier::Generic
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        KernelTier::Generic
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            KernelTier::Avx512Vnni => "AVX-512 VNNI",
+            KernelTier::AvxVnni => "AVX-VNNI",
+            KernelTier::Avx2 => "AVX2",
+            KernelTier::Generic => "generic",
+        }
+    }
+}
+
+/// Quantised types whose candle CPU kernels are SIMD and accurate enough to keep as they are.
+fn keeps_fast_kernel(dtype: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(dtype, Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K | Q8K)
+}
+
+/// Key/value cache of every layer, `[b, h_kv, t, d_h]` each. Cloning is cheap (tensors are
+/// shared), so a prompt prefix can be computed once and reused.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    pub(super) layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        KvCache {
+            layers: vec![None; n_layers],
+        }
+    }
+
+    /// The same cache repeated for a batch of `b` rows (a shared prompt prefix for a
+    /// right-padded batch of continuations).
+    pub fn repeat_batch(&self, b: usize) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref()
+                    .map(|(k, v)| -> Result<(Tensor, Tensor)> {
+                        Ok((k.repeat((b, 1, 1, 1))?, v.repeat((b, 1, 1, 1))?))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
+    }
+
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Weights {
+    /// Every linear layer frozen (see [`Linear::frozen`]); the tensors are shared.
+    pub fn frozen(&self) -> Result<Weights> {
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| -> Result<BlockWeights> {
+                let mut b = b.clone();
+                for lin in [
+                    &mut b.q,
+                    &mut b.k,
+                    &mut b.v,
+                    &mut b.o,
+                    &mut b.gate,
+                    &mut b.up,
+                    &mut b.down,
+                ] {
+                    *lin = lin.frozen()?;
+                }
+                Ok(b)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Weights {
+            embed: self.embed.clone(),
+            blocks,
+            final_norm: self.final_norm.clone(),
+            lm_head: self.lm_head.frozen()?,
+        })
+    }
+}
