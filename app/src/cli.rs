@@ -9,7 +9,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::{Args, Parser, Subcommand};
 use refusal_lens_engine::organism::{train_refusal_tokens, Adapter, TrainOptions};
-use refusal_lens_engine::refusal::{calibrated_tau_of, first_token_probabilities, RefusalGate, opener_bias, rates_at};
+use refusal_lens_engine::refusal::{
+    calibrated_tau_of, first_token_probabilities, opener_bias, refusal_rate, RefusalGate,
+};
 use refusal_lens_engine::run::generate::{generate, GenerateConfig, Precision, Sampling};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
 use refusal_lens_engine::model::{FastPrecision, ForwardOptions, LogitsAt};
@@ -879,7 +881,7 @@ fn held_out_metrics(
                 continue;
             }
             let ps = first_token_probabilities(organism, &prompts, &|| false, &mut |_, _| {})?;
-            let rate = rates_at(&[ps], tau)[0];
+            let rate = refusal_rate(&ps, tau);
             metrics.insert(
                 format!("{name}_refusal_rate_{}", set.name),
                 serde_json::json!(rate),
@@ -894,7 +896,7 @@ fn held_out_metrics(
 }
 
 fn calibrate(lm: &LoadedModel, adapter: Option<&std::path::Path>, a: CalibrateArgs) -> Result<()> {
-    use refusal_lens_engine::refusal::{refusal_rate, refusals_at, Calibration, RefusalSignal};
+    use refusal_lens_engine::refusal::{refusals_at, Calibration, RefusalSignal};
     let goal = a.gate.goal()?;
     let adapter = match (a.save_tau, adapter) {
         (true, None) => bail!("--save-tau needs a model with a refusal-token adapter"),

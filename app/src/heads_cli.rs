@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use refusal_lens_engine::refusal::{probability_of_score, refusal_rate};
 use refusal_lens_engine::analysis::heads::{
     ablation_effect, attribution_patching, cipher_contrast, correlation, dla, dla_difference,
     find_routing, head_means, interchange, knockout_cascade, refusal_scores, scale_heads,
@@ -275,7 +276,11 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
             let n_top = ((map.values.len() as f32 * 0.03).round() as usize).max(1);
             let top: Vec<(usize, usize)> = map.ranked().into_iter().take(n_top).map(|(l, h, _)| (l, h)).collect();
             let refs: Vec<&str> = complied.iter().map(String::as_str).collect();
-            let rate = |s: &[f32]| s.iter().filter(|x| **x > 0.0).count() as f32 / s.len() as f32;
+            // The refusal rate at the model's τ, from the scores' probabilities.
+            let rate = |scores: &[f32]| {
+                let ps: Vec<f32> = scores.iter().map(|&s| probability_of_score(s)).collect();
+                refusal_rate(&ps, lm.refusal_tau())
+            };
             let before = refusal_scores(lm, &refs, &[])?;
             let after = refusal_scores(lm, &refs, &scale_heads(&top, factor))?;
             if !a.json {

@@ -12,7 +12,7 @@ use crate::refusal::{log_mass, RefusalGate};
 use crate::run::generate::{generate, GenerateConfig, Precision, Sampling};
 use crate::hooks::{HeadValue, HookSpec, Intervention, Positions};
 use crate::model::{ForwardOptions, LogitsAt};
-use crate::refusal::{refusal_score, RefusalSignal};
+use crate::refusal::{refusal_rate, refusal_score, RefusalSignal};
 use crate::refusal::response::{classify, ResponseMode};
 use crate::{Error, LoadedModel, Result};
 
@@ -449,11 +449,13 @@ pub fn sweep(
         };
         out.push(SweepPoint {
             alpha,
-            refusal_rate: replies
-                .iter()
-                .filter(|r| r.refusal_probability >= tau)
-                .count() as f32
-                / n,
+            refusal_rate: refusal_rate(
+                &replies
+                    .iter()
+                    .map(|r| r.refusal_probability)
+                    .collect::<Vec<_>>(),
+                tau,
+            ),
             mean_refusal_score: replies.iter().map(|r| r.refusal_score).sum::<f32>() / n,
             mean_judgement: replies.iter().map(|r| r.judgement).sum::<f32>() / n,
             modes,

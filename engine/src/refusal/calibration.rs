@@ -173,6 +173,18 @@ pub struct RefusalsAt {
     pub interval: (f32, f32),
 }
 
+impl RefusalsAt {
+    /// The refusal rate: the share of prompts refused (0 for no prompts).
+    pub fn rate(&self) -> f32 {
+        if self.prompts == 0 {
+            return 0.0;
+        }
+        self.refused as f32 / self.prompts as f32
+    }
+}
+
+/// The prompts refused at τ: the gate refuses exactly when `p ≥ τ` (see
+/// [`super::RefusalGate::decide`]), so every refusal count in the product is this one.
 pub fn refusals_at(probabilities: &[f32], tau: f32) -> RefusalsAt {
     let refused = probabilities.iter().filter(|&&p| p >= tau).count();
     RefusalsAt {
@@ -182,11 +194,9 @@ pub fn refusals_at(probabilities: &[f32], tau: f32) -> RefusalsAt {
     }
 }
 
+/// The refusal rate at τ of first-token refusal probabilities.
 pub fn refusal_rate(probabilities: &[f32], tau: f32) -> f32 {
-    if probabilities.is_empty() {
-        return 0.0;
-    }
-    probabilities.iter().filter(|&&p| p >= tau).count() as f32 / probabilities.len() as f32
+    refusals_at(probabilities, tau).rate()
 }
 
 /// Fits the output rows of the refusal tokens as a probe inside the unembedding: for each

@@ -5,7 +5,7 @@
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
-use super::calibration::{calibrated_tau, refusal_rate, CalibratedTau, GateGoal, GateScores};
+use super::calibration::{calibrated_tau, CalibratedTau, GateGoal, GateScores};
 use super::signal::{opener_ids, REFUSAL_OPENERS, REFUSE_TOKEN, RESPOND_TOKEN};
 use crate::data::prompts::{Label, PromptRecord};
 use crate::hooks::HookSpec;
@@ -123,9 +123,4 @@ pub fn calibrated_tau_of<'a>(
     }
     let has_respond = !(scores.harmless.is_empty() && scores.borderline.is_empty());
     (!scores.harmful.is_empty() && has_respond).then(|| calibrated_tau(&scores, goal))
-}
-
-/// Refusal rate of each set at `tau`.
-pub fn rates_at(probabilities: &[Vec<f32>], tau: f32) -> Vec<f32> {
-    probabilities.iter().map(|p| refusal_rate(p, tau)).collect()
 }

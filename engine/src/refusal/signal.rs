@@ -141,3 +141,8 @@ pub fn refusal_score(p: f32) -> f32 {
     let p = p.clamp(1e-7, 1.0 - 1e-7);
     p.ln() - (1.0 - p).ln()
 }
+
+/// The probability whose [`refusal_score`] is `score` (the logistic function).
+pub fn probability_of_score(score: f32) -> f32 {
+    1.0 / (1.0 + (-score).exp())
+}
