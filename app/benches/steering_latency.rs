@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use refusal_lens::gui::{RefusalLensApp, Startup, Tab};
 use refusal_lens::worker::{Event, GenerateRequest, Job, JobId, Worker};
-use refusal_lens_engine::data::prompts::{sample_prompts_dir, PromptSet};
 use refusal_lens_engine::analysis::steering::{Direction, Edit, Steering, StreamPositions};
+use refusal_lens_engine::data::prompts::{sample_prompts_dir, PromptSet};
 use refusal_lens_engine::{default_model_path, organism_dir};
 
 fn wait(worker: &Worker, what: &str, mut done: impl FnMut(&Event) -> bool) {
@@ -20,10 +20,7 @@ fn wait(worker: &Worker, what: &str, mut done: impl FnMut(&Event) -> bool) {
             "timed out: {what}"
         );
         match worker.try_recv() {
-            Some(Event::Failed { error, .. }) | Some(Event::LensFailed { error }) => {
-                panic!("{what}: {error}")
-            }
-            Some(Event::ModelFailed { error, .. }) => panic!("{what}: {error}"),
+            Some(Event::Failed { error, .. }) => panic!("{what}: {error}"),
             Some(e) if done(&e) => return,
             Some(_) => {}
             None => std::thread::sleep(Duration::from_millis(1)),
@@ -59,7 +56,7 @@ fn main() {
     // Threads as the GUI runs them.
     refusal_lens::pin_thread_count(true);
     let mut worker = Worker::spawn(|| {});
-    worker.send(Job::LoadModel {
+    worker.submit(Job::LoadModel {
         path: default_model_path(),
         adapter: Some(organism_dir()),
     });
@@ -68,14 +65,15 @@ fn main() {
     });
     let load =
         |n: &str| PromptSet::load(&sample_prompts_dir().join(format!("{n}.jsonl")), None).unwrap();
-    worker.build_lens(
-        load("harmful"),
-        load("harmless"),
-        refusal_lens_engine::analysis::lens::DirectionOptions {
+    worker.submit(Job::BuildLens {
+        harmful: Box::new(load("harmful")),
+        harmless: Box::new(load("harmless")),
+        options: refusal_lens_engine::analysis::lens::DirectionOptions {
             select: false,
             ..Default::default()
         },
-    );
+        activation_cache: refusal_lens_engine::analysis::activations::default_cache_dir(),
+    });
     let mut layer = 0;
     wait(&worker, "directions", |e| match e {
         Event::LensReady { directions, .. } => {
@@ -86,11 +84,14 @@ fn main() {
     });
 
     // Warm up (first-call allocations) with the baseline.
-    let id = worker.steer(request(0.0, layer, 8), true);
+    let id = worker.submit(Job::Steer {
+        request: request(0.0, layer, 8),
+        baseline: true,
+    });
     wait(
         &worker,
         "warm-up",
-        |e| matches!(e, Event::SteerFinished { id: i, baseline: false, .. } if *i == id),
+        |e| matches!(e, Event::Steered { id: i, reply } if *i == id && !reply.baseline),
     );
 
     // 1. The scripted drag.
@@ -104,14 +105,15 @@ fn main() {
             && drag_start.elapsed() >= Duration::from_millis(30 * next_step as u64)
         {
             let alpha = next_step as f32 / steps as f32;
-            sent.push((
-                worker.steer(request(alpha, layer, 64), false),
-                Instant::now(),
-            ));
+            let steer = Job::Steer {
+                request: request(alpha, layer, 64),
+                baseline: false,
+            };
+            sent.push((worker.submit(steer), Instant::now()));
             next_step += 1;
         }
         match worker.try_recv() {
-            Some(Event::SteerToken {
+            Some(Event::Token {
                 id,
                 baseline: false,
                 step,
@@ -120,15 +122,9 @@ fn main() {
                     first_token.push(t.elapsed().as_secs_f64() * 1e3);
                 }
             }
-            Some(Event::SteerFinished {
-                id,
-                baseline: false,
-                first_token_seconds,
-                seconds,
-                ..
-            }) => {
-                if id == sent.last().map(|(i, _)| *i).unwrap_or(0) && next_step > steps {
-                    break (first_token_seconds * 1e3, seconds);
+            Some(Event::Steered { id, reply }) if !reply.baseline => {
+                if sent.last().is_some_and(|(i, _)| *i == id) && next_step > steps {
+                    break (reply.first_token_seconds * 1e3, reply.seconds);
                 }
             }
             Some(Event::Failed { error, .. }) => panic!("{error}"),
@@ -154,19 +150,16 @@ fn main() {
     let mut at_rest = Vec::new();
     let mut full = Vec::new();
     for k in 0..5 {
-        let id = worker.steer(request(0.25 + 0.1 * k as f32, layer, 64), false);
+        let id = worker.submit(Job::Steer {
+            request: request(0.25 + 0.1 * k as f32, layer, 64),
+            baseline: false,
+        });
         let mut ft = 0.0;
         let mut total = 0.0;
         wait(&worker, "a steered reply", |e| match e {
-            Event::SteerFinished {
-                id: i,
-                baseline: false,
-                first_token_seconds,
-                seconds,
-                ..
-            } if *i == id => {
-                ft = *first_token_seconds;
-                total = *seconds;
+            Event::Steered { id: i, reply } if *i == id && !reply.baseline => {
+                ft = reply.first_token_seconds;
+                total = reply.seconds;
                 true
             }
             _ => false,
@@ -204,7 +197,7 @@ fn main() {
     };
     let start = Instant::now();
     let mut requested = false;
-    while !(app.model.is_ready() && app.directions.probes.is_some()) {
+    while !(app.model.is_ready() && app.session.probes.is_some()) {
         frame(&ctx, &mut app);
         if app.model.is_ready() && !requested {
             requested = app.compute_lens();

@@ -1,10 +1,9 @@
-//! Refusal Lens application: the egui GUI and the headless CLI over one worker.
+//! Refusal Lens application: the egui GUI (`gui`), which sends jobs to the worker thread
+//! (`worker`) that owns the model, and the headless CLI (`cli`), which calls the engine
+//! directly. Both reach every number through the same engine functions.
 
 pub mod cli;
 pub mod gui;
-pub mod heads_cli;
-pub mod lens_cli;
-pub mod steer_cli;
 pub mod worker;
 
 /// Pins candle's thread count once, before any thread starts (a no-op when

@@ -8,14 +8,21 @@ use refusal_lens::gui::{RefusalLensApp, Startup};
 use refusal_lens_engine::model::config::Family;
 use refusal_lens_engine::testing::tiny_model;
 
+/// The app on the tiny model. Tests that write caches or adapters use [`harness_in`] with a
+/// folder of their own.
 fn harness() -> Harness<'static, RefusalLensApp> {
+    harness_in(&std::env::temp_dir().join("refusal-lens-gui-tests"))
+}
+
+fn harness_in(cache_dir: &std::path::Path) -> Harness<'static, RefusalLensApp> {
     let model = tiny_model(Family::Llama, 1).unwrap();
-    let app = RefusalLensApp::new(
+    let app = RefusalLensApp::with_cache_dir(
         None,
         Startup::Model {
             base: Box::new(model),
             organism: None,
         },
+        cache_dir.to_path_buf(),
     );
     Harness::builder()
         .with_size([1100.0, 720.0])
@@ -25,8 +32,7 @@ fn harness() -> Harness<'static, RefusalLensApp> {
 /// The app on the tiny model with directions and probes computed from the bundled sets, as
 /// the Directions tab's button does (the activation cache kept in `cache`, out of the user's).
 fn harness_with_directions(cache: &tempfile::TempDir) -> Harness<'static, RefusalLensApp> {
-    std::env::set_var("REFUSAL_LENS_CACHE", cache.path());
-    let mut h = harness();
+    let mut h = harness_in(cache.path());
     step_until(&mut h, "the model and the prompt sets", |a| {
         a.model.is_ready() && a.prompt_sets.sets.len() >= 2
     });
@@ -34,7 +40,7 @@ fn harness_with_directions(cache: &tempfile::TempDir) -> Harness<'static, Refusa
     h.step();
     h.get_by_label("Compute directions & probes").click();
     step_until(&mut h, "directions and probes", |a| {
-        a.directions.probes.is_some() || a.directions.error.is_some()
+        a.session.probes.is_some() || a.directions.error.is_some()
     });
     assert_eq!(h.state().directions.error, None);
     h
@@ -263,8 +269,7 @@ fn calibration_curves_are_computed_for_the_loaded_sets() {
 fn training_refusal_tokens_in_the_gui_plots_the_loss_and_switches_the_organism_on() {
     let cache = tempfile::tempdir().unwrap();
     // The trained adapter is written under the cache folder.
-    std::env::set_var("REFUSAL_LENS_CACHE", cache.path());
-    let mut h = harness();
+    let mut h = harness_in(cache.path());
     step_until(&mut h, "the model", |a| a.model.is_ready());
     assert!(!h.state().model.organism_active());
     h.get_by_label("Refusal-token fine-tuning").click();
@@ -404,10 +409,10 @@ fn dragging_the_refusal_slider_regenerates_a_reply_labelled_with_the_new_alpha()
 
 #[test]
 fn a_newer_steer_request_cancels_the_older_one_before_it_finishes() {
-    use refusal_lens::worker::{Event, GenerateRequest, Worker};
+    use refusal_lens::worker::{Event, GenerateRequest, Job, Worker};
     let model = tiny_model(Family::Llama, 1).unwrap();
     let mut worker = Worker::spawn(|| {});
-    worker.send(refusal_lens::worker::Job::UseModel {
+    worker.submit(Job::UseModel {
         base: Box::new(model),
         organism: None,
     });
@@ -420,14 +425,18 @@ fn a_newer_steer_request_cancels_the_older_one_before_it_finishes() {
         opener_bias: 0.0,
         steering: Default::default(),
     };
-    let old = worker.steer(request(5000), false);
-    let new = worker.steer(request(8), false);
+    let steer = |request| Job::Steer {
+        request,
+        baseline: false,
+    };
+    let old = worker.submit(steer(request(5000)));
+    let new = worker.submit(steer(request(8)));
     let start = Instant::now();
     let mut finished = Vec::new();
     while !finished.contains(&new) {
         assert!(start.elapsed() < Duration::from_secs(60), "no reply");
         match worker.try_recv() {
-            Some(Event::SteerFinished { id, .. }) => finished.push(id),
+            Some(Event::Steered { id, .. }) => finished.push(id),
             Some(Event::Failed { error, .. }) => panic!("{error}"),
             Some(_) => {}
             None => std::thread::sleep(Duration::from_millis(2)),
@@ -472,8 +481,8 @@ fn clicking_a_head_cell_ablates_it_and_requests_a_new_reply() {
     h.step();
     let ablated: Vec<(usize, usize)> = h
         .state()
-        .steering
-        .extra
+        .session
+        .extra_edits
         .iter()
         .filter_map(|e| match e {
             Edit::AblateHead { layer, head, .. } => Some((*layer, *head)),
@@ -488,7 +497,7 @@ fn clicking_a_head_cell_ablates_it_and_requests_a_new_reply() {
     h.get_by_label_contains("reply with 1 head(s) ablated");
     h.get_by_label("Clear ablations (1)").click();
     h.step();
-    assert!(h.state().steering.extra.is_empty());
+    assert!(h.state().session.extra_edits.is_empty());
 }
 
 #[test]
@@ -526,7 +535,7 @@ fn shift_clicking_a_head_computes_its_knockout_cascade() {
     });
     assert_eq!(h.state().heads.error, None);
     // Shift-click selects a gate; it does not ablate.
-    assert!(h.state().steering.extra.is_empty());
+    assert!(h.state().session.extra_edits.is_empty());
     let m = h.state().heads.metrics.clone().unwrap();
     // Knocking out L1.H3 cannot change layer-0 heads or its neighbours in layer 1.
     assert!((0..4).all(|head| m.cascade.get(0, head).abs() < 1e-5));
@@ -540,7 +549,7 @@ fn a_reply_generated_under_the_stack_gets_a_steered_trajectory() {
     let cache = tempfile::tempdir().unwrap();
     let mut h = harness_with_directions(&cache);
     h.state_mut().steering.alpha_refusal = 1.0;
-    h.state_mut().steering.apply_to_reply = true;
+    h.state_mut().session.steer_main_reply = true;
     h.get_by_label("Prompt & reply").click();
     h.step();
     h.state_mut().reply.max_new_tokens = 6;
@@ -558,13 +567,13 @@ fn a_reply_generated_under_the_stack_gets_a_steered_trajectory() {
 fn the_chosen_layer_can_be_changed_from_the_directions_tab() {
     let cache = tempfile::tempdir().unwrap();
     let mut h = harness_with_directions(&cache);
-    let chosen = h.state().directions.directions.as_ref().unwrap().layer;
+    let chosen = h.state().session.directions.as_ref().unwrap().layer;
     let other = if chosen == 0 { 1 } else { 0 };
     h.state_mut().directions.layer = Some(other);
     h.step();
     h.get_by_label("Make it the chosen layer").click();
     step_until(&mut h, "the new chosen layer", |a| {
-        a.directions.directions.as_ref().unwrap().layer == other
+        a.session.directions.as_ref().unwrap().layer == other
     });
     h.get_by_label_contains(&format!("chosen: layer {other}"));
 }

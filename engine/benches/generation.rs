@@ -3,9 +3,9 @@
 
 use candle_core::Tensor;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use refusal_lens_engine::run::generate::{generate, GenerateConfig};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec, Intervention, Positions};
 use refusal_lens_engine::model::{FastPrecision, ForwardOptions, LogitsAt};
+use refusal_lens_engine::run::generate::{generate, GenerateConfig};
 use refusal_lens_engine::{default_model_path, LoadedModel};
 
 const PROMPT: &str = "Write a long story about a dragon who learns to fly.";

@@ -6,12 +6,12 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use refusal_lens_engine::analysis::activations::collect;
 use refusal_lens_engine::analysis::directions::{Directions, Provenance};
-use refusal_lens_engine::organism::Adapter;
+use refusal_lens_engine::analysis::probe::{random_holdout, train_probes, ProbeOptions};
+use refusal_lens_engine::analysis::trajectory::trajectory;
+use refusal_lens_engine::data::prompts::{sample_prompts_dir, PromptSet};
 use refusal_lens_engine::hooks::HookSpec;
 use refusal_lens_engine::model::FastPrecision;
-use refusal_lens_engine::analysis::probe::{random_holdout, train_probes, ProbeOptions};
-use refusal_lens_engine::data::prompts::{sample_prompts_dir, PromptSet};
-use refusal_lens_engine::analysis::trajectory::trajectory;
+use refusal_lens_engine::organism::Adapter;
 use refusal_lens_engine::{default_model_path, organism_dir, LoadedModel};
 
 fn benches(c: &mut Criterion) {
@@ -89,18 +89,34 @@ fn benches(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("dla_one_pair", |bench| {
         bench.iter(|| {
-            refusal_lens_engine::analysis::heads::dla(&lm, &[ha, hb], None, &[], &|| false, &mut |_, _| {})
-                .unwrap()
+            refusal_lens_engine::analysis::heads::dla(
+                &lm,
+                &[ha, hb],
+                None,
+                &[],
+                &|| false,
+                &mut |_, _| {},
+            )
+            .unwrap()
         })
     });
     g.bench_function("exact_interchange_270_heads_both_ways", |bench| {
         bench.iter(|| {
-            refusal_lens_engine::analysis::heads::interchange(&lm, ha, hb, None, &|| false, &mut |_, _| {})
-                .unwrap()
+            refusal_lens_engine::analysis::heads::interchange(
+                &lm,
+                ha,
+                hb,
+                None,
+                &|| false,
+                &mut |_, _| {},
+            )
+            .unwrap()
         })
     });
     g.bench_function("attribution_patching_both_ways", |bench| {
-        bench.iter(|| refusal_lens_engine::analysis::heads::attribution_patching(&lm, ha, hb, None).unwrap())
+        bench.iter(|| {
+            refusal_lens_engine::analysis::heads::attribution_patching(&lm, ha, hb, None).unwrap()
+        })
     });
     g.finish();
 }

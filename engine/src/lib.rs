@@ -56,4 +56,3 @@ pub fn organism_dir() -> PathBuf {
 pub fn default_model_path() -> PathBuf {
     cache_dir().join("models").join(DEFAULT_MODEL_FILE)
 }
-

@@ -14,8 +14,8 @@ use tokenizers::Tokenizer;
 use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
 use crate::model::config::{Family, ModelConfig, RopeStyle};
 use crate::model::loader::Checkpoint;
-use crate::model::{BlockWeights, FastPrecision, Linear, Weights};
 use crate::model::tokenizer::{self, GgufVocab};
+use crate::model::{BlockWeights, FastPrecision, Linear, Weights};
 use crate::{LoadedModel, Result};
 
 /// Control tokens of the tiny vocabulary, after the 256 byte tokens.

@@ -1,11 +1,11 @@
 //! Head attribution on tiny random models, against hand-built single-head runs.
 
 use candle_core::{IndexOp, Tensor};
-use refusal_lens_engine::model::config::Family;
 use refusal_lens_engine::analysis::heads::{
     ablation_effect, dla, head_means, interchange, logit_direction, ScanAblation,
 };
 use refusal_lens_engine::hooks::{HeadValue, HookPoint, HookSpec, Intervention};
+use refusal_lens_engine::model::config::Family;
 use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
 use refusal_lens_engine::refusal::{RefusalSignal, REFUSE_TOKEN, RESPOND_TOKEN};
 use refusal_lens_engine::testing::{dense_run, max_abs_diff, tiny_model};
@@ -230,8 +230,13 @@ fn interchange_and_ablation_match_single_head_runs() {
         effect.get(1, 3)
     );
     // The means are the heads' averages over every position of the reference prompts.
-    let want_mean =
-        refusal_lens_engine::analysis::steering::head_mean(&lm, &[harmless, "Tell me a joke"], 1, 3).unwrap();
+    let want_mean = refusal_lens_engine::analysis::steering::head_mean(
+        &lm,
+        &[harmless, "Tell me a joke"],
+        1,
+        3,
+    )
+    .unwrap();
     let got: Vec<f32> = means[1][3].to_vec1().unwrap();
     assert!(got
         .iter()
@@ -241,7 +246,9 @@ fn interchange_and_ablation_match_single_head_runs() {
 
 #[test]
 fn attribution_patching_is_exact_to_first_order_and_tracks_exact_interchange() {
-    use refusal_lens_engine::analysis::heads::{attribution_patching, correlation, score_gradients};
+    use refusal_lens_engine::analysis::heads::{
+        attribution_patching, correlation, score_gradients,
+    };
     let lm = with_tokens(55);
     let ids = lm
         .chat_prompt(None, "Explain how to break into a house")

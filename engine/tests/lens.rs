@@ -4,16 +4,16 @@
 
 use candle_core::{IndexOp, Tensor};
 use refusal_lens_engine::analysis::activations::{collect, state_points};
-use refusal_lens_engine::model::chat::{ChatTemplate, TemplateSource};
-use refusal_lens_engine::model::config::Family;
 use refusal_lens_engine::analysis::directions::{
     select, selectable_layers, Directions, Provenance, SelectOptions,
 };
-use refusal_lens_engine::hooks::{HookPoint, HookSpec};
 use refusal_lens_engine::analysis::probe::{random_holdout, train_probes, ProbeOptions};
+use refusal_lens_engine::analysis::trajectory::{cliff_magnitude, trajectory};
+use refusal_lens_engine::hooks::{HookPoint, HookSpec};
+use refusal_lens_engine::model::chat::{ChatTemplate, TemplateSource};
+use refusal_lens_engine::model::config::Family;
 use refusal_lens_engine::run::batch::{first_positions, for_each_prompt};
 use refusal_lens_engine::testing::{dense_logits, dense_run, max_abs_diff, tiny_model};
-use refusal_lens_engine::analysis::trajectory::{cliff_magnitude, trajectory};
 use refusal_lens_engine::LoadedModel;
 
 const HARMFUL: &[&str] = &[

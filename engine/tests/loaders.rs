@@ -2,11 +2,13 @@
 
 use candle_core::quantized::GgmlDType;
 
+use refusal_lens_engine::hooks::HookSpec;
 use refusal_lens_engine::model::chat::ChatTemplate;
 use refusal_lens_engine::model::config::Family;
-use refusal_lens_engine::run::generate::{generate, GenerateConfig, Precision, Sampling, StopReason};
-use refusal_lens_engine::hooks::HookSpec;
 use refusal_lens_engine::model::FastPrecision;
+use refusal_lens_engine::run::generate::{
+    generate, GenerateConfig, Precision, Sampling, StopReason,
+};
 use refusal_lens_engine::testing::{dense_logits as logits, max_abs_diff};
 use refusal_lens_engine::testing::{
     random_weights, tiny_config, tiny_model, tiny_template, tiny_tokenizer, write_gguf,
@@ -29,7 +31,8 @@ fn gguf_and_safetensors_give_the_same_logits_for_the_same_weights() {
         let gg = LoadedModel::load(&gguf, FastPrecision::Auto).unwrap();
         // Llama GGUF stores permuted Q/K rows and needs interleaved RoPE; HF uses half-split.
         assert_eq!(
-            gg.model.config.rope_style == refusal_lens_engine::model::config::RopeStyle::Interleaved,
+            gg.model.config.rope_style
+                == refusal_lens_engine::model::config::RopeStyle::Interleaved,
             family == Family::Llama
         );
         assert_eq!(hf.card.n_layers, 2);

@@ -2,11 +2,11 @@
 //! and adapters.
 
 use candle_core::{DType, IndexOp, Tensor};
+use refusal_lens_engine::hooks::{HookSpec, Intervention};
 use refusal_lens_engine::model::config::Family;
 use refusal_lens_engine::organism::{train_refusal_tokens, Adapter, TrainOptions};
 use refusal_lens_engine::refusal::{calibrate_gate, first_token_probabilities, RefusalGate};
 use refusal_lens_engine::run::generate::{generate, GenerateConfig};
-use refusal_lens_engine::hooks::{HookSpec, Intervention};
 
 use refusal_lens_engine::data::prompts::{Label, PromptRecord};
 use refusal_lens_engine::refusal::{GateGoal, RefusalSignal, REFUSE_TOKEN, RESPOND_TOKEN};

@@ -3,14 +3,14 @@
 
 use candle_core::{IndexOp, Tensor};
 use refusal_lens_engine::analysis::activations::{collect, state_points};
-use refusal_lens_engine::model::config::Family;
 use refusal_lens_engine::analysis::directions::{Directions, Provenance};
-use refusal_lens_engine::hooks::{HookPoint, HookSpec, Intervention, Positions};
-use refusal_lens_engine::refusal::{REFUSE_TOKEN, RESPOND_TOKEN};
 use refusal_lens_engine::analysis::steering::{
     head_mean, judgement, sweep, write_control_vector, Direction, Edit, HeadAblation, Steering,
     StreamPositions,
 };
+use refusal_lens_engine::hooks::{HookPoint, HookSpec, Intervention, Positions};
+use refusal_lens_engine::model::config::Family;
+use refusal_lens_engine::refusal::{REFUSE_TOKEN, RESPOND_TOKEN};
 use refusal_lens_engine::testing::{dense_run, max_abs_diff, tiny_model};
 use refusal_lens_engine::LoadedModel;
 

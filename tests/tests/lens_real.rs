@@ -2,12 +2,12 @@
 //! trajectories from the project's prompt sets. Run alone with
 //! `cargo test --release -p refusal-lens-tests --test lens_real`.
 
-use refusal_lens_engine::organism::Adapter;
-use refusal_lens_engine::hooks::HookSpec;
 use refusal_lens_engine::analysis::lens::{self, DirectionOptions, Holdout, ProbeJob};
-use refusal_lens_engine::organism_dir;
-use refusal_lens_engine::data::prompts::{sample_prompts_dir, PromptSet};
 use refusal_lens_engine::analysis::trajectory::trajectory;
+use refusal_lens_engine::data::prompts::{sample_prompts_dir, PromptSet};
+use refusal_lens_engine::hooks::HookSpec;
+use refusal_lens_engine::organism::Adapter;
+use refusal_lens_engine::organism_dir;
 use refusal_lens_tests::default_model;
 
 #[test]

@@ -2,12 +2,12 @@
 //! assets/organism), part of the real-model group. Run alone with
 //! `cargo test --release -p refusal-lens-tests --test organism`.
 
-use refusal_lens_engine::organism::{train_refusal_tokens, Adapter, TrainOptions};
-use refusal_lens_engine::refusal::{calibrate_gate, first_token_probabilities, RefusalGate};
-use refusal_lens_engine::run::generate::greedy_replies;
 use refusal_lens_engine::data::prompts::{PromptRecord, PromptSet, Split};
-use refusal_lens_engine::refusal::{refusal_rate, refusals_at, GateGoal};
+use refusal_lens_engine::organism::{train_refusal_tokens, Adapter, TrainOptions};
 use refusal_lens_engine::refusal::response::classify;
+use refusal_lens_engine::refusal::{calibrate_gate, first_token_probabilities, RefusalGate};
+use refusal_lens_engine::refusal::{refusal_rate, refusals_at, GateGoal};
+use refusal_lens_engine::run::generate::greedy_replies;
 use refusal_lens_engine::{organism_dir, LoadedModel};
 use refusal_lens_tests::default_model;
 

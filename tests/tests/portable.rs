@@ -10,13 +10,13 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use candle_core::{IndexOp, Tensor};
-use refusal_lens_engine::organism::{Adapter};
-use refusal_lens_engine::refusal::{first_token_probabilities, RefusalGate};
-use refusal_lens_engine::run::generate::{generate, GenerateConfig};
+use refusal_lens_engine::data::prompts::{sample_prompts_dir, PromptSet, Split};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
 use refusal_lens_engine::model::{ForwardOptions, KernelTier, LogitsAt};
+use refusal_lens_engine::organism::Adapter;
 use refusal_lens_engine::organism_dir;
-use refusal_lens_engine::data::prompts::{sample_prompts_dir, PromptSet, Split};
+use refusal_lens_engine::refusal::{first_token_probabilities, RefusalGate};
+use refusal_lens_engine::run::generate::{generate, GenerateConfig};
 use refusal_lens_tests::default_model;
 
 const OUT_ENV: &str = "REFUSAL_LENS_PORTABLE_OUT";

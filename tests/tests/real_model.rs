@@ -3,9 +3,9 @@
 //! Run alone with `cargo test --release -p refusal-lens-tests --test real_model`.
 
 use candle_core::{Device, Tensor};
-use refusal_lens_engine::run::generate::{generate, GenerateConfig, Precision};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
 use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
+use refusal_lens_engine::run::generate::{generate, GenerateConfig, Precision};
 use refusal_lens_engine::testing::dense_run;
 use refusal_lens_tests::{default_model, fixtures_dir, relative_error};
 use serde::Deserialize;

@@ -1,49 +1,19 @@
-//! The GUI shell: lays panels out and routes worker events to them. Panels keep their own
-//! view state; the model and all computation live on the worker.
+//! The GUI shell: lays panels out, keeps the [`Session`] they share current, and routes
+//! worker events to the panel whose job they belong to. Panels keep their own view state;
+//! the model and all computation live on the worker.
 
-mod calibration_panel;
-mod cliff_panel;
-mod colors;
-mod directions_panel;
-mod export;
-mod heads_panel;
-mod model_panel;
-mod prompt_sets_panel;
-mod reply_panel;
-mod steering_panel;
-mod training_panel;
+pub mod panels;
+pub mod session;
+pub mod widgets;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use refusal_lens_engine::{default_model_path, LoadedModel};
 
-use crate::worker::{Event, Worker};
-pub use calibration_panel::CalibrationPanel;
-pub use cliff_panel::CliffPanel;
-pub use directions_panel::DirectionsPanel;
-pub use heads_panel::HeadsPanel;
-pub use model_panel::{ModelPanel, ModelState};
-pub use prompt_sets_panel::PromptSetsPanel;
-pub use reply_panel::ReplyPanel;
-pub use steering_panel::SteeringPanel;
-pub use training_panel::TrainingPanel;
-
-/// A job's progress bar (`done / total`, with `text`) and its Cancel button; true when
-/// Cancel was clicked.
-pub(crate) fn progress_with_cancel(
-    ui: &mut egui::Ui,
-    done: usize,
-    total: usize,
-    text: String,
-) -> bool {
-    ui.add(
-        egui::ProgressBar::new(done as f32 / total.max(1) as f32)
-            .desired_width(220.0)
-            .text(text),
-    );
-    ui.button("Cancel").clicked()
-}
+use crate::worker::{Event, Job, Worker};
+pub use panels::*;
+pub use session::Session;
 
 /// The views of the central area.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -72,6 +42,8 @@ pub enum Startup {
 
 pub struct RefusalLensApp {
     worker: Worker,
+    /// The model in use, the lens and the intervention stack, shared by the panels.
+    pub session: Session,
     pub model: ModelPanel,
     pub prompt_sets: PromptSetsPanel,
     pub reply: ReplyPanel,
@@ -90,6 +62,15 @@ pub struct RefusalLensApp {
 impl RefusalLensApp {
     /// `ctx` (when given) is repainted whenever the worker reports something.
     pub fn new(ctx: Option<egui::Context>, startup: Startup) -> Self {
+        Self::with_cache_dir(ctx, startup, refusal_lens_engine::cache_dir())
+    }
+
+    /// [`RefusalLensApp::new`] keeping caches and trained adapters under `cache_dir`.
+    pub fn with_cache_dir(
+        ctx: Option<egui::Context>,
+        startup: Startup,
+        cache_dir: PathBuf,
+    ) -> Self {
         let worker = Worker::spawn(move || {
             if let Some(ctx) = &ctx {
                 // Coalesce bursts of token events into at most ~30 frames/s: repainting on
@@ -97,21 +78,26 @@ impl RefusalLensApp {
                 ctx.request_repaint_after(Duration::from_millis(33));
             }
         });
+        let mut worker = worker;
         let mut model = ModelPanel::default();
         match startup {
             Startup::Path {
                 model: path,
                 adapter,
             } => {
-                model.state = ModelState::Loading(path.clone());
-                worker.load_model(path, adapter);
+                let id = worker.submit(Job::LoadModel {
+                    path: path.clone(),
+                    adapter,
+                });
+                model.loading(id, path);
             }
             Startup::Model { base, organism } => {
-                worker.send(crate::worker::Job::UseModel { base, organism })
+                worker.submit(Job::UseModel { base, organism });
             }
         }
         RefusalLensApp {
             worker,
+            session: Session::new(cache_dir),
             model,
             prompt_sets: PromptSetsPanel::with_bundled_sets(),
             reply: ReplyPanel::default(),
@@ -138,7 +124,8 @@ impl RefusalLensApp {
         };
         match (find("harmful"), find("harmless")) {
             (Some(a), Some(b)) => {
-                self.directions.start(&mut self.worker, &a, &b);
+                self.directions
+                    .start(&mut self.worker, &a, &b, self.session.activation_cache());
                 true
             }
             _ => false,
@@ -148,46 +135,62 @@ impl RefusalLensApp {
     fn drain_events(&mut self) {
         while let Some(event) = self.worker.try_recv() {
             match event {
-                Event::ModelLoaded { ref card, .. } => {
+                Event::ModelLoaded {
+                    ref card,
+                    organism_active,
+                    ..
+                } => {
                     // The gate starts at the model's calibrated τ.
                     self.reply.tau = card.gate_tau();
+                    self.session.refusal_tokens = organism_active;
                     // Directions and probes belong to one model: the worker drops them too.
+                    self.session.model_changed();
                     self.directions.clear();
                     self.cliff.clear();
                     self.steering.clear();
                     self.heads.clear();
                     self.model.on_event(event)
                 }
-                Event::ModelLoading { .. } | Event::ModelFailed { .. } => {
-                    self.model.on_event(event)
-                }
-                other if self.cliff.owns(&other) => self.cliff.on_event(other),
-                other if self.steering.owns(&other) => self.steering.on_event(other),
-                other if self.heads.owns(&other) => self.heads.on_event(other),
-                Event::LensReady { .. } => {
+                Event::LensReady {
+                    ref directions,
+                    ref probes,
+                    ..
+                } => {
+                    self.session.directions = Some(directions.clone());
+                    self.session.probes = probes.clone();
                     // New directions: steered replies made with the old ones are stale.
                     self.steering.clear();
                     self.directions.on_event(event)
                 }
+                other if self.model.owns(&other) => self.model.on_event(other),
+                other if self.cliff.owns(&other) => self.cliff.on_event(other),
+                other if self.steering.owns(&other) => self.steering.on_event(other),
+                other if self.heads.owns(&other) => self.heads.on_event(other),
                 other if self.directions.owns(&other) => self.directions.on_event(other),
                 other if self.calibration.owns(&other) => self.calibration.on_event(&other),
                 other if self.training.owns(&other) => self.training.on_event(&other),
-                other => self.reply.on_event(other),
+                other if self.reply.owns(&other) => self.reply.on_event(other),
+                Event::Failed { error, .. } => self.reply.show_error(error),
+                _ => {} // events of superseded or forgotten jobs
             }
         }
+        self.session.model_ready = self.model.is_ready();
     }
 
     /// Draws the whole window into `ui`.
     pub fn show(&mut self, ui: &mut egui::Ui) {
         self.drain_events();
         if let Some(on) = self.model.take_requested_organism() {
-            self.worker.send(crate::worker::Job::UseOrganism(on));
+            self.worker.submit(Job::UseOrganism(on));
         }
         if let Some(path) = self.model.take_requested_open() {
             self.reply.clear();
-            self.worker.load_model(path, None);
+            let id = self.worker.submit(Job::LoadModel {
+                path: path.clone(),
+                adapter: None,
+            });
+            self.model.loading(id, path);
         }
-
         egui::Panel::bottom("status").show(ui, |ui| {
             ui.horizontal(|ui| {
                 ui.label(self.model.status_line());
@@ -207,6 +210,22 @@ impl RefusalLensApp {
                     }
                 });
             });
+        self.bottom_sections(ui);
+        // The main reply runs under the intervention stack when the Steering tab says so.
+        self.reply.steering = if self.session.steer_main_reply {
+            self.session.stack()
+        } else {
+            Default::default()
+        };
+        self.request_trajectory();
+        egui::CentralPanel::default().show(ui, |ui| self.central(ui));
+        if self.is_busy() {
+            ui.ctx().request_repaint_after(Duration::from_millis(50));
+        }
+    }
+
+    /// Calibration and fine-tuning, each in a collapsible section.
+    fn bottom_sections(&mut self, ui: &mut egui::Ui) {
         let room = if self.bottom_open.contains(&true) {
             ui.available_height() * 0.5
         } else {
@@ -217,7 +236,7 @@ impl RefusalLensApp {
             .min_size(room)
             .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| {
-                    let ready = self.model.is_ready();
+                    let ready = self.session.model_ready;
                     let header =
                         egui::CollapsingHeader::new("Calibration: refusal rate vs threshold τ")
                             .open(Some(self.bottom_open[0]))
@@ -237,98 +256,78 @@ impl RefusalLensApp {
                     let header = egui::CollapsingHeader::new("Refusal-token fine-tuning")
                         .open(Some(self.bottom_open[1]))
                         .show(ui, |ui| {
-                            self.training
-                                .ui(ui, &mut self.worker, &self.prompt_sets.sets, ready);
+                            self.training.ui(
+                                ui,
+                                &mut self.worker,
+                                &self.prompt_sets.sets,
+                                ready,
+                                &self.session.cache_dir,
+                            );
                         });
                     if header.header_response.clicked() {
                         self.bottom_open[1] ^= true;
                     }
                 });
             });
-        // The main reply runs under the steering stack when the Steering panel says so.
-        self.reply.steering = if self.steering.apply_to_reply {
-            self.steering.stack(self.directions.directions.as_deref())
-        } else {
-            Default::default()
-        };
-        // A finished reply (or new directions / another layer) gets its trajectory scored.
+    }
+
+    /// A finished reply (or new directions, or another layer) gets its trajectory scored.
+    fn request_trajectory(&mut self) {
         let finished = self.reply.take_finished();
         let rescore = self.directions.take_changed();
-        if self.directions.directions.is_some() {
-            let request =
-                finished.or_else(|| rescore.then(|| self.reply.last_finished()).flatten());
-            if let Some((request, reply)) = request {
-                let layer = self.directions.curve_layer();
-                self.cliff.request(
-                    &mut self.worker,
-                    request.system,
-                    request.prompt,
-                    reply,
-                    request.steering,
-                    layer,
-                );
-            }
+        if self.session.directions.is_none() {
+            return;
         }
+        let request = finished.or_else(|| rescore.then(|| self.reply.last_finished()).flatten());
+        if let Some((request, reply)) = request {
+            let layer = self.directions.curve_layer(&self.session);
+            self.cliff.request(
+                &mut self.worker,
+                request.system,
+                request.prompt,
+                reply,
+                request.steering,
+                layer,
+            );
+        }
+    }
 
-        egui::CentralPanel::default().show(ui, |ui| {
-            let ready = self.model.is_ready();
-            ui.horizontal(|ui| {
-                ui.selectable_value(&mut self.tab, Tab::Reply, "Prompt & reply");
-                ui.selectable_value(&mut self.tab, Tab::Cliff, "Cliff");
-                ui.selectable_value(&mut self.tab, Tab::Directions, "Directions");
-                ui.selectable_value(&mut self.tab, Tab::Steering, "Steering");
-                ui.selectable_value(&mut self.tab, Tab::Heads, "Head attribution");
-            });
-            ui.separator();
-            egui::ScrollArea::vertical()
-                .id_salt("central")
-                .show(ui, |ui| match self.tab {
-                    Tab::Reply => {
-                        let refusal_tokens = self.model.organism_active();
-                        self.reply.ui(ui, &mut self.worker, ready, refusal_tokens);
-                    }
-                    Tab::Cliff => self.cliff.ui(ui),
-                    Tab::Directions => {
-                        self.directions
-                            .ui(ui, &mut self.worker, &self.prompt_sets.sets, ready)
-                    }
-                    Tab::Steering => {
-                        let base = self.reply.request();
-                        let refusal_tokens = self.model.organism_active();
-                        self.steering.ui(
-                            ui,
-                            &mut self.worker,
-                            &base,
-                            self.directions.directions.as_deref(),
-                            &self.prompt_sets.sets,
-                            ready,
-                            refusal_tokens,
-                        )
-                    }
-                    Tab::Heads => {
-                        let base = self.reply.request();
-                        let controls = self
-                            .steering
-                            .control_stack(self.directions.directions.as_deref());
-                        let stack = move |extra: &[refusal_lens_engine::analysis::steering::Edit]| {
-                            let mut s = controls.clone();
-                            s.edits.extend(extra.iter().cloned());
-                            s
-                        };
-                        self.heads.ui(
-                            ui,
-                            &mut self.worker,
-                            &self.prompt_sets.sets,
-                            &mut self.steering.extra,
-                            stack,
-                            &base,
-                            ready,
-                        )
-                    }
-                });
+    /// The tabs and the chosen tab's panel.
+    fn central(&mut self, ui: &mut egui::Ui) {
+        ui.horizontal(|ui| {
+            ui.selectable_value(&mut self.tab, Tab::Reply, "Prompt & reply");
+            ui.selectable_value(&mut self.tab, Tab::Cliff, "Cliff");
+            ui.selectable_value(&mut self.tab, Tab::Directions, "Directions");
+            ui.selectable_value(&mut self.tab, Tab::Steering, "Steering");
+            ui.selectable_value(&mut self.tab, Tab::Heads, "Head attribution");
         });
+        ui.separator();
+        let session = &mut self.session;
+        let sets = &self.prompt_sets.sets;
+        let worker = &mut self.worker;
+        egui::ScrollArea::vertical()
+            .id_salt("central")
+            .show(ui, |ui| match self.tab {
+                Tab::Reply => {
+                    self.reply
+                        .ui(ui, worker, session.model_ready, session.refusal_tokens)
+                }
+                Tab::Cliff => self.cliff.ui(ui),
+                Tab::Directions => self.directions.ui(ui, worker, session, sets),
+                Tab::Steering => {
+                    let base = self.reply.request();
+                    self.steering.ui(ui, worker, session, &base, sets)
+                }
+                Tab::Heads => {
+                    let base = self.reply.request();
+                    self.heads.ui(ui, worker, session, sets, &base)
+                }
+            });
+    }
 
-        if self.reply.is_running()
+    /// True while anything is in flight (keep repainting).
+    fn is_busy(&self) -> bool {
+        self.reply.is_running()
             || self.model.is_busy()
             || self.prompt_sets.is_busy()
             || self.calibration.is_running()
@@ -337,9 +336,6 @@ impl RefusalLensApp {
             || self.cliff.is_running()
             || self.steering.is_running()
             || self.heads.is_running()
-        {
-            ui.ctx().request_repaint_after(Duration::from_millis(50));
-        }
     }
 }
 

@@ -9,10 +9,10 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::data::tensorfile::{self, Array};
 use crate::hooks::{HookPoint, HookSpec};
 use crate::refusal::RefusalSignal;
 use crate::run::batch::for_each_prompt;
-use crate::data::tensorfile::{self, Array};
 use crate::{Error, LoadedModel, Result};
 
 /// Probes read at least this many final prompt positions ("mean of the last 3").

@@ -9,10 +9,10 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::activations::{state_points, SetActivations};
+use crate::data::tensorfile::{self, Array};
 use crate::hooks::{HookSpec, Intervention, Positions};
 use crate::refusal::{refusal_score, RefusalSignal};
 use crate::run::batch::first_positions;
-use crate::data::tensorfile::{self, Array};
 use crate::{Error, LoadedModel, Result};
 
 /// One layer's view of the two directions (refusal at t_post).

@@ -5,7 +5,9 @@
 use std::path::Path;
 
 use crate::analysis::activations::{collect_cached, SetActivations};
-use crate::analysis::directions::{filter_by_behaviour, select, Directions, Provenance, SelectOptions};
+use crate::analysis::directions::{
+    filter_by_behaviour, select, Directions, Provenance, SelectOptions,
+};
 use crate::analysis::probe::{random_holdout, train_probes, ProbeOptions, ProbeSet};
 use crate::data::prompts::{PromptSet, Split};
 use crate::{Error, LoadedModel, Result};

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::activations::{Feature, SetActivations};
 use crate::analysis::directions::Provenance;
-use crate::refusal::refusal_score;
 use crate::data::tensorfile::{self, Array};
+use crate::refusal::refusal_score;
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

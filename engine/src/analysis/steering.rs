@@ -6,14 +6,14 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::activations::state_points;
-use crate::model::chat::ChatPrompt;
 use crate::analysis::directions::Directions;
-use crate::refusal::{log_mass, RefusalGate};
-use crate::run::generate::{generate, GenerateConfig, Precision, Sampling};
 use crate::hooks::{HeadValue, HookSpec, Intervention, Positions};
+use crate::model::chat::ChatPrompt;
 use crate::model::{ForwardOptions, LogitsAt};
-use crate::refusal::{refusal_rate, refusal_score, RefusalSignal};
 use crate::refusal::response::{classify, ResponseMode};
+use crate::refusal::{log_mass, RefusalGate};
+use crate::refusal::{refusal_rate, refusal_score, RefusalSignal};
+use crate::run::generate::{generate, GenerateConfig, Precision, Sampling};
 use crate::{Error, LoadedModel, Result};
 
 /// Which direction an edit uses.

@@ -13,11 +13,11 @@ use candle_core::{IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::analysis::activations::state_points;
-use crate::model::chat::ChatPrompt;
 use crate::analysis::directions::Directions;
-use crate::hooks::HookSpec;
-use crate::model::{ForwardOptions, LogitsAt};
 use crate::analysis::probe::{Probe, ProbeSet};
+use crate::hooks::HookSpec;
+use crate::model::chat::ChatPrompt;
+use crate::model::{ForwardOptions, LogitsAt};
 use crate::run::batch::for_each_prompt;
 use crate::{Error, LoadedModel, Result};
 

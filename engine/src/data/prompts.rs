@@ -145,6 +145,21 @@ impl PromptSet {
             .filter(move |r| split.is_none() || r.split == split)
     }
 
+    /// (this set's prompt, its twin's prompt) for the records of `split` whose `pair_id`
+    /// a record of `twins` shares: the harmful/harmless pairs of two paired sets.
+    pub fn pairs_with(&self, twins: &PromptSet, split: Split) -> Vec<(String, String)> {
+        self.split(Some(split))
+            .filter_map(|a| {
+                let id = a.pair_id.as_ref()?;
+                let b = twins
+                    .records
+                    .iter()
+                    .find(|b| b.pair_id.as_ref() == Some(id))?;
+                Some((a.prompt.clone(), b.prompt.clone()))
+            })
+            .collect()
+    }
+
     /// Counts by category (records without one under "—").
     pub fn categories(&self) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();

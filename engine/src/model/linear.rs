@@ -302,4 +302,3 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         Ok(Some(g.reshape(dims)?))
     }
 }
-

@@ -2,8 +2,8 @@
 
 use candle_core::{DType, IndexOp, Tensor, D};
 
-use crate::model::config::Family;
 use crate::hooks::{HeadValue, HookPoint, HookSpec, Intervention, Positions};
+use crate::model::config::Family;
 use crate::model::{FastPrecision, ForwardOptions, KvCache, LogitsAt, Weights};
 use crate::testing::max_abs_diff;
 use crate::testing::{random_weights, tiny_config, tiny_model};

@@ -8,9 +8,9 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::hooks::HookSpec;
+use crate::model::tokenizer::StreamDecoder;
 use crate::model::{ForwardOptions, KvCache, LogitsAt, Weights};
 use crate::refusal::RefusalGate;
-use crate::model::tokenizer::StreamDecoder;
 use crate::{Error, LoadedModel, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

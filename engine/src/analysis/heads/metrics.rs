@@ -103,8 +103,10 @@ pub struct HeadMetrics {
     pub cipher: std::result::Result<HeadMap, String>,
     /// The gate/amplifier finder's answer on the first pair.
     pub routing: Routing,
-    /// The knockout cascade of `routing.gate`: every head's DLA change with it zeroed.
+    /// The knockout cascade of `cascade_gate` (first `routing.gate`): every head's DLA
+    /// change with it zeroed.
     pub cascade: HeadMap,
+    pub cascade_gate: (usize, usize),
     pub clean_harmful: f32,
     pub clean_harmless: f32,
     pub seconds: f64,
@@ -153,6 +155,7 @@ pub fn head_metrics(
         attribution,
         dla: dla_diff,
         cipher,
+        cascade_gate: routing.gate,
         routing,
         cascade,
         necessity: interchange.necessity,

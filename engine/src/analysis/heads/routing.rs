@@ -7,7 +7,7 @@ use crate::hooks::{HookSpec, Intervention};
 use crate::refusal::RefusalSignal;
 use crate::{Error, LoadedModel, Result};
 
-use super::{dla, ablation_effect, Dla, HeadMap, ScanAblation};
+use super::{ablation_effect, dla, Dla, HeadMap, ScanAblation};
 
 /// Knockout cascade: every head's DLA on `prompts` with the gate head zero-ablated, minus its
 /// clean DLA (mean over prompts), both with the final norm linearised at the clean run (so

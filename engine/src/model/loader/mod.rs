@@ -14,8 +14,8 @@ use tokenizers::Tokenizer;
 
 use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
 use crate::model::config::{Family, ModelConfig, RopeStyle};
-use crate::model::{BlockWeights, FastPrecision, KernelTier, Linear, Model, Weights};
 use crate::model::tokenizer::{self, GgufVocab};
+use crate::model::{BlockWeights, FastPrecision, KernelTier, Linear, Model, Weights};
 use crate::{Error, Result};
 
 /// What the model card shows.

@@ -1,9 +1,11 @@
 //! Exports of plots: the data as CSV, the picture as PNG (a screenshot of the window cropped
-//! to the plot). File dialogs run on their own thread because rfd blocks.
+//! to the plot). File dialogs run on their own thread (see `dialog`).
 
 use std::path::PathBuf;
 
 use crossbeam_channel::Receiver;
+
+use super::dialog::Pending;
 
 enum Payload {
     Csv(String),
@@ -13,23 +15,20 @@ enum Payload {
 /// One pending export per panel: a dialog, then (for PNG) a screenshot.
 #[derive(Default)]
 pub struct Exporter {
-    dialog: Option<(Receiver<Option<PathBuf>>, Payload)>,
+    dialog: Option<(Pending<Option<PathBuf>>, Payload)>,
     /// The result of a PNG write, reported by the screenshot callback.
     png_result: Option<Receiver<String>>,
     pub message: Option<String>,
 }
 
-fn save_dialog(default_name: &str, ext: &'static str) -> Receiver<Option<PathBuf>> {
-    let (tx, rx) = crossbeam_channel::bounded(1);
+fn save_dialog(default_name: &str, ext: &'static str) -> Pending<Option<PathBuf>> {
     let name = default_name.to_string();
-    std::thread::spawn(move || {
-        let picked = rfd::FileDialog::new()
+    Pending::spawn(move || {
+        rfd::FileDialog::new()
             .set_file_name(name)
             .add_filter(ext.to_uppercase(), &[ext])
-            .save_file();
-        let _ = tx.send(picked);
-    });
-    rx
+            .save_file()
+    })
 }
 
 impl Exporter {
@@ -61,8 +60,8 @@ impl Exporter {
 
     /// Drives the pending export; call once per frame.
     pub fn poll(&mut self, ctx: &egui::Context) {
-        if let Some((rx, _)) = &self.dialog {
-            if let Ok(picked) = rx.try_recv() {
+        if let Some((pending, _)) = &self.dialog {
+            if let Some(picked) = pending.poll() {
                 let (_, payload) = self.dialog.take().expect("checked above");
                 if let Some(path) = picked {
                     match payload {

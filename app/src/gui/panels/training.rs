@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 
 use egui_plot::{Legend, Line, Plot, PlotPoints};
-use refusal_lens_engine::organism::{TrainOptions, TrainProgress};
 use refusal_lens_engine::data::prompts::{PromptSet, Split};
+use refusal_lens_engine::organism::TrainOptions;
 use refusal_lens_engine::refusal::GateGoal;
 
-use crate::worker::{Event, JobId, Worker};
+use crate::worker::{Event, Job, JobId, Progress, Worker};
 
 #[derive(Default)]
 pub struct TrainingPanel {
@@ -16,7 +16,7 @@ pub struct TrainingPanel {
     /// How the gate's τ is calibrated on the val split after training.
     pub goal: GateGoal,
     job: Option<JobId>,
-    progress: Option<TrainProgress>,
+    progress: Option<Progress>,
     /// LoRA-phase loss per optimiser step.
     pub losses: Vec<f32>,
     pub result: Option<String>,
@@ -28,19 +28,15 @@ impl TrainingPanel {
         self.job.is_some()
     }
 
+    /// Its job's events, except the model switch a finished training run announces (the
+    /// shell handles that one).
     pub fn owns(&self, event: &Event) -> bool {
-        let id = match event {
-            Event::Training { id, .. } | Event::Trained { id, .. } | Event::Failed { id, .. } => {
-                *id
-            }
-            _ => return false,
-        };
-        Some(id) == self.job
+        Some(event.id()) == self.job && !matches!(event, Event::ModelLoaded { .. })
     }
 
     pub fn on_event(&mut self, event: &Event) {
         match event {
-            Event::Training { progress, .. } => {
+            Event::Progress { progress, .. } => {
                 if progress.phase == "training LoRA" {
                     if let Some(l) = progress.loss {
                         self.losses.push(l);
@@ -69,6 +65,7 @@ impl TrainingPanel {
         worker: &mut Worker,
         sets: &[PromptSet],
         base_ready: bool,
+        cache_dir: &std::path::Path,
     ) {
         let split = |split| -> Vec<_> {
             sets.iter()
@@ -153,12 +150,18 @@ impl TrainingPanel {
                 .clicked()
             {
                 let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-                let out: PathBuf = refusal_lens_engine::cache_dir().join("adapters").join(format!("refusal-tokens-{stamp}"));
+                let out: PathBuf = cache_dir.join("adapters").join(format!("refusal-tokens-{stamp}"));
                 self.losses.clear();
                 self.result = None;
                 self.error = None;
                 self.progress = None;
-                self.job = Some(worker.train(train, val, self.options.clone(), self.goal, out));
+                self.job = Some(worker.submit(Job::Train {
+                    train,
+                    val,
+                    options: self.options.clone(),
+                    goal: self.goal,
+                    out,
+                }));
             }
             if self.job.is_some() && ui.button("Cancel").clicked() {
                 worker.cancel_all();
@@ -169,11 +172,11 @@ impl TrainingPanel {
                 let text = match (p.loss, p.tokens_per_second) {
                     (Some(l), Some(t)) => format!(
                         "{}: {}/{} · loss {l:.3} · {t:.0} tok/s",
-                        p.phase, p.step, p.total
+                        p.phase, p.done, p.total
                     ),
-                    _ => format!("{}: {}/{}", p.phase, p.step, p.total),
+                    _ => format!("{}: {}/{}", p.phase, p.done, p.total),
                 };
-                ui.add(egui::ProgressBar::new(p.step as f32 / p.total.max(1) as f32).text(text));
+                ui.add(egui::ProgressBar::new(p.done as f32 / p.total.max(1) as f32).text(text));
             }
         }
         if let Some(r) = &self.result {

@@ -8,14 +8,14 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use refusal_lens_engine::analysis::activations::{default_cache_dir, state_name, Feature};
 use refusal_lens_engine::analysis::directions::{selectable_layers, Directions, SelectOptions};
-use refusal_lens_engine::refusal::{first_token_probabilities, RefusalGate, opener_bias};
-use refusal_lens_engine::run::generate::{generate, GenerateConfig, Sampling};
-use refusal_lens_engine::hooks::HookSpec;
 use refusal_lens_engine::analysis::lens::{self, DirectionOptions, Holdout, ProbeJob};
 use refusal_lens_engine::analysis::probe::{LabelSource, ProbeKind, ProbeOptions, ProbeSet};
-use refusal_lens_engine::data::prompts::{PromptSet, Split};
-use refusal_lens_engine::refusal::{refusal_score, RefusalSignal};
 use refusal_lens_engine::analysis::trajectory::{cliff_scores, trajectory, DEFAULT_CLIFF_K};
+use refusal_lens_engine::data::prompts::{PromptSet, Split};
+use refusal_lens_engine::hooks::HookSpec;
+use refusal_lens_engine::refusal::{first_token_probabilities, opener_bias, RefusalGate};
+use refusal_lens_engine::refusal::{refusal_score, RefusalSignal};
+use refusal_lens_engine::run::generate::{generate, GenerateConfig, Sampling};
 use refusal_lens_engine::LoadedModel;
 
 /// The two sets every analysis contrasts (default: the project's sample sets).

@@ -4,7 +4,8 @@ use refusal_lens_engine::run::generate::{Generation, Sampling, StopReason, Token
 
 use refusal_lens_engine::analysis::steering::Steering;
 
-use crate::worker::{Event, GenerateRequest, JobId, Worker};
+use crate::gui::widgets::colors::{probability_color, probability_legend};
+use crate::worker::{Event, GenerateRequest, Job, JobId, Worker};
 
 pub struct ReplyPanel {
     pub prompt: String,
@@ -71,10 +72,14 @@ impl ReplyPanel {
         self.error = None;
     }
 
+    pub fn owns(&self, event: &Event) -> bool {
+        Some(event.id()) == self.job
+    }
+
     pub fn on_event(&mut self, event: Event) {
         let current = |id: JobId| self.job == Some(id);
         match event {
-            Event::Started {
+            Event::Prompt {
                 id,
                 prompt_tokens,
                 t_inst,
@@ -84,18 +89,23 @@ impl ReplyPanel {
                 self.t_inst = t_inst;
                 self.t_post = t_post;
             }
-            Event::Token { id, step } if current(id) => self.tokens.push(step),
+            Event::Token { id, step, .. } if current(id) => self.tokens.push(step),
             Event::Finished { id, generation } if current(id) => {
                 self.running = false;
                 self.finished = Some(*generation);
                 self.trajectory_due = true;
             }
-            Event::Failed { id, error } if current(id) || id == 0 => {
+            Event::Failed { id, error } if current(id) => {
                 self.running = false;
                 self.error = Some(error);
             }
             _ => {} // events of superseded jobs
         }
+    }
+
+    /// Shows the failure of a job no panel follows (e.g. a panel cleared by a model change).
+    pub fn show_error(&mut self, error: String) {
+        self.error = Some(error);
     }
 
     /// Once per finished reply: its request and reply token ids.
@@ -153,7 +163,7 @@ impl ReplyPanel {
         self.clear();
         let request = self.request();
         self.requested = Some(request.clone());
-        self.job = Some(worker.generate(request));
+        self.job = Some(worker.submit(Job::Generate(request)));
         self.running = true;
     }
 
@@ -313,7 +323,7 @@ impl ReplyPanel {
         ui.horizontal(|ui| {
             ui.heading("Reply");
             ui.weak("chip colour: probability of the chosen token");
-            legend(ui);
+            probability_legend(ui);
         });
         egui::ScrollArea::vertical()
             .auto_shrink([false, false])
@@ -322,7 +332,7 @@ impl ReplyPanel {
                     ui.spacing_mut().item_spacing = egui::vec2(2.0, 2.0);
                     for step in &self.tokens {
                         let p = step.logprob.exp();
-                        chip(ui, &step.text, probability_colour(p)).on_hover_text(format!(
+                        chip(ui, &step.text, probability_color(p)).on_hover_text(format!(
                             "reply token {} · id {} · logprob {:.3} · p {:.3}",
                             step.index, step.id, step.logprob, p
                         ));
@@ -362,21 +372,4 @@ fn chip(ui: &mut egui::Ui, text: &str, fill: egui::Color32) -> egui::Response {
     }
     response.widget_info(|| egui::WidgetInfo::labeled(egui::Role::Label, true, &shown));
     response
-}
-
-/// Low probability → warm red, high → cool blue (perceptually ordered, colour-blind safe ends).
-pub fn probability_colour(p: f32) -> egui::Color32 {
-    let t = p.clamp(0.0, 1.0);
-    let lerp = |a: f32, b: f32| (a + (b - a) * t) as u8;
-    egui::Color32::from_rgb(lerp(200.0, 40.0), lerp(70.0, 110.0), lerp(50.0, 190.0))
-}
-
-fn legend(ui: &mut egui::Ui) {
-    ui.label("p = 0");
-    for i in 0..=10 {
-        let (rect, _) = ui.allocate_exact_size(egui::vec2(10.0, 12.0), egui::Sense::hover());
-        ui.painter()
-            .rect_filled(rect, 0.0, probability_colour(i as f32 / 10.0));
-    }
-    ui.label("1");
 }

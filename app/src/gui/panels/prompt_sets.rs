@@ -2,15 +2,16 @@
 
 use std::path::PathBuf;
 
-use crossbeam_channel::Receiver;
 use refusal_lens_engine::data::prompts::{Label, PromptSet};
+
+use super::super::widgets::dialog::Pending;
 
 #[derive(Default)]
 pub struct PromptSetsPanel {
     pub sets: Vec<PromptSet>,
     pub error: Option<String>,
     /// A file dialog + parse running on its own thread.
-    loading: Option<Receiver<Option<Result<PromptSet, String>>>>,
+    loading: Option<Pending<Option<Result<PromptSet, String>>>>,
 }
 
 impl PromptSetsPanel {
@@ -32,20 +33,18 @@ impl PromptSetsPanel {
     }
 
     fn open_dialog(&mut self) {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
+        self.loading = Some(Pending::spawn(move || {
             let picked: Option<PathBuf> = rfd::FileDialog::new()
                 .set_title("Load prompt set")
                 .add_filter("Prompt sets", &["jsonl", "json", "csv", "tsv", "txt"])
                 .pick_file();
-            let _ = tx.send(picked.map(|p| PromptSet::load(&p, None).map_err(|e| e.to_string())));
-        });
-        self.loading = Some(rx);
+            picked.map(|p| PromptSet::load(&p, None).map_err(|e| e.to_string()))
+        }));
     }
 
     fn poll(&mut self) {
-        let Some(rx) = &self.loading else { return };
-        let Ok(result) = rx.try_recv() else { return };
+        let Some(pending) = &self.loading else { return };
+        let Some(result) = pending.poll() else { return };
         self.loading = None;
         match result {
             Some(Ok(set)) => {

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use refusal_lens_engine::analysis::directions::Directions;
-use refusal_lens_engine::data::prompts::{sample_prompts_dir, PromptSet, Split};
-use refusal_lens_engine::refusal::response::ResponseMode;
 use refusal_lens_engine::analysis::steering::{
     head_mean, sweep, write_control_vector, Direction, Edit, HeadAblation, Steering,
     StreamPositions,
 };
+use refusal_lens_engine::data::prompts::{sample_prompts_dir, PromptSet, Split};
+use refusal_lens_engine::refusal::response::ResponseMode;
 use refusal_lens_engine::LoadedModel;
 
 /// Interventions applied on every forward pass (prompt and generated tokens).
@@ -263,7 +263,7 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
     };
     let tau = a.tau.unwrap_or(lm.refusal_tau());
     let started = std::time::Instant::now();
-    let mut bar = crate::lens_cli::progress_bar(a.json);
+    let mut bar = super::lens::progress_bar(a.json);
     let mut points = sweep(
         lm,
         Some(&dirs),
@@ -282,7 +282,7 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
             edits.push(Edit::Ablate { direction });
             Steering { edits }
         };
-        let mut bar = crate::lens_cli::progress_bar(a.json);
+        let mut bar = super::lens::progress_bar(a.json);
         points.extend(sweep(
             lm,
             Some(&dirs),

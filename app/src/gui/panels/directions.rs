@@ -3,9 +3,7 @@
 //! refusal-vs-harmfulness cosine and probe AUC, with the chosen layer marked and changeable.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use crossbeam_channel::Receiver;
 use egui::Color32;
 use egui_plot::{Corner, Legend, Line, Plot, PlotPoints, VLine};
 use refusal_lens_engine::analysis::directions::Directions;
@@ -13,15 +11,18 @@ use refusal_lens_engine::analysis::lens::DirectionOptions;
 use refusal_lens_engine::analysis::probe::ProbeSet;
 use refusal_lens_engine::data::prompts::{Label, PromptSet};
 
-use super::export::Exporter;
+use crate::gui::session::Session;
+use crate::gui::widgets::dialog::Pending;
+use crate::gui::widgets::export::Exporter;
+use crate::gui::widgets::progress_with_cancel;
 use crate::worker::{Event, Job, JobId, Worker};
 
 #[derive(Default)]
 pub struct DirectionsPanel {
     job: Option<JobId>,
+    /// The last save, load or layer choice sent.
+    file_job: Option<JobId>,
     progress: (String, usize, usize),
-    pub directions: Option<Arc<Directions>>,
-    pub probes: Option<Arc<ProbeSet>>,
     /// The layer the Cliff curves read (None: the directions' chosen layer).
     pub layer: Option<usize>,
     /// Choose the layer by ablation on the val split (slower).
@@ -33,7 +34,7 @@ pub struct DirectionsPanel {
     harmless: Option<usize>,
     pub error: Option<String>,
     message: Option<String>,
-    dialog: Option<(Receiver<Option<PathBuf>>, bool)>,
+    dialog: Option<(Pending<Option<PathBuf>>, bool)>,
     /// Set when new directions arrive or the layer changes: the Cliff needs a new trajectory.
     changed: bool,
     export: Exporter,
@@ -57,8 +58,8 @@ impl DirectionsPanel {
     }
 
     /// The layer the trajectory curves should read.
-    pub fn curve_layer(&self) -> Option<usize> {
-        self.layer.or(self.directions.as_ref().map(|d| d.layer))
+    pub fn curve_layer(&self, session: &Session) -> Option<usize> {
+        self.layer.or(session.directions.as_ref().map(|d| d.layer))
     }
 
     /// True once after new directions or a new layer.
@@ -67,33 +68,25 @@ impl DirectionsPanel {
     }
 
     pub fn owns(&self, event: &Event) -> bool {
-        matches!(
-            event,
-            Event::LensProgress { .. }
-                | Event::LensReady { .. }
-                | Event::LensSaved { .. }
-                | Event::LensFailed { .. }
-        )
+        let id = Some(event.id());
+        id == self.job || id == self.file_job
     }
 
     pub fn on_event(&mut self, event: Event) {
         match event {
-            Event::LensProgress {
-                id,
-                phase,
-                done,
-                total,
-            } if Some(id) == self.job => self.progress = (phase, done, total),
+            Event::Progress { progress, .. } => {
+                self.progress = (progress.phase, progress.done, progress.total)
+            }
             Event::LensReady {
+                id,
                 directions,
                 probes,
-                seconds,
-                ..
+                build_seconds,
             } => {
-                self.job = None;
-                self.message = Some(if seconds == 0.0 {
-                    format!("directions ready (chosen layer {})", directions.layer)
-                } else {
+                if Some(id) == self.job {
+                    self.job = None;
+                }
+                self.message = Some(if let Some(seconds) = build_seconds {
                     format!(
                         "{} directions over {} layers{} in {seconds:.1} s",
                         if directions.selection.is_some() {
@@ -104,15 +97,19 @@ impl DirectionsPanel {
                         directions.n_states,
                         if probes.is_some() { " + probes" } else { "" }
                     )
+                } else {
+                    format!("directions ready (chosen layer {})", directions.layer)
                 });
-                self.directions = Some(directions);
-                self.probes = probes;
                 self.layer = None;
                 self.changed = true;
             }
-            Event::LensSaved { path } => self.message = Some(format!("saved {}", path.display())),
-            Event::LensFailed { error } => {
-                self.job = None;
+            Event::LensSaved { path, .. } => {
+                self.message = Some(format!("saved {}", path.display()))
+            }
+            Event::Failed { id, error } => {
+                if Some(id) == self.job {
+                    self.job = None;
+                }
                 self.error = Some(error);
             }
             _ => {}
@@ -121,14 +118,18 @@ impl DirectionsPanel {
 
     /// Forgets the directions (the model changed).
     pub fn clear(&mut self) {
-        self.directions = None;
-        self.probes = None;
         self.layer = None;
         self.job = None;
     }
 
     /// Starts computing directions and probes from two sets.
-    pub fn start(&mut self, worker: &mut Worker, harmful: &PromptSet, harmless: &PromptSet) {
+    pub fn start(
+        &mut self,
+        worker: &mut Worker,
+        harmful: &PromptSet,
+        harmless: &PromptSet,
+        activation_cache: PathBuf,
+    ) {
         self.error = None;
         self.progress = ("starting".into(), 0, 1);
         let options = DirectionOptions {
@@ -136,48 +137,52 @@ impl DirectionsPanel {
             filter_by_behaviour: self.filter_by_behaviour,
             ..Default::default()
         };
-        self.job = Some(worker.build_lens(harmful.clone(), harmless.clone(), options));
+        self.job = Some(worker.submit(Job::BuildLens {
+            harmful: Box::new(harmful.clone()),
+            harmless: Box::new(harmless.clone()),
+            options,
+            activation_cache,
+        }));
     }
 
     fn poll_dialog(&mut self, worker: &mut Worker) {
-        if let Some((rx, save)) = &self.dialog {
-            if let Ok(picked) = rx.try_recv() {
+        if let Some((pending, save)) = &self.dialog {
+            if let Some(picked) = pending.poll() {
                 let save = *save;
                 self.dialog = None;
                 if let Some(path) = picked {
-                    worker.send(if save {
-                        Job::SaveLens { path }
+                    self.file_job = Some(worker.submit(if save {
+                        Job::SaveLens(path)
                     } else {
-                        Job::LoadLens { path }
-                    });
+                        Job::LoadLens(path)
+                    }));
                 }
             }
         }
     }
 
     fn open_dialog(&mut self, save: bool) {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
+        let pending = Pending::spawn(move || {
             let d = rfd::FileDialog::new().add_filter("Directions (safetensors)", &["safetensors"]);
-            let picked = if save {
+            if save {
                 d.set_file_name("directions.safetensors").save_file()
             } else {
                 d.pick_file()
-            };
-            let _ = tx.send(picked);
+            }
         });
-        self.dialog = Some((rx, save));
+        self.dialog = Some((pending, save));
     }
 
     pub fn ui(
         &mut self,
         ui: &mut egui::Ui,
         worker: &mut Worker,
+        session: &Session,
         sets: &[PromptSet],
-        model_ready: bool,
     ) {
         self.poll_dialog(worker);
         self.export.poll(ui.ctx());
+        let model_ready = session.model_ready;
         if sets.is_empty() {
             ui.label(
                 "Load a harmful and a harmless prompt set (left panel) to compute directions.",
@@ -208,7 +213,7 @@ impl DirectionsPanel {
                     .on_hover_text("Keep harmful prompts the model refuses and harmless ones it answers (refusal score above / below 0), as the published pipelines do");
                 ui.checkbox(&mut self.select, "choose layer by ablation")
                     .on_hover_text(
-                        "methods.md layer selection: ablate each candidate on val prompts, \
+                        "Layer selection (docs/methods.md): ablate each candidate on val prompts, \
                          drop the last 20% of layers and candidates with KL > 0.1 or no effect \
                          when added; about 2 minutes on 2 cores. Off: the best-separating layer.",
                     );
@@ -218,7 +223,7 @@ impl DirectionsPanel {
                     .on_hover_text("Diff-in-means on the train split, logistic probes at every layer (80/20 holdout)")
                     .clicked()
                 {
-                    self.start(worker, &sets[harmful], &sets[harmless]);
+                    self.start(worker, &sets[harmful], &sets[harmless], session.activation_cache());
                 }
             });
             (self.harmful, self.harmless) = (Some(harmful), Some(harmless));
@@ -226,19 +231,14 @@ impl DirectionsPanel {
         if self.job.is_some() {
             ui.horizontal(|ui| {
                 let (phase, done, total) = &self.progress;
-                if super::progress_with_cancel(
-                    ui,
-                    *done,
-                    *total,
-                    format!("{phase}: {done} / {total}"),
-                ) {
-                    worker.cancel_lens();
+                if progress_with_cancel(ui, *done, *total, format!("{phase}: {done} / {total}")) {
+                    worker.cancel_analyses();
                 }
             });
         }
         ui.horizontal(|ui| {
             if ui
-                .add_enabled(self.directions.is_some(), egui::Button::new("Save…"))
+                .add_enabled(session.directions.is_some(), egui::Button::new("Save…"))
                 .on_hover_text("Directions as safetensors with metadata; probes beside them (.probes.safetensors)")
                 .clicked()
             {
@@ -254,14 +254,20 @@ impl DirectionsPanel {
         if let Some(e) = &self.error {
             ui.colored_label(ui.visuals().error_fg_color, e);
         }
-        let Some(d) = self.directions.clone() else {
+        let Some(d) = session.directions.clone() else {
             return;
         };
-        self.summary(ui, worker, &d);
-        self.plots(ui, &d);
+        self.summary(ui, worker, &d, session.probes.as_deref());
+        self.plots(ui, &d, session.probes.as_deref());
     }
 
-    fn summary(&mut self, ui: &mut egui::Ui, worker: &mut Worker, d: &Directions) {
+    fn summary(
+        &mut self,
+        ui: &mut egui::Ui,
+        worker: &mut Worker,
+        d: &Directions,
+        probes: Option<&ProbeSet>,
+    ) {
         let p = &d.provenance;
         ui.label(format!(
             "{} harmful vs {} harmless prompts{} · chosen: layer {}, position t_post-{}{}",
@@ -285,7 +291,7 @@ impl DirectionsPanel {
             }
         ));
         ui.horizontal(|ui| {
-            let mut layer = self.curve_layer().unwrap_or(d.layer);
+            let mut layer = self.layer.unwrap_or(d.layer);
             ui.label("Layer of the Cliff curves:");
             if ui
                 .add(egui::Slider::new(&mut layer, 0..=d.n_states - 1))
@@ -307,10 +313,10 @@ impl DirectionsPanel {
                 .clicked()
             {
                 if let Some(layer) = self.layer {
-                    worker.send(Job::ChooseLayer { layer });
+                    self.file_job = Some(worker.submit(Job::ChooseLayer(layer)));
                 }
             }
-            let csv = || directions_csv(d, self.probes.as_deref());
+            let csv = || directions_csv(d, probes);
             self.export.buttons(ui, "directions", self.plot_rect, csv);
             if let Some(m) = &self.export.message {
                 ui.weak(m);
@@ -318,9 +324,9 @@ impl DirectionsPanel {
         });
     }
 
-    fn plots(&mut self, ui: &mut egui::Ui, d: &Directions) {
+    fn plots(&mut self, ui: &mut egui::Ui, d: &Directions, probes: Option<&ProbeSet>) {
         let chosen = d.layer as f64;
-        let current = self.curve_layer().map(|l| l as f64);
+        let current = Some(self.layer.unwrap_or(d.layer) as f64);
         let per_layer = |f: &dyn Fn(usize) -> f32| -> PlotPoints {
             (0..d.n_states).map(|l| [l as f64, f(l) as f64]).collect()
         };
@@ -399,7 +405,7 @@ impl DirectionsPanel {
                 .include_y(0.5)
                 .include_y(1.0)
                 .show(&mut cols[1], |plot| {
-                    if let Some(p) = &self.probes {
+                    if let Some(p) = probes {
                         let auc: PlotPoints = p
                             .metrics
                             .iter()

@@ -5,13 +5,17 @@
 //! the reply to the current prompt and its refusal score are regenerated at once.
 
 use egui::{Color32, Rect, Sense, Stroke, Vec2};
-use refusal_lens_engine::data::prompts::PromptSet;
-use refusal_lens_engine::analysis::steering::{Edit, HeadAblation, Steering};
+use refusal_lens_engine::analysis::steering::{Edit, HeadAblation};
+use refusal_lens_engine::data::prompts::{PromptSet, Split};
 
-use super::export::Exporter;
-use super::steering_panel::ReplyView;
-use crate::heads_cli::test_pairs;
-use crate::worker::{Event, GenerateRequest, HeadMetrics, JobId, Worker};
+use refusal_lens_engine::analysis::heads::HeadMetrics;
+
+use super::steering::ReplyView;
+use crate::gui::session::Session;
+use crate::gui::widgets::colors::score_color;
+use crate::gui::widgets::export::Exporter;
+use crate::gui::widgets::progress_with_cancel;
+use crate::worker::{Event, GenerateRequest, Job, JobId, Worker};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Metric {
@@ -63,7 +67,7 @@ impl Metric {
 
 /// Blue (negative) – white (0) – red (positive), `v / scale` clamped to ±1.
 fn diverging(v: f32, scale: f32) -> Color32 {
-    super::colors::score_color(0.5 + 0.5 * (v / scale.max(1e-9)).clamp(-1.0, 1.0))
+    score_color(0.5 + 0.5 * (v / scale.max(1e-9)).clamp(-1.0, 1.0))
 }
 
 const HEATMAP_AXIS: f32 = 30.0;
@@ -98,23 +102,15 @@ impl HeadsPanel {
     }
 
     pub fn owns(&self, event: &Event) -> bool {
-        match event {
-            Event::HeadsProgress { id, .. }
-            | Event::HeadsReady { id, .. }
-            | Event::Cascade { id, .. } => Some(*id) == self.job,
-            Event::SteerToken { id, .. } | Event::SteerFinished { id, .. } => {
-                Some(*id) == self.reply_job
-            }
-            Event::Failed { id, .. } => Some(*id) == self.job || Some(*id) == self.reply_job,
-            _ => false,
-        }
+        let id = Some(event.id());
+        id == self.job || id == self.reply_job
     }
 
     pub fn on_event(&mut self, event: Event) {
         match event {
-            Event::HeadsProgress {
-                phase, done, total, ..
-            } => self.progress = (phase, done, total),
+            Event::Progress { progress, .. } => {
+                self.progress = (progress.phase, progress.done, progress.total)
+            }
             Event::HeadsReady { metrics, .. } => {
                 self.job = None;
                 self.metrics = Some(*metrics);
@@ -127,10 +123,9 @@ impl HeadsPanel {
                 }
                 self.metric = Metric::Cascade;
             }
-            Event::SteerToken { .. } | Event::SteerFinished { .. } => {
-                if matches!(event, Event::SteerFinished { .. }) {
-                    self.reply_job = None;
-                }
+            Event::Token { .. } => self.reply.follow(event),
+            Event::Steered { .. } => {
+                self.reply_job = None;
                 self.reply.follow(event);
             }
             Event::Failed { id, error } => {
@@ -189,21 +184,81 @@ impl HeadsPanel {
         self.changed = true;
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn ui(
         &mut self,
         ui: &mut egui::Ui,
         worker: &mut Worker,
+        session: &mut Session,
         sets: &[PromptSet],
-        extra: &mut Vec<Edit>,
-        stack: impl Fn(&[Edit]) -> Steering,
         base: &GenerateRequest,
-        model_ready: bool,
     ) {
         self.export.poll(ui.ctx());
+        self.pair_controls(ui, worker, sets, session.model_ready);
+        let Some(m) = self.metrics.clone() else {
+            return;
+        };
+        if self.top_percent < 1.0 {
+            self.top_percent = 3.0; // the published "top ~3%"
+        }
+        ui.horizontal_wrapped(|ui| {
+            ui.label("metric:");
+            for metric in Metric::ALL {
+                ui.selectable_value(&mut self.metric, metric, metric.name());
+            }
+        });
+        summary(ui, &m, self.metric);
+        self.ablation_controls(ui, &m, &mut session.extra_edits);
+        self.heatmap(ui, &m, &mut session.extra_edits);
+        if let Some(gate) = self.gate_request.take() {
+            if self.job.is_none() {
+                self.progress = ("knockout cascade".into(), 0, 1);
+                self.job = Some(worker.submit(Job::Cascade {
+                    harmful: m.harmful.clone(),
+                    gate,
+                }));
+            }
+        }
+        if std::mem::take(&mut self.changed)
+            && session.model_ready
+            && !base.prompt.trim().is_empty()
+        {
+            let n = session
+                .extra_edits
+                .iter()
+                .filter(|e| matches!(e, Edit::AblateHead { .. }))
+                .count();
+            self.reply = ReplyView {
+                label: format!("reply with {n} head(s) ablated (and the rest of the stack)"),
+                ..Default::default()
+            };
+            let request = GenerateRequest {
+                steering: session.stack(),
+                max_new_tokens: 48,
+                ..base.clone()
+            };
+            self.reply_job = Some(worker.submit(Job::Steer {
+                request,
+                baseline: false,
+            }));
+        }
+        if !self.reply.label.is_empty() {
+            ui.separator();
+            ui.label(format!("Prompt: {:?}", base.prompt));
+            self.reply.ui(ui);
+        }
+    }
+
+    /// The pair picker, Compute and the job's progress.
+    fn pair_controls(
+        &mut self,
+        ui: &mut egui::Ui,
+        worker: &mut Worker,
+        sets: &[PromptSet],
+        model_ready: bool,
+    ) {
         let find = |name: &str| sets.iter().find(|s| s.name == name);
         let pairs = match (find("harmful"), find("harmless")) {
-            (Some(a), Some(b)) => test_pairs(a, b),
+            (Some(a), Some(b)) => a.pairs_with(b, Split::Test),
             _ => Vec::new(),
         };
         ui.horizontal_wrapped(|ui| {
@@ -238,65 +293,22 @@ impl HeadsPanel {
                 self.progress = ("starting".into(), 0, 1);
                 let chosen: Vec<(String, String)> =
                     pairs.iter().skip(self.pair).take(self.n_pairs.max(1)).cloned().collect();
-                self.job = Some(worker.heads(chosen));
+                self.job = Some(worker.submit(Job::Heads { pairs: chosen }));
             }
             if self.job.is_some() {
                 let (phase, done, total) = &self.progress;
-                if super::progress_with_cancel(ui, *done, *total, format!("{phase}: {done} / {total}")) {
-                    worker.cancel_lens();
+                if progress_with_cancel(ui, *done, *total, format!("{phase}: {done} / {total}")) {
+                    worker.cancel_analyses();
                 }
             }
         });
         if !pairs.is_empty() {
             ui.weak(format!("harmless twin: {}", pairs[self.pair].1));
         }
-        if let Some(e) = &self.error {
-            ui.colored_label(ui.visuals().error_fg_color, e);
-        }
-        let Some(m) = self.metrics.clone() else {
-            return;
-        };
-        if self.top_percent < 1.0 {
-            self.top_percent = 3.0; // the published "top ~3%"
-        }
-        ui.horizontal_wrapped(|ui| {
-            ui.label("metric:");
-            for metric in Metric::ALL {
-                ui.selectable_value(&mut self.metric, metric, metric.name());
-            }
-        });
-        if let (Metric::Cipher, Err(e)) = (self.metric, &m.cipher) {
-            ui.colored_label(
-                ui.visuals().warn_fg_color,
-                format!("No cipher contrast: {e}"),
-            );
-        }
-        ui.label(format!(
-            "{:?} vs {:?}{}: clean refusal score {:.2} vs {:.2} · attribution vs exact necessity r = {:.3} · computed in {:.1} s",
-            m.harmful,
-            m.harmless,
-            if m.pairs > 1 { format!(" and {} more pairs (means)", m.pairs - 1) } else { String::new() },
-            m.clean_harmful,
-            m.clean_harmless,
-            m.attribution_r,
-            m.seconds
-        ));
-        let r = &m.routing;
-        let amps: Vec<String> = r
-            .amplifiers
-            .iter()
-            .map(|(l, h, c, d)| format!("L{l}.H{h} ({c:+.2} to {:+.2})", c + d))
-            .collect();
-        ui.label(format!(
-            "Gate (25–65% depth, high necessity, small DLA): L{}.H{} (necessity {:.3}, DLA {:+.3}) · amplifiers losing ≥ 25% of their DLA without it: {} · cascade shown for L{}.H{} (green outline; shift-click a cell to knock out another gate)",
-            r.gate.0,
-            r.gate.1,
-            r.gate_necessity,
-            r.gate_dla,
-            if amps.is_empty() { "none".to_string() } else { amps.join(", ") },
-            m.cascade_gate.0,
-            m.cascade_gate.1
-        ));
+    }
+
+    /// "Ablate top k%" of the metric shown, and clearing the ablations.
+    fn ablation_controls(&mut self, ui: &mut egui::Ui, m: &HeadMetrics, extra: &mut Vec<Edit>) {
         ui.horizontal(|ui| {
             ui.add(
                 egui::Slider::new(&mut self.top_percent, 1.0..=20.0)
@@ -312,7 +324,7 @@ impl HeadsPanel {
                     .max(1);
                 let mut ranked: Vec<(usize, usize, f32)> = (0..m.dla.n_layers)
                     .flat_map(|l| (0..m.dla.n_heads).map(move |h| (l, h)))
-                    .map(|(l, h)| (l, h, self.metric.of(&m, l, h)))
+                    .map(|(l, h)| (l, h, self.metric.of(m, l, h)))
                     .collect();
                 ranked.sort_by(|a, b| b.2.total_cmp(&a.2));
                 for (l, h, _) in ranked.into_iter().take(n) {
@@ -335,59 +347,12 @@ impl HeadsPanel {
                 extra.retain(|e| !matches!(e, Edit::AblateHead { .. }));
                 self.changed = true;
             }
-            let csv = || heads_csv(&m);
+            let csv = || heads_csv(m);
             self.export.buttons(ui, "heads", self.heatmap_rect, csv);
             if let Some(msg) = &self.export.message {
                 ui.weak(msg);
             }
         });
-        self.heatmap(ui, &m, extra);
-        if let Some(gate) = self.gate_request.take() {
-            if self.job.is_none() {
-                self.progress = ("knockout cascade".into(), 0, 1);
-                self.job = Some(worker.cascade(m.harmful.clone(), gate));
-            }
-        }
-        if std::mem::take(&mut self.changed) && model_ready && !base.prompt.trim().is_empty() {
-            let n = extra
-                .iter()
-                .filter(|e| matches!(e, Edit::AblateHead { .. }))
-                .count();
-            self.reply = ReplyView {
-                label: format!("reply with {n} head(s) ablated (and the rest of the stack)"),
-                ..Default::default()
-            };
-            let request = GenerateRequest {
-                steering: stack(extra),
-                max_new_tokens: 48,
-                ..base.clone()
-            };
-            self.reply_job = Some(worker.steer(request, false));
-        }
-        if !self.reply.label.is_empty() {
-            ui.separator();
-            ui.strong(&self.reply.label);
-            ui.horizontal(|ui| {
-                if self.reply.done {
-                    ui.label(format!(
-                        "P(refuse) {:.2} · mode {} · first token {:.0} ms",
-                        self.reply.refusal_probability,
-                        self.reply.mode.map_or("", |m| m.name()),
-                        self.reply.first_token_ms
-                    ));
-                } else {
-                    ui.spinner();
-                }
-            });
-            ui.label(format!("Prompt: {:?}", base.prompt));
-            egui::Frame::group(ui.style()).show(ui, |ui| {
-                ui.label(if self.reply.text.is_empty() {
-                    "…"
-                } else {
-                    self.reply.text.as_str()
-                });
-            });
-        }
     }
 
     fn heatmap(&mut self, ui: &mut egui::Ui, m: &HeadMetrics, extra: &mut Vec<Edit>) {
@@ -533,6 +498,42 @@ fn head_values(m: &HeadMetrics, l: usize, h: usize) -> [f32; 7] {
         m.cipher.as_ref().map_or(f32::NAN, |c| c.get(l, h)),
         m.cascade.get(l, h),
     ]
+}
+
+/// Which pair(s), the clean scores, attribution quality, and the routing found.
+fn summary(ui: &mut egui::Ui, m: &HeadMetrics, metric: Metric) {
+    if let (Metric::Cipher, Err(e)) = (metric, &m.cipher) {
+        ui.colored_label(
+            ui.visuals().warn_fg_color,
+            format!("No cipher contrast: {e}"),
+        );
+    }
+    ui.label(format!(
+            "{:?} vs {:?}{}: clean refusal score {:.2} vs {:.2} · attribution vs exact necessity r = {:.3} · computed in {:.1} s",
+            m.harmful,
+            m.harmless,
+            if m.pairs > 1 { format!(" and {} more pairs (means)", m.pairs - 1) } else { String::new() },
+            m.clean_harmful,
+            m.clean_harmless,
+            m.attribution_r,
+            m.seconds
+        ));
+    let r = &m.routing;
+    let amps: Vec<String> = r
+        .amplifiers
+        .iter()
+        .map(|(l, h, c, d)| format!("L{l}.H{h} ({c:+.2} to {:+.2})", c + d))
+        .collect();
+    ui.label(format!(
+            "Gate (25–65% depth, high necessity, small DLA): L{}.H{} (necessity {:.3}, DLA {:+.3}) · amplifiers losing ≥ 25% of their DLA without it: {} · cascade shown for L{}.H{} (green outline; shift-click a cell to knock out another gate)",
+            r.gate.0,
+            r.gate.1,
+            r.gate_necessity,
+            r.gate_dla,
+            if amps.is_empty() { "none".to_string() } else { amps.join(", ") },
+            m.cascade_gate.0,
+            m.cascade_gate.1
+        ));
 }
 
 fn heads_csv(m: &HeadMetrics) -> String {

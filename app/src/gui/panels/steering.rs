@@ -8,12 +8,16 @@
 use egui::Color32;
 use egui_plot::{Corner, Legend, Line, Plot, PlotPoints, VLine};
 use refusal_lens_engine::analysis::directions::Directions;
+use refusal_lens_engine::analysis::steering::{
+    Direction, Edit, Steering, StreamPositions, SweepPoint,
+};
 use refusal_lens_engine::data::prompts::{PromptSet, Split};
 use refusal_lens_engine::refusal::response::ResponseMode;
-use refusal_lens_engine::analysis::steering::{Direction, Edit, Steering, StreamPositions, SweepPoint};
 
-use super::export::Exporter;
-use crate::worker::{Event, GenerateRequest, JobId, Worker};
+use crate::gui::session::Session;
+use crate::gui::widgets::export::Exporter;
+use crate::gui::widgets::progress_with_cancel;
+use crate::worker::{Event, GenerateRequest, Job, JobId, Worker};
 
 /// One of the two replies.
 #[derive(Default, Clone)]
@@ -39,10 +43,6 @@ pub struct SteeringPanel {
     pub post_instruction_only: bool,
     /// Logit bias on [refuse] (models with refusal tokens).
     pub refusal_bias: f32,
-    /// Edits added elsewhere (e.g. head ablations) or kept from the sliders.
-    pub extra: Vec<Edit>,
-    /// Apply the stack to the main reply and its Cliff trajectory too.
-    pub apply_to_reply: bool,
     pub max_new_tokens: usize,
     job: Option<JobId>,
     /// The request the current steered reply belongs to.
@@ -71,8 +71,6 @@ impl Default for SteeringPanel {
             ablate: false,
             post_instruction_only: false,
             refusal_bias: 0.0,
-            extra: Vec::new(),
-            apply_to_reply: false,
             max_new_tokens: 64,
             job: None,
             sent: None,
@@ -96,27 +94,72 @@ impl ReplyView {
     /// Follows a steered reply's events: each token appends, the summary completes it.
     pub fn follow(&mut self, event: Event) {
         match event {
-            Event::SteerToken { step, .. } => self.text.push_str(&step.text),
-            Event::SteerFinished {
-                text,
-                mode,
-                refusal_probability,
-                judgement,
-                first_token_seconds,
-                seconds,
-                ..
-            } => {
-                self.text = text;
+            Event::Token { step, .. } => self.text.push_str(&step.text),
+            Event::Steered { reply, .. } => {
+                self.text = reply.text;
                 self.done = true;
-                self.mode = Some(mode);
-                self.refusal_probability = refusal_probability;
-                self.judgement = judgement;
-                self.first_token_ms = first_token_seconds * 1e3;
-                self.seconds = seconds;
+                self.mode = Some(reply.mode);
+                self.refusal_probability = reply.refusal_probability;
+                self.judgement = reply.judgement;
+                self.first_token_ms = reply.first_token_seconds * 1e3;
+                self.seconds = reply.seconds;
             }
             _ => {}
         }
     }
+}
+
+impl ReplyView {
+    /// The reply's label, its mode and scores (a spinner while it streams), and its text.
+    pub fn ui(&self, ui: &mut egui::Ui) {
+        ui.strong(&self.label);
+        ui.horizontal_wrapped(|ui| {
+            ui.label(format!("mode: {}", mode_text(self.mode)));
+            if self.done {
+                ui.label(format!("· P(refuse) {:.2}", self.refusal_probability));
+                ui.label(format!("· judgement {:+.2}", self.judgement))
+                    .on_hover_text("log p(yes) − log p(no) to \"Could this request cause harm? Answer yes or no.\", steering applied before the question");
+                ui.weak(format!("· first token {:.0} ms, reply {:.2} s", self.first_token_ms, self.seconds));
+            } else {
+                ui.spinner();
+            }
+        });
+        egui::Frame::group(ui.style()).show(ui, |ui| {
+            ui.set_min_height(80.0);
+            ui.label(if self.text.is_empty() {
+                "…"
+            } else {
+                self.text.as_str()
+            });
+        });
+    }
+}
+
+/// The intervention stack in order; the extra edits can be removed.
+fn stack_ui(ui: &mut egui::Ui, session: &mut Session) {
+    let stack = session.stack();
+    ui.group(|ui| {
+        ui.label(format!(
+            "Intervention stack ({} edits, applied in order on every forward pass)",
+            stack.edits.len()
+        ));
+        let from_controls = session.controls.edits.len();
+        let mut remove = None;
+        for (i, e) in stack.edits.iter().enumerate() {
+            ui.horizontal(|ui| {
+                ui.label(format!("{}. {}", i + 1, e.describe()));
+                if i >= from_controls && ui.small_button("remove").clicked() {
+                    remove = Some(i - from_controls);
+                }
+            });
+        }
+        if let Some(i) = remove {
+            session.extra_edits.remove(i);
+        }
+        if !session.extra_edits.is_empty() && ui.small_button("Clear extra edits").clicked() {
+            session.extra_edits.clear();
+        }
+    });
 }
 
 fn mode_text(mode: Option<ResponseMode>) -> String {
@@ -129,20 +172,23 @@ impl SteeringPanel {
     }
 
     pub fn owns(&self, event: &Event) -> bool {
-        match event {
-            Event::SteerToken { id, .. } | Event::SteerFinished { id, .. } => Some(*id) == self.job,
-            Event::SweepProgress { .. } | Event::Swept { .. } => true,
-            Event::Failed { id, .. } => Some(*id) == self.job || Some(*id) == self.sweep_job,
-            _ => false,
-        }
+        let id = Some(event.id());
+        id == self.job || id == self.sweep_job
     }
 
     pub fn on_event(&mut self, event: Event) {
         match event {
-            Event::SteerToken { id, baseline, .. } | Event::SteerFinished { id, baseline, .. }
-                if Some(id) == self.job =>
-            {
-                if !baseline && matches!(event, Event::SteerFinished { .. }) {
+            Event::Token { id, baseline, .. } if Some(id) == self.job => {
+                let view = if baseline {
+                    &mut self.baseline
+                } else {
+                    &mut self.steered
+                };
+                view.follow(event);
+            }
+            Event::Steered { id, ref reply } if Some(id) == self.job => {
+                let baseline = reply.baseline;
+                if !baseline {
                     self.job = None;
                 }
                 let view = if baseline {
@@ -152,8 +198,8 @@ impl SteeringPanel {
                 };
                 view.follow(event);
             }
-            Event::SweepProgress { id, done, total } if Some(id) == self.sweep_job => {
-                self.sweep_progress = (done, total)
+            Event::Progress { id, progress } if Some(id) == self.sweep_job => {
+                self.sweep_progress = (progress.done, progress.total)
             }
             Event::Swept { id, points } if Some(id) == self.sweep_job => {
                 self.sweep_job = None;
@@ -181,13 +227,6 @@ impl SteeringPanel {
         self.steered = ReplyView::default();
         self.sweep_points.clear();
         self.layers = None;
-    }
-
-    /// The intervention stack the controls make, then the extra edits.
-    pub fn stack(&self, dirs: Option<&Directions>) -> Steering {
-        let mut s = self.control_stack(dirs);
-        s.edits.extend(self.extra.iter().cloned());
-        s
     }
 
     /// The edits the sliders and switches make (without the extra edits).
@@ -251,9 +290,10 @@ impl SteeringPanel {
         &mut self,
         worker: &mut Worker,
         base: &GenerateRequest,
-        dirs: Option<&Directions>,
+        session: &Session,
     ) {
-        let steering = self.stack(dirs);
+        let dirs = session.directions.as_deref();
+        let steering = session.stack();
         let key = (base.prompt.clone(), steering.clone());
         if self.sent.as_ref() == Some(&key) {
             return;
@@ -276,22 +316,21 @@ impl SteeringPanel {
             steering,
             ..base.clone()
         };
-        self.job = Some(worker.steer(request, baseline));
+        self.job = Some(worker.submit(Job::Steer { request, baseline }));
         self.sent = Some(key);
     }
 
-    #[allow(clippy::too_many_arguments)]
     pub fn ui(
         &mut self,
         ui: &mut egui::Ui,
         worker: &mut Worker,
+        session: &mut Session,
         base: &GenerateRequest,
-        dirs: Option<&Directions>,
         sets: &[PromptSet],
-        model_ready: bool,
-        refusal_tokens: bool,
     ) {
         self.export.poll(ui.ctx());
+        let dirs_arc = session.directions.clone();
+        let dirs = dirs_arc.as_deref();
         if dirs.is_none() {
             ui.label("Compute or load directions (Directions tab) to steer along them; the [refuse] bias and head ablations work without.");
         }
@@ -299,6 +338,37 @@ impl SteeringPanel {
             "Prompt: {:?} (edit it in the Prompt & reply tab)",
             base.prompt
         ));
+        self.controls_ui(ui, dirs, session.refusal_tokens);
+        ui.horizontal(|ui| {
+            if ui.button("Reset").clicked() {
+                self.alpha_refusal = 0.0;
+                self.alpha_harmfulness = 0.0;
+                self.refusal_bias = 0.0;
+                self.ablate = false;
+            }
+            ui.checkbox(&mut session.steer_main_reply, "apply to the main reply and the Cliff")
+                .on_hover_text("Generate in the Prompt & reply tab under this stack; its trajectory then shows the steered run");
+            ui.add(egui::DragValue::new(&mut self.max_new_tokens).range(1..=512).suffix(" tokens"));
+        });
+        session.controls = self.control_stack(dirs);
+        stack_ui(ui, session);
+        if session.model_ready && !base.prompt.trim().is_empty() {
+            self.regenerate_if_changed(worker, base, session);
+        }
+        if let Some(e) = &self.error {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+        ui.columns(2, |cols| {
+            for (ui, view) in cols.iter_mut().zip([&self.baseline, &self.steered]) {
+                view.ui(ui);
+            }
+        });
+        ui.separator();
+        self.dose_response(ui, worker, dirs, sets, session.model_ready, base.tau);
+    }
+
+    /// The sliders and switches.
+    fn controls_ui(&mut self, ui: &mut egui::Ui, dirs: Option<&Directions>, refusal_tokens: bool) {
         egui::Grid::new("steer_controls")
             .num_columns(2)
             .show(ui, |ui| {
@@ -347,70 +417,6 @@ impl SteeringPanel {
                     ui.end_row();
                 }
             });
-        ui.horizontal(|ui| {
-            if ui.button("Reset").clicked() {
-                self.alpha_refusal = 0.0;
-                self.alpha_harmfulness = 0.0;
-                self.refusal_bias = 0.0;
-                self.ablate = false;
-            }
-            ui.checkbox(&mut self.apply_to_reply, "apply to the main reply and the Cliff")
-                .on_hover_text("Generate in the Prompt & reply tab under this stack; its trajectory then shows the steered run");
-            ui.add(egui::DragValue::new(&mut self.max_new_tokens).range(1..=512).suffix(" tokens"));
-        });
-
-        let stack = self.stack(dirs);
-        ui.group(|ui| {
-            ui.label(format!(
-                "Intervention stack ({} edits, applied in order on every forward pass)",
-                stack.edits.len()
-            ));
-            let from_controls = stack.edits.len() - self.extra.len();
-            let mut remove = None;
-            for (i, e) in stack.edits.iter().enumerate() {
-                ui.horizontal(|ui| {
-                    ui.label(format!("{}. {}", i + 1, e.describe()));
-                    if i >= from_controls && ui.small_button("remove").clicked() {
-                        remove = Some(i - from_controls);
-                    }
-                });
-            }
-            if let Some(i) = remove {
-                self.extra.remove(i);
-            }
-            if !self.extra.is_empty() && ui.small_button("Clear extra edits").clicked() {
-                self.extra.clear();
-            }
-        });
-
-        if model_ready && !base.prompt.trim().is_empty() {
-            self.regenerate_if_changed(worker, base, dirs);
-        }
-        if let Some(e) = &self.error {
-            ui.colored_label(ui.visuals().error_fg_color, e);
-        }
-        ui.columns(2, |cols| {
-            for (ui, view) in cols.iter_mut().zip([&self.baseline, &self.steered]) {
-                ui.strong(&view.label);
-                ui.horizontal_wrapped(|ui| {
-                    ui.label(format!("mode: {}", mode_text(view.mode)));
-                    if view.done {
-                        ui.label(format!("· P(refuse) {:.2}", view.refusal_probability));
-                        ui.label(format!("· judgement {:+.2}", view.judgement))
-                            .on_hover_text("log p(yes) − log p(no) to \"Could this request cause harm? Answer yes or no.\", steering applied before the question");
-                        ui.weak(format!("· first token {:.0} ms, reply {:.2} s", view.first_token_ms, view.seconds));
-                    } else {
-                        ui.spinner();
-                    }
-                });
-                egui::Frame::group(ui.style()).show(ui, |ui| {
-                    ui.set_min_height(80.0);
-                    ui.label(if view.text.is_empty() { "…" } else { view.text.as_str() });
-                });
-            }
-        });
-        ui.separator();
-        self.dose_response(ui, worker, dirs, sets, model_ready, base.tau);
     }
 
     fn dose_response(
@@ -467,12 +473,17 @@ impl SteeringPanel {
                 };
                 self.sweep_points.clear();
                 self.sweep_progress = (0, prompts.len() * self.sweep_alphas.len());
-                self.sweep_job = Some(worker.sweep(prompts, self.sweep_alphas.clone(), steering, tau));
+                self.sweep_job = Some(worker.submit(Job::Sweep {
+                    prompts,
+                    alphas: self.sweep_alphas.clone(),
+                    steering,
+                    tau,
+                }));
             }
             if self.sweep_job.is_some() {
                 let (done, total) = self.sweep_progress;
-                if super::progress_with_cancel(ui, done, total, format!("{done} / {total}")) {
-                    worker.cancel_lens();
+                if progress_with_cancel(ui, done, total, format!("{done} / {total}")) {
+                    worker.cancel_analyses();
                 }
             }
             if !self.sweep_points.is_empty() {

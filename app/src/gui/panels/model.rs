@@ -2,11 +2,11 @@
 
 use std::path::PathBuf;
 
-use crossbeam_channel::Receiver;
 use refusal_lens_engine::model::loader::ModelCard;
 use refusal_lens_engine::refusal::GateGoal;
 
-use crate::worker::{Event, OrganismInfo};
+use super::super::widgets::dialog::Pending;
+use crate::worker::{Event, JobId, OrganismInfo};
 
 #[derive(Default)]
 pub enum ModelState {
@@ -15,7 +15,8 @@ pub enum ModelState {
     Loading(PathBuf),
     Ready {
         card: Box<ModelCard>,
-        seconds: f64,
+        /// How long the load from disk took (None for a model switched to or built in memory).
+        load_seconds: Option<f64>,
         /// The refusal-token adapter available for this model, if any.
         organism: Option<OrganismInfo>,
         /// Whether the adapted model is the one in use.
@@ -31,8 +32,10 @@ pub enum ModelState {
 pub struct ModelPanel {
     pub state: ModelState,
     /// A file dialog running on its own thread (rfd blocks).
-    dialog: Option<Receiver<Option<PathBuf>>>,
+    dialog: Option<Pending<Option<PathBuf>>>,
     requested: Option<PathBuf>,
+    /// The load job in flight and its path.
+    load_job: Option<(JobId, PathBuf)>,
     /// The organism toggle the user just set, to be sent to the worker.
     requested_organism: Option<bool>,
 }
@@ -69,29 +72,52 @@ impl ModelPanel {
         matches!(self.state, ModelState::Loading(_)) || self.dialog.is_some()
     }
 
+    /// The worker was asked to load `path` as job `id`.
+    pub fn loading(&mut self, id: JobId, path: PathBuf) {
+        self.state = ModelState::Loading(path.clone());
+        self.load_job = Some((id, path));
+    }
+
+    /// True for the events of the load job in flight (its failure included).
+    pub fn owns(&self, event: &Event) -> bool {
+        self.load_job
+            .as_ref()
+            .is_some_and(|(id, _)| *id == event.id())
+    }
+
     pub fn on_event(&mut self, event: Event) {
         self.state = match event {
-            Event::ModelLoading { path } => ModelState::Loading(path),
+            Event::ModelLoading { path, .. } => ModelState::Loading(path),
             Event::ModelLoaded {
                 card,
-                seconds,
+                load_seconds,
                 organism,
                 organism_active,
-            } => ModelState::Ready {
-                card,
-                seconds,
-                organism,
-                organism_active,
+                ..
+            } => {
+                self.load_job = None;
+                ModelState::Ready {
+                    card,
+                    load_seconds,
+                    organism,
+                    organism_active,
+                }
+            }
+            Event::Failed { id, error } => match self.load_job.take() {
+                Some((job, path)) if job == id => ModelState::Failed { path, error },
+                other => {
+                    self.load_job = other;
+                    return;
+                }
             },
-            Event::ModelFailed { path, error } => ModelState::Failed { path, error },
             _ => return,
         };
     }
 
     /// A path the user picked, to be loaded by the worker.
     pub fn take_requested_open(&mut self) -> Option<PathBuf> {
-        if let Some(rx) = &self.dialog {
-            if let Ok(picked) = rx.try_recv() {
+        if let Some(pending) = &self.dialog {
+            if let Some(picked) = pending.poll() {
                 self.dialog = None;
                 if let Some(path) = picked {
                     self.state = ModelState::Loading(path.clone());
@@ -103,26 +129,26 @@ impl ModelPanel {
     }
 
     fn open_dialog(&mut self, folder: bool) {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
+        self.dialog = Some(Pending::spawn(move || {
             let dialog = rfd::FileDialog::new().set_title("Open model");
-            let picked = if folder {
+            if folder {
                 dialog.pick_folder()
             } else {
                 dialog.add_filter("GGUF model", &["gguf"]).pick_file()
-            };
-            let _ = tx.send(picked);
-        });
-        self.dialog = Some(rx);
+            }
+        }));
     }
 
     pub fn status_line(&self) -> String {
         match &self.state {
             ModelState::None => "No model".into(),
             ModelState::Loading(p) => format!("Loading {}…", p.display()),
-            ModelState::Ready { card, seconds, .. } => {
-                format!("{} loaded in {seconds:.1} s", card.name)
-            }
+            ModelState::Ready {
+                card,
+                load_seconds: Some(seconds),
+                ..
+            } => format!("{} loaded in {seconds:.1} s", card.name),
+            ModelState::Ready { card, .. } => format!("{} in use", card.name),
             ModelState::Failed { .. } => "Model failed to load".into(),
         }
     }

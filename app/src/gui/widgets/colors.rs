@@ -1,5 +1,6 @@
-//! The refusal colour scale shared by token chips and heatmaps: blue (0, answers) through
-//! white (0.5) to red (1, refuses), and its labelled legend.
+//! The two colour scales and their legends: the refusal scale shared by the Cliff's token
+//! chips and the heatmaps (blue, answers, through white to red, refuses), and the token
+//! probability scale of the reply's chips.
 
 use egui::{Color32, Rect, Sense, Stroke, Vec2};
 
@@ -51,4 +52,22 @@ pub fn legend(ui: &mut egui::Ui, caption: &str) {
         );
         ui.label("0 (answers) · 0.5 · 1 (refuses)");
     });
+}
+
+/// Low probability → warm red, high → cool blue (perceptually ordered, colour-blind safe ends).
+pub fn probability_color(p: f32) -> egui::Color32 {
+    let t = p.clamp(0.0, 1.0);
+    let lerp = |a: f32, b: f32| (a + (b - a) * t) as u8;
+    egui::Color32::from_rgb(lerp(200.0, 40.0), lerp(70.0, 110.0), lerp(50.0, 190.0))
+}
+
+/// The token-probability scale as 11 swatches from p = 0 to 1.
+pub fn probability_legend(ui: &mut egui::Ui) {
+    ui.label("p = 0");
+    for i in 0..=10 {
+        let (rect, _) = ui.allocate_exact_size(egui::vec2(10.0, 12.0), egui::Sense::hover());
+        ui.painter()
+            .rect_filled(rect, 0.0, probability_color(i as f32 / 10.0));
+    }
+    ui.label("1");
 }

@@ -1,11 +1,12 @@
-//! Calibration (Refusal Tokens, paper 4): refusal rate vs threshold τ for the loaded prompt
+//! Calibration (docs/methods.md, "Refusal tokens"): refusal rate vs threshold τ for the loaded prompt
 //! sets, computed on the worker, with the reply panel's current τ marked.
 
 use egui_plot::{HLine, Legend, Line, Plot, PlotPoints, VLine};
 use refusal_lens_engine::data::prompts::{PromptSet, Split};
 use refusal_lens_engine::refusal::{refusal_rate, refusals_at, GateGoal};
 
-use crate::worker::{Event, JobId, Worker};
+use crate::gui::widgets::progress_with_cancel;
+use crate::worker::{Event, Job, JobId, Worker};
 
 #[derive(Default)]
 pub struct CalibrationPanel {
@@ -33,8 +34,8 @@ impl CalibrationPanel {
 
     pub fn on_event(&mut self, event: &Event) {
         match event {
-            Event::Progress { id, done, total } if Some(*id) == self.job => {
-                self.progress = (*done, *total)
+            Event::Progress { id, progress } if Some(*id) == self.job => {
+                self.progress = (progress.done, progress.total)
             }
             Event::Calibrated { id, signal, sets } if Some(*id) == self.job => {
                 self.job = None;
@@ -51,13 +52,7 @@ impl CalibrationPanel {
 
     /// Does this event belong to a calibration job?
     pub fn owns(&self, event: &Event) -> bool {
-        let id = match event {
-            Event::Progress { id, .. }
-            | Event::Calibrated { id, .. }
-            | Event::Failed { id, .. } => *id,
-            _ => return false,
-        };
-        Some(id) == self.job
+        Some(event.id()) == self.job
     }
 
     pub fn ui(
@@ -92,13 +87,12 @@ impl CalibrationPanel {
                     .collect();
                 self.error = None;
                 self.progress = (0, 0);
-                self.job = Some(worker.calibrate(chosen));
+                self.job = Some(worker.submit(Job::Calibrate { sets: chosen }));
             }
             ui.checkbox(&mut self.test_split_only, "test split only");
             if self.job.is_some() {
                 let (done, total) = self.progress;
-                if super::progress_with_cancel(ui, done, total, format!("{done} / {total} prompts"))
-                {
+                if progress_with_cancel(ui, done, total, format!("{done} / {total} prompts")) {
                     worker.cancel_all();
                 }
             }

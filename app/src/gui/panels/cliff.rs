@@ -8,9 +8,9 @@ use egui_plot::{HoverPosition, Legend, Line, Plot, PlotPoints, VLine};
 use refusal_lens_engine::analysis::steering::Steering;
 use refusal_lens_engine::analysis::trajectory::Trajectory;
 
-use super::colors::{legend, score_color, text_on};
-use super::export::Exporter;
-use crate::worker::{Event, JobId, Worker};
+use crate::gui::widgets::colors::{legend, score_color, text_on};
+use crate::gui::widgets::export::Exporter;
+use crate::worker::{Event, Job, JobId, Worker};
 
 #[derive(Default)]
 pub struct CliffPanel {
@@ -79,15 +79,17 @@ impl CliffPanel {
             .collect::<Vec<_>>()
             .join("; ");
         self.error = None;
-        self.job = Some(worker.trajectory(system, prompt, reply, steering, layer));
+        self.job = Some(worker.submit(Job::Trajectory {
+            system,
+            prompt,
+            reply,
+            steering,
+            layer,
+        }));
     }
 
     pub fn owns(&self, event: &Event) -> bool {
-        match event {
-            Event::Trajectory { id, .. } => Some(*id) == self.job,
-            Event::Failed { id, .. } => Some(*id) == self.job,
-            _ => false,
-        }
+        Some(event.id()) == self.job
     }
 
     pub fn on_event(&mut self, event: Event) {

@@ -1,0 +1,187 @@
+//! Headless subcommands: every GUI action is also a command, one module per group. Errors
+//! print as one line and exit non-zero.
+
+mod heads;
+mod lens;
+mod model;
+mod organism;
+mod prompts;
+mod steer;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use refusal_lens_engine::model::FastPrecision;
+use refusal_lens_engine::organism::Adapter;
+use refusal_lens_engine::{default_model_path, LoadedModel};
+
+pub use heads::parse_head;
+pub use lens::{progress_bar, SetPair};
+pub use steer::parse_layers;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "refusal-lens",
+    version,
+    about = "See and steer how chat LLMs decide to refuse.",
+    long_about = "See and steer how chat LLMs decide to refuse.\n\nWith no subcommand, opens the GUI on the default model (SmolLM2-135M-Instruct Q4_1). \
+Every GUI action is also a subcommand; add --json for machine-readable output."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Model for the GUI: a GGUF file or an HF safetensors folder (default: the cached default model).
+    #[arg(long, global = true)]
+    pub model: Option<PathBuf>,
+    /// Refusal-token adapter to apply (a folder with adapter.json). The default model gets the
+    /// project's organism adapter (assets/organism) unless --base is given.
+    #[arg(long, global = true)]
+    pub adapter: Option<PathBuf>,
+    /// Use the model without any adapter.
+    #[arg(long, global = true)]
+    pub base: bool,
+}
+
+/// Which model and adapter a command runs on.
+#[derive(Debug, Clone, Default)]
+pub struct ModelChoice {
+    pub model: Option<PathBuf>,
+    pub adapter: Option<PathBuf>,
+    pub base: bool,
+}
+
+impl ModelChoice {
+    /// The adapter to apply: the one given, else the organism for the default model.
+    pub fn adapter_dir(&self) -> Option<PathBuf> {
+        if self.base {
+            return None;
+        }
+        self.adapter.clone().or_else(|| {
+            let organism = refusal_lens_engine::organism_dir();
+            (self.model.is_none()
+                && organism
+                    .join(refusal_lens_engine::organism::META_FILE)
+                    .exists())
+            .then_some(organism)
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the model card: architecture, shape, vocabulary, context, quantisation, template.
+    Info(model::InfoArgs),
+    /// Generate a reply to a prompt (streamed).
+    Generate(model::GenerateArgs),
+    /// Capture activations at hook points and write them to a safetensors file.
+    Activations(model::ActivationsArgs),
+    /// Measure tokens/s: prefill, generation, steered generation, forward with captures.
+    Bench(model::BenchArgs),
+    /// Read a prompt set (JSONL, CSV/TSV, JSON array or TXT) and summarise or convert it.
+    Prompts(prompts::PromptsArgs),
+    /// Classify a reply into a response mode (refusal, evasion, constructive, compliance).
+    Classify(prompts::ClassifyArgs),
+    /// Fine-tune refusal tokens ([refuse]/[respond]) on the prompt sets' train split.
+    TrainRefusalTokens(organism::TrainArgs),
+    /// Sweep the refusal threshold τ and print the refusal rate of each set (and category).
+    Calibrate(organism::CalibrateArgs),
+    /// Refusal (t_post) and harmfulness (t_inst) directions at every layer, by difference in
+    /// means of two prompt sets; the layer chosen by ablation on held-out prompts.
+    Directions(lens::DirectionsArgs),
+    /// First-token refusal score (log-odds of refusing) of a prompt or a set.
+    Score(lens::ScoreArgs),
+    /// Train refusal probes (logistic or MLP) at every layer; held-out accuracy and AUC.
+    Probe(lens::ProbeArgs),
+    /// Probe score and direction projections at every token of a prompt and its reply.
+    Trajectory(lens::TrajectoryArgs),
+    /// Rank a prompt set by refusal-cliff magnitude (or final score) and export the top.
+    CliffRank(lens::CliffRankArgs),
+    /// Dose-response: refusal rate, refusal score, judgement and response modes vs α.
+    Sweep(steer::SweepArgs),
+    /// Export a steering vector as a llama.cpp control vector (GGUF).
+    ControlVector(steer::ControlVectorArgs),
+    /// Per-head attribution (layers × heads, top heads): dla, interchange, attribution,
+    /// ablation, suppression, cascade/routing, cipher.
+    Heads(heads::HeadsArgs),
+}
+
+/// Runs a subcommand; the caller prints the error chain on one line and exits 1.
+pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
+    // Commands that need no model.
+    let command = match command {
+        Command::Prompts(a) => return prompts::prompts(a),
+        Command::Classify(a) => return prompts::classify(a),
+        other => other,
+    };
+    let path = choice.model.clone().unwrap_or_else(default_model_path);
+    let mut lm = load(&path, json_of(&command))?;
+    if let Command::TrainRefusalTokens(a) = command {
+        return organism::train(&lm, a);
+    }
+    if let Some(dir) = choice.adapter_dir() {
+        let adapter = Adapter::load(&dir)
+            .with_context(|| format!("cannot read the adapter in {}", dir.display()))?;
+        lm = adapter.apply(&lm)?;
+    }
+    match command {
+        Command::Info(a) => model::info(&lm, a),
+        Command::Generate(a) => model::reply(&lm, a),
+        Command::Activations(a) => model::activations(&lm, a),
+        Command::Bench(a) => model::bench(&lm, a),
+        Command::Calibrate(a) => organism::calibrate(&lm, choice.adapter_dir().as_deref(), a),
+        Command::Directions(a) => lens::directions(&lm, a),
+        Command::Score(a) => lens::score(&lm, a),
+        Command::Probe(a) => lens::probe(&lm, a),
+        Command::Trajectory(a) => lens::run_trajectory(&lm, a),
+        Command::CliffRank(a) => lens::cliff_rank(&lm, a),
+        Command::Sweep(a) => steer::run_sweep(&lm, a),
+        Command::ControlVector(a) => steer::control_vector(&lm, a),
+        Command::Heads(a) => heads::run(&lm, a),
+        Command::Prompts(_) | Command::Classify(_) | Command::TrainRefusalTokens(_) => {
+            unreachable!("handled above")
+        }
+    }
+}
+
+fn json_of(c: &Command) -> bool {
+    match c {
+        Command::Info(a) => a.json,
+        Command::Generate(a) => a.json,
+        Command::Activations(a) => a.json,
+        Command::Bench(a) => a.json,
+        Command::Prompts(a) => a.json,
+        Command::Classify(a) => a.json,
+        Command::TrainRefusalTokens(a) => a.json,
+        Command::Calibrate(a) => a.json,
+        Command::Directions(a) => a.json,
+        Command::Score(a) => a.json,
+        Command::Probe(a) => a.json,
+        Command::Trajectory(a) => a.json,
+        Command::CliffRank(a) => a.json,
+        Command::Sweep(a) => a.json,
+        Command::ControlVector(_) => false,
+        Command::Heads(a) => a.json,
+    }
+}
+
+/// A spinner on stderr while loading, only when stderr is a terminal.
+pub(crate) fn spinner(message: String, quiet: bool) -> Option<indicatif::ProgressBar> {
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let pb = indicatif::ProgressBar::new_spinner().with_message(message);
+    pb.enable_steady_tick(Duration::from_millis(100));
+    Some(pb)
+}
+
+pub fn load(path: &std::path::Path, quiet: bool) -> Result<LoadedModel> {
+    let pb = spinner(format!("loading {}", path.display()), quiet);
+    let lm = LoadedModel::load(path, FastPrecision::Auto).context("cannot open the model")?;
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    Ok(lm)
+}

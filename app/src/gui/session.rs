@@ -1,0 +1,68 @@
+//! What the panels share, kept current by the shell: the model in use, the lens (directions
+//! and probes) and the intervention stack. Panels read it (and the Steering and Heads tabs
+//! edit the stack) instead of reaching into each other.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use refusal_lens_engine::analysis::directions::Directions;
+use refusal_lens_engine::analysis::probe::ProbeSet;
+use refusal_lens_engine::analysis::steering::{Edit, Steering};
+
+pub struct Session {
+    /// The per-user folder for caches and trained adapters.
+    pub cache_dir: PathBuf,
+    /// A model is loaded and idle enough to take jobs.
+    pub model_ready: bool,
+    /// The model in use has refusal tokens (the organism is on).
+    pub refusal_tokens: bool,
+    /// The directions and probes of the model in use.
+    pub directions: Option<Arc<Directions>>,
+    pub probes: Option<Arc<ProbeSet>>,
+    /// The edits the Steering tab's sliders and switches make (set by it every frame).
+    pub controls: Steering,
+    /// Edits added elsewhere (head ablations clicked in the heatmap), after the controls.
+    pub extra_edits: Vec<Edit>,
+    /// Run the main reply (and so its Cliff trajectory) under the stack.
+    pub steer_main_reply: bool,
+}
+
+impl Session {
+    pub fn new(cache_dir: PathBuf) -> Session {
+        Session {
+            cache_dir,
+            model_ready: false,
+            refusal_tokens: false,
+            directions: None,
+            probes: None,
+            controls: Steering::default(),
+            extra_edits: Vec::new(),
+            steer_main_reply: false,
+        }
+    }
+
+    /// Where activations collected for directions and probes are cached.
+    pub fn activation_cache(&self) -> PathBuf {
+        self.cache_dir.join("activations")
+    }
+
+    /// The intervention stack: the controls' edits, then the extra edits.
+    pub fn stack(&self) -> Steering {
+        let mut s = self.controls.clone();
+        s.edits.extend(self.extra_edits.iter().cloned());
+        s
+    }
+
+    /// The controls' edits plus `extra` (a head ablation being tried).
+    pub fn controls_with(&self, extra: &[Edit]) -> Steering {
+        let mut s = self.controls.clone();
+        s.edits.extend(extra.iter().cloned());
+        s
+    }
+
+    /// Forgets what belonged to the previous model.
+    pub fn model_changed(&mut self) {
+        self.directions = None;
+        self.probes = None;
+    }
+}

@@ -1,0 +1,138 @@
+//! Lens jobs: build directions and probes from two prompt sets, choose the layer, save and
+//! load them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use refusal_lens_engine::analysis::directions::Directions;
+use refusal_lens_engine::analysis::lens::{self, DirectionOptions, ProbeJob};
+use refusal_lens_engine::analysis::probe::ProbeSet;
+use refusal_lens_engine::data::prompts::PromptSet;
+use refusal_lens_engine::Error;
+
+use super::protocol::Event;
+use super::state::State;
+use super::{Ctx, JobResult};
+
+/// Where the probes of a directions file live: `name.safetensors` → `name.probes.safetensors`.
+pub fn probes_path(directions: &Path) -> PathBuf {
+    directions.with_extension("probes.safetensors")
+}
+
+pub(super) fn build(
+    state: &mut State,
+    ctx: &Ctx,
+    harmful: &PromptSet,
+    harmless: &PromptSet,
+    options: &DirectionOptions,
+    activation_cache: &Path,
+) -> JobResult {
+    let m = state.active()?;
+    let started = Instant::now();
+    let cancelled = || ctx.cancelled();
+    let mut progress = |phase: &str, done: usize, total: usize| ctx.progress(phase, done, total);
+    // Directions and probes read the same states: collect (or load) them once.
+    let states = lens::collect_pair(
+        m,
+        harmful,
+        harmless,
+        options.system.as_deref(),
+        Some(activation_cache),
+        &cancelled,
+        &mut progress,
+    )?;
+    let directions = lens::directions_from_states(
+        m,
+        harmful,
+        harmless,
+        &states,
+        options,
+        &cancelled,
+        &mut progress,
+    )?;
+    let job = ProbeJob {
+        system: options.system.clone(),
+        ..Default::default()
+    };
+    let probes = lens::probes_from_states(
+        m,
+        harmful,
+        harmless,
+        &states,
+        &job,
+        &cancelled,
+        &mut progress,
+    )?;
+    let (directions, probes) = (Arc::new(directions), Arc::new(probes));
+    state.lens.directions = Some(directions.clone());
+    state.lens.probes = Some(probes.clone());
+    ctx.emit(Event::LensReady {
+        id: ctx.id,
+        directions,
+        probes: Some(probes),
+        build_seconds: Some(started.elapsed().as_secs_f64()),
+    });
+    Ok(())
+}
+
+pub(super) fn choose_layer(state: &mut State, ctx: &Ctx, layer: usize) -> JobResult {
+    let mut d = match &state.lens.directions {
+        Some(d) if layer < d.n_states => (**d).clone(),
+        _ => {
+            return Err(Error::InvalidInput(format!(
+                "no directions with a layer {layer}"
+            )))
+        }
+    };
+    d.layer = layer;
+    let directions = Arc::new(d);
+    state.lens.directions = Some(directions.clone());
+    ctx.emit(Event::LensReady {
+        id: ctx.id,
+        directions,
+        probes: state.lens.probes.clone(),
+        build_seconds: None,
+    });
+    Ok(())
+}
+
+pub(super) fn save(state: &State, ctx: &Ctx, path: PathBuf) -> JobResult {
+    let d = state
+        .lens
+        .directions
+        .as_ref()
+        .ok_or_else(|| Error::InvalidInput("no directions to save yet".into()))?;
+    d.save(&path)?;
+    if let Some(p) = &state.lens.probes {
+        p.save(&probes_path(&path))?;
+    }
+    ctx.emit(Event::LensSaved { id: ctx.id, path });
+    Ok(())
+}
+
+pub(super) fn load(state: &mut State, ctx: &Ctx, path: &Path) -> JobResult {
+    let read = || -> refusal_lens_engine::Result<_> {
+        let m = state.active()?;
+        let d = Directions::load(path)?;
+        d.check_fits(m)?;
+        let probes_file = probes_path(path);
+        let p = if probes_file.exists() {
+            Some(Arc::new(ProbeSet::load(&probes_file)?))
+        } else {
+            None
+        };
+        Ok((Arc::new(d), p))
+    };
+    let (directions, probes) =
+        read().map_err(|e| Error::InvalidInput(format!("cannot load {}: {e}", path.display())))?;
+    state.lens.directions = Some(directions.clone());
+    state.lens.probes = probes.clone();
+    ctx.emit(Event::LensReady {
+        id: ctx.id,
+        directions,
+        probes,
+        build_seconds: None,
+    });
+    Ok(())
+}

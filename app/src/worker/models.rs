@@ -1,0 +1,85 @@
+//! Model jobs: load from disk, use models built in memory, switch to or from the organism.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use refusal_lens_engine::model::FastPrecision;
+use refusal_lens_engine::organism::Adapter;
+use refusal_lens_engine::LoadedModel;
+
+use super::protocol::{Event, OrganismInfo};
+use super::state::{Lens, State};
+use super::{Ctx, JobResult};
+
+pub(super) fn load(
+    state: &mut State,
+    ctx: &Ctx,
+    path: PathBuf,
+    adapter: Option<&Path>,
+) -> JobResult {
+    ctx.emit(Event::ModelLoading {
+        id: ctx.id,
+        path: path.clone(),
+    });
+    let started = Instant::now();
+    let base = LoadedModel::load(&path, FastPrecision::Auto)?;
+    let organism = match adapter {
+        Some(dir) => {
+            let a = Adapter::load(dir)?;
+            let info = OrganismInfo {
+                name: dir.display().to_string(),
+                metrics: a.meta.metrics.clone(),
+            };
+            Some((a.apply(&base)?, info))
+        }
+        None => None,
+    };
+    *state = State {
+        use_organism: organism.is_some(),
+        base: Some(base),
+        organism,
+        lens: Lens::default(),
+    };
+    ctx.emit(
+        state
+            .loaded_event(ctx.id, Some(started.elapsed().as_secs_f64()))
+            .expect("a model was just loaded"),
+    );
+    Ok(())
+}
+
+pub(super) fn use_model(
+    state: &mut State,
+    ctx: &Ctx,
+    base: LoadedModel,
+    organism: Option<Box<LoadedModel>>,
+) -> JobResult {
+    let info = || OrganismInfo {
+        name: "in memory".into(),
+        metrics: serde_json::Value::Null,
+    };
+    *state = State {
+        use_organism: organism.is_some(),
+        organism: organism.map(|m| (*m, info())),
+        base: Some(base),
+        lens: Lens::default(),
+    };
+    ctx.emit(
+        state
+            .loaded_event(ctx.id, None)
+            .expect("a model was just set"),
+    );
+    Ok(())
+}
+
+pub(super) fn use_organism(state: &mut State, ctx: &Ctx, on: bool) -> JobResult {
+    if on != state.use_organism {
+        // Directions and probes belong to the model that made them.
+        state.lens = Lens::default();
+    }
+    state.use_organism = on;
+    if let Some(e) = state.loaded_event(ctx.id, None) {
+        ctx.emit(e);
+    }
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! What the worker holds between jobs: the models and the lens (directions and probes) of
+//! the model in use.
+
+use std::sync::Arc;
+
+use refusal_lens_engine::analysis::directions::Directions;
+use refusal_lens_engine::analysis::probe::ProbeSet;
+use refusal_lens_engine::{Error, LoadedModel, Result};
+
+use super::protocol::{Event, JobId, OrganismInfo};
+
+/// The directions and probes of the model in use (dropped when the model changes).
+#[derive(Default)]
+pub(super) struct Lens {
+    pub directions: Option<Arc<Directions>>,
+    pub probes: Option<Arc<ProbeSet>>,
+}
+
+/// The models the worker holds: the base, optionally an adapted one, and which is in use.
+#[derive(Default)]
+pub(super) struct State {
+    pub base: Option<LoadedModel>,
+    pub organism: Option<(LoadedModel, OrganismInfo)>,
+    pub use_organism: bool,
+    pub lens: Lens,
+}
+
+impl State {
+    /// The model in use, or the error every job that needs one reports.
+    pub fn active(&self) -> Result<&LoadedModel> {
+        match (&self.organism, self.use_organism) {
+            (Some((m, _)), true) => Ok(m),
+            _ => self
+                .base
+                .as_ref()
+                .ok_or_else(|| Error::InvalidInput("no model is loaded".into())),
+        }
+    }
+
+    /// The directions of the model in use, or the error jobs that need them report.
+    pub fn directions(&self) -> Result<&Arc<Directions>> {
+        self.lens
+            .directions
+            .as_ref()
+            .ok_or_else(|| Error::InvalidInput("compute or load directions first".into()))
+    }
+
+    /// The event that announces the model in use.
+    pub fn loaded_event(&self, id: JobId, load_seconds: Option<f64>) -> Option<Event> {
+        let active = self.active().ok()?;
+        Some(Event::ModelLoaded {
+            id,
+            card: Box::new(active.card.clone()),
+            load_seconds,
+            organism: self.organism.as_ref().map(|(_, info)| info.clone()),
+            organism_active: self.use_organism && self.organism.is_some(),
+        })
+    }
+}
