@@ -55,7 +55,7 @@ fn batched_prompt_passes_equal_single_passes() {
         &lm.model.dense,
         &prompts,
         usize::MAX,
-        &HookSpec::capture([point, HookPoint::LnFinal]),
+        &HookSpec::capture([point, HookPoint::UnembedIn]),
         &|| false,
         &mut |_, _| {},
         &mut |pass| {

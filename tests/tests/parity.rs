@@ -19,7 +19,7 @@ fn check(name: &str) {
     let ids: Vec<u32> = serde_json::from_value(expected["input_ids"].clone()).unwrap();
     let n = m.model.config.n_layers;
     let mut points: Vec<HookPoint> = (0..n).map(HookPoint::ResidPre).collect();
-    points.push(HookPoint::LnFinal);
+    points.push(HookPoint::UnembedIn);
     let (logits, captures) = dense_run(&m, &ids, &HookSpec::default(), &points);
     let as_tensor = |v: &serde_json::Value| {
         let rows: Vec<Vec<f32>> = serde_json::from_value(v.clone()).unwrap();

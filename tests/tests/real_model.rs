@@ -109,7 +109,7 @@ fn hidden_states_and_logits_match_transformers() {
     let (r, t) = reference();
     for (i, p) in r.prompts.iter().enumerate() {
         let mut points: Vec<HookPoint> = r.layers.iter().map(|&l| HookPoint::ResidPre(l)).collect();
-        points.push(HookPoint::LnFinal);
+        points.push(HookPoint::UnembedIn);
         let (logits, captures) = dense_run(&m, &p.ids, &HookSpec::default(), &points);
         let n = p.ids.len();
         let last = |x: &Tensor| x.narrow(0, n - r.last_positions, r.last_positions).unwrap();

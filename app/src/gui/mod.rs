@@ -211,7 +211,11 @@ impl RefusalLensApp {
                 });
             });
         self.bottom_sections(ui);
-        // The main reply runs under the intervention stack when the Steering tab says so.
+        // The sliders' edits hold whichever tab is shown; the main reply runs under the
+        // intervention stack when the Steering tab says so.
+        self.session.controls = self
+            .steering
+            .control_stack(self.session.directions.as_deref());
         self.reply.steering = if self.session.steer_main_reply {
             self.session.stack()
         } else {

@@ -216,7 +216,7 @@ pub fn collect(
         &lm.model.dense,
         &ids,
         max_shared,
-        &HookSpec::capture(points.iter().copied().chain([HookPoint::LnFinal])),
+        &HookSpec::capture(points.iter().copied().chain([HookPoint::UnembedIn])),
         cancelled,
         progress,
         &mut |pass| {

@@ -1,4 +1,4 @@
-//! Difference-in-means directions (methods.md "Difference-in-means directions"): the refusal
+//! Difference-in-means directions (docs/methods.md, "Difference-in-means directions"): the refusal
 //! direction at every post-instruction position and the harmfulness direction at t_inst, at
 //! every layer, their per-layer statistics, and the choice of the refusal direction's layer
 //! and position by ablation on held-out prompts.
@@ -340,7 +340,7 @@ pub fn selectable_layers(n_states: usize) -> usize {
     ((n_states as f32 * 0.8).floor() as usize).max(1)
 }
 
-/// Settings of the layer/position selection (methods.md defaults).
+/// Settings of the layer/position selection (the defaults of docs/methods.md).
 #[derive(Debug, Clone, Copy)]
 pub struct SelectOptions {
     /// Discard candidates whose ablation moves the harmless next-token distribution by more.

@@ -43,7 +43,7 @@ impl Default for DirectionOptions {
 /// Which prompts a probe is scored on.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Holdout {
-    /// A seeded random fraction of both sets (methods.md: 80/20).
+    /// A seeded random fraction of both sets (docs/methods.md: 80/20).
     Random { fraction: f32, seed: u64 },
     /// The sets' own `test` split (trained on the rest).
     TestSplit,

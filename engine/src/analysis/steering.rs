@@ -1,4 +1,4 @@
-//! The intervention stack as users edit it (methods.md "Interventions"): a serialisable list
+//! The intervention stack as users edit it (docs/methods.md, "Interventions"): a serialisable list
 //! of edits that names directions and heads instead of holding tensors, turned into hooks for
 //! one prompt at a time; the reply-inversion judgement; and dose-response sweeps.
 
@@ -291,7 +291,7 @@ fn answer_ids(lm: &LoadedModel, word: &str) -> Result<Vec<u32>> {
     crate::refusal::opener_ids(lm, &[word, cap.as_str()])
 }
 
-/// The reply-inversion judgement of `user` (methods.md): append the harm question, read
+/// The reply-inversion judgement of `user` (docs/methods.md): append the harm question, read
 /// `log p(yes) − log p(no)` at t_post, with `steering` applied only to the tokens before the
 /// question. Positive: the model judges the request harmful.
 pub fn judgement(

@@ -1,4 +1,4 @@
-//! Per-token trajectories and the refusal cliff (methods.md "Linear probes and per-token
+//! Per-token trajectories and the refusal cliff (docs/methods.md, "Linear probes and per-token
 //! trajectories"): the probe's `P(refuse)` and the projections onto the refusal and
 //! harmfulness directions at every token of prompt + reply, from one forward pass.
 //!

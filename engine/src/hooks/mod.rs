@@ -1,132 +1,19 @@
-//! Hook points (TransformerLens names) and the hook spec threaded through the forward pass:
-//! what to capture and what to change. An empty spec costs a few branch checks per layer.
+//! Hook points (TransformerLens names), the hook spec threaded through the forward pass (what
+//! to capture and what to change), and the activation cache read back from it. An empty spec
+//! costs a few branch checks per layer.
+
+pub mod cache;
+mod point;
+
+pub use cache::ActivationCache;
+pub use point::HookPoint;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::str::FromStr;
 
 use candle_core::{DType, Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
-
-/// A named place in the forward pass, printed and parsed with TransformerLens' names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum HookPoint {
-    /// `hook_embed`: token embeddings, the first write into the residual stream. `[b, s, d]`
-    Embed,
-    /// `blocks.{l}.hook_resid_pre`: the residual stream entering block `l`. `[b, s, d]`
-    ResidPre(usize),
-    /// `blocks.{l}.attn.hook_pattern`: attention probabilities. `[b, h, s_q, s_k]`
-    AttnPattern(usize),
-    /// `blocks.{l}.attn.hook_z`: per-head attention output before `o_proj`. `[b, s, h, d_h]`
-    AttnZ(usize),
-    /// `blocks.{l}.hook_attn_out`: the attention block's write into the stream. `[b, s, d]`
-    AttnOut(usize),
-    /// `blocks.{l}.hook_resid_mid`: the stream between attention and MLP. `[b, s, d]`
-    ResidMid(usize),
-    /// `blocks.{l}.hook_mlp_out`: the MLP's write into the stream. `[b, s, d]`
-    MlpOut(usize),
-    /// `blocks.{l}.hook_resid_post`: the stream leaving block `l`. `[b, s, d]`
-    ResidPost(usize),
-    /// `ln_final.hook_normalized`: the final RMSNorm's output, input to the unembedding. `[b, s, d]`
-    LnFinal,
-}
-
-impl HookPoint {
-    pub fn layer(self) -> Option<usize> {
-        use HookPoint::*;
-        match self {
-            ResidPre(l) | AttnPattern(l) | AttnZ(l) | AttnOut(l) | ResidMid(l) | MlpOut(l)
-            | ResidPost(l) => Some(l),
-            Embed | LnFinal => None,
-        }
-    }
-
-    /// True for points shaped like the residual stream `[b, s, d]` (where vectors can be added).
-    pub fn is_residual_shaped(self) -> bool {
-        !matches!(self, HookPoint::AttnPattern(_) | HookPoint::AttnZ(_))
-    }
-
-    fn from_kind(kind: &str, layer: usize) -> Option<Self> {
-        Some(match kind {
-            "resid_pre" => HookPoint::ResidPre(layer),
-            "attn_pattern" | "pattern" => HookPoint::AttnPattern(layer),
-            "attn_z" | "z" => HookPoint::AttnZ(layer),
-            "attn_out" => HookPoint::AttnOut(layer),
-            "resid_mid" => HookPoint::ResidMid(layer),
-            "mlp_out" => HookPoint::MlpOut(layer),
-            "resid_post" => HookPoint::ResidPost(layer),
-            _ => return None,
-        })
-    }
-
-    /// Expands a user list like `resid_pre,attn_z,blocks.3.hook_mlp_out,ln_final` into points:
-    /// a bare kind means that kind at every layer.
-    pub fn parse_list(list: &str, n_layers: usize) -> Result<BTreeSet<HookPoint>> {
-        let mut points = BTreeSet::new();
-        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let kind = item.strip_prefix("hook_").unwrap_or(item);
-            if HookPoint::from_kind(kind, 0).is_some() {
-                points.extend((0..n_layers).filter_map(|l| HookPoint::from_kind(kind, l)));
-                continue;
-            }
-            let point = match kind {
-                "embed" => HookPoint::Embed,
-                "ln_final" | "ln_final.hook_normalized" => HookPoint::LnFinal,
-                _ => item.parse()?,
-            };
-            if point.layer().is_some_and(|l| l >= n_layers) {
-                return Err(Error::InvalidInput(format!(
-                    "hook point {item} names a layer past the model's {n_layers} layers"
-                )));
-            }
-            points.insert(point);
-        }
-        Ok(points)
-    }
-}
-
-impl fmt::Display for HookPoint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        use HookPoint::*;
-        match *self {
-            Embed => write!(f, "hook_embed"),
-            ResidPre(l) => write!(f, "blocks.{l}.hook_resid_pre"),
-            AttnPattern(l) => write!(f, "blocks.{l}.attn.hook_pattern"),
-            AttnZ(l) => write!(f, "blocks.{l}.attn.hook_z"),
-            AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
-            ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
-            MlpOut(l) => write!(f, "blocks.{l}.hook_mlp_out"),
-            ResidPost(l) => write!(f, "blocks.{l}.hook_resid_post"),
-            LnFinal => write!(f, "ln_final.hook_normalized"),
-        }
-    }
-}
-
-impl FromStr for HookPoint {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        let invalid = || Error::InvalidHookPoint(s.to_string());
-        match s {
-            "hook_embed" => return Ok(HookPoint::Embed),
-            "ln_final.hook_normalized" => return Ok(HookPoint::LnFinal),
-            _ => {}
-        }
-        let rest = s.strip_prefix("blocks.").ok_or_else(invalid)?;
-        let (layer, name) = rest.split_once('.').ok_or_else(invalid)?;
-        let layer: usize = layer.parse().map_err(|_| invalid())?;
-        let kind = name.strip_prefix("attn.").unwrap_or(name);
-        let kind = kind.strip_prefix("hook_").ok_or_else(invalid)?;
-        let kind = match (name.starts_with("attn."), kind) {
-            (true, "z") => "attn_z",
-            (true, "pattern") => "attn_pattern",
-            (false, k @ ("resid_pre" | "attn_out" | "resid_mid" | "mlp_out" | "resid_post")) => k,
-            _ => return Err(invalid()),
-        };
-        HookPoint::from_kind(kind, layer).ok_or_else(invalid)
-    }
-}
 
 /// Which absolute positions (counting from the start of the sequence, KV cache included) an
 /// intervention touches.
@@ -209,7 +96,7 @@ pub enum Intervention {
 }
 
 impl Intervention {
-    /// Directional ablation as methods.md defines it: project `r̂` out of every write into the
+    /// Directional ablation as docs/methods.md defines it: project `r̂` out of every write into the
     /// residual stream (the embedding, every attention output and every MLP output).
     pub fn ablate_direction(direction: &Tensor, n_layers: usize) -> Result<Vec<Intervention>> {
         let direction = direction.to_dtype(DType::F32)?.flatten_all()?;
@@ -371,6 +258,16 @@ impl HookSpec {
         self.capture.contains(&point)
     }
 
+    /// True when the spec captures `point` or changes the activation there.
+    pub(crate) fn touches(&self, point: HookPoint) -> bool {
+        self.wants(point)
+            || self.interventions.iter().any(|i| match i {
+                Intervention::AddVector { point: p, .. }
+                | Intervention::ProjectOut { point: p, .. } => *p == point,
+                _ => false,
+            })
+    }
+
     pub(crate) fn capture_if_wanted(&self, point: HookPoint, x: &Tensor, captures: &mut Captures) {
         if self.wants(point) {
             captures.push(point, x.clone());
@@ -475,7 +372,8 @@ pub struct Captures {
 }
 
 impl Captures {
-    pub(crate) fn push(&mut self, point: HookPoint, x: Tensor) {
+    /// Adds an activation at `point` (after any captured before, along the positions).
+    pub fn push(&mut self, point: HookPoint, x: Tensor) {
         self.parts.entry(point).or_default().push(x);
     }
 
@@ -495,18 +393,14 @@ impl Captures {
         if parts.len() == 1 {
             return Ok(Some(parts[0].clone()));
         }
-        // Patterns grow along the key axis too; they are only concatenable per query row.
-        let dim = if matches!(point, HookPoint::AttnPattern(_)) {
-            2
-        } else {
-            1
-        };
-        if dim == 2 {
+        // Patterns and scores grow along the key axis too; they are only concatenable per
+        // query row.
+        if point.has_key_axis() {
             return Err(Error::InvalidInput(format!(
                 "{point} was captured over several cached forward passes; capture it in one pass"
             )));
         }
-        Ok(Some(Tensor::cat(parts, dim)?))
+        Ok(Some(Tensor::cat(parts, 1)?))
     }
 
     /// Every capture as `(name, tensor)` pairs, ready to save.
@@ -524,43 +418,6 @@ impl Captures {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_round_trip() {
-        for p in [
-            HookPoint::Embed,
-            HookPoint::ResidPre(3),
-            HookPoint::AttnPattern(0),
-            HookPoint::AttnZ(12),
-            HookPoint::AttnOut(1),
-            HookPoint::ResidMid(2),
-            HookPoint::MlpOut(29),
-            HookPoint::ResidPost(4),
-            HookPoint::LnFinal,
-        ] {
-            assert_eq!(p.to_string().parse::<HookPoint>().unwrap(), p);
-        }
-        assert!("blocks.x.hook_resid_pre".parse::<HookPoint>().is_err());
-        assert!("blocks.1.hook_z".parse::<HookPoint>().is_err());
-        assert!("blocks.1.attn.hook_resid_pre".parse::<HookPoint>().is_err());
-    }
-
-    #[test]
-    fn lists_expand_kinds_to_every_layer() {
-        let pts = HookPoint::parse_list("resid_pre, blocks.1.attn.hook_z,ln_final", 3).unwrap();
-        let want: BTreeSet<_> = [
-            HookPoint::ResidPre(0),
-            HookPoint::ResidPre(1),
-            HookPoint::ResidPre(2),
-            HookPoint::AttnZ(1),
-            HookPoint::LnFinal,
-        ]
-        .into_iter()
-        .collect();
-        assert_eq!(pts, want);
-        assert!(HookPoint::parse_list("blocks.3.hook_resid_pre", 3).is_err());
-        assert!(HookPoint::parse_list("nonsense", 3).is_err());
-    }
 
     #[test]
     fn project_out_removes_the_component_and_keeps_the_rest() {

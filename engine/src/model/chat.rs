@@ -1,5 +1,5 @@
 //! Chat templates (the model's own Jinja template, rendered with minijinja) and the token
-//! positions methods.md defines: instruction tokens, t_inst, post-instruction tokens, t_post.
+//! positions docs/methods.md defines: instruction tokens, t_inst, post-instruction tokens, t_post.
 
 use std::ops::Range;
 

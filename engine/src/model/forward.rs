@@ -148,7 +148,15 @@ impl Model {
         for (l, block) in weights.blocks.iter().enumerate() {
             x = hooks.residual(HookPoint::ResidPre(l), x, offset, &mut captures)?;
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            let attn_in = self.rms_norm(&x, &block.attn_norm, options)?;
+            let attn_in = self.norm(
+                &x,
+                &block.attn_norm,
+                HookPoint::Ln1Normalized(l),
+                hooks,
+                offset,
+                &mut captures,
+                options,
+            )?;
             let z = self.attention(
                 l,
                 block,
@@ -173,12 +181,22 @@ impl Model {
                 &mut captures,
             )?;
 
-            let mlp_in = self.rms_norm(&x, &block.mlp_norm, options)?;
+            let mlp_in = self.norm(
+                &x,
+                &block.mlp_norm,
+                HookPoint::Ln2Normalized(l),
+                hooks,
+                offset,
+                &mut captures,
+                options,
+            )?;
             let [gate, up]: [Tensor; 2] =
                 Linear::forward_shared_input(&[&block.gate, &block.up], &mlp_in)?
                     .try_into()
                     .expect("two projections in, two out");
-            let mlp_out = block.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)?;
+            let post = (candle_nn::ops::silu(&gate)? * up)?;
+            hooks.capture_if_wanted(HookPoint::MlpPost(l), &post, &mut captures);
+            let mlp_out = block.down.forward(&post)?;
             let mlp_out = hooks.residual(HookPoint::MlpOut(l), mlp_out, offset, &mut captures)?;
             x = hooks.residual(
                 HookPoint::ResidPost(l),
@@ -189,7 +207,11 @@ impl Model {
         }
 
         let logits = match logits_at {
-            LogitsAt::None if !hooks.wants(HookPoint::LnFinal) => None,
+            LogitsAt::None
+                if !hooks.touches(HookPoint::LnFinal) && !hooks.touches(HookPoint::UnembedIn) =>
+            {
+                None
+            }
             _ => {
                 let x = match &logits_at {
                     LogitsAt::Last => x.narrow(1, s - 1, 1)?,
@@ -208,8 +230,16 @@ impl Model {
                     }
                     _ => x,
                 };
-                let normed = self.rms_norm(&x, &weights.final_norm, options)?;
-                let normed = hooks.residual(HookPoint::LnFinal, normed, offset, &mut captures)?;
+                let normed = self.norm(
+                    &x,
+                    &weights.final_norm,
+                    HookPoint::LnFinal,
+                    hooks,
+                    offset,
+                    &mut captures,
+                    options,
+                )?;
+                let normed = hooks.residual(HookPoint::UnembedIn, normed, offset, &mut captures)?;
                 match logits_at {
                     LogitsAt::None => None,
                     _ => Some(hooks.logits(weights.lm_head.forward(&normed)?)?),
@@ -243,6 +273,15 @@ impl Model {
             Linear::forward_shared_input(&[&block.q, &block.k, &block.v], x)?
                 .try_into()
                 .expect("three projections in, three out");
+        for (point, t, n) in [
+            (HookPoint::AttnQ(layer), &q, h),
+            (HookPoint::AttnK(layer), &k, h_kv),
+            (HookPoint::AttnV(layer), &v, h_kv),
+        ] {
+            if hooks.wants(point) {
+                captures.push(point, t.reshape((b, s, n, dh))?);
+            }
+        }
         let q = self.rope(&heads(q, h)?, cos, sin, options)?;
         let k = self.rope(&heads(k, h_kv)?, cos, sin, options)?;
         let v = heads(v, h_kv)?;
@@ -270,6 +309,9 @@ impl Model {
                 .reshape((b, h_kv, n_rep * s, t))?,
             None => scores,
         };
+        if hooks.wants(HookPoint::AttnScores(layer)) {
+            captures.push(HookPoint::AttnScores(layer), scores.reshape((b, h, s, t))?);
+        }
         let pattern = if options.differentiable {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {
@@ -288,6 +330,29 @@ impl Model {
             .transpose(1, 2)?
             .contiguous()?;
         hooks.attn_z(layer, z, offset, captures)
+    }
+
+    /// RMSNorm with its hook point. When the spec touches `point`, the normalised value
+    /// before the weight (TransformerLens' `hook_normalized`) passes through it; otherwise
+    /// the fused kernel runs.
+    #[allow(clippy::too_many_arguments)]
+    fn norm(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        point: HookPoint,
+        hooks: &HookSpec,
+        offset: usize,
+        captures: &mut Captures,
+        options: ForwardOptions,
+    ) -> Result<Tensor> {
+        if !hooks.touches(point) {
+            return self.rms_norm(x, weight, options);
+        }
+        let unit = Tensor::ones(weight.dims(), weight.dtype(), weight.device())?;
+        let normalized = self.rms_norm(x, &unit, options)?;
+        let normalized = hooks.residual(point, normalized, offset, captures)?;
+        Ok(normalized.broadcast_mul(weight)?)
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, options: ForwardOptions) -> Result<Tensor> {

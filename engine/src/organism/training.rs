@@ -137,7 +137,7 @@ pub fn train_refusal_tokens(
     let normalized = Tensor::stack(
         &states
             .iter()
-            .map(|s| s.normalized.clone())
+            .map(|s| s.unembed_in.clone())
             .collect::<Vec<_>>(),
         0,
     )?;
@@ -531,7 +531,7 @@ fn example_loss(
             end: ex.reply_start + 1,
         },
     }]);
-    spec.capture.insert(HookPoint::LnFinal);
+    spec.capture.insert(HookPoint::UnembedIn);
     let tokens = Tensor::new(ids.as_slice(), dev)?.unsqueeze(0)?;
     let fwd = model.forward(
         weights,
@@ -545,7 +545,7 @@ fn example_loss(
     )?;
     let normed = fwd
         .captures
-        .get(HookPoint::LnFinal)?
+        .get(HookPoint::UnembedIn)?
         .expect("captured")
         .squeeze(0)?;
     // Positions reply_start−1 … n−2 predict tokens reply_start … n−1.

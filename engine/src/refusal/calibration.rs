@@ -33,7 +33,7 @@ impl Calibration {
 /// The gate's threshold when nothing has been calibrated.
 pub const DEFAULT_TAU: f32 = 0.5;
 
-/// How the gate's τ is chosen on held-out prompts (methods.md leaves the rule open).
+/// How the gate's τ is chosen on held-out prompts (the rule is a setting; docs/methods.md).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "rule", rename_all = "snake_case")]
 pub enum GateGoal {

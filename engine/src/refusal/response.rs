@@ -1,4 +1,4 @@
-//! Response modes (methods.md): a transparent rule-based classifier of a generated reply into
+//! Response modes (docs/methods.md): a transparent rule-based classifier of a generated reply into
 //! refusal, evasion, constructive refusal or compliance, returning the evidence it used.
 //!
 //! Rules, in order:

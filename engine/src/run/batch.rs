@@ -4,7 +4,7 @@
 
 use candle_core::{IndexOp, Tensor, D};
 
-use crate::hooks::{HookPoint, HookSpec};
+use crate::hooks::{Captures, HookPoint, HookSpec};
 use crate::model::{ForwardOptions, KvCache, LogitsAt, Weights};
 use crate::{Error, LoadedModel, Result};
 
@@ -13,8 +13,8 @@ pub struct FirstPosition {
     pub logprobs: Vec<f32>,
     /// log Σ exp(logits) at t_post.
     pub logsumexp: f32,
-    /// `ln_final.hook_normalized` at t_post, `[d]`.
-    pub normalized: Tensor,
+    /// `unembed.hook_in` at t_post (the final norm's output, weight applied), `[d]`.
+    pub unembed_in: Tensor,
 }
 
 /// Runs every prompt to its last position, computing the longest token prefix they all share
@@ -28,7 +28,7 @@ pub fn first_positions(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<FirstPosition>> {
     let mut spec = hooks.clone();
-    spec.capture.insert(HookPoint::LnFinal);
+    spec.capture.insert(HookPoint::UnembedIn);
     let mut out = Vec::with_capacity(prompts.len());
     for_each_prompt(
         lm,
@@ -43,7 +43,7 @@ pub fn first_positions(
             out.push(FirstPosition {
                 logprobs: candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec1::<f32>()?,
                 logsumexp: logits.log_sum_exp(0)?.to_scalar::<f32>()?,
-                normalized: pass.last_normalized()?,
+                unembed_in: pass.last_unembed_in()?,
             });
             Ok(())
         },
@@ -79,21 +79,33 @@ impl PromptPass<'_> {
         Ok(x.i(self.row)?.narrow(0, 0, self.len)?)
     }
 
-    /// `ln_final.hook_normalized` `[d]` at the prompt's last token (the only position it is
-    /// computed at when the spec captures it).
-    pub fn last_normalized(&self) -> Result<Tensor> {
+    /// Every point the spec captures at one of the prompt's positions (counted from
+    /// `offset`), each `[1, 1, …]`: an activation cache of that position.
+    pub fn captures_at(&self, position: usize) -> Result<Captures> {
+        let mut out = Captures::default();
+        for point in self.output.captures.points() {
+            if point.has_key_axis() || point == HookPoint::UnembedIn {
+                continue; // not per position, or (unembed.hook_in) at the last one only
+            }
+            let x = self.capture(point)?.narrow(0, position, 1)?.unsqueeze(0)?;
+            out.push(point, x);
+        }
+        Ok(out)
+    }
+
+    /// `unembed.hook_in` (the final norm's output, input to the unembedding) `[d]` at the
+    /// prompt's last token (the only position it is computed at when the spec captures it).
+    pub fn last_unembed_in(&self) -> Result<Tensor> {
         let x = self
             .output
             .captures
-            .get(HookPoint::LnFinal)?
-            .ok_or_else(|| {
-                Error::InvalidInput("ln_final.hook_normalized was not captured".into())
-            })?;
+            .get(HookPoint::UnembedIn)?
+            .ok_or_else(|| Error::InvalidInput("unembed.hook_in was not captured".into()))?;
         Ok(x.i((self.row, 0))?)
     }
 
     /// Logits `[vocab]` at the prompt's last token (computed when the spec captures
-    /// `ln_final.hook_normalized`), with the spec's logit interventions applied.
+    /// `unembed.hook_in`), with the spec's logit interventions applied.
     pub fn last_logits(&self) -> Result<Tensor> {
         self.output
             .logits
@@ -152,7 +164,7 @@ pub fn for_each_prompt(
             ForwardOptions::default(),
         )?;
     }
-    let wants_logits = hooks.wants(HookPoint::LnFinal);
+    let wants_logits = hooks.wants(HookPoint::UnembedIn);
     let mut done = 0;
     for (chunk_index, chunk) in prompts.chunks(PROMPT_BATCH).enumerate() {
         if cancelled() {

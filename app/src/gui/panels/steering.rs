@@ -350,6 +350,7 @@ impl SteeringPanel {
                 .on_hover_text("Generate in the Prompt & reply tab under this stack; its trajectory then shows the steered run");
             ui.add(egui::DragValue::new(&mut self.max_new_tokens).range(1..=512).suffix(" tokens"));
         });
+        // The controls may have changed this frame.
         session.controls = self.control_stack(dirs);
         stack_ui(ui, session);
         if session.model_ready && !base.prompt.trim().is_empty() {

@@ -1,10 +1,11 @@
 //! Direct logit attribution: every head's, MLP's and the embedding's write at t_post onto the
 //! refusal-vs-compliance logit direction.
 
-use candle_core::{IndexOp, Tensor, D};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::hooks::{HookPoint, HookSpec, Intervention};
+use crate::hooks::cache::Stack;
+use crate::hooks::{ActivationCache, HookPoint, HookSpec, Intervention};
 use crate::{Error, LoadedModel, Result};
 
 use super::{logit_direction, HeadMap};
@@ -41,36 +42,24 @@ pub fn dla(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Dla>> {
     let cfg = &lm.model.config;
-    let (n_layers, n_heads, dh, d) = (cfg.n_layers, cfg.n_heads, cfg.head_dim, cfg.d_model);
-    let dev = lm.model.device().clone();
-    let u = Tensor::from_vec(logit_direction(lm)?, d, &dev)?;
-    let gain_u = (lm
-        .model
-        .dense
-        .final_norm
-        .to_dtype(candle_core::DType::F32)?
-        * &u)?;
-    // W_O^T (g ⊙ u) per layer, [H, d_h]: a head's DLA is z · this / rms.
-    let read: Vec<Tensor> = lm
-        .model
-        .dense
-        .blocks
-        .iter()
-        .map(|b| -> Result<Tensor> {
-            let w_o = b.o.dense_weight()?; // [d, H·d_h]
-            Ok(gain_u.unsqueeze(0)?.matmul(&w_o)?.reshape((n_heads, dh))?)
-        })
-        .collect::<Result<_>>()?;
+    let (n_layers, n_heads, d) = (cfg.n_layers, cfg.n_heads, cfg.d_model);
+    let u = Tensor::from_vec(logit_direction(lm)?, (d, 1), lm.model.device())?;
     let ids: Vec<Vec<u32>> = prompts
         .iter()
         .map(|p| lm.chat_prompt(system, p).map(|c| c.ids))
         .collect::<Result<_>>()?;
-    let mut points: Vec<HookPoint> = vec![
+    let mut points = vec![
         HookPoint::Embed,
         HookPoint::ResidPost(n_layers - 1),
-        HookPoint::LnFinal,
+        HookPoint::UnembedIn,
     ];
-    points.extend((0..n_layers).flat_map(|l| [HookPoint::AttnZ(l), HookPoint::MlpOut(l)]));
+    points.extend((0..n_layers).flat_map(|l| {
+        [
+            HookPoint::AttnZ(l),
+            HookPoint::AttnOut(l),
+            HookPoint::MlpOut(l),
+        ]
+    }));
     let eps = cfg.rms_eps as f32;
     let mut out = Vec::with_capacity(prompts.len());
     let mut hooks = HookSpec::capture(points);
@@ -84,30 +73,30 @@ pub fn dla(
         cancelled,
         progress,
         &mut |pass| {
-            let t = pass.len - 1;
-            let at = |p: HookPoint| -> Result<Tensor> { Ok(pass.capture(p)?.i(t)?) };
-            let x_l = at(HookPoint::ResidPost(n_layers - 1))?;
-            let rms = (x_l.sqr()?.mean_all()?.to_scalar::<f32>()? + eps).sqrt();
-            let dot = |x: &Tensor| -> Result<f32> {
-                Ok((x * &gain_u)?.sum_all()?.to_scalar::<f32>()? / rms)
+            // The cache of t_post: each write's DLA is its share of the final norm's output
+            // (the norm linearised at this run) dotted with u.
+            let cache = ActivationCache::new(&lm.model, pass.captures_at(pass.len - 1)?);
+            let onto_u = |(stack, _): Stack| -> Result<Vec<f32>> {
+                let n = stack.dim(0)?;
+                let normed = cache.apply_ln_final(&stack)?.reshape((n, d))?;
+                Ok(normed.matmul(&u)?.flatten_all()?.to_vec1::<f32>()?)
             };
             let mut heads = HeadMap::zeros(n_layers, n_heads);
-            let mut mlp = Vec::with_capacity(n_layers);
-            for (l, r) in read.iter().enumerate() {
-                let z = at(HookPoint::AttnZ(l))?; // [H, d_h]
-                let per_head = (z * r)?.sum(D::Minus1)?.to_vec1::<f32>()?;
-                for (h, v) in per_head.into_iter().enumerate() {
-                    heads.set(l, h, v / rms);
-                }
-                mlp.push(dot(&at(HookPoint::MlpOut(l))?)?);
-            }
-            let logit_difference = (pass.last_normalized()? * &u)?
-                .sum_all()?
-                .to_scalar::<f32>()?;
+            heads.values = onto_u(cache.stack_head_results(None)?)?;
+            // embed, then each block's attention and MLP output.
+            let writes = onto_u(cache.decompose_resid(None, false)?)?;
+            let x_l = cache.get(HookPoint::ResidPost(n_layers - 1))?;
+            let rms = (x_l.sqr()?.mean_all()?.to_scalar::<f32>()? + eps).sqrt();
+            let logit_difference = pass
+                .last_unembed_in()?
+                .unsqueeze(0)?
+                .matmul(&u)?
+                .flatten_all()?
+                .to_vec1::<f32>()?[0];
             out.push(Dla {
                 heads,
-                embed: dot(&at(HookPoint::Embed)?)?,
-                mlp,
+                embed: writes[0],
+                mlp: (0..n_layers).map(|l| writes[2 + 2 * l]).collect(),
                 logit_difference,
                 rms,
             });

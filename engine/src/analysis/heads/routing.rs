@@ -122,7 +122,7 @@ pub fn refusal_scores(
     .collect())
 }
 
-/// The suppression-head scan (methods.md): on the harmful prompts the model complies with
+/// The suppression-head scan (docs/methods.md): on the harmful prompts the model complies with
 /// (refusal log-odds < 0; at most `limit`), the mean rise in refusal score when each head's
 /// attention is scaled by `factor`. Returns those prompts and the map.
 pub fn suppression_scan(
