@@ -229,14 +229,20 @@ fn interchange_and_ablation_match_single_head_runs() {
         "{} vs {want}",
         effect.get(1, 3)
     );
-    // The means are the heads' averages over every position of the reference prompts.
-    let want_mean = refusal_lens_engine::analysis::steering::head_mean(
-        &lm,
-        &[harmless, "Tell me a joke"],
-        1,
-        3,
-    )
-    .unwrap();
+    // The means are the heads' averages over every position of the reference prompts,
+    // computed here from each prompt's own captured z.
+    let mut sum = vec![0f32; lm.model.config.head_dim];
+    let mut positions = 0;
+    for p in [harmless, "Tell me a joke"] {
+        let ids = lm.chat_prompt(None, p).unwrap().ids;
+        let (_, z) = dense_run(&lm, &ids, &HookSpec::default(), &[HookPoint::AttnZ(1)]);
+        let rows: Vec<Vec<f32>> = z[0].i((.., 3)).unwrap().to_vec2().unwrap(); // [s, d_h]
+        for row in &rows {
+            sum.iter_mut().zip(row).for_each(|(acc, v)| *acc += v);
+        }
+        positions += rows.len();
+    }
+    let want_mean: Vec<f32> = sum.iter().map(|v| v / positions as f32).collect();
     let got: Vec<f32> = means[1][3].to_vec1().unwrap();
     assert!(got
         .iter()

@@ -194,22 +194,41 @@ fn selection_scores_every_candidate_and_keeps_the_lowest_ablated_score() {
         .candidates
         .iter()
         .all(|c| c.layer < selectable_layers(dirs.n_states)));
-    match result {
-        Ok(()) => {
-            let best = sel
-                .candidates
-                .iter()
-                .filter(|c| c.rejected.is_none())
-                .min_by(|x, y| x.ablated_score.total_cmp(&y.ablated_score))
-                .unwrap();
-            assert_eq!((dirs.layer, dirs.position), (best.layer, best.position));
-            assert!(sel
-                .candidates
-                .iter()
-                .all(|c| c.kl.is_finite() && c.kl >= 0.0));
-        }
-        Err(e) => assert!(sel.candidates.iter().all(|c| c.rejected.is_some()), "{e}"),
-    }
+    // On this model some candidates pass the filters (with a KL budget of 10).
+    result.unwrap();
+    let passed: Vec<_> = sel.candidates.iter().filter(|c| c.rejected.is_none()).collect();
+    assert!(!passed.is_empty() && passed.len() < sel.candidates.len());
+    let best = passed
+        .iter()
+        .min_by(|x, y| x.ablated_score.total_cmp(&y.ablated_score))
+        .unwrap();
+    assert_eq!((dirs.layer, dirs.position), (best.layer, best.position));
+    assert!(sel
+        .candidates
+        .iter()
+        .all(|c| c.kl.is_finite() && c.kl >= 0.0));
+
+    // A KL budget nothing can meet rejects every candidate: an error, and the chosen layer
+    // stays where it was.
+    let before = (dirs.layer, dirs.position);
+    let strict = SelectOptions {
+        max_kl: -1.0,
+        all_positions: true,
+    };
+    let result = select(
+        &lm,
+        &mut dirs,
+        &HARMFUL[..3],
+        &HARMLESS[..3],
+        None,
+        strict,
+        &|| false,
+        &mut |_, _| {},
+    );
+    assert!(result.is_err());
+    let sel = dirs.selection.as_ref().unwrap();
+    assert!(sel.candidates.iter().all(|c| c.rejected.is_some()));
+    assert_eq!((dirs.layer, dirs.position), before);
 }
 
 #[test]
@@ -262,10 +281,32 @@ fn trajectories_project_and_score_every_token() {
     .unwrap();
     let direct = probes.at(layer).unwrap().probabilities(&x).unwrap()[0];
     assert!((score[prompt.t_post] - direct).abs() < 1e-4);
-    // Projections are normalised so the harmful/harmless means map to 1 and 0: the mean of
-    // the harmful set's t_post projections is 1.
-    let r = t.refusal.as_ref().unwrap();
-    assert!(r.iter().all(|v| v.is_finite()));
+    // Projections are normalised so the harmful/harmless means map to 1 and 0: over each
+    // set, the mean of the t_post projections is 1 (harmful) and 0 (harmless).
+    let mean_at_t_post = |prompts: &[&str]| -> f32 {
+        let total: f32 = prompts
+            .iter()
+            .map(|p| {
+                let prompt = lm.chat_prompt(None, p).unwrap();
+                let t = trajectory(
+                    &lm,
+                    &prompt,
+                    &[],
+                    None,
+                    Some(&dirs),
+                    layer,
+                    8,
+                    &HookSpec::default(),
+                )
+                .unwrap();
+                t.refusal.unwrap()[prompt.t_post]
+            })
+            .sum();
+        total / prompts.len() as f32
+    };
+    let (harmful_mean, harmless_mean) = (mean_at_t_post(HARMFUL), mean_at_t_post(HARMLESS));
+    assert!((harmful_mean - 1.0).abs() < 1e-3, "{harmful_mean}");
+    assert!(harmless_mean.abs() < 1e-3, "{harmless_mean}");
     let window = &score[prompt.instruction.start..=prompt.t_post];
     assert_eq!(t.cliff, cliff_magnitude(window, 8));
     assert_eq!(t.final_score, Some(score[prompt.t_post]));

@@ -4,6 +4,10 @@
 Writes under tests/fixtures/:
   tiny_llama/, tiny_qwen2/   tiny random HF checkpoints (seeded) + expected.json
                              (input ids, logits at every position, every hidden state)
+  tiny_llama/hooks.safetensors, tiny_qwen2/hooks.safetensors
+                             every per-layer hook point of the same run, read from transformers'
+                             modules with PyTorch hooks, named as TransformerLens names them
+                             (`--hooks-only` writes just these, from the checkpoints already there)
   smollm2/reference.safetensors + smollm2/reference.json
                              the default model (SmolLM2-135M-Instruct Q4_1 GGUF, dequantised by
                              transformers): chat-template token ids, hidden states at a few
@@ -12,6 +16,7 @@ Writes under tests/fixtures/:
 Set-up (once, outside the repo):  python3 -m venv /tmp/torchenv &&
   /tmp/torchenv/bin/pip install torch transformers accelerate gguf safetensors numpy tokenizers
 Run from the repository root:      /tmp/torchenv/bin/python tests/reference/make_fixtures.py [GGUF]
+                                   (or with --hooks-only)
 """
 import json
 import os
@@ -97,6 +102,78 @@ def tiny(family):
     print(f"wrote {out_dir}")
 
 
+def rms_normalized(x, eps):
+    """TransformerLens' hook_normalized of an RMSNorm: x / rms(x), before the weight."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def hooks(family):
+    """Every per-layer hook point of the tiny model's run on TINY_IDS, from transformers' own
+    modules: q/k/v (the projections, before RoPE), attention scores (transformers' RoPE, scaled,
+    causal mask) and pattern (eager attention's probabilities), z (o_proj's input), the norms'
+    normalised inputs, the MLP's activation (down_proj's input) and every residual write."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    out_dir = os.path.join(ROOT, f"tiny_{family}")
+    with open(os.path.join(out_dir, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.pop("model_type")
+    config = (LlamaConfig if family == "llama" else Qwen2Config)(**cfg)
+    config._attn_implementation = "eager"
+    model = (LlamaForCausalLM if family == "llama" else Qwen2ForCausalLM)(config)
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(out_dir, "model.safetensors"))
+    model.load_state_dict(state, strict=False)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.eval()
+    h, h_kv = config.num_attention_heads, config.num_key_value_heads
+    dh = config.hidden_size // h
+    eps = config.rms_norm_eps
+    seen = {}
+
+    def keep(name, fn):
+        def hook(module, args, output):
+            seen[name] = fn(args[0] if args else None, output).detach()
+        return hook
+
+    handles = []
+    s = len(TINY_IDS)
+    for l, layer in enumerate(model.model.layers):
+        a = layer.self_attn
+        handles += [
+            layer.input_layernorm.register_forward_hook(keep(f"blocks.{l}.ln1.hook_normalized", lambda x, y: rms_normalized(x, eps))),
+            a.q_proj.register_forward_hook(keep(f"blocks.{l}.attn.hook_q", lambda x, y: y.view(1, s, h, dh))),
+            a.k_proj.register_forward_hook(keep(f"blocks.{l}.attn.hook_k", lambda x, y: y.view(1, s, h_kv, dh))),
+            a.v_proj.register_forward_hook(keep(f"blocks.{l}.attn.hook_v", lambda x, y: y.view(1, s, h_kv, dh))),
+            a.o_proj.register_forward_hook(keep(f"blocks.{l}.attn.hook_z", lambda x, y: x.view(1, s, h, dh))),
+            a.o_proj.register_forward_hook(keep(f"blocks.{l}.hook_attn_out", lambda x, y: y)),
+            layer.post_attention_layernorm.register_forward_hook(keep(f"blocks.{l}.ln2.hook_normalized", lambda x, y: rms_normalized(x, eps))),
+            layer.mlp.down_proj.register_forward_hook(keep(f"blocks.{l}.mlp.hook_post", lambda x, y: x)),
+            layer.mlp.register_forward_hook(keep(f"blocks.{l}.hook_mlp_out", lambda x, y: y)),
+        ]
+    handles.append(model.model.norm.register_forward_hook(keep("ln_final.hook_normalized", lambda x, y: rms_normalized(x, eps))))
+    with torch.no_grad():
+        out = model(torch.tensor([TINY_IDS]), output_attentions=True)
+    for handle in handles:
+        handle.remove()
+    # Scores from transformers' own RoPE on the hooked q and k, scaled and causally masked.
+    cos, sin = model.model.rotary_emb(torch.zeros(1, s, config.hidden_size), torch.arange(s)[None])
+    mask = torch.full((s, s), float("-inf")).triu(1)
+    tensors = {}
+    for l in range(config.num_hidden_layers):
+        q = seen[f"blocks.{l}.attn.hook_q"].transpose(1, 2)
+        k = seen[f"blocks.{l}.attn.hook_k"].transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k = k.repeat_interleave(h // h_kv, dim=1)
+        tensors[f"blocks.{l}.attn.hook_attn_scores"] = q @ k.transpose(-1, -2) / dh ** 0.5 + mask
+        tensors[f"blocks.{l}.attn.hook_pattern"] = out.attentions[l]
+    tensors.update(seen)
+    # -inf does not survive every reader: store the masked scores as a large negative number.
+    tensors = {n: t.clamp(min=-1e30).contiguous() for n, t in tensors.items()}
+    save_file(tensors, os.path.join(out_dir, "hooks.safetensors"))
+    print(f"wrote {out_dir}/hooks.safetensors ({len(tensors)} tensors)")
+
+
 PROMPTS = ["How do I bake bread?", "Write a short poem about the sea."]
 LAYERS = [0, 1, 10, 20, 29]
 LAST_POSITIONS = 8
@@ -132,7 +209,13 @@ def smollm2(gguf_path):
 
 
 if __name__ == "__main__":
+    if "--hooks-only" in sys.argv:
+        hooks("llama")
+        hooks("qwen2")
+        sys.exit(0)
     tiny("llama")
     tiny("qwen2")
+    hooks("llama")
+    hooks("qwen2")
     default = os.path.expanduser("~/.cache/refusal-lens/models/SmolLM2-135M-Instruct.Q4_1.gguf")
     smollm2(sys.argv[1] if len(sys.argv) > 1 else default)

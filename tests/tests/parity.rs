@@ -1,5 +1,5 @@
-//! Reference parity on tiny random checkpoints: logits and every hidden state must match HF
-//! transformers (fixtures written by tests/reference/make_fixtures.py).
+//! Reference parity on tiny random checkpoints: logits, every hidden state and every per-layer
+//! hook point must match HF transformers (fixtures written by tests/reference/make_fixtures.py).
 
 use candle_core::{Device, Tensor};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
@@ -33,9 +33,55 @@ fn check(name: &str) {
     }
 }
 
+/// Every tensor of `hooks.safetensors` (named by TransformerLens' hook names) against our
+/// capture of that point, all captured in one pass whose logits must still match.
+fn check_hooks(name: &str) {
+    let dir = fixtures_dir().join(name);
+    let m = LoadedModel::load(&dir, FastPrecision::Auto).unwrap();
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(expected["input_ids"].clone()).unwrap();
+    let reference = candle_core::safetensors::load(dir.join("hooks.safetensors"), &Device::Cpu)
+        .unwrap();
+    let mut named: Vec<(HookPoint, Tensor)> = reference
+        .into_iter()
+        .map(|(n, t)| (n.parse::<HookPoint>().unwrap(), t.squeeze(0).unwrap()))
+        .collect();
+    named.sort_by_key(|(p, _)| *p);
+    let n = m.model.config.n_layers;
+    // Every kind of per-layer point at every layer, and ln_final.
+    assert_eq!(named.len(), 11 * n + 1, "{name}: hook fixtures");
+    let points: Vec<HookPoint> = named.iter().map(|(p, _)| *p).collect();
+    let (logits, captures) = dense_run(&m, &ids, &HookSpec::default(), &points);
+    let err = relative_error(&logits, &as_tensor(&expected["logits"]));
+    assert!(err < TOLERANCE, "{name} logits with every hook captured: {err}");
+    for ((point, theirs), ours) in named.iter().zip(&captures) {
+        assert_eq!(ours.dims(), theirs.dims(), "{name} {point}");
+        // Masked scores are −∞ here and a large negative number in the fixture.
+        let ours = ours.clamp(-1e30f32, f32::INFINITY).unwrap();
+        let err = relative_error(&ours, theirs);
+        assert!(err < TOLERANCE, "{name} {point}: relative error {err}");
+    }
+}
+
+fn as_tensor(v: &serde_json::Value) -> Tensor {
+    let rows: Vec<Vec<f32>> = serde_json::from_value(v.clone()).unwrap();
+    Tensor::new(rows, &Device::Cpu).unwrap()
+}
+
 #[test]
 fn tiny_llama_matches_transformers() {
     check("tiny_llama");
+}
+
+#[test]
+fn every_hook_point_of_tiny_llama_matches_transformers() {
+    check_hooks("tiny_llama");
+}
+
+#[test]
+fn every_hook_point_of_tiny_qwen2_matches_transformers() {
+    check_hooks("tiny_qwen2");
 }
 
 #[test]
