@@ -132,80 +132,26 @@ impl Model {
                 max: cfg.context_length,
             });
         }
-        let mut captures = Captures::default();
-        let mask = causal_mask(s, offset, &self.device)?;
-        let cos = self.cos.narrow(0, offset, s)?;
-        let sin = self.sin.narrow(0, offset, s)?;
+        let mut pass = Pass {
+            hooks,
+            offset,
+            options,
+            mask: causal_mask(s, offset, &self.device)?,
+            cos: self.cos.narrow(0, offset, s)?,
+            sin: self.sin.narrow(0, offset, s)?,
+            captures: Captures::default(),
+        };
         let mut cache = cache;
-
         let embedded =
             weights
                 .embed
                 .embedding(&tokens.flatten_all()?)?
                 .reshape((b, s, cfg.d_model))?;
-        let mut x = hooks.residual(HookPoint::Embed, embedded, offset, &mut captures)?;
-
+        let mut x = pass.residual(HookPoint::Embed, embedded)?;
         for (l, block) in weights.blocks.iter().enumerate() {
-            x = hooks.residual(HookPoint::ResidPre(l), x, offset, &mut captures)?;
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
-            let attn_in = self.norm(
-                &x,
-                &block.attn_norm,
-                HookPoint::Ln1Normalized(l),
-                hooks,
-                offset,
-                &mut captures,
-                options,
-            )?;
-            let z = self.attention(
-                l,
-                block,
-                &attn_in,
-                layer_cache,
-                mask.as_ref(),
-                (&cos, &sin),
-                hooks,
-                offset,
-                &mut captures,
-                options,
-            )?;
-            let attn_out = block
-                .o
-                .forward(&z.reshape((b, s, cfg.n_heads * cfg.head_dim))?)?;
-            let attn_out =
-                hooks.residual(HookPoint::AttnOut(l), attn_out, offset, &mut captures)?;
-            x = hooks.residual(
-                HookPoint::ResidMid(l),
-                (x + attn_out)?,
-                offset,
-                &mut captures,
-            )?;
-
-            let mlp_in = self.norm(
-                &x,
-                &block.mlp_norm,
-                HookPoint::Ln2Normalized(l),
-                hooks,
-                offset,
-                &mut captures,
-                options,
-            )?;
-            let [gate, up]: [Tensor; 2] =
-                Linear::forward_shared_input(&[&block.gate, &block.up], &mlp_in)?
-                    .try_into()
-                    .expect("two projections in, two out");
-            let post = (candle_nn::ops::silu(&gate)? * up)?;
-            hooks.capture_if_wanted(HookPoint::MlpPost(l), &post, &mut captures);
-            let mlp_out = block.down.forward(&post)?;
-            let mlp_out = hooks.residual(HookPoint::MlpOut(l), mlp_out, offset, &mut captures)?;
-            x = hooks.residual(
-                HookPoint::ResidPost(l),
-                (x + mlp_out)?,
-                offset,
-                &mut captures,
-            )?;
+            x = self.block(&mut pass, l, block, x, layer_cache)?;
         }
-
         let logits = match logits_at {
             LogitsAt::None
                 if !hooks.touches(HookPoint::LnFinal) && !hooks.touches(HookPoint::UnembedIn) =>
@@ -215,53 +161,64 @@ impl Model {
             _ => {
                 let x = match &logits_at {
                     LogitsAt::Last => x.narrow(1, s - 1, 1)?,
-                    LogitsAt::PerRow(rows) => {
-                        if rows.len() != b || rows.iter().any(|&p| p >= s) {
-                            return Err(Error::InvalidInput(format!(
-                                "logit positions {rows:?} do not fit a batch of {b} × {s}"
-                            )));
-                        }
-                        let picked = rows
-                            .iter()
-                            .enumerate()
-                            .map(|(i, &p)| x.narrow(0, i, 1)?.narrow(1, p, 1))
-                            .collect::<candle_core::Result<Vec<_>>>()?;
-                        Tensor::cat(&picked, 0)?
-                    }
+                    LogitsAt::PerRow(rows) => last_per_row(&x, rows)?,
                     _ => x,
                 };
-                let normed = self.norm(
-                    &x,
-                    &weights.final_norm,
-                    HookPoint::LnFinal,
-                    hooks,
-                    offset,
-                    &mut captures,
-                    options,
-                )?;
-                let normed = hooks.residual(HookPoint::UnembedIn, normed, offset, &mut captures)?;
+                let normed = self.norm(&mut pass, &x, &weights.final_norm, HookPoint::LnFinal)?;
+                let normed = pass.residual(HookPoint::UnembedIn, normed)?;
                 match logits_at {
                     LogitsAt::None => None,
                     _ => Some(hooks.logits(weights.lm_head.forward(&normed)?)?),
                 }
             }
         };
-        Ok(ForwardOutput { logits, captures })
+        Ok(ForwardOutput {
+            logits,
+            captures: pass.captures,
+        })
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Block `l`: attention, then the MLP, each reading its norm of the stream and adding
+    /// its output back.
+    fn block(
+        &self,
+        pass: &mut Pass,
+        l: usize,
+        block: &BlockWeights,
+        x: Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let cfg = &self.config;
+        let x = pass.residual(HookPoint::ResidPre(l), x)?;
+        let attn_in = self.norm(pass, &x, &block.attn_norm, HookPoint::Ln1Normalized(l))?;
+        let z = self.attention(pass, l, block, &attn_in, cache)?;
+        let attn_out = block
+            .o
+            .forward(&z.reshape((b, s, cfg.n_heads * cfg.head_dim))?)?;
+        let attn_out = pass.residual(HookPoint::AttnOut(l), attn_out)?;
+        let x = pass.residual(HookPoint::ResidMid(l), (x + attn_out)?)?;
+
+        let mlp_in = self.norm(pass, &x, &block.mlp_norm, HookPoint::Ln2Normalized(l))?;
+        let [gate, up]: [Tensor; 2] =
+            Linear::forward_shared_input(&[&block.gate, &block.up], &mlp_in)?
+                .try_into()
+                .expect("two projections in, two out");
+        let post = (candle_nn::ops::silu(&gate)? * up)?;
+        pass.hooks
+            .capture_if_wanted(HookPoint::MlpPost(l), &post, &mut pass.captures);
+        let mlp_out = block.down.forward(&post)?;
+        let mlp_out = pass.residual(HookPoint::MlpOut(l), mlp_out)?;
+        pass.residual(HookPoint::ResidPost(l), (x + mlp_out)?)
+    }
+
     fn attention(
         &self,
+        pass: &mut Pass,
         layer: usize,
         block: &BlockWeights,
         x: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
-        mask: Option<&Tensor>,
-        (cos, sin): (&Tensor, &Tensor),
-        hooks: &HookSpec,
-        offset: usize,
-        captures: &mut Captures,
-        options: ForwardOptions,
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let (b, s, _) = x.dims3()?;
@@ -278,12 +235,12 @@ impl Model {
             (HookPoint::AttnK(layer), &k, h_kv),
             (HookPoint::AttnV(layer), &v, h_kv),
         ] {
-            if hooks.wants(point) {
-                captures.push(point, t.reshape((b, s, n, dh))?);
+            if pass.hooks.wants(point) {
+                pass.captures.push(point, t.reshape((b, s, n, dh))?);
             }
         }
-        let q = self.rope(&heads(q, h)?, cos, sin, options)?;
-        let k = self.rope(&heads(k, h_kv)?, cos, sin, options)?;
+        let q = self.rope(&heads(q, h)?, &pass.cos, &pass.sin, pass.options)?;
+        let k = self.rope(&heads(k, h_kv)?, &pass.cos, &pass.sin, pass.options)?;
         let v = heads(v, h_kv)?;
         let (k, v) = match cache {
             Some(slot) => {
@@ -302,23 +259,23 @@ impl Model {
         let t = k.dim(2)?;
         let q = q.reshape((b, h_kv, n_rep * s, dh))?;
         let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
-        let scores = match mask {
+        let scores = match &pass.mask {
             Some(m) => scores
                 .reshape((b, h_kv, n_rep, s, t))?
                 .broadcast_add(m)?
                 .reshape((b, h_kv, n_rep * s, t))?,
             None => scores,
         };
-        if hooks.wants(HookPoint::AttnScores(layer)) {
-            captures.push(HookPoint::AttnScores(layer), scores.reshape((b, h, s, t))?);
+        if pass.hooks.wants(HookPoint::AttnScores(layer)) {
+            pass.captures.push(HookPoint::AttnScores(layer), scores.reshape((b, h, s, t))?);
         }
-        let pattern = if options.differentiable {
+        let pattern = if pass.options.differentiable {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
-        if hooks.wants(HookPoint::AttnPattern(layer)) {
-            captures.push(
+        if pass.hooks.wants(HookPoint::AttnPattern(layer)) {
+            pass.captures.push(
                 HookPoint::AttnPattern(layer),
                 pattern.reshape((b, h, s, t))?,
             );
@@ -329,29 +286,19 @@ impl Model {
             .reshape((b, h, s, dh))?
             .transpose(1, 2)?
             .contiguous()?;
-        hooks.attn_z(layer, z, offset, captures)
+        pass.hooks.attn_z(layer, z, pass.offset, &mut pass.captures)
     }
 
     /// RMSNorm with its hook point. When the spec touches `point`, the normalised value
     /// before the weight (TransformerLens' `hook_normalized`) passes through it; otherwise
     /// the fused kernel runs.
-    #[allow(clippy::too_many_arguments)]
-    fn norm(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        point: HookPoint,
-        hooks: &HookSpec,
-        offset: usize,
-        captures: &mut Captures,
-        options: ForwardOptions,
-    ) -> Result<Tensor> {
-        if !hooks.touches(point) {
-            return self.rms_norm(x, weight, options);
+    fn norm(&self, pass: &mut Pass, x: &Tensor, weight: &Tensor, point: HookPoint) -> Result<Tensor> {
+        if !pass.hooks.touches(point) {
+            return self.rms_norm(x, weight, pass.options);
         }
         let unit = Tensor::ones(weight.dims(), weight.dtype(), weight.device())?;
-        let normalized = self.rms_norm(x, &unit, options)?;
-        let normalized = hooks.residual(point, normalized, offset, captures)?;
+        let normalized = self.rms_norm(x, &unit, pass.options)?;
+        let normalized = pass.residual(point, normalized)?;
         Ok(normalized.broadcast_mul(weight)?)
     }
 
@@ -392,6 +339,43 @@ fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
         .reshape((cfg.context_length, 1))?;
     let angles = positions.broadcast_mul(&inv_freq)?;
     Ok((angles.cos()?, angles.sin()?))
+}
+
+/// What one forward pass carries from layer to layer besides the stream: the hook spec, the
+/// positions it covers, its mask and rotary tables, and what it has captured so far.
+struct Pass<'a> {
+    hooks: &'a HookSpec,
+    /// Absolute position of the first token (the KV cache's length).
+    offset: usize,
+    options: ForwardOptions,
+    mask: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+    captures: Captures,
+}
+
+impl Pass<'_> {
+    /// The spec's interventions at a residual-shaped `point`, then its capture.
+    fn residual(&mut self, point: HookPoint, x: Tensor) -> Result<Tensor> {
+        self.hooks.residual(point, x, self.offset, &mut self.captures)
+    }
+}
+
+/// Each batch row's one position `rows[i]` of `x` (`[b, s, d]` → `[b, 1, d]`): the last real
+/// token of right-padded rows.
+fn last_per_row(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    if rows.len() != b || rows.iter().any(|&p| p >= s) {
+        return Err(Error::InvalidInput(format!(
+            "logit positions {rows:?} do not fit a batch of {b} × {s}"
+        )));
+    }
+    let picked = rows
+        .iter()
+        .enumerate()
+        .map(|(i, &p)| x.narrow(0, i, 1)?.narrow(1, p, 1))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&picked, 0)?)
 }
 
 /// Additive causal mask `[s, offset+s]`, `None` for a single query (it sees everything).

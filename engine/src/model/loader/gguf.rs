@@ -1,0 +1,271 @@
+//! GGUF checkpoints (llama, mistral, qwen2), as llama.cpp's converter writes them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
+use tokenizers::Tokenizer;
+
+use super::{card, chat_stop_ids, check_shapes, corrupt, read_block, Checkpoint};
+use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
+use crate::model::config::{Family, ModelConfig, RopeStyle};
+use crate::model::tokenizer::{self, GgufVocab};
+use crate::model::{Linear, Weights};
+use crate::{Error, Result};
+
+struct Gguf<'a> {
+    path: &'a Path,
+    content: Content,
+    file: BufReader<File>,
+    /// Quantised tensors as stored, by name without `.weight`, for the fast path.
+    originals: HashMap<String, Arc<QTensor>>,
+    /// Tensor count per stored type.
+    quantization: BTreeMap<String, usize>,
+    quantized: bool,
+}
+
+impl Gguf<'_> {
+    fn meta(&self, key: &str) -> Result<&Value> {
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| Error::Metadata(format!("GGUF key `{key}` is missing")))
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        let v = self.meta(key)?;
+        let n = match v {
+            Value::U64(n) => *n,
+            Value::I64(n) => *n as u64,
+            other => other
+                .to_u32()
+                .map(u64::from)
+                .map_err(|_| Error::Metadata(format!("GGUF key `{key}` is not an integer")))?,
+        };
+        Ok(n as usize)
+    }
+
+    fn f64(&self, key: &str) -> Result<f64> {
+        match self.meta(key)? {
+            Value::F32(x) => Ok(*x as f64),
+            Value::F64(x) => Ok(*x),
+            _ => Err(Error::Metadata(format!("GGUF key `{key}` is not a float"))),
+        }
+    }
+
+    fn string(&self, key: &str) -> Option<&str> {
+        self.content
+            .metadata
+            .get(key)
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<String>> {
+        let items = self
+            .meta(key)?
+            .to_vec()
+            .map_err(|_| Error::Metadata(format!("GGUF key `{key}` is not an array")))?;
+        items
+            .iter()
+            .map(|v| {
+                v.to_string()
+                    .cloned()
+                    .map_err(|_| Error::Metadata(format!("`{key}` holds a non-string")))
+            })
+            .collect()
+    }
+
+    fn tensor(&mut self, name: &str) -> Result<QTensor> {
+        if !self.content.tensor_infos.contains_key(name) {
+            return Err(corrupt(self.path, format!("tensor `{name}` is missing")));
+        }
+        self.content
+            .tensor(&mut self.file, name, &Device::Cpu)
+            .map_err(|e| corrupt(self.path, e))
+    }
+
+    /// Reads `{name}.weight` as f32, remembering the stored tensor.
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        let q = self.tensor(&format!("{name}.weight"))?;
+        *self
+            .quantization
+            .entry(format!("{:?}", q.dtype()))
+            .or_insert(0) += 1;
+        self.quantized |= q.dtype().block_size() > 1;
+        let t = q.dequantize(&Device::Cpu)?;
+        self.originals.insert(name.to_string(), Arc::new(q));
+        Ok(t)
+    }
+}
+
+impl Gguf<'_> {
+    /// The architecture's name and the model's shape.
+    fn config(&self) -> Result<(String, ModelConfig)> {
+        let arch = self
+            .string("general.architecture")
+            .ok_or_else(|| corrupt(self.path, "no general.architecture"))?
+            .to_string();
+        let (family, rope_style) = match arch.as_str() {
+            // llama.cpp's converter permutes Llama/Mistral Q and K rows for interleaved RoPE.
+            "llama" | "mistral" => (Family::Llama, RopeStyle::Interleaved),
+            // Qwen2 is stored unpermuted and uses NeoX (half-split) RoPE.
+            "qwen2" => (Family::Qwen2, RopeStyle::HalfSplit),
+            other => return Err(Error::UnsupportedArchitecture(other.to_string())),
+        };
+        let k = |s: &str| format!("{arch}.{s}");
+        let n_heads = self.usize(&k("attention.head_count"))?;
+        let d_model = self.usize(&k("embedding_length"))?;
+        let config = ModelConfig {
+            family,
+            n_layers: self.usize(&k("block_count"))?,
+            n_heads,
+            n_kv_heads: self.usize(&k("attention.head_count_kv")).unwrap_or(n_heads),
+            d_model,
+            d_ff: self.usize(&k("feed_forward_length"))?,
+            head_dim: self
+                .usize(&k("attention.key_length"))
+                .unwrap_or(d_model / n_heads.max(1)),
+            vocab_size: self.strings("tokenizer.ggml.tokens")?.len(),
+            context_length: self.usize(&k("context_length")).unwrap_or(4096),
+            rope_theta: self.f64(&k("rope.freq_base")).unwrap_or(10_000.0),
+            rms_eps: self
+                .f64(&k("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
+            rope_style,
+            tied_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
+            qkv_bias: family == Family::Qwen2,
+        };
+        config.validate()?;
+        Ok((arch, config))
+    }
+
+    /// The tokenizer built from the vocabulary, the chat template, and the stop tokens.
+    fn tokenizer(&self) -> Result<(Tokenizer, ChatTemplate, Vec<u32>)> {
+        let tokens = self.strings("tokenizer.ggml.tokens")?;
+        let token_types = match self.content.metadata.get("tokenizer.ggml.token_type") {
+            Some(v) => v
+                .to_vec()
+                .map_err(|e| corrupt(self.path, e))?
+                .iter()
+                .map(|t| t.to_i32().unwrap_or(1))
+                .collect(),
+            None => vec![1; tokens.len()],
+        };
+        let vocab = GgufVocab {
+            model: self.string("tokenizer.ggml.model").unwrap_or("gpt2"),
+            pre: self.string("tokenizer.ggml.pre"),
+            merges: self.strings("tokenizer.ggml.merges").unwrap_or_default(),
+            tokens: tokens.clone(),
+            token_types,
+        };
+        let tokenizer = tokenizer::from_gguf_vocab(&vocab)?;
+        let token_text = |key: &str| {
+            self.usize(key)
+                .ok()
+                .and_then(|id| tokens.get(id).cloned())
+                .unwrap_or_default()
+        };
+        let (source, template) = match self.string("tokenizer.chat_template") {
+            Some(t) => (TemplateSource::Gguf, t.to_string()),
+            None => (TemplateSource::FallbackChatMl, CHATML_TEMPLATE.into()),
+        };
+        let template = ChatTemplate {
+            source,
+            template,
+            bos_token: token_text("tokenizer.ggml.bos_token_id"),
+            eos_token: token_text("tokenizer.ggml.eos_token_id"),
+        };
+        let mut eos_ids: Vec<u32> = self
+            .usize("tokenizer.ggml.eos_token_id")
+            .ok()
+            .map(|i| i as u32)
+            .into_iter()
+            .collect();
+        eos_ids.extend(chat_stop_ids(&tokenizer));
+        Ok((tokenizer, template, eos_ids))
+    }
+
+    /// Every weight as f32 (the stored tensors kept for the fast path).
+    fn weights(&mut self, config: &ModelConfig) -> Result<Weights> {
+        let embed = self.dense("token_embd")?;
+        let mut blocks = Vec::with_capacity(config.n_layers);
+        for l in 0..config.n_layers {
+            let this = std::cell::RefCell::new(&mut *self);
+            let linear = |role: &str| -> Result<Linear> {
+                let mut g = this.borrow_mut();
+                let part = match role {
+                    "q" => "attn_q",
+                    "k" => "attn_k",
+                    "v" => "attn_v",
+                    "o" => "attn_output",
+                    "gate" => "ffn_gate",
+                    "up" => "ffn_up",
+                    _ => "ffn_down",
+                };
+                let name = format!("blk.{l}.{part}");
+                let weight = g.dense(&name)?;
+                let bias = if config.qkv_bias && matches!(role, "q" | "k" | "v") {
+                    Some(g.tensor(&format!("{name}.bias"))?.dequantize(&Device::Cpu)?)
+                } else {
+                    None
+                };
+                Linear::dense(&weight, bias)
+            };
+            let norm = |role: &str| -> Result<Tensor> {
+                let part = if role == "attn_norm" { "attn_norm" } else { "ffn_norm" };
+                this.borrow_mut().dense(&format!("blk.{l}.{part}"))
+            };
+            blocks.push(read_block(linear, norm)?);
+        }
+        let final_norm = self.dense("output_norm")?;
+        let lm_head = if config.tied_embeddings {
+            if let Some(q) = self.originals.get("token_embd").cloned() {
+                self.originals.insert("output".into(), q);
+            }
+            Linear::dense_shared(&embed)?
+        } else {
+            Linear::dense(&self.dense("output")?, None)?
+        };
+        check_shapes(config, &embed, &blocks).map_err(|e| corrupt(self.path, e))?;
+        Ok(Weights {
+            embed,
+            blocks,
+            final_norm,
+            lm_head,
+        })
+    }
+}
+
+pub(super) fn load(path: &Path) -> Result<Checkpoint> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = BufReader::new(file);
+    let content = Content::read(&mut file).map_err(|e| corrupt(path, e))?;
+    let mut g = Gguf {
+        path,
+        content,
+        file,
+        originals: HashMap::new(),
+        quantization: BTreeMap::new(),
+        quantized: false,
+    };
+    let (arch, config) = g.config()?;
+    let (tokenizer, template, eos_ids) = g.tokenizer()?;
+    let weights = g.weights(&config)?;
+    let card = card(path, "GGUF", &arch, &config, g.quantization, &template);
+    Ok(Checkpoint {
+        config,
+        dense: weights,
+        tokenizer,
+        template,
+        eos_ids,
+        card,
+        originals: g.originals,
+        quantized: g.quantized,
+    })
+}

@@ -1,0 +1,233 @@
+//! HF safetensors folders (config.json, tokenizer.json, tokenizer_config.json and the
+//! weights), as transformers saves them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use super::{card, chat_stop_ids, check_shapes, corrupt, read_block, Checkpoint};
+use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
+use crate::model::config::{Family, ModelConfig, RopeStyle};
+use crate::model::tokenizer;
+use crate::model::{Linear, Weights};
+use crate::{Error, Result};
+
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    max_position_embeddings: Option<usize>,
+    vocab_size: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default)]
+    eos_token_id: Option<serde_json::Value>,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Metadata(format!("{}: {e}", path.display())))
+}
+
+pub(super) fn load(dir: &Path) -> Result<Checkpoint> {
+    let config_path = dir.join("config.json");
+    if !config_path.exists() {
+        return Err(Error::MissingFile {
+            path: dir.to_path_buf(),
+            what: "config.json".into(),
+        });
+    }
+    let hf: HfConfig = read_json(&config_path)?;
+    let arch = hf.model_type.clone().unwrap_or_default();
+    let config = model_config(&hf, &arch)?;
+    let tokenizer = tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let template = hf_template(dir)?;
+    let (mut tensors, quantization) = read_tensors(dir)?;
+    let weights = weights(dir, &mut tensors, &config)?;
+    let mut eos_ids: Vec<u32> = match &hf.eos_token_id {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|n| n.as_u64())
+            .map(|n| n as u32)
+            .collect(),
+        _ => Vec::new(),
+    };
+    eos_ids.extend(tokenizer.token_to_id(&template.eos_token));
+    eos_ids.extend(chat_stop_ids(&tokenizer));
+    let card = card(dir, "HF safetensors", &arch, &config, quantization, &template);
+    Ok(Checkpoint {
+        config,
+        dense: weights,
+        tokenizer,
+        template,
+        eos_ids,
+        card,
+        originals: HashMap::new(),
+        quantized: false,
+    })
+}
+
+fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
+    let family = match arch {
+        "llama" | "mistral" => Family::Llama,
+        "qwen2" => Family::Qwen2,
+        other => return Err(Error::UnsupportedArchitecture(other.to_string())),
+    };
+    let config = ModelConfig {
+        family,
+        n_layers: hf.num_hidden_layers,
+        n_heads: hf.num_attention_heads,
+        n_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+        d_model: hf.hidden_size,
+        d_ff: hf.intermediate_size,
+        head_dim: hf
+            .head_dim
+            .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
+        vocab_size: hf.vocab_size,
+        context_length: hf.max_position_embeddings.unwrap_or(4096),
+        rope_theta: hf.rope_theta.unwrap_or(10_000.0),
+        rms_eps: hf.rms_norm_eps.unwrap_or(1e-6),
+        rope_style: RopeStyle::HalfSplit,
+        tied_embeddings: hf.tie_word_embeddings,
+        qkv_bias: family == Family::Qwen2,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+type Tensors = HashMap<String, Tensor>;
+
+/// Every tensor of every `*.safetensors` file of the folder, and the count per stored type.
+fn read_tensors(dir: &Path) -> Result<(Tensors, BTreeMap<String, usize>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(Error::MissingFile {
+            path: dir.to_path_buf(),
+            what: "*.safetensors weights".into(),
+        });
+    }
+    let mut tensors = HashMap::new();
+    let mut quantization = BTreeMap::new();
+    for f in &files {
+        let loaded = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| corrupt(f, e))?;
+        for (name, t) in loaded {
+            *quantization
+                .entry(format!("{:?}", t.dtype()).to_uppercase())
+                .or_insert(0) += 1;
+            tensors.insert(name, t);
+        }
+    }
+    Ok((tensors, quantization))
+}
+
+/// The model's weights (as f32) by transformers' names.
+fn weights(dir: &Path, tensors: &mut Tensors, config: &ModelConfig) -> Result<Weights> {
+    let tensors = std::cell::RefCell::new(tensors);
+    let take = |name: &str| -> Result<Tensor> {
+        let t = tensors
+            .borrow_mut()
+            .remove(name)
+            .ok_or_else(|| corrupt(dir, format!("tensor `{name}` is missing")))?;
+        Ok(t.to_dtype(DType::F32)?)
+    };
+    let embed = take("model.embed_tokens.weight")?;
+    let mut blocks = Vec::with_capacity(config.n_layers);
+    for l in 0..config.n_layers {
+        let p = format!("model.layers.{l}");
+        let linear = |role: &str| -> Result<Linear> {
+            let name = match role {
+                "q" => "self_attn.q_proj",
+                "k" => "self_attn.k_proj",
+                "v" => "self_attn.v_proj",
+                "o" => "self_attn.o_proj",
+                "gate" => "mlp.gate_proj",
+                "up" => "mlp.up_proj",
+                _ => "mlp.down_proj",
+            };
+            let weight = take(&format!("{p}.{name}.weight"))?;
+            let bias = if config.qkv_bias && matches!(role, "q" | "k" | "v") {
+                Some(take(&format!("{p}.{name}.bias"))?)
+            } else {
+                None
+            };
+            Linear::dense(&weight, bias)
+        };
+        let norm = |role: &str| -> Result<Tensor> {
+            let name = if role == "attn_norm" {
+                "input_layernorm"
+            } else {
+                "post_attention_layernorm"
+            };
+            take(&format!("{p}.{name}.weight"))
+        };
+        blocks.push(read_block(linear, norm)?);
+    }
+    let final_norm = take("model.norm.weight")?;
+    let lm_head = if config.tied_embeddings {
+        Linear::dense_shared(&embed)?
+    } else {
+        Linear::dense(&take("lm_head.weight")?, None)?
+    };
+    check_shapes(config, &embed, &blocks).map_err(|e| corrupt(dir, e))?;
+    Ok(Weights {
+        embed,
+        blocks,
+        final_norm,
+        lm_head,
+    })
+}
+
+fn hf_template(dir: &Path) -> Result<ChatTemplate> {
+    let path = dir.join("tokenizer_config.json");
+    let cfg: serde_json::Value = if path.exists() {
+        read_json(&path)?
+    } else {
+        serde_json::Value::Null
+    };
+    let token = |key: &str| match &cfg[key] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .unwrap_or("")
+            .to_string(),
+        _ => String::new(),
+    };
+    let template = match &cfg["chat_template"] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        // A list of named templates: take "default".
+        serde_json::Value::Array(list) => list
+            .iter()
+            .find(|t| t["name"] == "default")
+            .or_else(|| list.first())
+            .and_then(|t| t["template"].as_str())
+            .map(String::from),
+        _ => None,
+    };
+    let (source, template) = match template {
+        Some(t) => (TemplateSource::TokenizerConfig, t),
+        None => (TemplateSource::FallbackChatMl, CHATML_TEMPLATE.to_string()),
+    };
+    Ok(ChatTemplate {
+        source,
+        template,
+        bos_token: token("bos_token"),
+        eos_token: token("eos_token"),
+    })
+}
+
