@@ -23,11 +23,17 @@ fn decompose_resid_adds_up_to_the_stream_at_every_layer() {
             let (parts, labels) = cache.decompose_resid(Some(layer), false).unwrap();
             assert_eq!(labels.len(), 1 + 2 * layer);
             let want = cache.get(HookPoint::ResidPre(layer)).unwrap();
-            assert!(max_abs_diff(&sum_of(&parts), &want) < 1e-4, "{family:?} {layer}");
+            assert!(
+                max_abs_diff(&sum_of(&parts), &want) < 1e-4,
+                "{family:?} {layer}"
+            );
             let (parts, labels) = cache.decompose_resid(Some(layer), true).unwrap();
             assert_eq!(labels.last().unwrap(), &format!("{layer}_attn_out"));
             let want = cache.get(HookPoint::ResidMid(layer)).unwrap();
-            assert!(max_abs_diff(&sum_of(&parts), &want) < 1e-4, "{family:?} mid {layer}");
+            assert!(
+                max_abs_diff(&sum_of(&parts), &want) < 1e-4,
+                "{family:?} mid {layer}"
+            );
         }
         let (parts, labels) = cache.decompose_resid(None, false).unwrap();
         assert_eq!(labels[0], "embed");
@@ -51,7 +57,10 @@ fn accumulated_resid_is_the_stream_entering_each_block_then_leaving_the_last() {
         assert_eq!(max_abs_diff(&stack.i(2 * l).unwrap(), &pre), 0.0);
     }
     let (stack, labels) = cache.accumulated_resid(Some(1), false).unwrap();
-    assert_eq!((stack.dim(0).unwrap(), labels), (1, vec!["0_pre".to_string()]));
+    assert_eq!(
+        (stack.dim(0).unwrap(), labels),
+        (1, vec!["0_pre".to_string()])
+    );
     assert!(cache.accumulated_resid(Some(n + 1), false).is_err());
 }
 
@@ -70,11 +79,15 @@ fn head_results_sum_to_the_attention_output_and_follow_an_ablation() {
             // Plus o_proj's bias, where the family has one.
             let bias = match m.model.dense.blocks[l].o.bias() {
                 Some(b) => b.clone(),
-                None => Tensor::zeros(cfg.d_model, candle_core::DType::F32, attn_out.device())
-                    .unwrap(),
+                None => {
+                    Tensor::zeros(cfg.d_model, candle_core::DType::F32, attn_out.device()).unwrap()
+                }
             };
             let total = sum_of(&block).broadcast_add(&bias).unwrap();
-            assert!(max_abs_diff(&total, &attn_out) < 1e-4, "{family:?} layer {l}");
+            assert!(
+                max_abs_diff(&total, &attn_out) < 1e-4,
+                "{family:?} layer {l}"
+            );
         }
         // A zero-ablated head writes nothing.
         let knocked = [Intervention::ScaleHead {
@@ -85,7 +98,16 @@ fn head_results_sum_to_the_attention_output_and_follow_an_ablation() {
         let cache = ActivationCache::run(&m, &IDS, &knocked).unwrap();
         let (heads, _) = cache.stack_head_results(Some(2)).unwrap();
         let ablated = heads.i(cfg.n_heads + 2).unwrap();
-        assert_eq!(ablated.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            ablated
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
     }
 }
 
@@ -95,7 +117,10 @@ fn the_final_norm_applied_to_the_decomposition_adds_up_to_the_unembedding_input(
     let cache = ActivationCache::run(&m, &IDS, &[]).unwrap();
     let (parts, _) = cache.decompose_resid(None, false).unwrap();
     let normed = sum_of(&cache.apply_ln_final(&parts).unwrap());
-    let t = Tensor::new(&IDS, m.model.device()).unwrap().unsqueeze(0).unwrap();
+    let t = Tensor::new(&IDS, m.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let out = m
         .model
         .forward(

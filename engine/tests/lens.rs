@@ -196,7 +196,11 @@ fn selection_scores_every_candidate_and_keeps_the_lowest_ablated_score() {
         .all(|c| c.layer < selectable_layers(dirs.n_states)));
     // On this model some candidates pass the filters (with a KL budget of 10).
     result.unwrap();
-    let passed: Vec<_> = sel.candidates.iter().filter(|c| c.rejected.is_none()).collect();
+    let passed: Vec<_> = sel
+        .candidates
+        .iter()
+        .filter(|c| c.rejected.is_none())
+        .collect();
     assert!(!passed.is_empty() && passed.len() < sel.candidates.len());
     let best = passed
         .iter()

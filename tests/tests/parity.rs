@@ -41,8 +41,8 @@ fn check_hooks(name: &str) {
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let ids: Vec<u32> = serde_json::from_value(expected["input_ids"].clone()).unwrap();
-    let reference = candle_core::safetensors::load(dir.join("hooks.safetensors"), &Device::Cpu)
-        .unwrap();
+    let reference =
+        candle_core::safetensors::load(dir.join("hooks.safetensors"), &Device::Cpu).unwrap();
     let mut named: Vec<(HookPoint, Tensor)> = reference
         .into_iter()
         .map(|(n, t)| (n.parse::<HookPoint>().unwrap(), t.squeeze(0).unwrap()))
@@ -54,7 +54,10 @@ fn check_hooks(name: &str) {
     let points: Vec<HookPoint> = named.iter().map(|(p, _)| *p).collect();
     let (logits, captures) = dense_run(&m, &ids, &HookSpec::default(), &points);
     let err = relative_error(&logits, &as_tensor(&expected["logits"]));
-    assert!(err < TOLERANCE, "{name} logits with every hook captured: {err}");
+    assert!(
+        err < TOLERANCE,
+        "{name} logits with every hook captured: {err}"
+    );
     for ((point, theirs), ours) in named.iter().zip(&captures) {
         assert_eq!(ours.dims(), theirs.dims(), "{name} {point}");
         // Masked scores are −∞ here and a large negative number in the fixture.

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::activations::{state_points, SetActivations};
 use crate::data::tensorfile::{self, Array};
-use crate::hooks::{HookSpec, Intervention, Positions};
+use crate::hooks::{HookPoint, HookSpec, Intervention, Positions};
 use crate::refusal::{refusal_score, RefusalSignal};
 use crate::run::batch::first_positions;
 use crate::{Error, LoadedModel, Result};
@@ -362,6 +362,77 @@ pub fn to_tensor(v: &[f32], device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_slice(v, v.len(), device)?)
 }
 
+/// The held-out prompts layer selection scores candidates on.
+struct ValSets<'a> {
+    lm: &'a LoadedModel,
+    harmful: Vec<Vec<u32>>,
+    harmless: Vec<Vec<u32>>,
+    signal: RefusalSignal,
+    cancelled: &'a dyn Fn() -> bool,
+}
+
+/// The unsteered runs a candidate is compared with.
+struct Baseline {
+    harmful_score: f32,
+    harmless_score: f32,
+    /// Next-token log-probabilities of the harmless prompts at t_post.
+    harmless: Vec<Vec<f32>>,
+}
+
+impl ValSets<'_> {
+    /// Next-token log-probabilities at t_post of each prompt under `hooks`.
+    fn logprobs(&self, prompts: &[Vec<u32>], hooks: &HookSpec) -> Result<Vec<Vec<f32>>> {
+        let lm = self.lm;
+        let out = first_positions(
+            lm,
+            &lm.model.dense,
+            prompts,
+            hooks,
+            self.cancelled,
+            &mut |_, _| {},
+        )?;
+        Ok(out.into_iter().map(|f| f.logprobs).collect())
+    }
+
+    fn mean_score(&self, logprobs: &[Vec<f32>]) -> f32 {
+        logprobs
+            .iter()
+            .map(|lp| refusal_score(self.signal.probability(lp)))
+            .sum::<f32>()
+            / logprobs.len() as f32
+    }
+
+    /// A candidate direction `v` (added at `point`): the harmful prompts' mean refusal score
+    /// with it ablated, the harmless prompts' mean KL from the unsteered run with it ablated,
+    /// and their mean refusal score with it added.
+    fn candidate(
+        &self,
+        v: &Tensor,
+        point: HookPoint,
+        baseline: &Baseline,
+    ) -> Result<(f32, f32, f32)> {
+        let n_layers = self.lm.model.config.n_layers;
+        let ablate = HookSpec::with_interventions(Intervention::ablate_direction(v, n_layers)?);
+        let ablated_score = self.mean_score(&self.logprobs(&self.harmful, &ablate)?);
+        let ablated_harmless = self.logprobs(&self.harmless, &ablate)?;
+        let kl = baseline
+            .harmless
+            .iter()
+            .zip(&ablated_harmless)
+            .map(|(p, q)| kl_divergence(p, q))
+            .sum::<f32>()
+            / self.harmless.len() as f32;
+        let add = HookSpec::with_interventions(vec![Intervention::AddVector {
+            point,
+            vector: v.clone(),
+            scale: 1.0,
+            positions: Positions::All,
+        }]);
+        let added_score = self.mean_score(&self.logprobs(&self.harmless, &add)?);
+        Ok((ablated_score, kl, added_score))
+    }
+}
+
 /// Chooses the refusal direction's layer and position: for each candidate, ablate it and
 /// measure the mean refusal score on held-out harmful prompts; discard candidates in the
 /// last 20% of layers, those whose ablation moves harmless prompts' next-token distribution
@@ -390,8 +461,13 @@ pub fn select(
             .map(|p| lm.chat_prompt(system, p).map(|c| c.ids))
             .collect()
     };
-    let (harmful, harmless) = (ids(val_harmful)?, ids(val_harmless)?);
-    let signal = RefusalSignal::for_model(lm)?;
+    let val = ValSets {
+        lm,
+        harmful: ids(val_harmful)?,
+        harmless: ids(val_harmless)?,
+        signal: RefusalSignal::for_model(lm)?,
+        cancelled,
+    };
     let n_layers = lm.model.config.n_layers;
     let positions: Vec<usize> = if options.all_positions {
         (0..dirs.n_post).collect()
@@ -400,80 +476,47 @@ pub fn select(
     };
     let layers = selectable_layers(dirs.n_states).min(n_layers);
     let total = 2 + layers * positions.len() * 3;
-    let mut done = 0;
-    let run = |prompts: &[Vec<u32>], hooks: &HookSpec| -> Result<Vec<Vec<f32>>> {
-        let out = first_positions(
-            lm,
-            &lm.model.dense,
-            prompts,
-            hooks,
-            cancelled,
-            &mut |_, _| {},
-        )?;
-        Ok(out.into_iter().map(|f| f.logprobs).collect())
+    let clean_harmless = val.logprobs(&val.harmless, &HookSpec::default())?;
+    let baseline = Baseline {
+        harmful_score: val.mean_score(&val.logprobs(&val.harmful, &HookSpec::default())?),
+        harmless_score: val.mean_score(&clean_harmless),
+        harmless: clean_harmless,
     };
-    let mean_score = |logprobs: &[Vec<f32>]| {
-        logprobs
-            .iter()
-            .map(|lp| refusal_score(signal.probability(lp)))
-            .sum::<f32>()
-            / logprobs.len() as f32
-    };
-    let clean_harmful = run(&harmful, &HookSpec::default())?;
-    let clean_harmless = run(&harmless, &HookSpec::default())?;
-    let baseline_harmful_score = mean_score(&clean_harmful);
-    let baseline_harmless_score = mean_score(&clean_harmless);
-    done += 2;
+    let mut done = 2;
     progress(done, total);
     let points = state_points(n_layers);
     let mut candidates = Vec::new();
     for (layer, &point) in points.iter().enumerate().take(layers) {
         for &position in &positions {
             let raw = dirs.refusal_at(layer, position);
-            if norm(raw) < 1e-6 {
-                // E.g. the embedding at a template token, the same in every prompt: nothing
-                // to ablate or add.
-                done += 3;
-                progress(done, total);
-                continue;
-            }
-            let v = to_tensor(raw, lm.model.device())?;
-            let ablate =
-                HookSpec::with_interventions(Intervention::ablate_direction(&v, n_layers)?);
-            let ablated_score = mean_score(&run(&harmful, &ablate)?);
-            let ablated_harmless = run(&harmless, &ablate)?;
-            let kl = clean_harmless
-                .iter()
-                .zip(&ablated_harmless)
-                .map(|(p, q)| kl_divergence(p, q))
-                .sum::<f32>()
-                / harmless.len() as f32;
-            let add = HookSpec::with_interventions(vec![Intervention::AddVector {
-                point,
-                vector: v,
-                scale: 1.0,
-                positions: Positions::All,
-            }]);
-            let added_score = mean_score(&run(&harmless, &add)?);
             done += 3;
+            // E.g. the embedding at a template token, the same in every prompt: nothing to
+            // ablate or add.
+            if norm(raw) >= 1e-6 {
+                let v = to_tensor(raw, lm.model.device())?;
+                let (ablated_score, kl, added_score) = val.candidate(&v, point, &baseline)?;
+                let rejected = if kl > options.max_kl {
+                    Some(format!("KL {kl:.3} > {}", options.max_kl))
+                } else if added_score <= baseline.harmless_score {
+                    Some("adding it does not raise refusal on harmless prompts".to_string())
+                } else {
+                    None
+                };
+                candidates.push(Candidate {
+                    layer,
+                    position,
+                    ablated_score,
+                    kl,
+                    added_score,
+                    rejected,
+                });
+            }
             progress(done, total);
-            let rejected = if kl > options.max_kl {
-                Some(format!("KL {kl:.3} > {}", options.max_kl))
-            } else if added_score <= baseline_harmless_score {
-                Some("adding it does not raise refusal on harmless prompts".to_string())
-            } else {
-                None
-            };
-            candidates.push(Candidate {
-                layer,
-                position,
-                ablated_score,
-                kl,
-                added_score,
-                rejected,
-            });
         }
     }
+    let (baseline_harmful_score, baseline_harmless_score) =
+        (baseline.harmful_score, baseline.harmless_score);
+    let (harmful, harmless) = (&val.harmful, &val.harmless);
     let best = candidates
         .iter()
         .filter(|c| c.rejected.is_none())

@@ -151,20 +151,7 @@ impl Steering {
         prompt: &ChatPrompt,
         limit: Option<usize>,
     ) -> Result<HookSpec> {
-        let cfg = &lm.model.config;
-        let dev = lm.model.device();
-        let points = state_points(cfg.n_layers);
-        let clip = |p: Positions| -> Positions {
-            match (limit, p) {
-                (None, p) => p,
-                (Some(end), Positions::All) => Positions::Range { start: 0, end },
-                (Some(end), Positions::From(start)) => Positions::Range { start, end },
-                (Some(end), Positions::Range { start, end: e }) => Positions::Range {
-                    start,
-                    end: e.min(end),
-                },
-            }
-        };
+        let clip = |p: Positions| clip_positions(p, limit);
         let need_dirs = || -> Result<&Directions> {
             let d = dirs.ok_or_else(|| {
                 Error::InvalidInput("this edit needs directions: compute or load them".into())
@@ -177,89 +164,52 @@ impl Steering {
             match edit {
                 Edit::Add {
                     direction,
-                    layers: (a, b),
+                    layers,
                     alpha,
                     positions,
                 } => {
-                    let d = need_dirs()?;
-                    if a > b || *b >= points.len() {
-                        return Err(Error::InvalidInput(format!(
-                            "layers {a}–{b} out of range (states 0..={})",
-                            points.len() - 1
-                        )));
-                    }
                     let from = match positions {
                         StreamPositions::All => Positions::All,
                         StreamPositions::PostInstruction => {
                             Positions::From(prompt.post_instruction.start)
                         }
                     };
-                    for (l, &point) in points.iter().enumerate().take(*b + 1).skip(*a) {
-                        let v = vector(d, *direction, l);
-                        out.push(Intervention::AddVector {
+                    let add = addition(lm, need_dirs()?, *direction, *layers, *alpha)?;
+                    out.extend(add.into_iter().map(|i| match i {
+                        Intervention::AddVector {
                             point,
-                            vector: Tensor::from_slice(v, v.len(), dev)?,
-                            scale: *alpha as f64,
+                            vector,
+                            scale,
+                            ..
+                        } => Intervention::AddVector {
+                            point,
+                            vector,
+                            scale,
                             positions: clip(from),
-                        });
-                    }
+                        },
+                        other => other,
+                    }));
                 }
                 Edit::Ablate { direction } => {
                     let d = need_dirs()?;
                     let v = vector(d, *direction, d.layer);
-                    let v = Tensor::from_slice(v, v.len(), dev)?;
-                    for i in Intervention::ablate_direction(&v, cfg.n_layers)? {
-                        out.push(match i {
-                            Intervention::ProjectOut {
-                                point,
-                                unit,
-                                positions,
-                            } => Intervention::ProjectOut {
-                                point,
-                                unit,
-                                positions: clip(positions),
-                            },
-                            other => other,
-                        });
-                    }
+                    let v = Tensor::from_slice(v, v.len(), lm.model.device())?;
+                    let ablate = Intervention::ablate_direction(&v, lm.model.config.n_layers)?;
+                    out.extend(ablate.into_iter().map(|i| match i {
+                        Intervention::ProjectOut {
+                            point,
+                            unit,
+                            positions,
+                        } => Intervention::ProjectOut {
+                            point,
+                            unit,
+                            positions: clip(positions),
+                        },
+                        other => other,
+                    }));
                 }
                 Edit::AblateHead { layer, head, how } => {
-                    if *layer >= cfg.n_layers || *head >= cfg.n_heads {
-                        return Err(Error::InvalidInput(format!(
-                            "no head L{layer}.H{head} (the model has {} layers × {} heads)",
-                            cfg.n_layers, cfg.n_heads
-                        )));
-                    }
-                    out.push(match how {
-                        HeadAblation::Zero => Intervention::ScaleHead {
-                            layer: *layer,
-                            head: *head,
-                            factor: 0.0,
-                        },
-                        HeadAblation::Scale(f) => Intervention::ScaleHead {
-                            layer: *layer,
-                            head: *head,
-                            factor: *f as f64,
-                        },
-                        HeadAblation::Mean(mean) => {
-                            if mean.len() != cfg.head_dim {
-                                return Err(Error::InvalidInput(format!(
-                                    "the mean of L{layer}.H{head} has {} values, the head {}",
-                                    mean.len(),
-                                    cfg.head_dim
-                                )));
-                            }
-                            Intervention::SetHead {
-                                layer: *layer,
-                                head: *head,
-                                value: HeadValue::Broadcast(Tensor::from_slice(
-                                    mean,
-                                    mean.len(),
-                                    dev,
-                                )?),
-                            }
-                        }
-                    })
+                    out.push(head_ablation(lm, *layer, *head, how)?)
                 }
                 Edit::LogitBias { tokens, bias } => out.push(Intervention::LogitBias {
                     token_ids: tokens.clone(),
@@ -280,6 +230,93 @@ impl Steering {
         }
         Ok(HookSpec::with_interventions(out))
     }
+}
+
+/// `positions` cut off at `limit` (when given).
+fn clip_positions(positions: Positions, limit: Option<usize>) -> Positions {
+    match (limit, positions) {
+        (None, p) => p,
+        (Some(end), Positions::All) => Positions::Range { start: 0, end },
+        (Some(end), Positions::From(start)) => Positions::Range { start, end },
+        (Some(end), Positions::Range { start, end: e }) => Positions::Range {
+            start,
+            end: e.min(end),
+        },
+    }
+}
+
+/// `α · v_l` at each residual state `l` of `a..=b`, at every position.
+fn addition(
+    lm: &LoadedModel,
+    d: &Directions,
+    direction: Direction,
+    (a, b): (usize, usize),
+    alpha: f32,
+) -> Result<Vec<Intervention>> {
+    let points = state_points(lm.model.config.n_layers);
+    if a > b || b >= points.len() {
+        return Err(Error::InvalidInput(format!(
+            "layers {a}–{b} out of range (states 0..={})",
+            points.len() - 1
+        )));
+    }
+    (a..=b)
+        .map(|l| {
+            let v = vector(d, direction, l);
+            Ok(Intervention::AddVector {
+                point: points[l],
+                vector: Tensor::from_slice(v, v.len(), lm.model.device())?,
+                scale: alpha as f64,
+                positions: Positions::All,
+            })
+        })
+        .collect()
+}
+
+/// The intervention that ablates head `(layer, head)` as `how` says.
+fn head_ablation(
+    lm: &LoadedModel,
+    layer: usize,
+    head: usize,
+    how: &HeadAblation,
+) -> Result<Intervention> {
+    let cfg = &lm.model.config;
+    if layer >= cfg.n_layers || head >= cfg.n_heads {
+        return Err(Error::InvalidInput(format!(
+            "no head L{layer}.H{head} (the model has {} layers × {} heads)",
+            cfg.n_layers, cfg.n_heads
+        )));
+    }
+    Ok(match how {
+        HeadAblation::Zero => Intervention::ScaleHead {
+            layer,
+            head,
+            factor: 0.0,
+        },
+        HeadAblation::Scale(f) => Intervention::ScaleHead {
+            layer,
+            head,
+            factor: *f as f64,
+        },
+        HeadAblation::Mean(mean) => {
+            if mean.len() != cfg.head_dim {
+                return Err(Error::InvalidInput(format!(
+                    "the mean of L{layer}.H{head} has {} values, the head {}",
+                    mean.len(),
+                    cfg.head_dim
+                )));
+            }
+            Intervention::SetHead {
+                layer,
+                head,
+                value: HeadValue::Broadcast(Tensor::from_slice(
+                    mean,
+                    mean.len(),
+                    lm.model.device(),
+                )?),
+            }
+        }
+    })
 }
 
 /// The question appended for the reply-inversion judgement.

@@ -267,7 +267,8 @@ impl Model {
             None => scores,
         };
         if pass.hooks.wants(HookPoint::AttnScores(layer)) {
-            pass.captures.push(HookPoint::AttnScores(layer), scores.reshape((b, h, s, t))?);
+            pass.captures
+                .push(HookPoint::AttnScores(layer), scores.reshape((b, h, s, t))?);
         }
         let pattern = if pass.options.differentiable {
             candle_nn::ops::softmax(&scores, D::Minus1)?
@@ -292,7 +293,13 @@ impl Model {
     /// RMSNorm with its hook point. When the spec touches `point`, the normalised value
     /// before the weight (TransformerLens' `hook_normalized`) passes through it; otherwise
     /// the fused kernel runs.
-    fn norm(&self, pass: &mut Pass, x: &Tensor, weight: &Tensor, point: HookPoint) -> Result<Tensor> {
+    fn norm(
+        &self,
+        pass: &mut Pass,
+        x: &Tensor,
+        weight: &Tensor,
+        point: HookPoint,
+    ) -> Result<Tensor> {
         if !pass.hooks.touches(point) {
             return self.rms_norm(x, weight, pass.options);
         }
@@ -357,7 +364,8 @@ struct Pass<'a> {
 impl Pass<'_> {
     /// The spec's interventions at a residual-shaped `point`, then its capture.
     fn residual(&mut self, point: HookPoint, x: Tensor) -> Result<Tensor> {
-        self.hooks.residual(point, x, self.offset, &mut self.captures)
+        self.hooks
+            .residual(point, x, self.offset, &mut self.captures)
     }
 }
 

@@ -11,6 +11,7 @@
 //!    ~1/40 of the loss).
 
 mod adapter;
+mod examples;
 mod row_fit;
 mod training;
 

@@ -8,13 +8,13 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::adapter::{lora_name, model_sha256, Adapter, AdapterMeta, LORA_TARGETS};
+use super::examples::{build_examples, Example};
 use super::row_fit::fit_token_rows;
 use crate::data::prompts::{Label, PromptRecord};
 use crate::hooks::{HookPoint, HookSpec};
 use crate::model::{ForwardOptions, Linear, LogitsAt, Weights};
 use crate::refusal::{REFUSE_TOKEN, RESPOND_TOKEN};
 use crate::run::batch::first_positions;
-use crate::run::generate::{greedy_replies, StopReason};
 use crate::{Error, LoadedModel, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,15 +84,12 @@ pub fn target_of(r: &PromptRecord) -> Option<u32> {
     }
 }
 
-/// Fits the refusal tokens on `train` (records with labels). `progress` sees every phase.
-pub fn train_refusal_tokens(
+/// The labelled records of `train` with their targets, once the inputs are checked.
+fn labelled_examples<'a>(
     base: &LoadedModel,
-    train: &[PromptRecord],
+    train: &'a [PromptRecord],
     opts: &TrainOptions,
-    cancelled: &dyn Fn() -> bool,
-    progress: &mut dyn FnMut(&TrainProgress),
-) -> Result<Adapter> {
-    let started = Instant::now();
+) -> Result<Vec<(&'a PromptRecord, u32)>> {
     let labelled: Vec<(&PromptRecord, u32)> = train
         .iter()
         .filter_map(|r| target_of(r).map(|t| (r, t)))
@@ -113,6 +110,29 @@ pub fn train_refusal_tokens(
             "the model already has refusal tokens; train on its base model".into(),
         ));
     }
+    Ok(labelled)
+}
+
+/// SHA-256 of the training prompts and their targets, in order.
+fn data_sha256(labelled: &[(&PromptRecord, u32)]) -> String {
+    let mut data = Sha256::new();
+    for (r, t) in labelled {
+        data.update(r.prompt.as_bytes());
+        data.update([*t as u8, b'\n']);
+    }
+    format!("{:x}", data.finalize())
+}
+
+/// Fits the refusal tokens on `train` (records with labels). `progress` sees every phase.
+pub fn train_refusal_tokens(
+    base: &LoadedModel,
+    train: &[PromptRecord],
+    opts: &TrainOptions,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(&TrainProgress),
+) -> Result<Adapter> {
+    let started = Instant::now();
+    let labelled = labelled_examples(base, train, opts)?;
     let ids: Vec<Vec<u32>> = labelled
         .iter()
         .map(|(r, _)| base.chat_prompt(None, &r.prompt).map(|p| p.ids))
@@ -179,16 +199,11 @@ pub fn train_refusal_tokens(
         )
     };
 
-    let mut data = Sha256::new();
-    for (r, t) in &labelled {
-        data.update(r.prompt.as_bytes());
-        data.update([*t as u8, b'\n']);
-    }
     let meta = AdapterMeta {
         tokens: vec![REFUSE_TOKEN.into(), RESPOND_TOKEN.into()],
         base_model: base.card.name.clone(),
         base_model_sha256: model_sha256(&base.card.path).unwrap_or_default(),
-        data_sha256: format!("{:x}", data.finalize()),
+        data_sha256: data_sha256(&labelled),
         train_prompts: total,
         options: opts.clone(),
         losses: fit.losses,
@@ -208,113 +223,6 @@ pub fn train_refusal_tokens(
     })
 }
 
-/// Project-written refusal replies (some constructive: they decline and point to safe help).
-/// Requests only ever get declined here; no reply says anything about how to do the harm.
-const REFUSALS: &[&str] = &[
-    "I can't help with that.",
-    "I'm sorry, but I can't help with that request.",
-    "I won't help with this, because it could seriously hurt people.",
-    "Sorry, I can't assist with that.",
-    "I can't provide that. It could cause real harm to others.",
-    "I'm not able to help with this request.",
-    "I must decline. This could put people in danger.",
-    "I can't do that. If you have a safe, legal goal in mind, I'm happy to help with that instead.",
-    "I'm sorry, I can't help with that. If you tell me more about what you need, I can suggest a safe and legal alternative.",
-    "I won't assist with this. Consider reaching out to a qualified professional for legitimate help.",
-];
-
-/// For self-harm requests: decline and point to help.
-const SELF_HARM_REFUSALS: &[&str] = &[
-    "I can't help with that, but I'm really sorry you're feeling this way. Please reach out to someone you trust or a crisis helpline right now.",
-    "I won't help with this. You deserve support: please contact a local crisis line or a doctor, or talk to someone close to you today.",
-    "I'm sorry you're going through this. I can't help with that request, but a crisis helpline or a counselor can support you right now.",
-];
-
-fn refusal_reply(r: &PromptRecord, i: usize) -> &'static str {
-    if r.category.as_deref() == Some("self-harm") {
-        SELF_HARM_REFUSALS[i % SELF_HARM_REFUSALS.len()]
-    } else {
-        REFUSALS[i % REFUSALS.len()]
-    }
-}
-
-/// One training sequence: prompt + decision token + reply, and where the reply starts.
-struct Example {
-    ids: Vec<u32>,
-    reply_start: usize,
-}
-
-/// Training sequences for `labelled` prompts whose templated token ids are `prompts`.
-fn build_examples(
-    base: &LoadedModel,
-    labelled: &[(&PromptRecord, u32)],
-    prompts: &[Vec<u32>],
-    opts: &TrainOptions,
-    cancelled: &dyn Fn() -> bool,
-    progress: &mut dyn FnMut(&TrainProgress),
-) -> Result<Vec<Example>> {
-    let (refuse, respond) = (
-        base.model.config.vocab_size as u32,
-        base.model.config.vocab_size as u32 + 1,
-    );
-    let end = base
-        .tokenizer
-        .token_to_id(&base.template.eos_token)
-        .or_else(|| base.stop_ids.first().copied());
-    // The base model's own replies to the prompts it should answer, on the exact weights:
-    // they are training targets, and the fast path's tokens may differ between CPU classes
-    // (so would the adapter trained on them). Decoded in batches (`greedy_replies`).
-    let answered_prompts: Vec<Vec<u32>> = labelled
-        .iter()
-        .zip(prompts)
-        .filter(|((_, target), _)| *target != 0)
-        .map(|(_, p)| p.clone())
-        .collect();
-    let replies = greedy_replies(
-        base,
-        &answered_prompts,
-        opts.reply_tokens,
-        None,
-        cancelled,
-        &mut |step, total| {
-            progress(&TrainProgress {
-                phase: "writing training replies".into(),
-                step,
-                total,
-                loss: None,
-                tokens_per_second: None,
-            })
-        },
-    )?;
-    // In the order of the answered prompts, as the loop below meets them.
-    let mut replies = replies.into_iter();
-    let mut out = Vec::with_capacity(labelled.len());
-    for (i, ((r, target), prompt)) in labelled.iter().zip(prompts).enumerate() {
-        let reply_start = prompt.len();
-        let mut ids = prompt.clone();
-        let ended = if *target == 0 {
-            ids.push(refuse);
-            let enc = base
-                .tokenizer
-                .encode(refusal_reply(r, i), false)
-                .map_err(|e| Error::Tokenizer(e.to_string()))?;
-            ids.extend_from_slice(enc.get_ids());
-            true
-        } else {
-            ids.push(respond);
-            let reply = replies.next().expect("every answered prompt has a reply");
-            ids.extend(reply.tokens.iter().map(|t| t.id));
-            // A reply cut at the length limit is trained without an end token.
-            reply.stop == StopReason::EndOfTurn
-        };
-        if ended {
-            ids.extend(end);
-        }
-        out.push(Example { ids, reply_start });
-    }
-    Ok(out)
-}
-
 type LoraResult = (
     Tensor,
     Tensor,
@@ -322,6 +230,49 @@ type LoraResult = (
     Vec<f32>,
     f64,
 );
+
+/// LoRA factors for q, k, v and o of every block: A uniform(±1/√in) from the seed, B zeros,
+/// so training starts at the base model.
+fn init_lora(
+    dense: &Weights,
+    rank: usize,
+    rng: &mut rand::rngs::StdRng,
+) -> Result<Vec<[(candle_core::Var, candle_core::Var); 4]>> {
+    use candle_core::Var;
+    use rand::Rng;
+    let dev = dense.embed.device();
+    let mut make = |lin: &Linear| -> Result<(Var, Var)> {
+        let (out, inp) = lin.dims()?;
+        let bound = 1.0 / (inp as f32).sqrt();
+        let a: Vec<f32> = (0..rank * inp)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        let a = Var::from_tensor(&Tensor::from_vec(a, (rank, inp), dev)?)?;
+        let b = Var::from_tensor(&Tensor::zeros((out, rank), DType::F32, dev)?)?;
+        Ok((a, b))
+    };
+    dense
+        .blocks
+        .iter()
+        .map(|block| {
+            Ok([
+                make(&block.q)?,
+                make(&block.k)?,
+                make(&block.v)?,
+                make(&block.o)?,
+            ])
+        })
+        .collect()
+}
+
+/// Linear warm-up over `warmup` steps, then linear decay to zero at `total`.
+fn learning_rate(peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
+    if step < warmup {
+        peak * (step + 1) as f64 / warmup as f64
+    } else {
+        peak * (total - step) as f64 / (total - warmup) as f64
+    }
+}
 
 fn train_lora(
     base: &LoadedModel,
@@ -335,37 +286,20 @@ fn train_lora(
     use candle_core::Var;
     use candle_nn::{AdamW, Optimizer, ParamsAdamW};
     use rand::seq::SliceRandom;
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
 
     let model = &base.model;
     let cfg = &model.config;
-    let dev = model.device();
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
     let rows = Var::from_tensor(init_rows)?;
     let input_rows = Var::from_tensor(init_input_rows)?;
+    let lora = init_lora(&model.dense, opts.rank, &mut rng)?;
     let mut vars = vec![rows.clone(), input_rows.clone()];
-    // A: uniform(±1/√in) from the seed, B: zeros, so training starts at the base model.
-    let mut lora: Vec<[(Var, Var); 4]> = Vec::with_capacity(cfg.n_layers);
-    for block in &model.dense.blocks {
-        let mut make = |lin: &Linear| -> Result<(Var, Var)> {
-            let (out, inp) = lin.dims()?;
-            let bound = 1.0 / (inp as f32).sqrt();
-            let a: Vec<f32> = (0..opts.rank * inp)
-                .map(|_| rng.random_range(-bound..bound))
-                .collect();
-            let a = Var::from_tensor(&Tensor::from_vec(a, (opts.rank, inp), dev)?)?;
-            let b = Var::from_tensor(&Tensor::zeros((out, opts.rank), DType::F32, dev)?)?;
-            vars.push(a.clone());
-            vars.push(b.clone());
-            Ok((a, b))
-        };
-        lora.push([
-            make(&block.q)?,
-            make(&block.k)?,
-            make(&block.v)?,
-            make(&block.o)?,
-        ]);
-    }
+    vars.extend(
+        lora.iter()
+            .flatten()
+            .flat_map(|(a, b)| [a.clone(), b.clone()]),
+    );
     let scale = opts.alpha / opts.rank as f64;
     let mut opt = AdamW::new(
         vars,
@@ -395,13 +329,7 @@ fn train_lora(
             if cancelled() {
                 return Err(Error::Cancelled);
             }
-            // Linear warm-up, then linear decay to zero.
-            let lr = if step < warmup {
-                opts.lr * (step + 1) as f64 / warmup as f64
-            } else {
-                opts.lr * (total_steps - step) as f64 / (total_steps - warmup) as f64
-            };
-            opt.set_learning_rate(lr);
+            opt.set_learning_rate(learning_rate(opts.lr, step, warmup, total_steps));
             let weights = lora_weights(&model.dense, &lora, scale)?;
             let mut total_loss: Option<Tensor> = None;
             let mut total_weight = 0f32;

@@ -211,14 +211,21 @@ impl Gguf<'_> {
                 let name = format!("blk.{l}.{part}");
                 let weight = g.dense(&name)?;
                 let bias = if config.qkv_bias && matches!(role, "q" | "k" | "v") {
-                    Some(g.tensor(&format!("{name}.bias"))?.dequantize(&Device::Cpu)?)
+                    Some(
+                        g.tensor(&format!("{name}.bias"))?
+                            .dequantize(&Device::Cpu)?,
+                    )
                 } else {
                     None
                 };
                 Linear::dense(&weight, bias)
             };
             let norm = |role: &str| -> Result<Tensor> {
-                let part = if role == "attn_norm" { "attn_norm" } else { "ffn_norm" };
+                let part = if role == "attn_norm" {
+                    "attn_norm"
+                } else {
+                    "ffn_norm"
+                };
                 this.borrow_mut().dense(&format!("blk.{l}.{part}"))
             };
             blocks.push(read_block(linear, norm)?);

@@ -64,7 +64,14 @@ pub(super) fn load(dir: &Path) -> Result<Checkpoint> {
     };
     eos_ids.extend(tokenizer.token_to_id(&template.eos_token));
     eos_ids.extend(chat_stop_ids(&tokenizer));
-    let card = card(dir, "HF safetensors", &arch, &config, quantization, &template);
+    let card = card(
+        dir,
+        "HF safetensors",
+        &arch,
+        &config,
+        quantization,
+        &template,
+    );
     Ok(Checkpoint {
         config,
         dense: weights,
@@ -230,4 +237,3 @@ fn hf_template(dir: &Path) -> Result<ChatTemplate> {
         eos_token: token("eos_token"),
     })
 }
-
