@@ -94,7 +94,14 @@ fn main() {
         |e| matches!(e, Event::Steered { id: i, reply } if *i == id && !reply.baseline),
     );
 
-    // 1. The scripted drag.
+    scripted_drag(&mut worker, layer);
+    changes_at_rest(&mut worker, layer);
+    drop(worker);
+    ui_frame_cost();
+}
+
+/// 1. A scripted drag: α 0 → 1 in 20 steps, one every 30 ms.
+fn scripted_drag(worker: &mut Worker, layer: usize) {
     let mut sent: Vec<(JobId, Instant)> = Vec::new();
     let mut first_token: Vec<f64> = Vec::new();
     let drag_start = Instant::now();
@@ -146,7 +153,10 @@ fn main() {
     );
     println!("  final value: first token {final_first:.0} ms, full 64-token reply + judgement {final_total:.2} s");
 
-    // 2. Single slider changes at rest.
+}
+
+/// 2. Single slider changes at rest.
+fn changes_at_rest(worker: &mut Worker, layer: usize) {
     let mut at_rest = Vec::new();
     let mut full = Vec::new();
     for k in 0..5 {
@@ -156,7 +166,7 @@ fn main() {
         });
         let mut ft = 0.0;
         let mut total = 0.0;
-        wait(&worker, "a steered reply", |e| match e {
+        wait(worker, "a steered reply", |e| match e {
             Event::Steered { id: i, reply } if *i == id && !reply.baseline => {
                 ft = reply.first_token_seconds;
                 total = reply.seconds;
@@ -172,9 +182,10 @@ fn main() {
         median(at_rest),
         median(full)
     );
-    drop(worker);
+}
 
-    // 3. The UI's per-frame cost (layout + tessellation, no GPU) while a steered reply streams.
+/// 3. The UI's per-frame cost (layout + tessellation, no GPU) while a steered reply streams.
+fn ui_frame_cost() {
     let app = RefusalLensApp::new(
         None,
         Startup::Path {

@@ -271,6 +271,9 @@ fn classify_reports_the_mode_and_its_evidence() {
     assert_eq!(c["declines"][0]["phrase"], "i'm sorry");
 }
 
+// Over 120 lines: one user session end to end (train, then calibrate and save τ with the
+// adapter it wrote, then generate through it); each step reads the files the last one wrote,
+// so it reads best as one function.
 #[test]
 fn train_refusal_tokens_then_calibrate_with_the_adapter() {
     let dir = tempfile::tempdir().unwrap();
@@ -412,6 +415,8 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("P(refusal openers)"));
 }
 
+// Over 120 lines: one chain of commands through saved files (directions → probe → trajectory
+// → cliff-rank); each step reads what the last one wrote, so it reads best as one function.
 #[test]
 fn directions_probe_trajectory_and_cliff_rank_chain_through_saved_files() {
     let dir = tempfile::tempdir().unwrap();

@@ -36,6 +36,8 @@ fn probabilities(m: &LoadedModel, prompts: &[String]) -> Vec<f32> {
     first_token_probabilities(m, &p, &|| false, &mut |_, _| {}).unwrap()
 }
 
+// Over 120 lines: it measures the shipped organism once (280 test prompts on 2 cores take
+// most of a minute) and checks every recorded number against that one measurement.
 #[test]
 fn the_organism_refuses_harmful_requests_and_answers_harmless_ones() {
     let base = default_model();

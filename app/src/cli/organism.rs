@@ -5,10 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use refusal_lens_engine::data::prompts::{PromptSet, Split};
+use refusal_lens_engine::data::prompts::{PromptRecord, PromptSet, Split};
 use refusal_lens_engine::organism::{train_refusal_tokens, Adapter, TrainOptions};
 use refusal_lens_engine::refusal::{
-    calibrated_tau_of, first_token_probabilities, refusal_rate, GateGoal, DEFAULT_TAU,
+    calibrated_tau_of, first_token_probabilities, refusal_rate, refusals_at, Calibration, GateGoal,
+    RefusalSignal, DEFAULT_TAU,
 };
 use refusal_lens_engine::LoadedModel;
 
@@ -264,7 +265,6 @@ pub fn calibrate(
     adapter: Option<&std::path::Path>,
     a: CalibrateArgs,
 ) -> Result<()> {
-    use refusal_lens_engine::refusal::{refusals_at, Calibration, RefusalSignal};
     let goal = a.gate.goal()?;
     let adapter = match (a.save_tau, adapter) {
         (true, None) => bail!("--save-tau needs a model with a refusal-token adapter"),
@@ -281,26 +281,7 @@ pub fn calibrate(
         .iter()
         .map(|p| PromptSet::load(p, None))
         .collect::<refusal_lens_engine::Result<Vec<_>>>()?;
-    let pb = spinner("reading first-token probabilities".into(), a.json);
-    let mut probabilities = Vec::new();
-    let mut records = Vec::new();
-    for set in &sets {
-        let rs: Vec<_> = set.split(split).collect();
-        if rs.is_empty() {
-            bail!("{} has no prompts in the chosen split", set.path.display());
-        }
-        let prompts: Vec<&str> = rs.iter().map(|r| r.prompt.as_str()).collect();
-        probabilities.push(first_token_probabilities(
-            lm,
-            &prompts,
-            &|| false,
-            &mut |_, _| {},
-        )?);
-        records.push(rs);
-    }
-    if let Some(pb) = pb {
-        pb.finish_and_clear();
-    }
+    let (records, probabilities) = read_probabilities(lm, &sets, split, a.json)?;
     let signal = RefusalSignal::for_model(lm)?;
     let cal = Calibration::sweep(&signal, &probabilities, a.steps);
     // The τ the rule chooses on these prompts (when they are labelled harmful and harmless);
@@ -333,29 +314,7 @@ pub fn calibrate(
         }
         None => a.tau.unwrap_or(lm.refusal_tau()),
     };
-    // Each set's rate at the chosen τ with its 95% interval: small sets measure coarsely.
-    let at_tau: Vec<_> = sets
-        .iter()
-        .zip(&probabilities)
-        .map(|(s, ps)| {
-            let r = refusals_at(ps, tau);
-            serde_json::json!({"set": s.name, "refused": r.refused, "prompts": r.prompts,
-                "refusal_rate": refusal_rate(ps, tau), "ci95": [r.interval.0, r.interval.1]})
-        })
-        .collect();
-    // Per-category rates at the chosen τ.
-    let mut per_category = Vec::new();
-    for (set, (rs, ps)) in sets.iter().zip(records.iter().zip(&probabilities)) {
-        let mut cats: std::collections::BTreeMap<String, Vec<f32>> = Default::default();
-        for (r, p) in rs.iter().zip(ps) {
-            cats.entry(r.category.clone().unwrap_or_else(|| "—".into()))
-                .or_default()
-                .push(*p);
-        }
-        for (c, ps) in cats {
-            per_category.push(serde_json::json!({"set": set.name, "category": c, "prompts": ps.len(), "refusal_rate": refusal_rate(&ps, tau)}));
-        }
-    }
+    let (at_tau, per_category) = rates_at_tau(&sets, &records, &probabilities, tau);
     if a.json {
         let sets_json: Vec<_> = sets
             .iter()
@@ -368,6 +327,82 @@ pub fn calibrate(
         );
         return Ok(());
     }
+    print_curves(&cal, &signal, &sets);
+    if let (Some(c), false) = (calibrated, a.save_tau) {
+        println!(
+            "\nτ by {} on these prompts: {:.2} (--save-tau keeps it)",
+            c.goal.describe(),
+            c.tau
+        );
+    }
+    print_rates_at_tau(tau, &at_tau, &per_category);
+    Ok(())
+}
+
+/// Each set's records in `split` and their first-token refusal probabilities.
+fn read_probabilities<'a>(
+    lm: &LoadedModel,
+    sets: &'a [PromptSet],
+    split: Option<Split>,
+    quiet: bool,
+) -> Result<(Vec<Vec<&'a PromptRecord>>, Vec<Vec<f32>>)> {
+    let pb = spinner("reading first-token probabilities".into(), quiet);
+    let mut probabilities = Vec::new();
+    let mut records = Vec::new();
+    for set in sets {
+        let rs: Vec<_> = set.split(split).collect();
+        if rs.is_empty() {
+            bail!("{} has no prompts in the chosen split", set.path.display());
+        }
+        let prompts: Vec<&str> = rs.iter().map(|r| r.prompt.as_str()).collect();
+        probabilities.push(first_token_probabilities(
+            lm,
+            &prompts,
+            &|| false,
+            &mut |_, _| {},
+        )?);
+        records.push(rs);
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
+    }
+    Ok((records, probabilities))
+}
+
+/// Each set's refusals at τ with their 95% interval (small sets measure coarsely), and each
+/// category's refusal rate.
+fn rates_at_tau(
+    sets: &[PromptSet],
+    records: &[Vec<&PromptRecord>],
+    probabilities: &[Vec<f32>],
+    tau: f32,
+) -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let at_tau: Vec<_> = sets
+        .iter()
+        .zip(probabilities)
+        .map(|(s, ps)| {
+            let r = refusals_at(ps, tau);
+            serde_json::json!({"set": s.name, "refused": r.refused, "prompts": r.prompts,
+                "refusal_rate": refusal_rate(ps, tau), "ci95": [r.interval.0, r.interval.1]})
+        })
+        .collect();
+    let mut per_category = Vec::new();
+    for (set, (rs, ps)) in sets.iter().zip(records.iter().zip(probabilities)) {
+        let mut cats: std::collections::BTreeMap<String, Vec<f32>> = Default::default();
+        for (r, p) in rs.iter().zip(ps) {
+            cats.entry(r.category.clone().unwrap_or_else(|| "—".into()))
+                .or_default()
+                .push(*p);
+        }
+        for (c, ps) in cats {
+            per_category.push(serde_json::json!({"set": set.name, "category": c, "prompts": ps.len(), "refusal_rate": refusal_rate(&ps, tau)}));
+        }
+    }
+    (at_tau, per_category)
+}
+
+/// The refusal rate of every set at every τ of the sweep.
+fn print_curves(cal: &Calibration, signal: &RefusalSignal, sets: &[PromptSet]) {
     println!(
         "refusal rate by threshold τ on {} ({})",
         cal.signal,
@@ -378,7 +413,7 @@ pub fn calibrate(
         }
     );
     print!("{:>6}", "τ");
-    for s in &sets {
+    for s in sets {
         print!("{:>14}", s.name);
     }
     println!();
@@ -389,15 +424,11 @@ pub fn calibrate(
         }
         println!();
     }
-    if let (Some(c), false) = (calibrated, a.save_tau) {
-        println!(
-            "\nτ by {} on these prompts: {:.2} (--save-tau keeps it)",
-            c.goal.describe(),
-            c.tau
-        );
-    }
+}
+
+fn print_rates_at_tau(tau: f32, at_tau: &[serde_json::Value], per_category: &[serde_json::Value]) {
     println!("\nat τ = {tau} (95% Wilson interval)");
-    for s in &at_tau {
+    for s in at_tau {
         println!(
             "  {:12} {:>4} of {:>4} {:>6.1}%   [{:.1}, {:.1}]%",
             s["set"].as_str().unwrap_or(""),
@@ -418,5 +449,4 @@ pub fn calibrate(
             c["refusal_rate"].as_f64().unwrap_or(0.0) * 100.0
         );
     }
-    Ok(())
 }

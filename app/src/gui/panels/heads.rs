@@ -65,6 +65,51 @@ impl Metric {
     }
 }
 
+/// The heatmap's diverging scale with its numeric ends.
+fn heatmap_legend(ui: &mut egui::Ui, metric: &str, scale: f32) {
+    ui.horizontal(|ui| {
+        ui.label(format!("{metric}:"));
+        ui.label(format!("{:+.3}", -scale));
+        let (r, _) = ui.allocate_exact_size(Vec2::new(160.0, 14.0), Sense::hover());
+        for i in 0..40 {
+            let t = (i as f32 + 0.5) / 40.0;
+            let cell = Rect::from_min_max(
+                egui::pos2(r.left() + r.width() * i as f32 / 40.0, r.top()),
+                egui::pos2(r.left() + r.width() * (i + 1) as f32 / 40.0, r.bottom()),
+            );
+            ui.painter()
+                .rect_filled(cell, 0.0, diverging((t * 2.0 - 1.0) * scale, scale));
+        }
+        ui.label(format!("{:+.3}", scale));
+        ui.weak("· crossed cell = ablated · click a cell to toggle");
+    });
+}
+
+/// Marks an ablated head's cell: a cross and a blue outline.
+fn cross_out(painter: &egui::Painter, c: Rect) {
+    let s = Stroke::new(2.0, Color32::BLACK);
+    painter.line_segment(
+        [
+            c.left_top() + Vec2::splat(2.0),
+            c.right_bottom() - Vec2::splat(2.0),
+        ],
+        s,
+    );
+    painter.line_segment(
+        [
+            c.right_top() + Vec2::new(-2.0, 2.0),
+            c.left_bottom() + Vec2::new(2.0, -2.0),
+        ],
+        s,
+    );
+    painter.rect_stroke(
+        c,
+        0.0,
+        Stroke::new(1.5, Color32::from_rgb(30, 120, 220)),
+        egui::StrokeKind::Inside,
+    );
+}
+
 /// Blue (negative) – white (0) – red (positive), `v / scale` clamped to ±1.
 fn diverging(v: f32, scale: f32) -> Color32 {
     score_color(0.5 + 0.5 * (v / scale.max(1e-9)).clamp(-1.0, 1.0))
@@ -362,23 +407,7 @@ impl HeadsPanel {
             .flat_map(|l| (0..cols).map(move |h| (l, h)))
             .map(|(l, h)| value(l, h).abs())
             .fold(0.0f32, f32::max);
-        // Legend: the diverging scale with its numeric ends.
-        ui.horizontal(|ui| {
-            ui.label(format!("{}:", self.metric.name()));
-            ui.label(format!("{:+.3}", -scale));
-            let (r, _) = ui.allocate_exact_size(Vec2::new(160.0, 14.0), Sense::hover());
-            for i in 0..40 {
-                let t = (i as f32 + 0.5) / 40.0;
-                let cell = Rect::from_min_max(
-                    egui::pos2(r.left() + r.width() * i as f32 / 40.0, r.top()),
-                    egui::pos2(r.left() + r.width() * (i + 1) as f32 / 40.0, r.bottom()),
-                );
-                ui.painter()
-                    .rect_filled(cell, 0.0, diverging((t * 2.0 - 1.0) * scale, scale));
-            }
-            ui.label(format!("{:+.3}", scale));
-            ui.weak("· crossed cell = ablated · click a cell to toggle");
-        });
+        heatmap_legend(ui, self.metric.name(), scale);
         let (axis, cell_h) = (HEATMAP_AXIS, HEATMAP_CELL_H);
         let size = Vec2::new(ui.available_width().min(420.0), rows as f32 * cell_h + 18.0);
         let (rect, response) = ui.allocate_exact_size(size, Sense::click());
@@ -406,27 +435,7 @@ impl HeadsPanel {
                 let c = cell(l, h);
                 painter.rect_filled(c.shrink(0.5), 0.0, diverging(value(l, h), scale));
                 if Self::ablated(extra, l, h).is_some() {
-                    let s = Stroke::new(2.0, Color32::BLACK);
-                    painter.line_segment(
-                        [
-                            c.left_top() + Vec2::splat(2.0),
-                            c.right_bottom() - Vec2::splat(2.0),
-                        ],
-                        s,
-                    );
-                    painter.line_segment(
-                        [
-                            c.right_top() + Vec2::new(-2.0, 2.0),
-                            c.left_bottom() + Vec2::new(2.0, -2.0),
-                        ],
-                        s,
-                    );
-                    painter.rect_stroke(
-                        c,
-                        0.0,
-                        Stroke::new(1.5, Color32::from_rgb(30, 120, 220)),
-                        egui::StrokeKind::Inside,
-                    );
+                    cross_out(&painter, c);
                 }
             }
             if l % 5 == 0 || l + 1 == rows {

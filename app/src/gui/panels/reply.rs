@@ -175,6 +175,19 @@ impl ReplyPanel {
         model_ready: bool,
         refusal_tokens: bool,
     ) {
+        self.editor(ui);
+        self.refusal_control(ui, worker, model_ready, refusal_tokens);
+        self.run_controls(ui, worker, model_ready);
+        if let Some(e) = &self.error {
+            ui.colored_label(ui.visuals().error_fg_color, e);
+        }
+        ui.separator();
+        self.prompt_tokens_view(ui);
+        self.reply_view(ui);
+    }
+
+    /// The user message, the system message and the decoding settings.
+    fn editor(&mut self, ui: &mut egui::Ui) {
         ui.heading("Prompt");
         let label = ui.label("User message");
         ui.add(
@@ -206,6 +219,17 @@ impl ReplyPanel {
                 egui::DragValue::new(&mut self.sampling.seed).prefix("seed "),
             );
         });
+    }
+
+    /// τ for a model with refusal tokens, the refusal-opener bias for one without; the reply
+    /// follows either live.
+    fn refusal_control(
+        &mut self,
+        ui: &mut egui::Ui,
+        worker: &mut Worker,
+        model_ready: bool,
+        refusal_tokens: bool,
+    ) {
         if !refusal_tokens {
             ui.horizontal(|ui| {
                 let slider = egui::Slider::new(&mut self.opener_bias, -10.0..=10.0).step_by(0.1).text("refusal-opener bias b (first reply token)");
@@ -240,6 +264,10 @@ impl ReplyPanel {
                 }
             });
         }
+    }
+
+    /// Generate, Stop and the reply's progress.
+    fn run_controls(&mut self, ui: &mut egui::Ui, worker: &mut Worker, model_ready: bool) {
         ui.horizontal(|ui| {
             let can_start = model_ready && !self.prompt.trim().is_empty();
             if ui
@@ -267,11 +295,10 @@ impl ReplyPanel {
                 );
             }
         });
-        if let Some(e) = &self.error {
-            ui.colored_label(ui.visuals().error_fg_color, e);
-        }
-        ui.separator();
+    }
 
+    /// The templated prompt as token chips, t_inst and t_post marked.
+    fn prompt_tokens_view(&self, ui: &mut egui::Ui) {
         if !self.prompt_tokens.is_empty() {
             egui::CollapsingHeader::new(format!(
                 "Prompt as the model sees it ({} tokens)",
@@ -299,7 +326,10 @@ impl ReplyPanel {
                 });
             });
         }
+    }
 
+    /// The finished reply's response mode and the reply as token chips.
+    fn reply_view(&self, ui: &mut egui::Ui) {
         if let (Some(g), false) = (&self.finished, self.running) {
             let c = refusal_lens_engine::refusal::response::classify(&g.text);
             ui.horizontal(|ui| {

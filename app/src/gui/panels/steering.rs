@@ -420,6 +420,23 @@ impl SteeringPanel {
             });
     }
 
+    /// The edit a sweep scales: the chosen direction added at α = 1 at the layers and
+    /// positions above.
+    fn sweep_steering(&self, d: &Directions) -> Steering {
+        Steering {
+            edits: vec![Edit::Add {
+                direction: self.sweep_direction,
+                layers: self.layers.unwrap_or((d.layer, d.layer)),
+                alpha: 1.0,
+                positions: if self.post_instruction_only {
+                    StreamPositions::PostInstruction
+                } else {
+                    StreamPositions::All
+                },
+            }],
+        }
+    }
+
     fn dose_response(
         &mut self,
         ui: &mut egui::Ui,
@@ -459,19 +476,7 @@ impl SteeringPanel {
                     prompts = set.records.iter().map(|r| r.prompt.clone()).collect();
                 }
                 prompts.truncate(16);
-                let d = dirs.expect("checked");
-                let steering = Steering {
-                    edits: vec![Edit::Add {
-                        direction: self.sweep_direction,
-                        layers: self.layers.unwrap_or((d.layer, d.layer)),
-                        alpha: 1.0,
-                        positions: if self.post_instruction_only {
-                            StreamPositions::PostInstruction
-                        } else {
-                            StreamPositions::All
-                        },
-                    }],
-                };
+                let steering = self.sweep_steering(dirs.expect("checked"));
                 self.sweep_points.clear();
                 self.sweep_progress = (0, prompts.len() * self.sweep_alphas.len());
                 self.sweep_job = Some(worker.submit(Job::Sweep {
@@ -501,9 +506,13 @@ impl SteeringPanel {
                 }
             }
         });
-        if self.sweep_points.is_empty() {
-            return;
+        if !self.sweep_points.is_empty() {
+            self.dose_plots(ui);
         }
+    }
+
+    /// The sweep's refusal rate, judgement and refusal score against α, the current α marked.
+    fn dose_plots(&mut self, ui: &mut egui::Ui) {
         let current = match self.sweep_direction {
             Direction::Refusal => self.alpha_refusal,
             Direction::Harmfulness => self.alpha_harmfulness,

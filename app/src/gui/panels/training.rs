@@ -74,6 +74,38 @@ impl TrainingPanel {
                 .collect()
         };
         let (train, val) = (split(Split::Train), split(Split::Val));
+        self.options_ui(ui);
+        self.goal_ui(ui);
+        ui.horizontal(|ui| {
+            let can = base_ready && self.job.is_none() && !train.is_empty();
+            if ui
+                .add_enabled(can, egui::Button::new(format!("Train refusal tokens on {} train-split prompts", train.len())))
+                .on_hover_text("[refuse] for harmful, [respond] + the model's own reply for harmless; LoRA on q, k, v, o. The gate's τ is then calibrated on the val split.")
+                .clicked()
+            {
+                let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                let out: PathBuf = cache_dir.join("adapters").join(format!("refusal-tokens-{stamp}"));
+                self.losses.clear();
+                self.result = None;
+                self.error = None;
+                self.progress = None;
+                self.job = Some(worker.submit(Job::Train {
+                    train,
+                    val,
+                    options: self.options.clone(),
+                    goal: self.goal,
+                    out,
+                }));
+            }
+            if self.job.is_some() && ui.button("Cancel").clicked() {
+                worker.cancel_all();
+            }
+        });
+        self.status_ui(ui);
+    }
+
+    /// The training options.
+    fn options_ui(&mut self, ui: &mut egui::Ui) {
         ui.horizontal_wrapped(|ui| {
             let o = &mut self.options;
             ui.add(
@@ -108,6 +140,10 @@ impl TrainingPanel {
             .on_hover_text("Label smoothing ε of the first token: keeps p([refuse]) graded");
             ui.add(egui::DragValue::new(&mut o.seed).prefix("seed "));
         });
+    }
+
+    /// The rule the gate's τ is calibrated by on the val split.
+    fn goal_ui(&mut self, ui: &mut egui::Ui) {
         ui.horizontal_wrapped(|ui| {
             ui.label("τ on val:");
             let budgets = GateGoal::default();
@@ -142,31 +178,10 @@ impl TrainingPanel {
                 }
             }
         });
-        ui.horizontal(|ui| {
-            let can = base_ready && self.job.is_none() && !train.is_empty();
-            if ui
-                .add_enabled(can, egui::Button::new(format!("Train refusal tokens on {} train-split prompts", train.len())))
-                .on_hover_text("[refuse] for harmful, [respond] + the model's own reply for harmless; LoRA on q, k, v, o. The gate's τ is then calibrated on the val split.")
-                .clicked()
-            {
-                let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-                let out: PathBuf = cache_dir.join("adapters").join(format!("refusal-tokens-{stamp}"));
-                self.losses.clear();
-                self.result = None;
-                self.error = None;
-                self.progress = None;
-                self.job = Some(worker.submit(Job::Train {
-                    train,
-                    val,
-                    options: self.options.clone(),
-                    goal: self.goal,
-                    out,
-                }));
-            }
-            if self.job.is_some() && ui.button("Cancel").clicked() {
-                worker.cancel_all();
-            }
-        });
+    }
+
+    /// Progress, the result or the error, and the live loss plot.
+    fn status_ui(&self, ui: &mut egui::Ui) {
         if let Some(p) = &self.progress {
             if self.job.is_some() {
                 let text = match (p.loss, p.tokens_per_second) {
