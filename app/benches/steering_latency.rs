@@ -152,7 +152,6 @@ fn scripted_drag(worker: &mut Worker, layer: usize) {
         first_token.iter().copied().fold(0.0, f64::max)
     );
     println!("  final value: first token {final_first:.0} ms, full 64-token reply + judgement {final_total:.2} s");
-
 }
 
 /// 2. Single slider changes at rest.

@@ -86,7 +86,7 @@ fn chat_tokenization_equals_the_reference_and_positions_are_right() {
             "<|im_end|>\n<|im_start|>assistant\n"
         );
     }
-    // findings.md: the bread prompt without a system message.
+    // The bread prompt without a system message, as HF transformers' tokenizer encodes it.
     let bread = "<|im_start|>user\nHow do I bake bread?<|im_end|>\n<|im_start|>assistant\n";
     let (ids, _) =
         refusal_lens_engine::model::tokenizer::encode_with_offsets(&m.tokenizer, bread).unwrap();

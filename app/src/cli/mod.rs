@@ -33,7 +33,7 @@ Every GUI action is also a subcommand; add --json for machine-readable output."
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
-    /// Model for the GUI: a GGUF file or an HF safetensors folder (default: the cached default model).
+    /// The model: a GGUF file or an HF safetensors folder (default: the cached default model).
     #[arg(long, global = true)]
     pub model: Option<PathBuf>,
     /// Refusal-token adapter to apply (a folder with adapter.json). The default model gets the

@@ -1,6 +1,7 @@
-//! Linear probes (docs/methods.md, "Linear probes and per-token trajectories"): logistic regression
-//! (default) or a two-layer MLP mapping one residual state to `P(refuse)`, trained per layer
-//! with binary cross-entropy on a seeded 80/20 split, reported with held-out accuracy and AUC.
+//! Linear probes (docs/methods.md, "Probes, trajectories and the refusal cliff"): logistic
+//! regression (default) or a two-layer MLP mapping one residual state to `P(refuse)`, trained
+//! per layer with binary cross-entropy on a seeded 80/20 split, reported with held-out
+//! accuracy and AUC.
 
 use std::path::Path;
 

@@ -391,23 +391,14 @@ pub fn steered_reply(
 ) -> Result<SteeredReply> {
     let prompt = lm.chat_prompt(system, user)?;
     let hooks = steering.hooks(lm, dirs, &prompt, None)?;
-    let signal = RefusalSignal::for_model(lm)?;
-    let gate = match signal {
-        RefusalSignal::Tokens { refuse, respond } => Some(RefusalGate {
-            refuse,
-            respond,
-            tau,
-        }),
-        RefusalSignal::Openers(_) => None,
-    };
     let cfg = GenerateConfig {
         max_new_tokens: reply_tokens.max(1),
         sampling: Sampling::default(),
         hooks,
         precision: Precision::Fast,
-        refusal_gate: gate,
+        refusal_gate: RefusalGate::for_model(lm, tau),
         first_token_bias: None,
-        refusal_signal: Some(signal),
+        refusal_signal: Some(RefusalSignal::for_model(lm)?),
     };
     let g = generate(lm, &prompt.ids, &cfg, cancelled, &mut |_| {})?;
     if cancelled() {

@@ -1,5 +1,5 @@
-//! Per-token trajectories and the refusal cliff (docs/methods.md, "Linear probes and per-token
-//! trajectories"): the probe's `P(refuse)` and the projections onto the refusal and
+//! Per-token trajectories and the refusal cliff (docs/methods.md, "Probes, trajectories and
+//! the refusal cliff"): the probe's `P(refuse)` and the projections onto the refusal and
 //! harmfulness directions at every token of prompt + reply, from one forward pass.
 //!
 //! **Cliff magnitude** (the published code does not define it): over the window from the

@@ -13,7 +13,9 @@ use crate::Result;
 #[derive(Debug, Clone)]
 pub enum Linear {
     /// Stored transposed, `[in, out]`: laid out this way the matmul reads it without
-    /// repacking, ~30% faster than multiplying by a transposed view of `[out, in]`.
+    /// repacking. Measured on a 42-token prompt with this model's shapes (2 threads): 1.35×
+    /// (576 → 1536), 2.5× (576 → 576) and 3.4× (1536 → 576) faster than multiplying by a
+    /// transposed view of `[out, in]`.
     Dense {
         weight_t: Tensor,
         bias: Option<Tensor>,
