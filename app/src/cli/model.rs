@@ -67,8 +67,9 @@ pub struct ActivationsArgs {
     /// Output safetensors file; tensors are named by hook point.
     #[arg(long)]
     pub out: PathBuf,
-    /// Hook points: kinds (resid_pre, attn_z, attn_pattern, attn_out, resid_mid, mlp_out,
-    /// resid_post: every layer), `embed`, `ln_final`, or full names like blocks.3.hook_resid_pre.
+    /// Hook points: kinds (resid_pre, ln1, q, k, v, attn_scores, attn_pattern, attn_z,
+    /// attn_out, resid_mid, ln2, mlp_post, mlp_out, resid_post: every layer), `embed`,
+    /// `ln_final`, `unembed_in`, or full names like blocks.3.hook_resid_pre.
     #[arg(long, default_value = "resid_pre,ln_final")]
     pub hooks: String,
     /// Also store the logits at every position as `logits`.
