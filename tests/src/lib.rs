@@ -35,20 +35,10 @@ pub fn use_all_cores_when_alone() {
 
 /// max |a − b| / max |b|: the error relative to the reference tensor's scale.
 pub fn relative_error(ours: &Tensor, reference: &Tensor) -> f32 {
-    let diff = (ours - reference)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
-    let scale = reference
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+    let max_abs = |t: &Tensor| -> f32 {
+        t.abs()
+            .and_then(|a| a.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .unwrap()
+    };
+    max_abs(&(ours - reference).unwrap()) / max_abs(reference).max(1e-12)
 }

@@ -11,20 +11,22 @@ use refusal_lens_tests::{fixtures_dir, relative_error};
 /// f32 through 2 layers with different summation orders: errors are ~1e-6 relative.
 const TOLERANCE: f32 = 1e-4;
 
-fn check(name: &str) {
+/// A tiny checkpoint, transformers' outputs on it (`expected.json`) and the input ids.
+fn fixture(name: &str) -> (LoadedModel, serde_json::Value, Vec<u32>) {
     let dir = fixtures_dir().join(name);
     let m = LoadedModel::load(&dir, FastPrecision::Auto).unwrap();
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let ids: Vec<u32> = serde_json::from_value(expected["input_ids"].clone()).unwrap();
+    (m, expected, ids)
+}
+
+fn check(name: &str) {
+    let (m, expected, ids) = fixture(name);
     let n = m.model.config.n_layers;
     let mut points: Vec<HookPoint> = (0..n).map(HookPoint::ResidPre).collect();
     points.push(HookPoint::UnembedIn);
     let (logits, captures) = dense_run(&m, &ids, &HookSpec::default(), &points);
-    let as_tensor = |v: &serde_json::Value| {
-        let rows: Vec<Vec<f32>> = serde_json::from_value(v.clone()).unwrap();
-        Tensor::new(rows, &Device::Cpu).unwrap()
-    };
     let err = relative_error(&logits, &as_tensor(&expected["logits"]));
     assert!(err < TOLERANCE, "{name} logits: relative error {err}");
     for (l, (point, ours)) in points.iter().zip(&captures).enumerate() {

@@ -84,256 +84,249 @@ fn print_top(name: &str, map: &HeadMap, top: usize) {
     }
 }
 
-/// `dla`: DLA difference (harmful − harmless) over the pairs.
-fn dla_table(
-    lm: &LoadedModel,
-    pairs: &[(String, String)],
-    a: &HeadsArgs,
-    bar: &mut impl FnMut(&str, usize, usize),
-) -> Result<serde_json::Value> {
-    let d = pair_dla(lm, pairs, &|| false, &mut |phase, done, total| {
-        bar(phase, done, total)
-    })?;
-    if !a.json {
-        let mean =
-            |x: &[Dla], f: &dyn Fn(&Dla) -> f32| x.iter().map(f).sum::<f32>() / x.len() as f32;
-        println!(
-            "DLA onto the refusal-vs-compliance logit direction at t_post, harmful − harmless, {} pair(s)",
-            pairs.len()
-        );
-        println!(
-            "logit difference: harmful {:.3}, harmless {:.3} (heads + embedding + MLPs reproduce it: {:.3}, {:.3})",
-            mean(&d.harmful, &|x| x.logit_difference),
-            mean(&d.harmless, &|x| x.logit_difference),
-            mean(&d.harmful, &|x| x.sum()),
-            mean(&d.harmless, &|x| x.sum()),
-        );
-        print_top("refusal-promoting (DLA difference)", &d.difference, a.top);
-    }
-    Ok(serde_json::json!({"metric": "dla", "pairs": pairs, "heads": d.difference}))
+/// One `heads` run: the model, the pairs, the arguments and the progress bar every metric's
+/// table reads.
+struct Tables<'a> {
+    lm: &'a LoadedModel,
+    pairs: &'a [(String, String)],
+    a: &'a HeadsArgs,
+    bar: &'a mut dyn FnMut(&str, usize, usize),
 }
 
-/// `interchange`: necessity and sufficiency, the mean over the pairs (each pair normalised
-/// by its own gap).
-fn interchange_table(
-    lm: &LoadedModel,
-    pairs: &[(String, String)],
-    a: &HeadsArgs,
-    bar: &mut impl FnMut(&str, usize, usize),
-) -> Result<serde_json::Value> {
-    let (_, r) = pair_interchange(lm, pairs, a.k, &|| false, &mut |phase, done, total| {
-        bar(phase, done, total)
-    })?;
-    if !a.json {
-        match pairs {
-            [(x, y)] => println!("pair: {x:?} vs {y:?}"),
-            _ => println!("mean over {} pairs", pairs.len()),
-        }
-        println!(
-            "clean refusal score harmful {:.3}, harmless {:.3}; last {} positions patched",
-            r.clean_harmful, r.clean_harmless, r.k
-        );
-        print_top(
-            "necessity (harmless z into the harmful run; fall / gap)",
-            &r.necessity,
-            a.top,
-        );
-        print_top(
-            "sufficiency (harmful z into the harmless run; rise / gap)",
-            &r.sufficiency,
-            a.top,
-        );
-    }
-    Ok(serde_json::json!({"metric": "interchange", "pairs": pairs, "result": r}))
-}
-
-fn attribution_table(
-    lm: &LoadedModel,
-    pairs: &[(String, String)],
-    a: &HeadsArgs,
-    bar: &mut impl FnMut(&str, usize, usize),
-) -> Result<serde_json::Value> {
-    let (x, y) = &pairs[0];
-    let t0 = std::time::Instant::now();
-    let fast = attribution_patching(lm, x, y, a.k)?;
-    let fast_seconds = t0.elapsed().as_secs_f64();
-    let exact = interchange(lm, x, y, a.k, &|| false, &mut |d, t| {
-        bar("exact patching", d, t)
-    })?;
-    let r_nec = correlation(&fast.necessity, &exact.necessity);
-    let r_suf = correlation(&fast.sufficiency, &exact.sufficiency);
-    if !a.json {
-        println!("pair: {x:?} vs {y:?}; last {} positions", fast.k);
-        println!(
-            "attribution patching (one forward + one backward per prompt) in {fast_seconds:.2} s; \
-             Pearson r with exact interchange: necessity {r_nec:.3}, sufficiency {r_suf:.3}"
-        );
-        print_top("necessity, attribution estimate", &fast.necessity, a.top);
-        print_top("necessity, exact", &exact.necessity, a.top);
-    }
-    Ok(
-        serde_json::json!({"metric": "attribution", "pair": pairs[0], "attribution": fast,
-        "exact": exact, "attribution_seconds": fast_seconds,
-        "correlation": {"necessity": r_nec, "sufficiency": r_suf}}),
-    )
-}
-
-fn cascade_table(
-    lm: &LoadedModel,
-    pairs: &[(String, String)],
-    a: &HeadsArgs,
-    bar: &mut impl FnMut(&str, usize, usize),
-) -> Result<serde_json::Value> {
-    let (x, y) = &pairs[0];
-    let da = dla(lm, &[x.as_str()], None, &[], &|| false, &mut |_, _| {})?;
-    let db = dla(lm, &[y.as_str()], None, &[], &|| false, &mut |_, _| {})?;
-    let diff = dla_difference(&da, &db)?;
-    let (routing, cascade) = match &a.gate {
-        Some(g) => {
-            let gate = parse_head(g)?;
-            (None, knockout_cascade(lm, &[x.as_str()], gate, &|| false)?)
-        }
-        None => {
-            let ex = interchange(lm, x, y, a.k, &|| false, &mut |d, t| {
-                bar("exact patching", d, t)
-            })?;
-            let (r, c) = find_routing(lm, x, &diff, &ex.necessity, &|| false)?;
-            (Some(r), c)
-        }
-    };
-    if !a.json {
-        println!("pair: {x:?} vs {y:?}");
-        if let Some(r) = &routing {
-            println!(
-                "gate: L{}.H{} (necessity {:.3}, DLA {:+.3}); amplifiers (clean DLA → change with the gate knocked out):",
-                r.gate.0, r.gate.1, r.gate_necessity, r.gate_dla
-            );
-            for (l, h, c, d) in &r.amplifiers {
-                println!("  L{l}.H{h:<3} {c:>8.3} {d:>+9.3}");
-            }
-            if r.amplifiers.is_empty() {
-                println!("  none of the top-10 DLA heads after the gate lose ≥ 25% of their DLA");
-            }
-        }
-        let mut falls = cascade.clone();
-        falls.values.iter_mut().for_each(|v| *v = -*v);
-        print_top("knockout cascade: largest DLA falls", &falls, a.top);
-    }
-    Ok(
-        serde_json::json!({"metric": "cascade", "pair": pairs[0], "routing": routing, "cascade": cascade}),
-    )
-}
-
-fn cipher_table(
-    lm: &LoadedModel,
-    pairs: &[(String, String)],
-    a: &HeadsArgs,
-    bar: &mut impl FnMut(&str, usize, usize),
-) -> Result<serde_json::Value> {
-    let harmful: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
-    let cipher: Cipher = a.cipher.parse()?;
-    let map = cipher_contrast(lm, &harmful, cipher, &|| false, &mut |d, t| {
-        bar("DLA", d, t)
-    })?;
-    if !a.json {
-        println!(
-            "cipher contrast ({}): DLA plain − cipher over {} harmful prompt(s); e.g. {:?}",
-            a.cipher,
-            harmful.len(),
-            cipher.wrap(harmful[0])
-        );
-        print_top("cipher-sensitive heads (plain − cipher)", &map, a.top);
-    }
-    Ok(
-        serde_json::json!({"metric": "cipher", "cipher": a.cipher, "prompts": harmful, "heads": map}),
-    )
-}
-
-/// `suppression`: on the complied-with prompts of the whole harmful set (not the pairs).
-fn suppression_table(
-    lm: &LoadedModel,
-    a: &HeadsArgs,
-    bar: &mut impl FnMut(&str, usize, usize),
-) -> Result<serde_json::Value> {
-    let set = PromptSet::load(&a.harmful, None)?;
-    let all: Vec<&str> = set.records.iter().map(|r| r.prompt.as_str()).collect();
-    let factor = if a.factor == 0.0 { 0.1 } else { a.factor };
-    let (complied, map) =
-        suppression_scan(lm, &all, factor, a.pairs.max(1), &|| false, &mut |d, t| {
-            bar("scanning heads", d, t)
+impl Tables<'_> {
+    /// `dla`: DLA difference (harmful − harmless) over the pairs.
+    fn dla(&mut self) -> Result<serde_json::Value> {
+        let (lm, pairs, a) = (self.lm, self.pairs, self.a);
+        let bar = &mut *self.bar;
+        let d = pair_dla(lm, pairs, &|| false, &mut |phase, done, total| {
+            bar(phase, done, total)
         })?;
-    let n_top = ((map.values.len() as f32 * 0.03).round() as usize).max(1);
-    let top: Vec<(usize, usize)> = map
-        .ranked()
-        .into_iter()
-        .take(n_top)
-        .map(|(l, h, _)| (l, h))
-        .collect();
-    let refs: Vec<&str> = complied.iter().map(String::as_str).collect();
-    // The refusal rate at the model's τ, from the scores' probabilities.
-    let rate = |scores: &[f32]| {
-        let ps: Vec<f32> = scores.iter().map(|&s| probability_of_score(s)).collect();
-        refusal_rate(&ps, lm.refusal_tau())
-    };
-    let before = refusal_scores(lm, &refs, &[])?;
-    let after = refusal_scores(lm, &refs, &scale_heads(&top, factor))?;
-    if !a.json {
-        println!(
-            "{} complied-with harmful prompt(s) of {}; attention scaled ×{factor}",
-            complied.len(),
-            a.harmful.display()
-        );
-        print_top(
-            "refusal-suppressing heads (refusal score rise)",
-            &map,
-            a.top,
-        );
-        println!(
-            "ablating the top {n_top} (3%): refusal rate on these prompts {:.0}% → {:.0}%, mean score {:.2} → {:.2}",
-            rate(&before) * 100.0,
-            rate(&after) * 100.0,
-            before.iter().sum::<f32>() / before.len() as f32,
-            after.iter().sum::<f32>() / after.len() as f32
-        );
+        if !a.json {
+            let mean =
+                |x: &[Dla], f: &dyn Fn(&Dla) -> f32| x.iter().map(f).sum::<f32>() / x.len() as f32;
+            println!(
+                "DLA onto the refusal-vs-compliance logit direction at t_post, harmful − harmless, {} pair(s)",
+                pairs.len()
+            );
+            println!(
+                "logit difference: harmful {:.3}, harmless {:.3} (heads + embedding + MLPs reproduce it: {:.3}, {:.3})",
+                mean(&d.harmful, &|x| x.logit_difference),
+                mean(&d.harmless, &|x| x.logit_difference),
+                mean(&d.harmful, &|x| x.sum()),
+                mean(&d.harmless, &|x| x.sum()),
+            );
+            print_top("refusal-promoting (DLA difference)", &d.difference, a.top);
+        }
+        Ok(serde_json::json!({"metric": "dla", "pairs": pairs, "heads": d.difference}))
     }
-    Ok(
-        serde_json::json!({"metric": "suppression", "factor": factor, "prompts": complied, "heads": map,
-        "top": top, "refusal_rate_before": rate(&before), "refusal_rate_after": rate(&after)}),
-    )
-}
 
-fn ablation_table(
-    lm: &LoadedModel,
-    pairs: &[(String, String)],
-    a: &HeadsArgs,
-    bar: &mut impl FnMut(&str, usize, usize),
-) -> Result<serde_json::Value> {
-    let harmful: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
-    let harmless: Vec<&str> = pairs.iter().map(|p| p.1.as_str()).collect();
-    let how = if a.mean {
-        // Means over the harmless sides of the pairs' split.
-        ScanAblation::Mean(head_means(lm, &harmless)?)
-    } else {
-        ScanAblation::Scale(a.factor)
-    };
-    let effect = ablation_effect(lm, &harmful, &how, &|| false, &mut |d, t| {
-        bar("ablating heads", d, t)
-    })?;
-    if !a.json {
-        println!(
-            "change in refusal score when each head is {} ({} harmful prompt(s)); most refusal-suppressing first",
-            if a.mean {
-                format!("mean-ablated (means over {} harmless prompts)", harmless.len())
-            } else {
-                format!("scaled by {}", a.factor)
-            },
-            harmful.len()
-        );
-        print_top("refusal score rise on ablation", &effect, a.top);
+    /// `interchange`: necessity and sufficiency, the mean over the pairs (each pair normalised
+    /// by its own gap).
+    fn interchange(&mut self) -> Result<serde_json::Value> {
+        let (lm, pairs, a) = (self.lm, self.pairs, self.a);
+        let bar = &mut *self.bar;
+        let (_, r) = pair_interchange(lm, pairs, a.k, &|| false, &mut |phase, done, total| {
+            bar(phase, done, total)
+        })?;
+        if !a.json {
+            match pairs {
+                [(x, y)] => println!("pair: {x:?} vs {y:?}"),
+                _ => println!("mean over {} pairs", pairs.len()),
+            }
+            println!(
+                "clean refusal score harmful {:.3}, harmless {:.3}; last {} positions patched",
+                r.clean_harmful, r.clean_harmless, r.k
+            );
+            print_top(
+                "necessity (harmless z into the harmful run; fall / gap)",
+                &r.necessity,
+                a.top,
+            );
+            print_top(
+                "sufficiency (harmful z into the harmless run; rise / gap)",
+                &r.sufficiency,
+                a.top,
+            );
+        }
+        Ok(serde_json::json!({"metric": "interchange", "pairs": pairs, "result": r}))
     }
-    Ok(
-        serde_json::json!({"metric": "ablation", "factor": a.factor, "prompts": harmful, "heads": effect}),
-    )
+
+    fn attribution(&mut self) -> Result<serde_json::Value> {
+        let (lm, pairs, a) = (self.lm, self.pairs, self.a);
+        let bar = &mut *self.bar;
+        let (x, y) = &pairs[0];
+        let t0 = std::time::Instant::now();
+        let fast = attribution_patching(lm, x, y, a.k)?;
+        let fast_seconds = t0.elapsed().as_secs_f64();
+        let exact = interchange(lm, x, y, a.k, &|| false, &mut |d, t| {
+            bar("exact patching", d, t)
+        })?;
+        let r_nec = correlation(&fast.necessity, &exact.necessity);
+        let r_suf = correlation(&fast.sufficiency, &exact.sufficiency);
+        if !a.json {
+            println!("pair: {x:?} vs {y:?}; last {} positions", fast.k);
+            println!(
+                "attribution patching (one forward + one backward per prompt) in {fast_seconds:.2} s; \
+                 Pearson r with exact interchange: necessity {r_nec:.3}, sufficiency {r_suf:.3}"
+            );
+            print_top("necessity, attribution estimate", &fast.necessity, a.top);
+            print_top("necessity, exact", &exact.necessity, a.top);
+        }
+        Ok(
+            serde_json::json!({"metric": "attribution", "pair": pairs[0], "attribution": fast,
+            "exact": exact, "attribution_seconds": fast_seconds,
+            "correlation": {"necessity": r_nec, "sufficiency": r_suf}}),
+        )
+    }
+
+    fn cascade(&mut self) -> Result<serde_json::Value> {
+        let (lm, pairs, a) = (self.lm, self.pairs, self.a);
+        let bar = &mut *self.bar;
+        let (x, y) = &pairs[0];
+        let da = dla(lm, &[x.as_str()], None, &[], &|| false, &mut |_, _| {})?;
+        let db = dla(lm, &[y.as_str()], None, &[], &|| false, &mut |_, _| {})?;
+        let diff = dla_difference(&da, &db)?;
+        let (routing, cascade) = match &a.gate {
+            Some(g) => {
+                let gate = parse_head(g)?;
+                (None, knockout_cascade(lm, &[x.as_str()], gate, &|| false)?)
+            }
+            None => {
+                let ex = interchange(lm, x, y, a.k, &|| false, &mut |d, t| {
+                    bar("exact patching", d, t)
+                })?;
+                let (r, c) = find_routing(lm, x, &diff, &ex.necessity, &|| false)?;
+                (Some(r), c)
+            }
+        };
+        if !a.json {
+            println!("pair: {x:?} vs {y:?}");
+            if let Some(r) = &routing {
+                println!(
+                    "gate: L{}.H{} (necessity {:.3}, DLA {:+.3}); amplifiers (clean DLA → change with the gate knocked out):",
+                    r.gate.0, r.gate.1, r.gate_necessity, r.gate_dla
+                );
+                for (l, h, c, d) in &r.amplifiers {
+                    println!("  L{l}.H{h:<3} {c:>8.3} {d:>+9.3}");
+                }
+                if r.amplifiers.is_empty() {
+                    println!(
+                        "  none of the top-10 DLA heads after the gate lose ≥ 25% of their DLA"
+                    );
+                }
+            }
+            let mut falls = cascade.clone();
+            falls.values.iter_mut().for_each(|v| *v = -*v);
+            print_top("knockout cascade: largest DLA falls", &falls, a.top);
+        }
+        Ok(
+            serde_json::json!({"metric": "cascade", "pair": pairs[0], "routing": routing, "cascade": cascade}),
+        )
+    }
+
+    fn cipher(&mut self) -> Result<serde_json::Value> {
+        let (lm, pairs, a) = (self.lm, self.pairs, self.a);
+        let bar = &mut *self.bar;
+        let harmful: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
+        let cipher: Cipher = a.cipher.parse()?;
+        let map = cipher_contrast(lm, &harmful, cipher, &|| false, &mut |d, t| {
+            bar("DLA", d, t)
+        })?;
+        if !a.json {
+            println!(
+                "cipher contrast ({}): DLA plain − cipher over {} harmful prompt(s); e.g. {:?}",
+                a.cipher,
+                harmful.len(),
+                cipher.wrap(harmful[0])
+            );
+            print_top("cipher-sensitive heads (plain − cipher)", &map, a.top);
+        }
+        Ok(
+            serde_json::json!({"metric": "cipher", "cipher": a.cipher, "prompts": harmful, "heads": map}),
+        )
+    }
+
+    /// `suppression`: on the complied-with prompts of the whole harmful set (not the pairs).
+    fn suppression(&mut self) -> Result<serde_json::Value> {
+        let (lm, a) = (self.lm, self.a);
+        let bar = &mut *self.bar;
+        let set = PromptSet::load(&a.harmful, None)?;
+        let all: Vec<&str> = set.records.iter().map(|r| r.prompt.as_str()).collect();
+        let factor = if a.factor == 0.0 { 0.1 } else { a.factor };
+        let (complied, map) =
+            suppression_scan(lm, &all, factor, a.pairs.max(1), &|| false, &mut |d, t| {
+                bar("scanning heads", d, t)
+            })?;
+        let n_top = ((map.values.len() as f32 * 0.03).round() as usize).max(1);
+        let top: Vec<(usize, usize)> = map
+            .ranked()
+            .into_iter()
+            .take(n_top)
+            .map(|(l, h, _)| (l, h))
+            .collect();
+        let refs: Vec<&str> = complied.iter().map(String::as_str).collect();
+        // The refusal rate at the model's τ, from the scores' probabilities.
+        let rate = |scores: &[f32]| {
+            let ps: Vec<f32> = scores.iter().map(|&s| probability_of_score(s)).collect();
+            refusal_rate(&ps, lm.refusal_tau())
+        };
+        let before = refusal_scores(lm, &refs, &[])?;
+        let after = refusal_scores(lm, &refs, &scale_heads(&top, factor))?;
+        if !a.json {
+            println!(
+                "{} complied-with harmful prompt(s) of {}; attention scaled ×{factor}",
+                complied.len(),
+                a.harmful.display()
+            );
+            print_top(
+                "refusal-suppressing heads (refusal score rise)",
+                &map,
+                a.top,
+            );
+            println!(
+                "ablating the top {n_top} (3%): refusal rate on these prompts {:.0}% → {:.0}%, mean score {:.2} → {:.2}",
+                rate(&before) * 100.0,
+                rate(&after) * 100.0,
+                before.iter().sum::<f32>() / before.len() as f32,
+                after.iter().sum::<f32>() / after.len() as f32
+            );
+        }
+        Ok(
+            serde_json::json!({"metric": "suppression", "factor": factor, "prompts": complied, "heads": map,
+            "top": top, "refusal_rate_before": rate(&before), "refusal_rate_after": rate(&after)}),
+        )
+    }
+
+    fn ablation(&mut self) -> Result<serde_json::Value> {
+        let (lm, pairs, a) = (self.lm, self.pairs, self.a);
+        let bar = &mut *self.bar;
+        let harmful: Vec<&str> = pairs.iter().map(|p| p.0.as_str()).collect();
+        let harmless: Vec<&str> = pairs.iter().map(|p| p.1.as_str()).collect();
+        let how = if a.mean {
+            // Means over the harmless sides of the pairs' split.
+            ScanAblation::Mean(head_means(lm, &harmless)?)
+        } else {
+            ScanAblation::Scale(a.factor)
+        };
+        let effect = ablation_effect(lm, &harmful, &how, &|| false, &mut |d, t| {
+            bar("ablating heads", d, t)
+        })?;
+        if !a.json {
+            println!(
+                "change in refusal score when each head is {} ({} harmful prompt(s)); most refusal-suppressing first",
+                if a.mean {
+                    format!("mean-ablated (means over {} harmless prompts)", harmless.len())
+                } else {
+                    format!("scaled by {}", a.factor)
+                },
+                harmful.len()
+            );
+            print_top("refusal score rise on ablation", &effect, a.top);
+        }
+        Ok(
+            serde_json::json!({"metric": "ablation", "factor": a.factor, "prompts": harmful, "heads": effect}),
+        )
+    }
 }
 
 pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
@@ -358,14 +351,20 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
     }
     let mut bar = super::lens::progress_bar(a.json);
     let started = std::time::Instant::now();
+    let mut tables = Tables {
+        lm,
+        pairs: &pairs,
+        a: &a,
+        bar: &mut bar,
+    };
     let result = match a.metric.as_str() {
-        "dla" => dla_table(lm, &pairs, &a, &mut bar)?,
-        "interchange" => interchange_table(lm, &pairs, &a, &mut bar)?,
-        "attribution" => attribution_table(lm, &pairs, &a, &mut bar)?,
-        "cascade" | "routing" => cascade_table(lm, &pairs, &a, &mut bar)?,
-        "cipher" => cipher_table(lm, &pairs, &a, &mut bar)?,
-        "suppression" => suppression_table(lm, &a, &mut bar)?,
-        "ablation" => ablation_table(lm, &pairs, &a, &mut bar)?,
+        "dla" => tables.dla()?,
+        "interchange" => tables.interchange()?,
+        "attribution" => tables.attribution()?,
+        "cascade" | "routing" => tables.cascade()?,
+        "cipher" => tables.cipher()?,
+        "suppression" => tables.suppression()?,
+        "ablation" => tables.ablation()?,
         other => bail!(
             "unknown metric `{other}` (use dla, interchange, attribution, ablation, suppression, cascade, routing or cipher)"
         ),

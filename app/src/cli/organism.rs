@@ -182,7 +182,7 @@ pub fn train(base: &LoadedModel, a: TrainArgs) -> Result<()> {
     let mut adapter = train_refusal_tokens(base, &train_records, &opts, &|| false, &mut |p| {
         if let Some(pb) = &pb {
             pb.set_length(p.total as u64);
-            pb.set_position(p.step as u64);
+            pb.set_position(p.done as u64);
             pb.set_message(match (p.loss, p.tokens_per_second) {
                 (Some(l), Some(tps)) => format!("{} (loss {l:.4}, {tps:.0} tok/s)", p.phase),
                 (Some(l), None) => format!("{} (loss {l:.4})", p.phase),

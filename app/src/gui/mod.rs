@@ -15,6 +15,16 @@ use crate::worker::{Event, Job, Worker};
 pub use panels::*;
 pub use session::Session;
 
+/// A collapsible section whose open state the shell keeps (an open one gets room).
+fn section(ui: &mut egui::Ui, title: &str, open: &mut bool, body: impl FnOnce(&mut egui::Ui)) {
+    let header = egui::CollapsingHeader::new(title)
+        .open(Some(*open))
+        .show(ui, body);
+    if header.header_response.clicked() {
+        *open ^= true;
+    }
+}
+
 /// The views of the central area.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Tab {
@@ -241,36 +251,21 @@ impl RefusalLensApp {
             .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| {
                     let ready = self.session.model_ready;
-                    let header =
-                        egui::CollapsingHeader::new("Calibration: refusal rate vs threshold τ")
-                            .open(Some(self.bottom_open[0]))
-                            .show(ui, |ui| {
-                                self.calibration.ui(
-                                    ui,
-                                    &mut self.worker,
-                                    &self.prompt_sets.sets,
-                                    ready,
-                                    self.reply.tau,
-                                    self.model.gate_goal(),
-                                );
-                            });
-                    if header.header_response.clicked() {
-                        self.bottom_open[0] ^= true;
-                    }
-                    let header = egui::CollapsingHeader::new("Refusal-token fine-tuning")
-                        .open(Some(self.bottom_open[1]))
-                        .show(ui, |ui| {
-                            self.training.ui(
-                                ui,
-                                &mut self.worker,
-                                &self.prompt_sets.sets,
-                                ready,
-                                &self.session.cache_dir,
-                            );
-                        });
-                    if header.header_response.clicked() {
-                        self.bottom_open[1] ^= true;
-                    }
+                    let (tau, goal) = (self.reply.tau, self.model.gate_goal());
+                    let (worker, sets) = (&mut self.worker, &self.prompt_sets.sets);
+                    let title = "Calibration: refusal rate vs threshold τ";
+                    section(ui, title, &mut self.bottom_open[0], |ui| {
+                        self.calibration.ui(ui, worker, sets, ready, tau, goal)
+                    });
+                    section(
+                        ui,
+                        "Refusal-token fine-tuning",
+                        &mut self.bottom_open[1],
+                        |ui| {
+                            let cache_dir = &self.session.cache_dir;
+                            self.training.ui(ui, worker, sets, ready, cache_dir)
+                        },
+                    );
                 });
             });
     }

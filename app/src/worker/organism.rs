@@ -9,7 +9,7 @@ use refusal_lens_engine::organism::{train_refusal_tokens, TrainOptions};
 use refusal_lens_engine::refusal::{first_token_probabilities, GateGoal, RefusalSignal};
 use refusal_lens_engine::Error;
 
-use super::protocol::{Event, OrganismInfo, Progress};
+use super::protocol::{Event, OrganismInfo};
 use super::state::{Lens, State};
 use super::{Ctx, JobResult};
 
@@ -31,7 +31,7 @@ pub(super) fn train(
     let mut adapter = train_refusal_tokens(base, train, options, &cancelled, &mut |p| {
         ctx.emit(Event::Progress {
             id: ctx.id,
-            progress: Progress::from(p),
+            progress: p.clone(),
         })
     })?;
     let organism = adapter.apply_calibrated(base, val, goal, &cancelled)?;

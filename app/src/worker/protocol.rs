@@ -14,11 +14,12 @@ use refusal_lens_engine::analysis::steering::{Steering, SweepPoint};
 use refusal_lens_engine::analysis::trajectory::Trajectory;
 use refusal_lens_engine::data::prompts::{PromptRecord, PromptSet};
 use refusal_lens_engine::model::loader::ModelCard;
-use refusal_lens_engine::organism::{TrainOptions, TrainProgress};
+use refusal_lens_engine::organism::TrainOptions;
 use refusal_lens_engine::refusal::response::ResponseMode;
 use refusal_lens_engine::refusal::GateGoal;
 use refusal_lens_engine::run::generate::{Generation, Sampling, TokenStep};
 use refusal_lens_engine::LoadedModel;
+pub use refusal_lens_engine::Progress;
 
 /// A submitted job's id: increasing in submission order, so "every job up to this one" is
 /// one number (how cancellation marks work).
@@ -144,41 +145,6 @@ impl Job {
             }
             Job::Steer { .. } => CancelGroup::Steer,
             _ => CancelGroup::None,
-        }
-    }
-}
-
-/// How far a job has got: `done` of `total` in its current `phase`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Progress {
-    pub phase: String,
-    pub done: usize,
-    pub total: usize,
-    /// Training only: the loss at this step and the throughput.
-    pub loss: Option<f32>,
-    pub tokens_per_second: Option<f64>,
-}
-
-impl Progress {
-    pub fn new(phase: &str, done: usize, total: usize) -> Progress {
-        Progress {
-            phase: phase.to_string(),
-            done,
-            total,
-            loss: None,
-            tokens_per_second: None,
-        }
-    }
-}
-
-impl From<&TrainProgress> for Progress {
-    fn from(p: &TrainProgress) -> Progress {
-        Progress {
-            phase: p.phase.clone(),
-            done: p.step,
-            total: p.total,
-            loss: p.loss,
-            tokens_per_second: p.tokens_per_second,
         }
     }
 }

@@ -174,39 +174,15 @@ impl Steering {
                             Positions::From(prompt.post_instruction.start)
                         }
                     };
-                    let add = addition(lm, need_dirs()?, *direction, *layers, *alpha)?;
-                    out.extend(add.into_iter().map(|i| match i {
-                        Intervention::AddVector {
-                            point,
-                            vector,
-                            scale,
-                            ..
-                        } => Intervention::AddVector {
-                            point,
-                            vector,
-                            scale,
-                            positions: clip(from),
-                        },
-                        other => other,
-                    }));
+                    let d = need_dirs()?;
+                    out.extend(addition(lm, d, *direction, *layers, *alpha, clip(from))?);
                 }
                 Edit::Ablate { direction } => {
                     let d = need_dirs()?;
                     let v = vector(d, *direction, d.layer);
                     let v = Tensor::from_slice(v, v.len(), lm.model.device())?;
                     let ablate = Intervention::ablate_direction(&v, lm.model.config.n_layers)?;
-                    out.extend(ablate.into_iter().map(|i| match i {
-                        Intervention::ProjectOut {
-                            point,
-                            unit,
-                            positions,
-                        } => Intervention::ProjectOut {
-                            point,
-                            unit,
-                            positions: clip(positions),
-                        },
-                        other => other,
-                    }));
+                    out.extend(ablate.into_iter().map(|i| i.map_positions(clip)));
                 }
                 Edit::AblateHead { layer, head, how } => {
                     out.push(head_ablation(lm, *layer, *head, how)?)
@@ -245,13 +221,14 @@ fn clip_positions(positions: Positions, limit: Option<usize>) -> Positions {
     }
 }
 
-/// `α · v_l` at each residual state `l` of `a..=b`, at every position.
+/// `α · v_l` at each residual state `l` of `a..=b`, at `positions`.
 fn addition(
     lm: &LoadedModel,
     d: &Directions,
     direction: Direction,
     (a, b): (usize, usize),
     alpha: f32,
+    positions: Positions,
 ) -> Result<Vec<Intervention>> {
     let points = state_points(lm.model.config.n_layers);
     if a > b || b >= points.len() {
@@ -267,7 +244,7 @@ fn addition(
                 point: points[l],
                 vector: Tensor::from_slice(v, v.len(), lm.model.device())?,
                 scale: alpha as f64,
-                positions: Positions::All,
+                positions,
             })
         })
         .collect()

@@ -96,6 +96,33 @@ pub enum Intervention {
 }
 
 impl Intervention {
+    /// The same intervention with its positions (where it has any) mapped by `f`.
+    pub fn map_positions(self, f: impl Fn(Positions) -> Positions) -> Intervention {
+        match self {
+            Intervention::AddVector {
+                point,
+                vector,
+                scale,
+                positions,
+            } => Intervention::AddVector {
+                point,
+                vector,
+                scale,
+                positions: f(positions),
+            },
+            Intervention::ProjectOut {
+                point,
+                unit,
+                positions,
+            } => Intervention::ProjectOut {
+                point,
+                unit,
+                positions: f(positions),
+            },
+            other => other,
+        }
+    }
+
     /// Directional ablation as docs/methods.md defines it: project `r̂` out of every write into the
     /// residual stream (the embedding, every attention output and every MLP output).
     pub fn ablate_direction(direction: &Tensor, n_layers: usize) -> Result<Vec<Intervention>> {

@@ -1,10 +1,10 @@
 //! Training sequences for refusal tokens: prompt, decision token, then a project-written
 //! refusal (harmful prompts) or the base model's own greedy reply (harmless and borderline).
 
-use super::training::{TrainOptions, TrainProgress};
+use super::training::TrainOptions;
 use crate::data::prompts::PromptRecord;
 use crate::run::generate::{greedy_replies, StopReason};
-use crate::{Error, LoadedModel, Result};
+use crate::{Error, LoadedModel, Progress, Result};
 
 /// Project-written refusal replies (some constructive: they decline and point to safe help).
 /// Requests only ever get declined here; no reply says anything about how to do the harm.
@@ -49,7 +49,7 @@ pub(super) fn build_examples(
     prompts: &[Vec<u32>],
     opts: &TrainOptions,
     cancelled: &dyn Fn() -> bool,
-    progress: &mut dyn FnMut(&TrainProgress),
+    progress: &mut dyn FnMut(&Progress),
 ) -> Result<Vec<Example>> {
     let (refuse, respond) = (
         base.model.config.vocab_size as u32,
@@ -75,9 +75,9 @@ pub(super) fn build_examples(
         None,
         cancelled,
         &mut |step, total| {
-            progress(&TrainProgress {
+            progress(&Progress {
                 phase: "writing training replies".into(),
-                step,
+                done: step,
                 total,
                 loss: None,
                 tokens_per_second: None,

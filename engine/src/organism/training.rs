@@ -15,7 +15,7 @@ use crate::hooks::{HookPoint, HookSpec};
 use crate::model::{ForwardOptions, Linear, LogitsAt, Weights};
 use crate::refusal::{REFUSE_TOKEN, RESPOND_TOKEN};
 use crate::run::batch::first_positions;
-use crate::{Error, LoadedModel, Result};
+use crate::{Error, LoadedModel, Progress, Result};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainOptions {
@@ -67,14 +67,6 @@ impl Default for TrainOptions {
 }
 
 /// Progress of a training job.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainProgress {
-    pub phase: String,
-    pub step: usize,
-    pub total: usize,
-    pub loss: Option<f32>,
-    pub tokens_per_second: Option<f64>,
-}
 
 /// Training targets: harmful → `[refuse]` (0), harmless (incl. borderline) → `[respond]` (1).
 pub fn target_of(r: &PromptRecord) -> Option<u32> {
@@ -129,7 +121,7 @@ pub fn train_refusal_tokens(
     train: &[PromptRecord],
     opts: &TrainOptions,
     cancelled: &dyn Fn() -> bool,
-    progress: &mut dyn FnMut(&TrainProgress),
+    progress: &mut dyn FnMut(&Progress),
 ) -> Result<Adapter> {
     let started = Instant::now();
     let labelled = labelled_examples(base, train, opts)?;
@@ -145,9 +137,9 @@ pub fn train_refusal_tokens(
         &HookSpec::default(),
         cancelled,
         &mut |i, n| {
-            progress(&TrainProgress {
+            progress(&Progress {
                 phase: "reading t_post states".into(),
-                step: i,
+                done: i,
                 total: n,
                 loss: None,
                 tokens_per_second: None,
@@ -178,9 +170,9 @@ pub fn train_refusal_tokens(
         opts.row_steps,
         opts.row_lr,
     )?;
-    progress(&TrainProgress {
+    progress(&Progress {
         phase: "fitting token rows".into(),
-        step: opts.row_steps,
+        done: opts.row_steps,
         total: opts.row_steps,
         loss: fit.losses.last().copied(),
         tokens_per_second: None,
@@ -281,7 +273,7 @@ fn train_lora(
     init_rows: &Tensor,
     opts: &TrainOptions,
     cancelled: &dyn Fn() -> bool,
-    progress: &mut dyn FnMut(&TrainProgress),
+    progress: &mut dyn FnMut(&Progress),
 ) -> Result<LoraResult> {
     use candle_core::Var;
     use candle_nn::{AdamW, Optimizer, ParamsAdamW};
@@ -356,9 +348,9 @@ fn train_lora(
             losses.push(value);
             step += 1;
             let tps = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
-            progress(&TrainProgress {
+            progress(&Progress {
                 phase: "training LoRA".into(),
-                step,
+                done: step,
                 total: total_steps,
                 loss: Some(value),
                 tokens_per_second: Some(tps),

@@ -162,25 +162,13 @@ pub fn interchange(
         done += 1;
         progress(done, total)
     };
-    let z_of = |source: &Clean, l: usize, head: usize| Ok(source.z[l].i((.., head))?);
-    let into_harmful = patched_scores(
-        lm,
-        &clean_a,
-        k,
-        &signal,
-        &|l, h| z_of(&clean_b, l, h),
-        cancelled,
-        &mut tick,
-    )?;
-    let into_harmless = patched_scores(
-        lm,
-        &clean_b,
-        k,
-        &signal,
-        &|l, h| z_of(&clean_a, l, h),
-        cancelled,
-        &mut tick,
-    )?;
+    // Each head's z from `source` patched into `target`'s run.
+    let mut patch = |target: &Clean, source: &Clean| {
+        let z_of = |l: usize, head: usize| Ok(source.z[l].i((.., head))?);
+        patched_scores(lm, target, k, &signal, &z_of, cancelled, &mut tick)
+    };
+    let into_harmful = patch(&clean_a, &clean_b)?;
+    let into_harmless = patch(&clean_b, &clean_a)?;
     let norm = |map: HeadMap, f: &dyn Fn(f32) -> f32| HeadMap {
         values: map.values.into_iter().map(f).collect(),
         ..map

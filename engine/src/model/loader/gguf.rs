@@ -11,7 +11,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use tokenizers::Tokenizer;
 
-use super::{card, chat_stop_ids, check_shapes, corrupt, read_block, Checkpoint};
+use super::{assemble, card, chat_stop_ids, corrupt, read_block, Checkpoint};
 use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
 use crate::model::config::{Family, ModelConfig, RopeStyle};
 use crate::model::tokenizer::{self, GgufVocab};
@@ -239,13 +239,7 @@ impl Gguf<'_> {
         } else {
             Linear::dense(&self.dense("output")?, None)?
         };
-        check_shapes(config, &embed, &blocks).map_err(|e| corrupt(self.path, e))?;
-        Ok(Weights {
-            embed,
-            blocks,
-            final_norm,
-            lm_head,
-        })
+        assemble(self.path, config, embed, blocks, final_norm, lm_head)
     }
 }
 

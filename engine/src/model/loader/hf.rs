@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::{card, chat_stop_ids, check_shapes, corrupt, read_block, Checkpoint};
+use super::{assemble, card, chat_stop_ids, corrupt, read_block, Checkpoint};
 use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
 use crate::model::config::{Family, ModelConfig, RopeStyle};
 use crate::model::tokenizer;
@@ -72,16 +72,9 @@ pub(super) fn load(dir: &Path) -> Result<Checkpoint> {
         quantization,
         &template,
     );
-    Ok(Checkpoint {
-        config,
-        dense: weights,
-        tokenizer,
-        template,
-        eos_ids,
-        card,
-        originals: HashMap::new(),
-        quantized: false,
-    })
+    Ok(Checkpoint::unquantized(
+        config, weights, tokenizer, template, eos_ids, card,
+    ))
 }
 
 fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
@@ -190,13 +183,7 @@ fn weights(dir: &Path, tensors: &mut Tensors, config: &ModelConfig) -> Result<We
     } else {
         Linear::dense(&take("lm_head.weight")?, None)?
     };
-    check_shapes(config, &embed, &blocks).map_err(|e| corrupt(dir, e))?;
-    Ok(Weights {
-        embed,
-        blocks,
-        final_norm,
-        lm_head,
-    })
+    assemble(dir, config, embed, blocks, final_norm, lm_head)
 }
 
 fn hf_template(dir: &Path) -> Result<ChatTemplate> {

@@ -67,6 +67,24 @@ pub struct Checkpoint {
     quantized: bool,
 }
 
+/// The weights once every tensor is read, their shapes checked against the config.
+fn assemble(
+    path: &Path,
+    config: &ModelConfig,
+    embed: Tensor,
+    blocks: Vec<BlockWeights>,
+    final_norm: Tensor,
+    lm_head: Linear,
+) -> Result<Weights> {
+    check_shapes(config, &embed, &blocks).map_err(|e| corrupt(path, e))?;
+    Ok(Weights {
+        embed,
+        blocks,
+        final_norm,
+        lm_head,
+    })
+}
+
 /// One block's weights, read by a loader that knows where each role is stored.
 fn read_block(
     mut linear: impl FnMut(&str) -> Result<Linear>,
@@ -240,6 +258,18 @@ impl Checkpoint {
             &template,
         );
         card.name = name.to_string();
+        Checkpoint::unquantized(config, dense, tokenizer, template, eos_ids, card)
+    }
+
+    /// A checkpoint of float weights: its fast path, if any, is quantised from them.
+    fn unquantized(
+        config: ModelConfig,
+        dense: Weights,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        eos_ids: Vec<u32>,
+        card: ModelCard,
+    ) -> Checkpoint {
         Checkpoint {
             config,
             dense,
