@@ -339,13 +339,16 @@ pub fn calibrate(
     Ok(())
 }
 
+/// Each set's records (in one split).
+type Records<'a> = Vec<Vec<&'a PromptRecord>>;
+
 /// Each set's records in `split` and their first-token refusal probabilities.
 fn read_probabilities<'a>(
     lm: &LoadedModel,
     sets: &'a [PromptSet],
     split: Option<Split>,
     quiet: bool,
-) -> Result<(Vec<Vec<&'a PromptRecord>>, Vec<Vec<f32>>)> {
+) -> Result<(Records<'a>, Vec<Vec<f32>>)> {
     let pb = spinner("reading first-token probabilities".into(), quiet);
     let mut probabilities = Vec::new();
     let mut records = Vec::new();

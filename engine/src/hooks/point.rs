@@ -56,8 +56,11 @@ pub enum HookPoint {
     UnembedIn,
 }
 
+/// Makes a per-layer point for a layer.
+type PerLayer = fn(usize) -> HookPoint;
+
 /// The per-layer kinds, by the short names `--hooks` takes.
-const KINDS: &[(&str, fn(usize) -> HookPoint)] = &[
+const KINDS: &[(&str, PerLayer)] = &[
     ("resid_pre", HookPoint::ResidPre),
     ("ln1", HookPoint::Ln1Normalized),
     ("q", HookPoint::AttnQ),

@@ -4,12 +4,17 @@ use candle_core::{DType, Tensor};
 
 use crate::Result;
 
-/// Needs only the final normalised states at t_post, so it trains in well under a second.
+/// The fitted rows `[2, d]` and the loss at every step.
 pub struct RowFit {
     pub rows: Tensor,
     pub losses: Vec<f32>,
 }
 
+/// Fits the output rows of the refusal tokens as a probe inside the unembedding: for each
+/// training prompt, cross-entropy of its target token (`0` = `[refuse]`, `1` = `[respond]`)
+/// over the whole vocabulary, where the base vocabulary enters through its log-sum-exp.
+/// Needs only the final normalised states at t_post (`unembed.hook_in`), so it trains in well
+/// under a second.
 pub fn fit_token_rows(
     normalized: &Tensor,
     base_lse: &Tensor,

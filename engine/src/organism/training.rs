@@ -66,8 +66,6 @@ impl Default for TrainOptions {
     }
 }
 
-/// Progress of a training job.
-
 /// Training targets: harmful → `[refuse]` (0), harmless (incl. borderline) → `[respond]` (1).
 pub fn target_of(r: &PromptRecord) -> Option<u32> {
     match r.label? {

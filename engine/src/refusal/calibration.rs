@@ -199,10 +199,6 @@ pub fn refusal_rate(probabilities: &[f32], tau: f32) -> f32 {
     refusals_at(probabilities, tau).rate()
 }
 
-/// Fits the output rows of the refusal tokens as a probe inside the unembedding: for each
-/// training prompt, cross-entropy of its target token (`0` = `[refuse]`, `1` = `[respond]`)
-/// over the whole vocabulary, where the base vocabulary enters through its log-sum-exp.
-
 #[cfg(test)]
 mod tests {
     use super::*;
