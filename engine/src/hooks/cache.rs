@@ -136,11 +136,18 @@ impl ActivationCache {
         let mut labels = Vec::new();
         for l in 0..self.up_to(layer)? {
             let z = self.get(HookPoint::AttnZ(l))?; // [b, s, h, d_h]
-            let w_o = self.model.dense.blocks[l].o.dense_weight()?; // [d, h·d_h]
+            let (b, s, _, _) = z.dims4()?;
+            let d = self.model.config.d_model;
+            // All heads of the block in one batched matmul: [h, b·s, d_h] × [h, d_h, d].
+            let z = z.reshape((b * s, h, dh))?.transpose(0, 1)?.contiguous()?;
+            // W_Oᵀ as stored, [h·d_h, d]: head h's rows are its d_h × d slice.
+            let w = self.model.dense.blocks[l]
+                .o
+                .dense_weight_t()?
+                .reshape((h, dh, d))?;
+            let per_head = z.matmul(&w)?.reshape((h, b, s, d))?;
             for head in 0..h {
-                let z_h = z.narrow(2, head, 1)?.squeeze(2)?.contiguous()?; // [b, s, d_h]
-                let w = w_o.narrow(1, head * dh, dh)?.t()?; // [d_h, d]
-                parts.push(z_h.broadcast_matmul(&w)?);
+                parts.push(per_head.get(head)?);
                 labels.push(format!("L{l}H{head}"));
             }
         }

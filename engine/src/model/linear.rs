@@ -230,6 +230,17 @@ impl Linear {
         })
     }
 
+    /// The weight transposed, `[in, out]`, dense f32: the stored tensor itself for dense
+    /// weights (no copy), else a copy.
+    pub fn dense_weight_t(&self) -> Result<Tensor> {
+        match self {
+            Linear::Dense { weight_t, .. } | Linear::Frozen { weight_t, .. } => {
+                Ok(weight_t.clone())
+            }
+            _ => Ok(self.dense_weight()?.t()?.contiguous()?),
+        }
+    }
+
     /// The weight as a contiguous dense f32 `[out, in]` tensor (a copy).
     pub fn dense_weight(&self) -> Result<Tensor> {
         match self {
