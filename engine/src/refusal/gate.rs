@@ -1,54 +1,14 @@
-//! The refusal gate of a model with refusal tokens, the same control for ordinary models (a
+//! What the refusal gate needs that runs the model: the same control for ordinary models (a
 //! bias on the refusal openers), the first-token refusal probabilities the gate reads, and
-//! its calibration on labelled prompts.
-
-use candle_core::{Tensor, D};
-use serde::{Deserialize, Serialize};
+//! the gate's calibration on labelled prompts. The gate itself ([`super::RefusalGate`]) is a
+//! decision rule in `signal.rs`, which generation uses.
 
 use super::calibration::{calibrated_tau, CalibratedTau, GateGoal, GateScores};
-use super::signal::{opener_ids, REFUSAL_OPENERS, REFUSE_TOKEN, RESPOND_TOKEN};
+use super::signal::{opener_ids, RefusalGate, REFUSAL_OPENERS};
 use crate::data::prompts::{Label, PromptRecord};
 use crate::hooks::HookSpec;
 use crate::run::batch::first_positions;
 use crate::{LoadedModel, Result};
-
-/// Calibrated refusal tokens (docs/methods.md, "Refusal tokens"): at the first reply position emit
-/// `[refuse]` when `p([refuse]) ≥ tau`, else `[respond]`; neither appears again afterwards.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct RefusalGate {
-    pub refuse: u32,
-    pub respond: u32,
-    pub tau: f32,
-}
-
-impl RefusalGate {
-    /// The gate of a model with refusal tokens at threshold `tau`; None for other models.
-    pub fn for_model(lm: &LoadedModel, tau: f32) -> Option<RefusalGate> {
-        Some(RefusalGate {
-            refuse: lm.tokenizer.token_to_id(REFUSE_TOKEN)?,
-            respond: lm.tokenizer.token_to_id(RESPOND_TOKEN)?,
-            tau,
-        })
-    }
-
-    /// The first reply token for `p([refuse])`.
-    pub fn decide(&self, p: f32) -> u32 {
-        if p >= self.tau {
-            self.refuse
-        } else {
-            self.respond
-        }
-    }
-
-    /// At the first reply position, from its `[vocab]` logits: the token the gate emits, its
-    /// log-probability, and `p([refuse])`.
-    pub(crate) fn first_token(&self, logits: &Tensor) -> Result<(u32, f32, f32)> {
-        let logprobs = candle_nn::ops::log_softmax(logits, D::Minus1)?.to_vec1::<f32>()?;
-        let p = logprobs[self.refuse as usize].exp();
-        let id = self.decide(p);
-        Ok((id, logprobs[id as usize], p))
-    }
-}
 
 /// For a model without refusal tokens, the same control as the gate: a logit bias on the
 /// refusal-opener set at the first reply token (none when `bias` is 0 or the model has

@@ -1,6 +1,7 @@
 //! The refusal signal read at the first reply position (t_post): `p([refuse])` on a model
-//! with refusal tokens, else the mass on the refusal-opener set `R`, and the refusal score
-//! (its log-odds). Every analysis, the gate and the CLI read refusal through this module.
+//! with refusal tokens, else the mass on the refusal-opener set `R`; the refusal score (its
+//! log-odds); and the gate that decides `[refuse]` or `[respond]` from it. Every analysis,
+//! generation and the CLI read refusal through this module, which runs no model.
 
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
@@ -145,4 +146,42 @@ pub fn refusal_score(p: f32) -> f32 {
 /// The probability whose [`refusal_score`] is `score` (the logistic function).
 pub fn probability_of_score(score: f32) -> f32 {
     1.0 / (1.0 + (-score).exp())
+}
+
+/// Calibrated refusal tokens (docs/methods.md, "Refusal tokens"): at the first reply position emit
+/// `[refuse]` when `p([refuse]) ≥ tau`, else `[respond]`; neither appears again afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RefusalGate {
+    pub refuse: u32,
+    pub respond: u32,
+    pub tau: f32,
+}
+
+impl RefusalGate {
+    /// The gate of a model with refusal tokens at threshold `tau`; None for other models.
+    pub fn for_model(lm: &LoadedModel, tau: f32) -> Option<RefusalGate> {
+        Some(RefusalGate {
+            refuse: lm.tokenizer.token_to_id(REFUSE_TOKEN)?,
+            respond: lm.tokenizer.token_to_id(RESPOND_TOKEN)?,
+            tau,
+        })
+    }
+
+    /// The first reply token for `p([refuse])`.
+    pub fn decide(&self, p: f32) -> u32 {
+        if p >= self.tau {
+            self.refuse
+        } else {
+            self.respond
+        }
+    }
+
+    /// At the first reply position, from its `[vocab]` logits: the token the gate emits, its
+    /// log-probability, and `p([refuse])`.
+    pub(crate) fn first_token(&self, logits: &Tensor) -> Result<(u32, f32, f32)> {
+        let logprobs = candle_nn::ops::log_softmax(logits, D::Minus1)?.to_vec1::<f32>()?;
+        let p = logprobs[self.refuse as usize].exp();
+        let id = self.decide(p);
+        Ok((id, logprobs[id as usize], p))
+    }
 }
