@@ -81,14 +81,13 @@ impl RefusalLensApp {
         startup: Startup,
         cache_dir: PathBuf,
     ) -> Self {
-        let worker = Worker::spawn(move || {
+        let mut worker = Worker::spawn(move || {
             if let Some(ctx) = &ctx {
                 // Coalesce bursts of token events into at most ~30 frames/s: repainting on
                 // every token would take CPU from generation on software renderers.
                 ctx.request_repaint_after(Duration::from_millis(33));
             }
         });
-        let mut worker = worker;
         let mut model = ModelPanel::default();
         match startup {
             Startup::Path {
