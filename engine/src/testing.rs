@@ -35,6 +35,7 @@ pub fn tiny_config(family: Family) -> ModelConfig {
         vocab_size: 256 + TINY_SPECIALS.len(),
         context_length: 256,
         rope_theta: 10_000.0,
+        rope_scaling: None,
         rms_eps: 1e-5,
         rope_style: RopeStyle::HalfSplit,
         tied_embeddings: family == Family::Llama,

@@ -2,7 +2,8 @@
 """Reference values for the engine's parity tests, computed with HF transformers (f32, CPU).
 
 Writes under tests/fixtures/:
-  tiny_llama/, tiny_qwen2/   tiny random HF checkpoints (seeded) + expected.json
+  tiny_llama/, tiny_qwen2/, tiny_llama3/ (Llama 3.1 rotary scaling, the rope_parameters form)
+                             tiny random HF checkpoints (seeded) + expected.json
                              (input ids, logits at every position, every hidden state)
   tiny_llama/hooks.safetensors, tiny_qwen2/hooks.safetensors
                              every per-layer hook point of the same run, read from transformers'
@@ -16,7 +17,7 @@ Writes under tests/fixtures/:
 Set-up (once, outside the repo):  python3 -m venv /tmp/torchenv &&
   /tmp/torchenv/bin/pip install torch transformers accelerate gguf safetensors numpy tokenizers
 Run from the repository root:      /tmp/torchenv/bin/python tests/reference/make_fixtures.py [GGUF]
-                                   (or with --hooks-only)
+                                   (or with --hooks-only, or --only FAMILY)
 """
 import json
 import os
@@ -56,12 +57,21 @@ def tiny_tokenizer():
     return tok
 
 
+# Llama 3.1's rotary scaling, with an original context short enough that the tiny model's
+# wavelengths fall in all three bands (kept, interpolated, stretched).
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
 def tiny(family):
-    torch.manual_seed(1234 if family == "llama" else 5678)
+    torch.manual_seed({"llama": 1234, "qwen2": 5678, "llama3": 4321}[family])
     common = dict(vocab_size=256 + len(SPECIALS), hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
-    if family == "llama":
+    if family == "llama3":
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE,
+                                             **common))
+    elif family == "llama":
         model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **common))
@@ -83,7 +93,11 @@ def tiny(family):
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, os.path.join(out_dir, "model.safetensors"))
-    cfg = dict(model_type=family, tie_word_embeddings=model.config.tie_word_embeddings, **common)
+    cfg = dict(model_type="llama" if family == "llama3" else family,
+               tie_word_embeddings=model.config.tie_word_embeddings, **common)
+    if family == "llama3":
+        # The newer config form: rope_theta inside rope_parameters with the scaling.
+        cfg["rope_parameters"] = dict(LLAMA3_ROPE, rope_theta=cfg.pop("rope_theta"))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     tiny_tokenizer().save(os.path.join(out_dir, "tokenizer.json"))
@@ -209,12 +223,16 @@ def smollm2(gguf_path):
 
 
 if __name__ == "__main__":
+    if "--only" in sys.argv:
+        tiny(sys.argv[sys.argv.index("--only") + 1])
+        sys.exit(0)
     if "--hooks-only" in sys.argv:
         hooks("llama")
         hooks("qwen2")
         sys.exit(0)
     tiny("llama")
     tiny("qwen2")
+    tiny("llama3")
     hooks("llama")
     hooks("qwen2")
     default = os.path.expanduser("~/.cache/refusal-lens/models/SmolLM2-135M-Instruct.Q4_1.gguf")

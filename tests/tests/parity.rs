@@ -79,6 +79,12 @@ fn tiny_llama_matches_transformers() {
     check("tiny_llama");
 }
 
+/// Llama 3.1's rotary scaling, read from the newer `rope_parameters` form of config.json.
+#[test]
+fn tiny_llama3_with_rope_scaling_matches_transformers() {
+    check("tiny_llama3");
+}
+
 #[test]
 fn every_hook_point_of_tiny_llama_matches_transformers() {
     check_hooks("tiny_llama");

@@ -29,6 +29,45 @@ impl Family {
     }
 }
 
+/// How the rotary frequencies are rescaled for long contexts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum RopeScaling {
+    /// Llama 3.1+ (`rope_type: llama3`): wavelengths longer than
+    /// `original_context / low_freq_factor` are stretched by `factor`, shorter than
+    /// `original_context / high_freq_factor` kept, and those between interpolated smoothly.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_context: f64,
+    },
+}
+
+impl RopeScaling {
+    /// The scaled inverse frequency of one rotary pair.
+    pub fn apply(self, inv_freq: f64) -> f64 {
+        match self {
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_context,
+            } => {
+                let wavelen = 2.0 * std::f64::consts::PI / inv_freq;
+                if wavelen < original_context / high_freq_factor {
+                    inv_freq
+                } else if wavelen > original_context / low_freq_factor {
+                    inv_freq / factor
+                } else {
+                    let smooth = (original_context / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
     pub family: Family,
@@ -41,6 +80,9 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     pub context_length: usize,
     pub rope_theta: f64,
+    /// Rescaled rotary frequencies (Llama 3.1+), if any.
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
     pub rms_eps: f64,
     pub rope_style: RopeStyle,
     pub tied_embeddings: bool,

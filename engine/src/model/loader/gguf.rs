@@ -134,6 +134,7 @@ impl Gguf<'_> {
             vocab_size: self.strings("tokenizer.ggml.tokens")?.len(),
             context_length: self.usize(&k("context_length")).unwrap_or(4096),
             rope_theta: self.f64(&k("rope.freq_base")).unwrap_or(10_000.0),
+            rope_scaling: None,
             rms_eps: self
                 .f64(&k("attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5),

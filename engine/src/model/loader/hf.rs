@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::{assemble, card, chat_stop_ids, corrupt, read_block, Checkpoint};
 use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
-use crate::model::config::{Family, ModelConfig, RopeStyle};
+use crate::model::config::{Family, ModelConfig, RopeScaling, RopeStyle};
 use crate::model::tokenizer;
 use crate::model::{Linear, Weights};
 use crate::{Error, Result};
@@ -25,6 +25,10 @@ struct HfConfig {
     head_dim: Option<usize>,
     rms_norm_eps: Option<f64>,
     rope_theta: Option<f64>,
+    /// Older configs' rope scaling (`type` or `rope_type`, and its parameters).
+    rope_scaling: Option<serde_json::Value>,
+    /// Newer configs: `rope_theta` and the scaling together.
+    rope_parameters: Option<serde_json::Value>,
     max_position_embeddings: Option<usize>,
     vocab_size: usize,
     #[serde(default)]
@@ -95,7 +99,11 @@ fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
             .unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
         vocab_size: hf.vocab_size,
         context_length: hf.max_position_embeddings.unwrap_or(4096),
-        rope_theta: hf.rope_theta.unwrap_or(10_000.0),
+        rope_theta: hf
+            .rope_theta
+            .or_else(|| hf.rope_parameters.as_ref()?["rope_theta"].as_f64())
+            .unwrap_or(10_000.0),
+        rope_scaling: rope_scaling(hf)?,
         rms_eps: hf.rms_norm_eps.unwrap_or(1e-6),
         rope_style: RopeStyle::HalfSplit,
         tied_embeddings: hf.tie_word_embeddings,
@@ -103,6 +111,35 @@ fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
     };
     config.validate()?;
     Ok(config)
+}
+
+/// The rotary scaling of `rope_scaling` or `rope_parameters`; a kind the forward pass does
+/// not implement is an error rather than silently wrong logits.
+fn rope_scaling(hf: &HfConfig) -> Result<Option<RopeScaling>> {
+    let Some(p) = hf.rope_scaling.as_ref().or(hf.rope_parameters.as_ref()) else {
+        return Ok(None);
+    };
+    let kind = p["rope_type"]
+        .as_str()
+        .or(p["type"].as_str())
+        .unwrap_or("default");
+    let number = |key: &str| {
+        p[key]
+            .as_f64()
+            .ok_or_else(|| Error::Metadata(format!("rope scaling `{kind}` lacks `{key}`")))
+    };
+    match kind {
+        "default" => Ok(None),
+        "llama3" => Ok(Some(RopeScaling::Llama3 {
+            factor: number("factor")?,
+            low_freq_factor: number("low_freq_factor")?,
+            high_freq_factor: number("high_freq_factor")?,
+            original_context: number("original_max_position_embeddings")?,
+        })),
+        other => Err(Error::Metadata(format!(
+            "rope scaling `{other}` is not supported (supported: llama3)"
+        ))),
+    }
 }
 
 type Tensors = HashMap<String, Tensor>;
@@ -223,4 +260,46 @@ fn hf_template(dir: &Path) -> Result<ChatTemplate> {
         bos_token: token("bos_token"),
         eos_token: token("eos_token"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: serde_json::Value) -> HfConfig {
+        let mut v = serde_json::json!({
+            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": 259
+        });
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn rope_scaling_reads_both_config_forms_and_refuses_unknown_kinds() {
+        let want = Some(RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_context: 8192.0,
+        });
+        let params = serde_json::json!({"factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let mut old = params.clone();
+        old["type"] = "llama3".into();
+        let hf = config(serde_json::json!({"rope_theta": 500000.0, "rope_scaling": old}));
+        assert_eq!(rope_scaling(&hf).unwrap(), want);
+        let mut new = params.clone();
+        new["rope_type"] = "llama3".into();
+        new["rope_theta"] = 500000.0.into();
+        let hf = config(serde_json::json!({ "rope_parameters": new }));
+        assert_eq!(rope_scaling(&hf).unwrap(), want);
+        assert_eq!(model_config(&hf, "llama").unwrap().rope_theta, 500000.0);
+        let hf = config(serde_json::json!({"rope_parameters": {"rope_type": "default"}}));
+        assert_eq!(rope_scaling(&hf).unwrap(), None);
+        let hf = config(serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}));
+        assert!(rope_scaling(&hf).unwrap_err().to_string().contains("yarn"));
+    }
 }
