@@ -12,7 +12,9 @@ pub enum Error {
     },
     #[error("{path} is not a valid GGUF model: {reason}")]
     CorruptModel { path: PathBuf, reason: String },
-    #[error("unsupported model architecture `{0}` (supported: llama, qwen2, mistral families)")]
+    #[error(
+        "unsupported model architecture `{0}` (supported: llama, mistral, qwen2, qwen3 families)"
+    )]
     UnsupportedArchitecture(String),
     #[error(
         "the default model is not at {path}; fetch it with `{fetch}` (from the repository root)"

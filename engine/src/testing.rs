@@ -40,6 +40,7 @@ pub fn tiny_config(family: Family) -> ModelConfig {
         rope_style: RopeStyle::HalfSplit,
         tied_embeddings: family == Family::Llama,
         qkv_bias: family == Family::Qwen2,
+        qk_norm: family == Family::Qwen3,
     }
 }
 
@@ -129,8 +130,17 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Weights> {
         );
         let attn_norm = (mat(1, cfg.d_model, 0.2)?.flatten_all()? + 1.0)?;
         let mlp_norm = (mat(1, cfg.d_model, 0.2)?.flatten_all()? + 1.0)?;
+        let (q_norm, k_norm) = if cfg.qk_norm {
+            let q_norm = (mat(1, cfg.head_dim, 0.2)?.flatten_all()? + 1.0)?;
+            let k_norm = (mat(1, cfg.head_dim, 0.2)?.flatten_all()? + 1.0)?;
+            (Some(q_norm), Some(k_norm))
+        } else {
+            (None, None)
+        };
         blocks.push(BlockWeights {
             attn_norm,
+            q_norm,
+            k_norm,
             q: wq,
             k: wk,
             v: wv,
@@ -199,6 +209,11 @@ pub fn write_hf_folder(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Resu
             }
         }
         t.insert(format!("{p}.input_layernorm.weight"), b.attn_norm.clone());
+        for (name, norm) in [("q_norm", &b.q_norm), ("k_norm", &b.k_norm)] {
+            if let Some(w) = norm {
+                t.insert(format!("{p}.self_attn.{name}.weight"), w.clone());
+            }
+        }
         t.insert(
             format!("{p}.post_attention_layernorm.weight"),
             b.mlp_norm.clone(),
@@ -218,6 +233,17 @@ pub fn write_hf_folder(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Resu
         "num_key_value_heads": cfg.n_kv_heads,
         "rms_norm_eps": cfg.rms_eps,
         "rope_theta": cfg.rope_theta,
+        "rope_scaling": match cfg.rope_scaling {
+            Some(crate::model::config::RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_context,
+            }) => serde_json::json!({"rope_type": "llama3", "factor": factor,
+                "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_context}),
+            _ => serde_json::Value::Null,
+        },
         "max_position_embeddings": cfg.context_length,
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tied_embeddings,
@@ -279,9 +305,26 @@ pub fn write_gguf(
             }
         }
         tensors.push((n("attn_norm.weight"), f32(&b.attn_norm)?));
+        for (name, norm) in [("attn_q_norm", &b.q_norm), ("attn_k_norm", &b.k_norm)] {
+            if let Some(w) = norm {
+                tensors.push((n(&format!("{name}.weight")), f32(w)?));
+            }
+        }
         tensors.push((n("ffn_norm.weight"), f32(&b.mlp_norm)?));
     }
     tensors.push(("output_norm.weight".into(), f32(&weights.final_norm)?));
+    if let Some(scaling) = &cfg.rope_scaling {
+        // As llama.cpp's converter writes Llama 3.1's scaling: a divisor per rotary pair.
+        let half = cfg.head_dim / 2;
+        let factors: Vec<f32> = (0..half)
+            .map(|i| {
+                let f = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64) as f32;
+                (f as f64 / scaling.apply(i, f as f64)) as f32
+            })
+            .collect();
+        let factors = Tensor::from_vec(factors, half, &Device::Cpu)?;
+        tensors.push(("rope_freqs.weight".into(), f32(&factors)?));
+    }
     if !cfg.tied_embeddings {
         tensors.push(("output.weight".into(), f32(&w(&weights.lm_head)?)?));
     }

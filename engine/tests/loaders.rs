@@ -20,7 +20,7 @@ const IDS: [u32; 8] = [257, 117, 115, 101, 114, 10, 72, 105];
 
 #[test]
 fn gguf_and_safetensors_give_the_same_logits_for_the_same_weights() {
-    for family in [Family::Llama, Family::Qwen2] {
+    for family in [Family::Llama, Family::Qwen2, Family::Qwen3] {
         let dir = tempfile::tempdir().unwrap();
         let cfg = tiny_config(family);
         let weights = random_weights(&cfg, 11).unwrap();
@@ -363,4 +363,36 @@ fn sampling_is_reproducible_with_a_seed() {
     };
     assert_eq!(run(1), run(1));
     assert_ne!(run(1), run(2));
+}
+
+#[test]
+fn llama3_rope_scaling_reads_the_same_from_config_json_and_gguf_rope_freqs() {
+    use refusal_lens_engine::model::config::RopeScaling;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(Family::Llama);
+    // An original context short enough that the tiny heads' wavelengths fall in all bands.
+    cfg.rope_scaling = Some(RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_context: 32.0,
+    });
+    let weights = random_weights(&cfg, 12).unwrap();
+    write_hf_folder(&dir.path().join("hf"), &cfg, &weights).unwrap();
+    let gguf = dir.path().join("tiny.gguf");
+    write_gguf(&gguf, &cfg, &weights, GgmlDType::F32).unwrap();
+    let hf = LoadedModel::load(&dir.path().join("hf"), FastPrecision::Auto).unwrap();
+    let gg = LoadedModel::load(&gguf, FastPrecision::Auto).unwrap();
+    assert_eq!(hf.model.config.rope_scaling, cfg.rope_scaling);
+    assert!(matches!(
+        gg.model.config.rope_scaling,
+        Some(RopeScaling::Factors(ref f)) if f.len() == cfg.head_dim / 2
+    ));
+    let (a, b) = (logits(&hf, &IDS), logits(&gg, &IDS));
+    assert!(max_abs_diff(&a, &b) < 1e-4, "{}", max_abs_diff(&a, &b));
+    // The scaling matters: the same weights without it give other logits.
+    cfg.rope_scaling = None;
+    write_hf_folder(&dir.path().join("plain"), &cfg, &weights).unwrap();
+    let plain = LoadedModel::load(&dir.path().join("plain"), FastPrecision::Auto).unwrap();
+    assert!(max_abs_diff(&a, &logits(&plain, &IDS)) > 1e-2);
 }

@@ -2,7 +2,8 @@
 """Reference values for the engine's parity tests, computed with HF transformers (f32, CPU).
 
 Writes under tests/fixtures/:
-  tiny_llama/, tiny_qwen2/, tiny_llama3/ (Llama 3.1 rotary scaling, the rope_parameters form)
+  tiny_llama/, tiny_qwen2/, tiny_llama3/ (Llama 3.1 rotary scaling, the rope_parameters form),
+  tiny_qwen3/ (per-head q/k norms)
                              tiny random HF checkpoints (seeded) + expected.json
                              (input ids, logits at every position, every hidden state)
   tiny_llama/hooks.safetensors, tiny_qwen2/hooks.safetensors
@@ -27,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -64,7 +65,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 
 def tiny(family):
-    torch.manual_seed({"llama": 1234, "qwen2": 5678, "llama3": 4321}[family])
+    torch.manual_seed({"llama": 1234, "qwen2": 5678, "llama3": 4321, "qwen3": 8765}[family])
     common = dict(vocab_size=256 + len(SPECIALS), hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -73,6 +74,9 @@ def tiny(family):
                                              **common))
     elif family == "llama":
         model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
+    elif family == "qwen3":
+        common["head_dim"] = 16
+        model = Qwen3ForCausalLM(Qwen3Config(tie_word_embeddings=False, **common))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **common))
     # Default init (std 0.02) gives near-zero logits: a weak test. Use trained-like scales.
@@ -233,6 +237,7 @@ if __name__ == "__main__":
     tiny("llama")
     tiny("qwen2")
     tiny("llama3")
+    tiny("qwen3")
     hooks("llama")
     hooks("qwen2")
     default = os.path.expanduser("~/.cache/refusal-lens/models/SmolLM2-135M-Instruct.Q4_1.gguf")

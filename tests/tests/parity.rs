@@ -85,6 +85,12 @@ fn tiny_llama3_with_rope_scaling_matches_transformers() {
     check("tiny_llama3");
 }
 
+/// Qwen3: no q/k/v biases, an RMSNorm on every head's query and key before RoPE.
+#[test]
+fn tiny_qwen3_with_head_norms_matches_transformers() {
+    check("tiny_qwen3");
+}
+
 #[test]
 fn every_hook_point_of_tiny_llama_matches_transformers() {
     check_hooks("tiny_llama");

@@ -1,4 +1,5 @@
-//! The shape of a decoder-only transformer of the Llama family (Llama, Mistral, Qwen2).
+//! The shape of a decoder-only transformer of the Llama family (Llama, Mistral, Qwen2,
+//! Qwen3).
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +19,8 @@ pub enum RopeStyle {
 pub enum Family {
     Llama,
     Qwen2,
+    /// Qwen2 without the q/k/v biases and with an RMSNorm on every head's query and key.
+    Qwen3,
 }
 
 impl Family {
@@ -25,13 +28,16 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
     }
 }
 
 /// How the rotary frequencies are rescaled for long contexts.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RopeScaling {
+    /// A divisor per rotary pair, as llama.cpp stores Llama 3.1's scaling (`rope_freqs`).
+    Factors(Vec<f32>),
     /// Llama 3.1+ (`rope_type: llama3`): wavelengths longer than
     /// `original_context / low_freq_factor` are stretched by `factor`, shorter than
     /// `original_context / high_freq_factor` kept, and those between interpolated smoothly.
@@ -44,9 +50,10 @@ pub enum RopeScaling {
 }
 
 impl RopeScaling {
-    /// The scaled inverse frequency of one rotary pair.
-    pub fn apply(self, inv_freq: f64) -> f64 {
-        match self {
+    /// The scaled inverse frequency of rotary pair `pair`.
+    pub fn apply(&self, pair: usize, inv_freq: f64) -> f64 {
+        match *self {
+            RopeScaling::Factors(ref factors) => inv_freq / factors[pair] as f64,
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -88,6 +95,10 @@ pub struct ModelConfig {
     pub tied_embeddings: bool,
     /// Q, K and V projections carry biases (Qwen2).
     pub qkv_bias: bool,
+    /// Each head's query and key pass through an RMSNorm of size `head_dim` before RoPE
+    /// (Qwen3).
+    #[serde(default)]
+    pub qk_norm: bool,
 }
 
 impl ModelConfig {
@@ -101,6 +112,15 @@ impl ModelConfig {
                 "{} query heads are not a multiple of {} key/value heads",
                 self.n_heads, self.n_kv_heads
             ));
+        }
+        if let Some(RopeScaling::Factors(f)) = &self.rope_scaling {
+            if f.len() != self.head_dim / 2 || f.iter().any(|x| x.is_nan() || *x <= 0.0) {
+                return bad(format!(
+                    "rope_freqs has {} positive factors; the heads need {}",
+                    f.len(),
+                    self.head_dim / 2
+                ));
+            }
         }
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!(
@@ -121,7 +141,8 @@ impl ModelConfig {
             0
         };
         let mlp = 3 * d * self.d_ff;
-        let per_layer = attn + bias + mlp + 2 * d;
+        let qk_norm = if self.qk_norm { 2 * self.head_dim } else { 0 };
+        let per_layer = attn + bias + qk_norm + mlp + 2 * d;
         let embed = self.vocab_size * d * if self.tied_embeddings { 1 } else { 2 };
         self.n_layers * per_layer + embed + d
     }

@@ -239,6 +239,15 @@ impl Model {
                 pass.captures.push(point, t.reshape((b, s, n, dh))?);
             }
         }
+        // Qwen3: an RMSNorm over each head's query and key, before RoPE.
+        let head_norm = |t: Tensor, n: usize, w: &Option<Tensor>| -> Result<Tensor> {
+            match w {
+                Some(w) => self.rms_norm(&t.reshape((b, s, n, dh))?, w, pass.options),
+                None => Ok(t),
+            }
+        };
+        let q = head_norm(q, h, &block.q_norm)?;
+        let k = head_norm(k, h_kv, &block.k_norm)?;
         let q = self.rope(&heads(q, h)?, &pass.cos, &pass.sin, pass.options)?;
         let k = self.rope(&heads(k, h_kv)?, &pass.cos, &pass.sin, pass.options)?;
         let v = heads(v, h_kv)?;
@@ -340,7 +349,9 @@ fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
     let inv_freq: Vec<f32> = (0..half)
         .map(|i| {
             let f = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64) as f32;
-            cfg.rope_scaling.map_or(f, |s| s.apply(f as f64) as f32)
+            cfg.rope_scaling
+                .as_ref()
+                .map_or(f, |s| s.apply(i, f as f64) as f32)
         })
         .collect();
     let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;

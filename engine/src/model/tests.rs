@@ -47,16 +47,17 @@ fn all_points(n_layers: usize) -> HookSpec {
     HookSpec::capture(points)
 }
 
-fn both_families() -> [LoadedModel; 2] {
+fn every_family() -> [LoadedModel; 3] {
     [
         tiny_model(Family::Llama, 1).unwrap(),
         tiny_model(Family::Qwen2, 2).unwrap(),
+        tiny_model(Family::Qwen3, 3).unwrap(),
     ]
 }
 
 #[test]
 fn kv_cached_forward_equals_full_recomputation() {
-    for m in both_families() {
+    for m in every_family() {
         let full = run(&m, &HookSpec::default()).logits.unwrap();
         let mut cache = KvCache::new(m.model.config.n_layers);
         // Prefill 4 tokens, then one at a time.
@@ -99,7 +100,7 @@ fn kv_cached_forward_equals_full_recomputation() {
 
 #[test]
 fn capturing_changes_nothing_and_hooks_are_consistent() {
-    for m in both_families() {
+    for m in every_family() {
         let plain = run(&m, &HookSpec::default());
         let spec = all_points(m.model.config.n_layers);
         let hooked = run(&m, &spec);
@@ -233,7 +234,7 @@ fn add_vector_adds_exactly_at_selected_positions() {
 
 #[test]
 fn directional_ablation_removes_the_direction_from_every_write() {
-    for m in both_families() {
+    for m in every_family() {
         let n = m.model.config.n_layers;
         let dir = Tensor::arange(0f32, 64.0, m.model.device())
             .unwrap()
@@ -426,7 +427,7 @@ fn logit_bias_shifts_exactly_the_listed_tokens() {
 
 #[test]
 fn differentiable_ops_agree_with_fused_ops() {
-    for m in both_families() {
+    for m in every_family() {
         let fast = run(&m, &HookSpec::default()).logits.unwrap();
         let slow = m
             .model

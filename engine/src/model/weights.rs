@@ -13,6 +13,9 @@ use crate::Result;
 #[derive(Debug, Clone)]
 pub struct BlockWeights {
     pub attn_norm: Tensor,
+    /// Per-head RMSNorm weights `[d_h]` on queries and keys (Qwen3), applied before RoPE.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
     pub q: Linear,
     pub k: Linear,
     pub v: Linear,
@@ -97,6 +100,8 @@ impl Weights {
                 let n = |part: &str| format!("blk.{l}.{part}");
                 Ok(BlockWeights {
                     attn_norm: b.attn_norm.clone(),
+                    q_norm: b.q_norm.clone(),
+                    k_norm: b.k_norm.clone(),
                     q: requant(&n("attn_q"), &b.q)?,
                     k: requant(&n("attn_k"), &b.k)?,
                     v: requant(&n("attn_v"), &b.v)?,

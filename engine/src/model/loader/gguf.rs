@@ -13,7 +13,7 @@ use tokenizers::Tokenizer;
 
 use super::{assemble, card, chat_stop_ids, corrupt, read_block, Checkpoint};
 use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
-use crate::model::config::{Family, ModelConfig, RopeStyle};
+use crate::model::config::{Family, ModelConfig, RopeScaling, RopeStyle};
 use crate::model::tokenizer::{self, GgufVocab};
 use crate::model::{Linear, Weights};
 use crate::{Error, Result};
@@ -114,8 +114,9 @@ impl Gguf<'_> {
         let (family, rope_style) = match arch.as_str() {
             // llama.cpp's converter permutes Llama/Mistral Q and K rows for interleaved RoPE.
             "llama" | "mistral" => (Family::Llama, RopeStyle::Interleaved),
-            // Qwen2 is stored unpermuted and uses NeoX (half-split) RoPE.
+            // Qwen2 and Qwen3 are stored unpermuted and use NeoX (half-split) RoPE.
             "qwen2" => (Family::Qwen2, RopeStyle::HalfSplit),
+            "qwen3" => (Family::Qwen3, RopeStyle::HalfSplit),
             other => return Err(Error::UnsupportedArchitecture(other.to_string())),
         };
         let k = |s: &str| format!("{arch}.{s}");
@@ -134,16 +135,35 @@ impl Gguf<'_> {
             vocab_size: self.strings("tokenizer.ggml.tokens")?.len(),
             context_length: self.usize(&k("context_length")).unwrap_or(4096),
             rope_theta: self.f64(&k("rope.freq_base")).unwrap_or(10_000.0),
-            rope_scaling: None,
+            rope_scaling: self.rope_freqs()?,
             rms_eps: self
                 .f64(&k("attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5),
             rope_style,
             tied_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             qkv_bias: family == Family::Qwen2,
+            qk_norm: family == Family::Qwen3,
         };
         config.validate()?;
         Ok((arch, config))
+    }
+
+    /// Llama 3.1's rotary scaling, which llama.cpp's converter stores as one divisor per
+    /// rotary pair in a `rope_freqs` tensor.
+    fn rope_freqs(&self) -> Result<Option<RopeScaling>> {
+        if !self.content.tensor_infos.contains_key("rope_freqs.weight") {
+            return Ok(None);
+        }
+        let mut file = File::open(self.path).map_err(|e| Error::io(self.path, e))?;
+        let t = self
+            .content
+            .tensor(&mut file, "rope_freqs.weight", &Device::Cpu)
+            .map_err(|e| corrupt(self.path, e))?;
+        let factors = t
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Some(RopeScaling::Factors(factors)))
     }
 
     /// The tokenizer built from the vocabulary, the chat template, and the stop tokens.
@@ -222,14 +242,15 @@ impl Gguf<'_> {
                 Linear::dense(&weight, bias)
             };
             let norm = |role: &str| -> Result<Tensor> {
-                let part = if role == "attn_norm" {
-                    "attn_norm"
-                } else {
-                    "ffn_norm"
+                let part = match role {
+                    "attn_norm" => "attn_norm",
+                    "q_norm" => "attn_q_norm",
+                    "k_norm" => "attn_k_norm",
+                    _ => "ffn_norm",
                 };
                 this.borrow_mut().dense(&format!("blk.{l}.{part}"))
             };
-            blocks.push(read_block(linear, norm)?);
+            blocks.push(read_block(config.qk_norm, linear, norm)?);
         }
         let final_norm = self.dense("output_norm")?;
         let lm_head = if config.tied_embeddings {

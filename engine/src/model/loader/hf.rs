@@ -85,6 +85,7 @@ fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
     let family = match arch {
         "llama" | "mistral" => Family::Llama,
         "qwen2" => Family::Qwen2,
+        "qwen3" => Family::Qwen3,
         other => return Err(Error::UnsupportedArchitecture(other.to_string())),
     };
     let config = ModelConfig {
@@ -108,6 +109,7 @@ fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
         rope_style: RopeStyle::HalfSplit,
         tied_embeddings: hf.tie_word_embeddings,
         qkv_bias: family == Family::Qwen2,
+        qk_norm: family == Family::Qwen3,
     };
     config.validate()?;
     Ok(config)
@@ -205,14 +207,15 @@ fn weights(dir: &Path, tensors: &mut Tensors, config: &ModelConfig) -> Result<We
             Linear::dense(&weight, bias)
         };
         let norm = |role: &str| -> Result<Tensor> {
-            let name = if role == "attn_norm" {
-                "input_layernorm"
-            } else {
-                "post_attention_layernorm"
+            let name = match role {
+                "attn_norm" => "input_layernorm",
+                "q_norm" => "self_attn.q_norm",
+                "k_norm" => "self_attn.k_norm",
+                _ => "post_attention_layernorm",
             };
             take(&format!("{p}.{name}.weight"))
         };
-        blocks.push(read_block(linear, norm)?);
+        blocks.push(read_block(config.qk_norm, linear, norm)?);
     }
     let final_norm = take("model.norm.weight")?;
     let lm_head = if config.tied_embeddings {

@@ -85,13 +85,22 @@ fn assemble(
     })
 }
 
-/// One block's weights, read by a loader that knows where each role is stored.
+/// One block's weights, read by a loader that knows where each role is stored (norm roles:
+/// `attn_norm`, `mlp_norm`, and with `qk_norm` also `q_norm` and `k_norm`).
 fn read_block(
+    qk_norm: bool,
     mut linear: impl FnMut(&str) -> Result<Linear>,
     mut norm: impl FnMut(&str) -> Result<Tensor>,
 ) -> Result<BlockWeights> {
+    let (q_norm, k_norm) = if qk_norm {
+        (Some(norm("q_norm")?), Some(norm("k_norm")?))
+    } else {
+        (None, None)
+    };
     Ok(BlockWeights {
         attn_norm: norm("attn_norm")?,
+        q_norm,
+        k_norm,
         q: linear("q")?,
         k: linear("k")?,
         v: linear("v")?,
