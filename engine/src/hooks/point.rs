@@ -21,7 +21,8 @@ pub enum HookPoint {
     /// `blocks.{l}.ln1.hook_normalized`: the attention's input norm before its weight, as in
     /// TransformerLens: `x / rms(x)`. `[b, s, d]`
     Ln1Normalized(usize),
-    /// `blocks.{l}.attn.hook_q`: queries before RoPE. `[b, s, h, d_h]`
+    /// `blocks.{l}.attn.hook_q`: queries as projected, before RoPE (and before Qwen3's
+    /// per-head norm). `[b, s, h, d_h]`
     AttnQ(usize),
     /// `blocks.{l}.attn.hook_k`: keys before RoPE, one per key/value head. `[b, s, h_kv, d_h]`
     AttnK(usize),
