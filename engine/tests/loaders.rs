@@ -396,3 +396,39 @@ fn llama3_rope_scaling_reads_the_same_from_config_json_and_gguf_rope_freqs() {
     let plain = LoadedModel::load(&dir.path().join("plain"), FastPrecision::Auto).unwrap();
     assert!(max_abs_diff(&a, &logits(&plain, &IDS)) > 1e-2);
 }
+
+#[test]
+fn stop_tokens_come_from_generation_config_and_sharded_weights_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Family::Qwen3);
+    let weights = random_weights(&cfg, 13).unwrap();
+    let hf = dir.path().join("hf");
+    write_hf_folder(&hf, &cfg, &weights).unwrap();
+    let whole = LoadedModel::load(&hf, FastPrecision::Auto).unwrap();
+    assert!(!whole.stop_ids.contains(&72));
+    // An instruct model that lists an extra end-of-turn token only in generation_config.json.
+    std::fs::write(
+        hf.join("generation_config.json"),
+        r#"{"eos_token_id": [72, 258], "do_sample": true}"#,
+    )
+    .unwrap();
+    // The same weights split over two shards, as large checkpoints ship.
+    let mut tensors =
+        candle_core::safetensors::load(hf.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    let layer1: std::collections::HashMap<_, _> = tensors
+        .iter()
+        .filter(|(n, _)| n.starts_with("model.layers.1."))
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect();
+    tensors.retain(|n, _| !n.starts_with("model.layers.1."));
+    std::fs::remove_file(hf.join("model.safetensors")).unwrap();
+    candle_core::safetensors::save(&tensors, hf.join("model-00001-of-00002.safetensors")).unwrap();
+    candle_core::safetensors::save(&layer1, hf.join("model-00002-of-00002.safetensors")).unwrap();
+    let sharded = LoadedModel::load(&hf, FastPrecision::Auto).unwrap();
+    assert!(sharded.stop_ids.contains(&72) && sharded.stop_ids.contains(&258));
+    assert_eq!(
+        max_abs_diff(&logits(&whole, &IDS), &logits(&sharded, &IDS)),
+        0.0
+    );
+}

@@ -57,15 +57,14 @@ pub(super) fn load(dir: &Path) -> Result<Checkpoint> {
     let template = hf_template(dir)?;
     let (mut tensors, quantization) = read_tensors(dir)?;
     let weights = weights(dir, &mut tensors, &config)?;
-    let mut eos_ids: Vec<u32> = match &hf.eos_token_id {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
-        Some(serde_json::Value::Array(a)) => a
-            .iter()
-            .filter_map(|n| n.as_u64())
-            .map(|n| n as u32)
-            .collect(),
-        _ => Vec::new(),
-    };
+    // Stop tokens: config.json's and generation_config.json's (instruct models often list
+    // their end-of-turn token only in the latter), the template's EOS, known chat stops.
+    let mut eos_ids = token_ids(hf.eos_token_id.as_ref());
+    let generation = dir.join("generation_config.json");
+    if generation.exists() {
+        let g: serde_json::Value = read_json(&generation)?;
+        eos_ids.extend(token_ids(g.get("eos_token_id")));
+    }
     eos_ids.extend(tokenizer.token_to_id(&template.eos_token));
     eos_ids.extend(chat_stop_ids(&tokenizer));
     let card = card(
@@ -79,6 +78,19 @@ pub(super) fn load(dir: &Path) -> Result<Checkpoint> {
     Ok(Checkpoint::unquantized(
         config, weights, tokenizer, template, eos_ids, card,
     ))
+}
+
+/// A token id or a list of them, as HF configs write `eos_token_id`.
+fn token_ids(v: Option<&serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32).into_iter().collect(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(|n| n.as_u64())
+            .map(|n| n as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
