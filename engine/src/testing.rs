@@ -41,6 +41,7 @@ pub fn tiny_config(family: Family) -> ModelConfig {
         tied_embeddings: family == Family::Llama,
         qkv_bias: family == Family::Qwen2,
         qk_norm: family == Family::Qwen3,
+        sliding_window: None,
     }
 }
 
@@ -167,7 +168,11 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Weights> {
 
 /// A tiny random model with the byte-level tokenizer and ChatML, loaded in memory.
 pub fn tiny_model(family: Family, seed: u64) -> Result<LoadedModel> {
-    let cfg = tiny_config(family);
+    tiny_model_with(tiny_config(family), seed)
+}
+
+/// [`tiny_model`] with a config of the caller's (a sliding window, a rotary scaling, …).
+pub fn tiny_model_with(cfg: ModelConfig, seed: u64) -> Result<LoadedModel> {
     let weights = random_weights(&cfg, seed)?;
     let tokenizer = tiny_tokenizer()?;
     let stop = tokenizer.token_to_id("<|im_end|>").into_iter().collect();

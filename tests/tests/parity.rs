@@ -91,6 +91,12 @@ fn tiny_qwen3_with_head_norms_matches_transformers() {
     check("tiny_qwen3");
 }
 
+/// Mistral: every query sees only the last 4 keys.
+#[test]
+fn tiny_mistral_with_a_sliding_window_matches_transformers() {
+    check("tiny_mistral");
+}
+
 #[test]
 fn every_hook_point_of_tiny_llama_matches_transformers() {
     check_hooks("tiny_llama");

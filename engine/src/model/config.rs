@@ -99,6 +99,9 @@ pub struct ModelConfig {
     /// (Qwen3).
     #[serde(default)]
     pub qk_norm: bool,
+    /// Each query attends to at most this many keys, itself included (Mistral).
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
 }
 
 impl ModelConfig {

@@ -136,7 +136,7 @@ impl Model {
             hooks,
             offset,
             options,
-            mask: causal_mask(s, offset, &self.device)?,
+            mask: causal_mask(s, offset, cfg.sliding_window, &self.device)?,
             cos: self.cos.narrow(0, offset, s)?,
             sin: self.sin.narrow(0, offset, s)?,
             captures: Captures::default(),
@@ -401,21 +401,23 @@ fn last_per_row(x: &Tensor, rows: &[usize]) -> Result<Tensor> {
 }
 
 /// Additive causal mask `[s, offset+s]`, `None` for a single query (it sees everything).
-fn causal_mask(s: usize, offset: usize, device: &Device) -> Result<Option<Tensor>> {
-    if s == 1 {
+fn causal_mask(
+    s: usize,
+    offset: usize,
+    sliding_window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let t = offset + s;
+    // A single query sees every cached key, unless a sliding window hides the oldest.
+    if s == 1 && sliding_window.is_none_or(|w| t <= w) {
         return Ok(None);
     }
-    let t = offset + s;
+    // Query `offset + i` sees keys `j` with `j ≤ offset + i`, and with a window `w` only the
+    // last `w` of them (`offset + i − j < w`).
+    let hidden =
+        |i: usize, j: usize| j > offset + i || sliding_window.is_some_and(|w| offset + i - j >= w);
     let mask: Vec<f32> = (0..s)
-        .flat_map(|i| {
-            (0..t).map(move |j| {
-                if j > offset + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
+        .flat_map(|i| (0..t).map(move |j| if hidden(i, j) { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Ok(Some(Tensor::from_vec(mask, (s, t), device)?))
 }

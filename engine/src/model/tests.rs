@@ -47,11 +47,16 @@ fn all_points(n_layers: usize) -> HookSpec {
     HookSpec::capture(points)
 }
 
-fn every_family() -> [LoadedModel; 3] {
+/// One tiny model of every family, and a Mistral-style one with a sliding window of 3 keys
+/// (shorter than the test sequence, so cached decoding must hide the oldest keys).
+fn every_family() -> [LoadedModel; 4] {
+    let mut windowed = tiny_config(Family::Llama);
+    windowed.sliding_window = Some(3);
     [
         tiny_model(Family::Llama, 1).unwrap(),
         tiny_model(Family::Qwen2, 2).unwrap(),
         tiny_model(Family::Qwen3, 3).unwrap(),
+        crate::testing::tiny_model_with(windowed, 4).unwrap(),
     ]
 }
 

@@ -143,6 +143,7 @@ impl Gguf<'_> {
             tied_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             qkv_bias: family == Family::Qwen2,
             qk_norm: family == Family::Qwen3,
+            sliding_window: None,
         };
         config.validate()?;
         Ok((arch, config))

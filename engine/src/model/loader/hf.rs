@@ -30,6 +30,11 @@ struct HfConfig {
     /// Newer configs: `rope_theta` and the scaling together.
     rope_parameters: Option<serde_json::Value>,
     max_position_embeddings: Option<usize>,
+    /// Mistral's window; Qwen2 configs carry one too but apply it only with
+    /// `use_sliding_window`.
+    sliding_window: Option<usize>,
+    #[serde(default)]
+    use_sliding_window: bool,
     vocab_size: usize,
     #[serde(default)]
     tie_word_embeddings: bool,
@@ -122,6 +127,15 @@ fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
         tied_embeddings: hf.tie_word_embeddings,
         qkv_bias: family == Family::Qwen2,
         qk_norm: family == Family::Qwen3,
+        sliding_window: match arch {
+            "mistral" => hf.sliding_window,
+            "qwen2" | "qwen3" if hf.use_sliding_window => {
+                return Err(Error::Metadata(
+                    "Qwen sliding-window layers (use_sliding_window) are not supported".into(),
+                ))
+            }
+            _ => None,
+        },
     };
     config.validate()?;
     Ok(config)
