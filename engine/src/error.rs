@@ -13,7 +13,7 @@ pub enum Error {
     #[error("{path} is not a valid GGUF model: {reason}")]
     CorruptModel { path: PathBuf, reason: String },
     #[error(
-        "unsupported model architecture `{0}` (supported: llama, mistral, qwen2, qwen3 families)"
+        "unsupported model architecture `{0}` (supported: llama, mistral, qwen2, qwen3; phi3 as an HF folder)"
     )]
     UnsupportedArchitecture(String),
     #[error(

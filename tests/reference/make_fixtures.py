@@ -3,7 +3,8 @@
 
 Writes under tests/fixtures/:
   tiny_llama/, tiny_qwen2/, tiny_llama3/ (Llama 3.1 rotary scaling, the rope_parameters form),
-  tiny_qwen3/ (per-head q/k norms), tiny_mistral/ (sliding window of 4)
+  tiny_qwen3/ (per-head q/k norms), tiny_mistral/ (sliding window of 4), tiny_phi3/ (fused
+  projections)
                              tiny random HF checkpoints (seeded) + expected.json
                              (input ids, logits at every position, every hidden state)
   tiny_llama/hooks.safetensors, tiny_qwen2/hooks.safetensors
@@ -28,7 +29,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
-                          MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                          MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
@@ -67,7 +69,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 def tiny(family):
     torch.manual_seed({"llama": 1234, "qwen2": 5678, "llama3": 4321, "qwen3": 8765,
-                       "mistral": 2468}[family])
+                       "mistral": 2468, "phi3": 1357}[family])
     common = dict(vocab_size=256 + len(SPECIALS), hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -80,6 +82,11 @@ def tiny(family):
         # A window of 4 keys, so most of the 16 input positions lose some.
         common["sliding_window"] = 4
         model = MistralForCausalLM(MistralConfig(tie_word_embeddings=False, **common))
+    elif family == "phi3":
+        # Fused qkv_proj and gate_up_proj; no window at this length.
+        model = Phi3ForCausalLM(Phi3Config(tie_word_embeddings=False, pad_token_id=0,
+                                           bos_token_id=1, eos_token_id=2, sliding_window=None,
+                                           **common))
     elif family == "qwen3":
         common["head_dim"] = 16
         model = Qwen3ForCausalLM(Qwen3Config(tie_word_embeddings=False, **common))
@@ -245,6 +252,7 @@ if __name__ == "__main__":
     tiny("llama3")
     tiny("qwen3")
     tiny("mistral")
+    tiny("phi3")
     hooks("llama")
     hooks("qwen2")
     default = os.path.expanduser("~/.cache/refusal-lens/models/SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -97,6 +97,12 @@ fn tiny_mistral_with_a_sliding_window_matches_transformers() {
     check("tiny_mistral");
 }
 
+/// Phi-3: fused qkv_proj and gate_up_proj, split at load.
+#[test]
+fn tiny_phi3_with_fused_projections_matches_transformers() {
+    check("tiny_phi3");
+}
+
 #[test]
 fn every_hook_point_of_tiny_llama_matches_transformers() {
     check_hooks("tiny_llama");

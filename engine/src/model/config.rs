@@ -21,6 +21,8 @@ pub enum Family {
     Qwen2,
     /// Qwen2 without the q/k/v biases and with an RMSNorm on every head's query and key.
     Qwen3,
+    /// Llama with fused `qkv_proj` and `gate_up_proj`, split at load.
+    Phi3,
 }
 
 impl Family {
@@ -29,6 +31,7 @@ impl Family {
             Family::Llama => "llama",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Phi3 => "phi3",
         }
     }
 }

@@ -35,6 +35,7 @@ struct HfConfig {
     sliding_window: Option<usize>,
     #[serde(default)]
     use_sliding_window: bool,
+    partial_rotary_factor: Option<f64>,
     vocab_size: usize,
     #[serde(default)]
     tie_word_embeddings: bool,
@@ -61,6 +62,7 @@ pub(super) fn load(dir: &Path) -> Result<Checkpoint> {
     let tokenizer = tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let template = hf_template(dir)?;
     let (mut tensors, quantization) = read_tensors(dir)?;
+    split_fused(&mut tensors, &config)?;
     let weights = weights(dir, &mut tensors, &config)?;
     // Stop tokens: config.json's and generation_config.json's (instruct models often list
     // their end-of-turn token only in the latter), the template's EOS, known chat stops.
@@ -103,8 +105,20 @@ fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
         "llama" | "mistral" => Family::Llama,
         "qwen2" => Family::Qwen2,
         "qwen3" => Family::Qwen3,
+        "phi3" => Family::Phi3,
         other => return Err(Error::UnsupportedArchitecture(other.to_string())),
     };
+    let partial_rotary = hf
+        .rope_parameters
+        .as_ref()
+        .and_then(|p| p["partial_rotary_factor"].as_f64())
+        .or(hf.partial_rotary_factor)
+        .unwrap_or(1.0);
+    if partial_rotary != 1.0 {
+        return Err(Error::Metadata(format!(
+            "partial rotary embeddings (factor {partial_rotary}) are not supported"
+        )));
+    }
     let config = ModelConfig {
         family,
         n_layers: hf.num_hidden_layers,
@@ -128,7 +142,7 @@ fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
         qkv_bias: family == Family::Qwen2,
         qk_norm: family == Family::Qwen3,
         sliding_window: match arch {
-            "mistral" => hf.sliding_window,
+            "mistral" | "phi3" => hf.sliding_window,
             "qwen2" | "qwen3" if hf.use_sliding_window => {
                 return Err(Error::Metadata(
                     "Qwen sliding-window layers (use_sliding_window) are not supported".into(),
@@ -198,6 +212,43 @@ fn read_tensors(dir: &Path) -> Result<(Tensors, BTreeMap<String, usize>)> {
         }
     }
     Ok((tensors, quantization))
+}
+
+/// Phi-3 stores q, k and v as one `qkv_proj` and gate and up as one `gate_up_proj` (gate
+/// first): split them into the separate matrices the forward pass reads.
+fn split_fused(tensors: &mut Tensors, config: &ModelConfig) -> Result<()> {
+    let (q, kv) = (
+        config.n_heads * config.head_dim,
+        config.n_kv_heads * config.head_dim,
+    );
+    for l in 0..config.n_layers {
+        let p = format!("model.layers.{l}");
+        let mut split = |fused: &str, parts: &[(&str, usize)]| -> Result<()> {
+            let Some(t) = tensors.remove(&format!("{p}.{fused}.weight")) else {
+                return Ok(());
+            };
+            let mut start = 0;
+            for &(name, rows) in parts {
+                tensors.insert(format!("{p}.{name}.weight"), t.narrow(0, start, rows)?);
+                start += rows;
+            }
+            Ok(())
+        };
+        split(
+            "self_attn.qkv_proj",
+            &[
+                ("self_attn.q_proj", q),
+                ("self_attn.k_proj", kv),
+                ("self_attn.v_proj", kv),
+            ],
+        )?;
+        let ff = config.d_ff;
+        split(
+            "mlp.gate_up_proj",
+            &[("mlp.gate_proj", ff), ("mlp.up_proj", ff)],
+        )?;
+    }
+    Ok(())
 }
 
 /// The model's weights (as f32) by transformers' names.
