@@ -18,17 +18,27 @@ use refusal_lens_engine::{Error, LoadedModel};
 
 const IDS: [u32; 8] = [257, 117, 115, 101, 114, 10, 72, 105];
 
+/// The same weights written as an HF folder (`dir/hf`) and as an f32 GGUF, and loaded back.
+fn both_forms(
+    dir: &std::path::Path,
+    cfg: &refusal_lens_engine::model::config::ModelConfig,
+    weights: &refusal_lens_engine::model::Weights,
+) -> (LoadedModel, LoadedModel) {
+    write_hf_folder(&dir.join("hf"), cfg, weights).unwrap();
+    let gguf = dir.join("tiny.gguf");
+    write_gguf(&gguf, cfg, weights, GgmlDType::F32).unwrap();
+    let hf = LoadedModel::load(&dir.join("hf"), FastPrecision::Auto).unwrap();
+    let gg = LoadedModel::load(&gguf, FastPrecision::Auto).unwrap();
+    (hf, gg)
+}
+
 #[test]
 fn gguf_and_safetensors_give_the_same_logits_for_the_same_weights() {
     for family in [Family::Llama, Family::Qwen2, Family::Qwen3] {
         let dir = tempfile::tempdir().unwrap();
         let cfg = tiny_config(family);
         let weights = random_weights(&cfg, 11).unwrap();
-        write_hf_folder(&dir.path().join("hf"), &cfg, &weights).unwrap();
-        let gguf = dir.path().join("tiny.gguf");
-        write_gguf(&gguf, &cfg, &weights, GgmlDType::F32).unwrap();
-        let hf = LoadedModel::load(&dir.path().join("hf"), FastPrecision::Auto).unwrap();
-        let gg = LoadedModel::load(&gguf, FastPrecision::Auto).unwrap();
+        let (hf, gg) = both_forms(dir.path(), &cfg, &weights);
         // Llama GGUF stores permuted Q/K rows and needs interleaved RoPE; HF uses half-split.
         assert_eq!(
             gg.model.config.rope_style
@@ -378,11 +388,7 @@ fn llama3_rope_scaling_reads_the_same_from_config_json_and_gguf_rope_freqs() {
         original_context: 32.0,
     });
     let weights = random_weights(&cfg, 12).unwrap();
-    write_hf_folder(&dir.path().join("hf"), &cfg, &weights).unwrap();
-    let gguf = dir.path().join("tiny.gguf");
-    write_gguf(&gguf, &cfg, &weights, GgmlDType::F32).unwrap();
-    let hf = LoadedModel::load(&dir.path().join("hf"), FastPrecision::Auto).unwrap();
-    let gg = LoadedModel::load(&gguf, FastPrecision::Auto).unwrap();
+    let (hf, gg) = both_forms(dir.path(), &cfg, &weights);
     assert_eq!(hf.model.config.rope_scaling, cfg.rope_scaling);
     assert!(matches!(
         gg.model.config.rope_scaling,

@@ -11,7 +11,24 @@ use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use tokenizers::Tokenizer;
 
-use super::{assemble, card, chat_stop_ids, corrupt, read_block, Checkpoint};
+use super::{
+    assemble, card, chat_stop_ids, corrupt, read_block, stored_name, Checkpoint, RoleNames,
+};
+
+/// Where llama.cpp stores each role of block `l` (`blk.{l}.{name}`).
+const ROLES: RoleNames = [
+    ("attn_norm", "attn_norm"),
+    ("q_norm", "attn_q_norm"),
+    ("k_norm", "attn_k_norm"),
+    ("q", "attn_q"),
+    ("k", "attn_k"),
+    ("v", "attn_v"),
+    ("o", "attn_output"),
+    ("mlp_norm", "ffn_norm"),
+    ("gate", "ffn_gate"),
+    ("up", "ffn_up"),
+    ("down", "ffn_down"),
+];
 use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
 use crate::model::config::{Family, ModelConfig, RopeScaling, RopeStyle};
 use crate::model::tokenizer::{self, GgufVocab};
@@ -221,16 +238,7 @@ impl Gguf<'_> {
             let this = std::cell::RefCell::new(&mut *self);
             let linear = |role: &str| -> Result<Linear> {
                 let mut g = this.borrow_mut();
-                let part = match role {
-                    "q" => "attn_q",
-                    "k" => "attn_k",
-                    "v" => "attn_v",
-                    "o" => "attn_output",
-                    "gate" => "ffn_gate",
-                    "up" => "ffn_up",
-                    _ => "ffn_down",
-                };
-                let name = format!("blk.{l}.{part}");
+                let name = format!("blk.{l}.{}", stored_name(&ROLES, role));
                 let weight = g.dense(&name)?;
                 let bias = if config.qkv_bias && matches!(role, "q" | "k" | "v") {
                     Some(
@@ -243,13 +251,8 @@ impl Gguf<'_> {
                 Linear::dense(&weight, bias)
             };
             let norm = |role: &str| -> Result<Tensor> {
-                let part = match role {
-                    "attn_norm" => "attn_norm",
-                    "q_norm" => "attn_q_norm",
-                    "k_norm" => "attn_k_norm",
-                    _ => "ffn_norm",
-                };
-                this.borrow_mut().dense(&format!("blk.{l}.{part}"))
+                let name = format!("blk.{l}.{}", stored_name(&ROLES, role));
+                this.borrow_mut().dense(&name)
             };
             blocks.push(read_block(config.qk_norm, linear, norm)?);
         }

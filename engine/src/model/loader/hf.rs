@@ -7,7 +7,24 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use super::{assemble, card, chat_stop_ids, corrupt, read_block, Checkpoint};
+use super::{
+    assemble, card, chat_stop_ids, corrupt, read_block, stored_name, Checkpoint, RoleNames,
+};
+
+/// Where transformers stores each role of layer `l` (`model.layers.{l}.{name}.weight`).
+const ROLES: RoleNames = [
+    ("attn_norm", "input_layernorm"),
+    ("q_norm", "self_attn.q_norm"),
+    ("k_norm", "self_attn.k_norm"),
+    ("q", "self_attn.q_proj"),
+    ("k", "self_attn.k_proj"),
+    ("v", "self_attn.v_proj"),
+    ("o", "self_attn.o_proj"),
+    ("mlp_norm", "post_attention_layernorm"),
+    ("gate", "mlp.gate_proj"),
+    ("up", "mlp.up_proj"),
+    ("down", "mlp.down_proj"),
+];
 use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
 use crate::model::config::{Family, ModelConfig, RopeScaling, RopeStyle};
 use crate::model::tokenizer;
@@ -266,15 +283,7 @@ fn weights(dir: &Path, tensors: &mut Tensors, config: &ModelConfig) -> Result<We
     for l in 0..config.n_layers {
         let p = format!("model.layers.{l}");
         let linear = |role: &str| -> Result<Linear> {
-            let name = match role {
-                "q" => "self_attn.q_proj",
-                "k" => "self_attn.k_proj",
-                "v" => "self_attn.v_proj",
-                "o" => "self_attn.o_proj",
-                "gate" => "mlp.gate_proj",
-                "up" => "mlp.up_proj",
-                _ => "mlp.down_proj",
-            };
+            let name = stored_name(&ROLES, role);
             let weight = take(&format!("{p}.{name}.weight"))?;
             let bias = if config.qkv_bias && matches!(role, "q" | "k" | "v") {
                 Some(take(&format!("{p}.{name}.bias"))?)
@@ -284,13 +293,7 @@ fn weights(dir: &Path, tensors: &mut Tensors, config: &ModelConfig) -> Result<We
             Linear::dense(&weight, bias)
         };
         let norm = |role: &str| -> Result<Tensor> {
-            let name = match role {
-                "attn_norm" => "input_layernorm",
-                "q_norm" => "self_attn.q_norm",
-                "k_norm" => "self_attn.k_norm",
-                _ => "post_attention_layernorm",
-            };
-            take(&format!("{p}.{name}.weight"))
+            take(&format!("{p}.{}.weight", stored_name(&ROLES, role)))
         };
         blocks.push(read_block(config.qk_norm, linear, norm)?);
     }

@@ -85,6 +85,18 @@ fn assemble(
     })
 }
 
+/// Where a checkpoint format stores each role of a block's tensors, by role.
+type RoleNames = [(&'static str, &'static str); 11];
+
+/// The stored name of `role` in a format's table.
+fn stored_name(names: &RoleNames, role: &str) -> &'static str {
+    names
+        .iter()
+        .find(|(r, _)| *r == role)
+        .map(|(_, name)| *name)
+        .expect("read_block asks only for the roles every table names")
+}
+
 /// One block's weights, read by a loader that knows where each role is stored (norm roles:
 /// `attn_norm`, `mlp_norm`, and with `qk_norm` also `q_norm` and `k_norm`).
 fn read_block(
