@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use refusal_lens_engine::analysis::heads::{
-    ablation_effect, attribution_patching, cipher_contrast, correlation, dla, dla_difference,
-    find_routing, head_means, interchange, knockout_cascade, pair_dla, pair_interchange,
-    refusal_scores, scale_heads, suppression_scan, Cipher, Dla, HeadMap, ScanAblation,
+    ablation_effect, attribution_patching, cipher_contrast, correlation, find_routing, head_means,
+    interchange, knockout_cascade, pair_dla, pair_interchange, refusal_scores, scale_heads,
+    suppression_scan, Cipher, Dla, HeadMap, ScanAblation,
 };
 use refusal_lens_engine::data::prompts::{PromptSet, Split};
 use refusal_lens_engine::refusal::{probability_of_score, refusal_rate};
@@ -183,15 +183,14 @@ impl Tables<'_> {
         let (lm, pairs, a) = (self.lm, self.pairs, self.a);
         let bar = &mut *self.bar;
         let (x, y) = &pairs[0];
-        let da = dla(lm, &[x.as_str()], None, &[], &|| false, &mut |_, _| {})?;
-        let db = dla(lm, &[y.as_str()], None, &[], &|| false, &mut |_, _| {})?;
-        let diff = dla_difference(&da, &db)?;
         let (routing, cascade) = match &a.gate {
             Some(g) => {
                 let gate = parse_head(g)?;
                 (None, knockout_cascade(lm, &[x.as_str()], gate, &|| false)?)
             }
             None => {
+                // The finder needs the first pair's DLA difference and its necessity.
+                let diff = pair_dla(lm, &pairs[..1], &|| false, &mut |_, _, _| {})?.difference;
                 let ex = interchange(lm, x, y, a.k, &|| false, &mut |d, t| {
                     bar("exact patching", d, t)
                 })?;

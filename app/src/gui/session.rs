@@ -53,13 +53,6 @@ impl Session {
         s
     }
 
-    /// The controls' edits plus `extra` (a head ablation being tried).
-    pub fn controls_with(&self, extra: &[Edit]) -> Steering {
-        let mut s = self.controls.clone();
-        s.edits.extend(extra.iter().cloned());
-        s
-    }
-
     /// Forgets what belonged to the previous model.
     pub fn model_changed(&mut self) {
         self.directions = None;

@@ -123,7 +123,7 @@ impl Gguf<'_> {
 
 impl Gguf<'_> {
     /// The architecture's name and the model's shape.
-    fn config(&self) -> Result<(String, ModelConfig)> {
+    fn config(&mut self) -> Result<(String, ModelConfig)> {
         let arch = self
             .string("general.architecture")
             .ok_or_else(|| corrupt(self.path, "no general.architecture"))?
@@ -168,16 +168,12 @@ impl Gguf<'_> {
 
     /// Llama 3.1's rotary scaling, which llama.cpp's converter stores as one divisor per
     /// rotary pair in a `rope_freqs` tensor.
-    fn rope_freqs(&self) -> Result<Option<RopeScaling>> {
+    fn rope_freqs(&mut self) -> Result<Option<RopeScaling>> {
         if !self.content.tensor_infos.contains_key("rope_freqs.weight") {
             return Ok(None);
         }
-        let mut file = File::open(self.path).map_err(|e| Error::io(self.path, e))?;
-        let t = self
-            .content
-            .tensor(&mut file, "rope_freqs.weight", &Device::Cpu)
-            .map_err(|e| corrupt(self.path, e))?;
-        let factors = t
+        let factors = self
+            .tensor("rope_freqs.weight")?
             .dequantize(&Device::Cpu)?
             .flatten_all()?
             .to_vec1::<f32>()?;
