@@ -67,7 +67,6 @@ pub(super) fn steer(
     request: &GenerateRequest,
     baseline: bool,
 ) -> JobResult {
-    let m = state.active()?;
     let requested = Instant::now();
     let runs: &[bool] = if baseline { &[true, false] } else { &[false] };
     for &is_baseline in runs {
@@ -75,19 +74,19 @@ pub(super) fn steer(
         if is_baseline {
             request.steering = Steering::default();
         }
-        steered_reply(state, m, ctx, &request, is_baseline, requested)?;
+        steered_reply(state, ctx, &request, is_baseline, requested)?;
     }
     Ok(())
 }
 
 fn steered_reply(
     state: &State,
-    m: &LoadedModel,
     ctx: &Ctx,
     request: &GenerateRequest,
     baseline: bool,
     requested: Instant,
 ) -> JobResult {
+    let m = state.active()?;
     let dirs = state.lens.directions.as_deref();
     let prompt = m.chat_prompt(request.system.as_deref(), &request.prompt)?;
     let cfg = generate_config(m, dirs, request, &prompt)?;
