@@ -569,3 +569,114 @@ fn directions_probe_trajectory_and_cliff_rank_chain_through_saved_files() {
     assert!(!out.status.success());
     assert!(stderr_line(&out).contains("nonexistent"));
 }
+
+/// Every family opens and runs every analysis through the CLI, as a GGUF (the form llama.cpp
+/// users have) of a tiny random model: directions, probes, trajectory, steering sweep, head
+/// attribution, refusal-token training and generation.
+#[test]
+fn every_family_runs_every_analysis() {
+    for family in [Family::Qwen3, Family::Phi3, Family::Gemma2, Family::Gemma3] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tiny_config(family);
+        let path = dir.path().join("tiny.gguf");
+        write_gguf(
+            &path,
+            &cfg,
+            &random_weights(&cfg, 9).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let model = path.display().to_string();
+        let sets = dir.path().join("sets");
+        std::fs::create_dir(&sets).unwrap();
+        let write_set = |label: &str, word: &str| {
+            let rows: String = (0..8)
+                .map(|i| {
+                    let split = ["train", "train", "val", "test"][i % 4];
+                    format!("{{\"id\":\"{label}-{i}\",\"pair_id\":\"p{i}\",\"prompt\":\"{word} request {i}\",\"label\":\"{label}\",\"split\":\"{split}\"}}\n")
+                })
+                .collect();
+            let path = sets.join(format!("{label}.jsonl"));
+            std::fs::write(&path, rows).unwrap();
+            path.display().to_string()
+        };
+        let (harmful, harmless) = (write_set("harmful", "evil"), write_set("harmless", "kind"));
+        std::fs::copy(&harmless, sets.join("borderline.jsonl")).unwrap();
+        let p = |name: &str| dir.path().join(name).display().to_string();
+        let (dirs, probes) = (p("dirs.safetensors"), p("probes.safetensors"));
+        let sets_arg = ["--harmful", &harmful, "--harmless", &harmless];
+        let ok = |args: &[&str]| {
+            let mut all = vec![args[0], "--model", &model, "--json"];
+            all.extend(&args[1..]);
+            let out = bin()
+                .env("REFUSAL_LENS_CACHE", dir.path().join("cache"))
+                .args(&all)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{family:?} {}: {}",
+                args[0],
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ok(&["info"]);
+        ok(&["generate", "--prompt", "hello", "--max-tokens", "4"]);
+        ok(&[
+            &["directions", "--no-select", "--out", &dirs][..],
+            &sets_arg,
+        ]
+        .concat());
+        ok(&[
+            &[
+                "probe",
+                "--labels",
+                "set",
+                "--holdout",
+                "test",
+                "--out",
+                &probes,
+            ][..],
+            &sets_arg,
+        ]
+        .concat());
+        ok(&[
+            "trajectory",
+            "--prompt",
+            "evil",
+            "--reply-tokens",
+            "3",
+            "--probes",
+            &probes,
+            "--directions",
+            &dirs,
+            "--layer",
+            "1",
+        ]);
+        ok(&[
+            "sweep",
+            "--set",
+            &harmless,
+            "--directions",
+            &dirs,
+            "--layers",
+            "1",
+            "--alphas",
+            "0,1",
+            "--reply-tokens",
+            "2",
+        ]);
+        ok(&[&["heads", "dla"][..], &sets_arg].concat());
+        ok(&[&["heads", "interchange", "--k", "2"][..], &sets_arg].concat());
+        let adapter = p("adapter");
+        ok(&[
+            "train-refusal-tokens",
+            "--sets",
+            sets.to_str().unwrap(),
+            "--out",
+            &adapter,
+            "--row-steps",
+            "20",
+        ]);
+    }
+}

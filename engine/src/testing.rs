@@ -22,10 +22,24 @@ use crate::{LoadedModel, Result};
 pub const TINY_SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 /// A 2-layer model with GQA (4 query heads, 2 kv heads): small enough for exact tests,
-/// big enough to exercise every code path. Qwen2 gets q/k/v biases and untied embeddings.
+/// big enough to exercise every code path. Qwen2 gets q/k/v biases and untied embeddings;
+/// Gemma a local layer (window of 3) then a global one and tight soft-caps (Gemma 2), or its
+/// own local rotary base and linearly scaled global rotary (Gemma 3).
 pub fn tiny_config(family: Family) -> ModelConfig {
+    use crate::model::config::RopeScaling;
+    let base = ModelConfig::llama_like(family);
+    let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
+    let gemma3 = family == Family::Gemma3;
     ModelConfig {
-        family,
+        tied_embeddings: family == Family::Llama || gemma,
+        sliding_window: gemma.then_some(3),
+        sliding_layers: gemma.then(|| vec![true, false]),
+        query_pre_attn_scalar: gemma.then_some(16.0),
+        attn_softcap: (family == Family::Gemma2).then_some(5.0),
+        final_softcap: (family == Family::Gemma2).then_some(3.0),
+        rope_theta: if gemma3 { 1e6 } else { 10_000.0 },
+        rope_scaling: gemma3.then_some(RopeScaling::Linear { factor: 8.0 }),
+        local_rope_theta: gemma3.then_some(10_000.0),
         n_layers: 2,
         n_heads: 4,
         n_kv_heads: 2,
@@ -34,14 +48,8 @@ pub fn tiny_config(family: Family) -> ModelConfig {
         head_dim: 16,
         vocab_size: 256 + TINY_SPECIALS.len(),
         context_length: 256,
-        rope_theta: 10_000.0,
-        rope_scaling: None,
-        rms_eps: 1e-5,
         rope_style: RopeStyle::HalfSplit,
-        tied_embeddings: family == Family::Llama,
-        qkv_bias: family == Family::Qwen2,
-        qk_norm: family == Family::Qwen3,
-        sliding_window: None,
+        ..base
     }
 }
 
@@ -138,6 +146,13 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Weights> {
         } else {
             (None, None)
         };
+        let (attn_post_norm, mlp_post_norm) = if cfg.post_norms {
+            let attn = (mat(1, cfg.d_model, 0.2)?.flatten_all()? + 1.0)?;
+            let mlp = (mat(1, cfg.d_model, 0.2)?.flatten_all()? + 1.0)?;
+            (Some(attn), Some(mlp))
+        } else {
+            (None, None)
+        };
         blocks.push(BlockWeights {
             attn_norm,
             q_norm,
@@ -146,7 +161,9 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Weights> {
             k: wk,
             v: wv,
             o: wo,
+            attn_post_norm,
             mlp_norm,
+            mlp_post_norm,
             gate,
             up,
             down,
@@ -296,7 +313,18 @@ pub fn write_gguf(
             ("ffn_up", &b.up, None),
             ("ffn_down", &b.down, None),
         ];
+        let fused = cfg.family == Family::Phi3;
+        if fused {
+            // llama.cpp's Phi-3 layout: q, k, v in one `attn_qkv`; gate then up in `ffn_up`.
+            let qkv = Tensor::cat(&[w(&b.q)?, w(&b.k)?, w(&b.v)?], 0)?;
+            let gate_up = Tensor::cat(&[w(&b.gate)?, w(&b.up)?], 0)?;
+            tensors.push((n("attn_qkv.weight"), QTensor::quantize(&qkv, dtype)?));
+            tensors.push((n("ffn_up.weight"), QTensor::quantize(&gate_up, dtype)?));
+        }
         for (name, lin, heads) in parts {
+            if fused && matches!(name, "attn_q" | "attn_k" | "attn_v" | "ffn_gate" | "ffn_up") {
+                continue;
+            }
             let mut weight = w(lin)?;
             if let (true, Some(h)) = (permute, heads) {
                 weight = permute_for_interleaved(&weight, h)?;
@@ -316,9 +344,18 @@ pub fn write_gguf(
             }
         }
         tensors.push((n("ffn_norm.weight"), f32(&b.mlp_norm)?));
+        // Gemma's sandwich norms, `1 + w` already folded in as llama.cpp's converter does.
+        for (name, norm) in [
+            ("post_attention_norm", &b.attn_post_norm),
+            ("post_ffw_norm", &b.mlp_post_norm),
+        ] {
+            if let Some(w) = norm {
+                tensors.push((n(&format!("{name}.weight")), f32(w)?));
+            }
+        }
     }
     tensors.push(("output_norm.weight".into(), f32(&weights.final_norm)?));
-    if let Some(scaling) = &cfg.rope_scaling {
+    if let Some(scaling @ crate::model::config::RopeScaling::Llama3 { .. }) = &cfg.rope_scaling {
         // As llama.cpp's converter writes Llama 3.1's scaling: a divisor per rotary pair.
         let half = cfg.head_dim / 2;
         let factors: Vec<f32> = (0..half)
@@ -371,6 +408,35 @@ pub fn write_gguf(
             Value::String(CHATML_TEMPLATE.into()),
         ),
     ];
+    let mut meta = meta;
+    let f32v = |x: f64| Value::F32(x as f32);
+    if let Some(w) = cfg.sliding_window {
+        meta.push((format!("{arch}.attention.sliding_window"), u32v(w)));
+    }
+    if let Some(flags) = &cfg.sliding_layers {
+        let flags = flags.iter().map(|&f| Value::Bool(f)).collect();
+        meta.push((
+            format!("{arch}.attention.sliding_window_pattern"),
+            Value::Array(flags),
+        ));
+    }
+    if let Some(cap) = cfg.attn_softcap {
+        meta.push((format!("{arch}.attn_logit_softcapping"), f32v(cap)));
+    }
+    if let Some(cap) = cfg.final_softcap {
+        meta.push((format!("{arch}.final_logit_softcapping"), f32v(cap)));
+    }
+    if let Some(crate::model::config::RopeScaling::Linear { factor }) = cfg.rope_scaling {
+        meta.push((
+            format!("{arch}.rope.scaling.type"),
+            Value::String("linear".into()),
+        ));
+        meta.push((format!("{arch}.rope.scaling.factor"), f32v(factor)));
+    }
+    if cfg.head_dim * cfg.n_heads != cfg.d_model {
+        meta.push((format!("{arch}.attention.key_length"), u32v(cfg.head_dim)));
+        meta.push((format!("{arch}.attention.value_length"), u32v(cfg.head_dim)));
+    }
     let mut file = std::fs::File::create(path).map_err(|e| crate::Error::io(path, e))?;
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();

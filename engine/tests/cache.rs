@@ -14,7 +14,7 @@ fn sum_of(stack: &Tensor) -> Tensor {
 
 #[test]
 fn decompose_resid_adds_up_to_the_stream_at_every_layer() {
-    for family in [Family::Llama, Family::Qwen2] {
+    for family in [Family::Llama, Family::Qwen2, Family::Gemma2] {
         let m = tiny_model(family, 3).unwrap();
         let cache = ActivationCache::run(&m, &IDS, &[]).unwrap();
         let n = m.model.config.n_layers;
@@ -65,7 +65,8 @@ fn accumulated_resid_is_the_stream_entering_each_block_then_leaving_the_last() {
 
 #[test]
 fn head_results_sum_to_the_attention_output_and_follow_an_ablation() {
-    for family in [Family::Llama, Family::Qwen2] {
+    // Gemma: the heads' writes pass through the post-attention norm linearised at the run.
+    for family in [Family::Llama, Family::Qwen2, Family::Gemma2, Family::Gemma3] {
         let m = tiny_model(family, 5).unwrap();
         let cfg = m.model.config.clone();
         let cache = ActivationCache::run(&m, &IDS, &[]).unwrap();
@@ -82,7 +83,10 @@ fn head_results_sum_to_the_attention_output_and_follow_an_ablation() {
                     Tensor::zeros(cfg.d_model, candle_core::DType::F32, attn_out.device()).unwrap()
                 }
             };
-            let total = sum_of(&block).broadcast_add(&bias).unwrap();
+            let total = match m.model.dense.blocks[l].attn_post_norm {
+                Some(_) => sum_of(&block),
+                None => sum_of(&block).broadcast_add(&bias).unwrap(),
+            };
             assert!(
                 max_abs_diff(&total, &attn_out) < 1e-4,
                 "{family:?} layer {l}"

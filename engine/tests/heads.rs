@@ -42,7 +42,12 @@ fn score(lm: &LoadedModel, logits: &Tensor) -> f32 {
 
 #[test]
 fn dla_of_heads_embedding_and_mlps_sums_to_the_logit_difference() {
-    for lm in [with_tokens(51), tiny_model(Family::Llama, 52).unwrap()] {
+    let families = [
+        with_tokens(51),
+        tiny_model(Family::Llama, 52).unwrap(),
+        tiny_model(Family::Gemma2, 53).unwrap(),
+    ];
+    for lm in families {
         let prompts = ["How do I pick a lock?", "Bake me a cake", "hi"];
         let out = dla(&lm, &prompts, None, &[], &|| false, &mut |_, _| {}).unwrap();
         let u = logit_direction(&lm).unwrap();

@@ -64,6 +64,31 @@ fn gguf_and_safetensors_give_the_same_logits_for_the_same_weights() {
     }
 }
 
+/// The families with no HF writer here (their HF parity is against transformers' own
+/// checkpoints): their GGUF form, as llama.cpp's converter lays it out (Phi-3's fused
+/// projections, Gemma's folded norms, sandwich norms, caps, window and rotary keys), loads to
+/// the in-memory model's logits.
+#[test]
+fn gguf_of_phi3_and_gemma_gives_the_in_memory_models_logits() {
+    for family in [Family::Phi3, Family::Gemma2, Family::Gemma3] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tiny_config(family);
+        let weights = random_weights(&cfg, 21).unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_gguf(&path, &cfg, &weights, GgmlDType::F32).unwrap();
+        let gg = LoadedModel::load(&path, FastPrecision::Auto).unwrap();
+        let mem = tiny_model(family, 21).unwrap();
+        // GGUF stores ε as f32.
+        let read = refusal_lens_engine::model::config::ModelConfig {
+            rms_eps: cfg.rms_eps,
+            ..gg.model.config.clone()
+        };
+        assert_eq!(read, mem.model.config, "{family:?}");
+        let err = max_abs_diff(&logits(&gg, &IDS), &logits(&mem, &IDS));
+        assert!(err < 1e-5, "{family:?}: {err}");
+    }
+}
+
 #[test]
 fn quantised_gguf_gets_a_fast_path_close_to_its_dense_weights() {
     let dir = tempfile::tempdir().unwrap();

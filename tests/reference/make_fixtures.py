@@ -4,7 +4,9 @@
 Writes under tests/fixtures/:
   tiny_llama/, tiny_qwen2/, tiny_llama3/ (Llama 3.1 rotary scaling, the rope_parameters form),
   tiny_qwen3/ (per-head q/k norms), tiny_mistral/ (sliding window of 4), tiny_phi3/ (fused
-  projections)
+  projections), tiny_gemma2/ (GeGLU, sandwich norms, soft-capping tight enough to bend,
+  query_pre_attn_scalar ≠ d_h, alternating window), tiny_gemma3/ (q/k norms, five local layers
+  of six with their own rotary base, linear-scaled global rotary)
                              tiny random HF checkpoints (seeded) + expected.json
                              (input ids, logits at every position, every hidden state)
   tiny_llama/hooks.safetensors, tiny_qwen2/hooks.safetensors
@@ -28,7 +30,8 @@ import sys
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma2ForCausalLM,
+                          Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
                           MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM)
@@ -69,7 +72,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
 
 def tiny(family):
     torch.manual_seed({"llama": 1234, "qwen2": 5678, "llama3": 4321, "qwen3": 8765,
-                       "mistral": 2468, "phi3": 1357}[family])
+                       "mistral": 2468, "phi3": 1357, "gemma2": 9753, "gemma3": 3579}[family])
     common = dict(vocab_size=256 + len(SPECIALS), hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)
@@ -87,6 +90,21 @@ def tiny(family):
         model = Phi3ForCausalLM(Phi3Config(tie_word_embeddings=False, pad_token_id=0,
                                            bos_token_id=1, eos_token_id=2, sliding_window=None,
                                            **common))
+    elif family == "gemma2":
+        # Caps low enough that tanh bends the random model's scores and logits.
+        model = Gemma2ForCausalLM(Gemma2Config(
+            head_dim=16, query_pre_attn_scalar=24, sliding_window=4, attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0, tie_word_embeddings=True, pad_token_id=0,
+            bos_token_id=256, eos_token_id=258, **common))
+    elif family == "gemma3":
+        common["num_hidden_layers"] = 6
+        rope = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+        gemma3 = {k: v for k, v in common.items() if k != "rope_theta"}
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            head_dim=16, query_pre_attn_scalar=16, sliding_window=4, rope_parameters=rope,
+            tie_word_embeddings=True, pad_token_id=0, bos_token_id=256, eos_token_id=258,
+            **gemma3))
     elif family == "qwen3":
         common["head_dim"] = 16
         model = Qwen3ForCausalLM(Qwen3Config(tie_word_embeddings=False, **common))
@@ -96,7 +114,9 @@ def tiny(family):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                # Gemma's norms scale by 1 + w.
+                offset = 0.0 if family.startswith("gemma") else 1.0
+                p.copy_(offset + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.1 * torch.randn_like(p))
             elif "embed" in name or "lm_head" in name:
@@ -115,6 +135,9 @@ def tiny(family):
     if family == "llama3":
         # The newer config form: rope_theta inside rope_parameters with the scaling.
         cfg["rope_parameters"] = dict(LLAMA3_ROPE, rope_theta=cfg.pop("rope_theta"))
+    if family.startswith("gemma"):
+        # transformers' own config, as checkpoints on the Hub carry it.
+        cfg = model.config.to_dict()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
     tiny_tokenizer().save(os.path.join(out_dir, "tokenizer.json"))

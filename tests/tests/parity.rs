@@ -103,6 +103,21 @@ fn tiny_phi3_with_fused_projections_matches_transformers() {
     check("tiny_phi3");
 }
 
+/// Gemma 2: GeGLU, `(1 + w)` sandwich norms, embeddings × √d, attention scores and logits
+/// soft-capped (caps of 5 and 3, low enough to bend), scores scaled by
+/// `query_pre_attn_scalar` = 24 ≠ d_h, local and global layers alternating.
+#[test]
+fn tiny_gemma2_matches_transformers() {
+    check("tiny_gemma2");
+}
+
+/// Gemma 3: per-head q/k norms, five windowed layers of six with their own rotary base, the
+/// global layer's rotary linearly scaled.
+#[test]
+fn tiny_gemma3_matches_transformers() {
+    check("tiny_gemma3");
+}
+
 #[test]
 fn every_hook_point_of_tiny_llama_matches_transformers() {
     check_hooks("tiny_llama");

@@ -128,7 +128,8 @@ impl ActivationCache {
 
     /// Every head's own write into the residual stream, `z_{l,h} · W_O[l][h]`, for the blocks
     /// before `layer` (every block for None), labelled `"L{l}H{h}"`. The heads of a block sum
-    /// to its attention output (which also holds `o_proj`'s bias, if any).
+    /// to its attention output (which also holds `o_proj`'s bias, if any); with Gemma's
+    /// post-attention norm, each write passes through that norm linearised at this run.
     pub fn stack_head_results(&self, layer: Option<usize>) -> Result<Stack> {
         let cfg = &self.model.config;
         let (h, dh) = (cfg.n_heads, cfg.head_dim);
@@ -146,12 +147,30 @@ impl ActivationCache {
                 .dense_weight_t()?
                 .reshape((h, dh, d))?;
             let per_head = z.matmul(&w)?.reshape((h, b, s, d))?;
+            let per_head = match &self.model.dense.blocks[l].attn_post_norm {
+                Some(weight) => self.through_post_norm(l, &per_head, weight)?,
+                None => per_head,
+            };
             for head in 0..h {
                 parts.push(per_head.get(head)?);
                 labels.push(format!("L{l}H{head}"));
             }
         }
         stack(parts, labels)
+    }
+
+    /// Heads' writes `[h, b, s, d]` through block `l`'s post-attention norm (Gemma) as the
+    /// norm treated their sum in this run: divided by the RMS of the attention output before
+    /// the norm (the heads' sum plus `o_proj`'s bias) and multiplied by the weight, so the
+    /// heads still add up to `hook_attn_out`.
+    fn through_post_norm(&self, l: usize, per_head: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        let mut total = per_head.sum(0)?;
+        if let Some(bias) = self.model.dense.blocks[l].o.bias() {
+            total = total.broadcast_add(bias)?;
+        }
+        let eps = self.model.config.rms_eps;
+        let rms = ((total.sqr()?.mean_keepdim(D::Minus1)? + eps)?).sqrt()?; // [b, s, 1]
+        Ok(per_head.broadcast_div(&rms)?.broadcast_mul(weight)?)
     }
 
     /// The final norm applied to each component of a stack `[n, b, s, d]` as the norm treated

@@ -35,7 +35,11 @@ pub enum HookPoint {
     AttnPattern(usize),
     /// `blocks.{l}.attn.hook_z`: per-head attention output before `o_proj`. `[b, s, h, d_h]`
     AttnZ(usize),
-    /// `blocks.{l}.hook_attn_out`: the attention block's write into the stream. `[b, s, d]`
+    /// `blocks.{l}.ln1_post.hook_normalized`: the attention output's own norm before its
+    /// weight, on families with sandwich norms (Gemma 2/3; TransformerLens' name). `[b, s, d]`
+    Ln1PostNormalized(usize),
+    /// `blocks.{l}.hook_attn_out`: the attention block's write into the stream (after the
+    /// post-attention norm where the family has one). `[b, s, d]`
     AttnOut(usize),
     /// `blocks.{l}.hook_resid_mid`: the stream between attention and MLP. `[b, s, d]`
     ResidMid(usize),
@@ -44,7 +48,11 @@ pub enum HookPoint {
     /// `blocks.{l}.mlp.hook_post`: the gated activation `silu(gate) ⊙ up`, input to the down
     /// projection. `[b, s, d_mlp]`
     MlpPost(usize),
-    /// `blocks.{l}.hook_mlp_out`: the MLP's write into the stream. `[b, s, d]`
+    /// `blocks.{l}.ln2_post.hook_normalized`: the MLP output's own norm before its weight
+    /// (Gemma 2/3). `[b, s, d]`
+    Ln2PostNormalized(usize),
+    /// `blocks.{l}.hook_mlp_out`: the MLP's write into the stream (after the post-MLP norm
+    /// where the family has one). `[b, s, d]`
     MlpOut(usize),
     /// `blocks.{l}.hook_resid_post`: the stream leaving block `l`. `[b, s, d]`
     ResidPost(usize),
@@ -72,10 +80,12 @@ const KINDS: &[(&str, PerLayer)] = &[
     ("pattern", HookPoint::AttnPattern),
     ("attn_z", HookPoint::AttnZ),
     ("z", HookPoint::AttnZ),
+    ("ln1_post", HookPoint::Ln1PostNormalized),
     ("attn_out", HookPoint::AttnOut),
     ("resid_mid", HookPoint::ResidMid),
     ("ln2", HookPoint::Ln2Normalized),
     ("mlp_post", HookPoint::MlpPost),
+    ("ln2_post", HookPoint::Ln2PostNormalized),
     ("mlp_out", HookPoint::MlpOut),
     ("resid_post", HookPoint::ResidPost),
 ];
@@ -85,8 +95,10 @@ impl HookPoint {
         use HookPoint::*;
         match self {
             ResidPre(l) | Ln1Normalized(l) | AttnQ(l) | AttnK(l) | AttnV(l) | AttnScores(l)
-            | AttnPattern(l) | AttnZ(l) | AttnOut(l) | ResidMid(l) | Ln2Normalized(l)
-            | MlpPost(l) | MlpOut(l) | ResidPost(l) => Some(l),
+            | AttnPattern(l) | AttnZ(l) | Ln1PostNormalized(l) | AttnOut(l) | ResidMid(l)
+            | Ln2Normalized(l) | MlpPost(l) | Ln2PostNormalized(l) | MlpOut(l) | ResidPost(l) => {
+                Some(l)
+            }
             Embed | LnFinal | UnembedIn => None,
         }
     }
@@ -154,10 +166,12 @@ impl fmt::Display for HookPoint {
             AttnScores(l) => write!(f, "blocks.{l}.attn.hook_attn_scores"),
             AttnPattern(l) => write!(f, "blocks.{l}.attn.hook_pattern"),
             AttnZ(l) => write!(f, "blocks.{l}.attn.hook_z"),
+            Ln1PostNormalized(l) => write!(f, "blocks.{l}.ln1_post.hook_normalized"),
             AttnOut(l) => write!(f, "blocks.{l}.hook_attn_out"),
             ResidMid(l) => write!(f, "blocks.{l}.hook_resid_mid"),
             Ln2Normalized(l) => write!(f, "blocks.{l}.ln2.hook_normalized"),
             MlpPost(l) => write!(f, "blocks.{l}.mlp.hook_post"),
+            Ln2PostNormalized(l) => write!(f, "blocks.{l}.ln2_post.hook_normalized"),
             MlpOut(l) => write!(f, "blocks.{l}.hook_mlp_out"),
             ResidPost(l) => write!(f, "blocks.{l}.hook_resid_post"),
             LnFinal => write!(f, "ln_final.hook_normalized"),
@@ -188,10 +202,12 @@ impl FromStr for HookPoint {
             "attn.hook_attn_scores" => "attn_scores",
             "attn.hook_pattern" => "attn_pattern",
             "attn.hook_z" => "attn_z",
+            "ln1_post.hook_normalized" => "ln1_post",
             "hook_attn_out" => "attn_out",
             "hook_resid_mid" => "resid_mid",
             "ln2.hook_normalized" => "ln2",
             "mlp.hook_post" => "mlp_post",
+            "ln2_post.hook_normalized" => "ln2_post",
             "hook_mlp_out" => "mlp_out",
             "hook_resid_post" => "resid_post",
             _ => return Err(invalid()),

@@ -1,5 +1,5 @@
-//! The shape of a decoder-only transformer of the Llama family (Llama, Mistral, Qwen2,
-//! Qwen3).
+//! The shape of a decoder-only transformer: Llama and the families that differ from it by
+//! configuration (Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3).
 
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,12 @@ pub enum Family {
     Qwen3,
     /// Llama with fused `qkv_proj` and `gate_up_proj`, split at load.
     Phi3,
+    /// GeGLU, `(1 + w)` norms (folded at load), sandwich norms, embeddings × √d, soft-capped
+    /// attention and final logits, alternating sliding-window layers.
+    Gemma2,
+    /// Gemma 2 with per-head q/k norms, no soft-capping, and local layers with their own
+    /// rotary base.
+    Gemma3,
 }
 
 impl Family {
@@ -32,8 +38,20 @@ impl Family {
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
             Family::Phi3 => "phi3",
+            Family::Gemma2 => "gemma2",
+            Family::Gemma3 => "gemma3",
         }
     }
+}
+
+/// The MLP's gate nonlinearity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Activation {
+    /// `silu(gate) ⊙ up` (SwiGLU: Llama, Qwen, Mistral, Phi-3).
+    #[default]
+    Silu,
+    /// `gelu_tanh(gate) ⊙ up` (GeGLU with the tanh approximation: Gemma).
+    GeluTanh,
 }
 
 /// How the rotary frequencies are rescaled for long contexts.
@@ -41,6 +59,8 @@ impl Family {
 pub enum RopeScaling {
     /// A divisor per rotary pair, as llama.cpp stores Llama 3.1's scaling (`rope_freqs`).
     Factors(Vec<f32>),
+    /// Every frequency divided by `factor` (`rope_type: linear`, Gemma 3's global layers).
+    Linear { factor: f64 },
     /// Llama 3.1+ (`rope_type: llama3`): wavelengths longer than
     /// `original_context / low_freq_factor` are stretched by `factor`, shorter than
     /// `original_context / high_freq_factor` kept, and those between interpolated smoothly.
@@ -57,6 +77,7 @@ impl RopeScaling {
     pub fn apply(&self, pair: usize, inv_freq: f64) -> f64 {
         match *self {
             RopeScaling::Factors(ref factors) => inv_freq / factors[pair] as f64,
+            RopeScaling::Linear { factor } => inv_freq / factor,
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -102,9 +123,37 @@ pub struct ModelConfig {
     /// (Qwen3).
     #[serde(default)]
     pub qk_norm: bool,
-    /// Each query attends to at most this many keys, itself included (Mistral).
+    /// Each query attends to at most this many keys, itself included (Mistral, Gemma's
+    /// local layers).
     #[serde(default)]
     pub sliding_window: Option<usize>,
+    /// Which layers the window applies to (Gemma alternates local and global layers);
+    /// None: every layer.
+    #[serde(default)]
+    pub sliding_layers: Option<Vec<bool>>,
+    /// The rotary base of the windowed layers, unscaled (Gemma 3); None: `rope_theta` and
+    /// `rope_scaling` as on every other layer.
+    #[serde(default)]
+    pub local_rope_theta: Option<f64>,
+    #[serde(default)]
+    pub activation: Activation,
+    /// Token embeddings are multiplied by √d_model before the first block (Gemma).
+    #[serde(default)]
+    pub scale_embeddings: bool,
+    /// A second norm on the attention and MLP outputs before each adds to the stream (Gemma's
+    /// sandwich norms).
+    #[serde(default)]
+    pub post_norms: bool,
+    /// Attention scores are divided by √(this) instead of √d_h (Gemma's
+    /// `query_pre_attn_scalar`).
+    #[serde(default)]
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Attention scores become `cap · tanh(score / cap)` before the mask (Gemma 2).
+    #[serde(default)]
+    pub attn_softcap: Option<f64>,
+    /// Logits become `cap · tanh(logit / cap)` (Gemma 2).
+    #[serde(default)]
+    pub final_softcap: Option<f64>,
 }
 
 impl ModelConfig {
@@ -128,6 +177,15 @@ impl ModelConfig {
                 ));
             }
         }
+        if let Some(layers) = &self.sliding_layers {
+            if layers.len() != self.n_layers {
+                return bad(format!(
+                    "{} sliding-window layer flags for {} layers",
+                    layers.len(),
+                    self.n_layers
+                ));
+            }
+        }
         if !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head size {} is odd; rotary embeddings need it even",
@@ -135,6 +193,53 @@ impl ModelConfig {
             ));
         }
         Ok(())
+    }
+
+    /// True when layer `l` attends through the sliding window.
+    pub fn is_local(&self, l: usize) -> bool {
+        self.sliding_window.is_some() && self.sliding_layers.as_ref().is_none_or(|v| v[l])
+    }
+
+    /// The divisor of attention scores: √(query_pre_attn_scalar), else √d_h.
+    pub fn score_divisor(&self) -> f64 {
+        self.query_pre_attn_scalar
+            .unwrap_or(self.head_dim as f64)
+            .sqrt()
+    }
+
+    /// A Llama-style configuration (SwiGLU, one norm per sublayer, no caps); the families'
+    /// loaders start from it and set what differs.
+    pub fn llama_like(family: Family) -> ModelConfig {
+        ModelConfig {
+            family,
+            n_layers: 0,
+            n_heads: 0,
+            n_kv_heads: 0,
+            d_model: 0,
+            d_ff: 0,
+            head_dim: 0,
+            vocab_size: 0,
+            context_length: 4096,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            rms_eps: 1e-5,
+            rope_style: RopeStyle::HalfSplit,
+            tied_embeddings: false,
+            qkv_bias: family == Family::Qwen2,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            sliding_window: None,
+            sliding_layers: None,
+            local_rope_theta: None,
+            activation: match family {
+                Family::Gemma2 | Family::Gemma3 => Activation::GeluTanh,
+                _ => Activation::Silu,
+            },
+            scale_embeddings: matches!(family, Family::Gemma2 | Family::Gemma3),
+            post_norms: matches!(family, Family::Gemma2 | Family::Gemma3),
+            query_pre_attn_scalar: None,
+            attn_softcap: None,
+            final_softcap: None,
+        }
     }
 
     /// Parameters, counting tied embeddings once.
@@ -148,7 +253,8 @@ impl ModelConfig {
         };
         let mlp = 3 * d * self.d_ff;
         let qk_norm = if self.qk_norm { 2 * self.head_dim } else { 0 };
-        let per_layer = attn + bias + qk_norm + mlp + 2 * d;
+        let norms = if self.post_norms { 4 * d } else { 2 * d };
+        let per_layer = attn + bias + qk_norm + mlp + norms;
         let embed = self.vocab_size * d * if self.tied_embeddings { 1 } else { 2 };
         self.n_layers * per_layer + embed + d
     }

@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use super::config::{ModelConfig, RopeStyle};
+use super::config::{Activation, ModelConfig, RopeStyle};
 use super::linear::Linear;
 use super::weights::{BlockWeights, FastPrecision, KvCache, Weights};
 use crate::hooks::{Captures, HookPoint, HookSpec};
@@ -46,8 +46,10 @@ pub struct Model {
     pub config: ModelConfig,
     pub dense: Weights,
     pub fast: Option<Weights>,
-    cos: Tensor,
-    sin: Tensor,
+    /// Rotary tables `[context, d_h / 2]` of the global layers …
+    rope: (Tensor, Tensor),
+    /// … and of the windowed layers where their base differs (Gemma 3).
+    local_rope: Option<(Tensor, Tensor)>,
     device: Device,
 }
 
@@ -55,13 +57,17 @@ impl Model {
     pub fn new(config: ModelConfig, dense: Weights, fast: Option<Weights>) -> Result<Self> {
         config.validate()?;
         let device = dense.embed.device().clone();
-        let (cos, sin) = rope_tables(&config, &device)?;
+        let rope = rope_tables(&config, config.rope_theta, true, &device)?;
+        let local_rope = config
+            .local_rope_theta
+            .map(|theta| rope_tables(&config, theta, false, &device))
+            .transpose()?;
         Ok(Model {
             config,
             dense,
             fast,
-            cos,
-            sin,
+            rope,
+            local_rope,
             device,
         })
     }
@@ -132,13 +138,27 @@ impl Model {
                 max: cfg.context_length,
             });
         }
+        let rows = |(cos, sin): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
+            Ok((cos.narrow(0, offset, s)?, sin.narrow(0, offset, s)?))
+        };
+        let global = Attend {
+            mask: causal_mask(s, offset, None, &self.device)?,
+            rope: rows(&self.rope)?,
+        };
+        // Layers under the window get their own mask (and Gemma 3 its own rotary base).
+        let local = match cfg.sliding_window {
+            Some(w) => Some(Attend {
+                mask: causal_mask(s, offset, Some(w), &self.device)?,
+                rope: rows(self.local_rope.as_ref().unwrap_or(&self.rope))?,
+            }),
+            None => None,
+        };
         let mut pass = Pass {
             hooks,
             offset,
             options,
-            mask: causal_mask(s, offset, cfg.sliding_window, &self.device)?,
-            cos: self.cos.narrow(0, offset, s)?,
-            sin: self.sin.narrow(0, offset, s)?,
+            global,
+            local,
             captures: Captures::default(),
         };
         let mut cache = cache;
@@ -147,6 +167,12 @@ impl Model {
                 .embed
                 .embedding(&tokens.flatten_all()?)?
                 .reshape((b, s, cfg.d_model))?;
+        // Gemma scales embeddings by √d (the unembedding, tied or not, is unscaled).
+        let embedded = if cfg.scale_embeddings {
+            (embedded * (cfg.d_model as f64).sqrt())?
+        } else {
+            embedded
+        };
         let mut x = pass.residual(HookPoint::Embed, embedded)?;
         for (l, block) in weights.blocks.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
@@ -168,7 +194,10 @@ impl Model {
                 let normed = pass.residual(HookPoint::UnembedIn, normed)?;
                 match logits_at {
                     LogitsAt::None => None,
-                    _ => Some(hooks.logits(weights.lm_head.forward(&normed)?)?),
+                    _ => {
+                        let logits = weights.lm_head.forward(&normed)?;
+                        Some(hooks.logits(softcap(logits, cfg.final_softcap)?)?)
+                    }
                 }
             }
         };
@@ -196,6 +225,10 @@ impl Model {
         let attn_out = block
             .o
             .forward(&z.reshape((b, s, cfg.n_heads * cfg.head_dim))?)?;
+        let attn_out = match &block.attn_post_norm {
+            Some(w) => self.norm(pass, &attn_out, w, HookPoint::Ln1PostNormalized(l))?,
+            None => attn_out,
+        };
         let attn_out = pass.residual(HookPoint::AttnOut(l), attn_out)?;
         let x = pass.residual(HookPoint::ResidMid(l), (x + attn_out)?)?;
 
@@ -204,10 +237,18 @@ impl Model {
             Linear::forward_shared_input(&[&block.gate, &block.up], &mlp_in)?
                 .try_into()
                 .expect("two projections in, two out");
-        let post = (candle_nn::ops::silu(&gate)? * up)?;
+        let gate = match cfg.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+        };
+        let post = (gate * up)?;
         pass.hooks
             .capture_if_wanted(HookPoint::MlpPost(l), &post, &mut pass.captures);
         let mlp_out = block.down.forward(&post)?;
+        let mlp_out = match &block.mlp_post_norm {
+            Some(w) => self.norm(pass, &mlp_out, w, HookPoint::Ln2PostNormalized(l))?,
+            None => mlp_out,
+        };
         let mlp_out = pass.residual(HookPoint::MlpOut(l), mlp_out)?;
         pass.residual(HookPoint::ResidPost(l), (x + mlp_out)?)
     }
@@ -239,7 +280,12 @@ impl Model {
                 pass.captures.push(point, t.reshape((b, s, n, dh))?);
             }
         }
-        // Qwen3: an RMSNorm over each head's query and key, before RoPE.
+        let attend = match (&pass.local, cfg.is_local(layer)) {
+            (Some(local), true) => local,
+            _ => &pass.global,
+        };
+        let (cos, sin) = &attend.rope;
+        // Qwen3, Gemma 3: an RMSNorm over each head's query and key, before RoPE.
         let head_norm = |t: Tensor, n: usize, w: &Option<Tensor>| -> Result<Tensor> {
             match w {
                 Some(w) => self.rms_norm(&t.reshape((b, s, n, dh))?, w, pass.options),
@@ -248,8 +294,8 @@ impl Model {
         };
         let q = head_norm(q, h, &block.q_norm)?;
         let k = head_norm(k, h_kv, &block.k_norm)?;
-        let q = self.rope(&heads(q, h)?, &pass.cos, &pass.sin, pass.options)?;
-        let k = self.rope(&heads(k, h_kv)?, &pass.cos, &pass.sin, pass.options)?;
+        let q = self.rope(&heads(q, h)?, cos, sin, pass.options)?;
+        let k = self.rope(&heads(k, h_kv)?, cos, sin, pass.options)?;
         let v = heads(v, h_kv)?;
         let (k, v) = match cache {
             Some(slot) => {
@@ -267,8 +313,9 @@ impl Model {
         let n_rep = h / h_kv;
         let t = k.dim(2)?;
         let q = q.reshape((b, h_kv, n_rep * s, dh))?;
-        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
-        let scores = match &pass.mask {
+        let scores = (q.matmul(&k.t()?)? / cfg.score_divisor())?;
+        let scores = softcap(scores, cfg.attn_softcap)?;
+        let scores = match &attend.mask {
             Some(m) => scores
                 .reshape((b, h_kv, n_rep, s, t))?
                 .broadcast_add(m)?
@@ -344,14 +391,27 @@ impl Model {
     }
 }
 
-fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
+/// `cap · tanh(x / cap)` (Gemma 2's soft-capping), or `x` unchanged without a cap.
+fn softcap(x: Tensor, cap: Option<f64>) -> Result<Tensor> {
+    Ok(match cap {
+        Some(cap) => ((x / cap)?.tanh()? * cap)?,
+        None => x,
+    })
+}
+
+/// Rotary tables for base `theta`, with the config's frequency scaling if `scaled`.
+fn rope_tables(
+    cfg: &ModelConfig,
+    theta: f64,
+    scaled: bool,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
+    let scaling = cfg.rope_scaling.as_ref().filter(|_| scaled);
     let inv_freq: Vec<f32> = (0..half)
         .map(|i| {
-            let f = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / cfg.head_dim as f64) as f32;
-            cfg.rope_scaling
-                .as_ref()
-                .map_or(f, |s| s.apply(i, f as f64) as f32)
+            let f = 1.0 / theta.powf(2.0 * i as f64 / cfg.head_dim as f64) as f32;
+            scaling.map_or(f, |s| s.apply(i, f as f64) as f32)
         })
         .collect();
     let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
@@ -363,16 +423,22 @@ fn rope_tables(cfg: &ModelConfig, device: &Device) -> Result<(Tensor, Tensor)> {
 }
 
 /// What one forward pass carries from layer to layer besides the stream: the hook spec, the
-/// positions it covers, its mask and rotary tables, and what it has captured so far.
+/// positions it covers, its masks and rotary tables, and what it has captured so far.
 struct Pass<'a> {
     hooks: &'a HookSpec,
     /// Absolute position of the first token (the KV cache's length).
     offset: usize,
     options: ForwardOptions,
-    mask: Option<Tensor>,
-    cos: Tensor,
-    sin: Tensor,
+    global: Attend,
+    /// The windowed layers' mask and rotary tables, when the model has a window.
+    local: Option<Attend>,
     captures: Captures,
+}
+
+/// How the layers of one kind attend in this pass: their mask and rotary rows.
+struct Attend {
+    mask: Option<Tensor>,
+    rope: (Tensor, Tensor),
 }
 
 impl Pass<'_> {

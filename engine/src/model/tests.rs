@@ -48,8 +48,9 @@ fn all_points(n_layers: usize) -> HookSpec {
 }
 
 /// One tiny model of every family, and a Mistral-style one with a sliding window of 3 keys
-/// (shorter than the test sequence, so cached decoding must hide the oldest keys).
-fn every_family() -> [LoadedModel; 4] {
+/// (shorter than the test sequence, so cached decoding must hide the oldest keys; Gemma's
+/// local layers have the same window).
+fn every_family() -> [LoadedModel; 7] {
     let mut windowed = tiny_config(Family::Llama);
     windowed.sliding_window = Some(3);
     [
@@ -57,6 +58,9 @@ fn every_family() -> [LoadedModel; 4] {
         tiny_model(Family::Qwen2, 2).unwrap(),
         tiny_model(Family::Qwen3, 3).unwrap(),
         crate::testing::tiny_model_with(windowed, 4).unwrap(),
+        tiny_model(Family::Phi3, 5).unwrap(),
+        tiny_model(Family::Gemma2, 6).unwrap(),
+        tiny_model(Family::Gemma3, 7).unwrap(),
     ]
 }
 
@@ -146,13 +150,19 @@ fn capturing_changes_nothing_and_hooks_are_consistent() {
             assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
             let above = pat.i((0, 0, 2, 3)).unwrap().to_scalar::<f32>().unwrap();
             assert_eq!(above, 0.0, "position 2 must not see position 3");
-            // attn_out is o_proj of hook_z.
+            // attn_out is o_proj of hook_z (through Gemma's post-attention norm).
             let z = get(HookPoint::AttnZ(l));
             assert_eq!(z.dims(), &[1, IDS.len(), 4, 16]);
-            let o = m.model.dense.blocks[l]
+            let block = &m.model.dense.blocks[l];
+            let o = block
                 .o
                 .forward(&z.reshape((1, IDS.len(), 64)).unwrap())
                 .unwrap();
+            let eps = m.model.config.rms_eps as f32;
+            let o = match &block.attn_post_norm {
+                Some(w) => candle_nn::ops::rms_norm(&o, w, eps).unwrap(),
+                None => o,
+            };
             assert!(max_abs_diff(&o, &get(HookPoint::AttnOut(l))) < 1e-5);
         }
         assert_eq!(get(HookPoint::ResidPre(0)).dims(), &[1, IDS.len(), 64]);
@@ -160,8 +170,13 @@ fn capturing_changes_nothing_and_hooks_are_consistent() {
             max_abs_diff(&get(HookPoint::Embed), &get(HookPoint::ResidPre(0))),
             0.0
         );
-        // Embedding row of the first token.
-        let row = m.model.dense.embed.i(IDS[0] as usize).unwrap();
+        // Embedding row of the first token (× √d for Gemma).
+        let scale = if m.model.config.scale_embeddings {
+            8.0
+        } else {
+            1.0
+        };
+        let row = (m.model.dense.embed.i(IDS[0] as usize).unwrap() * scale).unwrap();
         assert_eq!(
             max_abs_diff(&get(HookPoint::Embed).i((0, 0)).unwrap(), &row),
             0.0

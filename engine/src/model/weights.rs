@@ -20,7 +20,11 @@ pub struct BlockWeights {
     pub k: Linear,
     pub v: Linear,
     pub o: Linear,
+    /// Norm of the attention output before it joins the stream (Gemma's sandwich norms).
+    pub attn_post_norm: Option<Tensor>,
     pub mlp_norm: Tensor,
+    /// Norm of the MLP output before it joins the stream (Gemma).
+    pub mlp_post_norm: Option<Tensor>,
     pub gate: Linear,
     pub up: Linear,
     pub down: Linear,
@@ -106,7 +110,9 @@ impl Weights {
                     k: requant(&n("attn_k"), &b.k)?,
                     v: requant(&n("attn_v"), &b.v)?,
                     o: requant(&n("attn_output"), &b.o)?,
+                    attn_post_norm: b.attn_post_norm.clone(),
                     mlp_norm: b.mlp_norm.clone(),
+                    mlp_post_norm: b.mlp_post_norm.clone(),
                     gate: requant(&n("ffn_gate"), &b.gate)?,
                     up: requant(&n("ffn_up"), &b.up)?,
                     down: requant(&n("ffn_down"), &b.down)?,

@@ -1,4 +1,5 @@
-//! GGUF checkpoints (llama, mistral, qwen2), as llama.cpp's converter writes them.
+//! GGUF checkpoints (llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3), as llama.cpp's
+//! converter writes them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -16,7 +17,7 @@ use super::{
 };
 
 /// Where llama.cpp stores each role of block `l` (`blk.{l}.{name}`).
-const ROLES: RoleNames = [
+const ROLES: &RoleNames = &[
     ("attn_norm", "attn_norm"),
     ("q_norm", "attn_q_norm"),
     ("k_norm", "attn_k_norm"),
@@ -28,6 +29,8 @@ const ROLES: RoleNames = [
     ("gate", "ffn_gate"),
     ("up", "ffn_up"),
     ("down", "ffn_down"),
+    ("attn_post_norm", "post_attention_norm"),
+    ("mlp_post_norm", "post_ffw_norm"),
 ];
 use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
 use crate::model::config::{Family, ModelConfig, RopeScaling, RopeStyle};
@@ -131,16 +134,27 @@ impl Gguf<'_> {
         let (family, rope_style) = match arch.as_str() {
             // llama.cpp's converter permutes Llama/Mistral Q and K rows for interleaved RoPE.
             "llama" | "mistral" => (Family::Llama, RopeStyle::Interleaved),
-            // Qwen2 and Qwen3 are stored unpermuted and use NeoX (half-split) RoPE.
+            // The others are stored unpermuted and use NeoX (half-split) RoPE.
             "qwen2" => (Family::Qwen2, RopeStyle::HalfSplit),
             "qwen3" => (Family::Qwen3, RopeStyle::HalfSplit),
+            "phi3" => (Family::Phi3, RopeStyle::HalfSplit),
+            "gemma2" => (Family::Gemma2, RopeStyle::HalfSplit),
+            "gemma3" => (Family::Gemma3, RopeStyle::HalfSplit),
             other => return Err(Error::UnsupportedArchitecture(other.to_string())),
         };
+        if self
+            .content
+            .tensor_infos
+            .contains_key("rope_factors_long.weight")
+        {
+            return Err(Error::Metadata(
+                "Phi-3 long-context rotary factors (longrope) are not supported".into(),
+            ));
+        }
         let k = |s: &str| format!("{arch}.{s}");
         let n_heads = self.usize(&k("attention.head_count"))?;
         let d_model = self.usize(&k("embedding_length"))?;
-        let config = ModelConfig {
-            family,
+        let mut config = ModelConfig {
             n_layers: self.usize(&k("block_count"))?,
             n_heads,
             n_kv_heads: self.usize(&k("attention.head_count_kv")).unwrap_or(n_heads),
@@ -152,18 +166,85 @@ impl Gguf<'_> {
             vocab_size: self.strings("tokenizer.ggml.tokens")?.len(),
             context_length: self.usize(&k("context_length")).unwrap_or(4096),
             rope_theta: self.f64(&k("rope.freq_base")).unwrap_or(10_000.0),
-            rope_scaling: self.rope_freqs()?,
+            rope_scaling: self.rope_scaling(&arch)?,
             rms_eps: self
                 .f64(&k("attention.layer_norm_rms_epsilon"))
                 .unwrap_or(1e-5),
             rope_style,
             tied_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
-            qkv_bias: family == Family::Qwen2,
-            qk_norm: family == Family::Qwen3,
-            sliding_window: None,
+            // llama.cpp applies a window only to these families.
+            sliding_window: match family {
+                Family::Phi3 | Family::Gemma2 | Family::Gemma3 => {
+                    self.usize(&k("attention.sliding_window")).ok()
+                }
+                _ => None,
+            },
+            ..ModelConfig::llama_like(family)
         };
+        if matches!(family, Family::Gemma2 | Family::Gemma3) {
+            self.gemma_config(&arch, &mut config)?;
+        }
         config.validate()?;
         Ok((arch, config))
+    }
+
+    /// Gemma's settings as llama.cpp reads them: the caps from metadata; the local-layer
+    /// pattern (every other layer for Gemma 2, five of six for Gemma 3), the local rotary
+    /// base (10 000) and the score scale (√d_h, or √(d/h) for the 27B models) fixed by
+    /// llama.cpp, as here.
+    fn gemma_config(&self, arch: &str, config: &mut ModelConfig) -> Result<()> {
+        let k = |s: &str| format!("{arch}.{s}");
+        let gemma3 = config.family == Family::Gemma3;
+        config.attn_softcap = self.f64(&k("attn_logit_softcapping")).ok();
+        config.final_softcap = self.f64(&k("final_logit_softcapping")).ok();
+        // `attention.sliding_window_pattern`: one flag per layer (true: windowed) or a
+        // period whose last layer is global; llama.cpp's defaults when absent.
+        let key = k("attention.sliding_window_pattern");
+        let flags = match self.content.metadata.get(&key) {
+            Some(Value::Array(flags)) => Some(
+                flags
+                    .iter()
+                    .map(|f| f.to_bool().or_else(|_| f.to_u8().map(|b| b != 0)))
+                    .collect::<std::result::Result<Vec<bool>, _>>()
+                    .map_err(|_| Error::Metadata(format!("GGUF key `{key}` holds a non-flag")))?,
+            ),
+            _ => None,
+        };
+        let period = self
+            .usize(&key)
+            .unwrap_or(if gemma3 { 6 } else { 2 })
+            .max(1);
+        config.sliding_layers = Some(flags.unwrap_or_else(|| {
+            (0..config.n_layers)
+                .map(|l| (l + 1) % period != 0)
+                .collect()
+        }));
+        if gemma3 {
+            config.local_rope_theta = Some(10_000.0);
+        }
+        let is_27b = config.n_layers == if gemma3 { 62 } else { 46 };
+        config.query_pre_attn_scalar = Some(if is_27b {
+            (config.d_model / config.n_heads) as f64
+        } else {
+            config.head_dim as f64
+        });
+        Ok(())
+    }
+
+    /// The rotary scaling: Llama 3.1's per-pair divisors (`rope_freqs`), or a linear factor.
+    fn rope_scaling(&mut self, arch: &str) -> Result<Option<RopeScaling>> {
+        if let Some(factors) = self.rope_freqs()? {
+            return Ok(Some(factors));
+        }
+        match self.string(&format!("{arch}.rope.scaling.type")) {
+            None | Some("none") => Ok(None),
+            Some("linear") => Ok(Some(RopeScaling::Linear {
+                factor: self.f64(&format!("{arch}.rope.scaling.factor"))?,
+            })),
+            Some(other) => Err(Error::Metadata(format!(
+                "rope scaling `{other}` is not supported (supported: linear, Llama 3 rope_freqs)"
+            ))),
+        }
     }
 
     /// Llama 3.1's rotary scaling, which llama.cpp's converter stores as one divisor per
@@ -226,15 +307,46 @@ impl Gguf<'_> {
         Ok((tokenizer, template, eos_ids))
     }
 
+    /// Phi-3's fused projections of block `l`, split by role: `attn_qkv` into q, k, v and
+    /// `ffn_up` into gate then up (llama.cpp keeps transformers' fused layout).
+    fn fused_phi3(
+        &mut self,
+        l: usize,
+        config: &ModelConfig,
+    ) -> Result<HashMap<&'static str, Tensor>> {
+        let (q, kv, ff) = (
+            config.n_heads * config.head_dim,
+            config.n_kv_heads * config.head_dim,
+            config.d_ff,
+        );
+        let qkv = self.dense(&format!("blk.{l}.attn_qkv"))?;
+        let gate_up = self.dense(&format!("blk.{l}.ffn_up"))?;
+        let rows = |t: &Tensor, start: usize, n: usize| t.narrow(0, start, n);
+        Ok(HashMap::from([
+            ("q", rows(&qkv, 0, q)?),
+            ("k", rows(&qkv, q, kv)?),
+            ("v", rows(&qkv, q + kv, kv)?),
+            ("gate", rows(&gate_up, 0, ff)?),
+            ("up", rows(&gate_up, ff, ff)?),
+        ]))
+    }
+
     /// Every weight as f32 (the stored tensors kept for the fast path).
     fn weights(&mut self, config: &ModelConfig) -> Result<Weights> {
         let embed = self.dense("token_embd")?;
         let mut blocks = Vec::with_capacity(config.n_layers);
         for l in 0..config.n_layers {
+            let fused = match config.family {
+                Family::Phi3 => Some(self.fused_phi3(l, config)?),
+                _ => None,
+            };
             let this = std::cell::RefCell::new(&mut *self);
             let linear = |role: &str| -> Result<Linear> {
+                if let Some(part) = fused.as_ref().and_then(|f| f.get(role)) {
+                    return Linear::dense(part, None);
+                }
                 let mut g = this.borrow_mut();
-                let name = format!("blk.{l}.{}", stored_name(&ROLES, role));
+                let name = format!("blk.{l}.{}", stored_name(&[ROLES], role));
                 let weight = g.dense(&name)?;
                 let bias = if config.qkv_bias && matches!(role, "q" | "k" | "v") {
                     Some(
@@ -247,10 +359,10 @@ impl Gguf<'_> {
                 Linear::dense(&weight, bias)
             };
             let norm = |role: &str| -> Result<Tensor> {
-                let name = format!("blk.{l}.{}", stored_name(&ROLES, role));
+                let name = format!("blk.{l}.{}", stored_name(&[ROLES], role));
                 this.borrow_mut().dense(&name)
             };
-            blocks.push(read_block(config.qk_norm, linear, norm)?);
+            blocks.push(read_block(config, linear, norm)?);
         }
         let final_norm = self.dense("output_norm")?;
         let lm_head = if config.tied_embeddings {

@@ -12,7 +12,7 @@ use super::{
 };
 
 /// Where transformers stores each role of layer `l` (`model.layers.{l}.{name}.weight`).
-const ROLES: RoleNames = [
+const ROLES: &RoleNames = &[
     ("attn_norm", "input_layernorm"),
     ("q_norm", "self_attn.q_norm"),
     ("k_norm", "self_attn.k_norm"),
@@ -25,8 +25,16 @@ const ROLES: RoleNames = [
     ("up", "mlp.up_proj"),
     ("down", "mlp.down_proj"),
 ];
+
+/// Gemma's sandwich norms: `post_attention_layernorm` is the attention output's own norm,
+/// and the MLP reads `pre_feedforward_layernorm`.
+const GEMMA_ROLES: &RoleNames = &[
+    ("attn_post_norm", "post_attention_layernorm"),
+    ("mlp_norm", "pre_feedforward_layernorm"),
+    ("mlp_post_norm", "post_feedforward_layernorm"),
+];
 use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
-use crate::model::config::{Family, ModelConfig, RopeScaling, RopeStyle};
+use crate::model::config::{Activation, Family, ModelConfig, RopeScaling};
 use crate::model::tokenizer;
 use crate::model::{Linear, Weights};
 use crate::{Error, Result};
@@ -53,6 +61,17 @@ struct HfConfig {
     #[serde(default)]
     use_sliding_window: bool,
     partial_rotary_factor: Option<f64>,
+    /// Gemma: `sliding_attention` / `full_attention` per layer (newer configs) …
+    layer_types: Option<Vec<String>>,
+    /// … or every n-th layer global (Gemma 3's older configs; Gemma 2 alternates).
+    sliding_window_pattern: Option<usize>,
+    /// Gemma 3's older configs: the local layers' rotary base.
+    rope_local_base_freq: Option<f64>,
+    hidden_activation: Option<String>,
+    hidden_act: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
     vocab_size: usize,
     #[serde(default)]
     tie_word_embeddings: bool,
@@ -123,11 +142,13 @@ fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
         "qwen2" => Family::Qwen2,
         "qwen3" => Family::Qwen3,
         "phi3" => Family::Phi3,
+        "gemma2" => Family::Gemma2,
+        "gemma3_text" => Family::Gemma3,
         other => return Err(Error::UnsupportedArchitecture(other.to_string())),
     };
-    let partial_rotary = hf
-        .rope_parameters
-        .as_ref()
+    let rope = RopeParameters::of(hf);
+    let partial_rotary = rope
+        .global
         .and_then(|p| p["partial_rotary_factor"].as_f64())
         .or(hf.partial_rotary_factor)
         .unwrap_or(1.0);
@@ -136,8 +157,8 @@ fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
             "partial rotary embeddings (factor {partial_rotary}) are not supported"
         )));
     }
-    let config = ModelConfig {
-        family,
+    let gemma = matches!(family, Family::Gemma2 | Family::Gemma3);
+    let mut config = ModelConfig {
         n_layers: hf.num_hidden_layers,
         n_heads: hf.num_attention_heads,
         n_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
@@ -150,16 +171,13 @@ fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
         context_length: hf.max_position_embeddings.unwrap_or(4096),
         rope_theta: hf
             .rope_theta
-            .or_else(|| hf.rope_parameters.as_ref()?["rope_theta"].as_f64())
+            .or_else(|| rope.global?["rope_theta"].as_f64())
             .unwrap_or(10_000.0),
-        rope_scaling: rope_scaling(hf)?,
+        rope_scaling: rope_scaling(rope.global)?,
         rms_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-        rope_style: RopeStyle::HalfSplit,
         tied_embeddings: hf.tie_word_embeddings,
-        qkv_bias: family == Family::Qwen2,
-        qk_norm: family == Family::Qwen3,
         sliding_window: match arch {
-            "mistral" | "phi3" => hf.sliding_window,
+            "mistral" | "phi3" | "gemma2" | "gemma3_text" => hf.sliding_window,
             "qwen2" | "qwen3" if hf.use_sliding_window => {
                 return Err(Error::Metadata(
                     "Qwen sliding-window layers (use_sliding_window) are not supported".into(),
@@ -167,15 +185,90 @@ fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
             }
             _ => None,
         },
+        ..ModelConfig::llama_like(family)
     };
+    if gemma {
+        gemma_config(hf, &rope, &mut config)?;
+    }
     config.validate()?;
     Ok(config)
 }
 
-/// The rotary scaling of `rope_scaling` or `rope_parameters`; a kind the forward pass does
-/// not implement is an error rather than silently wrong logits.
-fn rope_scaling(hf: &HfConfig) -> Result<Option<RopeScaling>> {
-    let Some(p) = hf.rope_scaling.as_ref().or(hf.rope_parameters.as_ref()) else {
+/// What Gemma 2 and 3 set beyond the Llama shape: the activation, score scale and caps, and
+/// which layers are local (windowed) with what rotary base.
+fn gemma_config(hf: &HfConfig, rope: &RopeParameters, config: &mut ModelConfig) -> Result<()> {
+    let activation = hf
+        .hidden_activation
+        .as_deref()
+        .or(hf.hidden_act.as_deref())
+        .unwrap_or("gelu_pytorch_tanh");
+    config.activation = match activation {
+        "gelu_pytorch_tanh" => Activation::GeluTanh,
+        other => {
+            return Err(Error::Metadata(format!(
+                "Gemma activation `{other}` is not supported (supported: gelu_pytorch_tanh)"
+            )))
+        }
+    };
+    config.query_pre_attn_scalar = hf.query_pre_attn_scalar;
+    config.attn_softcap = hf.attn_logit_softcapping;
+    config.final_softcap = hf.final_logit_softcapping;
+    let gemma3 = config.family == Family::Gemma3;
+    let n = config.n_layers;
+    // transformers' defaults: Gemma 2 alternates local and global from a local layer 0;
+    // Gemma 3 makes every `sliding_window_pattern`-th layer global.
+    let pattern = hf
+        .sliding_window_pattern
+        .unwrap_or(if gemma3 { 6 } else { 2 });
+    config.sliding_layers = Some(match &hf.layer_types {
+        Some(types) => types.iter().map(|t| t == "sliding_attention").collect(),
+        None => (0..n).map(|l| (l + 1) % pattern.max(1) != 0).collect(),
+    });
+    if gemma3 {
+        if let Some(local) = rope.local {
+            if rope_scaling(Some(local))?.is_some() {
+                return Err(Error::Metadata(
+                    "rotary scaling on Gemma 3's local layers is not supported".into(),
+                ));
+            }
+        }
+        config.local_rope_theta = Some(
+            rope.local
+                .and_then(|p| p["rope_theta"].as_f64())
+                .or(hf.rope_local_base_freq)
+                .unwrap_or(10_000.0),
+        );
+    }
+    Ok(())
+}
+
+/// The rotary settings of a config: one object for every layer (`rope_scaling`, or
+/// `rope_parameters` holding `rope_theta` too), or Gemma 3's newer per-layer-kind form
+/// (`rope_parameters: {full_attention: …, sliding_attention: …}`).
+struct RopeParameters<'a> {
+    global: Option<&'a serde_json::Value>,
+    local: Option<&'a serde_json::Value>,
+}
+
+impl<'a> RopeParameters<'a> {
+    fn of(hf: &'a HfConfig) -> Self {
+        match &hf.rope_parameters {
+            Some(p) if p.get("full_attention").is_some() => RopeParameters {
+                global: p.get("full_attention"),
+                local: p.get("sliding_attention"),
+            },
+            _ => RopeParameters {
+                global: hf.rope_scaling.as_ref().or(hf.rope_parameters.as_ref()),
+                local: None,
+            },
+        }
+    }
+}
+
+/// The rotary scaling of one parameter object; a kind the forward pass does not implement is
+/// an error rather than silently wrong logits.
+fn rope_scaling(p: Option<&serde_json::Value>) -> Result<Option<RopeScaling>> {
+    let Some(p) = p.filter(|p| !p.is_null()) else {
         return Ok(None);
     };
     let kind = p["rope_type"]
@@ -189,6 +282,9 @@ fn rope_scaling(hf: &HfConfig) -> Result<Option<RopeScaling>> {
     };
     match kind {
         "default" => Ok(None),
+        "linear" => Ok(Some(RopeScaling::Linear {
+            factor: number("factor")?,
+        })),
         "llama3" => Ok(Some(RopeScaling::Llama3 {
             factor: number("factor")?,
             low_freq_factor: number("low_freq_factor")?,
@@ -196,7 +292,7 @@ fn rope_scaling(hf: &HfConfig) -> Result<Option<RopeScaling>> {
             original_context: number("original_max_position_embeddings")?,
         })),
         other => Err(Error::Metadata(format!(
-            "rope scaling `{other}` is not supported (supported: llama3)"
+            "rope scaling `{other}` is not supported (supported: linear, llama3)"
         ))),
     }
 }
@@ -279,11 +375,20 @@ fn weights(dir: &Path, tensors: &mut Tensors, config: &ModelConfig) -> Result<We
         Ok(t.to_dtype(DType::F32)?)
     };
     let embed = take("model.embed_tokens.weight")?;
+    let gemma = matches!(config.family, Family::Gemma2 | Family::Gemma3);
+    let roles: &[&RoleNames] = if gemma {
+        &[GEMMA_ROLES, ROLES]
+    } else {
+        &[ROLES]
+    };
+    // Gemma's norms multiply by `1 + w`: fold the 1 in, as llama.cpp's converter does, so
+    // every family's norm is `x / rms(x) · w`.
+    let gemma_norm = |w: Tensor| -> Result<Tensor> { Ok(if gemma { (w + 1.0)? } else { w }) };
     let mut blocks = Vec::with_capacity(config.n_layers);
     for l in 0..config.n_layers {
         let p = format!("model.layers.{l}");
         let linear = |role: &str| -> Result<Linear> {
-            let name = stored_name(&ROLES, role);
+            let name = stored_name(roles, role);
             let weight = take(&format!("{p}.{name}.weight"))?;
             let bias = if config.qkv_bias && matches!(role, "q" | "k" | "v") {
                 Some(take(&format!("{p}.{name}.bias"))?)
@@ -293,11 +398,11 @@ fn weights(dir: &Path, tensors: &mut Tensors, config: &ModelConfig) -> Result<We
             Linear::dense(&weight, bias)
         };
         let norm = |role: &str| -> Result<Tensor> {
-            take(&format!("{p}.{}.weight", stored_name(&ROLES, role)))
+            gemma_norm(take(&format!("{p}.{}.weight", stored_name(roles, role)))?)
         };
-        blocks.push(read_block(config.qk_norm, linear, norm)?);
+        blocks.push(read_block(config, linear, norm)?);
     }
-    let final_norm = take("model.norm.weight")?;
+    let final_norm = gemma_norm(take("model.norm.weight")?)?;
     let lm_head = if config.tied_embeddings {
         Linear::dense_shared(&embed)?
     } else {
@@ -373,16 +478,43 @@ mod tests {
         let mut old = params.clone();
         old["type"] = "llama3".into();
         let hf = config(serde_json::json!({"rope_theta": 500000.0, "rope_scaling": old}));
-        assert_eq!(rope_scaling(&hf).unwrap(), want);
+        assert_eq!(model_config(&hf, "llama").unwrap().rope_scaling, want);
         let mut new = params.clone();
         new["rope_type"] = "llama3".into();
         new["rope_theta"] = 500000.0.into();
         let hf = config(serde_json::json!({ "rope_parameters": new }));
-        assert_eq!(rope_scaling(&hf).unwrap(), want);
+        assert_eq!(model_config(&hf, "llama").unwrap().rope_scaling, want);
         assert_eq!(model_config(&hf, "llama").unwrap().rope_theta, 500000.0);
         let hf = config(serde_json::json!({"rope_parameters": {"rope_type": "default"}}));
-        assert_eq!(rope_scaling(&hf).unwrap(), None);
+        assert_eq!(model_config(&hf, "llama").unwrap().rope_scaling, None);
         let hf = config(serde_json::json!({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}));
-        assert!(rope_scaling(&hf).unwrap_err().to_string().contains("yarn"));
+        let err = model_config(&hf, "llama").unwrap_err().to_string();
+        assert!(err.contains("yarn"), "{err}");
+    }
+
+    #[test]
+    fn gemma3_reads_both_rope_forms_and_its_layer_pattern() {
+        let newer = config(serde_json::json!({
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+            "sliding_window": 512, "query_pre_attn_scalar": 256,
+            "layer_types": ["sliding_attention", "full_attention"]}));
+        let older = config(serde_json::json!({
+            "rope_theta": 1e6, "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            "rope_local_base_freq": 1e4, "sliding_window": 512, "query_pre_attn_scalar": 256,
+            "sliding_window_pattern": 2}));
+        for hf in [newer, older] {
+            let c = model_config(&hf, "gemma3_text").unwrap();
+            assert_eq!(c.rope_theta, 1e6);
+            assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 8.0 }));
+            assert_eq!(c.local_rope_theta, Some(1e4));
+            assert_eq!(c.sliding_layers, Some(vec![true, false]));
+            assert!(c.is_local(0) && !c.is_local(1));
+            assert_eq!(c.score_divisor(), 16.0);
+            assert!(c.qk_norm && c.post_norms && c.scale_embeddings);
+        }
+        let gelu = config(serde_json::json!({"hidden_activation": "gelu"}));
+        assert!(model_config(&gelu, "gemma2").is_err());
     }
 }

@@ -1,4 +1,4 @@
-//! Loading checkpoints: a GGUF file (llama / mistral / qwen2) or an HF safetensors folder.
+//! Loading checkpoints: a GGUF file or an HF safetensors folder.
 
 mod gguf;
 mod hf;
@@ -86,29 +86,32 @@ fn assemble(
 }
 
 /// Where a checkpoint format stores each role of a block's tensors, by role.
-type RoleNames = [(&'static str, &'static str); 11];
+type RoleNames = [(&'static str, &'static str)];
 
-/// The stored name of `role` in a format's table.
-fn stored_name(names: &RoleNames, role: &str) -> &'static str {
-    names
+/// The stored name of `role`: the first table (a family's overrides, then the format's)
+/// that names it.
+fn stored_name(tables: &[&RoleNames], role: &str) -> &'static str {
+    tables
         .iter()
+        .flat_map(|t| t.iter())
         .find(|(r, _)| *r == role)
         .map(|(_, name)| *name)
         .expect("read_block asks only for the roles every table names")
 }
 
 /// One block's weights, read by a loader that knows where each role is stored (norm roles:
-/// `attn_norm`, `mlp_norm`, and with `qk_norm` also `q_norm` and `k_norm`).
+/// `attn_norm`, `mlp_norm`; with `qk_norm` also `q_norm` and `k_norm`; with `post_norms`
+/// also `attn_post_norm` and `mlp_post_norm`).
 fn read_block(
-    qk_norm: bool,
+    config: &ModelConfig,
     mut linear: impl FnMut(&str) -> Result<Linear>,
     mut norm: impl FnMut(&str) -> Result<Tensor>,
 ) -> Result<BlockWeights> {
-    let (q_norm, k_norm) = if qk_norm {
-        (Some(norm("q_norm")?), Some(norm("k_norm")?))
-    } else {
-        (None, None)
-    };
+    let mut optional = |wanted: bool, role: &str| wanted.then(|| norm(role)).transpose();
+    let q_norm = optional(config.qk_norm, "q_norm")?;
+    let k_norm = optional(config.qk_norm, "k_norm")?;
+    let attn_post_norm = optional(config.post_norms, "attn_post_norm")?;
+    let mlp_post_norm = optional(config.post_norms, "mlp_post_norm")?;
     Ok(BlockWeights {
         attn_norm: norm("attn_norm")?,
         q_norm,
@@ -117,7 +120,9 @@ fn read_block(
         k: linear("k")?,
         v: linear("v")?,
         o: linear("o")?,
+        attn_post_norm,
         mlp_norm: norm("mlp_norm")?,
+        mlp_post_norm,
         gate: linear("gate")?,
         up: linear("up")?,
         down: linear("down")?,
