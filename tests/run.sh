@@ -13,6 +13,7 @@ if ! ldconfig -p 2>/dev/null | grep -q libvulkan_lvp || ! ldconfig -p 2>/dev/nul
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mesa-vulkan-drivers libvulkan1 >/dev/null
 fi
 assets/fetch-model.sh
+tests/reference/fetch-vocabs.sh
 # The tests of one binary run side by side, one per core: each gets one kernel thread (2-thread
 # candle kernels collapse 10x when they compete for the cores). A binary with a single test
 # takes every core (refusal_lens_tests::use_all_cores_when_alone).

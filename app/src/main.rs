@@ -11,12 +11,14 @@ fn main() -> std::process::ExitCode {
                 model: cli.model,
                 adapter: cli.adapter,
                 base: cli.base,
+                exact_weights: cli.exact_weights,
             },
         ),
         None => refusal_lens::gui::run(refusal_lens::cli::ModelChoice {
             model: cli.model,
             adapter: cli.adapter,
             base: cli.base,
+            exact_weights: cli.exact_weights,
         }),
     };
     match result {

@@ -196,6 +196,24 @@ fn bad_input_exits_non_zero_with_one_line() {
     assert!(stderr_line(&out).contains("past the model's 2 layers"));
 }
 
+/// A model needing more memory than the limit fails before loading, in one line.
+#[test]
+fn a_model_larger_than_memory_is_refused_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_folder(dir.path());
+    let out = bin()
+        .env("REFUSAL_LENS_MEMORY_LIMIT", "1000000")
+        .args(["info", "--model", &model])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let line = stderr_line(&out);
+    assert!(
+        line.contains("needs about") && line.contains("--exact-weights stored"),
+        "{line}"
+    );
+}
+
 #[test]
 fn a_missing_default_model_names_the_fetch_command() {
     let empty = tempfile::tempdir().unwrap();

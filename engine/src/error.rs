@@ -13,9 +13,18 @@ pub enum Error {
     #[error("{path} is not a valid GGUF model: {reason}")]
     CorruptModel { path: PathBuf, reason: String },
     #[error(
-        "unsupported model architecture `{0}` (supported: llama, mistral, qwen2, qwen3; phi3 as an HF folder)"
+        "unsupported model architecture `{0}` (supported: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3)"
     )]
     UnsupportedArchitecture(String),
+    #[error("{path} holds {type_name} tensors, which this build cannot read; re-quantise the model with llama.cpp to Q4_K_M (llama-quantize MODEL-F16.gguf OUT.gguf Q4_K_M)")]
+    UnsupportedTensorType { path: PathBuf, type_name: String },
+    #[error("{path} needs about {need_gb:.1} GB of memory ({plan}) but {available_gb:.1} GB is available; close other programs, open a smaller quantisation, or keep the exact weights stored (--exact-weights stored)")]
+    TooLarge {
+        path: PathBuf,
+        need_gb: f64,
+        available_gb: f64,
+        plan: String,
+    },
     #[error(
         "the default model is not at {path}; fetch it with `{fetch}` (from the repository root)"
     )]

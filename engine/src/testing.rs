@@ -15,7 +15,7 @@ use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
 use crate::model::config::{Family, ModelConfig, RopeStyle};
 use crate::model::loader::Checkpoint;
 use crate::model::tokenizer::{self, GgufVocab};
-use crate::model::{BlockWeights, FastPrecision, Linear, Weights};
+use crate::model::{BlockWeights, Embedding, FastPrecision, Linear, Weights};
 use crate::{LoadedModel, Result};
 
 /// Control tokens of the tiny vocabulary, after the 256 byte tokens.
@@ -89,6 +89,9 @@ pub fn tiny_tokenizer() -> Result<Tokenizer> {
         tokens,
         merges: vec![],
         token_types,
+        scores: vec![],
+        add_space_prefix: None,
+        architecture: "llama",
     })
 }
 
@@ -176,7 +179,7 @@ pub fn random_weights(cfg: &ModelConfig, seed: u64) -> Result<Weights> {
         Linear::dense(&mat(cfg.vocab_size, cfg.d_model, 1.0)?, None)?
     };
     Ok(Weights {
-        embed,
+        embed: Embedding::Dense(embed),
         blocks,
         final_norm,
         lm_head,
@@ -213,7 +216,7 @@ pub fn write_hf_folder(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Resu
     let io = |e: std::io::Error| crate::Error::io(dir, e);
     std::fs::create_dir_all(dir).map_err(io)?;
     let mut t: HashMap<String, Tensor> = HashMap::new();
-    t.insert("model.embed_tokens.weight".into(), weights.embed.clone());
+    t.insert("model.embed_tokens.weight".into(), weights.embed.dense()?);
     for (l, b) in weights.blocks.iter().enumerate() {
         let p = format!("model.layers.{l}");
         for (name, lin) in [
@@ -301,7 +304,7 @@ pub fn write_gguf(
     let permute = cfg.family == Family::Llama;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let f32 = |t: &Tensor| QTensor::quantize(t, GgmlDType::F32);
-    tensors.push(("token_embd.weight".into(), f32(&weights.embed)?));
+    tensors.push(("token_embd.weight".into(), f32(&weights.embed.dense()?)?));
     for (l, b) in weights.blocks.iter().enumerate() {
         let n = |p: &str| format!("blk.{l}.{p}");
         let parts = [

@@ -187,6 +187,122 @@ fn bad_files_are_clear_errors() {
     );
 }
 
+/// Weights kept as stored (quantised GGUF, bf16 HF) give the f32 path's numbers: logits,
+/// hook captures and the tied unembedding's rows; they hold less memory; and the fast path
+/// shares the stored tensors it keeps.
+#[test]
+fn stored_exact_weights_compute_what_f32_weights_do() {
+    use refusal_lens_engine::hooks::HookPoint;
+    use refusal_lens_engine::model::ExactWeights;
+    let dir = tempfile::tempdir().unwrap();
+    let mut forms = Vec::new();
+    for (family, dtype) in [
+        (Family::Llama, GgmlDType::Q4_1),
+        (Family::Phi3, GgmlDType::Q8_0),
+        (Family::Gemma2, GgmlDType::Q5_0),
+    ] {
+        let cfg = tiny_config(family);
+        let path = dir.path().join(format!("{family:?}.gguf"));
+        write_gguf(&path, &cfg, &random_weights(&cfg, 31).unwrap(), dtype).unwrap();
+        forms.push(path);
+    }
+    // An HF folder of bf16 weights.
+    let cfg = tiny_config(Family::Qwen2);
+    let hf = dir.path().join("bf16");
+    write_hf_folder(&hf, &cfg, &random_weights(&cfg, 32).unwrap()).unwrap();
+    let file = hf.join("model.safetensors");
+    let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        candle_core::safetensors::load(&file, &candle_core::Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_dtype(candle_core::DType::BF16).unwrap()))
+            .collect();
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    forms.push(hf);
+    let points = [
+        HookPoint::ResidPost(1),
+        HookPoint::AttnZ(0),
+        HookPoint::MlpPost(1),
+    ];
+    for path in forms {
+        let load = |exact| LoadedModel::load_with(&path, FastPrecision::Auto, exact).unwrap();
+        let (f32s, stored) = (load(ExactWeights::F32), load(ExactWeights::Stored));
+        assert_eq!(f32s.card.memory.exact_weights, "f32");
+        assert_eq!(stored.card.memory.exact_weights, "stored");
+        assert!(
+            stored.card.memory.exact_bytes * 10 < f32s.card.memory.exact_bytes * 6,
+            "{}: {:?} vs {:?}",
+            path.display(),
+            stored.card.memory,
+            f32s.card.memory
+        );
+        let run = |m: &LoadedModel| {
+            refusal_lens_engine::testing::dense_run(m, &IDS, &HookSpec::default(), &points)
+        };
+        let ((a, ca), (b, cb)) = (run(&f32s), run(&stored));
+        let scale = |t: &candle_core::Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(
+            max_abs_diff(&a, &b) <= 1e-5 * scale(&a),
+            "{}",
+            path.display()
+        );
+        for ((p, x), y) in points.iter().zip(&ca).zip(&cb) {
+            assert!(
+                max_abs_diff(x, y) <= 1e-5 * scale(x),
+                "{} {p}",
+                path.display()
+            );
+        }
+        let rows = |m: &LoadedModel| m.model.dense.lm_head.rows(&[3, 100, 258]).unwrap();
+        assert_eq!(max_abs_diff(&rows(&f32s), &rows(&stored)), 0.0);
+        // Generation runs (the stored model gets a Q8_0 fast path in place of an f32 one).
+        let prompt = stored.chat_prompt(None, "hi").unwrap();
+        let config = GenerateConfig {
+            max_new_tokens: 3,
+            ..Default::default()
+        };
+        let out = generate(&stored, &prompt.ids, &config, &|| false, &mut |_| {}).unwrap();
+        assert!(!out.tokens.is_empty());
+    }
+}
+
+/// Tensor types this build cannot read are named, with the way out.
+#[test]
+fn unreadable_tensor_types_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Family::Llama);
+    let path = dir.path().join("tiny.gguf");
+    write_gguf(
+        &path,
+        &cfg,
+        &random_weights(&cfg, 33).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    // An IQ4_XS tensor (ggml type 23): patch the type of the first tensor in the header.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let name = b"token_embd.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let type_at = at + 4 + 8 * n_dims;
+    bytes[type_at..type_at + 4].copy_from_slice(&23u32.to_le_bytes());
+    let iq = dir.path().join("iq.gguf");
+    std::fs::write(&iq, bytes).unwrap();
+    let err = LoadedModel::load(&iq, FastPrecision::Auto).err().unwrap();
+    assert!(
+        matches!(err, Error::UnsupportedTensorType { ref type_name, .. } if type_name == "IQ4_XS"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("Q4_K_M"), "{err}");
+}
+
 fn replace_bytes(hay: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     let mut out = hay.to_vec();
     let mut i = 0;

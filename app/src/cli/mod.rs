@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use refusal_lens_engine::model::FastPrecision;
+use refusal_lens_engine::model::{ExactWeights, FastPrecision};
 use refusal_lens_engine::organism::Adapter;
 use refusal_lens_engine::{default_model_path, LoadedModel};
 
@@ -43,6 +43,15 @@ pub struct Cli {
     /// Use the model without any adapter.
     #[arg(long, global = true)]
     pub base: bool,
+    /// How the exact path holds the weights: f32 (fastest analyses, 4 bytes per parameter),
+    /// stored (as in the checkpoint, dequantised per matrix on use), or auto (f32 up to a
+    /// 2 GiB copy, else stored).
+    #[arg(long, global = true, default_value = "auto", value_parser = parse_exact_weights)]
+    pub exact_weights: ExactWeights,
+}
+
+fn parse_exact_weights(s: &str) -> std::result::Result<ExactWeights, String> {
+    ExactWeights::parse(s).ok_or_else(|| format!("`{s}`: expected auto, f32 or stored"))
 }
 
 /// Which model and adapter a command runs on.
@@ -51,6 +60,7 @@ pub struct ModelChoice {
     pub model: Option<PathBuf>,
     pub adapter: Option<PathBuf>,
     pub base: bool,
+    pub exact_weights: ExactWeights,
 }
 
 impl ModelChoice {
@@ -117,7 +127,7 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
         other => other,
     };
     let path = choice.model.clone().unwrap_or_else(default_model_path);
-    let mut lm = load(&path, json_of(&command))?;
+    let mut lm = load(&path, choice.exact_weights, json_of(&command))?;
     if let Command::TrainRefusalTokens(a) = command {
         return organism::train(&lm, a);
     }
@@ -177,9 +187,10 @@ pub(crate) fn spinner(message: String, quiet: bool) -> Option<indicatif::Progres
     Some(pb)
 }
 
-pub fn load(path: &std::path::Path, quiet: bool) -> Result<LoadedModel> {
+pub fn load(path: &std::path::Path, exact: ExactWeights, quiet: bool) -> Result<LoadedModel> {
     let pb = spinner(format!("loading {}", path.display()), quiet);
-    let lm = LoadedModel::load(path, FastPrecision::Auto).context("cannot open the model")?;
+    let lm = LoadedModel::load_with(path, FastPrecision::Auto, exact)
+        .context("cannot open the model")?;
     if let Some(pb) = pb {
         pb.finish_and_clear();
     }

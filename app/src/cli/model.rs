@@ -126,6 +126,7 @@ pub fn info(lm: &LoadedModel, a: InfoArgs) -> Result<()> {
     );
     println!("quantisation   {}", quant.join(", "));
     println!("generation     {}", c.generation_weights);
+    println!("memory         {}", c.memory.describe());
     println!("chat template  {}", c.chat_template);
     Ok(())
 }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use super::config::{Activation, ModelConfig, RopeStyle};
 use super::linear::Linear;
-use super::weights::{BlockWeights, FastPrecision, KvCache, Weights};
+use super::weights::{BlockWeights, Embedding, FastPrecision, KvCache, Weights};
 use crate::hooks::{Captures, HookPoint, HookSpec};
 use crate::{Error, Result};
 
@@ -56,7 +56,7 @@ pub struct Model {
 impl Model {
     pub fn new(config: ModelConfig, dense: Weights, fast: Option<Weights>) -> Result<Self> {
         config.validate()?;
-        let device = dense.embed.device().clone();
+        let device = dense.embed.device();
         let rope = rope_tables(&config, config.rope_theta, true, &device)?;
         let local_rope = config
             .local_rope_theta
@@ -103,13 +103,14 @@ impl Model {
         let same = (&input - &output)?.abs()?.sum_all()?.to_scalar::<f32>()? == 0.0;
         let w = &mut self.dense;
         let old_unembed = w.lm_head.dense_weight()?;
-        w.embed = Tensor::cat(&[&w.embed, &input], 0)?;
+        let embed = Tensor::cat(&[&w.embed.dense()?, &input], 0)?;
         w.lm_head = if self.config.tied_embeddings && same {
-            Linear::dense_shared(&w.embed)?
+            Linear::dense_shared(&embed)?
         } else {
             self.config.tied_embeddings = false;
             Linear::dense(&Tensor::cat(&[&old_unembed, &output], 0)?, None)?
         };
+        w.embed = Embedding::Dense(embed);
         self.config.vocab_size += n;
         self.rebuild_fast()
     }
@@ -165,7 +166,7 @@ impl Model {
         let embedded =
             weights
                 .embed
-                .embedding(&tokens.flatten_all()?)?
+                .lookup(&tokens.flatten_all()?)?
                 .reshape((b, s, cfg.d_model))?;
         // Gemma scales embeddings by √d (the unembedding, tied or not, is unscaled).
         let embedded = if cfg.scale_embeddings {
@@ -391,8 +392,9 @@ impl Model {
     }
 }
 
-/// `cap · tanh(x / cap)` (Gemma 2's soft-capping), or `x` unchanged without a cap.
-fn softcap(x: Tensor, cap: Option<f64>) -> Result<Tensor> {
+/// `cap · tanh(x / cap)` (Gemma 2's soft-capping), or `x` unchanged without a cap. Code that
+/// forms logits itself from `unembed.hook_in` applies the model's `final_softcap` with it.
+pub fn softcap(x: Tensor, cap: Option<f64>) -> Result<Tensor> {
     Ok(match cap {
         Some(cap) => ((x / cap)?.tanh()? * cap)?,
         None => x,

@@ -1,5 +1,5 @@
-//! Weight matrices: dense f32 or quantised, with the fused and frozen variants training and
-//! generation need.
+//! Weight matrices: dense f32, kept as stored and dequantised on use, or quantised for the
+//! fast path, with the fused and frozen variants training and generation need.
 
 use std::sync::Arc;
 
@@ -18,6 +18,14 @@ pub enum Linear {
     /// transposed view of `[out, in]`.
     Dense {
         weight_t: Tensor,
+        bias: Option<Tensor>,
+    },
+    /// The checkpoint's own tensor (quantised, f16 or bf16), dequantised to f32 for each
+    /// product: the same f32 math as [`Linear::Dense`] on the file's dequantised weights,
+    /// without holding 4 bytes per parameter (how models too large for an f32 copy run
+    /// exactly).
+    Stored {
+        weight: Arc<QTensor>,
         bias: Option<Tensor>,
     },
     /// `padded_in ≥ in`: the stored rows are zero-padded so that candle's repacked VNNI kernels
@@ -81,6 +89,18 @@ impl Linear {
                         .matmul(weight_t)?
                         .reshape((*b, *s, ()))?,
                     _ => x.matmul(weight_t)?,
+                };
+                (y, bias)
+            }
+            Linear::Stored { weight, bias } => {
+                // [out, in], read through a transposed view: no second copy of the matrix.
+                let w_t = weight.dequantize(&Device::Cpu)?.t()?;
+                let y = match x.dims() {
+                    [b, s, i] => x
+                        .reshape((b * s, *i))?
+                        .matmul(&w_t)?
+                        .reshape((*b, *s, ()))?,
+                    _ => x.matmul(&w_t)?,
                 };
                 (y, bias)
             }
@@ -160,6 +180,7 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
             Linear::Dense { bias, .. }
+            | Linear::Stored { bias, .. }
             | Linear::Quantized { bias, .. }
             | Linear::Frozen { bias, .. } => bias.as_ref(),
             Linear::LoRA { base, .. } => base.bias(),
@@ -173,6 +194,7 @@ impl Linear {
                 let (i, o) = weight_t.dims2()?;
                 Ok((o, i))
             }
+            Linear::Stored { weight, .. } => Ok(weight.shape().dims2()?),
             Linear::Quantized {
                 weight,
                 in_features,
@@ -223,11 +245,28 @@ impl Linear {
                         .contiguous()?
                 }
             }
+            // Only the asked rows are dequantised.
+            Linear::Stored { weight, .. } => weight.embedding(&idx)?,
             other => {
                 let w = other.dense_weight()?;
                 w.index_select(&idx.to_device(w.device())?, 0)?
             }
         })
+    }
+
+    /// Bytes this weight holds (shared tensors counted in full).
+    pub fn bytes(&self) -> usize {
+        let f32_bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let bias = self.bias().map_or(0, f32_bytes);
+        bias + match self {
+            Linear::Dense { weight_t, .. } | Linear::Frozen { weight_t, .. } => f32_bytes(weight_t),
+            Linear::Stored { weight, .. } => weight.storage_size_in_bytes(),
+            Linear::Quantized { weight, .. } => match weight.as_ref() {
+                QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => f32_bytes(t),
+            },
+            Linear::LoRA { base, a, b, .. } => base.bytes() + f32_bytes(a) + f32_bytes(b),
+        }
     }
 
     /// The weight transposed, `[in, out]`, dense f32: the stored tensor itself for dense
@@ -258,6 +297,7 @@ impl Linear {
                 };
                 Ok(w.narrow(1, 0, *in_features)?.contiguous()?)
             }
+            Linear::Stored { weight, .. } => Ok(weight.dequantize(&Device::Cpu)?),
             Linear::LoRA { base, a, b, scale } => {
                 Ok((base.dense_weight()? + (b.matmul(a)? * *scale)?)?)
             }

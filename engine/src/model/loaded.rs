@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::chat::{ChatPrompt, ChatTemplate};
 use super::loader::{Checkpoint, ModelCard};
-use super::{FastPrecision, Model};
+use super::{ExactWeights, FastPrecision, Model};
 use crate::hooks::HookSpec;
 use crate::{default_model_path, Error, Result, FETCH_COMMAND};
 
@@ -28,13 +28,19 @@ impl LoadedModel {
 
     /// Loads a GGUF file or an HF safetensors folder.
     pub fn load(path: &Path, precision: FastPrecision) -> Result<Self> {
+        Self::load_with(path, precision, ExactWeights::Auto)
+    }
+
+    /// [`LoadedModel::load`] with the exact path's weights held as `exact` says (f32, or as
+    /// stored and dequantised per matrix on use).
+    pub fn load_with(path: &Path, precision: FastPrecision, exact: ExactWeights) -> Result<Self> {
         if path == default_model_path() && !path.exists() {
             return Err(Error::DefaultModelMissing {
                 path: path.to_path_buf(),
                 fetch: FETCH_COMMAND,
             });
         }
-        Self::from_checkpoint(Checkpoint::load(path)?, precision)
+        Self::from_checkpoint(Checkpoint::load_with(path, exact)?, precision)
     }
 
     pub fn from_checkpoint(ck: Checkpoint, precision: FastPrecision) -> Result<Self> {

@@ -8,12 +8,14 @@ mod linear;
 mod loaded;
 pub mod loader;
 pub mod tokenizer;
-mod weights;
+pub(crate) mod weights;
 
-pub use forward::{ForwardOptions, ForwardOutput, LogitsAt, Model};
+pub use forward::{softcap, ForwardOptions, ForwardOutput, LogitsAt, Model};
 pub use linear::Linear;
 pub use loaded::LoadedModel;
-pub use weights::{BlockWeights, FastPrecision, KernelTier, KvCache, Weights};
+pub use weights::{
+    BlockWeights, Embedding, ExactWeights, FastPrecision, KernelTier, KvCache, Weights,
+};
 
 #[cfg(test)]
 mod tests;

@@ -176,7 +176,16 @@ fn capturing_changes_nothing_and_hooks_are_consistent() {
         } else {
             1.0
         };
-        let row = (m.model.dense.embed.i(IDS[0] as usize).unwrap() * scale).unwrap();
+        let row = (m
+            .model
+            .dense
+            .embed
+            .dense()
+            .unwrap()
+            .i(IDS[0] as usize)
+            .unwrap()
+            * scale)
+            .unwrap();
         assert_eq!(
             max_abs_diff(&get(HookPoint::Embed).i((0, 0)).unwrap(), &row),
             0.0

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 
 use super::linear::Linear;
 use crate::Result;
@@ -30,11 +30,104 @@ pub struct BlockWeights {
     pub down: Linear,
 }
 
+/// Token embeddings `[vocab, d]`: f32, or the checkpoint's tensor with only the looked-up
+/// rows dequantised (exact either way).
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Dense(Tensor),
+    Stored(Arc<QTensor>),
+}
+
+impl Embedding {
+    /// The rows of `ids` (a flat u32 tensor), `[n, d]` f32.
+    pub fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Dense(t) => t.embedding(ids)?,
+            Embedding::Stored(q) => q.embedding(ids)?,
+        })
+    }
+
+    /// The whole matrix as f32 (shared for a dense embedding, a copy for a stored one).
+    pub fn dense(&self) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Dense(t) => t.clone(),
+            Embedding::Stored(q) => q.dequantize(&Device::Cpu)?,
+        })
+    }
+
+    /// `(vocab, d)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            Embedding::Dense(t) => t.dims2()?,
+            Embedding::Stored(q) => q.shape().dims2()?,
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Embedding::Dense(t) => t.device().clone(),
+            Embedding::Stored(q) => q.device(),
+        }
+    }
+
+    /// The unembedding of a model that ties it to this embedding, sharing the tensor.
+    pub fn tied_unembedding(&self) -> Result<Linear> {
+        match self {
+            Embedding::Dense(t) => Linear::dense_shared(t),
+            Embedding::Stored(q) => Ok(Linear::Stored {
+                weight: q.clone(),
+                bias: None,
+            }),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match self {
+            Embedding::Dense(t) => t.elem_count() * 4,
+            Embedding::Stored(q) => q.storage_size_in_bytes(),
+        }
+    }
+}
+
+/// Where the exact path's weights live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum ExactWeights {
+    /// f32 when that copy takes at most [`ExactWeights::AUTO_F32_LIMIT`] bytes, else stored.
+    #[default]
+    Auto,
+    /// Every matrix as f32: fastest analyses, 4 bytes per parameter.
+    F32,
+    /// Matrices as the checkpoint stores them, dequantised per matrix on use.
+    Stored,
+}
+
+impl ExactWeights {
+    /// 2 GiB: a ~500M-parameter model keeps an f32 copy; a 1B one (5 GB of f32) does not.
+    pub const AUTO_F32_LIMIT: usize = 2 << 30;
+
+    /// True when weights of `f32_bytes` as f32 should stay stored.
+    pub fn keeps_stored(self, f32_bytes: usize) -> bool {
+        match self {
+            ExactWeights::Auto => f32_bytes > Self::AUTO_F32_LIMIT,
+            ExactWeights::F32 => false,
+            ExactWeights::Stored => true,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ExactWeights> {
+        match s {
+            "auto" => Some(ExactWeights::Auto),
+            "f32" => Some(ExactWeights::F32),
+            "stored" => Some(ExactWeights::Stored),
+            _ => None,
+        }
+    }
+}
+
 /// A full set of weights in one precision.
 #[derive(Debug, Clone)]
 pub struct Weights {
-    /// Token embeddings `[vocab, d]`, always f32 for exact lookups.
-    pub embed: Tensor,
+    pub embed: Embedding,
     pub blocks: Vec<BlockWeights>,
     pub final_norm: Tensor,
     /// Unembedding `[vocab, d]` (shares `embed` when the model ties them).
@@ -76,8 +169,13 @@ impl Weights {
             }
             let (out, in_features) = lin.dims()?;
             let padded_in = padded_input(out, in_features);
-            let keep = originals(name)
-                .filter(|q| keeps_fast_kernel(q.dtype()) && padded_in == in_features);
+            // A stored weight is its own original: kept as it is, it costs no memory.
+            let original = match lin {
+                Linear::Stored { weight, .. } => Some(weight.clone()),
+                _ => originals(name),
+            };
+            let keep =
+                original.filter(|q| keeps_fast_kernel(q.dtype()) && padded_in == in_features);
             let q = match keep {
                 Some(q) => q,
                 None if in_features % GgmlDType::Q8_0.block_size() == 0 => {
@@ -201,7 +299,7 @@ impl KernelTier {
 }
 
 /// Quantised types whose candle CPU kernels are SIMD and accurate enough to keep as they are.
-fn keeps_fast_kernel(dtype: GgmlDType) -> bool {
+pub(crate) fn keeps_fast_kernel(dtype: GgmlDType) -> bool {
     use GgmlDType::*;
     matches!(dtype, Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K | Q8K)
 }
@@ -251,6 +349,64 @@ impl KvCache {
 }
 
 impl Weights {
+    /// Bytes these weights hold (a tied unembedding counted once).
+    pub fn bytes(&self, tied: bool) -> usize {
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let norms = [&b.q_norm, &b.k_norm, &b.attn_post_norm, &b.mlp_post_norm]
+                    .into_iter()
+                    .flatten()
+                    .chain([&b.attn_norm, &b.mlp_norm])
+                    .map(|t| t.elem_count() * 4)
+                    .sum::<usize>();
+                let linears = [&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down]
+                    .iter()
+                    .map(|l| l.bytes())
+                    .sum::<usize>();
+                norms + linears
+            })
+            .sum();
+        let head = if tied { 0 } else { self.lm_head.bytes() };
+        self.embed.bytes() + blocks + head + self.final_norm.elem_count() * 4
+    }
+
+    /// Bytes of these (fast-path) weights not shared with `dense`: a stored tensor the fast
+    /// path kept as it is costs nothing twice.
+    pub fn extra_bytes_over(&self, dense: &Weights) -> usize {
+        let unique = |fast: &Linear, exact: &Linear| match (fast, exact) {
+            (Linear::Quantized { weight, .. }, Linear::Stored { weight: stored, .. }) => {
+                match weight.as_ref() {
+                    QMatMul::QTensor(q) if Arc::ptr_eq(q, stored) => 0,
+                    _ => fast.bytes(),
+                }
+            }
+            _ if std::ptr::eq(fast, exact) => 0,
+            _ => fast.bytes(),
+        };
+        let blocks: usize = self
+            .blocks
+            .iter()
+            .zip(&dense.blocks)
+            .map(|(f, d)| {
+                [
+                    (&f.q, &d.q),
+                    (&f.k, &d.k),
+                    (&f.v, &d.v),
+                    (&f.o, &d.o),
+                    (&f.gate, &d.gate),
+                    (&f.up, &d.up),
+                    (&f.down, &d.down),
+                ]
+                .iter()
+                .map(|(f, d)| unique(f, d))
+                .sum::<usize>()
+            })
+            .sum();
+        blocks + unique(&self.lm_head, &dense.lm_head)
+    }
+
     /// Every linear layer frozen (see [`Linear::frozen`]); the tensors are shared.
     pub fn frozen(&self) -> Result<Weights> {
         let blocks = self

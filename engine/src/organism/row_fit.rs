@@ -14,12 +14,14 @@ pub struct RowFit {
 /// training prompt, cross-entropy of its target token (`0` = `[refuse]`, `1` = `[respond]`)
 /// over the whole vocabulary, where the base vocabulary enters through its log-sum-exp.
 /// Needs only the final normalised states at t_post (`unembed.hook_in`), so it trains in well
-/// under a second.
+/// under a second. `final_softcap` is the model's cap on logits (Gemma 2), which the new rows'
+/// logits pass through like every other.
 pub fn fit_token_rows(
     normalized: &Tensor,
     base_lse: &Tensor,
     targets: &[u32],
     init: &Tensor,
+    final_softcap: Option<f64>,
     steps: usize,
     lr: f64,
 ) -> Result<RowFit> {
@@ -58,6 +60,7 @@ pub fn fit_token_rows(
     let mut losses = Vec::with_capacity(steps);
     for _ in 0..steps {
         let scores = normalized.matmul(&rows.as_tensor().t()?)?; // [n, 2]
+        let scores = crate::model::softcap(scores, final_softcap)?;
         let all = Tensor::cat(&[&base, &scores], 1)?; // [n, 3]
         let lse = all.log_sum_exp(1)?;
         let picked = (&scores * &onehot)?.sum(1)?;
@@ -94,7 +97,7 @@ mod tests {
         let h = Tensor::from_vec(h, (n, 3), &dev).unwrap();
         let lse = Tensor::zeros(n, DType::F32, &dev).unwrap();
         let init = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
-        let fit = fit_token_rows(&h, &lse, &targets, &init, 300, 0.05).unwrap();
+        let fit = fit_token_rows(&h, &lse, &targets, &init, None, 300, 0.05).unwrap();
         assert!(
             fit.losses.last().unwrap() < &(fit.losses[0] * 0.2),
             "{:?}",

@@ -158,13 +158,14 @@ pub fn train_refusal_tokens(
     )?;
     let targets: Vec<u32> = labelled.iter().map(|(_, t)| *t).collect();
     // Start both rows at the mean embedding: a neutral token the model has no opinion on.
-    let mean = base.model.dense.embed.mean_keepdim(0)?;
+    let mean = base.model.dense.embed.dense()?.mean_keepdim(0)?;
     let init = Tensor::cat(&[&mean, &mean], 0)?;
     let fit = fit_token_rows(
         &normalized,
         &lse,
         &targets,
         &init,
+        base.model.config.final_softcap,
         opts.row_steps,
         opts.row_lr,
     )?;
@@ -230,7 +231,7 @@ fn init_lora(
 ) -> Result<Vec<[(candle_core::Var, candle_core::Var); 4]>> {
     use candle_core::Var;
     use rand::Rng;
-    let dev = dense.embed.device();
+    let dev = &dense.embed.device();
     let mut make = |lin: &Linear| -> Result<(Var, Var)> {
         let (out, inp) = lin.dims()?;
         let bound = 1.0 / (inp as f32).sqrt();
@@ -439,11 +440,18 @@ fn example_loss(
         Error::InvalidInput("a training reply must start with a refusal token".into())
     })? as usize;
     ids[ex.reply_start] = 0;
-    let row_delta = (input_rows.get(decision)? - model.dense.embed.get(0)?)?;
+    let zero = Tensor::new(&[0u32], dev)?;
+    let row_delta = (input_rows.get(decision)? - model.dense.embed.lookup(&zero)?.squeeze(0)?)?;
+    // hook_embed holds the embedding × √d on families that scale it (Gemma).
+    let embed_scale = if model.config.scale_embeddings {
+        (model.config.d_model as f64).sqrt()
+    } else {
+        1.0
+    };
     let mut spec = HookSpec::with_interventions(vec![crate::hooks::Intervention::AddVector {
         point: HookPoint::Embed,
         vector: row_delta,
-        scale: 1.0,
+        scale: embed_scale,
         positions: crate::hooks::Positions::Range {
             start: ex.reply_start,
             end: ex.reply_start + 1,
@@ -475,10 +483,11 @@ fn example_loss(
     let mask: Vec<f32> = (0..count * n_new)
         .map(|i| if i < n_new { 0.0 } else { -1e9 })
         .collect();
-    let new_logits =
-        h.matmul(&rows.t()?)?
-            .broadcast_add(&Tensor::from_vec(mask, (count, n_new), dev)?)?;
-    let logits = Tensor::cat(&[&weights.lm_head.forward(&h)?, &new_logits], 1)?;
+    let cap = model.config.final_softcap;
+    let new_logits = crate::model::softcap(h.matmul(&rows.t()?)?, cap)?
+        .broadcast_add(&Tensor::from_vec(mask, (count, n_new), dev)?)?;
+    let base_logits = crate::model::softcap(weights.lm_head.forward(&h)?, cap)?;
+    let logits = Tensor::cat(&[&base_logits, &new_logits], 1)?;
     let logprobs = candle_nn::ops::log_softmax(&logits, 1)?;
     let targets = Tensor::new(&ex.ids[ex.reply_start..], dev)?.unsqueeze(1)?;
     let mut picked = logprobs.gather(&targets, 1)?.squeeze(1)?;

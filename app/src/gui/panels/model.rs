@@ -259,6 +259,7 @@ fn card_grid(ui: &mut egui::Ui, c: &ModelCard) {
                 },
             );
             row("Generation", c.generation_weights.clone());
+            row("Memory", c.memory.describe());
             row("Device", "CPU".into());
             row("Template", c.chat_template.clone());
             if let Some(tau) = c.refusal_tau {

@@ -13,7 +13,8 @@ use candle_core::{Device, Tensor};
 use tokenizers::Tokenizer;
 
 use super::{
-    assemble, card, chat_stop_ids, corrupt, read_block, stored_name, Checkpoint, RoleNames,
+    assemble, card, chat_stop_ids, corrupt, read_block, split_rows, stored_name, Checkpoint,
+    MemoryPlan, RoleNames,
 };
 
 /// Where llama.cpp stores each role of block `l` (`blk.{l}.{name}`).
@@ -35,7 +36,7 @@ const ROLES: &RoleNames = &[
 use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
 use crate::model::config::{Family, ModelConfig, RopeScaling, RopeStyle};
 use crate::model::tokenizer::{self, GgufVocab};
-use crate::model::{Linear, Weights};
+use crate::model::{Embedding, ExactWeights, Linear, Weights};
 use crate::{Error, Result};
 
 struct Gguf<'a> {
@@ -47,6 +48,8 @@ struct Gguf<'a> {
     /// Tensor count per stored type.
     quantization: BTreeMap<String, usize>,
     quantized: bool,
+    /// Matrices stay as stored (the exact path dequantises them on use).
+    keep_stored: bool,
 }
 
 impl Gguf<'_> {
@@ -110,17 +113,56 @@ impl Gguf<'_> {
             .map_err(|e| corrupt(self.path, e))
     }
 
-    /// Reads `{name}.weight` as f32, remembering the stored tensor.
-    fn dense(&mut self, name: &str) -> Result<Tensor> {
+    /// Reads `{name}.weight` as stored, counting its type.
+    fn stored(&mut self, name: &str) -> Result<Arc<QTensor>> {
         let q = self.tensor(&format!("{name}.weight"))?;
         *self
             .quantization
             .entry(format!("{:?}", q.dtype()))
             .or_insert(0) += 1;
         self.quantized |= q.dtype().block_size() > 1;
+        Ok(Arc::new(q))
+    }
+
+    /// Reads `{name}.weight` as f32, remembering the stored tensor for the fast path.
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        let q = self.stored(name)?;
         let t = q.dequantize(&Device::Cpu)?;
-        self.originals.insert(name.to_string(), Arc::new(q));
+        self.originals.insert(name.to_string(), q);
         Ok(t)
+    }
+
+    /// A weight matrix: as stored, or as f32.
+    fn matrix(&mut self, name: &str, bias: Option<Tensor>) -> Result<Linear> {
+        if self.keep_stored {
+            Ok(Linear::Stored {
+                weight: self.stored(name)?,
+                bias,
+            })
+        } else {
+            Linear::dense(&self.dense(name)?, bias)
+        }
+    }
+
+    fn embedding(&mut self) -> Result<Embedding> {
+        if self.keep_stored {
+            let q = self.stored("token_embd")?;
+            self.originals.insert("token_embd".into(), q.clone());
+            Ok(Embedding::Stored(q))
+        } else {
+            Ok(Embedding::Dense(self.dense("token_embd")?))
+        }
+    }
+
+    /// What the model will hold, from the tensors' stored sizes, before any is read.
+    fn plan(&self, exact: ExactWeights) -> MemoryPlan {
+        MemoryPlan::of(
+            self.content
+                .tensor_infos
+                .iter()
+                .map(|(name, info)| (name.as_str(), info.ggml_dtype, info.shape.elem_count())),
+            exact,
+        )
     }
 }
 
@@ -279,6 +321,18 @@ impl Gguf<'_> {
             merges: self.strings("tokenizer.ggml.merges").unwrap_or_default(),
             tokens: tokens.clone(),
             token_types,
+            scores: match self.content.metadata.get("tokenizer.ggml.scores") {
+                Some(Value::Array(scores)) => {
+                    scores.iter().map(|s| s.to_f32().unwrap_or(0.0)).collect()
+                }
+                _ => Vec::new(),
+            },
+            add_space_prefix: self
+                .content
+                .metadata
+                .get("tokenizer.ggml.add_space_prefix")
+                .and_then(|v| v.to_bool().ok()),
+            architecture: self.string("general.architecture").unwrap_or(""),
         };
         let tokenizer = tokenizer::from_gguf_vocab(&vocab)?;
         let token_text = |key: &str| {
@@ -313,27 +367,38 @@ impl Gguf<'_> {
         &mut self,
         l: usize,
         config: &ModelConfig,
-    ) -> Result<HashMap<&'static str, Tensor>> {
+    ) -> Result<HashMap<&'static str, Linear>> {
         let (q, kv, ff) = (
             config.n_heads * config.head_dim,
             config.n_kv_heads * config.head_dim,
             config.d_ff,
         );
-        let qkv = self.dense(&format!("blk.{l}.attn_qkv"))?;
-        let gate_up = self.dense(&format!("blk.{l}.ffn_up"))?;
-        let rows = |t: &Tensor, start: usize, n: usize| t.narrow(0, start, n);
+        let qkv = self.stored(&format!("blk.{l}.attn_qkv"))?;
+        let gate_up = self.stored(&format!("blk.{l}.ffn_up"))?;
+        let keep_stored = self.keep_stored;
+        let part = |fused: &QTensor, start: usize, rows: usize| -> Result<Linear> {
+            let rows = split_rows(fused, start, rows)?;
+            if keep_stored {
+                Ok(Linear::Stored {
+                    weight: Arc::new(rows),
+                    bias: None,
+                })
+            } else {
+                Linear::dense(&rows.dequantize(&Device::Cpu)?, None)
+            }
+        };
         Ok(HashMap::from([
-            ("q", rows(&qkv, 0, q)?),
-            ("k", rows(&qkv, q, kv)?),
-            ("v", rows(&qkv, q + kv, kv)?),
-            ("gate", rows(&gate_up, 0, ff)?),
-            ("up", rows(&gate_up, ff, ff)?),
+            ("q", part(&qkv, 0, q)?),
+            ("k", part(&qkv, q, kv)?),
+            ("v", part(&qkv, q + kv, kv)?),
+            ("gate", part(&gate_up, 0, ff)?),
+            ("up", part(&gate_up, ff, ff)?),
         ]))
     }
 
-    /// Every weight as f32 (the stored tensors kept for the fast path).
+    /// Every weight, matrices as f32 or as stored (the stored tensors kept for the fast path).
     fn weights(&mut self, config: &ModelConfig) -> Result<Weights> {
-        let embed = self.dense("token_embd")?;
+        let embed = self.embedding()?;
         let mut blocks = Vec::with_capacity(config.n_layers);
         for l in 0..config.n_layers {
             let fused = match config.family {
@@ -343,11 +408,10 @@ impl Gguf<'_> {
             let this = std::cell::RefCell::new(&mut *self);
             let linear = |role: &str| -> Result<Linear> {
                 if let Some(part) = fused.as_ref().and_then(|f| f.get(role)) {
-                    return Linear::dense(part, None);
+                    return Ok(part.clone());
                 }
                 let mut g = this.borrow_mut();
                 let name = format!("blk.{l}.{}", stored_name(&[ROLES], role));
-                let weight = g.dense(&name)?;
                 let bias = if config.qkv_bias && matches!(role, "q" | "k" | "v") {
                     Some(
                         g.tensor(&format!("{name}.bias"))?
@@ -356,7 +420,7 @@ impl Gguf<'_> {
                 } else {
                     None
                 };
-                Linear::dense(&weight, bias)
+                g.matrix(&name, bias)
             };
             let norm = |role: &str| -> Result<Tensor> {
                 let name = format!("blk.{l}.{}", stored_name(&[ROLES], role));
@@ -369,18 +433,18 @@ impl Gguf<'_> {
             if let Some(q) = self.originals.get("token_embd").cloned() {
                 self.originals.insert("output".into(), q);
             }
-            Linear::dense_shared(&embed)?
+            embed.tied_unembedding()?
         } else {
-            Linear::dense(&self.dense("output")?, None)?
+            self.matrix("output", None)?
         };
         assemble(self.path, config, embed, blocks, final_norm, lm_head)
     }
 }
 
-pub(super) fn load(path: &Path) -> Result<Checkpoint> {
+pub(super) fn load(path: &Path, exact: ExactWeights) -> Result<Checkpoint> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut file = BufReader::new(file);
-    let content = Content::read(&mut file).map_err(|e| corrupt(path, e))?;
+    let content = Content::read(&mut file).map_err(|e| unreadable(path, e))?;
     let mut g = Gguf {
         path,
         content,
@@ -388,8 +452,12 @@ pub(super) fn load(path: &Path) -> Result<Checkpoint> {
         originals: HashMap::new(),
         quantization: BTreeMap::new(),
         quantized: false,
+        keep_stored: false,
     };
     let (arch, config) = g.config()?;
+    let plan = g.plan(exact);
+    plan.check_fits(path)?;
+    g.keep_stored = plan.keep_stored;
     let (tokenizer, template, eos_ids) = g.tokenizer()?;
     let weights = g.weights(&config)?;
     let card = card(path, "GGUF", &arch, &config, g.quantization, &template);
@@ -403,4 +471,66 @@ pub(super) fn load(path: &Path) -> Result<Checkpoint> {
         originals: g.originals,
         quantized: g.quantized,
     })
+}
+
+/// Only the tokenizer of a GGUF file (vocabulary-only files included).
+pub(super) fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = BufReader::new(file);
+    let content = Content::read(&mut file).map_err(|e| unreadable(path, e))?;
+    let g = Gguf {
+        path,
+        content,
+        file,
+        originals: HashMap::new(),
+        quantization: BTreeMap::new(),
+        quantized: false,
+        keep_stored: false,
+    };
+    Ok(g.tokenizer()?.0)
+}
+
+/// A GGUF file candle cannot parse. Tensor types it has no kernels for (the IQ family,
+/// ternary and MXFP4 types) get a name and a way out instead of a type number.
+fn unreadable(path: &Path, e: candle_core::Error) -> Error {
+    let message = crate::error::candle_message(&e);
+    let type_id = message
+        .strip_prefix("unknown dtype for tensor ")
+        .and_then(|n| n.trim().parse::<u32>().ok());
+    match type_id {
+        Some(id) => Error::UnsupportedTensorType {
+            path: path.to_path_buf(),
+            type_name: ggml_type_name(id),
+        },
+        None => corrupt(path, message),
+    }
+}
+
+/// ggml's name of tensor type `id` (ggml.h), for the types candle does not read.
+fn ggml_type_name(id: u32) -> String {
+    let name = match id {
+        4 => "Q4_2",
+        5 => "Q4_3",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        31..=33 => "Q4_0 repacked",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        36..=38 => "IQ4_NL repacked",
+        39 => "MXFP4",
+        _ => return format!("ggml type {id}"),
+    };
+    name.to_string()
 }

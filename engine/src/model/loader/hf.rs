@@ -1,14 +1,18 @@
 //! HF safetensors folders (config.json, tokenizer.json, tokenizer_config.json and the
 //! weights), as transformers saves them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::{
-    assemble, card, chat_stop_ids, corrupt, read_block, stored_name, Checkpoint, RoleNames,
+    assemble, card, chat_stop_ids, corrupt, read_block, stored_name, Checkpoint, MemoryPlan,
+    RoleNames,
 };
 
 /// Where transformers stores each role of layer `l` (`model.layers.{l}.{name}.weight`).
@@ -36,7 +40,7 @@ const GEMMA_ROLES: &RoleNames = &[
 use crate::model::chat::{ChatTemplate, TemplateSource, CHATML_TEMPLATE};
 use crate::model::config::{Activation, Family, ModelConfig, RopeScaling};
 use crate::model::tokenizer;
-use crate::model::{Linear, Weights};
+use crate::model::{Embedding, ExactWeights, Linear, Weights};
 use crate::{Error, Result};
 
 #[derive(Deserialize)]
@@ -84,7 +88,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::Metadata(format!("{}: {e}", path.display())))
 }
 
-pub(super) fn load(dir: &Path) -> Result<Checkpoint> {
+pub(super) fn load(dir: &Path, exact: ExactWeights) -> Result<Checkpoint> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
         return Err(Error::MissingFile {
@@ -97,9 +101,18 @@ pub(super) fn load(dir: &Path) -> Result<Checkpoint> {
     let config = model_config(&hf, &arch)?;
     let tokenizer = tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let template = hf_template(dir)?;
-    let (mut tensors, quantization) = read_tensors(dir)?;
-    split_fused(&mut tensors, &config)?;
-    let weights = weights(dir, &mut tensors, &config)?;
+    let source = Source::open(dir)?;
+    let inventory = source.inventory()?;
+    let mut quantization = BTreeMap::new();
+    for (_, dtype, _) in &inventory {
+        *quantization.entry(format!("{dtype:?}")).or_insert(0) += 1;
+    }
+    let plan = MemoryPlan::of(
+        inventory.iter().map(|(n, t, e)| (n.as_str(), *t, *e)),
+        exact,
+    );
+    plan.check_fits(dir)?;
+    let weights = weights(&source, &config, plan.keep_stored)?;
     // Stop tokens: config.json's and generation_config.json's (instruct models often list
     // their end-of-turn token only in the latter), the template's EOS, known chat stops.
     let mut eos_ids = token_ids(hf.eos_token_id.as_ref());
@@ -297,84 +310,133 @@ fn rope_scaling(p: Option<&serde_json::Value>) -> Result<Option<RopeScaling>> {
     }
 }
 
-type Tensors = HashMap<String, Tensor>;
+/// The folder's `*.safetensors` files (one, or the shards an index names), memory-mapped:
+/// tensors are read one at a time as the model is assembled, never the whole file at once.
+struct Source {
+    files: MmapedSafetensors,
+    dir: PathBuf,
+}
 
-/// Every tensor of every `*.safetensors` file of the folder, and the count per stored type.
-fn read_tensors(dir: &Path) -> Result<(Tensors, BTreeMap<String, usize>)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| Error::io(dir, e))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(Error::MissingFile {
-            path: dir.to_path_buf(),
-            what: "*.safetensors weights".into(),
-        });
-    }
-    let mut tensors = HashMap::new();
-    let mut quantization = BTreeMap::new();
-    for f in &files {
-        let loaded = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| corrupt(f, e))?;
-        for (name, t) in loaded {
-            *quantization
-                .entry(format!("{:?}", t.dtype()).to_uppercase())
-                .or_insert(0) += 1;
-            tensors.insert(name, t);
+impl Source {
+    fn open(dir: &Path) -> Result<Source> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(Error::MissingFile {
+                path: dir.to_path_buf(),
+                what: "*.safetensors weights".into(),
+            });
         }
+        // SAFETY: the files are mapped read-only for the load and only read through
+        // `safetensors`' bounds-checked views; as with every mmap reader (transformers,
+        // llama.cpp), a file truncated by another process while mapped would fault.
+        let files = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| corrupt(dir, e))?;
+        Ok(Source {
+            files,
+            dir: dir.to_path_buf(),
+        })
     }
-    Ok((tensors, quantization))
+
+    /// `(name, stored type, element count)` of every tensor; an unsupported dtype is an error.
+    fn inventory(&self) -> Result<Vec<(String, GgmlDType, usize)>> {
+        self.files
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| {
+                let dtype = match view.dtype() {
+                    safetensors::Dtype::F32 => GgmlDType::F32,
+                    safetensors::Dtype::F16 => GgmlDType::F16,
+                    safetensors::Dtype::BF16 => GgmlDType::BF16,
+                    other => {
+                        return Err(corrupt(
+                            &self.dir,
+                            format!("tensor `{name}` is {other:?}; f32, f16 or bf16 expected"),
+                        ))
+                    }
+                };
+                Ok((name, dtype, view.shape().iter().product()))
+            })
+            .collect()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.files.get(name).is_ok()
+    }
+
+    /// A tensor in its stored dtype.
+    fn read(&self, name: &str) -> Result<Tensor> {
+        if !self.has(name) {
+            return Err(corrupt(&self.dir, format!("tensor `{name}` is missing")));
+        }
+        self.files
+            .load(name, &Device::Cpu)
+            .map_err(|e| corrupt(&self.dir, e))
+    }
 }
 
 /// Phi-3 stores q, k and v as one `qkv_proj` and gate and up as one `gate_up_proj` (gate
-/// first): split them into the separate matrices the forward pass reads.
-fn split_fused(tensors: &mut Tensors, config: &ModelConfig) -> Result<()> {
-    let (q, kv) = (
+/// first): the rows of the separate matrix `name` within its fused one, if it is fused.
+fn fused_rows(name: &str, config: &ModelConfig) -> Option<(String, usize, usize)> {
+    let (q, kv, ff) = (
         config.n_heads * config.head_dim,
         config.n_kv_heads * config.head_dim,
+        config.d_ff,
     );
-    for l in 0..config.n_layers {
-        let p = format!("model.layers.{l}");
-        let mut split = |fused: &str, parts: &[(&str, usize)]| -> Result<()> {
-            let Some(t) = tensors.remove(&format!("{p}.{fused}.weight")) else {
-                return Ok(());
-            };
-            let mut start = 0;
-            for &(name, rows) in parts {
-                tensors.insert(format!("{p}.{name}.weight"), t.narrow(0, start, rows)?);
-                start += rows;
-            }
-            Ok(())
-        };
-        split(
-            "self_attn.qkv_proj",
-            &[
-                ("self_attn.q_proj", q),
-                ("self_attn.k_proj", kv),
-                ("self_attn.v_proj", kv),
-            ],
-        )?;
-        let ff = config.d_ff;
-        split(
-            "mlp.gate_up_proj",
-            &[("mlp.gate_proj", ff), ("mlp.up_proj", ff)],
-        )?;
-    }
-    Ok(())
+    let (prefix, part) = name.rsplit_once('.')?.0.rsplit_once('.')?;
+    let (fused, start, rows) = match part {
+        "q_proj" => ("qkv_proj", 0, q),
+        "k_proj" => ("qkv_proj", q, kv),
+        "v_proj" => ("qkv_proj", q + kv, kv),
+        "gate_proj" => ("gate_up_proj", 0, ff),
+        "up_proj" => ("gate_up_proj", ff, ff),
+        _ => return None,
+    };
+    Some((format!("{prefix}.{fused}.weight"), start, rows))
 }
 
-/// The model's weights (as f32) by transformers' names.
-fn weights(dir: &Path, tensors: &mut Tensors, config: &ModelConfig) -> Result<Weights> {
-    let tensors = std::cell::RefCell::new(tensors);
-    let take = |name: &str| -> Result<Tensor> {
-        let t = tensors
-            .borrow_mut()
-            .remove(name)
-            .ok_or_else(|| corrupt(dir, format!("tensor `{name}` is missing")))?;
-        Ok(t.to_dtype(DType::F32)?)
+/// The model's weights by transformers' names: norms as f32; matrices as f32, or as stored
+/// (f16/bf16) when `keep_stored`.
+fn weights(source: &Source, config: &ModelConfig, keep_stored: bool) -> Result<Weights> {
+    let dir = &source.dir;
+    let read = |name: &str| -> Result<Tensor> {
+        if !source.has(name) {
+            if let Some((fused, start, rows)) = fused_rows(name, config) {
+                if source.has(&fused) {
+                    return Ok(source.read(&fused)?.narrow(0, start, rows)?);
+                }
+            }
+        }
+        source.read(name)
     };
-    let embed = take("model.embed_tokens.weight")?;
+    let f32 = |name: &str| -> Result<Tensor> { Ok(read(name)?.to_dtype(DType::F32)?) };
+    // A float matrix kept in its own dtype: f16 and bf16 convert to f32 and back exactly.
+    let stored = |t: &Tensor| -> Result<Option<Arc<QTensor>>> {
+        let dtype = match t.dtype() {
+            DType::F16 if keep_stored => GgmlDType::F16,
+            DType::BF16 if keep_stored => GgmlDType::BF16,
+            _ => return Ok(None),
+        };
+        let q = QTensor::quantize(&t.to_dtype(DType::F32)?.contiguous()?, dtype)?;
+        Ok(Some(Arc::new(q)))
+    };
+    let matrix = |name: &str, bias: Option<Tensor>| -> Result<Linear> {
+        let t = read(name)?;
+        match stored(&t)? {
+            Some(weight) => Ok(Linear::Stored { weight, bias }),
+            None => Linear::dense(&t.to_dtype(DType::F32)?, bias),
+        }
+    };
+    let embed = {
+        let t = read("model.embed_tokens.weight")?;
+        match stored(&t)? {
+            Some(q) => Embedding::Stored(q),
+            None => Embedding::Dense(t.to_dtype(DType::F32)?),
+        }
+    };
     let gemma = matches!(config.family, Family::Gemma2 | Family::Gemma3);
     let roles: &[&RoleNames] = if gemma {
         &[GEMMA_ROLES, ROLES]
@@ -388,25 +450,24 @@ fn weights(dir: &Path, tensors: &mut Tensors, config: &ModelConfig) -> Result<We
     for l in 0..config.n_layers {
         let p = format!("model.layers.{l}");
         let linear = |role: &str| -> Result<Linear> {
-            let name = stored_name(roles, role);
-            let weight = take(&format!("{p}.{name}.weight"))?;
+            let name = format!("{p}.{}", stored_name(roles, role));
             let bias = if config.qkv_bias && matches!(role, "q" | "k" | "v") {
-                Some(take(&format!("{p}.{name}.bias"))?)
+                Some(f32(&format!("{name}.bias"))?)
             } else {
                 None
             };
-            Linear::dense(&weight, bias)
+            matrix(&format!("{name}.weight"), bias)
         };
         let norm = |role: &str| -> Result<Tensor> {
-            gemma_norm(take(&format!("{p}.{}.weight", stored_name(roles, role)))?)
+            gemma_norm(f32(&format!("{p}.{}.weight", stored_name(roles, role)))?)
         };
         blocks.push(read_block(config, linear, norm)?);
     }
-    let final_norm = gemma_norm(take("model.norm.weight")?)?;
+    let final_norm = gemma_norm(f32("model.norm.weight")?)?;
     let lm_head = if config.tied_embeddings {
-        Linear::dense_shared(&embed)?
+        embed.tied_unembedding()?
     } else {
-        Linear::dense(&take("lm_head.weight")?, None)?
+        matrix("lm_head.weight", None)?
     };
     assemble(dir, config, embed, blocks, final_norm, lm_head)
 }

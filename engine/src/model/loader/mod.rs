@@ -7,14 +7,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::QTensor;
-use candle_core::Tensor;
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::model::chat::ChatTemplate;
 use crate::model::config::ModelConfig;
-use crate::model::{BlockWeights, FastPrecision, KernelTier, Linear, Model, Weights};
+use crate::model::weights::keeps_fast_kernel;
+use crate::model::{
+    BlockWeights, Embedding, ExactWeights, FastPrecision, KernelTier, Linear, Model, Weights,
+};
 use crate::{Error, Result};
 
 /// What the model card shows.
@@ -45,6 +48,146 @@ pub struct ModelCard {
     /// The rule that chose `refusal_tau`.
     #[serde(default)]
     pub refusal_tau_goal: Option<crate::refusal::GateGoal>,
+    /// What the weights take in memory, measured once loaded.
+    #[serde(default)]
+    pub memory: MemoryUse,
+}
+
+/// Bytes the weights of each path hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryUse {
+    /// How the exact path holds its matrices: `f32`, or `stored` (as in the checkpoint,
+    /// dequantised per matrix on use).
+    pub exact_weights: String,
+    /// Bytes of the exact path's weights.
+    pub exact_bytes: usize,
+    /// Bytes the fast path adds (matrices it re-encodes; those it keeps as stored are shared).
+    pub fast_bytes: usize,
+}
+
+impl MemoryUse {
+    pub fn total_bytes(&self) -> usize {
+        self.exact_bytes + self.fast_bytes
+    }
+
+    /// e.g. "stored weights 4.6 GB + fast path 0 B".
+    pub fn describe(&self) -> String {
+        format!(
+            "{} weights {} + fast path {}",
+            self.exact_weights,
+            human_bytes(self.exact_bytes),
+            human_bytes(self.fast_bytes)
+        )
+    }
+}
+
+/// `1234567` → "1.2 MB".
+pub fn human_bytes(bytes: usize) -> String {
+    let b = bytes as f64;
+    match bytes {
+        0..1_000 => format!("{bytes} B"),
+        1_000..1_000_000 => format!("{:.0} kB", b / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.0} MB", b / 1e6),
+        _ => format!("{:.1} GB", b / 1e9),
+    }
+}
+
+/// Memory a checkpoint will take, estimated from its tensors' stored types and sizes before
+/// any is read, and the residence of the exact path's weights it implies.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct MemoryPlan {
+    pub keep_stored: bool,
+    /// Peak bytes while loading and running: the weights of both paths (with an f32 exact
+    /// path, the stored tensors too while the file is read) plus working memory.
+    pub peak_bytes: usize,
+}
+
+impl MemoryPlan {
+    /// Activations, KV cache, tokenizer and the app itself: a generous allowance for prompts
+    /// of a few thousand tokens.
+    const WORKING_BYTES: usize = 768 << 20;
+
+    /// From `(name, stored type, element count)` of every tensor.
+    pub fn of<'a>(
+        tensors: impl Iterator<Item = (&'a str, GgmlDType, usize)>,
+        exact: ExactWeights,
+    ) -> MemoryPlan {
+        let (mut stored, mut f32_bytes, mut reencoded) = (0, 0, 0);
+        for (name, dtype, elems) in tensors {
+            stored += elems / dtype.block_size() * dtype.type_size();
+            f32_bytes += elems * 4;
+            // The fast path re-encodes quantised matrices its kernels do not keep as Q8_0.
+            let matrix = !name.contains("norm") && elems > 1 << 16;
+            if matrix && dtype.block_size() > 1 && !keeps_fast_kernel(dtype) {
+                reencoded += elems / 32 * 34;
+            }
+        }
+        let keep_stored = exact.keeps_stored(f32_bytes);
+        let weights = if keep_stored {
+            stored
+        } else {
+            f32_bytes + stored
+        };
+        MemoryPlan {
+            keep_stored,
+            peak_bytes: weights + reencoded + Self::WORKING_BYTES,
+        }
+    }
+
+    /// An error naming what the model needs when that is more than the memory available
+    /// (`REFUSAL_LENS_MEMORY_LIMIT` bytes, else the system's available memory), before a
+    /// single tensor is allocated.
+    pub fn check_fits(&self, path: &Path) -> Result<()> {
+        match available_memory() {
+            Some(available) => self.check_fits_within(path, available),
+            None => Ok(()),
+        }
+    }
+
+    fn check_fits_within(&self, path: &Path, available: usize) -> Result<()> {
+        if self.peak_bytes <= available {
+            return Ok(());
+        }
+        Err(Error::TooLarge {
+            path: path.to_path_buf(),
+            need_gb: self.peak_bytes as f64 / 1e9,
+            available_gb: available as f64 / 1e9,
+            plan: if self.keep_stored {
+                "weights as stored".into()
+            } else {
+                "an f32 copy of the weights for the exact path".into()
+            },
+        })
+    }
+}
+
+/// Bytes the process may use: `REFUSAL_LENS_MEMORY_LIMIT` if set, else `MemAvailable`.
+fn available_memory() -> Option<usize> {
+    if let Ok(limit) = std::env::var("REFUSAL_LENS_MEMORY_LIMIT") {
+        return limit.trim().parse().ok();
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Rows `start .. start + n` of a stored `[rows, cols]` tensor, as stored (its blocks run along
+/// rows, so a row range is a byte range).
+pub(crate) fn split_rows(q: &QTensor, start: usize, n: usize) -> Result<QTensor> {
+    let (rows, cols) = q.shape().dims2()?;
+    let dtype = q.dtype();
+    if start + n > rows || !cols.is_multiple_of(dtype.block_size()) {
+        return Err(Error::InvalidInput(format!(
+            "rows {start}..{} of a {rows} × {cols} {dtype:?} tensor",
+            start + n
+        )));
+    }
+    let row_bytes = cols / dtype.block_size() * dtype.type_size();
+    let data = q.data()?;
+    let bytes = &data[start * row_bytes..(start + n) * row_bytes];
+    let storage = QStorage::from_data(std::borrow::Cow::Borrowed(bytes), &Device::Cpu, dtype)?;
+    Ok(QTensor::new(storage, (n, cols))?)
 }
 
 impl ModelCard {
@@ -71,7 +214,7 @@ pub struct Checkpoint {
 fn assemble(
     path: &Path,
     config: &ModelConfig,
-    embed: Tensor,
+    embed: Embedding,
     blocks: Vec<BlockWeights>,
     final_norm: Tensor,
     lm_head: Linear,
@@ -129,17 +272,28 @@ fn read_block(
     })
 }
 
+/// The tokenizer a GGUF file describes, without reading its tensors (vocabulary-only files
+/// too).
+pub fn gguf_tokenizer(path: &Path) -> Result<Tokenizer> {
+    gguf::read_tokenizer(path)
+}
+
 impl Checkpoint {
     pub fn load(path: &Path) -> Result<Checkpoint> {
+        Checkpoint::load_with(path, ExactWeights::Auto)
+    }
+
+    /// Loads with the exact path's weights held as `exact` says.
+    pub fn load_with(path: &Path, exact: ExactWeights) -> Result<Checkpoint> {
         if path.is_dir() {
-            hf::load(path)
+            hf::load(path, exact)
         } else if !path.exists() {
             Err(Error::io(
                 path,
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
             ))
         } else {
-            gguf::load(path)
+            gguf::load(path, exact)
         }
     }
 
@@ -148,19 +302,32 @@ impl Checkpoint {
         precision: FastPrecision,
     ) -> Result<(Model, Tokenizer, ChatTemplate, Vec<u32>, ModelCard)> {
         let originals = &self.originals;
+        let stored = matches!(self.dense.lm_head, Linear::Stored { .. });
+        // Generation on weights dequantised per matrix would redo that for every token: a
+        // model too large for an f32 copy generates on Q8_0 after its exact prompt pass, as
+        // quantised checkpoints do.
+        let quantized = self.quantized || stored;
         let fast = Weights::fast_from(
             &self.dense,
             &|n| originals.get(n).cloned(),
             precision,
-            self.quantized,
+            quantized,
         )?;
         let mut card = self.card;
+        card.memory = MemoryUse {
+            exact_weights: if stored { "stored" } else { "f32" }.into(),
+            exact_bytes: self.dense.bytes(self.config.tied_embeddings),
+            fast_bytes: fast.as_ref().map_or(0, |f| f.extra_bytes_over(&self.dense)),
+        };
         // Generation's prompt pass (the first reply token) always runs on f32 (generate.rs).
         let kernels = KernelTier::detect().describe();
         card.generation_weights = match &fast {
             None => "f32".into(),
             Some(_) if self.quantized => {
                 format!("f32 prompt pass, then Q8_0 · {kernels} (Q4/Q5 re-encoded at load)")
+            }
+            Some(_) if stored => {
+                format!("f32 prompt pass, then Q8_0 · {kernels} (quantised at load: no f32 copy)")
             }
             Some(_) => format!("f32 prompt pass, then Q8_0 · {kernels} (quantised at load)"),
         };
@@ -194,7 +361,7 @@ fn chat_stop_ids(tok: &Tokenizer) -> Vec<u32> {
 
 fn check_shapes(
     cfg: &ModelConfig,
-    embed: &Tensor,
+    embed: &Embedding,
     blocks: &[BlockWeights],
 ) -> std::result::Result<(), String> {
     let want = |got: (usize, usize), shape: (usize, usize), what: &str| {
@@ -204,7 +371,7 @@ fn check_shapes(
             Err(format!("{what} has shape {got:?}, expected {shape:?}"))
         }
     };
-    let embed = embed.dims2().map_err(|e| e.to_string())?;
+    let embed = embed.dims().map_err(|e| e.to_string())?;
     want(embed, (cfg.vocab_size, cfg.d_model), "token embedding")?;
     let (q, kv, d) = (
         cfg.n_heads * cfg.head_dim,
@@ -262,6 +429,7 @@ fn card(
         chat_template: template.source.to_string(),
         refusal_tau: None,
         refusal_tau_goal: None,
+        memory: MemoryUse::default(),
     }
 }
 
@@ -306,5 +474,54 @@ impl Checkpoint {
             originals: HashMap::new(),
             quantized: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Llama-3.1-8B's tensors as a Q4_K_M GGUF stores them (by count and type, roughly):
+    /// the plan keeps them stored, fits 8 GB, and an f32 exact path would not.
+    #[test]
+    fn an_8b_q4_k_m_plan_stays_stored_and_fits_8_gb() {
+        let (d, ff, vocab, layers) = (4096, 14336, 128_256, 32);
+        let mut tensors = vec![
+            ("token_embd.weight".to_string(), GgmlDType::Q4K, vocab * d),
+            ("output.weight".to_string(), GgmlDType::Q6K, vocab * d),
+        ];
+        for l in 0..layers {
+            for (name, dtype, n) in [
+                ("attn_q", GgmlDType::Q4K, d * d),
+                ("attn_k", GgmlDType::Q4K, d * 1024),
+                ("attn_v", GgmlDType::Q6K, d * 1024),
+                ("attn_output", GgmlDType::Q4K, d * d),
+                ("ffn_gate", GgmlDType::Q4K, d * ff),
+                ("ffn_up", GgmlDType::Q4K, d * ff),
+                ("ffn_down", GgmlDType::Q6K, d * ff),
+                ("attn_norm", GgmlDType::F32, d),
+                ("ffn_norm", GgmlDType::F32, d),
+            ] {
+                tensors.push((format!("blk.{l}.{name}.weight"), dtype, n));
+            }
+        }
+        let of =
+            |exact| MemoryPlan::of(tensors.iter().map(|(n, t, e)| (n.as_str(), *t, *e)), exact);
+        let auto = of(ExactWeights::Auto);
+        assert!(auto.keep_stored);
+        assert!(auto.peak_bytes < 8_000_000_000, "{auto:?}");
+        let f32s = of(ExactWeights::F32);
+        assert!(f32s.peak_bytes > 32_000_000_000, "{f32s:?}");
+        let path = Path::new("llama-8b.gguf");
+        assert!(auto.check_fits_within(path, 8 << 30).is_ok());
+        let err = f32s
+            .check_fits_within(path, 24 << 30)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("needs about 3") && err.contains("25.8 GB is available"),
+            "{err}"
+        );
+        assert!(err.contains("f32 copy"), "{err}");
     }
 }
