@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite on a fresh machine: installs the software renderer the GUI
 # snapshot tests draw with (Mesa lavapipe), fetches the default model (the real-model test
-# group needs it), then runs every test of the workspace in the release profile.
+# group needs it), llama.cpp's reference vocabularies (tokenizer tests) and the default model
+# re-quantised by llama.cpp with its logits (quantisation tests; builds llama-cpp-python once,
+# about ten minutes), then runs every test of the workspace in the release profile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +16,7 @@ if ! ldconfig -p 2>/dev/null | grep -q libvulkan_lvp || ! ldconfig -p 2>/dev/nul
 fi
 assets/fetch-model.sh
 tests/reference/fetch-vocabs.sh
+tests/reference/fetch-quants.sh
 # The tests of one binary run side by side, one per core: each gets one kernel thread (2-thread
 # candle kernels collapse 10x when they compete for the cores). A binary with a single test
 # takes every core (refusal_lens_tests::use_all_cores_when_alone).

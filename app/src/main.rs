@@ -12,6 +12,7 @@ fn main() -> std::process::ExitCode {
                 adapter: cli.adapter,
                 base: cli.base,
                 exact_weights: cli.exact_weights,
+                think: cli.think,
             },
         ),
         None => refusal_lens::gui::run(refusal_lens::cli::ModelChoice {
@@ -19,6 +20,7 @@ fn main() -> std::process::ExitCode {
             adapter: cli.adapter,
             base: cli.base,
             exact_weights: cli.exact_weights,
+            think: cli.think,
         }),
     };
     match result {

@@ -15,7 +15,13 @@ fn harness() -> Harness<'static, RefusalLensApp> {
 }
 
 fn harness_in(cache_dir: &std::path::Path) -> Harness<'static, RefusalLensApp> {
-    let model = tiny_model(Family::Llama, 1).unwrap();
+    harness_on(tiny_model(Family::Llama, 1).unwrap(), cache_dir)
+}
+
+fn harness_on(
+    model: refusal_lens_engine::LoadedModel,
+    cache_dir: &std::path::Path,
+) -> Harness<'static, RefusalLensApp> {
     let app = RefusalLensApp::with_cache_dir(
         None,
         Startup::Model {
@@ -576,4 +582,60 @@ fn the_chosen_layer_can_be_changed_from_the_directions_tab() {
         a.session.directions.as_ref().unwrap().layer == other
     });
     h.get_by_label_contains(&format!("chosen: layer {other}"));
+}
+
+/// Qwen3's template, reduced to its thinking switch.
+const THINKING_TEMPLATE: &str = "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}";
+
+/// A reasoning model gets a thinking switch that changes the prompt the model sees, and the
+/// Cliff tab marks a reply's thinking and reads the cliff at its end.
+#[test]
+fn a_reasoning_model_gets_a_thinking_switch_and_the_cliff_tab_marks_the_thinking() {
+    use refusal_lens_engine::analysis::trajectory::{trajectory, CliffOptions};
+    let cache = tempfile::tempdir().unwrap();
+    let mut model = tiny_model(Family::Qwen3, 5).unwrap();
+    model.template.template = THINKING_TEMPLATE.into();
+    let mut h = harness_on(model.clone(), cache.path());
+    step_until(&mut h, "the model", |a| a.model.is_ready());
+    assert!(h.state().session.reasoning);
+    h.state_mut().reply.max_new_tokens = 2;
+    let prompt_tokens = |h: &mut Harness<'_, RefusalLensApp>| {
+        h.get_by_label("Generate").click();
+        // The click clears the last reply on the next frame.
+        h.step();
+        step_until(h, "a reply", |a| a.reply.tokens.len() == 2);
+        h.get_by_label_contains("Prompt as the model sees it").accesskit_node().label().unwrap()
+    };
+    // Off: the template writes an empty think block ("<think>\n\n</think>\n\n", 19 byte
+    // tokens) into the prompt; on, it leaves thinking to the model.
+    let off = prompt_tokens(&mut h);
+    h.get_by_label("Thinking (reasoning model)").click();
+    h.step();
+    assert!(h.state().session.thinking);
+    let on = prompt_tokens(&mut h);
+    let count = |label: &str| -> usize {
+        label.rsplit('(').next().unwrap().split(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(count(&off), count(&on) + 19, "{off} / {on}");
+
+    // A reply that thinks, then answers, scored by the engine and shown in the Cliff tab.
+    model.template.enable_thinking = true;
+    let prompt = model.chat_prompt(None, "How do I pick a lock?").unwrap();
+    let reply = model
+        .tokenizer
+        .encode("<think>\nThis is about locks.\n</think>\n\nNo.", false)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let t = trajectory(&model, &prompt, &reply, None, None, 1, CliffOptions::default(),
+        &refusal_lens_engine::hooks::HookSpec::default()).unwrap();
+    assert!(t.thinking.is_some());
+    h.state_mut().cliff.trajectory = Some(t);
+    h.get_by_label("Cliff").click();
+    for _ in 0..3 {
+        h.step();
+    }
+    h.get_by_label_contains("score at end of thinking");
+    h.get_by_label("thinking →");
+    h.get_by_label("← answer");
 }

@@ -72,7 +72,7 @@ fn benches(c: &mut Criterion) {
                 Some(&probes),
                 Some(&dirs),
                 dirs.layer,
-                8,
+                refusal_lens_engine::analysis::trajectory::CliffOptions::default(),
                 &HookSpec::default(),
             )
             .unwrap()

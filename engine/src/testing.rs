@@ -101,6 +101,7 @@ pub fn tiny_template() -> ChatTemplate {
         template: CHATML_TEMPLATE.into(),
         bos_token: "<|endoftext|>".into(),
         eos_token: "<|im_end|>".into(),
+        enable_thinking: false,
     }
 }
 

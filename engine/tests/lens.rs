@@ -8,7 +8,9 @@ use refusal_lens_engine::analysis::directions::{
     select, selectable_layers, Directions, Provenance, SelectOptions,
 };
 use refusal_lens_engine::analysis::probe::{random_holdout, train_probes, ProbeOptions};
-use refusal_lens_engine::analysis::trajectory::{cliff_magnitude, trajectory};
+use refusal_lens_engine::analysis::trajectory::{
+    cliff_magnitude, cliff_scores, trajectory, CliffAt, CliffOptions,
+};
 use refusal_lens_engine::hooks::{HookPoint, HookSpec};
 use refusal_lens_engine::model::chat::{ChatTemplate, TemplateSource};
 use refusal_lens_engine::model::config::Family;
@@ -105,6 +107,7 @@ fn zephyr() -> ChatTemplate {
         template: "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}".into(),
         bos_token: "<s>".into(),
         eos_token: "</s>".into(),
+        enable_thinking: false,
     }
 }
 
@@ -256,7 +259,7 @@ fn trajectories_project_and_score_every_token() {
         Some(&probes),
         Some(&dirs),
         layer,
-        8,
+        CliffOptions::default(),
         &HookSpec::default(),
     )
     .unwrap();
@@ -289,7 +292,7 @@ fn trajectories_project_and_score_every_token() {
                     None,
                     Some(&dirs),
                     layer,
-                    8,
+                    CliffOptions::default(),
                     &HookSpec::default(),
                 )
                 .unwrap();
@@ -304,4 +307,100 @@ fn trajectories_project_and_score_every_token() {
     let window = &score[prompt.instruction.start..=prompt.t_post];
     assert_eq!(t.cliff, cliff_magnitude(window, 8));
     assert_eq!(t.final_score, Some(score[prompt.t_post]));
+}
+
+/// Qwen3's template, reduced: thinking switched off writes an empty think block after the
+/// generation prompt; on, the model writes `<think> … </think>` itself.
+const THINKING_TEMPLATE: &str = "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\n\n</think>\n\n' }}{%- endif %}{%- endif %}";
+
+/// A tiny Qwen3 with a thinking template: the thinking span is found in the reply (its
+/// markers spelled over several byte tokens), the trajectory marks it, and the cliff is read
+/// at the last thinking token before `</think>` (or at t_post when asked, or when thinking
+/// is off and the template's empty block closes inside the prompt).
+#[test]
+fn reasoning_replies_have_a_thinking_segment_and_the_cliff_is_read_at_its_end() {
+    let mut lm = tiny_model(Family::Qwen3, 35).unwrap();
+    lm.template.template = THINKING_TEMPLATE.into();
+    assert!(lm.template.supports_thinking());
+    let a = collect(&lm, HARMFUL, None, &|| false, &mut |_, _| {}).unwrap();
+    let b = collect(&lm, HARMLESS, None, &|| false, &mut |_, _| {}).unwrap();
+    let probes = train_probes(
+        &a,
+        &b,
+        &random_holdout(a.len() + b.len(), 0.25, 0),
+        &[1],
+        &ProbeOptions {
+            labels: refusal_lens_engine::analysis::probe::LabelSource::SetLabel,
+            ..Default::default()
+        },
+        Provenance::default(),
+        &|| false,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let run = |lm: &LoadedModel, reply_text: &str, at: CliffAt| {
+        let prompt = lm.chat_prompt(None, HARMFUL[0]).unwrap();
+        let reply = lm.tokenizer.encode(reply_text, false).unwrap().get_ids().to_vec();
+        let cliff = CliffOptions { k: 3, at };
+        let t = trajectory(lm, &prompt, &reply, Some(&probes), None, 1, cliff, &HookSpec::default());
+        (prompt, t)
+    };
+
+    // Thinking on: the prompt ends at the generation prompt; the reply thinks, then answers.
+    lm.template.enable_thinking = true;
+    let reply = "<think>\nThis asks for lock picking.\n</think>\n\nI can't help.";
+    let (prompt, t) = run(&lm, reply, CliffAt::Auto);
+    let t = t.unwrap();
+    assert!(prompt.text.ends_with("<|im_start|>assistant\n"));
+    let n = prompt.ids.len();
+    // One byte token per character here: "<think>" ends at reply token 6; "</think>" starts
+    // after "<think>" (7) and the 29-character thought ("\n" + 27 + "\n").
+    let end = n + 7 + 29;
+    let span = t.thinking.expect("a thinking span");
+    assert_eq!(span.open, n + 6);
+    assert_eq!(span.close, Some(end));
+    let thought: String = t.tokens[span.tokens(t.tokens.len())]
+        .iter()
+        .map(|tok| tok.text.as_str())
+        .collect();
+    assert_eq!(thought, "\nThis asks for lock picking.\n");
+    assert_eq!(t.cliff_window, prompt.instruction.start..end);
+    let score = t.score.as_ref().unwrap();
+    assert_eq!(t.final_score, Some(score[end - 1]));
+    assert_eq!(t.cliff, cliff_magnitude(&score[t.cliff_window.clone()], 3));
+    // Asked for the prompt window, the same reply reads at t_post.
+    let (_, t) = run(&lm, reply, CliffAt::Prompt);
+    assert_eq!(t.unwrap().cliff_window, prompt.instruction.start..prompt.t_post + 1);
+    // Still thinking (no </think> yet): Auto reads the prompt, EndOfThinking is an error.
+    let (_, t) = run(&lm, "<think>\nHmm", CliffAt::Auto);
+    let t = t.unwrap();
+    assert_eq!(t.thinking.unwrap().close, None);
+    assert_eq!(t.cliff_window.end, prompt.t_post + 1);
+    let (_, t) = run(&lm, "<think>\nHmm", CliffAt::EndOfThinking);
+    assert!(t.unwrap_err().to_string().contains("thinking"));
+
+    // Thinking off: the template's empty block sits in the prompt; the cliff stays at t_post.
+    lm.template.enable_thinking = false;
+    let (prompt, t) = run(&lm, "I can't help.", CliffAt::Auto);
+    let t = t.unwrap();
+    assert!(prompt.text.ends_with("<think>\n\n</think>\n\n"));
+    assert!(t.thinking.unwrap().close.unwrap() < prompt.ids.len());
+    assert_eq!(t.cliff_window.end, prompt.t_post + 1);
+
+    // The judge over a set: with thinking generated first, every window ends in its reply
+    // or, where the greedy reply never closed its thinking, at t_post.
+    lm.template.enable_thinking = true;
+    let scores = cliff_scores(
+        &lm,
+        &HARMFUL[..2],
+        None,
+        probes.at(1).unwrap(),
+        1,
+        CliffOptions { k: 3, at: CliffAt::Auto },
+        6,
+        &|| false,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(scores.len(), 2);
 }

@@ -10,7 +10,9 @@ use refusal_lens_engine::analysis::activations::{default_cache_dir, state_name, 
 use refusal_lens_engine::analysis::directions::{selectable_layers, Directions, SelectOptions};
 use refusal_lens_engine::analysis::lens::{self, DirectionOptions, Holdout, ProbeJob};
 use refusal_lens_engine::analysis::probe::{LabelSource, ProbeKind, ProbeOptions, ProbeSet};
-use refusal_lens_engine::analysis::trajectory::{cliff_scores, trajectory, DEFAULT_CLIFF_K};
+use refusal_lens_engine::analysis::trajectory::{
+    cliff_scores, trajectory, CliffAt, CliffOptions, DEFAULT_CLIFF_K,
+};
 use refusal_lens_engine::data::prompts::{PromptSet, Split};
 use refusal_lens_engine::hooks::HookSpec;
 use refusal_lens_engine::refusal::{first_token_probabilities, opener_bias, RefusalGate};
@@ -128,6 +130,24 @@ pub struct LensFiles {
     /// Cliff window: the final k tokens.
     #[arg(long, default_value_t = DEFAULT_CLIFF_K)]
     pub k: usize,
+    /// Where the cliff window ends: prompt (t_post), thinking (the last thinking token before
+    /// </think>, reasoning models) or auto (thinking when the reply has a finished thinking
+    /// span).
+    #[arg(long, default_value = "auto", value_parser = parse_cliff_at)]
+    pub cliff_at: CliffAt,
+}
+
+impl LensFiles {
+    fn cliff(&self) -> CliffOptions {
+        CliffOptions {
+            k: self.k,
+            at: self.cliff_at,
+        }
+    }
+}
+
+fn parse_cliff_at(s: &str) -> std::result::Result<CliffAt, String> {
+    CliffAt::parse(s).ok_or_else(|| format!("`{s}`: expected auto, prompt or thinking"))
 }
 
 #[derive(Args, Debug)]
@@ -164,6 +184,10 @@ pub struct CliffRankArgs {
     /// Fraction of the set to export.
     #[arg(long, default_value_t = 0.1)]
     pub top: f32,
+    /// Reasoning models: answer each prompt greedily for up to this many tokens first, so the
+    /// window can end where the thinking does (with --think; 0: read the prompt only).
+    #[arg(long, default_value_t = 0)]
+    pub think_tokens: usize,
     /// Write the top fraction here as JSONL (the original records plus the scores).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -531,7 +555,7 @@ pub fn run_trajectory(lm: &LoadedModel, a: TrajectoryArgs) -> Result<()> {
         Some(&probes),
         Some(&directions),
         layer,
-        a.lens.k,
+        a.lens.cliff(),
         &HookSpec::default(),
     )?;
     let seconds = start.elapsed().as_secs_f64();
@@ -559,6 +583,10 @@ pub fn run_trajectory(lm: &LoadedModel, a: TrajectoryArgs) -> Result<()> {
             "  ← t_post"
         } else if i == t.prompt_len {
             "  ← reply"
+        } else if t.thinking.is_some_and(|s| s.open == i) {
+            "  ← thinking starts"
+        } else if t.thinking.and_then(|s| s.close) == Some(i) {
+            "  ← thinking ends"
         } else {
             ""
         };
@@ -580,8 +608,13 @@ pub fn run_trajectory(lm: &LoadedModel, a: TrajectoryArgs) -> Result<()> {
             println!("{l:>3} {cells}");
         }
     }
+    let end = if t.cliff_window.end == t.t_post + 1 {
+        "t_post".to_string()
+    } else {
+        format!("the end of thinking (token {})", t.cliff_window.end - 1)
+    };
     println!(
-        "cliff magnitude (k = {}): {}; final score at t_post: {}",
+        "cliff magnitude (k = {}): {}; final score at {end}: {}",
         t.cliff_k,
         t.cliff.map_or("—".into(), |c| format!("{c:.3}")),
         t.final_score.map_or("—".into(), |c| format!("{c:.3}"))
@@ -612,7 +645,8 @@ pub fn cliff_rank(lm: &LoadedModel, a: CliffRankArgs) -> Result<()> {
         None,
         probe,
         layer,
-        a.lens.k,
+        a.lens.cliff(),
+        a.think_tokens,
         &|| false,
         &mut {
             let mut bar = progress_bar(a.json);

@@ -12,7 +12,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use refusal_lens_engine::model::{ExactWeights, FastPrecision};
 use refusal_lens_engine::organism::Adapter;
@@ -48,6 +48,10 @@ pub struct Cli {
     /// 2 GiB copy, else stored).
     #[arg(long, global = true, default_value = "auto", value_parser = parse_exact_weights)]
     pub exact_weights: ExactWeights,
+    /// Reasoning models: render chat prompts with thinking on (the template's
+    /// `enable_thinking`, e.g. Qwen3), so replies start with a <think> … </think> span.
+    #[arg(long, global = true)]
+    pub think: bool,
 }
 
 fn parse_exact_weights(s: &str) -> std::result::Result<ExactWeights, String> {
@@ -61,6 +65,7 @@ pub struct ModelChoice {
     pub adapter: Option<PathBuf>,
     pub base: bool,
     pub exact_weights: ExactWeights,
+    pub think: bool,
 }
 
 impl ModelChoice {
@@ -128,6 +133,10 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
     };
     let path = choice.model.clone().unwrap_or_else(default_model_path);
     let mut lm = load(&path, choice.exact_weights, json_of(&command))?;
+    if choice.think && !lm.template.supports_thinking() {
+        bail!("--think: this model's chat template has no thinking (neither enable_thinking nor <think>)");
+    }
+    lm.template.enable_thinking = choice.think;
     if let Command::TrainRefusalTokens(a) = command {
         return organism::train(&lm, a);
     }

@@ -147,11 +147,17 @@ impl RefusalLensApp {
                 Event::ModelLoaded {
                     ref card,
                     organism_active,
+                    load_seconds,
                     ..
                 } => {
                     // The gate starts at the model's calibrated τ.
                     self.reply.tau = card.gate_tau();
                     self.session.refusal_tokens = organism_active;
+                    self.session.reasoning = card.reasoning;
+                    if load_seconds.is_some() {
+                        // A newly loaded model renders without thinking until asked.
+                        self.session.thinking = false;
+                    }
                     // Directions and probes belong to one model: the worker drops them too.
                     self.session.model_changed();
                     self.directions.clear();
@@ -307,8 +313,7 @@ impl RefusalLensApp {
             .id_salt("central")
             .show(ui, |ui| match self.tab {
                 Tab::Reply => {
-                    self.reply
-                        .ui(ui, worker, session.model_ready, session.refusal_tokens)
+                    self.reply.ui(ui, worker, session)
                 }
                 Tab::Cliff => self.cliff.ui(ui),
                 Tab::Directions => self.directions.ui(ui, worker, session, sets),

@@ -25,6 +25,10 @@ pub struct Session {
     pub extra_edits: Vec<Edit>,
     /// Run the main reply (and so its Cliff trajectory) under the stack.
     pub steer_main_reply: bool,
+    /// The model in use is a reasoning model (its template knows thinking) …
+    pub reasoning: bool,
+    /// … and its prompts are rendered with thinking on.
+    pub thinking: bool,
 }
 
 impl Session {
@@ -38,6 +42,8 @@ impl Session {
             controls: Steering::default(),
             extra_edits: Vec::new(),
             steer_main_reply: false,
+            reasoning: false,
+            thinking: false,
         }
     }
 

@@ -204,6 +204,7 @@ fn dispatch(state: &mut State, ctx: &Ctx, job: Job) -> JobResult {
         Job::LoadModel { path, adapter } => models::load(state, ctx, path, adapter.as_deref()),
         Job::UseModel { base, organism } => models::use_model(state, ctx, *base, organism),
         Job::UseOrganism(on) => models::use_organism(state, ctx, on),
+        Job::SetThinking(on) => models::set_thinking(state, on),
         Job::Generate(request) => replies::generate(state, ctx, &request),
         Job::Steer { request, baseline } => replies::steer(state, ctx, &request, baseline),
         Job::Sweep {

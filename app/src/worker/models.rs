@@ -72,6 +72,16 @@ pub(super) fn use_model(
     Ok(())
 }
 
+/// Thinking on or off for every later prompt of both models. Directions and probes stay as
+/// they were computed (with the template as it rendered then).
+pub(super) fn set_thinking(state: &mut State, on: bool) -> JobResult {
+    let organism = state.organism.as_mut().map(|(m, _)| m);
+    for m in state.base.iter_mut().chain(organism) {
+        m.template.enable_thinking = on;
+    }
+    Ok(())
+}
+
 pub(super) fn use_organism(state: &mut State, ctx: &Ctx, on: bool) -> JobResult {
     if on != state.use_organism {
         // Directions and probes belong to the model that made them.

@@ -60,6 +60,8 @@ pub enum Job {
     },
     /// Switch between the base model and the adapted one.
     UseOrganism(bool),
+    /// Render chat prompts with thinking on or off (reasoning models' `enable_thinking`).
+    SetThinking(bool),
     /// A reply, streamed token by token. Supersedes earlier replies, calibrations and
     /// training runs.
     Generate(GenerateRequest),

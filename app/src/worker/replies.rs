@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use refusal_lens_engine::analysis::directions::Directions;
 use refusal_lens_engine::analysis::steering::{judgement, sweep as sweep_steering, Edit, Steering};
-use refusal_lens_engine::analysis::trajectory::{trajectory as score_trajectory, DEFAULT_CLIFF_K};
+use refusal_lens_engine::analysis::trajectory::{trajectory as score_trajectory, CliffOptions};
 use refusal_lens_engine::model::chat::ChatPrompt;
 use refusal_lens_engine::refusal::response::classify as classify_reply;
 use refusal_lens_engine::refusal::{opener_bias, RefusalGate, RefusalSignal};
@@ -182,7 +182,7 @@ pub(super) fn trajectory(
         state.lens.probes.as_deref(),
         Some(d),
         layer.unwrap_or(d.layer),
-        DEFAULT_CLIFF_K,
+        CliffOptions::default(),
         &hooks,
     )?;
     ctx.emit(Event::Trajectory {

@@ -48,9 +48,12 @@ impl State {
     /// The event that announces the model in use.
     pub fn loaded_event(&self, id: JobId, load_seconds: Option<f64>) -> Option<Event> {
         let active = self.active().ok()?;
+        let mut card = active.card.clone();
+        // The template in use decides (it may have been set after the card was made).
+        card.reasoning = active.template.supports_thinking();
         Some(Event::ModelLoaded {
             id,
-            card: Box::new(active.card.clone()),
+            card: Box::new(card),
             load_seconds,
             organism: self.organism.as_ref().map(|(_, info)| info.clone()),
             organism_active: self.use_organism && self.organism.is_some(),

@@ -4,10 +4,10 @@
 //!
 //! **Cliff magnitude** (the published code does not define it): over the window from the
 //! first instruction token to the last token before the answer (t_post for a chat model;
-//! the end of the thinking text for a reasoning model), the maximum score before the final
-//! `k` tokens minus the mean score over the final `k` tokens (default `k = 8`). A large
-//! value means the model's refusal intention was high while it read the request and fell
-//! just before it answered.
+//! the last thinking token before `</think>` for a reasoning model), the maximum score before
+//! the final `k` tokens minus the mean score over the final `k` tokens (default `k = 8`). A
+//! large value means the model's refusal intention was high while it read the request (and
+//! thought about it) and fell just before it answered.
 
 use candle_core::{IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
@@ -16,12 +16,73 @@ use crate::analysis::activations::state_points;
 use crate::analysis::directions::Directions;
 use crate::analysis::probe::{Probe, ProbeSet};
 use crate::hooks::HookSpec;
-use crate::model::chat::ChatPrompt;
+use crate::model::chat::{ChatPrompt, ThinkingSpan};
 use crate::model::{ForwardOptions, LogitsAt};
 use crate::run::batch::for_each_prompt;
 use crate::{Error, LoadedModel, Result};
 
 pub const DEFAULT_CLIFF_K: usize = 8;
+
+/// Where the cliff window ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum CliffAt {
+    /// At the end of thinking when the sequence has a closed thinking span, else at t_post.
+    #[default]
+    Auto,
+    /// At t_post, the last prompt token.
+    Prompt,
+    /// At the last thinking token before `</think>` (reasoning models).
+    EndOfThinking,
+}
+
+impl CliffAt {
+    pub fn parse(s: &str) -> Option<CliffAt> {
+        match s {
+            "auto" => Some(CliffAt::Auto),
+            "prompt" => Some(CliffAt::Prompt),
+            "thinking" | "end-of-thinking" => Some(CliffAt::EndOfThinking),
+            _ => None,
+        }
+    }
+}
+
+/// How the cliff is measured: over how many final tokens, and where the window ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CliffOptions {
+    pub k: usize,
+    pub at: CliffAt,
+}
+
+impl Default for CliffOptions {
+    fn default() -> Self {
+        CliffOptions {
+            k: DEFAULT_CLIFF_K,
+            at: CliffAt::Auto,
+        }
+    }
+}
+
+/// The cliff window of a prompt (+ reply): from the first instruction token through t_post,
+/// or through the last thinking token. `thinking` is the sequence's thinking span, if any.
+pub fn cliff_window(
+    prompt: &ChatPrompt,
+    thinking: Option<ThinkingSpan>,
+    at: CliffAt,
+) -> Result<std::ops::Range<usize>> {
+    let start = prompt.instruction.start;
+    // Thinking the model did in its reply (a template's empty think block, written when
+    // thinking is off, closes inside the prompt and does not count).
+    let end_of_thinking = thinking
+        .and_then(|t| t.close)
+        .filter(|&c| c >= prompt.ids.len() && c > start + 1);
+    match (at, end_of_thinking) {
+        (CliffAt::Prompt, _) | (CliffAt::Auto, None) => Ok(start..prompt.t_post + 1),
+        (_, Some(close)) => Ok(start..close),
+        (CliffAt::EndOfThinking, None) => Err(Error::InvalidInput(
+            "no finished thinking span (<think> … </think>) to read the cliff at; generate with thinking on and enough tokens".into(),
+        )),
+    }
+}
 
 /// The cliff magnitude of `scores` (the window): max over all but the final `k` scores minus
 /// the mean of the final `k`. `None` when the window has no more than `k` scores.
@@ -47,6 +108,9 @@ pub struct Trajectory {
     pub tokens: Vec<TrajectoryToken>,
     /// Tokens `0..prompt_len` are the prompt; the rest is the reply.
     pub prompt_len: usize,
+    /// The thinking text (reasoning models): its markers and the tokens between them.
+    #[serde(default)]
+    pub thinking: Option<ThinkingSpan>,
     pub instruction_start: usize,
     pub t_inst: usize,
     pub t_post: usize,
@@ -63,9 +127,12 @@ pub struct Trajectory {
     pub heatmap_layers: Vec<usize>,
     pub heatmap: Vec<Vec<f32>>,
     pub cliff_k: usize,
-    /// Cliff magnitude of `score` (else of `refusal`) over the prompt window.
+    /// The tokens the cliff is read over (the prompt window, or through the end of thinking).
+    #[serde(default)]
+    pub cliff_window: std::ops::Range<usize>,
+    /// Cliff magnitude of `score` (else of `refusal`) over `cliff_window`.
     pub cliff: Option<f32>,
-    /// The score at t_post: what the Cliff-as-a-Judge ranking sorts by.
+    /// The score at the window's last token: what the Cliff-as-a-Judge ranking sorts by.
     pub final_score: Option<f32>,
 }
 
@@ -94,7 +161,7 @@ pub fn trajectory(
     probes: Option<&ProbeSet>,
     directions: Option<&Directions>,
     layer: usize,
-    cliff_k: usize,
+    cliff: CliffOptions,
     hooks: &HookSpec,
 ) -> Result<Trajectory> {
     let cfg = &lm.model.config;
@@ -165,29 +232,34 @@ pub fn trajectory(
         }
         None => (None, None),
     };
-    let window = prompt.instruction.start..prompt.t_post + 1;
+    let tokens: Vec<TrajectoryToken> = ids
+        .iter()
+        .map(|&id| TrajectoryToken {
+            id,
+            text: lm.token_text(id),
+        })
+        .collect();
+    let texts: Vec<String> = tokens.iter().map(|t| t.text.clone()).collect();
+    let thinking = ThinkingSpan::find(&texts, prompt.t_inst + 1);
+    let window = cliff_window(prompt, thinking, cliff.at)?;
     let curve = score.as_ref().or(refusal.as_ref());
     Ok(Trajectory {
-        tokens: ids
-            .iter()
-            .map(|&id| TrajectoryToken {
-                id,
-                text: lm.token_text(id),
-            })
-            .collect(),
+        tokens,
         prompt_len: prompt.ids.len(),
+        thinking,
         instruction_start: prompt.instruction.start,
         t_inst: prompt.t_inst,
         t_post: prompt.t_post,
         layer,
-        cliff: curve.and_then(|c| cliff_magnitude(&c[window], cliff_k)),
-        final_score: curve.map(|c| c[prompt.t_post]),
+        cliff: curve.and_then(|c| cliff_magnitude(&c[window.clone()], cliff.k)),
+        final_score: curve.map(|c| c[window.end - 1]),
         score,
         refusal,
         harmfulness,
         heatmap_layers,
         heatmap,
-        cliff_k,
+        cliff_k: cliff.k,
+        cliff_window: window,
     })
 }
 
@@ -195,12 +267,14 @@ pub fn trajectory(
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct CliffScore {
     pub cliff: Option<f32>,
-    /// Probe `P(refuse)` at t_post.
+    /// Probe `P(refuse)` at the window's last token (t_post, or the last thinking token).
     pub final_score: f32,
 }
 
-/// Cliff magnitude and final score of every prompt of a set (prompt window only), with the
-/// probe at `layer`; one forward pass per prompt, the shared template prefix computed once.
+/// Cliff magnitude and final score of every prompt of a set, with the probe at `layer`; one
+/// forward pass per prompt, the shared template prefix computed once. With `think_tokens`
+/// > 0 each prompt is first answered greedily (up to that many tokens, on the exact weights)
+/// so the window can end where its thinking does (reasoning models).
 #[allow(clippy::too_many_arguments)]
 pub fn cliff_scores(
     lm: &LoadedModel,
@@ -208,7 +282,8 @@ pub fn cliff_scores(
     system: Option<&str>,
     probe: &Probe,
     layer: usize,
-    cliff_k: usize,
+    cliff: CliffOptions,
+    think_tokens: usize,
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<CliffScore>> {
@@ -220,9 +295,34 @@ pub fn cliff_scores(
         .iter()
         .map(|p| lm.chat_prompt(system, p))
         .collect::<Result<Vec<_>>>()?;
+    let n = chats.len();
+    let mut ids: Vec<Vec<u32>> = chats.iter().map(|c| c.ids.clone()).collect();
+    // Two phases when thinking is generated: replies, then scoring.
+    let phases = if think_tokens > 0 { 2 } else { 1 };
+    if think_tokens > 0 {
+        let replies = crate::run::generate::greedy_replies(
+            lm,
+            &ids,
+            think_tokens,
+            None,
+            cancelled,
+            &mut |i, _| progress(i, phases * n),
+        )?;
+        for (seq, reply) in ids.iter_mut().zip(replies) {
+            seq.extend(reply.tokens.iter().map(|t| t.id));
+        }
+    }
+    let windows = chats
+        .iter()
+        .zip(&ids)
+        .map(|(c, seq)| {
+            let texts: Vec<String> = seq.iter().map(|&id| lm.token_text(id)).collect();
+            cliff_window(c, ThinkingSpan::find(&texts, c.t_inst + 1), cliff.at)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let max_shared = chats.iter().map(|c| c.instruction.start).min().unwrap_or(0);
-    let ids: Vec<Vec<u32>> = chats.iter().map(|c| c.ids.clone()).collect();
-    let mut out = Vec::with_capacity(prompts.len());
+    let done_before = (phases - 1) * n;
+    let mut out = Vec::with_capacity(n);
     for_each_prompt(
         lm,
         &lm.model.dense,
@@ -230,18 +330,14 @@ pub fn cliff_scores(
         max_shared,
         &HookSpec::capture([point]),
         cancelled,
-        progress,
+        &mut |i, _| progress(done_before + i, phases * n),
         &mut |pass| {
-            let (c, offset) = (&chats[pass.index], pass.offset);
+            let (window, offset) = (&windows[pass.index], pass.offset);
             let x = pass.capture(point)?;
-            let x = x.narrow(
-                0,
-                c.instruction.start - offset,
-                c.t_post + 1 - c.instruction.start,
-            )?;
+            let x = x.narrow(0, window.start - offset, window.len())?;
             let p = probe.probabilities(&x)?;
             out.push(CliffScore {
-                cliff: cliff_magnitude(&p, cliff_k),
+                cliff: cliff_magnitude(&p, cliff.k),
                 final_score: *p.last().expect("non-empty window"),
             });
             Ok(())

@@ -37,6 +37,50 @@ pub struct ChatTemplate {
     pub template: String,
     pub bos_token: String,
     pub eos_token: String,
+    /// Passed to the template as `enable_thinking` (Qwen3's switch; templates without one
+    /// ignore it, and R1-distill templates always open a thinking span).
+    pub enable_thinking: bool,
+}
+
+/// The markers reasoning models put around their thinking text.
+pub const THINK_OPEN: &str = "<think>";
+pub const THINK_CLOSE: &str = "</think>";
+
+/// Where the thinking text is in a token sequence (prompt + reply).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThinkingSpan {
+    /// The token that completes `<think>`.
+    pub open: usize,
+    /// The token where `</think>` starts; None while the model is still thinking.
+    pub close: Option<usize>,
+}
+
+impl ThinkingSpan {
+    /// The thinking text's tokens (between the markers) of a sequence of `len` tokens.
+    pub fn tokens(&self, len: usize) -> Range<usize> {
+        (self.open + 1).min(len)..self.close.unwrap_or(len)
+    }
+
+    /// Finds the first `<think>` … `</think>` span starting at or after token `from` in a
+    /// sequence given as each token's text (markers split over several tokens are found
+    /// too).
+    pub fn find(token_texts: &[String], from: usize) -> Option<ThinkingSpan> {
+        let mut text = String::new();
+        let mut ends = Vec::with_capacity(token_texts.len()); // byte end of each token
+        for t in token_texts {
+            text.push_str(t);
+            ends.push(text.len());
+        }
+        let start = if from == 0 { 0 } else { ends[from.min(ends.len()) - 1] };
+        let token_at = |byte: usize| ends.partition_point(|&e| e <= byte);
+        let open_at = start + text[start..].find(THINK_OPEN)?;
+        let open = token_at(open_at + THINK_OPEN.len() - 1);
+        let after = ends[open];
+        let close = text[after..]
+            .find(THINK_CLOSE)
+            .map(|i| token_at(after + i));
+        Some(ThinkingSpan { open, close })
+    }
 }
 
 /// A rendered chat prompt, tokenized, with its positions.
@@ -62,6 +106,11 @@ pub struct ChatPrompt {
 const MARKER: &str = "\u{E000}refusal-lens-user-text\u{E001}";
 
 impl ChatTemplate {
+    /// True when the template knows reasoning: a thinking switch or `<think>` markers.
+    pub fn supports_thinking(&self) -> bool {
+        self.template.contains("enable_thinking") || self.template.contains(THINK_OPEN)
+    }
+
     fn environment(&self) -> Result<Environment<'_>> {
         let mut env = Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
@@ -99,6 +148,7 @@ impl ChatTemplate {
                 t.render(context! {
                     messages => messages,
                     add_generation_prompt => true,
+                    enable_thinking => self.enable_thinking,
                     bos_token => self.bos_token,
                     eos_token => self.eos_token,
                 })

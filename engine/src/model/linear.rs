@@ -93,16 +93,7 @@ impl Linear {
                 (y, bias)
             }
             Linear::Stored { weight, bias } => {
-                // [out, in], read through a transposed view: no second copy of the matrix.
-                let w_t = weight.dequantize(&Device::Cpu)?.t()?;
-                let y = match x.dims() {
-                    [b, s, i] => x
-                        .reshape((b * s, *i))?
-                        .matmul(&w_t)?
-                        .reshape((*b, *s, ()))?,
-                    _ => x.matmul(&w_t)?,
-                };
-                (y, bias)
+                (stored_matmul(weight, x, STORED_SLICE_ELEMENTS)?, bias)
             }
             Linear::Quantized {
                 weight,
@@ -305,6 +296,38 @@ impl Linear {
     }
 }
 
+/// f32 elements dequantised at a time by a stored weight's product: a 128k-token unembedding
+/// (half a billion parameters, 2 GB as f32) passes in 64 MB slices instead of all at once.
+const STORED_SLICE_ELEMENTS: usize = 1 << 24;
+
+/// `x · Wᵀ` for a stored `W` `[out, in]`: dequantised a slice of rows at a time (each output
+/// is the same dot product either way), read through a transposed view (no second copy).
+fn stored_matmul(weight: &QTensor, x: &Tensor, slice_elements: usize) -> Result<Tensor> {
+    let (out, in_features) = weight.shape().dims2()?;
+    let product = |w: &QTensor| -> Result<Tensor> {
+        let w_t = w.dequantize(&Device::Cpu)?.t()?;
+        Ok(match x.dims() {
+            [b, s, i] => x
+                .reshape((b * s, *i))?
+                .matmul(&w_t)?
+                .reshape((*b, *s, ()))?,
+            _ => x.matmul(&w_t)?,
+        })
+    };
+    let rows = (slice_elements / in_features.max(1)).max(1);
+    if out <= rows {
+        return product(weight);
+    }
+    let slices = (0..out)
+        .step_by(rows)
+        .map(|start| {
+            let n = rows.min(out - start);
+            product(&crate::model::loader::split_rows(weight, start, n)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&slices, D::Minus1)?)
+}
+
 /// `x · W_t` with a backward pass that returns only the input's gradient `g · W_tᵀ`.
 struct FrozenMatmul {
     weight_t: Tensor,
@@ -353,5 +376,27 @@ impl candle_core::CustomOp1 for FrozenMatmul {
             *last = k;
         }
         Ok(Some(g.reshape(dims)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+
+    /// A stored weight multiplied a slice of rows at a time gives the whole product (up to
+    /// the matmul kernel's summation order, which depends on the output width).
+    #[test]
+    fn sliced_stored_products_equal_the_whole_product() {
+        let w = Tensor::randn(0f32, 1.0, (70, 64), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64), &Device::Cpu).unwrap();
+        let whole = stored_matmul(&q, &x, usize::MAX).unwrap();
+        for slice in [64, 640, 64 * 33] {
+            let sliced = stored_matmul(&q, &x, slice).unwrap();
+            let diff = (&sliced - &whole).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "slices of {slice}");
+        }
+        assert_eq!(whole.dims(), &[2, 3, 70]);
     }
 }

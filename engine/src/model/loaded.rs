@@ -151,8 +151,16 @@ impl LoadedModel {
         Ok(format!("{:x}", h.finalize()))
     }
 
-    /// The text of one token as the vocabulary shows it (byte-level pieces decoded).
+    /// The text of one token (byte-level pieces decoded). A piece that is part of a
+    /// multi-byte character, which decodes to U+FFFD alone, shows as the vocabulary spells it
+    /// (`<0xE2>`, or GPT-2's byte characters) so every token stays distinguishable.
     pub fn token_text(&self, id: u32) -> String {
-        self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"))
+        match self.decode(&[id]) {
+            Ok(text) if !text.contains('\u{FFFD}') => text,
+            _ => self
+                .tokenizer
+                .id_to_token(id)
+                .unwrap_or_else(|| format!("<{id}>")),
+        }
     }
 }

@@ -35,6 +35,9 @@ pub struct CliffPanel {
 /// The first position the plots show: the user's text, or (whole prompt) everything after
 /// the first token, whose residual norm is orders of magnitude larger than the rest (an
 /// attention sink) and would flatten every curve.
+/// The colour of a reasoning model's thinking text (plot band, chip labels).
+const THINKING: Color32 = Color32::from_rgb(150, 110, 210);
+
 fn first_shown(t: &Trajectory, whole_prompt: bool) -> usize {
     let first = if whole_prompt { 1 } else { t.instruction_start };
     first.min(t.tokens.len().saturating_sub(1))
@@ -148,15 +151,18 @@ impl CliffPanel {
 
     fn header(&mut self, ui: &mut egui::Ui, t: &Trajectory) {
         ui.horizontal_wrapped(|ui| {
+            let at_thinking = t.cliff_window.end != t.t_post + 1;
             ui.strong(format!(
-                "Layer {} · cliff magnitude {} (k = {}) · score at t_post {}",
+                "Layer {} · cliff magnitude {} (k = {}) · score at {} {}",
                 t.layer,
                 t.cliff.map_or("—".into(), |c| format!("{c:.3}")),
                 t.cliff_k,
+                if at_thinking { "end of thinking" } else { "t_post" },
                 t.final_score.map_or("—".into(), |c| format!("{c:.3}")),
             ))
             .on_hover_text(
-                "Cliff magnitude: over the prompt window (first instruction token to t_post), \
+                "Cliff magnitude: over the window from the first instruction token to t_post \
+                 (for a reasoning model's reply: to the last thinking token before </think>), \
                  the highest score before the final k tokens minus the mean of the final k.",
             );
             if self.job.is_some() {
@@ -204,12 +210,19 @@ impl CliffPanel {
             .show(ui, |ui| {
                 ui.horizontal_wrapped(|ui| {
                     ui.spacing_mut().item_spacing = Vec2::new(1.0, 2.0);
+                    let thinking = t.thinking.map(|s| s.tokens(t.tokens.len()));
                     for (i, tok) in t.tokens.iter().enumerate() {
                         if i == t.prompt_len {
                             ui.separator();
                         }
+                        if thinking.as_ref().is_some_and(|r| r.start == i) {
+                            ui.label(egui::RichText::new("thinking →").color(THINKING).monospace());
+                        }
+                        if thinking.as_ref().is_some_and(|r| r.end == i && i > r.start) {
+                            ui.label(egui::RichText::new("← answer").color(THINKING).monospace());
+                        }
                         let p = curve.map_or(f32::NAN, |c| c[i]);
-                        let shown = tok.text.replace('\n', "↵");
+                        let shown = tok.text.replace('\n', "↵").replace('\u{FFFD}', "¿");
                         let mut text = egui::RichText::new(if shown.is_empty() {
                             "(empty)".into()
                         } else {
@@ -218,6 +231,9 @@ impl CliffPanel {
                         .monospace()
                         .color(text_on(p))
                         .background_color(score_color(p));
+                        if thinking.as_ref().is_some_and(|r| r.contains(&i)) {
+                            text = text.italics();
+                        }
                         if self.selected == Some(i) {
                             text = text.underline().strong();
                         }
@@ -314,6 +330,21 @@ impl CliffPanel {
                         );
                     }
                 }
+                // The thinking text of a reasoning model's reply, shaded.
+                if let Some(span) = t.thinking {
+                    let r = span.tokens(t.tokens.len());
+                    if r.end > r.start {
+                        let (x0, x1) = (r.start as f64 - 0.5 + dx, r.end as f64 - 0.5 + dx);
+                        plot.polygon(
+                            egui_plot::Polygon::new(
+                                "thinking",
+                                PlotPoints::new(vec![[x0, 0.0], [x1, 0.0], [x1, 1.0], [x0, 1.0]]),
+                            )
+                            .fill_color(THINKING.gamma_multiply(0.15))
+                            .stroke(egui::Stroke::NONE),
+                        );
+                    }
+                }
                 // Position markers are labelled in the plot, not the legend, which keeps the
                 // legend to the curves.
                 let grey = Color32::from_gray(150);
@@ -324,6 +355,10 @@ impl CliffPanel {
                     ("t_post", t.t_post as f64 + dx, grey),
                     ("reply", t.prompt_len as f64 - 0.5 + dx, green),
                 ];
+                if t.cliff_window.end != t.t_post + 1 {
+                    let end = (t.cliff_window.end - 1) as f64 + dx;
+                    marks.push(("end of thinking", end, THINKING));
+                }
                 if let Some(s) = self.selected {
                     marks.push(("selected", s as f64 + dx, blue));
                 }
@@ -493,6 +528,8 @@ fn token_tooltip(t: &Trajectory, i: usize) -> String {
             "\nt_inst"
         } else if i == t.t_post {
             "\nt_post"
+        } else if t.thinking.is_some_and(|s| s.tokens(t.tokens.len()).contains(&i)) {
+            "\nthinking"
         } else {
             ""
         }
@@ -501,19 +538,21 @@ fn token_tooltip(t: &Trajectory, i: usize) -> String {
 
 fn trajectory_csv(t: &Trajectory) -> String {
     let mut out = String::from(
-        "position,token_id,token,in_reply,probe_p_refuse,refusal_projection,harmfulness_projection",
+        "position,token_id,token,in_reply,in_thinking,probe_p_refuse,refusal_projection,harmfulness_projection",
     );
     for l in &t.heatmap_layers {
         out.push_str(&format!(",probe_layer_{l}"));
     }
     out.push('\n');
     let v = |x: &Option<Vec<f32>>, i: usize| x.as_ref().map_or(String::new(), |v| v[i].to_string());
+    let thinking = t.thinking.map(|s| s.tokens(t.tokens.len()));
     for (i, tok) in t.tokens.iter().enumerate() {
         out.push_str(&format!(
-            "{i},{},\"{}\",{},{},{},{}",
+            "{i},{},\"{}\",{},{},{},{},{}",
             tok.id,
             tok.text.replace('"', "\"\""),
             i >= t.prompt_len,
+            thinking.as_ref().is_some_and(|r| r.contains(&i)),
             v(&t.score, i),
             v(&t.refusal, i),
             v(&t.harmfulness, i)

@@ -4,6 +4,7 @@ use refusal_lens_engine::run::generate::{Generation, Sampling, StopReason, Token
 
 use refusal_lens_engine::analysis::steering::Steering;
 
+use crate::gui::session::Session;
 use crate::gui::widgets::colors::{probability_color, probability_legend};
 use crate::worker::{Event, GenerateRequest, Job, JobId, Worker};
 
@@ -167,15 +168,23 @@ impl ReplyPanel {
         self.running = true;
     }
 
-    /// `refusal_tokens`: the model in use has `[refuse]`/`[respond]` (show the τ control).
-    pub fn ui(
-        &mut self,
-        ui: &mut egui::Ui,
-        worker: &mut Worker,
-        model_ready: bool,
-        refusal_tokens: bool,
-    ) {
+    /// The τ control shows when the model in use has `[refuse]`/`[respond]`, the thinking
+    /// switch when it is a reasoning model.
+    pub fn ui(&mut self, ui: &mut egui::Ui, worker: &mut Worker, session: &mut Session) {
+        let (model_ready, refusal_tokens) = (session.model_ready, session.refusal_tokens);
         self.editor(ui);
+        if session.reasoning {
+            let r = ui
+                .checkbox(&mut session.thinking, "Thinking (reasoning model)")
+                .on_hover_text(
+                    "Render the prompt with the template's thinking on (enable_thinking): the \
+                     reply starts with a <think> … </think> span, which the Cliff tab shades \
+                     and reads the cliff at the end of.",
+                );
+            if r.changed() {
+                worker.submit(Job::SetThinking(session.thinking));
+            }
+        }
         self.refusal_control(ui, worker, model_ready, refusal_tokens);
         self.run_controls(ui, worker, model_ready);
         if let Some(e) = &self.error {
@@ -375,7 +384,11 @@ impl ReplyPanel {
 /// One token as a coloured chip (a single widget, so wrapped rows break between chips);
 /// whitespace is made visible.
 fn chip(ui: &mut egui::Ui, text: &str, fill: egui::Color32) -> egui::Response {
-    let shown = text.replace('\n', "↵").replace('\t', "→");
+    // U+FFFD (bytes that are not UTF-8, which a model can emit) has no glyph in egui's fonts.
+    let shown = text
+        .replace('\n', "↵")
+        .replace('\t', "→")
+        .replace('\u{FFFD}', "¿");
     let shown = if shown.is_empty() {
         "∅".to_string()
     } else if shown.trim().is_empty() {

@@ -350,6 +350,7 @@ impl Gguf<'_> {
             template,
             bos_token: token_text("tokenizer.ggml.bos_token_id"),
             eos_token: token_text("tokenizer.ggml.eos_token_id"),
+            enable_thinking: false,
         };
         let mut eos_ids: Vec<u32> = self
             .usize("tokenizer.ggml.eos_token_id")

@@ -508,6 +508,7 @@ fn hf_template(dir: &Path) -> Result<ChatTemplate> {
         template,
         bos_token: token("bos_token"),
         eos_token: token("eos_token"),
+        enable_thinking: false,
     })
 }
 

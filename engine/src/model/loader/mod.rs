@@ -51,6 +51,9 @@ pub struct ModelCard {
     /// What the weights take in memory, measured once loaded.
     #[serde(default)]
     pub memory: MemoryUse,
+    /// The chat template knows thinking (a reasoning model: `enable_thinking` or `<think>`).
+    #[serde(default)]
+    pub reasoning: bool,
 }
 
 /// Bytes the weights of each path hold.
@@ -430,6 +433,7 @@ fn card(
         refusal_tau: None,
         refusal_tau_goal: None,
         memory: MemoryUse::default(),
+        reasoning: template.supports_thinking(),
     }
 }
 
