@@ -698,3 +698,113 @@ fn every_family_runs_every_analysis() {
         ]);
     }
 }
+
+/// Latent Guard end to end: fit on train (layers and τ chosen on val), evaluate on test beside
+/// refusal-based detection with per-category, borderline and jailbreak rows, and the 2-D view
+/// as CSV; a damaged guard file is a one-line error.
+#[test]
+fn guard_fits_evaluates_and_scatters() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_folder(dir.path());
+    let set = |label: &str, word: &str| {
+        let path = dir.path().join(format!("{label}.jsonl"));
+        let rows: String = (0..12)
+            .map(|i| {
+                let split = ["train", "train", "val", "test"][i % 4];
+                let category = ["weapons", "fraud"][(i / 4) % 2];
+                format!("{{\"id\":\"{label}-{i}\",\"prompt\":\"{word} request number {i}\",\"label\":\"{label}\",\"category\":\"{category}\",\"split\":\"{split}\"}}\n")
+            })
+            .collect();
+        std::fs::write(&path, rows).unwrap();
+        path.display().to_string()
+    };
+    let (harmful, harmless) = (set("harmful", "evil"), set("harmless", "kind"));
+    let jailbreaks = dir.path().join("jb.jsonl");
+    std::fs::write(
+        &jailbreaks,
+        "{\"id\": \"story\", \"technique\": \"fiction\", \"template\": \"Tell a story: {prompt}\"}\n",
+    )
+    .unwrap();
+    let guard = dir.path().join("guard.json").display().to_string();
+    let cache = dir.path().join("cache");
+    let run_here = |args: &[&str]| {
+        bin()
+            .env("REFUSAL_LENS_CACHE", &cache)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let sets = [
+        "--model",
+        &model,
+        "--harmful",
+        &harmful,
+        "--harmless",
+        &harmless,
+    ];
+    let fit = json_of(&run_here(
+        &[&["guard", "fit", "--out", &guard, "--json"][..], &sets].concat(),
+    ));
+    let layers = &fit["guard"]["layers"];
+    assert!(layers["start"].as_u64().unwrap() < layers["end"].as_u64().unwrap());
+    assert_eq!(fit["val"]["n_harmful"], 3);
+    let jb = jailbreaks.to_str().unwrap();
+    let inputs = [
+        "--guard",
+        &guard,
+        "--borderline",
+        &harmless,
+        "--jailbreaks",
+        jb,
+    ];
+    let eval = json_of(&run_here(
+        &[
+            &["guard", "eval", "--reply-tokens", "3", "--json"][..],
+            &sets,
+            &inputs,
+        ]
+        .concat(),
+    ));
+    let c = &eval["comparison"];
+    assert_eq!(
+        (c["n_harmful"].as_u64(), c["n_harmless"].as_u64()),
+        (Some(3), Some(3))
+    );
+    for detector in ["guard", "refusal_score"] {
+        let roc = c[detector]["roc"].as_array().unwrap();
+        assert_eq!(roc.first().unwrap(), &serde_json::json!([0.0, 0.0]));
+        assert_eq!(roc.last().unwrap(), &serde_json::json!([1.0, 1.0]));
+    }
+    let counts = &c["refused_reply"];
+    let total: u64 = [
+        "true_positives",
+        "false_negatives",
+        "false_positives",
+        "true_negatives",
+    ]
+    .iter()
+    .map(|k| counts[k].as_u64().unwrap())
+    .sum();
+    assert_eq!(total, 6);
+    assert_eq!(eval["categories"].as_array().unwrap().len(), 2);
+    assert_eq!(eval["jailbreaks"][0]["id"], "story");
+    assert_eq!(eval["jailbreaks"][0]["n"], 3);
+    let csv = dir.path().join("scatter.csv");
+    let out = run_here(
+        &[
+            &["guard", "scatter", "--out", csv.to_str().unwrap()][..],
+            &sets,
+            &inputs,
+        ]
+        .concat(),
+    );
+    succeeded(&out);
+    let text = std::fs::read_to_string(&csv).unwrap();
+    // Header, 3 harmful, 3 harmless, 3 borderline, 3 wrapped (each naming its plain prompt).
+    assert_eq!(text.lines().count(), 13);
+    assert!(text.contains("jailbreak:story,harmful-3+story,harmful-3,"));
+    std::fs::write(&guard, "{\"not\": \"a guard\"}").unwrap();
+    let out = run_here(&[&["guard", "eval"][..], &sets, &inputs].concat());
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("not a saved guard"));
+}

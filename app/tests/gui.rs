@@ -140,6 +140,43 @@ fn a_model_that_fails_to_load_shows_its_error_and_the_app_keeps_working() {
     assert!(h.get_by_label("Generate").accesskit_node().is_disabled());
 }
 
+/// The families beyond Llama open from their GGUF files in the GUI as in the CLI, and reply.
+#[test]
+fn gemma_and_phi3_gguf_files_open_and_reply_in_the_gui() {
+    use candle_core::quantized::GgmlDType;
+    use refusal_lens_engine::testing::{random_weights, tiny_config, write_gguf};
+    let dir = tempfile::tempdir().unwrap();
+    for family in [Family::Gemma2, Family::Gemma3, Family::Phi3] {
+        let cfg = tiny_config(family);
+        let path = dir.path().join(format!("{}.gguf", family.name()));
+        write_gguf(
+            &path,
+            &cfg,
+            &random_weights(&cfg, 8).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
+        let app = RefusalLensApp::with_cache_dir(
+            None,
+            Startup::Path {
+                model: path,
+                adapter: None,
+            },
+            dir.path().join("cache"),
+        );
+        let mut h = Harness::builder()
+            .with_size([1100.0, 720.0])
+            .build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app);
+        step_until(&mut h, "the model", |a| a.model.is_ready());
+        h.get_by_label(family.name());
+        h.get_by_label_contains("weights");
+        h.state_mut().reply.max_new_tokens = 3;
+        h.get_by_label("Generate").click();
+        h.step();
+        step_until(&mut h, "a reply", |a| a.reply.tokens.len() == 3);
+    }
+}
+
 #[test]
 fn main_window_snapshot() {
     let mut h = harness();
@@ -604,7 +641,10 @@ fn a_reasoning_model_gets_a_thinking_switch_and_the_cliff_tab_marks_the_thinking
         // The click clears the last reply on the next frame.
         h.step();
         step_until(h, "a reply", |a| a.reply.tokens.len() == 2);
-        h.get_by_label_contains("Prompt as the model sees it").accesskit_node().label().unwrap()
+        h.get_by_label_contains("Prompt as the model sees it")
+            .accesskit_node()
+            .label()
+            .unwrap()
     };
     // Off: the template writes an empty think block ("<think>\n\n</think>\n\n", 19 byte
     // tokens) into the prompt; on, it leaves thinking to the model.
@@ -614,7 +654,15 @@ fn a_reasoning_model_gets_a_thinking_switch_and_the_cliff_tab_marks_the_thinking
     assert!(h.state().session.thinking);
     let on = prompt_tokens(&mut h);
     let count = |label: &str| -> usize {
-        label.rsplit('(').next().unwrap().split(' ').next().unwrap().parse().unwrap()
+        label
+            .rsplit('(')
+            .next()
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     assert_eq!(count(&off), count(&on) + 19, "{off} / {on}");
 
@@ -627,8 +675,17 @@ fn a_reasoning_model_gets_a_thinking_switch_and_the_cliff_tab_marks_the_thinking
         .unwrap()
         .get_ids()
         .to_vec();
-    let t = trajectory(&model, &prompt, &reply, None, None, 1, CliffOptions::default(),
-        &refusal_lens_engine::hooks::HookSpec::default()).unwrap();
+    let t = trajectory(
+        &model,
+        &prompt,
+        &reply,
+        None,
+        None,
+        1,
+        CliffOptions::default(),
+        &refusal_lens_engine::hooks::HookSpec::default(),
+    )
+    .unwrap();
     assert!(t.thinking.is_some());
     h.state_mut().cliff.trajectory = Some(t);
     h.get_by_label("Cliff").click();

@@ -340,9 +340,23 @@ fn reasoning_replies_have_a_thinking_segment_and_the_cliff_is_read_at_its_end() 
     .unwrap();
     let run = |lm: &LoadedModel, reply_text: &str, at: CliffAt| {
         let prompt = lm.chat_prompt(None, HARMFUL[0]).unwrap();
-        let reply = lm.tokenizer.encode(reply_text, false).unwrap().get_ids().to_vec();
+        let reply = lm
+            .tokenizer
+            .encode(reply_text, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         let cliff = CliffOptions { k: 3, at };
-        let t = trajectory(lm, &prompt, &reply, Some(&probes), None, 1, cliff, &HookSpec::default());
+        let t = trajectory(
+            lm,
+            &prompt,
+            &reply,
+            Some(&probes),
+            None,
+            1,
+            cliff,
+            &HookSpec::default(),
+        );
         (prompt, t)
     };
 
@@ -370,7 +384,10 @@ fn reasoning_replies_have_a_thinking_segment_and_the_cliff_is_read_at_its_end() 
     assert_eq!(t.cliff, cliff_magnitude(&score[t.cliff_window.clone()], 3));
     // Asked for the prompt window, the same reply reads at t_post.
     let (_, t) = run(&lm, reply, CliffAt::Prompt);
-    assert_eq!(t.unwrap().cliff_window, prompt.instruction.start..prompt.t_post + 1);
+    assert_eq!(
+        t.unwrap().cliff_window,
+        prompt.instruction.start..prompt.t_post + 1
+    );
     // Still thinking (no </think> yet): Auto reads the prompt, EndOfThinking is an error.
     let (_, t) = run(&lm, "<think>\nHmm", CliffAt::Auto);
     let t = t.unwrap();
@@ -396,7 +413,10 @@ fn reasoning_replies_have_a_thinking_segment_and_the_cliff_is_read_at_its_end() 
         None,
         probes.at(1).unwrap(),
         1,
-        CliffOptions { k: 3, at: CliffAt::Auto },
+        CliffOptions {
+            k: 3,
+            at: CliffAt::Auto,
+        },
         6,
         &|| false,
         &mut |_, _| {},

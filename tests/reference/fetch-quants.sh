@@ -31,13 +31,13 @@ if [ ! -f "$LCP/llama_cpp/__init__.py" ]; then
     # The AVX2 kernels, not -march=native: a native build can use instructions a virtual
     # machine advertises but traps (an Intel VM here died of SIGILL in the Q4_0 kernels).
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
-        "$PYTHON" -m pip install --quiet --no-deps --target "$LCP.part" \
-        "llama-cpp-python==$VERSION" numpy safetensors
+        "$PYTHON" -m pip install --quiet --target "$LCP.part" \
+        "llama-cpp-python==$VERSION" safetensors
     rm -rf "$LCP" && mv "$LCP.part" "$LCP"
 fi
-# numpy and safetensors for the logits file, in the same target folder.
-if ! PYTHONPATH="$LCP" "$PYTHON" -c "import numpy, safetensors" 2>/dev/null; then
-    "$PYTHON" -m pip install --quiet --target "$LCP" numpy safetensors
+# llama-cpp-python's own dependencies and safetensors for the logits file, in the same folder.
+if ! PYTHONPATH="$LCP" "$PYTHON" -c "import llama_cpp, safetensors" 2>/dev/null; then
+    "$PYTHON" -m pip install --quiet --target "$LCP" numpy diskcache jinja2 safetensors
 fi
 assets/fetch-model.sh
 mkdir -p "$OUT"

@@ -102,7 +102,7 @@ fn organism_directions_probes_and_trajectories_read_its_refusals() {
             Some(&probes),
             Some(&dirs),
             best,
-            8,
+            refusal_lens_engine::analysis::trajectory::CliffOptions::default(),
             &HookSpec::default(),
         )
         .unwrap();

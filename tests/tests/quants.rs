@@ -45,11 +45,9 @@ fn kl_rows(p_logits: &Tensor, q_logits: &Tensor) -> Vec<f32> {
 #[test]
 fn every_tensor_type_matches_llama_cpp() {
     refusal_lens_tests::use_all_cores_when_alone();
-    let reference = candle_core::safetensors::load(
-        quants_dir().join("llama-logits.safetensors"),
-        &Device::Cpu,
-    )
-    .expect("llama.cpp's logits; build them with tests/reference/fetch-quants.sh");
+    let reference =
+        candle_core::safetensors::load(quants_dir().join("llama-logits.safetensors"), &Device::Cpu)
+            .expect("llama.cpp's logits; build them with tests/reference/fetch-quants.sh");
     let ids: Vec<u32> = reference["ids"]
         .to_vec1::<i64>()
         .unwrap()
@@ -67,13 +65,19 @@ fn every_tensor_type_matches_llama_cpp() {
         let kl = kl_rows(theirs, &ours);
         let mean = kl.iter().sum::<f32>() / kl.len() as f32;
         report.push(format!("{ty}: mean KL {mean:.5}"));
-        assert!(mean <= MAX_MEAN_KL, "{ty}: mean KL {mean} from llama.cpp ({kl:?})");
+        assert!(
+            mean <= MAX_MEAN_KL,
+            "{ty}: mean KL {mean} from llama.cpp ({kl:?})"
+        );
         // The same file with its weights kept as stored: the same f32 math.
         let stored = load(ExactWeights::Stored);
         assert_eq!(stored.card.memory.exact_weights, "stored");
         let (again, _) = dense_run(&stored, &ids, &Default::default(), &[]);
         let err = relative_error(&again, &logits);
-        assert!(err < 1e-5, "{ty}: stored vs f32 exact path: relative error {err}");
+        assert!(
+            err < 1e-5,
+            "{ty}: stored vs f32 exact path: relative error {err}"
+        );
     }
     eprintln!("{}", report.join("\n"));
 }

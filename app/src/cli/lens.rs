@@ -35,12 +35,12 @@ pub struct SetPair {
 }
 
 impl SetPair {
-    fn load(&self) -> Result<(PromptSet, PromptSet)> {
+    pub(crate) fn load(&self) -> Result<(PromptSet, PromptSet)> {
         let load = |p: &Path| Ok::<_, anyhow::Error>(PromptSet::load(p, None)?);
         Ok((load(&self.harmful)?, load(&self.harmless)?))
     }
 
-    fn cache(&self) -> Option<PathBuf> {
+    pub(crate) fn cache(&self) -> Option<PathBuf> {
         (!self.no_cache).then(default_cache_dir)
     }
 }

@@ -1,6 +1,7 @@
 //! Headless subcommands: every GUI action is also a command, one module per group. Errors
 //! print as one line and exit non-zero.
 
+mod guard;
 mod heads;
 mod lens;
 mod model;
@@ -121,6 +122,9 @@ pub enum Command {
     /// Per-head attribution (layers × heads, top heads): dla, interchange, attribution,
     /// ablation, suppression, cascade/routing, cipher.
     Heads(heads::HeadsArgs),
+    /// Latent Guard: harmfulness at t_inst as a harmful-input detector, beside refusal-based
+    /// detection, on plain and jailbreak-wrapped prompts (fit, eval, scatter).
+    Guard(guard::GuardArgs),
 }
 
 /// Runs a subcommand; the caller prints the error chain on one line and exits 1.
@@ -159,6 +163,7 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
         Command::Sweep(a) => steer::run_sweep(&lm, a),
         Command::ControlVector(a) => steer::control_vector(&lm, a),
         Command::Heads(a) => heads::run(&lm, a),
+        Command::Guard(a) => guard::run(&lm, a),
         Command::Prompts(_) | Command::Classify(_) | Command::TrainRefusalTokens(_) => {
             unreachable!("handled above")
         }
@@ -183,6 +188,11 @@ fn json_of(c: &Command) -> bool {
         Command::Sweep(a) => a.json,
         Command::ControlVector(_) => false,
         Command::Heads(a) => a.json,
+        Command::Guard(a) => match &a.action {
+            guard::GuardAction::Fit(a) => a.json,
+            guard::GuardAction::Eval(a) => a.json,
+            guard::GuardAction::Scatter(a) => a.json,
+        },
     }
 }
 

@@ -312,9 +312,7 @@ impl RefusalLensApp {
         egui::ScrollArea::vertical()
             .id_salt("central")
             .show(ui, |ui| match self.tab {
-                Tab::Reply => {
-                    self.reply.ui(ui, worker, session)
-                }
+                Tab::Reply => self.reply.ui(ui, worker, session),
                 Tab::Cliff => self.cliff.ui(ui),
                 Tab::Directions => self.directions.ui(ui, worker, session, sets),
                 Tab::Steering => {

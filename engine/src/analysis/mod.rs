@@ -2,6 +2,7 @@
 
 pub mod activations;
 pub mod directions;
+pub mod guard;
 pub mod heads;
 pub mod lens;
 pub mod probe;

@@ -272,9 +272,9 @@ pub struct CliffScore {
 }
 
 /// Cliff magnitude and final score of every prompt of a set, with the probe at `layer`; one
-/// forward pass per prompt, the shared template prefix computed once. With `think_tokens`
-/// > 0 each prompt is first answered greedily (up to that many tokens, on the exact weights)
-/// so the window can end where its thinking does (reasoning models).
+/// forward pass per prompt, the shared template prefix computed once. With a positive
+/// `think_tokens` each prompt is first answered greedily (up to that many tokens, on the exact
+/// weights) so the window can end where its thinking does (reasoning models).
 #[allow(clippy::too_many_arguments)]
 pub fn cliff_scores(
     lm: &LoadedModel,

@@ -71,14 +71,16 @@ impl ThinkingSpan {
             text.push_str(t);
             ends.push(text.len());
         }
-        let start = if from == 0 { 0 } else { ends[from.min(ends.len()) - 1] };
+        let start = if from == 0 {
+            0
+        } else {
+            ends[from.min(ends.len()) - 1]
+        };
         let token_at = |byte: usize| ends.partition_point(|&e| e <= byte);
         let open_at = start + text[start..].find(THINK_OPEN)?;
         let open = token_at(open_at + THINK_OPEN.len() - 1);
         let after = ends[open];
-        let close = text[after..]
-            .find(THINK_CLOSE)
-            .map(|i| token_at(after + i));
+        let close = text[after..].find(THINK_CLOSE).map(|i| token_at(after + i));
         Some(ThinkingSpan { open, close })
     }
 }

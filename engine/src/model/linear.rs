@@ -305,7 +305,7 @@ const STORED_SLICE_ELEMENTS: usize = 1 << 24;
 fn stored_matmul(weight: &QTensor, x: &Tensor, slice_elements: usize) -> Result<Tensor> {
     let (out, in_features) = weight.shape().dims2()?;
     let product = |w: &QTensor| -> Result<Tensor> {
-        let w_t = w.dequantize(&Device::Cpu)?.t()?;
+        let w_t = dequantize_in_parallel(w)?.t()?;
         Ok(match x.dims() {
             [b, s, i] => x
                 .reshape((b * s, *i))?
@@ -326,6 +326,37 @@ fn stored_matmul(weight: &QTensor, x: &Tensor, slice_elements: usize) -> Result<
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&slices, D::Minus1)?)
+}
+
+/// `w` as f32, its rows dequantised on every core at once (candle dequantises on one thread,
+/// and dequantising dominates a stored model's prompt pass).
+fn dequantize_in_parallel(w: &QTensor) -> Result<Tensor> {
+    let (rows, _) = w.shape().dims2()?;
+    let threads = std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .clamp(1, rows.max(1));
+    if threads == 1 || rows < 2 * threads {
+        return Ok(w.dequantize(&Device::Cpu)?);
+    }
+    let per = rows.div_ceil(threads);
+    let parts = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..rows)
+            .step_by(per)
+            .map(|start| {
+                scope.spawn(move || -> Result<Tensor> {
+                    let n = per.min(rows - start);
+                    Ok(crate::model::loader::split_rows(w, start, n)?.dequantize(&Device::Cpu)?)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a dequantising thread panicked"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    Ok(Tensor::cat(&parts, 0)?)
 }
 
 /// `x · W_t` with a backward pass that returns only the input's gradient `g · W_tᵀ`.
@@ -394,7 +425,12 @@ mod tests {
         let whole = stored_matmul(&q, &x, usize::MAX).unwrap();
         for slice in [64, 640, 64 * 33] {
             let sliced = stored_matmul(&q, &x, slice).unwrap();
-            let diff = (&sliced - &whole).unwrap().abs().unwrap().max_all().unwrap();
+            let diff = (&sliced - &whole)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "slices of {slice}");
         }
         assert_eq!(whole.dims(), &[2, 3, 70]);

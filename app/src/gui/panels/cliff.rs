@@ -216,7 +216,11 @@ impl CliffPanel {
                             ui.separator();
                         }
                         if thinking.as_ref().is_some_and(|r| r.start == i) {
-                            ui.label(egui::RichText::new("thinking →").color(THINKING).monospace());
+                            ui.label(
+                                egui::RichText::new("thinking →")
+                                    .color(THINKING)
+                                    .monospace(),
+                            );
                         }
                         if thinking.as_ref().is_some_and(|r| r.end == i && i > r.start) {
                             ui.label(egui::RichText::new("← answer").color(THINKING).monospace());
@@ -528,7 +532,10 @@ fn token_tooltip(t: &Trajectory, i: usize) -> String {
             "\nt_inst"
         } else if i == t.t_post {
             "\nt_post"
-        } else if t.thinking.is_some_and(|s| s.tokens(t.tokens.len()).contains(&i)) {
+        } else if t
+            .thinking
+            .is_some_and(|s| s.tokens(t.tokens.len()).contains(&i))
+        {
             "\nthinking"
         } else {
             ""
