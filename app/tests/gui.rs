@@ -168,7 +168,8 @@ fn gemma_and_phi3_gguf_files_open_and_reply_in_the_gui() {
             .with_size([1100.0, 720.0])
             .build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app);
         step_until(&mut h, "the model", |a| a.model.is_ready());
-        h.get_by_label(family.name());
+        // The architecture row (the file is named after it too).
+        assert!(h.get_all_by_label(family.name()).count() >= 1);
         h.get_by_label_contains("weights");
         h.state_mut().reply.max_new_tokens = 3;
         h.get_by_label("Generate").click();
@@ -695,4 +696,46 @@ fn a_reasoning_model_gets_a_thinking_switch_and_the_cliff_tab_marks_the_thinking
     h.get_by_label_contains("score at end of thinking");
     h.get_by_label("thinking →");
     h.get_by_label("← answer");
+}
+
+/// The Guard tab fits and evaluates the guard on the bundled sets, shows both detectors'
+/// confusion matrices, the ROC and the jailbreak table, and moves with its threshold slider.
+#[test]
+fn the_guard_tab_fits_evaluates_and_follows_its_threshold() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut h = harness_in(cache.path());
+    step_until(&mut h, "the model and the prompt sets", |a| {
+        a.model.is_ready() && a.prompt_sets.sets.len() >= 3
+    });
+    h.get_by_label("Guard").click();
+    h.step();
+    h.get_by_label("Fit & evaluate guard").click();
+    step_until(&mut h, "the guard", |a| {
+        a.guard.study.is_some() || a.guard.error.is_some()
+    });
+    assert_eq!(h.state().guard.error, None);
+    for _ in 0..3 {
+        h.step();
+    }
+    h.get_by_label("Latent Guard (t_inst)");
+    h.get_by_label("ROC on the test split");
+    h.get_by_label("roleplay-dan");
+    let study = h.state().guard.study.clone().unwrap();
+    // 100 + 100 test prompts, 80 borderline, 100 per jailbreak template.
+    let count = |group: &str| study.points.iter().filter(|p| p.group == group).count();
+    assert_eq!((count("harmful"), count("harmless")), (100, 100));
+    assert_eq!(count("jailbreak:roleplay-dan"), 100);
+    assert!(study
+        .points
+        .iter()
+        .filter(|p| p.wraps.is_some())
+        .all(|p| { p.prompt.contains(&study.points[p.wraps.unwrap()].prompt) }));
+    // A threshold above every score flags nothing.
+    h.state_mut().guard.tau = 10.0;
+    h.step();
+    let c = study.comparison(10.0);
+    assert_eq!(
+        c.guard.at_tau.true_positives + c.guard.at_tau.false_positives,
+        0
+    );
 }

@@ -34,6 +34,7 @@ pub enum Tab {
     Directions,
     Steering,
     Heads,
+    Guard,
 }
 
 /// What the app opens at start.
@@ -66,6 +67,7 @@ pub struct RefusalLensApp {
     pub directions: DirectionsPanel,
     pub steering: SteeringPanel,
     pub heads: HeadsPanel,
+    pub guard: GuardPanel,
     pub tab: Tab,
 }
 
@@ -117,6 +119,7 @@ impl RefusalLensApp {
             directions: DirectionsPanel::default(),
             steering: SteeringPanel::default(),
             heads: HeadsPanel::default(),
+            guard: GuardPanel::default(),
             tab: Tab::default(),
         }
     }
@@ -164,6 +167,7 @@ impl RefusalLensApp {
                     self.cliff.clear();
                     self.steering.clear();
                     self.heads.clear();
+                    self.guard.clear();
                     self.model.on_event(event)
                 }
                 Event::LensReady {
@@ -181,6 +185,7 @@ impl RefusalLensApp {
                 other if self.cliff.owns(&other) => self.cliff.on_event(other),
                 other if self.steering.owns(&other) => self.steering.on_event(other),
                 other if self.heads.owns(&other) => self.heads.on_event(other),
+                other if self.guard.owns(&other) => self.guard.on_event(other),
                 other if self.directions.owns(&other) => self.directions.on_event(other),
                 other if self.calibration.owns(&other) => self.calibration.on_event(&other),
                 other if self.training.owns(&other) => self.training.on_event(&other),
@@ -304,6 +309,7 @@ impl RefusalLensApp {
             ui.selectable_value(&mut self.tab, Tab::Directions, "Directions");
             ui.selectable_value(&mut self.tab, Tab::Steering, "Steering");
             ui.selectable_value(&mut self.tab, Tab::Heads, "Head attribution");
+            ui.selectable_value(&mut self.tab, Tab::Guard, "Guard");
         });
         ui.separator();
         let session = &mut self.session;
@@ -323,7 +329,13 @@ impl RefusalLensApp {
                     let base = self.reply.request();
                     self.heads.ui(ui, worker, session, sets, &base)
                 }
+                Tab::Guard => self.guard.ui(ui, worker, session, sets),
             });
+        // A point clicked in the Guard tab's 2-D view becomes the prompt to study.
+        if let Some(prompt) = self.guard.take_clicked() {
+            self.reply.prompt = prompt;
+            self.tab = Tab::Reply;
+        }
     }
 
     /// True while anything is in flight (keep repainting).

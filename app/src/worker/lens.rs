@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use refusal_lens_engine::analysis::directions::Directions;
+use refusal_lens_engine::analysis::guard::study;
 use refusal_lens_engine::analysis::lens::{self, DirectionOptions, ProbeJob};
 use refusal_lens_engine::analysis::probe::ProbeSet;
-use refusal_lens_engine::data::prompts::PromptSet;
+use refusal_lens_engine::data::prompts::{Jailbreak, PromptSet};
 use refusal_lens_engine::Error;
 
 use super::protocol::Event;
@@ -133,6 +134,32 @@ pub(super) fn load(state: &mut State, ctx: &Ctx, path: &Path) -> JobResult {
         directions,
         probes,
         build_seconds: None,
+    });
+    Ok(())
+}
+
+/// Latent Guard on the sets (`analysis::guard::study`), for the Guard tab.
+pub(super) fn guard(
+    state: &State,
+    ctx: &Ctx,
+    (harmful, harmless): (&PromptSet, &PromptSet),
+    borderline: Option<&PromptSet>,
+    jailbreaks: &[Jailbreak],
+    activation_cache: &Path,
+) -> JobResult {
+    let study = study(
+        state.active()?,
+        harmful,
+        harmless,
+        borderline,
+        jailbreaks,
+        Some(activation_cache),
+        &|| ctx.cancelled(),
+        &mut |phase, done, total| ctx.progress(phase, done, total),
+    )?;
+    ctx.emit(Event::GuardReady {
+        id: ctx.id,
+        study: Box::new(study),
     });
     Ok(())
 }

@@ -247,5 +247,19 @@ fn dispatch(state: &mut State, ctx: &Ctx, job: Job) -> JobResult {
         Job::LoadLens(path) => lens::load(state, ctx, &path),
         Job::Heads { pairs } => heads::metrics(state, ctx, &pairs),
         Job::Cascade { harmful, gate } => heads::cascade(state, ctx, &harmful, gate),
+        Job::Guard {
+            harmful,
+            harmless,
+            borderline,
+            jailbreaks,
+            activation_cache,
+        } => lens::guard(
+            state,
+            ctx,
+            (&harmful, &harmless),
+            borderline.as_deref(),
+            &jailbreaks,
+            &activation_cache,
+        ),
     }
 }

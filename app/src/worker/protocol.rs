@@ -7,12 +7,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use refusal_lens_engine::analysis::directions::Directions;
+use refusal_lens_engine::analysis::guard::GuardStudy;
 use refusal_lens_engine::analysis::heads::{HeadMap, HeadMetrics};
 use refusal_lens_engine::analysis::lens::DirectionOptions;
 use refusal_lens_engine::analysis::probe::ProbeSet;
 use refusal_lens_engine::analysis::steering::{Steering, SweepPoint};
 use refusal_lens_engine::analysis::trajectory::Trajectory;
-use refusal_lens_engine::data::prompts::{PromptRecord, PromptSet};
+use refusal_lens_engine::data::prompts::{Jailbreak, PromptRecord, PromptSet};
 use refusal_lens_engine::model::loader::ModelCard;
 use refusal_lens_engine::organism::TrainOptions;
 use refusal_lens_engine::refusal::response::ResponseMode;
@@ -122,6 +123,15 @@ pub enum Job {
         harmful: String,
         gate: (usize, usize),
     },
+    /// Latent Guard: fit on the train split, choose on val, score the test split of the sets,
+    /// the borderline set and the jailbreak-wrapped harmful prompts.
+    Guard {
+        harmful: Box<PromptSet>,
+        harmless: Box<PromptSet>,
+        borderline: Option<Box<PromptSet>>,
+        jailbreaks: Vec<Jailbreak>,
+        activation_cache: PathBuf,
+    },
 }
 
 /// Which cancellation mark a job watches (see `Worker::cancel_all` and
@@ -142,9 +152,11 @@ impl Job {
     pub(super) fn cancel_group(&self) -> CancelGroup {
         match self {
             Job::Generate(_) | Job::Calibrate { .. } | Job::Train { .. } => CancelGroup::Replies,
-            Job::BuildLens { .. } | Job::Sweep { .. } | Job::Heads { .. } | Job::Cascade { .. } => {
-                CancelGroup::Analyses
-            }
+            Job::BuildLens { .. }
+            | Job::Sweep { .. }
+            | Job::Heads { .. }
+            | Job::Cascade { .. }
+            | Job::Guard { .. } => CancelGroup::Analyses,
             Job::Steer { .. } => CancelGroup::Steer,
             _ => CancelGroup::None,
         }
@@ -261,6 +273,10 @@ pub enum Event {
         gate: (usize, usize),
         cascade: HeadMap,
     },
+    GuardReady {
+        id: JobId,
+        study: Box<GuardStudy>,
+    },
 }
 
 impl Event {
@@ -283,7 +299,8 @@ impl Event {
             | LensReady { id, .. }
             | LensSaved { id, .. }
             | HeadsReady { id, .. }
-            | Cascade { id, .. } => *id,
+            | Cascade { id, .. }
+            | GuardReady { id, .. } => *id,
         }
     }
 }

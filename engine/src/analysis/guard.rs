@@ -9,9 +9,11 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::analysis::activations::SetActivations;
+use crate::analysis::activations::{collect_cached, SetActivations};
 use crate::analysis::probe::auc;
-use crate::{Error, Result};
+use crate::data::prompts::{Jailbreak, PromptSet, Split};
+use crate::refusal::refusal_score;
+use crate::{Error, LoadedModel, Result};
 
 /// A fitted guard: centroids at every state, the states it averages, its threshold.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -355,6 +357,135 @@ impl GuardComparison {
                 .map(|(a, b)| Detection::of(&[a, b].concat(), &labels)),
         }
     }
+}
+
+/// One prompt in the 2-D view: its harmfulness (the guard's score at t_inst) and its refusal
+/// score at t_post.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuardPoint {
+    /// `harmful`, `harmless`, `borderline` or `jailbreak:<id>`.
+    pub group: String,
+    pub prompt: String,
+    /// Ground truth for detection: a harmful request, wrapped or not.
+    pub harmful: bool,
+    /// For a jailbreak-wrapped prompt, the index of its plain version among the points.
+    pub wraps: Option<usize>,
+    pub harmfulness: f32,
+    pub refusal_score: f32,
+}
+
+/// A guard fitted on the sets' train split (layers and τ chosen on val) and every test prompt
+/// it was evaluated on: the data of the Guard tab.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GuardStudy {
+    pub guard: LatentGuard,
+    pub points: Vec<GuardPoint>,
+    /// The model's gate τ as a refusal score (refusal-based detection's threshold).
+    pub refusal_score_tau: f32,
+}
+
+impl GuardStudy {
+    /// The guard at `tau` beside refusal-based detection on the plain harmful and harmless
+    /// test prompts.
+    pub fn comparison(&self, tau: f32) -> GuardComparison {
+        let pick = |group: &str, f: fn(&GuardPoint) -> f32| -> Vec<f32> {
+            self.points
+                .iter()
+                .filter(|p| p.group == group)
+                .map(f)
+                .collect()
+        };
+        let (gh, gl) = (
+            pick("harmful", |p| p.harmfulness),
+            pick("harmless", |p| p.harmfulness),
+        );
+        let (rh, rl) = (
+            pick("harmful", |p| p.refusal_score),
+            pick("harmless", |p| p.refusal_score),
+        );
+        GuardComparison::new(
+            &DetectorInputs {
+                guard: (&gh, &gl),
+                refusal_score: (&rh, &rl),
+                refused_reply: None,
+            },
+            tau,
+            self.refusal_score_tau,
+        )
+    }
+}
+
+/// Fits a guard on the train split of `harmful` and `harmless`, chooses its layers and τ on
+/// val, and scores the test split of both, of `borderline`, and of the harmful test prompts
+/// wrapped in each jailbreak template. States are read through the activation cache.
+#[allow(clippy::too_many_arguments)]
+pub fn study(
+    lm: &LoadedModel,
+    harmful: &PromptSet,
+    harmless: &PromptSet,
+    borderline: Option<&PromptSet>,
+    jailbreaks: &[Jailbreak],
+    cache: Option<&Path>,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<GuardStudy> {
+    let prompts = |set: &PromptSet, split: Split| -> Vec<String> {
+        set.split(Some(split)).map(|r| r.prompt.clone()).collect()
+    };
+    let mut states = |phase: &str, texts: &[String]| -> Result<SetActivations> {
+        if texts.is_empty() {
+            return Err(Error::InvalidInput(format!("no prompts for {phase}")));
+        }
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        collect_cached(lm, &refs, None, cache, cancelled, &mut |d, t| {
+            progress(phase, d, t)
+        })
+    };
+    let mut guard = LatentGuard::fit(
+        &states("harmful train", &prompts(harmful, Split::Train))?,
+        &states("harmless train", &prompts(harmless, Split::Train))?,
+    )?;
+    guard.choose(
+        &states("harmful val", &prompts(harmful, Split::Val))?,
+        &states("harmless val", &prompts(harmless, Split::Val))?,
+    )?;
+    let harmful_test = prompts(harmful, Split::Test);
+    let mut groups: Vec<(String, Vec<String>, bool)> = vec![
+        ("harmful".into(), harmful_test.clone(), true),
+        ("harmless".into(), prompts(harmless, Split::Test), false),
+    ];
+    if let Some(b) = borderline {
+        groups.push(("borderline".into(), prompts(b, Split::Test), false));
+    }
+    for j in jailbreaks {
+        let wrapped = harmful_test.iter().map(|p| j.wrap(p)).collect();
+        groups.push((format!("jailbreak:{}", j.id), wrapped, true));
+    }
+    let mut points = Vec::new();
+    for (group, texts, is_harmful) in groups {
+        if texts.is_empty() {
+            continue;
+        }
+        let acts = states(&group, &texts)?;
+        let scores = guard.scores(&acts)?;
+        let wrapped = group.starts_with("jailbreak:");
+        for (i, prompt) in texts.into_iter().enumerate() {
+            points.push(GuardPoint {
+                group: group.clone(),
+                prompt,
+                harmful: is_harmful,
+                // The plain harmful prompts are the first points, in order.
+                wraps: wrapped.then_some(i),
+                harmfulness: scores[i],
+                refusal_score: refusal_score(acts.refusal_probability[i]),
+            });
+        }
+    }
+    Ok(GuardStudy {
+        guard,
+        points,
+        refusal_score_tau: refusal_score(lm.refusal_tau()),
+    })
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 pub mod calibration;
 pub mod cliff;
 pub mod directions;
+pub mod guard;
 pub mod heads;
 pub mod model;
 pub mod prompt_sets;
@@ -13,6 +14,7 @@ pub mod training;
 pub use calibration::CalibrationPanel;
 pub use cliff::CliffPanel;
 pub use directions::DirectionsPanel;
+pub use guard::GuardPanel;
 pub use heads::HeadsPanel;
 pub use model::{ModelPanel, ModelState};
 pub use prompt_sets::PromptSetsPanel;
