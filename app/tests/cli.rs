@@ -23,6 +23,22 @@ fn tiny_folder(dir: &Path) -> String {
     dir.join("tiny").display().to_string()
 }
 
+/// Writes a JSONL prompt set of `n` prompts `"{word} request number {i}"` to `dir/{label}.jsonl`,
+/// split train, train, val, test in turn, in two categories (four prompts each in turn), each
+/// with a `pair_id`; returns its path.
+fn write_set(dir: &Path, label: &str, word: &str, n: usize) -> String {
+    let path = dir.join(format!("{label}.jsonl"));
+    let rows: String = (0..n)
+        .map(|i| {
+            let split = ["train", "train", "val", "test"][i % 4];
+            let category = ["weapons", "fraud"][(i / 4) % 2];
+            format!("{{\"id\":\"{label}-{i}\",\"pair_id\":\"p{i}\",\"prompt\":\"{word} request number {i}\",\"label\":\"{label}\",\"category\":\"{category}\",\"split\":\"{split}\"}}\n")
+        })
+        .collect();
+    std::fs::write(&path, rows).unwrap();
+    path.display().to_string()
+}
+
 /// Asserts that the command succeeded, showing its stderr if not.
 fn succeeded(out: &Output) {
     assert!(
@@ -427,18 +443,8 @@ fn train_refusal_tokens_then_calibrate_with_the_adapter() {
 fn directions_probe_trajectory_and_cliff_rank_chain_through_saved_files() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_folder(dir.path());
-    let set = |label: &str, word: &str| {
-        let path = dir.path().join(format!("{label}.jsonl"));
-        let rows: String = (0..12)
-            .map(|i| {
-                let split = ["train", "train", "val", "test"][i % 4];
-                format!("{{\"id\":\"{label}-{i}\",\"prompt\":\"{word} request number {i}\",\"label\":\"{label}\",\"split\":\"{split}\"}}\n")
-            })
-            .collect();
-        std::fs::write(&path, rows).unwrap();
-        path.display().to_string()
-    };
-    let (harmful, harmless) = (set("harmful", "evil"), set("harmless", "kind"));
+    let harmful = write_set(dir.path(), "harmful", "evil", 12);
+    let harmless = write_set(dir.path(), "harmless", "kind", 12);
     let dirs = dir.path().join("dirs.safetensors").display().to_string();
     let probes = dir.path().join("probes.safetensors").display().to_string();
     let cache = dir.path().join("cache");
@@ -607,18 +613,8 @@ fn every_family_runs_every_analysis() {
         let model = path.display().to_string();
         let sets = dir.path().join("sets");
         std::fs::create_dir(&sets).unwrap();
-        let write_set = |label: &str, word: &str| {
-            let rows: String = (0..8)
-                .map(|i| {
-                    let split = ["train", "train", "val", "test"][i % 4];
-                    format!("{{\"id\":\"{label}-{i}\",\"pair_id\":\"p{i}\",\"prompt\":\"{word} request {i}\",\"label\":\"{label}\",\"split\":\"{split}\"}}\n")
-                })
-                .collect();
-            let path = sets.join(format!("{label}.jsonl"));
-            std::fs::write(&path, rows).unwrap();
-            path.display().to_string()
-        };
-        let (harmful, harmless) = (write_set("harmful", "evil"), write_set("harmless", "kind"));
+        let harmful = write_set(&sets, "harmful", "Explain how to steal", 8);
+        let harmless = write_set(&sets, "harmless", "Tell me a kind story", 8);
         std::fs::copy(&harmless, sets.join("borderline.jsonl")).unwrap();
         let p = |name: &str| dir.path().join(name).display().to_string();
         let (dirs, probes) = (p("dirs.safetensors"), p("probes.safetensors"));
@@ -706,19 +702,8 @@ fn every_family_runs_every_analysis() {
 fn guard_fits_evaluates_and_scatters() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_folder(dir.path());
-    let set = |label: &str, word: &str| {
-        let path = dir.path().join(format!("{label}.jsonl"));
-        let rows: String = (0..12)
-            .map(|i| {
-                let split = ["train", "train", "val", "test"][i % 4];
-                let category = ["weapons", "fraud"][(i / 4) % 2];
-                format!("{{\"id\":\"{label}-{i}\",\"prompt\":\"{word} request number {i}\",\"label\":\"{label}\",\"category\":\"{category}\",\"split\":\"{split}\"}}\n")
-            })
-            .collect();
-        std::fs::write(&path, rows).unwrap();
-        path.display().to_string()
-    };
-    let (harmful, harmless) = (set("harmful", "evil"), set("harmless", "kind"));
+    let harmful = write_set(dir.path(), "harmful", "evil", 12);
+    let harmless = write_set(dir.path(), "harmless", "kind", 12);
     let jailbreaks = dir.path().join("jb.jsonl");
     std::fs::write(
         &jailbreaks,

@@ -442,19 +442,26 @@ impl Gguf<'_> {
     }
 }
 
+impl<'a> Gguf<'a> {
+    /// Reads the file's metadata and tensor index (no tensor data yet).
+    fn open(path: &'a Path) -> Result<Gguf<'a>> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut file = BufReader::new(file);
+        let content = Content::read(&mut file).map_err(|e| unreadable(path, e))?;
+        Ok(Gguf {
+            path,
+            content,
+            file,
+            originals: HashMap::new(),
+            quantization: BTreeMap::new(),
+            quantized: false,
+            keep_stored: false,
+        })
+    }
+}
+
 pub(super) fn load(path: &Path, exact: ExactWeights) -> Result<Checkpoint> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut file = BufReader::new(file);
-    let content = Content::read(&mut file).map_err(|e| unreadable(path, e))?;
-    let mut g = Gguf {
-        path,
-        content,
-        file,
-        originals: HashMap::new(),
-        quantization: BTreeMap::new(),
-        quantized: false,
-        keep_stored: false,
-    };
+    let mut g = Gguf::open(path)?;
     let (arch, config) = g.config()?;
     let plan = g.plan(exact);
     plan.check_fits(path)?;
@@ -476,19 +483,7 @@ pub(super) fn load(path: &Path, exact: ExactWeights) -> Result<Checkpoint> {
 
 /// Only the tokenizer of a GGUF file (vocabulary-only files included).
 pub(super) fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut file = BufReader::new(file);
-    let content = Content::read(&mut file).map_err(|e| unreadable(path, e))?;
-    let g = Gguf {
-        path,
-        content,
-        file,
-        originals: HashMap::new(),
-        quantization: BTreeMap::new(),
-        quantized: false,
-        keep_stored: false,
-    };
-    Ok(g.tokenizer()?.0)
+    Ok(Gguf::open(path)?.tokenizer()?.0)
 }
 
 /// A GGUF file candle cannot parse. Tensor types it has no kernels for (the IQ family,
