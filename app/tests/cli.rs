@@ -17,6 +17,15 @@ fn run(args: &[&str]) -> Output {
     bin().args(args).output().unwrap()
 }
 
+/// Runs the binary with its caches under `cache` (the test's own, not the user's).
+fn run_cached(cache: &Path, args: &[&str]) -> Output {
+    bin()
+        .env("REFUSAL_LENS_CACHE", cache)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 fn tiny_folder(dir: &Path) -> String {
     let cfg = tiny_config(Family::Llama);
     write_hf_folder(&dir.join("tiny"), &cfg, &random_weights(&cfg, 3).unwrap()).unwrap();
@@ -448,13 +457,7 @@ fn directions_probe_trajectory_and_cliff_rank_chain_through_saved_files() {
     let dirs = dir.path().join("dirs.safetensors").display().to_string();
     let probes = dir.path().join("probes.safetensors").display().to_string();
     let cache = dir.path().join("cache");
-    let run_here = |args: &[&str]| {
-        bin()
-            .env("REFUSAL_LENS_CACHE", &cache)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let run_here = |args: &[&str]| run_cached(&cache, args);
     let common = [
         "--model",
         &model,
@@ -622,11 +625,7 @@ fn every_family_runs_every_analysis() {
         let ok = |args: &[&str]| {
             let mut all = vec![args[0], "--model", &model, "--json"];
             all.extend(&args[1..]);
-            let out = bin()
-                .env("REFUSAL_LENS_CACHE", dir.path().join("cache"))
-                .args(&all)
-                .output()
-                .unwrap();
+            let out = run_cached(&dir.path().join("cache"), &all);
             assert!(
                 out.status.success(),
                 "{family:?} {}: {}",
@@ -712,13 +711,7 @@ fn guard_fits_evaluates_and_scatters() {
     .unwrap();
     let guard = dir.path().join("guard.json").display().to_string();
     let cache = dir.path().join("cache");
-    let run_here = |args: &[&str]| {
-        bin()
-            .env("REFUSAL_LENS_CACHE", &cache)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let run_here = |args: &[&str]| run_cached(&cache, args);
     let sets = [
         "--model",
         &model,
