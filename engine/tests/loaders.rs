@@ -579,3 +579,30 @@ fn stop_tokens_come_from_generation_config_and_sharded_weights_load() {
         0.0
     );
 }
+
+/// A config without `tie_word_embeddings` (transformers' default differs by family) ties the
+/// unembedding exactly when the folder has no `lm_head.weight`.
+#[test]
+fn missing_tie_word_embeddings_is_read_from_the_weights() {
+    for family in [Family::Llama, Family::Qwen2] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tiny_config(family);
+        let weights = random_weights(&cfg, 41).unwrap();
+        write_hf_folder(dir.path(), &cfg, &weights).unwrap();
+        let path = dir.path().join("config.json");
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config
+            .as_object_mut()
+            .unwrap()
+            .remove("tie_word_embeddings");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let m = LoadedModel::load(dir.path(), FastPrecision::Auto).unwrap();
+        assert_eq!(
+            m.model.config.tied_embeddings, cfg.tied_embeddings,
+            "{family:?}"
+        );
+        let mem = tiny_model(family, 41).unwrap();
+        assert!(max_abs_diff(&logits(&m, &IDS), &logits(&mem, &IDS)) < 1e-5);
+    }
+}

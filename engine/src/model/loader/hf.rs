@@ -77,8 +77,9 @@ struct HfConfig {
     attn_logit_softcapping: Option<f64>,
     final_logit_softcapping: Option<f64>,
     vocab_size: usize,
-    #[serde(default)]
-    tie_word_embeddings: bool,
+    /// Absent in many configs (transformers' default then depends on the family): decided by
+    /// whether the folder has an `lm_head.weight`.
+    tie_word_embeddings: Option<bool>,
     #[serde(default)]
     eos_token_id: Option<serde_json::Value>,
 }
@@ -98,10 +99,13 @@ pub(super) fn load(dir: &Path, exact: ExactWeights) -> Result<Checkpoint> {
     }
     let hf: HfConfig = read_json(&config_path)?;
     let arch = hf.model_type.clone().unwrap_or_default();
-    let config = model_config(&hf, &arch)?;
+    let mut config = model_config(&hf, &arch)?;
     let tokenizer = tokenizer::from_file(&dir.join("tokenizer.json"))?;
     let template = hf_template(dir)?;
     let source = Source::open(dir)?;
+    if hf.tie_word_embeddings.is_none() {
+        config.tied_embeddings = !source.has("lm_head.weight");
+    }
     let inventory = source.inventory()?;
     let mut quantization = BTreeMap::new();
     for (_, dtype, _) in &inventory {
@@ -188,7 +192,7 @@ fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
             .unwrap_or(10_000.0),
         rope_scaling: rope_scaling(rope.global)?,
         rms_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-        tied_embeddings: hf.tie_word_embeddings,
+        tied_embeddings: hf.tie_word_embeddings.unwrap_or(false),
         sliding_window: match arch {
             "mistral" | "phi3" | "gemma2" | "gemma3_text" => hf.sliding_window,
             "qwen2" | "qwen3" if hf.use_sliding_window => {
