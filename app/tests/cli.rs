@@ -786,3 +786,76 @@ fn guard_fits_evaluates_and_scatters() {
     assert!(!out.status.success());
     assert!(stderr_line(&out).contains("not a saved guard"));
 }
+
+/// `export-ablated` writes a GGUF that loads and reports the export's refusal rate and KL; a
+/// model loaded from an HF folder cannot be written back as GGUF and says so in one line.
+#[test]
+fn export_ablated_writes_a_loadable_gguf_and_reports_its_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cfg = tiny_config(Family::Llama);
+    let model = dir.path().join("tiny.gguf");
+    write_gguf(
+        &model,
+        &cfg,
+        &random_weights(&cfg, 71).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    let model = model.display().to_string();
+    let harmful = write_set(dir.path(), "harmful", "evil", 12);
+    let harmless = write_set(dir.path(), "harmless", "kind", 12);
+    let sets = ["--harmful", &harmful, "--harmless", &harmless];
+    let dirs = dir.path().join("dirs.safetensors").display().to_string();
+    let args = [
+        &[
+            "directions",
+            "--model",
+            &model,
+            "--no-select",
+            "--out",
+            &dirs,
+        ][..],
+        &sets,
+    ]
+    .concat();
+    succeeded(&run_cached(&cache, &args));
+    let out = dir.path().join("ablated.gguf").display().to_string();
+    let args = [
+        &[
+            "export-ablated",
+            "--model",
+            &model,
+            "--directions",
+            &dirs,
+            "--out",
+            &out,
+            "--json",
+        ][..],
+        &sets,
+    ]
+    .concat();
+    let v = json_of(&run_cached(&cache, &args));
+    assert!(v["harmless_mean_kl"].as_f64().unwrap() >= 0.0);
+    assert_eq!(v["n_harmful"], 3);
+    assert!(v["harmful_refusal_rate_after"].is_number());
+    let info = json_of(&run(&["info", "--model", &out, "--json"]));
+    assert_eq!(info["n_layers"], 2);
+    let hf = tiny_folder(dir.path());
+    let args = [
+        &[
+            "export-ablated",
+            "--model",
+            &hf,
+            "--directions",
+            &dirs,
+            "--out",
+            &out,
+        ][..],
+        &sets,
+    ]
+    .concat();
+    let failed = run_cached(&cache, &args);
+    assert!(!failed.status.success());
+    assert!(stderr_line(&failed).contains("loaded from GGUF"));
+}

@@ -314,3 +314,72 @@ fn control_vectors_read_back_as_gguf_with_one_scaled_direction_per_layer() {
     // State 1 (block 0's input) has no llama.cpp slot.
     assert!(write_control_vector(&path, &d, Direction::Refusal, (1, 2), 1.0, "llama").is_err());
 }
+
+/// Abliteration: the weights orthogonalised against r̂ compute what directional ablation
+/// through hooks computes (tied embeddings untied), and the GGUF written from them loads back
+/// to the same logits; Gemma's post-norms are refused.
+#[test]
+fn abliterated_weights_equal_directional_ablation_and_survive_a_gguf_round_trip() {
+    use candle_core::quantized::GgmlDType;
+    use refusal_lens_engine::analysis::abliterate::{orthogonalized, write_gguf};
+    use refusal_lens_engine::hooks::{HookSpec, Intervention};
+    use refusal_lens_engine::model::FastPrecision;
+    use refusal_lens_engine::testing::{
+        dense_logits, dense_run, max_abs_diff, random_weights, tiny_config,
+        write_gguf as write_tiny,
+    };
+    let ids = [257u32, 72, 105, 33, 32, 104, 111, 119, 258, 10];
+    for family in [
+        refusal_lens_engine::model::config::Family::Llama,
+        refusal_lens_engine::model::config::Family::Qwen2,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = tiny_config(family);
+        let source = dir.path().join("source.gguf");
+        write_tiny(
+            &source,
+            &cfg,
+            &random_weights(&cfg, 61).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
+        let lm = refusal_lens_engine::LoadedModel::load(&source, FastPrecision::Auto).unwrap();
+        let r: Vec<f32> = (0..cfg.d_model)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+            .collect();
+        let r_t = candle_core::Tensor::new(r.as_slice(), &candle_core::Device::Cpu).unwrap();
+        let hooks = HookSpec::with_interventions(
+            Intervention::ablate_direction(&r_t, cfg.n_layers).unwrap(),
+        );
+        let (want, _) = dense_run(&lm, &ids, &hooks, &[]);
+        let ablated = orthogonalized(&lm, &r).unwrap();
+        assert!(!ablated.model.config.tied_embeddings);
+        let got = dense_logits(&ablated, &ids).squeeze(0).unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-4 * scale, "{family:?}");
+        // The ablation changed something.
+        assert!(max_abs_diff(&got, &dense_logits(&lm, &ids).squeeze(0).unwrap()) > 1e-3);
+        let out = dir.path().join("abliterated.gguf");
+        write_gguf(&ablated, &source, &out).unwrap();
+        let back = refusal_lens_engine::LoadedModel::load(&out, FastPrecision::Auto).unwrap();
+        assert_eq!(
+            max_abs_diff(&dense_logits(&back, &ids), &dense_logits(&ablated, &ids)),
+            0.0,
+            "{family:?}"
+        );
+        assert_eq!(back.model.config.rope_style, lm.model.config.rope_style);
+    }
+    let gemma = refusal_lens_engine::testing::tiny_model(
+        refusal_lens_engine::model::config::Family::Gemma2,
+        62,
+    )
+    .unwrap();
+    let err = orthogonalized(&gemma, &vec![1.0; 64]).err().unwrap();
+    assert!(err.to_string().contains("sandwich norms"), "{err}");
+}

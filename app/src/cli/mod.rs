@@ -1,6 +1,7 @@
 //! Headless subcommands: every GUI action is also a command, one module per group. Errors
 //! print as one line and exit non-zero.
 
+mod abliterate;
 mod guard;
 mod heads;
 mod lens;
@@ -125,6 +126,9 @@ pub enum Command {
     /// Latent Guard: harmfulness at t_inst as a harmful-input detector, beside refusal-based
     /// detection, on plain and jailbreak-wrapped prompts (fit, eval, scatter).
     Guard(guard::GuardArgs),
+    /// Bake the directional ablation of the refusal direction into the weights and write a
+    /// GGUF llama.cpp loads; reports its KL and refusal rate.
+    ExportAblated(abliterate::ExportAblatedArgs),
 }
 
 /// Runs a subcommand; the caller prints the error chain on one line and exits 1.
@@ -164,6 +168,7 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
         Command::ControlVector(a) => steer::control_vector(&lm, a),
         Command::Heads(a) => heads::run(&lm, a),
         Command::Guard(a) => guard::run(&lm, a),
+        Command::ExportAblated(a) => abliterate::run(&lm, a),
         Command::Prompts(_) | Command::Classify(_) | Command::TrainRefusalTokens(_) => {
             unreachable!("handled above")
         }
@@ -188,6 +193,7 @@ fn json_of(c: &Command) -> bool {
         Command::Sweep(a) => a.json,
         Command::ControlVector(_) => false,
         Command::Heads(a) => a.json,
+        Command::ExportAblated(a) => a.json,
         Command::Guard(a) => match &a.action {
             guard::GuardAction::Fit(a) => a.json,
             guard::GuardAction::Eval(a) => a.json,

@@ -1,5 +1,6 @@
 //! Analyses: small modules that read (and edit) the hooked forward pass.
 
+pub mod abliterate;
 pub mod activations;
 pub mod directions;
 pub mod guard;
