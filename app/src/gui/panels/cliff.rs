@@ -372,10 +372,17 @@ impl CliffPanel {
                 for (k, (label, x, color)) in marks.into_iter().enumerate() {
                     let y = top - step * k as f64;
                     plot.vline(VLine::new("", x).color(color));
+                    // The end of thinking is the last token before the answer: label it to
+                    // its left so the text stays inside the plot.
+                    let anchor = if label == "end of thinking" {
+                        egui::Align2::RIGHT_TOP
+                    } else {
+                        egui::Align2::LEFT_TOP
+                    };
                     plot.text(
                         egui_plot::Text::new("", egui_plot::PlotPoint::new(x, y), label)
                             .color(color)
-                            .anchor(egui::Align2::LEFT_TOP),
+                            .anchor(anchor),
                     );
                 }
             });
