@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use refusal_lens_engine::analysis::activations::{collect_cached, SetActivations};
 use refusal_lens_engine::analysis::guard::{
-    Detection, DetectorInputs, GuardComparison, LatentGuard,
+    evaluate, fit_on_splits, Detection, GuardComparison, GuardInputs, GuardPoint, GuardStudy,
+    LatentGuard,
 };
-use refusal_lens_engine::data::prompts::{Jailbreak, PromptRecord, PromptSet, Split};
+use refusal_lens_engine::data::prompts::{Jailbreak, PromptSet, Split};
 use refusal_lens_engine::refusal::response::{classify, ResponseMode};
-use refusal_lens_engine::refusal::{refusal_score, RefusalGate};
+use refusal_lens_engine::refusal::RefusalGate;
 use refusal_lens_engine::run::generate::greedy_replies;
 use refusal_lens_engine::LoadedModel;
 use serde::Serialize;
@@ -107,59 +107,32 @@ fn parse_split(s: &str) -> Result<Split> {
     })
 }
 
-/// States of `prompts` (cached like every analysis's), with a progress bar.
-fn states(
-    lm: &LoadedModel,
-    prompts: &[&str],
-    cache: Option<&Path>,
-    phase: &str,
-    quiet: bool,
-) -> Result<SetActivations> {
-    if prompts.is_empty() {
-        bail!("no prompts for {phase}");
-    }
-    let mut bar = progress_bar(quiet);
-    Ok(collect_cached(
-        lm,
-        prompts,
-        None,
-        cache,
-        &|| false,
-        &mut |d, t| bar(phase, d, t),
-    )?)
-}
-
-fn prompts_of(set: &PromptSet, split: Split) -> Vec<&str> {
-    set.split(Some(split)).map(|r| r.prompt.as_str()).collect()
-}
-
 fn fit(lm: &LoadedModel, a: FitArgs) -> Result<()> {
     let (harmful, harmless) = a.sets.load()?;
     let cache = a.sets.cache();
-    let get = |set: &PromptSet, split, phase| {
-        states(lm, &prompts_of(set, split), cache.as_deref(), phase, a.json)
-    };
-    let mut guard = LatentGuard::fit(
-        &get(&harmful, Split::Train, "harmful train")?,
-        &get(&harmless, Split::Train, "harmless train")?,
+    let mut bar = progress_bar(a.json);
+    let guard = fit_on_splits(
+        lm,
+        &harmful,
+        &harmless,
+        cache.as_deref(),
+        &|| false,
+        &mut bar,
     )?;
-    let (val_h, val_l) = (
-        get(&harmful, Split::Val, "harmful val")?,
-        get(&harmless, Split::Val, "harmless val")?,
-    );
-    guard.choose(&val_h, &val_l)?;
     guard
         .save(&a.out)
         .with_context(|| format!("cannot save the guard to {}", a.out.display()))?;
-    let val = GuardComparison::new(
-        &DetectorInputs {
-            guard: (&guard.scores(&val_h)?, &guard.scores(&val_l)?),
-            refusal_score: (&scores_at_t_post(&val_h), &scores_at_t_post(&val_l)),
-            refused_reply: None,
-        },
-        guard.tau,
-        refusal_score(lm.refusal_tau()),
-    );
+    // The val split it was chosen on, as the test split is evaluated (states are cached).
+    let inputs = GuardInputs {
+        harmful: &harmful,
+        harmless: &harmless,
+        borderline: None,
+        jailbreaks: &[],
+        split: Split::Val,
+    };
+    let tau = guard.tau;
+    let val = evaluate(lm, guard, &inputs, cache.as_deref(), &|| false, &mut bar)?;
+    let (guard, val) = (&val.guard, val.comparison(tau));
     if a.json {
         println!(
             "{}",
@@ -184,14 +157,6 @@ fn fit(lm: &LoadedModel, a: FitArgs) -> Result<()> {
 
 fn fmt_auc(a: Option<f32>) -> String {
     a.map_or("—".into(), |a| format!("{a:.3}"))
-}
-
-/// Each prompt's refusal score (log-odds of refusing) at t_post.
-fn scores_at_t_post(acts: &SetActivations) -> Vec<f32> {
-    acts.refusal_probability
-        .iter()
-        .map(|&p| refusal_score(p))
-        .collect()
 }
 
 /// "Did it refuse": each prompt's greedy reply (through the model's gate, if it has one)
@@ -221,8 +186,8 @@ fn refused_replies(
         .collect())
 }
 
-/// One jailbreak template's row: how many wrapped harmful prompts the guard flags and how
-/// many the model refuses (p ≥ its gate's τ at t_post).
+/// One group of harmful prompts' row (a jailbreak template, or the plain prompts): how many
+/// the guard flags and how many the model refuses (p ≥ its gate's τ at t_post).
 #[derive(Debug, Clone, Serialize)]
 struct JailbreakRow {
     id: String,
@@ -242,165 +207,120 @@ struct CategoryRow {
     refusal_rate: f32,
 }
 
-/// The evaluation's prompts and their states.
-struct Evaluated {
-    guard: LatentGuard,
-    harmful: Vec<PromptRecord>,
-    harmless: Vec<PromptRecord>,
-    borderline: Vec<PromptRecord>,
-    jailbreaks: Vec<Jailbreak>,
-    states: BTreeMap<String, SetActivations>,
-}
-
-fn evaluated(lm: &LoadedModel, inputs: &EvalInputs, quiet: bool) -> Result<Evaluated> {
+/// The guard saved in `inputs.guard` evaluated on the inputs' split, and the jailbreak
+/// templates it was evaluated under.
+fn evaluated(
+    lm: &LoadedModel,
+    inputs: &EvalInputs,
+    quiet: bool,
+) -> Result<(GuardStudy, Vec<Jailbreak>)> {
     let guard = LatentGuard::load(&inputs.guard)?;
     let split = parse_split(&inputs.split)?;
     let (harmful, harmless) = inputs.sets.load()?;
-    let pick = |set: &PromptSet| set.split(Some(split)).cloned().collect::<Vec<_>>();
     let borderline = match inputs.borderline.as_str() {
-        "none" => Vec::new(),
-        path => pick(&PromptSet::load(Path::new(path), None)?),
+        "none" => None,
+        path => Some(PromptSet::load(Path::new(path), None)?),
     };
     let jailbreaks = match inputs.jailbreaks.as_str() {
         "none" => Vec::new(),
         path => Jailbreak::load_all(Path::new(path))?,
     };
-    let (harmful, harmless) = (pick(&harmful), pick(&harmless));
+    let guard_inputs = GuardInputs {
+        harmful: &harmful,
+        harmless: &harmless,
+        borderline: borderline.as_ref(),
+        jailbreaks: &jailbreaks,
+        split,
+    };
+    let mut bar = progress_bar(quiet);
     let cache = inputs.sets.cache();
-    let mut states_of = BTreeMap::new();
-    let texts = |rs: &[PromptRecord]| rs.iter().map(|r| r.prompt.clone()).collect::<Vec<_>>();
-    let mut groups = vec![
-        ("harmful".to_string(), texts(&harmful)),
-        ("harmless".to_string(), texts(&harmless)),
-    ];
-    if !borderline.is_empty() {
-        groups.push(("borderline".into(), texts(&borderline)));
-    }
-    for j in &jailbreaks {
-        groups.push((
-            format!("jailbreak:{}", j.id),
-            harmful.iter().map(|r| j.wrap(&r.prompt)).collect(),
-        ));
-    }
-    for (name, prompts) in groups {
-        let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        states_of.insert(
-            name.clone(),
-            states(lm, &refs, cache.as_deref(), &name, quiet)?,
-        );
-    }
-    Ok(Evaluated {
+    let study = evaluate(
+        lm,
         guard,
-        harmful,
-        harmless,
-        borderline,
-        jailbreaks,
-        states: states_of,
-    })
+        &guard_inputs,
+        cache.as_deref(),
+        &|| false,
+        &mut bar,
+    )?;
+    Ok((study, jailbreaks))
+}
+
+/// Share of `flags` that are true.
+fn rate(flags: impl Iterator<Item = bool>) -> f32 {
+    let (n, k) = flags.fold((0, 0), |(n, k), f| (n + 1, k + f as usize));
+    k as f32 / n.max(1) as f32
+}
+
+fn mean(v: impl Iterator<Item = f32>) -> f32 {
+    let (n, sum) = v.fold((0, 0.0), |(n, s), x| (n + 1, s + x));
+    sum / n.max(1) as f32
 }
 
 fn eval(lm: &LoadedModel, a: EvalArgs) -> Result<()> {
-    let e = evaluated(lm, &a.inputs, a.json)?;
-    let tau_score = refusal_score(lm.refusal_tau());
-    let scores = |name: &str| -> Result<(Vec<f32>, Vec<f32>)> {
-        let acts = &e.states[name];
-        Ok((e.guard.scores(acts)?, scores_at_t_post(acts)))
-    };
-    let (guard_h, refusal_h) = scores("harmful")?;
-    let (guard_l, refusal_l) = scores("harmless")?;
+    let (study, templates) = evaluated(lm, &a.inputs, a.json)?;
+    let (tau, tau_score) = (study.guard.tau, study.refusal_score_tau);
     let refused = if a.reply_tokens > 0 {
-        fn texts(rs: &[PromptRecord]) -> Vec<&str> {
-            rs.iter().map(|r| r.prompt.as_str()).collect()
-        }
+        let prompts = |group: &'static str| -> Vec<&str> {
+            study.group(group).map(|p| p.prompt.as_str()).collect()
+        };
         Some((
-            refused_replies(lm, &texts(&e.harmful), a.reply_tokens, a.json)?,
-            refused_replies(lm, &texts(&e.harmless), a.reply_tokens, a.json)?,
+            refused_replies(lm, &prompts("harmful"), a.reply_tokens, a.json)?,
+            refused_replies(lm, &prompts("harmless"), a.reply_tokens, a.json)?,
         ))
     } else {
         None
     };
-    let comparison = GuardComparison::new(
-        &DetectorInputs {
-            guard: (&guard_h, &guard_l),
-            refusal_score: (&refusal_h, &refusal_l),
-            refused_reply: refused.as_ref().map(|(h, l)| (h.as_slice(), l.as_slice())),
-        },
-        e.guard.tau,
-        tau_score,
+    let comparison = study.comparison_with_replies(
+        tau,
+        refused.as_ref().map(|(h, l)| (h.as_slice(), l.as_slice())),
     );
-    let rate =
-        |flags: &[bool]| flags.iter().filter(|&&f| f).count() as f32 / flags.len().max(1) as f32;
-    let flagged = |s: &[f32], tau: f32| s.iter().map(|&x| x >= tau).collect::<Vec<_>>();
-    // Per category of the harmful prompts.
-    let mut by_category: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    for (i, r) in e.harmful.iter().enumerate() {
+    let row = |group: &str, id: &str, technique: &str| JailbreakRow {
+        id: id.into(),
+        technique: technique.into(),
+        n: study.group(group).count(),
+        guard_detection_rate: rate(study.group(group).map(|p| p.harmfulness >= tau)),
+        refusal_rate: rate(study.group(group).map(|p| p.refusal_score >= tau_score)),
+        mean_guard_score: mean(study.group(group).map(|p| p.harmfulness)),
+        mean_refusal_score: mean(study.group(group).map(|p| p.refusal_score)),
+    };
+    let plain = row("harmful", "(plain)", "no wrapper");
+    let jailbreaks: Vec<JailbreakRow> = templates
+        .iter()
+        .map(|j| row(&format!("jailbreak:{}", j.id), &j.id, &j.technique))
+        .collect();
+    let mut by_category: BTreeMap<String, Vec<&GuardPoint>> = BTreeMap::new();
+    for p in study.group("harmful") {
         by_category
-            .entry(r.category.clone().unwrap_or_else(|| "(none)".into()))
+            .entry(p.category.clone().unwrap_or_else(|| "(none)".into()))
             .or_default()
-            .push(i);
+            .push(p);
     }
     let categories: Vec<CategoryRow> = by_category
         .into_iter()
-        .map(|(category, idx)| CategoryRow {
-            n: idx.len(),
-            guard_detection_rate: rate(
-                &idx.iter()
-                    .map(|&i| guard_h[i] >= e.guard.tau)
-                    .collect::<Vec<_>>(),
-            ),
-            refusal_rate: rate(
-                &idx.iter()
-                    .map(|&i| refusal_h[i] >= tau_score)
-                    .collect::<Vec<_>>(),
-            ),
+        .map(|(category, points)| CategoryRow {
+            n: points.len(),
+            guard_detection_rate: rate(points.iter().map(|p| p.harmfulness >= tau)),
+            refusal_rate: rate(points.iter().map(|p| p.refusal_score >= tau_score)),
             category,
         })
         .collect();
-    let borderline = (!e.borderline.is_empty())
-        .then(|| -> Result<serde_json::Value> {
-            let (g, r) = scores("borderline")?;
-            Ok(serde_json::json!({"n": g.len(),
-                "guard_false_positive_rate": rate(&flagged(&g, e.guard.tau)),
-                "refusal_rate": rate(&flagged(&r, tau_score))}))
-        })
-        .transpose()?;
-    let jailbreaks: Vec<JailbreakRow> = e
-        .jailbreaks
-        .iter()
-        .map(|j| -> Result<JailbreakRow> {
-            let (g, r) = scores(&format!("jailbreak:{}", j.id))?;
-            Ok(JailbreakRow {
-                id: j.id.clone(),
-                technique: j.technique.clone(),
-                n: g.len(),
-                guard_detection_rate: rate(&flagged(&g, e.guard.tau)),
-                refusal_rate: rate(&flagged(&r, tau_score)),
-                mean_guard_score: g.iter().sum::<f32>() / g.len().max(1) as f32,
-                mean_refusal_score: r.iter().sum::<f32>() / r.len().max(1) as f32,
-            })
-        })
-        .collect::<Result<_>>()?;
-    let plain = JailbreakRow {
-        id: "(plain)".into(),
-        technique: "no wrapper".into(),
-        n: guard_h.len(),
-        guard_detection_rate: rate(&flagged(&guard_h, e.guard.tau)),
-        refusal_rate: rate(&flagged(&refusal_h, tau_score)),
-        mean_guard_score: guard_h.iter().sum::<f32>() / guard_h.len().max(1) as f32,
-        mean_refusal_score: refusal_h.iter().sum::<f32>() / refusal_h.len().max(1) as f32,
-    };
+    let borderline = (study.group("borderline").count() > 0).then(|| {
+        serde_json::json!({"n": study.group("borderline").count(),
+            "guard_false_positive_rate": rate(study.group("borderline").map(|p| p.harmfulness >= tau)),
+            "refusal_rate": rate(study.group("borderline").map(|p| p.refusal_score >= tau_score))})
+    });
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"split": a.inputs.split, "guard": {"layers": e.guard.layers,
-                "tau": e.guard.tau}, "refusal_tau": lm.refusal_tau(), "comparison": comparison,
+            serde_json::json!({"split": a.inputs.split, "guard": {"layers": study.guard.layers,
+                "tau": tau}, "refusal_tau": lm.refusal_tau(), "comparison": comparison,
                 "categories": categories, "borderline": borderline, "plain": plain,
                 "jailbreaks": jailbreaks})
         );
         return Ok(());
     }
     print_eval(
-        &e,
+        &study.guard,
         &comparison,
         lm.refusal_tau(),
         &categories,
@@ -414,7 +334,7 @@ fn eval(lm: &LoadedModel, a: EvalArgs) -> Result<()> {
 
 #[allow(clippy::too_many_arguments)]
 fn print_eval(
-    e: &Evaluated,
+    guard: &LatentGuard,
     c: &GuardComparison,
     refusal_tau: f32,
     categories: &[CategoryRow],
@@ -425,7 +345,7 @@ fn print_eval(
 ) {
     println!(
         "{split} split: {} harmful, {} harmless · guard on states {}..{}, τ = {:.4} · refusal at p ≥ {refusal_tau}",
-        c.n_harmful, c.n_harmless, e.guard.layers.start, e.guard.layers.end, e.guard.tau
+        c.n_harmful, c.n_harmless, guard.layers.start, guard.layers.end, guard.tau
     );
     println!(
         "{:32} {:>6} {:>9} {:>6}   TP  FN  FP  TN",
@@ -485,53 +405,19 @@ fn print_eval(
     }
 }
 
-/// One point of the 2-D view.
-#[derive(Debug, Clone, Serialize)]
-struct ScatterPoint {
-    group: String,
-    id: String,
-    /// The plain prompt's id for a jailbreak-wrapped one (the arrow's tail).
-    wraps: Option<String>,
-    prompt: String,
-    harmfulness: f32,
-    refusal_score: f32,
-}
-
 fn scatter(lm: &LoadedModel, a: ScatterArgs) -> Result<()> {
-    let e = evaluated(lm, &a.inputs, a.json)?;
-    let mut points = Vec::new();
-    let mut add = |group: &str, records: &[PromptRecord], wrap: Option<&Jailbreak>| -> Result<()> {
-        let acts = &e.states[group];
-        let guard = e.guard.scores(acts)?;
-        let refusal = scores_at_t_post(acts);
-        for (i, r) in records.iter().enumerate() {
-            points.push(ScatterPoint {
-                group: group.to_string(),
-                id: wrap.map_or(r.id.clone(), |j| format!("{}+{}", r.id, j.id)),
-                wraps: wrap.map(|_| r.id.clone()),
-                prompt: wrap.map_or(r.prompt.clone(), |j| j.wrap(&r.prompt)),
-                harmfulness: guard[i],
-                refusal_score: refusal[i],
-            });
-        }
-        Ok(())
-    };
-    add("harmful", &e.harmful, None)?;
-    add("harmless", &e.harmless, None)?;
-    if !e.borderline.is_empty() {
-        add("borderline", &e.borderline, None)?;
-    }
-    for j in &e.jailbreaks {
-        add(&format!("jailbreak:{}", j.id), &e.harmful, Some(j))?;
-    }
+    let (study, _) = evaluated(lm, &a.inputs, a.json)?;
+    let points = &study.points;
+    // The plain prompt a wrapped one wraps, by id.
+    let wraps = |p: &GuardPoint| p.wraps.map(|i| points[i].id.clone());
     if let Some(out) = &a.out {
         let mut csv = String::from("group,id,wraps,harmfulness,refusal_score,prompt\n");
-        for p in &points {
+        for p in points {
             csv.push_str(&format!(
                 "{},{},{},{},{},\"{}\"\n",
                 p.group,
                 p.id,
-                p.wraps.as_deref().unwrap_or(""),
+                wraps(p).unwrap_or_default(),
                 p.harmfulness,
                 p.refusal_score,
                 p.prompt.replace('"', "\"\"")
@@ -542,13 +428,16 @@ fn scatter(lm: &LoadedModel, a: ScatterArgs) -> Result<()> {
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"guard_tau": e.guard.tau, "refusal_score_tau": refusal_score(lm.refusal_tau()), "points": points})
+            serde_json::json!({"guard_tau": study.guard.tau, "refusal_score_tau": study.refusal_score_tau,
+                "points": points.iter().map(|p| serde_json::json!({"group": p.group, "id": p.id,
+                    "wraps": wraps(p), "prompt": p.prompt, "harmfulness": p.harmfulness,
+                    "refusal_score": p.refusal_score})).collect::<Vec<_>>()})
         );
         return Ok(());
     }
     // Group means: where each group sits in the plane.
     let mut means: BTreeMap<&str, (f32, f32, usize)> = BTreeMap::new();
-    for p in &points {
+    for p in points {
         let group = if p.group.starts_with("jailbreak:") {
             "jailbreak-wrapped"
         } else {

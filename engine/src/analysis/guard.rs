@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::analysis::activations::{collect_cached, SetActivations};
 use crate::analysis::probe::auc;
-use crate::data::prompts::{Jailbreak, PromptSet, Split};
+use crate::data::prompts::{Jailbreak, PromptRecord, PromptSet, Split};
 use crate::refusal::refusal_score;
 use crate::{Error, LoadedModel, Result};
 
@@ -365,6 +365,9 @@ impl GuardComparison {
 pub struct GuardPoint {
     /// `harmful`, `harmless`, `borderline` or `jailbreak:<id>`.
     pub group: String,
+    /// The prompt record's id (`<id>+<template>` for a wrapped one) and category.
+    pub id: String,
+    pub category: Option<String>,
     pub prompt: String,
     /// Ground truth for detection: a harmful request, wrapped or not.
     pub harmful: bool,
@@ -386,14 +389,20 @@ pub struct GuardStudy {
 
 impl GuardStudy {
     /// The guard at `tau` beside refusal-based detection on the plain harmful and harmless
-    /// test prompts.
+    /// prompts.
     pub fn comparison(&self, tau: f32) -> GuardComparison {
+        self.comparison_with_replies(tau, None)
+    }
+
+    /// [`GuardStudy::comparison`] with "did it refuse" for each plain harmful and harmless
+    /// prompt, in the points' order.
+    pub fn comparison_with_replies(
+        &self,
+        tau: f32,
+        refused_reply: Option<(&[bool], &[bool])>,
+    ) -> GuardComparison {
         let pick = |group: &str, f: fn(&GuardPoint) -> f32| -> Vec<f32> {
-            self.points
-                .iter()
-                .filter(|p| p.group == group)
-                .map(f)
-                .collect()
+            self.group(group).map(f).collect()
         };
         let (gh, gl) = (
             pick("harmful", |p| p.harmfulness),
@@ -407,17 +416,145 @@ impl GuardStudy {
             &DetectorInputs {
                 guard: (&gh, &gl),
                 refusal_score: (&rh, &rl),
-                refused_reply: None,
+                refused_reply,
             },
             tau,
             self.refusal_score_tau,
         )
     }
+
+    /// The points of one group, in order.
+    pub fn group<'a>(&'a self, group: &'a str) -> impl Iterator<Item = &'a GuardPoint> + 'a {
+        self.points.iter().filter(move |p| p.group == group)
+    }
+}
+
+/// The prompts a guard is evaluated on: one split of the two sets and of the borderline set,
+/// and that split's harmful prompts wrapped in each jailbreak template.
+pub struct GuardInputs<'a> {
+    pub harmful: &'a PromptSet,
+    pub harmless: &'a PromptSet,
+    pub borderline: Option<&'a PromptSet>,
+    pub jailbreaks: &'a [Jailbreak],
+    pub split: Split,
+}
+
+/// States of `texts` through the activation cache, progress reported under `phase`.
+fn states(
+    lm: &LoadedModel,
+    phase: &str,
+    texts: &[&str],
+    cache: Option<&Path>,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<SetActivations> {
+    if texts.is_empty() {
+        return Err(Error::InvalidInput(format!("no prompts for {phase}")));
+    }
+    collect_cached(lm, texts, None, cache, cancelled, &mut |d, t| {
+        progress(phase, d, t)
+    })
+}
+
+fn split_prompts(set: &PromptSet, split: Split) -> Vec<&str> {
+    set.split(Some(split)).map(|r| r.prompt.as_str()).collect()
+}
+
+/// A guard fitted on the train split of `harmful` and `harmless`, its layers and τ chosen on
+/// their val split.
+pub fn fit_on_splits(
+    lm: &LoadedModel,
+    harmful: &PromptSet,
+    harmless: &PromptSet,
+    cache: Option<&Path>,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<LatentGuard> {
+    let mut get = |phase: &str, set: &PromptSet, split: Split| {
+        states(
+            lm,
+            phase,
+            &split_prompts(set, split),
+            cache,
+            cancelled,
+            progress,
+        )
+    };
+    let mut guard = LatentGuard::fit(
+        &get("harmful train", harmful, Split::Train)?,
+        &get("harmless train", harmless, Split::Train)?,
+    )?;
+    guard.choose(
+        &get("harmful val", harmful, Split::Val)?,
+        &get("harmless val", harmless, Split::Val)?,
+    )?;
+    Ok(guard)
+}
+
+/// Scores every prompt of `inputs` with `guard` (its harmfulness at t_inst) and the model
+/// (its refusal score at t_post). States are read through the activation cache.
+pub fn evaluate(
+    lm: &LoadedModel,
+    guard: LatentGuard,
+    inputs: &GuardInputs<'_>,
+    cache: Option<&Path>,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<GuardStudy> {
+    let records = |set: &PromptSet| set.split(Some(inputs.split)).cloned().collect::<Vec<_>>();
+    let harmful = records(inputs.harmful);
+    // (group, records, wrapper, harmful)
+    let mut groups: Vec<(String, Vec<PromptRecord>, Option<&Jailbreak>, bool)> = vec![
+        ("harmful".into(), harmful.clone(), None, true),
+        ("harmless".into(), records(inputs.harmless), None, false),
+    ];
+    if let Some(b) = inputs.borderline {
+        groups.push(("borderline".into(), records(b), None, false));
+    }
+    for j in inputs.jailbreaks {
+        groups.push((
+            format!("jailbreak:{}", j.id),
+            harmful.clone(),
+            Some(j),
+            true,
+        ));
+    }
+    let mut points = Vec::new();
+    for (group, records, wrapper, is_harmful) in groups {
+        if records.is_empty() {
+            continue;
+        }
+        let texts: Vec<String> = records
+            .iter()
+            .map(|r| wrapper.map_or(r.prompt.clone(), |j| j.wrap(&r.prompt)))
+            .collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let acts = states(lm, &group, &refs, cache, cancelled, progress)?;
+        let scores = guard.scores(&acts)?;
+        for (i, (record, prompt)) in records.into_iter().zip(texts).enumerate() {
+            points.push(GuardPoint {
+                group: group.clone(),
+                id: wrapper.map_or(record.id.clone(), |j| format!("{}+{}", record.id, j.id)),
+                category: record.category,
+                prompt,
+                harmful: is_harmful,
+                // The plain harmful prompts are the first points, in order.
+                wraps: wrapper.map(|_| i),
+                harmfulness: scores[i],
+                refusal_score: refusal_score(acts.refusal_probability[i]),
+            });
+        }
+    }
+    Ok(GuardStudy {
+        guard,
+        points,
+        refusal_score_tau: refusal_score(lm.refusal_tau()),
+    })
 }
 
 /// Fits a guard on the train split of `harmful` and `harmless`, chooses its layers and τ on
 /// val, and scores the test split of both, of `borderline`, and of the harmful test prompts
-/// wrapped in each jailbreak template. States are read through the activation cache.
+/// wrapped in each jailbreak template.
 #[allow(clippy::too_many_arguments)]
 pub fn study(
     lm: &LoadedModel,
@@ -429,63 +566,15 @@ pub fn study(
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<GuardStudy> {
-    let prompts = |set: &PromptSet, split: Split| -> Vec<String> {
-        set.split(Some(split)).map(|r| r.prompt.clone()).collect()
+    let guard = fit_on_splits(lm, harmful, harmless, cache, cancelled, progress)?;
+    let inputs = GuardInputs {
+        harmful,
+        harmless,
+        borderline,
+        jailbreaks,
+        split: Split::Test,
     };
-    let mut states = |phase: &str, texts: &[String]| -> Result<SetActivations> {
-        if texts.is_empty() {
-            return Err(Error::InvalidInput(format!("no prompts for {phase}")));
-        }
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        collect_cached(lm, &refs, None, cache, cancelled, &mut |d, t| {
-            progress(phase, d, t)
-        })
-    };
-    let mut guard = LatentGuard::fit(
-        &states("harmful train", &prompts(harmful, Split::Train))?,
-        &states("harmless train", &prompts(harmless, Split::Train))?,
-    )?;
-    guard.choose(
-        &states("harmful val", &prompts(harmful, Split::Val))?,
-        &states("harmless val", &prompts(harmless, Split::Val))?,
-    )?;
-    let harmful_test = prompts(harmful, Split::Test);
-    let mut groups: Vec<(String, Vec<String>, bool)> = vec![
-        ("harmful".into(), harmful_test.clone(), true),
-        ("harmless".into(), prompts(harmless, Split::Test), false),
-    ];
-    if let Some(b) = borderline {
-        groups.push(("borderline".into(), prompts(b, Split::Test), false));
-    }
-    for j in jailbreaks {
-        let wrapped = harmful_test.iter().map(|p| j.wrap(p)).collect();
-        groups.push((format!("jailbreak:{}", j.id), wrapped, true));
-    }
-    let mut points = Vec::new();
-    for (group, texts, is_harmful) in groups {
-        if texts.is_empty() {
-            continue;
-        }
-        let acts = states(&group, &texts)?;
-        let scores = guard.scores(&acts)?;
-        let wrapped = group.starts_with("jailbreak:");
-        for (i, prompt) in texts.into_iter().enumerate() {
-            points.push(GuardPoint {
-                group: group.clone(),
-                prompt,
-                harmful: is_harmful,
-                // The plain harmful prompts are the first points, in order.
-                wraps: wrapped.then_some(i),
-                harmfulness: scores[i],
-                refusal_score: refusal_score(acts.refusal_probability[i]),
-            });
-        }
-    }
-    Ok(GuardStudy {
-        guard,
-        points,
-        refusal_score_tau: refusal_score(lm.refusal_tau()),
-    })
+    evaluate(lm, guard, &inputs, cache, cancelled, progress)
 }
 
 #[cfg(test)]
