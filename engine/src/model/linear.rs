@@ -304,8 +304,8 @@ const STORED_SLICE_ELEMENTS: usize = 1 << 24;
 /// is the same dot product either way), read through a transposed view (no second copy).
 fn stored_matmul(weight: &QTensor, x: &Tensor, slice_elements: usize) -> Result<Tensor> {
     let (out, in_features) = weight.shape().dims2()?;
-    let product = |w: &QTensor| -> Result<Tensor> {
-        let w_t = dequantize_in_parallel(w)?.t()?;
+    let product = |start: usize, n: usize| -> Result<Tensor> {
+        let w_t = dequantize_rows(weight, start, n)?.t()?;
         Ok(match x.dims() {
             [b, s, i] => x
                 .reshape((b * s, *i))?
@@ -316,38 +316,41 @@ fn stored_matmul(weight: &QTensor, x: &Tensor, slice_elements: usize) -> Result<
     };
     let rows = (slice_elements / in_features.max(1)).max(1);
     if out <= rows {
-        return product(weight);
+        return product(0, out);
     }
     let slices = (0..out)
         .step_by(rows)
-        .map(|start| {
-            let n = rows.min(out - start);
-            product(&crate::model::loader::split_rows(weight, start, n)?)
-        })
+        .map(|start| product(start, rows.min(out - start)))
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&slices, D::Minus1)?)
 }
 
-/// `w` as f32, its rows dequantised on every core at once (candle dequantises on one thread,
-/// and dequantising dominates a stored model's prompt pass).
-fn dequantize_in_parallel(w: &QTensor) -> Result<Tensor> {
+/// Rows `start .. start + n` of `w` as f32, dequantised on every core at once (candle
+/// dequantises on one thread, and dequantising dominates a stored model's prompt pass); each
+/// thread copies only its own rows' blocks.
+fn dequantize_rows(w: &QTensor, start: usize, n: usize) -> Result<Tensor> {
     let (rows, _) = w.shape().dims2()?;
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
-        .and_then(|n| n.parse::<usize>().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-        .clamp(1, rows.max(1));
-    if threads == 1 || rows < 2 * threads {
+        .and_then(|t| t.parse::<usize>().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |t| t.get()))
+        .clamp(1, n.max(1));
+    if start == 0 && n == rows && (threads == 1 || n < 2 * threads) {
         return Ok(w.dequantize(&Device::Cpu)?);
     }
-    let per = rows.div_ceil(threads);
+    let per = if n < 2 * threads {
+        n
+    } else {
+        n.div_ceil(threads)
+    };
     let parts = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..rows)
+        let handles: Vec<_> = (start..start + n)
             .step_by(per)
-            .map(|start| {
+            .map(|from| {
+                let count = per.min(start + n - from);
                 scope.spawn(move || -> Result<Tensor> {
-                    let n = per.min(rows - start);
-                    Ok(crate::model::loader::split_rows(w, start, n)?.dequantize(&Device::Cpu)?)
+                    Ok(crate::model::loader::split_rows(w, from, count)?
+                        .dequantize(&Device::Cpu)?)
                 })
             })
             .collect();
@@ -356,7 +359,10 @@ fn dequantize_in_parallel(w: &QTensor) -> Result<Tensor> {
             .map(|h| h.join().expect("a dequantising thread panicked"))
             .collect::<Result<Vec<_>>>()
     })?;
-    Ok(Tensor::cat(&parts, 0)?)
+    Ok(match parts.len() {
+        1 => parts.into_iter().next().expect("one part"),
+        _ => Tensor::cat(&parts, 0)?,
+    })
 }
 
 /// `x · W_t` with a backward pass that returns only the input's gradient `g · W_tᵀ`.
