@@ -13,6 +13,7 @@ fn main() -> std::process::ExitCode {
                 base: cli.base,
                 exact_weights: cli.exact_weights,
                 think: cli.think,
+                adapter_answers: cli.adapter_answers,
             },
         ),
         None => refusal_lens::gui::run(refusal_lens::cli::ModelChoice {
@@ -21,6 +22,7 @@ fn main() -> std::process::ExitCode {
             base: cli.base,
             exact_weights: cli.exact_weights,
             think: cli.think,
+            adapter_answers: cli.adapter_answers,
         }),
     };
     match result {

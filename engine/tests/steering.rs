@@ -316,13 +316,15 @@ fn control_vectors_read_back_as_gguf_with_one_scaled_direction_per_layer() {
 }
 
 /// Abliteration: the weights orthogonalised against r̂ compute what directional ablation
-/// through hooks computes (tied embeddings untied), and the GGUF written from them loads back
-/// to the same logits; Gemma's post-norms are refused.
+/// through hooks computes (tied embeddings untied), and the GGUF and the HF folder written from
+/// them load back to the same logits, an adapter's added tokens included; Gemma's post-norms
+/// are refused.
 #[test]
 fn abliterated_weights_equal_directional_ablation_and_survive_a_gguf_round_trip() {
     use candle_core::quantized::GgmlDType;
-    use refusal_lens_engine::analysis::abliterate::{orthogonalized, write_gguf};
+    use refusal_lens_engine::analysis::abliterate::{orthogonalized, write_gguf, write_hf_folder};
     use refusal_lens_engine::hooks::{HookSpec, Intervention};
+    use refusal_lens_engine::model::config::RopeStyle;
     use refusal_lens_engine::model::FastPrecision;
     use refusal_lens_engine::testing::{
         dense_logits, dense_run, max_abs_diff, random_weights, tiny_config,
@@ -374,6 +376,54 @@ fn abliterated_weights_equal_directional_ablation_and_survive_a_gguf_round_trip(
             "{family:?}"
         );
         assert_eq!(back.model.config.rope_style, lm.model.config.rope_style);
+        // The HF folder: Llama's Q/K rows permuted back to the half-split layout, the same
+        // logits (rounding aside: the rotary pairs are summed in another order).
+        let folder = dir.path().join("abliterated-hf");
+        write_hf_folder(&ablated, &folder).unwrap();
+        let hf = refusal_lens_engine::LoadedModel::load(&folder, FastPrecision::Auto).unwrap();
+        assert_eq!(hf.model.config.rope_style, RopeStyle::HalfSplit);
+        assert_eq!(hf.model.config.vocab_size, ablated.model.config.vocab_size);
+        let (want, got) = (dense_logits(&ablated, &ids), dense_logits(&hf, &ids));
+        assert!(
+            max_abs_diff(&got, &want) < 1e-5 * scale,
+            "{family:?} HF folder"
+        );
+        assert_eq!(
+            hf.tokenizer
+                .encode("hi <|im_end|>", false)
+                .unwrap()
+                .get_ids(),
+            lm.tokenizer
+                .encode("hi <|im_end|>", false)
+                .unwrap()
+                .get_ids()
+        );
+        // A model with an adapter's tokens: they join the GGUF's vocabulary as control tokens.
+        let mut with_tokens = lm.clone();
+        let rows =
+            candle_core::Tensor::randn(0f32, 1.0, (2, cfg.d_model), &candle_core::Device::Cpu)
+                .unwrap();
+        let added = with_tokens
+            .add_tokens(&["[refuse]", "[respond]"], &rows)
+            .unwrap();
+        let ablated = orthogonalized(&with_tokens, &r).unwrap();
+        let out = dir.path().join("with-tokens.gguf");
+        write_gguf(&ablated, &source, &out).unwrap();
+        let back = refusal_lens_engine::LoadedModel::load(&out, FastPrecision::Auto).unwrap();
+        assert_eq!(back.tokenizer.token_to_id("[refuse]"), Some(added[0]));
+        assert_eq!(
+            back.tokenizer
+                .encode("x[respond]", false)
+                .unwrap()
+                .get_ids()
+                .last(),
+            Some(&added[1])
+        );
+        let ids = [257u32, 72, added[0], 105, added[1]];
+        assert_eq!(
+            max_abs_diff(&dense_logits(&back, &ids), &dense_logits(&ablated, &ids)),
+            0.0
+        );
     }
     let gemma = refusal_lens_engine::testing::tiny_model(
         refusal_lens_engine::model::config::Family::Gemma2,

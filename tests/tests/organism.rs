@@ -3,11 +3,13 @@
 //! `cargo test --release -p refusal-lens-tests --test organism`.
 
 use refusal_lens_engine::data::prompts::{PromptRecord, PromptSet, Split};
-use refusal_lens_engine::organism::{train_refusal_tokens, Adapter, TrainOptions};
+use refusal_lens_engine::organism::{
+    train_refusal_tokens, trained_refusals, Adapter, TrainOptions,
+};
 use refusal_lens_engine::refusal::response::classify;
 use refusal_lens_engine::refusal::{calibrate_gate, first_token_probabilities, RefusalGate};
 use refusal_lens_engine::refusal::{refusal_rate, refusals_at, GateGoal};
-use refusal_lens_engine::run::generate::greedy_replies;
+use refusal_lens_engine::run::generate::{greedy_replies, Generation};
 use refusal_lens_engine::{organism_dir, LoadedModel};
 use refusal_lens_tests::default_model;
 
@@ -146,36 +148,41 @@ fn the_organism_refuses_harmful_requests_and_answers_harmless_ones() {
         "{declining} of {} [refuse] replies decline in words",
         refusals.len()
     );
-    let answers = replies(&harmless)
+    // After [respond] the base model's blocks write the answer (the adapter only decides):
+    // each answer is the base model's own greedy reply, token for token, and none opens with
+    // the refusals the adapter was trained to write (with the adapted blocks writing, 86 of 93
+    // answers differed from the base model's, 9 declined and 5 were a trained refusal).
+    let answered: Vec<(usize, Generation)> = replies(&harmless)
         .into_iter()
-        .filter(|g| g.text.starts_with("[respond]"))
-        .collect::<Vec<_>>();
-    assert_eq!(answers.len(), harmless.len() - refused_counts[1]);
-    for g in &answers {
-        let c = classify(&g.text.replacen("[respond]", "", 1));
+        .enumerate()
+        .filter(|(_, g)| g.text.starts_with("[respond]"))
+        .collect();
+    assert_eq!(answered.len(), harmless.len() - refused_counts[1]);
+    let base_ids: Vec<Vec<u32>> = answered
+        .iter()
+        .map(|(i, _)| base.chat_prompt(None, &harmless[*i]).unwrap().ids)
+        .collect();
+    let base_replies =
+        greedy_replies(&base, &base_ids, 23, None, &|| false, &mut |_, _| {}).unwrap();
+    let mut base_declines = 0;
+    for ((_, g), own) in answered.iter().zip(&base_replies) {
+        let answer = g.text.replacen("[respond]", "", 1);
+        assert_eq!(answer, own.text, "the answer is the base model's reply");
+        assert!(
+            !trained_refusals().any(|r| answer.starts_with(&r[..20])),
+            "an answer opens with a trained refusal: {answer:?}"
+        );
+        let c = classify(&answer);
         if c.mode.declines() {
-            eprintln!("declining [respond] reply: {:?} ({})", g.text, c.reason);
+            eprintln!("the base model declines: {answer:?} ({})", c.reason);
+            base_declines += 1;
         }
     }
-    let complying = answers
-        .iter()
-        .filter(|g| {
-            !classify(&g.text.replacen("[respond]", "", 1))
-                .mode
-                .declines()
-        })
-        .count();
+    // Measured: 4 of 93, each a capability disclaimer the base model writes itself ("as a
+    // chatbot, I don't have the ability to ...").
     eprintln!(
-        "{declining} of {} [refuse] replies decline; {complying} of {} [respond] replies answer",
-        refusals.len(),
-        answers.len()
-    );
-    // Measured: 80 of 89 [respond] replies answer; the rest open with a refusal phrase although
-    // the gate chose [respond] (see the closing note of issue 3).
-    assert!(
-        complying * 100 >= answers.len() * 85,
-        "{complying} of {} [respond] replies answer",
-        answers.len()
+        "{base_declines} of {} [respond] answers decline, as the base model's own replies",
+        answered.len()
     );
 }
 

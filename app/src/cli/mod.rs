@@ -54,6 +54,10 @@ pub struct Cli {
     /// `enable_thinking`, e.g. Qwen3), so replies start with a <think> … </think> span.
     #[arg(long, global = true)]
     pub think: bool,
+    /// After the gate chose [respond], let the adapter's own blocks write the answer (by
+    /// default the base model's blocks write it: the adapter only decides).
+    #[arg(long, global = true)]
+    pub adapter_answers: bool,
 }
 
 fn parse_exact_weights(s: &str) -> std::result::Result<ExactWeights, String> {
@@ -68,6 +72,7 @@ pub struct ModelChoice {
     pub base: bool,
     pub exact_weights: ExactWeights,
     pub think: bool,
+    pub adapter_answers: bool,
 }
 
 impl ModelChoice {
@@ -152,6 +157,9 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
         let adapter = Adapter::load(&dir)
             .with_context(|| format!("cannot read the adapter in {}", dir.display()))?;
         lm = adapter.apply(&lm)?;
+        if choice.adapter_answers {
+            lm.respond_blocks = None;
+        }
     }
     match command {
         Command::Info(a) => model::info(&lm, a),

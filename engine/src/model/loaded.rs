@@ -4,7 +4,7 @@ use std::path::Path;
 
 use super::chat::{ChatPrompt, ChatTemplate};
 use super::loader::{Checkpoint, ModelCard};
-use super::{ExactWeights, FastPrecision, Model};
+use super::{BlockWeights, ExactWeights, FastPrecision, Model, Weights};
 use crate::hooks::HookSpec;
 use crate::{default_model_path, Error, Result, FETCH_COMMAND};
 
@@ -17,6 +17,20 @@ pub struct LoadedModel {
     /// Tokens that end a reply (EOS and end-of-turn tokens).
     pub stop_ids: Vec<u32>,
     pub card: ModelCard,
+    /// The blocks that write a reply once a refusal gate has chosen `[respond]`: a
+    /// refusal-token adapter sets the base model's, so the adapter only decides and the answer
+    /// is the base model's own (the 135M organism's adapted blocks open about one harmless
+    /// answer in nine with a refusal). `None`: the model writes every reply itself.
+    pub respond_blocks: Option<RespondBlocks>,
+}
+
+/// Transformer blocks for the reply after `[respond]` (see [`LoadedModel::respond_blocks`]);
+/// the vocabulary (embedding, unembedding) stays the model's own.
+#[derive(Clone, Debug)]
+pub struct RespondBlocks {
+    pub dense: Vec<BlockWeights>,
+    /// For the fast path, when the model has one.
+    pub fast: Option<Vec<BlockWeights>>,
 }
 
 impl LoadedModel {
@@ -24,6 +38,24 @@ impl LoadedModel {
     /// adapter says so, else `crate::refusal::DEFAULT_TAU`.
     pub fn refusal_tau(&self) -> f32 {
         self.card.gate_tau()
+    }
+
+    /// The weights that write the reply after `[respond]`, exact and for generation (the
+    /// fast path when there is one), when [`LoadedModel::respond_blocks`] is set.
+    pub fn respond_weights(&self) -> Option<(Weights, Weights)> {
+        let blocks = self.respond_blocks.as_ref()?;
+        let with = |w: &Weights, blocks: &[BlockWeights]| Weights {
+            embed: w.embed.clone(),
+            blocks: blocks.to_vec(),
+            final_norm: w.final_norm.clone(),
+            lm_head: w.lm_head.clone(),
+        };
+        let dense = with(&self.model.dense, &blocks.dense);
+        let generation = match (&self.model.fast, &blocks.fast) {
+            (Some(fast), Some(fast_blocks)) => with(fast, fast_blocks),
+            _ => dense.clone(),
+        };
+        Some((dense, generation))
     }
 
     /// Loads a GGUF file or an HF safetensors folder.
@@ -53,6 +85,7 @@ impl LoadedModel {
             template,
             stop_ids,
             card,
+            respond_blocks: None,
         })
     }
 

@@ -12,7 +12,7 @@ pub(crate) mod weights;
 
 pub use forward::{softcap, ForwardOptions, ForwardOutput, LogitsAt, Model};
 pub use linear::Linear;
-pub use loaded::LoadedModel;
+pub use loaded::{LoadedModel, RespondBlocks};
 pub use weights::{
     BlockWeights, Embedding, ExactWeights, FastPrecision, KernelTier, KvCache, Weights,
 };

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use super::training::TrainOptions;
 use crate::data::prompts::PromptRecord;
-use crate::model::Linear;
+use crate::model::{Linear, RespondBlocks};
 use crate::refusal::{calibrate_gate, CalibratedTau, GateGoal};
 use crate::{Error, LoadedModel, Result};
 
@@ -191,6 +191,11 @@ impl Adapter {
         )?;
         m.card.name = format!("{} + refusal tokens", base.card.name);
         self.meta.mark_gate(&mut m.card);
+        // The adapter decides; after `[respond]` the base model's blocks write the answer.
+        m.respond_blocks = Some(RespondBlocks {
+            dense: base.model.dense.blocks.clone(),
+            fast: base.model.fast.as_ref().map(|f| f.blocks.clone()),
+        });
         Ok(m)
     }
 }

@@ -28,6 +28,11 @@ const SELF_HARM_REFUSALS: &[&str] = &[
     "I'm sorry you're going through this. I can't help with that request, but a crisis helpline or a counselor can support you right now.",
 ];
 
+/// Every refusal the training writes after `[refuse]`.
+pub fn trained_refusals() -> impl Iterator<Item = &'static str> {
+    REFUSALS.iter().chain(SELF_HARM_REFUSALS).copied()
+}
+
 fn refusal_reply(r: &PromptRecord, i: usize) -> &'static str {
     if r.category.as_deref() == Some("self-harm") {
         SELF_HARM_REFUSALS[i % SELF_HARM_REFUSALS.len()]

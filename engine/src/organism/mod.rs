@@ -16,5 +16,6 @@ mod row_fit;
 mod training;
 
 pub use adapter::*;
+pub use examples::trained_refusals;
 pub use row_fit::*;
 pub use training::*;

@@ -122,6 +122,18 @@ impl Generation {
         }
     }
 
+    /// Continues this reply with `rest`, decoded after it.
+    fn append(&mut self, rest: Generation) {
+        let offset = self.tokens.len();
+        self.tokens.extend(rest.tokens.into_iter().map(|mut t| {
+            t.index += offset;
+            t
+        }));
+        self.text.push_str(&rest.text);
+        self.stop = rest.stop;
+        self.decode_seconds += rest.prefill_seconds + rest.decode_seconds;
+    }
+
     pub fn prefill_tokens_per_second(&self) -> f64 {
         self.prompt_tokens as f64 / self.prefill_seconds.max(1e-9)
     }
@@ -153,10 +165,11 @@ pub fn generate(
         });
     }
     // The prompt pass yields the first reply token: always exact (see `Precision::Fast`).
-    let decode_weights: &Weights = match cfg.precision {
+    let mut decode_weights: &Weights = match cfg.precision {
         Precision::Fast => model.generation_weights(),
         Precision::Exact => &model.dense,
     };
+    let respond_weights = cfg.refusal_gate.and(lm.respond_weights());
     let mut rng = StdRng::seed_from_u64(cfg.sampling.seed);
     let mut cache = KvCache::new(model.config.n_layers);
     let mut decoder = StreamDecoder::default();
@@ -244,6 +257,18 @@ pub fn generate(
         on_token(&step);
         out.tokens.push(step);
         input = vec![id];
+        if let (0, Some(gate), Some((dense, fast))) = (index, cfg.refusal_gate, &respond_weights) {
+            if id == gate.respond {
+                // The answer is the respond blocks' own: they read the prompt afresh, without
+                // the `[respond]` token they never saw.
+                decode_weights = match cfg.precision {
+                    Precision::Fast => fast,
+                    Precision::Exact => dense,
+                };
+                cache = KvCache::new(model.config.n_layers);
+                input = prompt.to_vec();
+            }
+        }
     }
     out.decode_seconds = (started.elapsed().as_secs_f64() - out.prefill_seconds).max(0.0);
     Ok(out)
@@ -269,6 +294,87 @@ pub fn greedy_replies(
     cancelled: &dyn Fn() -> bool,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Generation>> {
+    let dense = &lm.model.dense;
+    let (Some(gate), Some((respond, _))) = (gate, lm.respond_weights()) else {
+        return decode_greedy(
+            lm,
+            dense,
+            prompts,
+            max_new_tokens,
+            gate.map(GateRole::Decide),
+            cancelled,
+            progress,
+        );
+    };
+    // As `generate` does: the gate decides on every prompt, then `[refuse]` replies continue
+    // on the model's own blocks and `[respond]` ones are written by the respond blocks from
+    // the bare prompt.
+    let first = max_new_tokens.min(1);
+    let mut out = decode_greedy(
+        lm,
+        dense,
+        prompts,
+        first,
+        Some(GateRole::Decide(gate)),
+        cancelled,
+        &mut |_, _| {},
+    )?;
+    let context = lm.model.config.context_length;
+    let (answered, refused): (Vec<usize>, Vec<usize>) = (0..prompts.len())
+        .filter(|&i| !out[i].tokens.is_empty() && max_new_tokens > 1)
+        .partition(|&i| out[i].tokens[0].id == gate.respond);
+    let mut done = prompts.len() - answered.len() - refused.len();
+    for (rows, weights, after_first) in [(refused, dense, true), (answered, &respond, false)] {
+        let mut continued = Vec::new();
+        let mut inputs = Vec::new();
+        for i in rows {
+            let mut input = prompts[i].clone();
+            if after_first {
+                input.push(out[i].tokens[0].id);
+            }
+            if input.len() >= context {
+                out[i].stop = StopReason::ContextFull;
+                continue;
+            }
+            continued.push(i);
+            inputs.push(input);
+        }
+        let rest = decode_greedy(
+            lm,
+            weights,
+            &inputs,
+            max_new_tokens - 1,
+            Some(GateRole::Continue(gate)),
+            cancelled,
+            &mut |d, _| progress(done + d, prompts.len()),
+        )?;
+        done += continued.len();
+        for (i, rest) in continued.into_iter().zip(rest) {
+            out[i].append(rest);
+        }
+    }
+    progress(prompts.len(), prompts.len());
+    Ok(out)
+}
+/// What a refusal gate does in [`decode_greedy`].
+#[derive(Clone, Copy)]
+enum GateRole {
+    /// Picks the first token; neither gate token appears later.
+    Decide(RefusalGate),
+    /// The decision was made before this decode: neither gate token appears at all.
+    Continue(RefusalGate),
+}
+
+/// The batched greedy decoding of [`greedy_replies`] on `weights`.
+fn decode_greedy(
+    lm: &LoadedModel,
+    weights: &Weights,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    gate: Option<GateRole>,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<Generation>> {
     let model = &lm.model;
     let context = model.config.context_length;
     let mut by_length: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
@@ -285,7 +391,11 @@ pub fn greedy_replies(
         by_length.entry(p.len()).or_default().push(i);
     }
     let mut out: Vec<Generation> = prompts.iter().map(|p| Generation::new(p.len())).collect();
-    let forbidden: Vec<u32> = gate.map(|g| vec![g.refuse, g.respond]).unwrap_or_default();
+    let (deciding, forbidden) = match gate {
+        Some(GateRole::Decide(g)) => (Some(g), vec![g.refuse, g.respond]),
+        Some(GateRole::Continue(g)) => (None, vec![g.refuse, g.respond]),
+        None => (None, Vec::new()),
+    };
     let greedy = Sampling::default();
     let mut rng = StdRng::seed_from_u64(0); // greedy sampling never draws from it
     let mut done = 0;
@@ -311,7 +421,7 @@ pub fn greedy_replies(
                 let tokens = Tensor::from_vec(input, (rows.len(), width), model.device())?;
                 let logits = model
                     .forward(
-                        &model.dense,
+                        weights,
                         &tokens,
                         Some(&mut cache),
                         &HookSpec::default(),
@@ -330,13 +440,12 @@ pub fn greedy_replies(
                         continue;
                     }
                     let logits = logits.get(r)?;
-                    let (id, logprob) = match (index, gate) {
+                    let (id, logprob) = match (index, deciding) {
                         (0, Some(gate)) => {
                             let (id, logprob, p) = gate.first_token(&logits)?;
                             out[i].refusal_probability = Some(p);
                             (id, logprob)
                         }
-                        (0, None) => sample(&logits, &greedy, &[], &mut rng)?,
                         _ => sample(&logits, &greedy, &forbidden, &mut rng)?,
                     };
                     input.push(id);
