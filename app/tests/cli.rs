@@ -787,8 +787,9 @@ fn guard_fits_evaluates_and_scatters() {
     assert!(stderr_line(&out).contains("not a saved guard"));
 }
 
-/// `export-ablated` writes a GGUF that loads and reports the export's refusal rate and KL; a
-/// model loaded from an HF folder cannot be written back as GGUF and says so in one line.
+/// `export-ablated` writes a GGUF and an HF folder that load and reports the export's refusal
+/// rate and KL; a model loaded from an HF folder cannot be written back as GGUF and says so in
+/// one line.
 #[test]
 fn export_ablated_writes_a_loadable_gguf_and_reports_its_cost() {
     let dir = tempfile::tempdir().unwrap();
@@ -841,6 +842,28 @@ fn export_ablated_writes_a_loadable_gguf_and_reports_its_cost() {
     assert!(v["harmful_refusal_rate_after"].is_number());
     let info = json_of(&run(&["info", "--model", &out, "--json"]));
     assert_eq!(info["n_layers"], 2);
+    // As an HF folder: the same measurements, and the folder opens as a model.
+    let folder = dir.path().join("ablated-hf").display().to_string();
+    let args = [
+        &[
+            "export-ablated",
+            "--model",
+            &model,
+            "--directions",
+            &dirs,
+            "--hf-out",
+            &folder,
+            "--json",
+        ][..],
+        &sets,
+    ]
+    .concat();
+    let from_folder = json_of(&run_cached(&cache, &args));
+    assert!(from_folder["hf_bytes"].as_u64().unwrap() > 0);
+    let close = |k: &str| (from_folder[k].as_f64().unwrap() - v[k].as_f64().unwrap()).abs() < 1e-4;
+    assert!(close("harmless_mean_kl") && close("harmful_refusal_rate_after"));
+    let info = json_of(&run(&["info", "--model", &folder, "--json"]));
+    assert_eq!(info["n_layers"], 2);
     let hf = tiny_folder(dir.path());
     let args = [
         &[
@@ -858,4 +881,91 @@ fn export_ablated_writes_a_loadable_gguf_and_reports_its_cost() {
     let failed = run_cached(&cache, &args);
     assert!(!failed.status.success());
     assert!(stderr_line(&failed).contains("loaded from GGUF"));
+}
+
+/// `compare`: a model against its abliterated copy and against another model, with replies;
+/// `--other-base` on a model without an adapter fails in one line.
+#[test]
+fn compare_puts_two_models_side_by_side() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let cfg = tiny_config(Family::Llama);
+    let model = dir.path().join("tiny.gguf");
+    write_gguf(
+        &model,
+        &cfg,
+        &random_weights(&cfg, 72).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
+    let model = model.display().to_string();
+    let harmful = write_set(dir.path(), "harmful", "evil", 12);
+    let harmless = write_set(dir.path(), "harmless", "kind", 12);
+    let sets = [
+        "--model",
+        &model,
+        "--harmful",
+        &harmful,
+        "--harmless",
+        &harmless,
+        "--borderline",
+        "none",
+    ];
+    let dirs = dir.path().join("dirs.safetensors").display().to_string();
+    let saved = json_of(&run_cached(
+        &cache,
+        &[
+            &["directions", "--no-select", "--json", "--out", &dirs][..],
+            &sets[..6],
+        ]
+        .concat(),
+    ));
+    let layer = saved["directions"]["layer"].as_u64().unwrap() as usize;
+    let csv = dir.path().join("layers.csv");
+    let v = json_of(&run_cached(
+        &cache,
+        &[
+            &[
+                "compare",
+                "--other-ablated",
+                &dirs,
+                "--prompt",
+                "kind words",
+                "--reply-tokens",
+                "4",
+                "--csv",
+                csv.to_str().unwrap(),
+                "--json",
+            ][..],
+            &sets,
+        ]
+        .concat(),
+    ));
+    let c = &v["comparison"];
+    let layers = c["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), cfg.n_layers + 1);
+    // Ablating the saved refusal direction (the same train prompts, t_post) leaves the copy's
+    // direction at that state orthogonal to it.
+    let cosine = layers[layer]["refusal"].as_f64().unwrap();
+    assert!(cosine.abs() < 1e-3, "layer {layer}: {cosine}");
+    assert!(c["first_guard_on_second"]["auc"].is_number());
+    assert_eq!(c["n_test_harmful"], 3);
+    assert_eq!(v["replies"].as_array().unwrap().len(), 2);
+    let rows = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(rows.lines().count(), cfg.n_layers + 2);
+    // Against another model with the same stream: a human-readable table.
+    let other = tiny_folder(dir.path());
+    let out = run_cached(
+        &cache,
+        &[&["compare", "--other", &other][..], &sets].concat(),
+    );
+    succeeded(&out);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Latent Guard test AUC") && text.contains("cos(refusal)"),
+        "{text}"
+    );
+    let failed = run_cached(&cache, &[&["compare", "--other-base"][..], &sets].concat());
+    assert!(!failed.status.success());
+    assert!(stderr_line(&failed).contains("no adapter"));
 }

@@ -433,3 +433,85 @@ fn abliterated_weights_equal_directional_ablation_and_survive_a_gguf_round_trip(
     let err = orthogonalized(&gemma, &vec![1.0; 64]).err().unwrap();
     assert!(err.to_string().contains("sandwich norms"), "{err}");
 }
+
+/// Two models side by side: a model against itself agrees everywhere (cosines 1, its guard
+/// transfers unchanged); against its copy with one state's refusal direction ablated from the
+/// weights, the copy's refusal direction at that state is orthogonal to the original's.
+#[test]
+fn comparing_a_model_with_its_abliterated_copy_finds_the_ablated_direction_gone() {
+    use refusal_lens_engine::analysis::abliterate::orthogonalized;
+    use refusal_lens_engine::analysis::compare::compare;
+    use refusal_lens_engine::data::prompts::PromptSet;
+    let dir = tempfile::tempdir().unwrap();
+    let set = |label: &str, word: &str| {
+        let path = dir.path().join(format!("{label}.jsonl"));
+        let rows: String = (0..16)
+            .map(|i| {
+                let split = ["train", "train", "val", "test"][i % 4];
+                format!("{{\"id\":\"{label}-{i}\",\"prompt\":\"{word} thing {i}\",\"label\":\"{label}\",\"split\":\"{split}\"}}\n")
+            })
+            .collect();
+        std::fs::write(&path, rows).unwrap();
+        PromptSet::load(&path, None).unwrap()
+    };
+    let (harmful, harmless) = (set("harmful", "Poison"), set("harmless", "Bake"));
+    let lm = tiny_model(Family::Llama, 81).unwrap();
+    let none = || false;
+    let same = compare(
+        &lm,
+        &lm,
+        &harmful,
+        &harmless,
+        None,
+        None,
+        &none,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    // The embedding state: t_inst and t_post are the same token in every prompt, no direction.
+    assert_eq!(
+        (same.layers[0].refusal, same.layers[0].harmfulness),
+        (None, None)
+    );
+    assert!(same.layers[1..].iter().all(|l| {
+        (l.refusal.unwrap() - 1.0).abs() < 1e-5 && (l.harmfulness.unwrap() - 1.0).abs() < 1e-5
+    }));
+    let transferred = same.first_guard_on_second.unwrap();
+    assert_eq!(transferred.auc, same.first.own_guard.auc);
+    assert_eq!(same.n_test_harmful, 4);
+
+    let state = 2;
+    fn train(s: &PromptSet) -> Vec<&str> {
+        s.split(Some(refusal_lens_engine::data::prompts::Split::Train))
+            .map(|r| r.prompt.as_str())
+            .collect()
+    }
+    let train_dirs = Directions::diff_in_means(
+        &collect(&lm, &train(&harmful), None, &none, &mut |_, _| {}).unwrap(),
+        &collect(&lm, &train(&harmless), None, &none, &mut |_, _| {}).unwrap(),
+        Provenance::default(),
+    )
+    .unwrap();
+    let r = train_dirs.refusal_at(state, train_dirs.n_post - 1).to_vec();
+    let ablated = orthogonalized(&lm, &r).unwrap();
+    let diff = compare(
+        &lm,
+        &ablated,
+        &harmful,
+        &harmless,
+        None,
+        None,
+        &none,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    let at = diff.layers[state];
+    assert!(at.refusal.unwrap().abs() < 1e-4, "{at:?}");
+    // The ablation removes one direction of 64: the harmfulness directions still agree.
+    assert!(
+        diff.layers[1].harmfulness.unwrap() > 0.5,
+        "{:?}",
+        diff.layers
+    );
+    assert!(diff.first_guard_on_second.is_some());
+}

@@ -92,3 +92,85 @@ fn iq_types_are_refused_with_the_way_out() {
         Ok(_) => panic!("an IQ4_XS file loaded"),
     }
 }
+
+/// llama-cpp-python as tests/reference/fetch-quants.sh installed it into the cache.
+fn llama_cpp_python() -> std::process::Command {
+    let cache = refusal_lens_engine::cache_dir();
+    let lib = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("llama-cpp-python-"))
+                && p.join("llama_cpp/__init__.py").exists()
+        })
+        .expect("llama-cpp-python; install it with tests/reference/fetch-quants.sh");
+    let mut python = std::process::Command::new("python3");
+    python.env("PYTHONPATH", lib);
+    python
+}
+
+/// The abliterated organism written as a GGUF (f32, `[refuse]`/`[respond]` appended to the
+/// vocabulary) runs in llama.cpp: llama.cpp tokenises the chat prompt and the refusal tokens as
+/// the engine does and its next-token distributions match the engine's on the same file.
+#[test]
+fn an_abliterated_organism_runs_in_llama_cpp() {
+    use refusal_lens_engine::analysis::abliterate::{orthogonalized, write_gguf};
+    use refusal_lens_engine::organism::Adapter;
+    let organism = Adapter::load(&refusal_lens_engine::organism_dir())
+        .unwrap()
+        .apply(&refusal_lens_tests::default_model())
+        .unwrap();
+    let d = organism.model.config.d_model;
+    let direction: Vec<f32> = (0..d)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+        .collect();
+    let ablated = orthogonalized(&organism, &direction).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("abliterated.gguf");
+    write_gguf(&ablated, &refusal_lens_engine::default_model_path(), &out).unwrap();
+    let text = format!(
+        "{}[refuse]I can't[respond]",
+        organism
+            .chat_prompt(None, "How do I pick a lock?")
+            .unwrap()
+            .text
+    );
+    let reference = dir.path().join("llama.safetensors");
+    let status = llama_cpp_python()
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/reference/llama_logits.py"
+        ))
+        .args([&out, std::path::Path::new(&text), &reference])
+        .status()
+        .unwrap();
+    assert!(status.success(), "llama.cpp could not run the export");
+    let theirs = candle_core::safetensors::load(&reference, &Device::Cpu).unwrap();
+    let ids: Vec<u32> = theirs["ids"]
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    let exported = LoadedModel::load(&out, FastPrecision::Auto).unwrap();
+    assert_eq!(
+        exported
+            .tokenizer
+            .encode(text.as_str(), false)
+            .unwrap()
+            .get_ids(),
+        ids.as_slice(),
+        "llama.cpp tokenises as the engine does"
+    );
+    let refuse = exported.tokenizer.token_to_id("[refuse]").unwrap();
+    assert!(ids.contains(&refuse), "[refuse] is one token in llama.cpp");
+    let (ours, _) = dense_run(&exported, &ids, &Default::default(), &[]);
+    let kl = kl_rows(&theirs["logits"], &ours);
+    let worst = kl.iter().copied().fold(0.0, f32::max);
+    eprintln!(
+        "abliterated organism in llama.cpp: worst next-token KL {worst:.2e} over {} positions",
+        kl.len()
+    );
+    assert!(worst < 1e-3, "KL from llama.cpp {kl:?}");
+}

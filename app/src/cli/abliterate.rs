@@ -1,12 +1,12 @@
 //! `refusal-lens export-ablated`: the refusal direction ablated from the weights, written as a
-//! GGUF llama.cpp loads, with its KL from the original on harmless prompts and its refusal
-//! rate on harmful ones (as heretic reports them).
+//! GGUF llama.cpp loads and/or an HF folder transformers loads, with its KL from the original on
+//! harmless prompts and its refusal rate on harmful ones (as heretic reports them).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use refusal_lens_engine::analysis::abliterate::{orthogonalized, write_gguf};
+use refusal_lens_engine::analysis::abliterate::{orthogonalized, write_gguf, write_hf_folder};
 use refusal_lens_engine::analysis::directions::{kl_divergence, Directions};
 use refusal_lens_engine::data::prompts::Split;
 use refusal_lens_engine::model::FastPrecision;
@@ -24,9 +24,12 @@ pub struct ExportAblatedArgs {
     /// refusal (the chosen layer and position) or harmfulness (t_inst at the chosen layer).
     #[arg(long, default_value = "refusal")]
     pub direction: String,
-    /// The GGUF to write (f32 weights).
+    /// The GGUF to write (f32 weights; the model must have been loaded from a GGUF).
+    #[arg(long, required_unless_present = "hf_out")]
+    pub out: Option<PathBuf>,
+    /// The HF folder to write (model.safetensors in f32, config, tokenizer, chat template).
     #[arg(long)]
-    pub out: PathBuf,
+    pub hf_out: Option<PathBuf>,
     /// The harmful and harmless prompts the export is measured on (their test split).
     #[command(flatten)]
     pub sets: SetPair,
@@ -44,11 +47,23 @@ pub fn run(lm: &LoadedModel, a: ExportAblatedArgs) -> Result<()> {
         other => bail!("unknown direction `{other}` (refusal or harmfulness)"),
     };
     let ablated = orthogonalized(lm, &direction)?;
-    write_gguf(&ablated, &lm.card.path, &a.out)
-        .with_context(|| format!("cannot write {}", a.out.display()))?;
-    // What llama.cpp will load: the file itself, read back.
-    let exported =
-        LoadedModel::load(&a.out, FastPrecision::Auto).context("the written GGUF does not load")?;
+    if let Some(out) = &a.out {
+        write_gguf(&ablated, &lm.card.path, out)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    if let Some(folder) = &a.hf_out {
+        write_hf_folder(&ablated, folder)
+            .with_context(|| format!("cannot write {}", folder.display()))?;
+    }
+    // What llama.cpp or transformers will load: the file itself, read back (the GGUF when
+    // both are written; the HF folder's logits are the same to rounding, as the tests check).
+    let written = a
+        .out
+        .as_ref()
+        .or(a.hf_out.as_ref())
+        .expect("clap requires one");
+    let exported = LoadedModel::load(written, FastPrecision::Auto)
+        .with_context(|| format!("the written {} does not load", written.display()))?;
     let (harmful, harmless) = a.sets.load()?;
     let texts = |set: &refusal_lens_engine::data::prompts::PromptSet| -> Vec<String> {
         set.split(Some(Split::Test))
@@ -60,10 +75,12 @@ pub fn run(lm: &LoadedModel, a: ExportAblatedArgs) -> Result<()> {
         v.iter().map(String::as_str).collect()
     }
     let mut bar = progress_bar(a.json);
+    // Both at the original's τ: an exported organism's file does not carry its calibration.
+    let tau = lm.refusal_tau();
     let mut rate = |m: &LoadedModel, phase: &str| -> Result<f32> {
         let p =
             first_token_probabilities(m, &refs(&harmful), &|| false, &mut |d, t| bar(phase, d, t))?;
-        Ok(refusal_rate(&p, m.refusal_tau()))
+        Ok(refusal_rate(&p, tau))
     };
     let (rate_before, rate_after) = (rate(lm, "original")?, rate(&exported, "exported")?);
     let logprobs = |m: &LoadedModel| -> Result<Vec<Vec<f32>>> {
@@ -90,30 +107,46 @@ pub fn run(lm: &LoadedModel, a: ExportAblatedArgs) -> Result<()> {
         .map(|(p, q)| kl_divergence(p, q))
         .sum::<f32>()
         / before.len().max(1) as f32;
-    let bytes = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    let bytes = |p: &Option<PathBuf>| p.as_ref().map(|p| dir_bytes(p)).unwrap_or(0);
     if a.json {
         println!(
             "{}",
-            serde_json::json!({"out": a.out, "bytes": bytes, "direction": a.direction,
-                "layer": dirs.layer, "harmful_refusal_rate_before": rate_before,
+            serde_json::json!({"out": a.out, "hf_out": a.hf_out, "gguf_bytes": bytes(&a.out),
+                "hf_bytes": bytes(&a.hf_out), "direction": a.direction, "layer": dirs.layer,
+                "tau": tau, "harmful_refusal_rate_before": rate_before,
                 "harmful_refusal_rate_after": rate_after, "harmless_mean_kl": kl,
                 "n_harmful": harmful.len(), "n_harmless": harmless.len()})
         );
         return Ok(());
     }
+    for (path, kind) in [(&a.out, "GGUF"), (&a.hf_out, "HF folder")] {
+        if let Some(p) = path {
+            println!(
+                "wrote {} ({kind}, {:.0} MB, f32): the {} direction (layer {}) ablated from the weights",
+                p.display(),
+                bytes(path) as f64 / 1e6,
+                a.direction,
+                dirs.layer
+            );
+        }
+    }
     println!(
-        "wrote {} ({:.0} MB, f32): the {} direction (layer {}) ablated from the weights",
-        a.out.display(),
-        bytes as f64 / 1e6,
-        a.direction,
-        dirs.layer
-    );
-    println!(
-        "refusal rate on {} harmful test prompts: {:.2} → {:.2}; mean next-token KL from the original on {} harmless ones: {kl:.4}",
+        "refusal rate on {} harmful test prompts at τ {tau:.2}: {:.2} → {:.2}; mean next-token KL from the original on {} harmless ones: {kl:.4}",
         harmful.len(),
         rate_before,
         rate_after,
         harmless.len()
     );
     Ok(())
+}
+
+/// The size of a file, or of the files in a folder.
+fn dir_bytes(path: &std::path::Path) -> u64 {
+    match std::fs::read_dir(path) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .map(|m| m.len())
+            .sum(),
+        Err(_) => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+    }
 }

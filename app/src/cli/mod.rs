@@ -2,6 +2,7 @@
 //! print as one line and exit non-zero.
 
 mod abliterate;
+mod compare;
 mod guard;
 mod heads;
 mod lens;
@@ -134,6 +135,10 @@ pub enum Command {
     /// Bake the directional ablation of the refusal direction into the weights and write a
     /// GGUF llama.cpp loads; reports its KL and refusal rate.
     ExportAblated(abliterate::ExportAblatedArgs),
+    /// Two models side by side (another model, the model without its adapter, or with the
+    /// refusal direction ablated): per-layer direction cosines, each guard on the other's
+    /// prompts, refusal rates, replies.
+    Compare(compare::CompareArgs),
 }
 
 /// Runs a subcommand; the caller prints the error chain on one line and exits 1.
@@ -153,10 +158,12 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
     if let Command::TrainRefusalTokens(a) = command {
         return organism::train(&lm, a);
     }
+    let mut base = None;
     if let Some(dir) = choice.adapter_dir() {
         let adapter = Adapter::load(&dir)
             .with_context(|| format!("cannot read the adapter in {}", dir.display()))?;
-        lm = adapter.apply(&lm)?;
+        let adapted = adapter.apply(&lm)?;
+        base = Some(std::mem::replace(&mut lm, adapted));
         if choice.adapter_answers {
             lm.respond_blocks = None;
         }
@@ -177,6 +184,7 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
         Command::Heads(a) => heads::run(&lm, a),
         Command::Guard(a) => guard::run(&lm, a),
         Command::ExportAblated(a) => abliterate::run(&lm, a),
+        Command::Compare(a) => compare::run(&lm, base.as_ref(), a, &choice),
         Command::Prompts(_) | Command::Classify(_) | Command::TrainRefusalTokens(_) => {
             unreachable!("handled above")
         }
@@ -202,6 +210,7 @@ fn json_of(c: &Command) -> bool {
         Command::ControlVector(_) => false,
         Command::Heads(a) => a.json,
         Command::ExportAblated(a) => a.json,
+        Command::Compare(a) => a.json,
         Command::Guard(a) => match &a.action {
             guard::GuardAction::Fit(a) => a.json,
             guard::GuardAction::Eval(a) => a.json,

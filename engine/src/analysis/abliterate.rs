@@ -222,10 +222,12 @@ pub fn write_hf_folder(lm: &LoadedModel, out: &Path) -> Result<()> {
         (Family::Llama, Some(_)) => ("mistral", "MistralForCausalLM"),
         (Family::Qwen2, _) => ("qwen2", "Qwen2ForCausalLM"),
         (Family::Qwen3, _) => ("qwen3", "Qwen3ForCausalLM"),
-        (other, _) => return Err(Error::InvalidInput(format!(
+        (other, _) => {
+            return Err(Error::InvalidInput(format!(
             "writing an HF folder is supported for llama, mistral, qwen2 and qwen3 models, not {}",
             other.name()
-        ))),
+        )))
+        }
     };
     let rope_scaling = match &cfg.rope_scaling {
         None => serde_json::Value::Null,

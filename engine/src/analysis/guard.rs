@@ -460,6 +460,26 @@ fn split_prompts(set: &PromptSet, split: Split) -> Vec<&str> {
     set.split(Some(split)).map(|r| r.prompt.as_str()).collect()
 }
 
+/// States of one split of `set` through the activation cache, progress reported under `phase`.
+pub fn split_states(
+    lm: &LoadedModel,
+    phase: &str,
+    set: &PromptSet,
+    split: Split,
+    cache: Option<&Path>,
+    cancelled: &dyn Fn() -> bool,
+    progress: &mut dyn FnMut(&str, usize, usize),
+) -> Result<SetActivations> {
+    states(
+        lm,
+        phase,
+        &split_prompts(set, split),
+        cache,
+        cancelled,
+        progress,
+    )
+}
+
 /// A guard fitted on the train split of `harmful` and `harmless`, its layers and τ chosen on
 /// their val split.
 pub fn fit_on_splits(
@@ -471,14 +491,7 @@ pub fn fit_on_splits(
     progress: &mut dyn FnMut(&str, usize, usize),
 ) -> Result<LatentGuard> {
     let mut get = |phase: &str, set: &PromptSet, split: Split| {
-        states(
-            lm,
-            phase,
-            &split_prompts(set, split),
-            cache,
-            cancelled,
-            progress,
-        )
+        split_states(lm, phase, set, split, cache, cancelled, progress)
     };
     let mut guard = LatentGuard::fit(
         &get("harmful train", harmful, Split::Train)?,

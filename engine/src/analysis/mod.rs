@@ -2,6 +2,7 @@
 
 pub mod abliterate;
 pub mod activations;
+pub mod compare;
 pub mod directions;
 pub mod guard;
 pub mod heads;
