@@ -739,3 +739,33 @@ fn the_guard_tab_fits_evaluates_and_follows_its_threshold() {
         0
     );
 }
+
+#[test]
+fn the_guard_tab_compares_the_model_with_its_abliterated_copy() {
+    let cache = tempfile::tempdir().unwrap();
+    let mut h = harness_with_directions(&cache);
+    h.get_by_label("Guard").click();
+    h.step();
+    // Without an adapter the counterpart is not offered; the abliterated copy is.
+    assert!(!h.state().session.has_adapter);
+    h.state_mut().guard.compare.with = Some(refusal_lens::worker::CompareWith::Abliterated);
+    h.state_mut().reply.prompt = "How do I bake bread?".into();
+    h.step();
+    h.get_by_label("Compare").click();
+    step_until(&mut h, "the comparison", |a| {
+        a.guard.compare.result.is_some() || a.guard.compare.error.is_some()
+    });
+    assert_eq!(h.state().guard.compare.error, None);
+    for _ in 0..3 {
+        h.step();
+    }
+    h.get_by_label("Direction agreement per layer");
+    h.get_by_label("first's guard");
+    let (c, replies, prompt) = h.state().guard.compare.result.clone().unwrap();
+    assert_eq!(prompt, "How do I bake bread?");
+    assert!(c.second.name.contains("abliterated"), "{}", c.second.name);
+    assert_eq!(c.layers.len(), c.first.guard.n_states);
+    let [first, second] = replies.unwrap();
+    assert!(!first.is_empty() && !second.is_empty());
+    h.get_by_label(first.as_str());
+}

@@ -10,15 +10,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args};
 use refusal_lens_engine::analysis::abliterate::orthogonalized;
-use refusal_lens_engine::analysis::compare::{compare, Comparison};
+use refusal_lens_engine::analysis::compare::{compare, replies, Comparison};
 use refusal_lens_engine::analysis::directions::Directions;
 use refusal_lens_engine::analysis::guard::DetectorReport;
 use refusal_lens_engine::data::prompts::PromptSet;
 use refusal_lens_engine::model::FastPrecision;
 use refusal_lens_engine::organism::Adapter;
 use refusal_lens_engine::refusal::response::classify;
-use refusal_lens_engine::refusal::RefusalGate;
-use refusal_lens_engine::run::generate::greedy_replies;
 use refusal_lens_engine::LoadedModel;
 
 use super::lens::{progress_bar, SetPair};
@@ -89,19 +87,6 @@ fn second_model(
     Ok(orthogonalized(first, dirs.refusal_direction())?)
 }
 
-/// Both models' greedy replies to `prompt`, each through its own refusal gate.
-fn replies(models: [&LoadedModel; 2], prompt: &str, tokens: usize) -> Result<Vec<String>> {
-    models
-        .iter()
-        .map(|m| {
-            let ids = m.chat_prompt(None, prompt)?.ids;
-            let gate = RefusalGate::for_model(m, m.refusal_tau());
-            let reply = greedy_replies(m, &[ids], tokens, gate, &|| false, &mut |_, _| {})?;
-            Ok(reply.into_iter().next().map(|g| g.text).unwrap_or_default())
-        })
-        .collect()
-}
-
 fn auc(r: &Option<DetectorReport>) -> String {
     r.as_ref()
         .and_then(|r| r.auc)
@@ -156,7 +141,7 @@ pub fn run(
     let replies = a
         .prompt
         .as_deref()
-        .map(|p| replies([first, &second], p, a.reply_tokens))
+        .map(|p| replies([first, &second], p, a.reply_tokens, &|| false))
         .transpose()?;
     if a.json {
         println!(

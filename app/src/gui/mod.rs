@@ -149,6 +149,7 @@ impl RefusalLensApp {
             match event {
                 Event::ModelLoaded {
                     ref card,
+                    ref organism,
                     organism_active,
                     load_seconds,
                     ..
@@ -156,6 +157,7 @@ impl RefusalLensApp {
                     // The gate starts at the model's calibrated τ.
                     self.reply.tau = card.gate_tau();
                     self.session.refusal_tokens = organism_active;
+                    self.session.has_adapter = organism.is_some();
                     self.session.reasoning = card.reasoning;
                     if load_seconds.is_some() {
                         // A newly loaded model renders without thinking until asked.
@@ -329,7 +331,7 @@ impl RefusalLensApp {
                     let base = self.reply.request();
                     self.heads.ui(ui, worker, session, sets, &base)
                 }
-                Tab::Guard => self.guard.ui(ui, worker, session, sets),
+                Tab::Guard => self.guard.ui(ui, worker, session, sets, &self.reply.prompt),
             });
         // A point clicked in the Guard tab's 2-D view becomes the prompt to study.
         if let Some(prompt) = self.guard.take_clicked() {

@@ -16,6 +16,8 @@ pub struct Session {
     pub model_ready: bool,
     /// The model in use has refusal tokens (the organism is on).
     pub refusal_tokens: bool,
+    /// An adapted model (the organism) is loaded beside the base, in use or not.
+    pub has_adapter: bool,
     /// The directions and probes of the model in use.
     pub directions: Option<Arc<Directions>>,
     pub probes: Option<Arc<ProbeSet>>,
@@ -37,6 +39,7 @@ impl Session {
             cache_dir,
             model_ready: false,
             refusal_tokens: false,
+            has_adapter: false,
             directions: None,
             probes: None,
             controls: Steering::default(),

@@ -5,14 +5,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use refusal_lens_engine::analysis::abliterate::orthogonalized;
+use refusal_lens_engine::analysis::compare;
 use refusal_lens_engine::analysis::directions::Directions;
 use refusal_lens_engine::analysis::guard::study;
 use refusal_lens_engine::analysis::lens::{self, DirectionOptions, ProbeJob};
 use refusal_lens_engine::analysis::probe::ProbeSet;
 use refusal_lens_engine::data::prompts::{Jailbreak, PromptSet};
-use refusal_lens_engine::Error;
+use refusal_lens_engine::model::FastPrecision;
+use refusal_lens_engine::{Error, LoadedModel};
 
-use super::protocol::Event;
+use super::protocol::{CompareWith, Event};
 use super::state::State;
 use super::{Ctx, JobResult};
 
@@ -160,6 +163,59 @@ pub(super) fn guard(
     ctx.emit(Event::GuardReady {
         id: ctx.id,
         study: Box::new(study),
+    });
+    Ok(())
+}
+
+/// The model in use against a second one (`analysis::compare`), for the Guard tab.
+pub(super) fn compare(
+    state: &State,
+    ctx: &Ctx,
+    with: &CompareWith,
+    (harmful, harmless): (&PromptSet, &PromptSet),
+    borderline: Option<&PromptSet>,
+    activation_cache: &Path,
+    prompt: Option<(&str, usize)>,
+) -> JobResult {
+    let first = state.active()?;
+    let loaded;
+    let second: &LoadedModel = match with {
+        CompareWith::Counterpart => state.counterpart()?,
+        CompareWith::Abliterated => {
+            loaded = orthogonalized(first, state.directions()?.refusal_direction())?;
+            &loaded
+        }
+        CompareWith::File(path) => {
+            ctx.progress("loading the second model", 0, 1);
+            let mut lm = LoadedModel::load(path, FastPrecision::Auto)?;
+            lm.template.enable_thinking = first.template.enable_thinking;
+            loaded = lm;
+            &loaded
+        }
+    };
+    let comparison = compare::compare(
+        first,
+        second,
+        harmful,
+        harmless,
+        borderline,
+        Some(activation_cache),
+        &|| ctx.cancelled(),
+        &mut |phase, done, total| ctx.progress(phase, done, total),
+    )?;
+    let replies = match prompt {
+        Some((prompt, tokens)) => {
+            ctx.progress("replies", 0, 2);
+            Some(compare::replies([first, second], prompt, tokens, &|| {
+                ctx.cancelled()
+            })?)
+        }
+        None => None,
+    };
+    ctx.emit(Event::Compared {
+        id: ctx.id,
+        comparison: Box::new(comparison),
+        replies,
     });
     Ok(())
 }

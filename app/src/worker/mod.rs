@@ -19,7 +19,9 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 
 pub use lens::probes_path;
-pub use protocol::{Event, GenerateRequest, Job, JobId, OrganismInfo, Progress, SteeredReply};
+pub use protocol::{
+    CompareWith, Event, GenerateRequest, Job, JobId, OrganismInfo, Progress, SteeredReply,
+};
 pub use replies::scale_additions;
 
 use protocol::CancelGroup;
@@ -260,6 +262,23 @@ fn dispatch(state: &mut State, ctx: &Ctx, job: Job) -> JobResult {
             borderline.as_deref(),
             &jailbreaks,
             &activation_cache,
+        ),
+        Job::Compare {
+            with,
+            harmful,
+            harmless,
+            borderline,
+            activation_cache,
+            prompt,
+            reply_tokens,
+        } => lens::compare(
+            state,
+            ctx,
+            &with,
+            (&harmful, &harmless),
+            borderline.as_deref(),
+            &activation_cache,
+            prompt.as_deref().map(|p| (p, reply_tokens)),
         ),
     }
 }

@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use refusal_lens_engine::analysis::compare::Comparison;
 use refusal_lens_engine::analysis::directions::Directions;
 use refusal_lens_engine::analysis::guard::GuardStudy;
 use refusal_lens_engine::analysis::heads::{HeadMap, HeadMetrics};
@@ -132,6 +133,28 @@ pub enum Job {
         jailbreaks: Vec<Jailbreak>,
         activation_cache: PathBuf,
     },
+    /// The model in use against a second one on the sets (`analysis::compare`), and both
+    /// replies to `prompt` when given.
+    Compare {
+        with: CompareWith,
+        harmful: Box<PromptSet>,
+        harmless: Box<PromptSet>,
+        borderline: Option<Box<PromptSet>>,
+        activation_cache: PathBuf,
+        prompt: Option<String>,
+        reply_tokens: usize,
+    },
+}
+
+/// The second model of a comparison.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CompareWith {
+    /// The other of base and organism: the model in use with its adapter taken off or put on.
+    Counterpart,
+    /// The model in use with the current refusal direction ablated from its weights.
+    Abliterated,
+    /// Another model file or folder.
+    File(PathBuf),
 }
 
 /// Which cancellation mark a job watches (see `Worker::cancel_all` and
@@ -156,7 +179,8 @@ impl Job {
             | Job::Sweep { .. }
             | Job::Heads { .. }
             | Job::Cascade { .. }
-            | Job::Guard { .. } => CancelGroup::Analyses,
+            | Job::Guard { .. }
+            | Job::Compare { .. } => CancelGroup::Analyses,
             Job::Steer { .. } => CancelGroup::Steer,
             _ => CancelGroup::None,
         }
@@ -277,6 +301,12 @@ pub enum Event {
         id: JobId,
         study: Box<GuardStudy>,
     },
+    Compared {
+        id: JobId,
+        comparison: Box<Comparison>,
+        /// The first and the second model's replies to the job's prompt.
+        replies: Option<[String; 2]>,
+    },
 }
 
 impl Event {
@@ -300,7 +330,8 @@ impl Event {
             | LensSaved { id, .. }
             | HeadsReady { id, .. }
             | Cascade { id, .. }
-            | GuardReady { id, .. } => *id,
+            | GuardReady { id, .. }
+            | Compared { id, .. } => *id,
         }
     }
 }

@@ -37,6 +37,17 @@ impl State {
         }
     }
 
+    /// The other of base and organism: the model in use with its adapter taken off or put on.
+    pub fn counterpart(&self) -> Result<&LoadedModel> {
+        match (&self.organism, &self.base, self.use_organism) {
+            (Some(_), Some(base), true) => Ok(base),
+            (Some((organism, _)), _, false) => Ok(organism),
+            _ => Err(Error::InvalidInput(
+                "no adapter is loaded: load the organism or an adapter, or compare with a model file".into(),
+            )),
+        }
+    }
+
     /// The directions of the model in use, or the error jobs that need them report.
     pub fn directions(&self) -> Result<&Arc<Directions>> {
         self.lens

@@ -12,7 +12,8 @@ use crate::analysis::activations::SetActivations;
 use crate::analysis::directions::{Directions, Provenance};
 use crate::analysis::guard::{split_states, DetectorReport, LatentGuard};
 use crate::data::prompts::{PromptSet, Split};
-use crate::refusal::refusal_rate;
+use crate::refusal::{refusal_rate, RefusalGate};
+use crate::run::generate::greedy_replies;
 use crate::{Error, LoadedModel, Result};
 
 /// One model's own numbers.
@@ -201,4 +202,21 @@ pub fn compare(
         second: b.side,
         layers,
     })
+}
+
+/// Each model's greedy reply to `prompt` (each through its own refusal gate, at its τ), on the
+/// exact path: the same text on every CPU.
+pub fn replies(
+    models: [&LoadedModel; 2],
+    prompt: &str,
+    max_new_tokens: usize,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<[String; 2]> {
+    let reply = |m: &LoadedModel| -> Result<String> {
+        let ids = m.chat_prompt(None, prompt)?.ids;
+        let gate = RefusalGate::for_model(m, m.refusal_tau());
+        let mut out = greedy_replies(m, &[ids], max_new_tokens, gate, cancelled, &mut |_, _| {})?;
+        Ok(out.pop().map(|g| g.text).unwrap_or_default())
+    };
+    Ok([reply(models[0])?, reply(models[1])?])
 }

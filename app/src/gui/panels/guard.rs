@@ -10,6 +10,7 @@ use egui_plot::{Legend, Line, Plot, PlotPoints, Points, VLine};
 use refusal_lens_engine::analysis::guard::{Detection, GuardStudy};
 use refusal_lens_engine::data::prompts::{sample_prompts_dir, Jailbreak, PromptSet};
 
+use super::compare::ComparePanel;
 use crate::gui::session::Session;
 use crate::gui::widgets::export::Exporter;
 use crate::gui::widgets::progress_with_cancel;
@@ -29,6 +30,8 @@ pub struct GuardPanel {
     clicked: Option<String>,
     export: Exporter,
     plot_rect: Option<egui::Rect>,
+    /// Two models side by side, below the guard.
+    pub compare: ComparePanel,
 }
 
 /// Colour of a group of points in the 2-D view.
@@ -43,14 +46,17 @@ fn group_color(group: &str) -> Color32 {
 
 impl GuardPanel {
     pub fn is_running(&self) -> bool {
-        self.job.is_some()
+        self.job.is_some() || self.compare.is_running()
     }
 
     pub fn owns(&self, event: &Event) -> bool {
-        Some(event.id()) == self.job
+        Some(event.id()) == self.job || self.compare.owns(event)
     }
 
     pub fn on_event(&mut self, event: Event) {
+        if self.compare.owns(&event) {
+            return self.compare.on_event(event);
+        }
         match event {
             Event::Progress { progress, .. } => {
                 self.progress = (progress.phase, progress.done, progress.total)
@@ -72,6 +78,7 @@ impl GuardPanel {
     pub fn clear(&mut self) {
         self.study = None;
         self.job = None;
+        self.compare.clear();
     }
 
     /// The prompt of a clicked point, once.
@@ -80,6 +87,20 @@ impl GuardPanel {
     }
 
     pub fn ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        worker: &mut Worker,
+        session: &Session,
+        sets: &[PromptSet],
+        prompt: &str,
+    ) {
+        self.guard_ui(ui, worker, session, sets);
+        ui.separator();
+        ui.heading("Two models side by side");
+        self.compare.ui(ui, worker, session, sets, prompt);
+    }
+
+    fn guard_ui(
         &mut self,
         ui: &mut egui::Ui,
         worker: &mut Worker,

@@ -2,6 +2,7 @@
 
 pub mod calibration;
 pub mod cliff;
+pub mod compare;
 pub mod directions;
 pub mod guard;
 pub mod heads;
