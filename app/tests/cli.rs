@@ -691,6 +691,37 @@ fn every_family_runs_every_analysis() {
             "--row-steps",
             "20",
         ]);
+        // The organism it trained against its base model; the Latent Guard.
+        ok(&[
+            &[
+                "compare",
+                "--adapter",
+                &adapter,
+                "--other-base",
+                "--borderline",
+                "none",
+                "--prompt",
+                "hi",
+                "--reply-tokens",
+                "2",
+            ][..],
+            &sets_arg,
+        ]
+        .concat());
+        let guard = p("guard.json");
+        let out = run_cached(
+            &dir.path().join("cache"),
+            &[
+                &["guard", "fit", "--model", &model, "--out", &guard][..],
+                &sets_arg,
+            ]
+            .concat(),
+        );
+        assert!(
+            out.status.success(),
+            "{family:?} guard fit: {}",
+            stderr_line(&out)
+        );
     }
 }
 
