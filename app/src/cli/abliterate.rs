@@ -101,12 +101,16 @@ pub fn run(lm: &LoadedModel, a: ExportAblatedArgs) -> Result<()> {
         .collect())
     };
     let (before, after) = (logprobs(lm)?, logprobs(&exported)?);
-    let kl = before
+    let mut kls: Vec<f32> = before
         .iter()
         .zip(&after)
         .map(|(p, q)| kl_divergence(p, q))
-        .sum::<f32>()
-        / before.len().max(1) as f32;
+        .collect();
+    let kl = kls.iter().sum::<f32>() / kls.len().max(1) as f32;
+    // The mean is carried by a few prompts the ablation derails: the median says how typical
+    // a harmless prompt fares.
+    kls.sort_by(f32::total_cmp);
+    let median_kl = kls.get(kls.len() / 2).copied().unwrap_or(0.0);
     let bytes = |p: &Option<PathBuf>| p.as_ref().map(|p| dir_bytes(p)).unwrap_or(0);
     if a.json {
         println!(
@@ -115,6 +119,7 @@ pub fn run(lm: &LoadedModel, a: ExportAblatedArgs) -> Result<()> {
                 "hf_bytes": bytes(&a.hf_out), "direction": a.direction, "layer": dirs.layer,
                 "tau": tau, "harmful_refusal_rate_before": rate_before,
                 "harmful_refusal_rate_after": rate_after, "harmless_mean_kl": kl,
+                "harmless_median_kl": median_kl,
                 "n_harmful": harmful.len(), "n_harmless": harmless.len()})
         );
         return Ok(());
@@ -131,7 +136,7 @@ pub fn run(lm: &LoadedModel, a: ExportAblatedArgs) -> Result<()> {
         }
     }
     println!(
-        "refusal rate on {} harmful test prompts at τ {tau:.2}: {:.2} → {:.2}; mean next-token KL from the original on {} harmless ones: {kl:.4}",
+        "refusal rate on {} harmful test prompts at τ {tau:.2}: {:.2} → {:.2}; next-token KL from the original on {} harmless ones: mean {kl:.4}, median {median_kl:.4}",
         harmful.len(),
         rate_before,
         rate_after,

@@ -356,6 +356,7 @@ pub fn greedy_replies(
     progress(prompts.len(), prompts.len());
     Ok(out)
 }
+
 /// What a refusal gate does in [`decode_greedy`].
 #[derive(Clone, Copy)]
 enum GateRole {
