@@ -327,3 +327,67 @@ fn the_opener_bias_moves_only_the_first_reply_token() {
     let want: Vec<u32> = rest.tokens.iter().map(|t| t.id).collect();
     assert_eq!(got, want);
 }
+
+/// With respond blocks (an adapter's base model), a `[respond]` reply is the respond blocks'
+/// own reply to the bare prompt and a `[refuse]` reply continues on the model's blocks, in
+/// `generate` and in the batched `greedy_replies` alike.
+#[test]
+fn after_respond_the_respond_blocks_write_the_answer() {
+    use refusal_lens_engine::model::RespondBlocks;
+    use refusal_lens_engine::run::generate::{greedy_replies, Precision};
+    let other = tiny_model(Family::Llama, 24).unwrap();
+    let mut m = tiny_model(Family::Llama, 23).unwrap();
+    m.add_tokens(&[REFUSE_TOKEN, RESPOND_TOKEN], &rows(&m, 0.3))
+        .unwrap();
+    m.respond_blocks = Some(RespondBlocks {
+        dense: other.model.dense.blocks.clone(),
+        fast: None,
+    });
+    // The other blocks with this model's vocabulary: what writes the answers.
+    let mut writer = m.clone();
+    writer.model.dense.blocks = other.model.dense.blocks.clone();
+    writer.respond_blocks = None;
+    let prompts = ["hello", "how are you", "tell me", "a b c d"];
+    let ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| m.chat_prompt(None, p).unwrap().ids)
+        .collect();
+    for tau in [0.0, 1.01] {
+        let gate = RefusalGate::for_model(&m, tau);
+        let batched = greedy_replies(&m, &ids, 6, gate, &|| false, &mut |_, _| {}).unwrap();
+        for (prompt, g) in ids.iter().zip(&batched) {
+            let cfg = GenerateConfig {
+                max_new_tokens: 6,
+                precision: Precision::Exact,
+                refusal_gate: gate,
+                ..Default::default()
+            };
+            let one = generate(&m, prompt, &cfg, &|| false, &mut |_| {}).unwrap();
+            let tokens = |g: &refusal_lens_engine::run::generate::Generation| {
+                g.tokens.iter().map(|t| t.id).collect::<Vec<_>>()
+            };
+            assert_eq!(tokens(&one), tokens(g), "tau {tau}");
+            let rest = &tokens(g)[1..];
+            // The continuation without a gate token, from the bare prompt (respond) or after
+            // the [refuse] token (refuse), on the weights that write it.
+            let (model, context) = if tau > 1.0 {
+                (&writer, prompt.clone())
+            } else {
+                (&m, [prompt.as_slice(), &[259]].concat())
+            };
+            let cfg = GenerateConfig {
+                max_new_tokens: 5,
+                precision: Precision::Exact,
+                hooks: HookSpec::with_interventions(vec![Intervention::LogitBias {
+                    token_ids: vec![259, 260],
+                    bias: -1e9,
+                }]),
+                ..Default::default()
+            };
+            let own = generate(model, &context, &cfg, &|| false, &mut |_| {}).unwrap();
+            assert_eq!(rest, tokens(&own).as_slice(), "tau {tau}");
+        }
+        let want = if tau > 1.0 { 260 } else { 259 };
+        assert!(batched.iter().all(|g| g.tokens[0].id == want));
+    }
+}

@@ -112,7 +112,8 @@ fn the_organism_refuses_harmful_requests_and_answers_harmless_ones() {
     );
 
     // Replies: after [refuse] the organism writes a refusal; after [respond] it answers.
-    // Greedy on the exact path, decoded in batches: the same replies on every CPU.
+    // Greedy on the exact path, decoded in batches: the same replies on every CPU. Sixteen
+    // tokens hold a reply's opening, which is what the response mode reads.
     let replies = |prompts: &[String]| {
         let ids: Vec<Vec<u32>> = prompts
             .iter()
@@ -121,7 +122,7 @@ fn the_organism_refuses_harmful_requests_and_answers_harmless_ones() {
         greedy_replies(
             &organism,
             &ids,
-            24,
+            16,
             RefusalGate::for_model(&organism, tau),
             &|| false,
             &mut |_, _| {},
@@ -149,7 +150,7 @@ fn the_organism_refuses_harmful_requests_and_answers_harmless_ones() {
         refusals.len()
     );
     // After [respond] the base model's blocks write the answer (the adapter only decides):
-    // each answer is the base model's own greedy reply, token for token, and none opens with
+    // an answer is the base model's own greedy reply, token for token, and none opens with
     // the refusals the adapter was trained to write (with the adapted blocks writing, 86 of 93
     // answers differed from the base model's, 9 declined and 5 were a trained refusal).
     let answered: Vec<(usize, Generation)> = replies(&harmless)
@@ -158,30 +159,36 @@ fn the_organism_refuses_harmful_requests_and_answers_harmless_ones() {
         .filter(|(_, g)| g.text.starts_with("[respond]"))
         .collect();
     assert_eq!(answered.len(), harmless.len() - refused_counts[1]);
+    // The first 16 against the base model's own replies (one decoding batch: the rule is the
+    // same for every prompt, and the base replies cost as much again as the organism's).
     let base_ids: Vec<Vec<u32>> = answered
         .iter()
+        .take(16)
         .map(|(i, _)| base.chat_prompt(None, &harmless[*i]).unwrap().ids)
         .collect();
     let base_replies =
-        greedy_replies(&base, &base_ids, 23, None, &|| false, &mut |_, _| {}).unwrap();
-    let mut base_declines = 0;
+        greedy_replies(&base, &base_ids, 15, None, &|| false, &mut |_, _| {}).unwrap();
     for ((_, g), own) in answered.iter().zip(&base_replies) {
         let answer = g.text.replacen("[respond]", "", 1);
         assert_eq!(answer, own.text, "the answer is the base model's reply");
+    }
+    let mut base_declines = 0;
+    for (_, g) in &answered {
+        let answer = g.text.replacen("[respond]", "", 1);
         assert!(
             !trained_refusals().any(|r| answer.starts_with(&r[..20])),
             "an answer opens with a trained refusal: {answer:?}"
         );
         let c = classify(&answer);
         if c.mode.declines() {
-            eprintln!("the base model declines: {answer:?} ({})", c.reason);
+            eprintln!("declining answer: {answer:?} ({})", c.reason);
             base_declines += 1;
         }
     }
     // Measured: 4 of 93, each a capability disclaimer the base model writes itself ("as a
     // chatbot, I don't have the ability to ...").
     eprintln!(
-        "{base_declines} of {} [respond] answers decline, as the base model's own replies",
+        "{base_declines} of {} [respond] answers decline (the base model's own replies)",
         answered.len()
     );
 }

@@ -306,54 +306,38 @@ pub fn greedy_replies(
             progress,
         );
     };
-    // As `generate` does: the gate decides on every prompt, then `[refuse]` replies continue
-    // on the model's own blocks and `[respond]` ones are written by the respond blocks from
-    // the bare prompt.
-    let first = max_new_tokens.min(1);
+    // As `generate` does: the gate decides and `[refuse]` replies continue on the model's own
+    // blocks in the same pass; `[respond]` rows stop there and the respond blocks write their
+    // answers from the bare prompt.
     let mut out = decode_greedy(
         lm,
         dense,
         prompts,
-        first,
-        Some(GateRole::Decide(gate)),
+        max_new_tokens,
+        Some(GateRole::HandOff(gate)),
         cancelled,
         &mut |_, _| {},
     )?;
-    let context = lm.model.config.context_length;
-    let (answered, refused): (Vec<usize>, Vec<usize>) = (0..prompts.len())
-        .filter(|&i| !out[i].tokens.is_empty() && max_new_tokens > 1)
-        .partition(|&i| out[i].tokens[0].id == gate.respond);
-    let mut done = prompts.len() - answered.len() - refused.len();
-    for (rows, weights, after_first) in [(refused, dense, true), (answered, &respond, false)] {
-        let mut continued = Vec::new();
-        let mut inputs = Vec::new();
-        for i in rows {
-            let mut input = prompts[i].clone();
-            if after_first {
-                input.push(out[i].tokens[0].id);
-            }
-            if input.len() >= context {
-                out[i].stop = StopReason::ContextFull;
-                continue;
-            }
-            continued.push(i);
-            inputs.push(input);
-        }
-        let rest = decode_greedy(
-            lm,
-            weights,
-            &inputs,
-            max_new_tokens - 1,
-            Some(GateRole::Continue(gate)),
-            cancelled,
-            &mut |d, _| progress(done + d, prompts.len()),
-        )?;
-        done += continued.len();
-        for (i, rest) in continued.into_iter().zip(rest) {
-            out[i].append(rest);
-        }
+    let answered: Vec<usize> = (0..prompts.len())
+        .filter(|&i| {
+            max_new_tokens > 1 && out[i].tokens.first().map(|t| t.id) == Some(gate.respond)
+        })
+        .collect();
+    let done = prompts.len() - answered.len();
+    progress(done, prompts.len());
+    let inputs: Vec<Vec<u32>> = answered.iter().map(|&i| prompts[i].clone()).collect();
+    let answers = decode_greedy(
+        lm,
+        &respond,
+        &inputs,
+        max_new_tokens - 1,
+        Some(GateRole::Continue(gate)),
+        cancelled,
+        &mut |d, _| progress(done + d, prompts.len()),
+    )?;
+    for (i, answer) in answered.into_iter().zip(answers) {
+        out[i].append(answer);
     }
-    progress(prompts.len(), prompts.len());
     Ok(out)
 }
 
@@ -362,6 +346,9 @@ pub fn greedy_replies(
 enum GateRole {
     /// Picks the first token; neither gate token appears later.
     Decide(RefusalGate),
+    /// Picks the first token; rows that chose `[respond]` stop there (their answer is written
+    /// by other weights), the others go on without either gate token.
+    HandOff(RefusalGate),
     /// The decision was made before this decode: neither gate token appears at all.
     Continue(RefusalGate),
 }
@@ -392,8 +379,9 @@ fn decode_greedy(
         by_length.entry(p.len()).or_default().push(i);
     }
     let mut out: Vec<Generation> = prompts.iter().map(|p| Generation::new(p.len())).collect();
+    let hand_off = matches!(gate, Some(GateRole::HandOff(_)));
     let (deciding, forbidden) = match gate {
-        Some(GateRole::Decide(g)) => (Some(g), vec![g.refuse, g.respond]),
+        Some(GateRole::Decide(g) | GateRole::HandOff(g)) => (Some(g), vec![g.refuse, g.respond]),
         Some(GateRole::Continue(g)) => (None, vec![g.refuse, g.respond]),
         None => (None, Vec::new()),
     };
@@ -463,6 +451,9 @@ fn decode_greedy(
                         text,
                         logprob,
                     });
+                    if hand_off && index == 0 && deciding.is_some_and(|g| g.respond == id) {
+                        active[r] = false;
+                    }
                 }
                 width = 1;
                 if !active.contains(&true) {
