@@ -1000,3 +1000,57 @@ fn compare_puts_two_models_side_by_side() {
     assert!(!failed.status.success());
     assert!(stderr_line(&failed).contains("no adapter"));
 }
+
+/// `generate --ablate-direction DIRS[:harmfulness][@FRACTION]`: a fraction of the component
+/// (the stack says which), the full projection by default, a bad fraction in one line.
+#[test]
+fn generate_ablates_a_fraction_of_a_direction() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let model = tiny_folder(dir.path());
+    let harmful = write_set(dir.path(), "harmful", "evil", 12);
+    let harmless = write_set(dir.path(), "harmless", "kind", 12);
+    let dirs = dir.path().join("dirs.safetensors").display().to_string();
+    succeeded(&run_cached(
+        &cache,
+        &[
+            "directions",
+            "--model",
+            &model,
+            "--no-select",
+            "--out",
+            &dirs,
+            "--harmful",
+            &harmful,
+            "--harmless",
+            &harmless,
+        ],
+    ));
+    let steered = |spec: &str| {
+        run_cached(
+            &cache,
+            &[
+                "generate",
+                "--model",
+                &model,
+                "--prompt",
+                "hi",
+                "--max-tokens",
+                "2",
+                "--ablate-direction",
+                spec,
+                "--json",
+            ],
+        )
+    };
+    let half = String::from_utf8_lossy(&steered(&format!("{dirs}@0.5")).stdout).to_string();
+    assert!(
+        half.contains("ablate 0.50 of the refusal direction"),
+        "{half}"
+    );
+    let full = String::from_utf8_lossy(&steered(&format!("{dirs}:harmfulness")).stdout).to_string();
+    assert!(full.contains("ablate the harmfulness direction"), "{full}");
+    let bad = steered(&format!("{dirs}@half"));
+    assert!(!bad.status.success());
+    assert!(stderr_line(&bad).contains("not a fraction"));
+}

@@ -449,6 +449,21 @@ fn dragging_the_refusal_slider_regenerates_a_reply_labelled_with_the_new_alpha()
     h.get_by_label_contains(&label);
     // The stack lists the edit the slider made.
     h.get_by_label_contains(&format!("add {alpha:+.2} × refusal at layer"));
+    // In ablate mode the slider is the fraction of the component removed: each value is its
+    // own stack, and the steered reply says which one it belongs to.
+    h.state_mut().steering.ablate = true;
+    for fraction in [0.5, 2.0] {
+        h.state_mut().steering.alpha_refusal = fraction;
+        h.step();
+        step_until(&mut h, "the ablated reply", |a| {
+            a.steering.steered.done
+                && a.steering
+                    .steered
+                    .label
+                    .contains(&format!("f_refusal = {fraction:+.2}"))
+        });
+        h.get_by_label_contains(&format!("ablate {fraction:.2} of the refusal direction"));
+    }
 }
 
 #[test]

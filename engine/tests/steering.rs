@@ -99,6 +99,7 @@ fn direction_ablation_leaves_no_component_in_any_write() {
     let steering = Steering {
         edits: vec![Edit::Ablate {
             direction: Direction::Refusal,
+            fraction: 1.0,
         }],
     };
     let hooks = steering.hooks(&lm, Some(&d), &prompt, None).unwrap();

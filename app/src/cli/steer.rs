@@ -21,7 +21,9 @@ pub struct SteerArgs {
     /// A-B; the refusal direction unless `harmfulness`). Repeatable.
     #[arg(long = "steer", allow_hyphen_values = true)]
     pub steer: Vec<String>,
-    /// Directional ablation: DIRS.safetensors[:harmfulness]. Repeatable.
+    /// Directional ablation: DIRS.safetensors[:harmfulness][@FRACTION] (the fraction of the
+    /// component removed: 1, the default, projects it out; 0.5 halves it; 2 reflects it).
+    /// Repeatable.
     #[arg(long = "ablate-direction")]
     pub ablate_direction: Vec<String>,
     /// Head ablation: L.H[:zero|:scale=F|:mean] (mean over the sample harmless prompts).
@@ -121,13 +123,24 @@ impl SteerArgs {
             });
         }
         for s in &self.ablate_direction {
+            let (s, fraction) = match s.rsplit_once('@') {
+                Some((rest, f)) => (
+                    rest,
+                    f.parse::<f32>()
+                        .ok()
+                        .filter(|f| f.is_finite())
+                        .with_context(|| format!("--ablate-direction: `{f}` is not a fraction"))?,
+                ),
+                None => (s.as_str(), 1.0),
+            };
             let (path, dir) = match s.rsplit_once(':') {
                 Some((p, d)) if d == "refusal" || d == "harmfulness" => (p, Some(d)),
-                _ => (s.as_str(), None),
+                _ => (s, None),
             };
             file.get(path, lm)?;
             edits.push(Edit::Ablate {
                 direction: parse_direction(dir)?,
+                fraction,
             });
         }
         for s in &self.ablate_head {
@@ -279,7 +292,10 @@ pub fn run_sweep(lm: &LoadedModel, a: SweepArgs) -> Result<()> {
     if a.with_ablation {
         let ablate = |_: f32| {
             let mut edits = base.edits.clone();
-            edits.push(Edit::Ablate { direction });
+            edits.push(Edit::Ablate {
+                direction,
+                fraction: 1.0,
+            });
             Steering { edits }
         };
         let mut bar = super::lens::progress_bar(a.json);

@@ -56,6 +56,10 @@ pub enum HeadAblation {
     Mean(Vec<f32>),
 }
 
+fn full_ablation() -> f32 {
+    1.0
+}
+
 /// One edit of the stack.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Edit {
@@ -67,8 +71,13 @@ pub enum Edit {
         alpha: f32,
         positions: StreamPositions,
     },
-    /// Project the (unit) direction out of every write into the residual stream.
-    Ablate { direction: Direction },
+    /// Remove `fraction` of the (unit) direction's component from every write into the
+    /// residual stream: 1 projects it out, 0 does nothing, above 1 reflects it.
+    Ablate {
+        direction: Direction,
+        #[serde(default = "full_ablation")]
+        fraction: f32,
+    },
     AblateHead {
         layer: usize,
         head: usize,
@@ -103,7 +112,17 @@ impl Edit {
                     StreamPositions::PostInstruction => "post-instruction + reply",
                 }
             ),
-            Edit::Ablate { direction } => format!("ablate the {} direction", direction.name()),
+            Edit::Ablate {
+                direction,
+                fraction,
+            } if *fraction == 1.0 => format!("ablate the {} direction", direction.name()),
+            Edit::Ablate {
+                direction,
+                fraction,
+            } => format!(
+                "ablate {fraction:.2} of the {} direction's component",
+                direction.name()
+            ),
             Edit::AblateHead { layer, head, how } => format!(
                 "ablate L{layer}.H{head} ({})",
                 match how {
@@ -177,11 +196,15 @@ impl Steering {
                     let d = need_dirs()?;
                     out.extend(addition(lm, d, *direction, *layers, *alpha, clip(from))?);
                 }
-                Edit::Ablate { direction } => {
+                Edit::Ablate {
+                    direction,
+                    fraction,
+                } => {
                     let d = need_dirs()?;
                     let v = vector(d, *direction, d.layer);
                     let v = Tensor::from_slice(v, v.len(), lm.model.device())?;
-                    let ablate = Intervention::ablate_direction(&v, lm.model.config.n_layers)?;
+                    let n_layers = lm.model.config.n_layers;
+                    let ablate = Intervention::ablate_fraction(&v, n_layers, *fraction as f64)?;
                     out.extend(ablate.into_iter().map(|i| i.map_positions(clip)));
                 }
                 Edit::AblateHead { layer, head, how } => {

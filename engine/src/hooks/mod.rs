@@ -59,10 +59,12 @@ pub enum Intervention {
         scale: f64,
         positions: Positions,
     },
-    /// `x ← x − (x·r̂) r̂` at a residual-shaped point; `unit` must have norm 1.
+    /// `x ← x − f·(x·r̂) r̂` at a residual-shaped point; `unit` must have norm 1. `f` is the
+    /// fraction of the component removed: 1 projects it out, 0 leaves `x`, 2 reflects it.
     ProjectOut {
         point: HookPoint,
         unit: Tensor,
+        fraction: f64,
         positions: Positions,
     },
     /// `z_{l,h} ← factor · z_{l,h}`. Factor 0 is zero ablation; because `z = A·V` is linear in
@@ -113,10 +115,12 @@ impl Intervention {
             Intervention::ProjectOut {
                 point,
                 unit,
+                fraction,
                 positions,
             } => Intervention::ProjectOut {
                 point,
                 unit,
+                fraction,
                 positions: f(positions),
             },
             other => other,
@@ -126,6 +130,16 @@ impl Intervention {
     /// Directional ablation as docs/methods.md defines it: project `r̂` out of every write into the
     /// residual stream (the embedding, every attention output and every MLP output).
     pub fn ablate_direction(direction: &Tensor, n_layers: usize) -> Result<Vec<Intervention>> {
+        Self::ablate_fraction(direction, n_layers, 1.0)
+    }
+
+    /// Directional ablation of a fraction `f` of the component along `r̂` from every write:
+    /// 0 changes nothing, 1 is [`Intervention::ablate_direction`], above 1 reflects it.
+    pub fn ablate_fraction(
+        direction: &Tensor,
+        n_layers: usize,
+        fraction: f64,
+    ) -> Result<Vec<Intervention>> {
         let direction = direction.to_dtype(DType::F32)?.flatten_all()?;
         let norm = direction.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
         if !norm.is_finite() || norm == 0.0 {
@@ -138,6 +152,7 @@ impl Intervention {
             .map(|point| Intervention::ProjectOut {
                 point,
                 unit: unit.clone(),
+                fraction,
                 positions: Positions::All,
             })
             .collect())
@@ -195,10 +210,13 @@ impl HookSpec {
                 Intervention::ProjectOut {
                     point: p,
                     unit,
+                    fraction,
                     positions,
                 } if *p == point => {
                     let unit = unit.to_dtype(x.dtype())?.flatten_all()?;
-                    on_positions(&x, offset, *positions, |part| project_out(part, &unit))?
+                    on_positions(&x, offset, *positions, |part| {
+                        project_out(part, &unit, *fraction)
+                    })?
                 }
                 _ => x,
             };
@@ -303,8 +321,8 @@ impl HookSpec {
 }
 
 /// `y − (y·u) u` along the last dimension.
-fn project_out(y: &Tensor, unit: &Tensor) -> Result<Tensor> {
-    let coeff = y.broadcast_mul(unit)?.sum_keepdim(D::Minus1)?;
+fn project_out(y: &Tensor, unit: &Tensor, fraction: f64) -> Result<Tensor> {
+    let coeff = (y.broadcast_mul(unit)?.sum_keepdim(D::Minus1)? * fraction)?;
     Ok((y - coeff.broadcast_mul(unit)?)?)
 }
 
@@ -451,13 +469,19 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let x = Tensor::new(&[[[3f32, 4.0, 5.0]]], &dev).unwrap();
         let u = Tensor::new(&[0f32, 1.0, 0.0], &dev).unwrap();
-        let y = project_out(&x, &u)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_eq!(y, vec![3.0, 0.0, 5.0]);
+        let y = |f: f64| {
+            project_out(&x, &u, f)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(y(1.0), vec![3.0, 0.0, 5.0]);
+        // A fraction removes that much of the component; 2 reflects it.
+        assert_eq!(y(0.0), vec![3.0, 4.0, 5.0]);
+        assert_eq!(y(0.25), vec![3.0, 3.0, 5.0]);
+        assert_eq!(y(2.0), vec![3.0, -4.0, 5.0]);
     }
 
     #[test]

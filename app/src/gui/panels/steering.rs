@@ -244,8 +244,12 @@ impl SteeringPanel {
                 (Direction::Harmfulness, self.alpha_harmfulness),
             ] {
                 if self.ablate {
+                    // In ablate mode the slider is the fraction of the component removed.
                     if alpha != 0.0 {
-                        edits.push(Edit::Ablate { direction });
+                        edits.push(Edit::Ablate {
+                            direction,
+                            fraction: alpha,
+                        });
                     }
                 } else if alpha != 0.0 {
                     edits.push(Edit::Add {
@@ -267,9 +271,14 @@ impl SteeringPanel {
 
     fn label(&self, dirs: Option<&Directions>) -> String {
         let layers = dirs.map(|d| self.layers.unwrap_or((d.layer, d.layer)));
+        // Which value each reply belongs to: α of the addition, or f, the fraction ablated.
+        let (mode, symbol) = if self.ablate {
+            ("ablate:", "f")
+        } else {
+            ("add:", "α")
+        };
         format!(
-            "{} α_refusal = {:+.2}, α_harmfulness = {:+.2}{}{}",
-            if self.ablate { "ablate:" } else { "add:" },
+            "{mode} {symbol}_refusal = {:+.2}, {symbol}_harmfulness = {:+.2}{}{}",
             self.alpha_refusal,
             self.alpha_harmfulness,
             layers.map_or(String::new(), |(a, b)| if a == b {
@@ -376,21 +385,29 @@ impl SteeringPanel {
                 ui.label("mode");
                 ui.horizontal(|ui| {
                     ui.radio_value(&mut self.ablate, false, "add α·v");
-                    ui.radio_value(&mut self.ablate, true, "ablate (α ≠ 0 ablates)");
+                    ui.radio_value(&mut self.ablate, true, "ablate a fraction f")
+                        .on_hover_text(
+                            "Remove the fraction f of each write's component along the direction:                              0 none, 1 the full projection, above 1 reflects it",
+                        );
                 });
                 ui.end_row();
-                ui.label("α refusal");
-                ui.add_enabled(
-                    dirs.is_some(),
-                    egui::Slider::new(&mut self.alpha_refusal, -2.0..=2.0).step_by(0.05),
-                );
-                ui.end_row();
-                ui.label("α harmfulness");
-                ui.add_enabled(
-                    dirs.is_some(),
-                    egui::Slider::new(&mut self.alpha_harmfulness, -2.0..=2.0).step_by(0.05),
-                );
-                ui.end_row();
+                let (symbol, range) = if self.ablate {
+                    ("f", 0.0..=2.0)
+                } else {
+                    ("α", -2.0..=2.0)
+                };
+                for (name, value) in [
+                    ("refusal", &mut self.alpha_refusal),
+                    ("harmfulness", &mut self.alpha_harmfulness),
+                ] {
+                    let label = ui.label(format!("{symbol} {name}"));
+                    ui.add_enabled(
+                        dirs.is_some(),
+                        egui::Slider::new(value, range.clone()).step_by(0.05),
+                    )
+                    .labelled_by(label.id);
+                    ui.end_row();
+                }
                 if let Some(d) = dirs {
                     let (mut a, mut b) = self.layers.unwrap_or((d.layer, d.layer));
                     ui.label("layers");
@@ -448,7 +465,7 @@ impl SteeringPanel {
     ) {
         ui.horizontal_wrapped(|ui| {
             ui.strong("Dose-response");
-            egui::ComboBox::from_id_salt("sweep_dir")
+            egui::ComboBox::new("sweep_dir", "direction")
                 .selected_text(self.sweep_direction.name())
                 .show_ui(ui, |ui| {
                     ui.selectable_value(&mut self.sweep_direction, Direction::Refusal, "refusal");
@@ -456,7 +473,7 @@ impl SteeringPanel {
                 });
             if !sets.is_empty() {
                 self.sweep_set = self.sweep_set.min(sets.len() - 1);
-                egui::ComboBox::from_id_salt("sweep_set")
+                egui::ComboBox::new("sweep_set", "set")
                     .selected_text(sets[self.sweep_set].name.clone())
                     .show_ui(ui, |ui| {
                         for (i, s) in sets.iter().enumerate() {
