@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Args};
 use refusal_lens_engine::analysis::abliterate::orthogonalized;
-use refusal_lens_engine::analysis::compare::{compare, replies, Comparison};
+use refusal_lens_engine::analysis::compare::{compare, replies};
 use refusal_lens_engine::analysis::directions::Directions;
 use refusal_lens_engine::analysis::guard::DetectorReport;
 use refusal_lens_engine::data::prompts::PromptSet;
@@ -97,20 +97,6 @@ fn cell(v: Option<f32>) -> String {
     v.map_or("-".into(), |c| format!("{c:+.3}"))
 }
 
-fn write_csv(c: &Comparison, path: &Path) -> Result<()> {
-    let mut text = String::from("layer,refusal_cosine,harmfulness_cosine\n");
-    let num = |v: Option<f32>| v.map_or(String::new(), |c| c.to_string());
-    for l in &c.layers {
-        text.push_str(&format!(
-            "{},{},{}\n",
-            l.layer,
-            num(l.refusal),
-            num(l.harmfulness)
-        ));
-    }
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
-}
-
 pub fn run(
     first: &LoadedModel,
     base: Option<&LoadedModel>,
@@ -136,7 +122,8 @@ pub fn run(
         &mut bar,
     )?;
     if let Some(path) = &a.csv {
-        write_csv(&c, path)?;
+        std::fs::write(path, c.layers_csv())
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let replies = a
         .prompt

@@ -57,6 +57,24 @@ pub struct Comparison {
     pub n_test_harmless: usize,
 }
 
+impl Comparison {
+    /// The per-layer cosines as CSV (`layer,refusal_cosine,harmfulness_cosine`; empty cells
+    /// where a direction is zero).
+    pub fn layers_csv(&self) -> String {
+        let mut text = String::from("layer,refusal_cosine,harmfulness_cosine\n");
+        let num = |v: Option<f32>| v.map_or(String::new(), |c| c.to_string());
+        for l in &self.layers {
+            text.push_str(&format!(
+                "{},{},{}\n",
+                l.layer,
+                num(l.refusal),
+                num(l.harmfulness)
+            ));
+        }
+        text
+    }
+}
+
 /// Everything one model contributes: its states on every split, directions and guard.
 struct Side {
     side: ModelSide,

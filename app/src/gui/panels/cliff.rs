@@ -10,6 +10,7 @@ use refusal_lens_engine::analysis::trajectory::Trajectory;
 
 use crate::gui::widgets::colors::{legend, score_color, text_on};
 use crate::gui::widgets::export::Exporter;
+use crate::gui::widgets::short;
 use crate::worker::{Event, Job, JobId, Worker};
 
 #[derive(Default)]
@@ -46,14 +47,6 @@ fn first_shown(t: &Trajectory, whole_prompt: bool) -> usize {
 /// The curve chips and the cliff read: the probe score, else the refusal projection.
 fn main_curve(t: &Trajectory) -> Option<&Vec<f32>> {
     t.score.as_ref().or(t.refusal.as_ref())
-}
-
-fn short(s: &str, n: usize) -> String {
-    let mut out: String = s.chars().take(n).collect();
-    if s.chars().count() > n {
-        out.push('…');
-    }
-    out
 }
 
 impl CliffPanel {

@@ -15,7 +15,7 @@ use refusal_lens_engine::data::prompts::PromptSet;
 use crate::gui::session::Session;
 use crate::gui::widgets::dialog::Pending;
 use crate::gui::widgets::export::Exporter;
-use crate::gui::widgets::progress_with_cancel;
+use crate::gui::widgets::{progress_with_cancel, short};
 use crate::worker::{CompareWith, Event, Job, JobId, Worker};
 
 /// Reply tokens per model for the side-by-side replies.
@@ -219,19 +219,7 @@ impl ComparePanel {
     fn cosine_plot(&mut self, ui: &mut egui::Ui, c: &Comparison) {
         ui.horizontal(|ui| {
             ui.strong("Direction agreement per layer");
-            let csv = || {
-                let mut out = String::from("layer,refusal_cosine,harmfulness_cosine\n");
-                let num = |v: Option<f32>| v.map_or(String::new(), |x| x.to_string());
-                for l in &c.layers {
-                    out.push_str(&format!(
-                        "{},{},{}\n",
-                        l.layer,
-                        num(l.refusal),
-                        num(l.harmfulness)
-                    ));
-                }
-                out
-            };
+            let csv = || c.layers_csv();
             self.export
                 .buttons(ui, "compare_layers", self.plot_rect, csv);
         });
@@ -329,12 +317,4 @@ fn rates_and_guards(ui: &mut egui::Ui, c: &Comparison) {
             ui.label(auc(Some(&c.second.own_guard)));
             ui.end_row();
         });
-}
-
-fn short(s: &str, n: usize) -> String {
-    let mut out: String = s.chars().take(n).collect();
-    if s.chars().count() > n {
-        out.push('…');
-    }
-    out
 }

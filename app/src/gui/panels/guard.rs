@@ -13,7 +13,7 @@ use refusal_lens_engine::data::prompts::{sample_prompts_dir, Jailbreak, PromptSe
 use super::compare::ComparePanel;
 use crate::gui::session::Session;
 use crate::gui::widgets::export::Exporter;
-use crate::gui::widgets::progress_with_cancel;
+use crate::gui::widgets::{progress_with_cancel, short};
 use crate::worker::{Event, Job, JobId, Worker};
 
 #[derive(Default)]
@@ -349,14 +349,6 @@ impl GuardPanel {
             });
         self.plot_rect = Some(response.response.rect);
     }
-}
-
-fn short(s: &str, n: usize) -> String {
-    let mut out: String = s.chars().take(n).collect();
-    if s.chars().count() > n {
-        out.push('…');
-    }
-    out
 }
 
 /// The point nearest `(x, y)` in the plot's units, scaled per axis by the data's spread.

@@ -15,3 +15,12 @@ pub fn progress_with_cancel(ui: &mut egui::Ui, done: usize, total: usize, text: 
     );
     ui.button("Cancel").clicked()
 }
+
+/// `s` cut to `n` characters, with an ellipsis when it was longer.
+pub fn short(s: &str, n: usize) -> String {
+    let mut out: String = s.chars().take(n).collect();
+    if s.chars().count() > n {
+        out.push('…');
+    }
+    out
+}
