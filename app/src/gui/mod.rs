@@ -351,6 +351,7 @@ impl RefusalLensApp {
             || self.cliff.is_running()
             || self.steering.is_running()
             || self.heads.is_running()
+            || self.guard.is_running()
     }
 }
 

@@ -43,8 +43,9 @@ impl ComparePanel {
         Some(event.id()) == self.job
     }
 
+    /// A comparison runs or the file dialog is open (its answer is polled each frame).
     pub fn is_running(&self) -> bool {
-        self.job.is_some()
+        self.job.is_some() || self.dialog.is_some()
     }
 
     pub fn on_event(&mut self, event: Event) {
