@@ -550,10 +550,18 @@ fn clicking_a_head_cell_ablates_it_and_requests_a_new_reply() {
         .collect();
     assert_eq!(ablated, vec![(1, 2)]);
     assert!(h.state().heads.reply_job.is_some() || h.state().heads.reply.done);
-    step_until(&mut h, "the reply with the head ablated", |a| {
-        a.heads.reply.done
+    step_until(&mut h, "the replies before and after the ablation", |a| {
+        a.heads.reply.done && a.heads.before.done
     });
-    h.get_by_label_contains("reply with 1 head(s) ablated");
+    // Both beside the heatmap: to its right, at its height.
+    let after = h.get_by_label_contains("after: 1 head(s) ablated").rect();
+    let before = h.get_by_label_contains("before: no edits").rect();
+    let map = h.state().heads.cell_center(1, 2).unwrap();
+    assert!(
+        after.left() > map.x && before.left() > map.x,
+        "{before:?} {after:?} {map:?}"
+    );
+    assert!(before.top() < after.top());
     h.get_by_label("Clear ablations (1)").click();
     h.step();
     assert!(h.state().session.extra_edits.is_empty());

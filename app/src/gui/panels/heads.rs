@@ -67,7 +67,7 @@ impl Metric {
 
 /// The heatmap's diverging scale with its numeric ends.
 fn heatmap_legend(ui: &mut egui::Ui, metric: &str, scale: f32) {
-    ui.horizontal(|ui| {
+    ui.horizontal_wrapped(|ui| {
         ui.label(format!("{metric}:"));
         ui.label(format!("{:+.3}", -scale));
         let (r, _) = ui.allocate_exact_size(Vec2::new(160.0, 14.0), Sense::hover());
@@ -117,6 +117,8 @@ fn diverging(v: f32, scale: f32) -> Color32 {
 
 const HEATMAP_AXIS: f32 = 30.0;
 const HEATMAP_CELL_H: f32 = 14.0;
+/// The heatmap never grows wider than this, so the replies fit beside it.
+const HEATMAP_MAX_WIDTH: f32 = 420.0;
 
 #[derive(Default)]
 pub struct HeadsPanel {
@@ -130,9 +132,12 @@ pub struct HeadsPanel {
     pub error: Option<String>,
     /// Percent of heads "ablate top k%" takes.
     top_percent: f32,
-    /// The reply regenerated under the stack after an ablation change.
+    /// The reply regenerated under the stack after an ablation change …
     pub reply_job: Option<JobId>,
     pub reply: ReplyView,
+    /// … beside the reply with no edits (regenerated when the prompt changes).
+    pub before: ReplyView,
+    before_for: Option<String>,
     /// Set when a click changed the ablations: regenerate the reply.
     changed: bool,
     /// A shift-clicked head to compute the knockout cascade of.
@@ -168,10 +173,25 @@ impl HeadsPanel {
                 }
                 self.metric = Metric::Cascade;
             }
-            Event::Token { .. } => self.reply.follow(event),
-            Event::Steered { .. } => {
-                self.reply_job = None;
-                self.reply.follow(event);
+            Event::Token { baseline, .. } => {
+                let view = if baseline {
+                    &mut self.before
+                } else {
+                    &mut self.reply
+                };
+                view.follow(event);
+            }
+            Event::Steered { ref reply, .. } => {
+                let before = reply.baseline;
+                if !before {
+                    self.reply_job = None;
+                }
+                let view = if before {
+                    &mut self.before
+                } else {
+                    &mut self.reply
+                };
+                view.follow(event);
             }
             Event::Failed { id, error } => {
                 if Some(id) == self.job {
@@ -191,6 +211,8 @@ impl HeadsPanel {
         self.job = None;
         self.reply_job = None;
         self.reply = ReplyView::default();
+        self.before = ReplyView::default();
+        self.before_for = None;
     }
 
     /// Where cell `(l, h)` was drawn last frame (for scripted clicks).
@@ -253,7 +275,17 @@ impl HeadsPanel {
         });
         summary(ui, &m, self.metric);
         self.ablation_controls(ui, &m, &mut session.extra_edits);
-        self.heatmap(ui, &m, &mut session.extra_edits);
+        // The heatmap and, beside it, what a click does to the current prompt's reply.
+        ui.columns(2, |cols| {
+            self.heatmap(&mut cols[0], &m, &mut session.extra_edits);
+            if !self.reply.label.is_empty() {
+                let ui = &mut cols[1];
+                ui.label(format!("Prompt: {:?}", base.prompt));
+                self.before.ui(ui);
+                ui.separator();
+                self.reply.ui(ui);
+            }
+        });
         if let Some(gate) = self.gate_request.take() {
             if self.job.is_none() {
                 self.progress = ("knockout cascade".into(), 0, 1);
@@ -273,9 +305,17 @@ impl HeadsPanel {
                 .filter(|e| matches!(e, Edit::AblateHead { .. }))
                 .count();
             self.reply = ReplyView {
-                label: format!("reply with {n} head(s) ablated (and the rest of the stack)"),
+                label: format!("after: {n} head(s) ablated (and the rest of the stack)"),
                 ..Default::default()
             };
+            let before = self.before_for.as_deref() != Some(base.prompt.as_str());
+            if before {
+                self.before = ReplyView {
+                    label: "before: no edits".into(),
+                    ..Default::default()
+                };
+                self.before_for = Some(base.prompt.clone());
+            }
             let request = GenerateRequest {
                 steering: session.stack(),
                 max_new_tokens: 48,
@@ -283,13 +323,8 @@ impl HeadsPanel {
             };
             self.reply_job = Some(worker.submit(Job::Steer {
                 request,
-                baseline: false,
+                baseline: before,
             }));
-        }
-        if !self.reply.label.is_empty() {
-            ui.separator();
-            ui.label(format!("Prompt: {:?}", base.prompt));
-            self.reply.ui(ui);
         }
     }
 
@@ -312,8 +347,7 @@ impl HeadsPanel {
                 return;
             }
             self.pair = self.pair.min(pairs.len() - 1);
-            ui.label("pair:");
-            egui::ComboBox::from_id_salt("heads_pair")
+            egui::ComboBox::new("heads_pair", "pair")
                 .width(360.0)
                 .selected_text(pairs[self.pair].0.clone())
                 .show_ui(ui, |ui| {
@@ -409,7 +443,10 @@ impl HeadsPanel {
             .fold(0.0f32, f32::max);
         heatmap_legend(ui, self.metric.name(), scale);
         let (axis, cell_h) = (HEATMAP_AXIS, HEATMAP_CELL_H);
-        let size = Vec2::new(ui.available_width().min(420.0), rows as f32 * cell_h + 18.0);
+        let size = Vec2::new(
+            ui.available_width().min(HEATMAP_MAX_WIDTH),
+            rows as f32 * cell_h + 18.0,
+        );
         let (rect, response) = ui.allocate_exact_size(size, Sense::click());
         self.heatmap_rect = Some(rect);
         let grid = Rect::from_min_max(
