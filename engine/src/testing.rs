@@ -259,17 +259,11 @@ pub fn write_hf_folder(dir: &Path, cfg: &ModelConfig, weights: &Weights) -> Resu
         "num_key_value_heads": cfg.n_kv_heads,
         "rms_norm_eps": cfg.rms_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": match cfg.rope_scaling {
-            Some(crate::model::config::RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_context,
-            }) => serde_json::json!({"rope_type": "llama3", "factor": factor,
-                "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
-                "original_max_position_embeddings": original_context}),
-            _ => serde_json::Value::Null,
-        },
+        "rope_scaling": cfg
+            .rope_scaling
+            .as_ref()
+            .and_then(|s| s.hf_config())
+            .unwrap_or(serde_json::Value::Null),
         "max_position_embeddings": cfg.context_length,
         "vocab_size": cfg.vocab_size,
         "tie_word_embeddings": cfg.tied_embeddings,

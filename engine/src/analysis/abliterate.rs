@@ -11,7 +11,7 @@ use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
-use crate::model::config::{Family, RopeScaling, RopeStyle};
+use crate::model::config::{Family, RopeStyle};
 use crate::model::{Embedding, Linear, Model};
 use crate::{Error, LoadedModel, Result};
 
@@ -231,22 +231,11 @@ pub fn write_hf_folder(lm: &LoadedModel, out: &Path) -> Result<()> {
     };
     let rope_scaling = match &cfg.rope_scaling {
         None => serde_json::Value::Null,
-        Some(RopeScaling::Linear { factor }) => {
-            serde_json::json!({"rope_type": "linear", "factor": factor})
-        }
-        Some(RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_context,
-        }) => serde_json::json!({"rope_type": "llama3", "factor": factor,
-            "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
-            "original_max_position_embeddings": original_context}),
-        Some(RopeScaling::Factors(_)) => {
-            return Err(Error::InvalidInput(
+        Some(scaling) => scaling.hf_config().ok_or_else(|| {
+            Error::InvalidInput(
                 "the model's rotary scaling is a GGUF factor table (rope_freqs), which an HF config cannot state".into(),
-            ))
-        }
+            )
+        })?,
     };
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     // transformers' rotary layout: pairs (i, i + d/2) within each head.

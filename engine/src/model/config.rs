@@ -73,6 +73,25 @@ pub enum RopeScaling {
 }
 
 impl RopeScaling {
+    /// The scaling as an HF config's `rope_scaling`; None for a GGUF factor table, which no HF
+    /// config can state.
+    pub fn hf_config(&self) -> Option<serde_json::Value> {
+        match *self {
+            RopeScaling::Linear { factor } => {
+                Some(serde_json::json!({"rope_type": "linear", "factor": factor}))
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_context,
+            } => Some(serde_json::json!({"rope_type": "llama3", "factor": factor,
+                "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_context})),
+            RopeScaling::Factors(_) => None,
+        }
+    }
+
     /// The scaled inverse frequency of rotary pair `pair`.
     pub fn apply(&self, pair: usize, inv_freq: f64) -> f64 {
         match *self {
