@@ -173,25 +173,11 @@ impl HeadsPanel {
                 }
                 self.metric = Metric::Cascade;
             }
-            Event::Token { baseline, .. } => {
-                let view = if baseline {
-                    &mut self.before
-                } else {
-                    &mut self.reply
-                };
-                view.follow(event);
-            }
-            Event::Steered { ref reply, .. } => {
-                let before = reply.baseline;
-                if !before {
+            Event::Token { .. } | Event::Steered { .. } => {
+                let finished = ReplyView::follow_pair(&mut self.before, &mut self.reply, event);
+                if finished {
                     self.reply_job = None;
                 }
-                let view = if before {
-                    &mut self.before
-                } else {
-                    &mut self.reply
-                };
-                view.follow(event);
             }
             Event::Failed { id, error } => {
                 if Some(id) == self.job {

@@ -92,6 +92,19 @@ impl Default for SteeringPanel {
 
 impl ReplyView {
     /// Follows a steered reply's events: each token appends, the summary completes it.
+    /// Routes a steer job's token or reply event to `baseline` or `steered` by the flag the
+    /// worker set on it; true when it finished the steered reply (the job's last event).
+    pub fn follow_pair(baseline: &mut ReplyView, steered: &mut ReplyView, event: Event) -> bool {
+        let to_baseline = match &event {
+            Event::Token { baseline, .. } => *baseline,
+            Event::Steered { reply, .. } => reply.baseline,
+            _ => return false,
+        };
+        let last = matches!(event, Event::Steered { .. }) && !to_baseline;
+        if to_baseline { baseline } else { steered }.follow(event);
+        last
+    }
+
     pub fn follow(&mut self, event: Event) {
         match event {
             Event::Token { step, .. } => self.text.push_str(&step.text),
@@ -178,25 +191,11 @@ impl SteeringPanel {
 
     pub fn on_event(&mut self, event: Event) {
         match event {
-            Event::Token { id, baseline, .. } if Some(id) == self.job => {
-                let view = if baseline {
-                    &mut self.baseline
-                } else {
-                    &mut self.steered
-                };
-                view.follow(event);
-            }
-            Event::Steered { id, ref reply } if Some(id) == self.job => {
-                let baseline = reply.baseline;
-                if !baseline {
+            Event::Token { id, .. } | Event::Steered { id, .. } if Some(id) == self.job => {
+                let finished = ReplyView::follow_pair(&mut self.baseline, &mut self.steered, event);
+                if finished {
                     self.job = None;
                 }
-                let view = if baseline {
-                    &mut self.baseline
-                } else {
-                    &mut self.steered
-                };
-                view.follow(event);
             }
             Event::Progress { id, progress } if Some(id) == self.sweep_job => {
                 self.sweep_progress = (progress.done, progress.total)
