@@ -9,7 +9,9 @@ use clap::Args;
 use refusal_lens_engine::analysis::activations::{default_cache_dir, state_name, Feature};
 use refusal_lens_engine::analysis::directions::{selectable_layers, Directions, SelectOptions};
 use refusal_lens_engine::analysis::lens::{self, DirectionOptions, Holdout, ProbeJob};
-use refusal_lens_engine::analysis::probe::{LabelSource, ProbeKind, ProbeOptions, ProbeSet};
+use refusal_lens_engine::analysis::probe::{
+    Calibration, LabelSource, ProbeKind, ProbeOptions, ProbeSet,
+};
 use refusal_lens_engine::analysis::trajectory::{
     cliff_scores, trajectory, CliffAt, CliffOptions, DEFAULT_CLIFF_K,
 };
@@ -102,6 +104,13 @@ pub struct ProbeArgs {
     /// random (seeded 80/20) or test (the sets' test split).
     #[arg(long, default_value = "random")]
     pub holdout: String,
+    /// L2 penalty on the probe's weights, or `auto`: the one of 0, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1
+    /// with the lowest log-loss on a quarter of the training prompts held back for it.
+    #[arg(long, default_value = "auto")]
+    pub l2: String,
+    /// Rescale the probe's logits on those validation prompts: temperature, platt or none.
+    #[arg(long, default_value = "temperature")]
+    pub calibration: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Comma-separated residual states to train at (default: all).
@@ -391,6 +400,16 @@ pub fn probe(lm: &LoadedModel, a: ProbeArgs) -> Result<()> {
     let options = ProbeOptions {
         feature: a.feature.parse::<Feature>()?,
         labels: a.labels.parse::<LabelSource>()?,
+        l2: match a.l2.as_str() {
+            "auto" => None,
+            v => Some(
+                v.parse::<f64>()
+                    .ok()
+                    .filter(|v| *v >= 0.0)
+                    .with_context(|| format!("--l2 `{v}`: use auto or a number ≥ 0"))?,
+            ),
+        },
+        calibration: a.calibration.parse::<Calibration>()?,
         seed: a.seed,
         ..ProbeOptions::for_kind(kind)
     };
@@ -429,22 +448,35 @@ pub fn probe(lm: &LoadedModel, a: ProbeArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:?} probes on {:?}, labels {:?}: {} train / {} held-out prompts, {} labelled refusing",
-        kind, options.feature, options.labels, probes.n_train, probes.n_test, probes.n_refusing
+        "{:?} probes on {:?}, labels {:?}, calibration {:?}: {} train / {} val / {} held-out prompts, {} labelled refusing",
+        kind,
+        options.feature,
+        options.labels,
+        options.calibration,
+        probes.n_train,
+        probes.n_val,
+        probes.n_test,
+        probes.n_refusing
     );
     println!(
-        "{:>5}  {:30} {:>10} {:>10} {:>8}",
-        "layer", "state", "train acc", "test acc", "AUC"
+        "{:>5}  {:30} {:>9} {:>9} {:>6} {:>6}  {:>15}  {:>15}",
+        "layer", "state", "train acc", "test acc", "AUC", "L2", "log-loss raw→cal", "ECE raw→cal"
     );
     let best = probes.best_layer();
     for m in &probes.metrics {
+        let (raw, cal) = (&m.test_uncalibrated, &m.test_calibrated);
         println!(
-            "{:>5}  {:30} {:>9.1}% {:>9.1}% {:>8}{}",
+            "{:>5}  {:30} {:>8.1}% {:>8.1}% {:>6} {:>6}  {:>6.3} → {:<6.3}  {:>6.3} → {:<6.3}{}",
             m.layer,
             state_name(m.layer, lm.model.config.n_layers),
             m.train_accuracy * 100.0,
             m.test_accuracy * 100.0,
             m.test_auc.map_or("—".into(), |a| format!("{a:.3}")),
+            format!("{}", m.l2),
+            raw.log_loss,
+            cal.log_loss,
+            raw.ece,
+            cal.ece,
             if m.layer == best { "  ← best" } else { "" }
         );
     }

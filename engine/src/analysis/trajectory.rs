@@ -136,6 +136,69 @@ pub struct Trajectory {
     pub final_score: Option<f32>,
 }
 
+/// A stretch of the sequence a trajectory reads, for axes and exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Segment {
+    /// Everything before the user's text: system message and template headers.
+    System,
+    /// The user's text, through t_inst.
+    User,
+    /// Template tokens after the user's text, through t_post.
+    Template,
+    /// A reasoning model's thinking, markers included.
+    Thinking,
+    /// The reply (the answer, after any thinking).
+    Reply,
+}
+
+impl Segment {
+    pub fn name(self) -> &'static str {
+        match self {
+            Segment::System => "system",
+            Segment::User => "user",
+            Segment::Template => "template",
+            Segment::Thinking => "thinking",
+            Segment::Reply => "reply",
+        }
+    }
+}
+
+impl Trajectory {
+    /// The sequence cut into its segments, in order, empty ones left out.
+    pub fn segments(&self) -> Vec<(Segment, std::ops::Range<usize>)> {
+        let len = self.tokens.len();
+        let prompt_len = self.prompt_len.min(len);
+        let mut cuts = vec![
+            (Segment::System, 0..self.instruction_start.min(prompt_len)),
+            (
+                Segment::User,
+                self.instruction_start.min(prompt_len)..(self.t_inst + 1).min(prompt_len),
+            ),
+            (Segment::Template, (self.t_inst + 1).min(prompt_len)..prompt_len),
+        ];
+        // Thinking written in the reply, markers included (a template's empty think block
+        // inside the prompt stays part of the template).
+        match self.thinking.filter(|t| t.open >= prompt_len) {
+            Some(t) => {
+                let end = t.close.map_or(len, |c| (c + 1).min(len));
+                cuts.push((Segment::Thinking, t.open..end));
+                cuts.push((Segment::Reply, end..len));
+            }
+            None => cuts.push((Segment::Reply, prompt_len..len)),
+        }
+        cuts.retain(|(_, r)| r.end > r.start);
+        cuts
+    }
+
+    /// The segment token `i` belongs to.
+    pub fn segment_of(&self, i: usize) -> Option<Segment> {
+        self.segments()
+            .into_iter()
+            .find(|(_, r)| r.contains(&i))
+            .map(|(s, _)| s)
+    }
+}
+
 /// `(x·û − mean_harmless) / (mean_harmful − mean_harmless)` for every row of `x` (`[t, d]`).
 fn normalised_projection(x: &Tensor, v: &[f32], means: [f32; 2]) -> Result<Vec<f32>> {
     let n: f32 = v

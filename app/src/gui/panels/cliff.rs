@@ -6,7 +6,7 @@
 use egui::{Color32, Rect, Sense, Stroke, Vec2};
 use egui_plot::{HoverPosition, Legend, Line, Plot, PlotPoints, VLine};
 use refusal_lens_engine::analysis::steering::Steering;
-use refusal_lens_engine::analysis::trajectory::Trajectory;
+use refusal_lens_engine::analysis::trajectory::{Segment, Trajectory};
 
 use crate::gui::widgets::colors::{legend, score_color, text_on};
 use crate::gui::widgets::export::Exporter;
@@ -38,6 +38,19 @@ pub struct CliffPanel {
 /// attention sink) and would flatten every curve.
 /// The colour of a reasoning model's thinking text (plot band, chip labels).
 const THINKING: Color32 = Color32::from_rgb(150, 110, 210);
+
+/// Where the segment band lies below the scores (plot units).
+const SEGMENT_BAND: [f64; 2] = [-0.1, -0.04];
+
+fn segment_color(segment: Segment) -> Color32 {
+    match segment {
+        Segment::System => Color32::from_gray(140),
+        Segment::User => Color32::from_rgb(30, 120, 220),
+        Segment::Template => Color32::from_rgb(230, 150, 30),
+        Segment::Thinking => THINKING,
+        Segment::Reply => Color32::from_rgb(40, 140, 60),
+    }
+}
 
 fn first_shown(t: &Trajectory, whole_prompt: bool) -> usize {
     let first = if whole_prompt { 1 } else { t.instruction_start };
@@ -273,7 +286,7 @@ impl CliffPanel {
                 "token position"
             })
             .y_axis_label("score")
-            .include_y(0.0)
+            .include_y(SEGMENT_BAND[0])
             .include_y(1.0)
             .label_formatter(move |pos| match pos {
                 HoverPosition::NearDataPoint {
@@ -341,6 +354,35 @@ impl CliffPanel {
                             .stroke(egui::Stroke::NONE),
                         );
                     }
+                }
+                // The segments along the bottom of the x axis: where the system message,
+                // the user's text, the template, the thinking and the reply lie.
+                let first = first_shown(t, whole);
+                for (segment, r) in t.segments() {
+                    let (start, end) = (r.start.max(first), r.end);
+                    if end <= start {
+                        continue;
+                    }
+                    let (x0, x1) = (start as f64 - 0.5 + dx, end as f64 - 0.5 + dx);
+                    let [y0, y1] = SEGMENT_BAND;
+                    let color = segment_color(segment);
+                    plot.polygon(
+                        egui_plot::Polygon::new(
+                            "",
+                            PlotPoints::new(vec![[x0, y0], [x1, y0], [x1, y1], [x0, y1]]),
+                        )
+                        .fill_color(color.gamma_multiply(0.6))
+                        .stroke(egui::Stroke::NONE),
+                    );
+                    plot.text(
+                        egui_plot::Text::new(
+                            "",
+                            egui_plot::PlotPoint::new(x0, y0),
+                            segment.name(),
+                        )
+                        .color(color)
+                        .anchor(egui::Align2::LEFT_TOP),
+                    );
                 }
                 // Position markers are labelled in the plot, not the legend, which keeps the
                 // legend to the curves.
@@ -545,7 +587,7 @@ fn token_tooltip(t: &Trajectory, i: usize) -> String {
 
 fn trajectory_csv(t: &Trajectory) -> String {
     let mut out = String::from(
-        "position,token_id,token,in_reply,in_thinking,probe_p_refuse,refusal_projection,harmfulness_projection",
+        "position,token_id,token,segment,in_reply,in_thinking,probe_p_refuse,refusal_projection,harmfulness_projection",
     );
     for l in &t.heatmap_layers {
         out.push_str(&format!(",probe_layer_{l}"));
@@ -555,9 +597,10 @@ fn trajectory_csv(t: &Trajectory) -> String {
     let thinking = t.thinking.map(|s| s.tokens(t.tokens.len()));
     for (i, tok) in t.tokens.iter().enumerate() {
         out.push_str(&format!(
-            "{i},{},\"{}\",{},{},{},{},{}",
+            "{i},{},\"{}\",{},{},{},{},{},{}",
             tok.id,
             tok.text.replace('"', "\"\""),
+            t.segment_of(i).map_or("", |s| s.name()),
             i >= t.prompt_len,
             thinking.as_ref().is_some_and(|r| r.contains(&i)),
             v(&t.score, i),

@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 
 use egui::Color32;
-use egui_plot::{Corner, Legend, Line, Plot, PlotPoints, VLine};
+use egui_plot::{Corner, Legend, Line, Plot, PlotPoints, Points, VLine};
 use refusal_lens_engine::analysis::directions::Directions;
 use refusal_lens_engine::analysis::lens::DirectionOptions;
-use refusal_lens_engine::analysis::probe::ProbeSet;
+use refusal_lens_engine::analysis::probe::{CalibrationMetrics, LayerMetrics, ProbeSet};
 use refusal_lens_engine::data::prompts::{Label, PromptSet};
 
 use crate::gui::session::Session;
@@ -424,6 +424,9 @@ impl DirectionsPanel {
                     marks(plot);
                 });
         });
+        if let Some(p) = probes {
+            self.calibration_plots(ui, p, current.unwrap_or(chosen) as usize, &marks);
+        }
         let bottom = ui.cursor().min;
         self.plot_rect = Some(egui::Rect::from_min_max(
             top,
@@ -432,14 +435,92 @@ impl DirectionsPanel {
     }
 }
 
+impl DirectionsPanel {
+    /// The probes' held-out log-loss per layer, raw and calibrated, and the reliability
+    /// diagram of the curve layer's probe: how far `P(refuse)` can be read as a probability.
+    fn calibration_plots(
+        &self,
+        ui: &mut egui::Ui,
+        p: &ProbeSet,
+        layer: usize,
+        marks: &dyn Fn(&mut egui_plot::PlotUi),
+    ) {
+        let grey = Color32::from_gray(150);
+        let blue = Color32::from_rgb(30, 120, 220);
+        let orange = Color32::from_rgb(230, 130, 30);
+        ui.columns(2, |cols| {
+            Plot::new("dir_probe_logloss")
+                .height(190.0)
+                .legend(Legend::default().position(Corner::RightTop))
+                .x_axis_label("layer (residual state)")
+                .y_axis_label("held-out log-loss (nats)")
+                .include_y(0.0)
+                .show(&mut cols[0], |plot| {
+                    let per_layer = |f: &dyn Fn(&LayerMetrics) -> f32| -> PlotPoints {
+                        p.metrics.iter().map(|m| [m.layer as f64, f(m) as f64]).collect()
+                    };
+                    plot.line(
+                        Line::new("raw probe", per_layer(&|m| m.test_uncalibrated.log_loss))
+                            .color(orange),
+                    );
+                    plot.line(
+                        Line::new(
+                            format!("calibrated ({:?})", p.options.calibration),
+                            per_layer(&|m| m.test_calibrated.log_loss),
+                        )
+                        .color(blue),
+                    );
+                    marks(plot);
+                });
+            let m = p.metrics.iter().find(|m| m.layer == layer);
+            Plot::new("dir_reliability")
+                .height(190.0)
+                .legend(Legend::default().position(Corner::LeftTop))
+                .x_axis_label(format!("predicted P(refuse), layer {layer}"))
+                .y_axis_label("observed fraction refusing")
+                .include_x(0.0)
+                .include_x(1.0)
+                .include_y(0.0)
+                .include_y(1.0)
+                .data_aspect(1.0)
+                .show(&mut cols[1], |plot| {
+                    plot.line(
+                        Line::new("perfect calibration", vec![[0.0, 0.0], [1.0, 1.0]])
+                            .color(grey)
+                            .style(egui_plot::LineStyle::dashed_loose()),
+                    );
+                    let Some(m) = m else { return };
+                    let bins = |c: &CalibrationMetrics| -> PlotPoints {
+                        c.reliability
+                            .iter()
+                            .map(|b| [b.mean_predicted as f64, b.fraction_refusing as f64])
+                            .collect()
+                    };
+                    for (name, c, color) in [
+                        ("raw", &m.test_uncalibrated, orange),
+                        ("calibrated", &m.test_calibrated, blue),
+                    ] {
+                        let label = format!("{name}: ECE {:.3}, log-loss {:.3}", c.ece, c.log_loss);
+                        plot.line(Line::new(label.clone(), bins(c)).color(color));
+                        plot.points(Points::new(label, bins(c)).color(color).radius(3.0));
+                    }
+                });
+        });
+        ui.weak(format!(
+            "Probes trained on {} prompts, L2 and calibration chosen on {} held back, scored on {} held out (10 equal-width bins).",
+            p.n_train, p.n_val, p.n_test
+        ));
+    }
+}
+
 fn directions_csv(d: &Directions, probes: Option<&ProbeSet>) -> String {
     let mut out = String::from(
-        "layer,refusal_norm,refusal_separation,harmfulness_norm,harmfulness_separation,cosine,probe_test_auc,probe_test_accuracy,chosen\n",
+        "layer,refusal_norm,refusal_separation,harmfulness_norm,harmfulness_separation,cosine,probe_test_auc,probe_test_accuracy,probe_test_log_loss,probe_test_ece,probe_test_log_loss_raw,probe_test_ece_raw,chosen\n",
     );
     for s in &d.stats {
         let m = probes.and_then(|p| p.metrics.iter().find(|m| m.layer == s.layer));
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             s.layer,
             s.refusal_norm,
             s.refusal_separation,
@@ -449,6 +530,10 @@ fn directions_csv(d: &Directions, probes: Option<&ProbeSet>) -> String {
             m.and_then(|m| m.test_auc)
                 .map_or(String::new(), |a| a.to_string()),
             m.map_or(String::new(), |m| m.test_accuracy.to_string()),
+            m.map_or(String::new(), |m| m.test_calibrated.log_loss.to_string()),
+            m.map_or(String::new(), |m| m.test_calibrated.ece.to_string()),
+            m.map_or(String::new(), |m| m.test_uncalibrated.log_loss.to_string()),
+            m.map_or(String::new(), |m| m.test_uncalibrated.ece.to_string()),
             s.layer == d.layer
         ));
     }
