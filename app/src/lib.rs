@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod gui;
+pub mod session_file;
 pub mod worker;
 
 /// Pins candle's thread count once, before any thread starts (a no-op when

@@ -4,27 +4,10 @@ use refusal_lens::cli::Cli;
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     refusal_lens::pin_thread_count(cli.command.is_none());
-    let result = match cli.command {
-        Some(command) => refusal_lens::cli::run(
-            command,
-            refusal_lens::cli::ModelChoice {
-                model: cli.model,
-                adapter: cli.adapter,
-                base: cli.base,
-                exact_weights: cli.exact_weights,
-                think: cli.think,
-                adapter_answers: cli.adapter_answers,
-            },
-        ),
-        None => refusal_lens::gui::run(refusal_lens::cli::ModelChoice {
-            model: cli.model,
-            adapter: cli.adapter,
-            base: cli.base,
-            exact_weights: cli.exact_weights,
-            think: cli.think,
-            adapter_answers: cli.adapter_answers,
-        }),
-    };
+    let result = cli.model_choice().and_then(|choice| match cli.command {
+        Some(command) => refusal_lens::cli::run(command, choice),
+        None => refusal_lens::gui::run(choice),
+    });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -147,6 +147,18 @@ pub struct LensFiles {
 }
 
 impl LensFiles {
+    /// Takes the session's directions and probes where none were given.
+    pub fn fill_from(&mut self, session: Option<&crate::session_file::SessionFile>) {
+        let Some(lens) = session.and_then(|s| s.lens.as_ref()) else {
+            return;
+        };
+        if self.directions.is_none() && self.probes.is_none() {
+            self.directions = Some(lens.directions.path.clone());
+            self.probes = lens.probes.as_ref().map(|p| p.path.clone());
+            self.layer = self.layer.or(lens.curve_layer);
+        }
+    }
+
     fn cliff(&self) -> CliffOptions {
         CliffOptions {
             k: self.k,

@@ -21,6 +21,8 @@ use refusal_lens_engine::model::{ExactWeights, FastPrecision};
 use refusal_lens_engine::organism::Adapter;
 use refusal_lens_engine::{default_model_path, LoadedModel};
 
+use crate::session_file::SessionFile;
+
 pub use heads::parse_head;
 pub use lens::{progress_bar, SetPair};
 pub use steer::parse_layers;
@@ -59,6 +61,41 @@ pub struct Cli {
     /// default the base model's blocks write it: the adapter only decides).
     #[arg(long, global = true)]
     pub adapter_answers: bool,
+    /// A session saved by the GUI: its model and adapter (unless --model/--adapter/--base say
+    /// otherwise) and, for trajectory and cliff-rank, its directions and probes. Every file it
+    /// names is checked against the hash it was saved with.
+    #[arg(long, global = true)]
+    pub session: Option<PathBuf>,
+}
+
+impl Cli {
+    /// The model choice the flags (and the session, if given) make.
+    pub fn model_choice(&self) -> Result<ModelChoice> {
+        let mut choice = ModelChoice {
+            model: self.model.clone(),
+            adapter: self.adapter.clone(),
+            base: self.base,
+            exact_weights: self.exact_weights,
+            think: self.think,
+            adapter_answers: self.adapter_answers,
+            session: None,
+            session_path: self.session.clone(),
+        };
+        if let Some(path) = &self.session {
+            let session = SessionFile::open(path)?;
+            if choice.model.is_none() {
+                choice.model = Some(session.model.file.path.clone());
+                if choice.adapter.is_none() && !choice.base {
+                    match (&session.model.adapter, session.model.adapter_active) {
+                        (Some(a), true) => choice.adapter = Some(a.path.clone()),
+                        _ => choice.base = true,
+                    }
+                }
+            }
+            choice.session = Some(session);
+        }
+        Ok(choice)
+    }
 }
 
 fn parse_exact_weights(s: &str) -> std::result::Result<ExactWeights, String> {
@@ -74,6 +111,10 @@ pub struct ModelChoice {
     pub exact_weights: ExactWeights,
     pub think: bool,
     pub adapter_answers: bool,
+    /// The session given with --session (read and checked) …
+    pub session: Option<SessionFile>,
+    /// … and its path (the GUI opens it).
+    pub session_path: Option<PathBuf>,
 }
 
 impl ModelChoice {
@@ -177,8 +218,14 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
         Command::Directions(a) => lens::directions(&lm, a),
         Command::Score(a) => lens::score(&lm, a),
         Command::Probe(a) => lens::probe(&lm, a),
-        Command::Trajectory(a) => lens::run_trajectory(&lm, a),
-        Command::CliffRank(a) => lens::cliff_rank(&lm, a),
+        Command::Trajectory(mut a) => {
+            a.lens.fill_from(choice.session.as_ref());
+            lens::run_trajectory(&lm, a)
+        }
+        Command::CliffRank(mut a) => {
+            a.lens.fill_from(choice.session.as_ref());
+            lens::cliff_rank(&lm, a)
+        }
         Command::Sweep(a) => steer::run_sweep(&lm, a),
         Command::ControlVector(a) => steer::control_vector(&lm, a),
         Command::Heads(a) => heads::run(&lm, a),

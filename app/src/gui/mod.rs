@@ -4,6 +4,7 @@
 
 pub mod panels;
 pub mod session;
+pub mod sessions;
 pub mod widgets;
 
 use std::path::PathBuf;
@@ -14,6 +15,7 @@ use refusal_lens_engine::{default_model_path, LoadedModel};
 use crate::worker::{Event, Job, Worker};
 pub use panels::*;
 pub use session::Session;
+pub use sessions::SessionsPanel;
 
 /// A collapsible section whose open state the shell keeps (an open one gets room).
 fn section(ui: &mut egui::Ui, title: &str, open: &mut bool, body: impl FnOnce(&mut egui::Ui)) {
@@ -37,6 +39,33 @@ pub enum Tab {
     Guard,
 }
 
+impl Tab {
+    pub const ALL: [Tab; 6] = [
+        Tab::Reply,
+        Tab::Cliff,
+        Tab::Directions,
+        Tab::Steering,
+        Tab::Heads,
+        Tab::Guard,
+    ];
+
+    /// The tab bar's label (also what a session file records).
+    pub fn name(self) -> &'static str {
+        match self {
+            Tab::Reply => "Prompt & reply",
+            Tab::Cliff => "Cliff",
+            Tab::Directions => "Directions",
+            Tab::Steering => "Steering",
+            Tab::Heads => "Head attribution",
+            Tab::Guard => "Guard",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Tab> {
+        Tab::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
 /// What the app opens at start.
 pub enum Startup {
     /// A model file or folder, and the refusal-token adapter to apply on top (if any).
@@ -44,6 +73,8 @@ pub enum Startup {
         model: PathBuf,
         adapter: Option<PathBuf>,
     },
+    /// A saved session (model, adapter, lens and settings).
+    Session(PathBuf),
     /// Models built in memory (tests): the base and, optionally, its organism.
     Model {
         base: Box<LoadedModel>,
@@ -68,6 +99,7 @@ pub struct RefusalLensApp {
     pub steering: SteeringPanel,
     pub heads: HeadsPanel,
     pub guard: GuardPanel,
+    pub sessions: SessionsPanel,
     pub tab: Tab,
 }
 
@@ -91,11 +123,17 @@ impl RefusalLensApp {
             }
         });
         let mut model = ModelPanel::default();
+        let mut session = Session::new(cache_dir.clone());
+        let session_file = match &startup {
+            Startup::Session(path) => Some(path.clone()),
+            _ => None,
+        };
         match startup {
             Startup::Path {
                 model: path,
                 adapter,
             } => {
+                session.adapter = adapter.clone();
                 let id = worker.submit(Job::LoadModel {
                     path: path.clone(),
                     adapter,
@@ -105,10 +143,12 @@ impl RefusalLensApp {
             Startup::Model { base, organism } => {
                 worker.submit(Job::UseModel { base, organism });
             }
+            Startup::Session(_) => {}
         }
-        RefusalLensApp {
+        let mut app = RefusalLensApp {
             worker,
-            session: Session::new(cache_dir),
+            sessions: SessionsPanel::new(&cache_dir),
+            session,
             model,
             prompt_sets: PromptSetsPanel::with_bundled_sets(),
             reply: ReplyPanel::default(),
@@ -121,7 +161,11 @@ impl RefusalLensApp {
             heads: HeadsPanel::default(),
             guard: GuardPanel::default(),
             tab: Tab::default(),
+        };
+        if let Some(path) = session_file {
+            app.open_session_file(path);
         }
+        app
     }
 
     /// Computes directions and probes from the loaded sets named harmful and harmless (what
@@ -146,6 +190,15 @@ impl RefusalLensApp {
 
     fn drain_events(&mut self) {
         while let Some(event) = self.worker.try_recv() {
+            let id = event.id();
+            let finished = !matches!(
+                event,
+                Event::Progress { .. } | Event::ModelLoading { .. } | Event::Token { .. }
+            );
+            let failure = match &event {
+                Event::Failed { error, .. } => Some(error.clone()),
+                _ => None,
+            };
             match event {
                 Event::ModelLoaded {
                     ref card,
@@ -175,10 +228,12 @@ impl RefusalLensApp {
                 Event::LensReady {
                     ref directions,
                     ref probes,
+                    ref file,
                     ..
                 } => {
                     self.session.directions = Some(directions.clone());
                     self.session.probes = probes.clone();
+                    self.session.lens_file = file.clone();
                     // New directions: steered replies made with the old ones are stale.
                     self.steering.clear();
                     self.directions.on_event(event)
@@ -195,6 +250,7 @@ impl RefusalLensApp {
                 Event::Failed { error, .. } => self.reply.show_error(error),
                 _ => {} // events of superseded or forgotten jobs
             }
+            self.after_event(id, finished, failure.as_deref());
         }
         self.session.model_ready = self.model.is_ready();
     }
@@ -207,6 +263,7 @@ impl RefusalLensApp {
         }
         if let Some(path) = self.model.take_requested_open() {
             self.reply.clear();
+            self.session.adapter = None;
             let id = self.worker.submit(Job::LoadModel {
                 path: path.clone(),
                 adapter: None,
@@ -225,6 +282,8 @@ impl RefusalLensApp {
             .default_size(300.0)
             .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| {
+                    self.sessions_ui(ui);
+                    ui.separator();
                     self.model.ui(ui);
                     ui.separator();
                     if let Some(prompt) = self.prompt_sets.ui(ui) {
@@ -305,13 +364,10 @@ impl RefusalLensApp {
 
     /// The tabs and the chosen tab's panel.
     fn central(&mut self, ui: &mut egui::Ui) {
-        ui.horizontal(|ui| {
-            ui.selectable_value(&mut self.tab, Tab::Reply, "Prompt & reply");
-            ui.selectable_value(&mut self.tab, Tab::Cliff, "Cliff");
-            ui.selectable_value(&mut self.tab, Tab::Directions, "Directions");
-            ui.selectable_value(&mut self.tab, Tab::Steering, "Steering");
-            ui.selectable_value(&mut self.tab, Tab::Heads, "Head attribution");
-            ui.selectable_value(&mut self.tab, Tab::Guard, "Guard");
+        ui.horizontal_wrapped(|ui| {
+            for tab in Tab::ALL {
+                ui.selectable_value(&mut self.tab, tab, tab.name());
+            }
         });
         ui.separator();
         let session = &mut self.session;
@@ -352,6 +408,7 @@ impl RefusalLensApp {
             || self.steering.is_running()
             || self.heads.is_running()
             || self.guard.is_running()
+            || self.sessions.is_busy()
     }
 }
 
@@ -364,7 +421,13 @@ impl eframe::App for RefusalLensApp {
 /// Opens the main window on `model` (default: the cached default model).
 pub fn run(choice: crate::cli::ModelChoice) -> anyhow::Result<()> {
     let adapter = choice.adapter_dir();
-    let path = choice.model.unwrap_or_else(default_model_path);
+    let startup = match choice.session_path {
+        Some(session) => Startup::Session(session),
+        None => Startup::Path {
+            model: choice.model.unwrap_or_else(default_model_path),
+            adapter,
+        },
+    };
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("Refusal Lens")
@@ -378,10 +441,7 @@ pub fn run(choice: crate::cli::ModelChoice) -> anyhow::Result<()> {
         Box::new(move |cc| {
             Ok(Box::new(RefusalLensApp::new(
                 Some(cc.egui_ctx.clone()),
-                Startup::Path {
-                    model: path,
-                    adapter,
-                },
+                startup,
             )))
         }),
     )

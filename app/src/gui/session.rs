@@ -18,9 +18,13 @@ pub struct Session {
     pub refusal_tokens: bool,
     /// An adapted model (the organism) is loaded beside the base, in use or not.
     pub has_adapter: bool,
-    /// The directions and probes of the model in use.
+    /// The directions and probes of the model in use …
     pub directions: Option<Arc<Directions>>,
     pub probes: Option<Arc<ProbeSet>>,
+    /// … and the file they were loaded from (None: computed in the app).
+    pub lens_file: Option<PathBuf>,
+    /// The adapter folder loaded beside the model, if any (what a saved session names).
+    pub adapter: Option<PathBuf>,
     /// The edits the Steering tab's sliders and switches make (set by it every frame).
     pub controls: Steering,
     /// Edits added elsewhere (head ablations clicked in the heatmap), after the controls.
@@ -42,6 +46,8 @@ impl Session {
             has_adapter: false,
             directions: None,
             probes: None,
+            lens_file: None,
+            adapter: None,
             controls: Steering::default(),
             extra_edits: Vec::new(),
             steer_main_reply: false,
@@ -66,5 +72,6 @@ impl Session {
     pub fn model_changed(&mut self) {
         self.directions = None;
         self.probes = None;
+        self.lens_file = None;
     }
 }

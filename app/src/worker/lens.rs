@@ -9,20 +9,18 @@ use refusal_lens_engine::analysis::abliterate::orthogonalized;
 use refusal_lens_engine::analysis::compare;
 use refusal_lens_engine::analysis::directions::Directions;
 use refusal_lens_engine::analysis::guard::study;
-use refusal_lens_engine::analysis::lens::{self, DirectionOptions, ProbeJob};
+use refusal_lens_engine::analysis::lens::{self, DirectionOptions, ProbeJob, ShippedLens};
 use refusal_lens_engine::analysis::probe::ProbeSet;
 use refusal_lens_engine::data::prompts::{Jailbreak, PromptSet};
 use refusal_lens_engine::model::FastPrecision;
+use refusal_lens_engine::organism::model_sha256;
 use refusal_lens_engine::{Error, LoadedModel};
 
 use super::protocol::{CompareWith, Event};
 use super::state::State;
 use super::{Ctx, JobResult};
 
-/// Where the probes of a directions file live: `name.safetensors` → `name.probes.safetensors`.
-pub fn probes_path(directions: &Path) -> PathBuf {
-    directions.with_extension("probes.safetensors")
-}
+pub use refusal_lens_engine::analysis::lens::probes_path;
 
 pub(super) fn build(
     state: &mut State,
@@ -76,6 +74,7 @@ pub(super) fn build(
         directions,
         probes: Some(probes),
         build_seconds: Some(started.elapsed().as_secs_f64()),
+        file: None,
     });
     Ok(())
 }
@@ -97,6 +96,7 @@ pub(super) fn choose_layer(state: &mut State, ctx: &Ctx, layer: usize) -> JobRes
         directions,
         probes: state.lens.probes.clone(),
         build_seconds: None,
+        file: None,
     });
     Ok(())
 }
@@ -137,8 +137,25 @@ pub(super) fn load(state: &mut State, ctx: &Ctx, path: &Path) -> JobResult {
         directions,
         probes,
         build_seconds: None,
+        file: Some(path.to_path_buf()),
     });
     Ok(())
+}
+
+/// Loads the directions and probes shipped for the model in use (`assets/lens/`), when it is
+/// one the app ships them for and no lens is loaded yet.
+pub(super) fn load_shipped(state: &mut State, ctx: &Ctx) -> JobResult {
+    if state.lens.directions.is_some() || ShippedLens::all()?.is_empty() {
+        return Ok(());
+    }
+    let m = state.active()?;
+    if state.model_sha256.is_none() && m.card.path.is_file() {
+        state.model_sha256 = Some(model_sha256(&m.card.path)?);
+    }
+    let Some(shipped) = ShippedLens::for_model(state.active()?, state.model_sha256.as_deref())? else {
+        return Ok(());
+    };
+    load(state, ctx, &shipped.directions_path())
 }
 
 /// Latent Guard on the sets (`analysis::guard::study`), for the Guard tab.

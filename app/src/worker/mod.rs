@@ -203,9 +203,19 @@ fn run(jobs: Receiver<(JobId, Job)>, events: Sender<Event>, marks: &Marks, notif
 
 fn dispatch(state: &mut State, ctx: &Ctx, job: Job) -> JobResult {
     match job {
-        Job::LoadModel { path, adapter } => models::load(state, ctx, path, adapter.as_deref()),
-        Job::UseModel { base, organism } => models::use_model(state, ctx, *base, organism),
-        Job::UseOrganism(on) => models::use_organism(state, ctx, on),
+        // A model the app ships directions and probes for gets them at once.
+        Job::LoadModel { path, adapter } => {
+            models::load(state, ctx, path, adapter.as_deref())?;
+            lens::load_shipped(state, ctx)
+        }
+        Job::UseModel { base, organism } => {
+            models::use_model(state, ctx, *base, organism)?;
+            lens::load_shipped(state, ctx)
+        }
+        Job::UseOrganism(on) => {
+            models::use_organism(state, ctx, on)?;
+            lens::load_shipped(state, ctx)
+        }
         Job::SetThinking(on) => models::set_thinking(state, on),
         Job::Generate(request) => replies::generate(state, ctx, &request),
         Job::Steer { request, baseline } => replies::steer(state, ctx, &request, baseline),

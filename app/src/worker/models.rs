@@ -39,6 +39,7 @@ pub(super) fn load(
         base: Some(base),
         organism,
         lens: Lens::default(),
+        model_sha256: None,
     };
     ctx.emit(
         state
@@ -63,6 +64,7 @@ pub(super) fn use_model(
         organism: organism.map(|m| (*m, info())),
         base: Some(base),
         lens: Lens::default(),
+        model_sha256: None,
     };
     ctx.emit(
         state

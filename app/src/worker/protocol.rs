@@ -283,6 +283,8 @@ pub enum Event {
         probes: Option<Arc<ProbeSet>>,
         /// Seconds the build took (None for a loaded file or a new chosen layer).
         build_seconds: Option<f64>,
+        /// The file it was loaded from (None: built, or a new chosen layer).
+        file: Option<PathBuf>,
     },
     LensSaved {
         id: JobId,

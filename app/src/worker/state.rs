@@ -23,6 +23,8 @@ pub(super) struct State {
     pub organism: Option<(LoadedModel, OrganismInfo)>,
     pub use_organism: bool,
     pub lens: Lens,
+    /// SHA-256 of the base model's file, once computed (it picks the shipped lens).
+    pub model_sha256: Option<String>,
 }
 
 impl State {

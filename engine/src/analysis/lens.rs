@@ -2,7 +2,9 @@
 //! prompt sets → probes. Each set is run through the model once (and cached on disk); every
 //! later choice of split, layer or filter reads those states.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 
 use crate::analysis::activations::{collect_cached, SetActivations};
 use crate::analysis::directions::{
@@ -10,6 +12,7 @@ use crate::analysis::directions::{
 };
 use crate::analysis::probe::{random_holdout, train_probes, ProbeOptions, ProbeSet};
 use crate::data::prompts::{PromptSet, Split};
+use crate::organism::model_sha256;
 use crate::{Error, LoadedModel, Result};
 
 /// `progress(phase, done, total)`.
@@ -262,3 +265,65 @@ pub fn probes_from_states(
         &mut |d, t| progress("training probes", d, t),
     )
 }
+
+/// Where the probes of a directions file live: `name.safetensors` → `name.probes.safetensors`.
+pub fn probes_path(directions: &Path) -> PathBuf {
+    directions.with_extension("probes.safetensors")
+}
+
+/// The folder of the directions and probes shipped with the app.
+pub fn shipped_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("assets")
+        .join("lens")
+}
+
+/// One entry of `assets/lens/manifest.json`: a lens made for one model file (and adapter)
+/// by the command it records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShippedLens {
+    pub name: String,
+    /// SHA-256 of the model file it was made with.
+    pub model_sha256: String,
+    /// The applied adapter's fingerprint (`Adapter::fingerprint`), or None for the bare model.
+    pub adapter_fingerprint: Option<String>,
+    /// The directions file in `assets/lens/` (its probes beside it, see [`probes_path`]).
+    pub directions: String,
+    /// How it was made (run from the repository root).
+    pub command: String,
+}
+
+impl ShippedLens {
+    pub fn directions_path(&self) -> PathBuf {
+        shipped_dir().join(&self.directions)
+    }
+
+    /// Every entry of the manifest (none when the app runs without its assets).
+    pub fn all() -> Result<Vec<ShippedLens>> {
+        let path = shipped_dir().join("manifest.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(Vec::new());
+        };
+        serde_json::from_str(&text)
+            .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))
+    }
+
+    /// The shipped lens made for `lm`, if it is one of the models the app ships a lens for.
+    /// `known_sha256` is the model file's hash when the caller knows it already.
+    pub fn for_model(lm: &LoadedModel, known_sha256: Option<&str>) -> Result<Option<ShippedLens>> {
+        let all = Self::all()?;
+        let adapter = lm.card.adapter_fingerprint.as_deref();
+        if !all.iter().any(|s| s.adapter_fingerprint.as_deref() == adapter) || !lm.card.path.is_file() {
+            return Ok(None);
+        }
+        let sha = match known_sha256 {
+            Some(s) => s.to_string(),
+            None => model_sha256(&lm.card.path)?,
+        };
+        Ok(all.into_iter().find(|s| {
+            s.model_sha256 == sha && s.adapter_fingerprint.as_deref() == adapter
+        }))
+    }
+}
+

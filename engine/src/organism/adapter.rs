@@ -154,6 +154,18 @@ impl Adapter {
         Ok(organism)
     }
 
+    /// SHA-256 of the adapter's token rows (output, then input rows; f32 little-endian):
+    /// what tells one trained adapter from another once applied.
+    pub fn fingerprint(&self) -> Result<String> {
+        let mut h = Sha256::new();
+        for t in std::iter::once(&self.rows).chain(&self.input_rows) {
+            for v in t.flatten_all()?.to_vec1::<f32>()? {
+                h.update(v.to_le_bytes());
+            }
+        }
+        Ok(format!("{:x}", h.finalize()))
+    }
+
     /// The model with the adapter's tokens added (the base model is left as it is).
     pub fn apply(&self, base: &LoadedModel) -> Result<LoadedModel> {
         let mut m = base.clone();
@@ -190,6 +202,7 @@ impl Adapter {
             &self.rows,
         )?;
         m.card.name = format!("{} + refusal tokens", base.card.name);
+        m.card.adapter_fingerprint = Some(self.fingerprint()?);
         self.meta.mark_gate(&mut m.card);
         // The adapter decides; after `[respond]` the base model's blocks write the answer.
         m.respond_blocks = Some(RespondBlocks {

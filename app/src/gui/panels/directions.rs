@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use egui::Color32;
 use egui_plot::{Corner, Legend, Line, Plot, PlotPoints, Points, VLine};
 use refusal_lens_engine::analysis::directions::Directions;
-use refusal_lens_engine::analysis::lens::DirectionOptions;
+use refusal_lens_engine::analysis::lens::{self, DirectionOptions};
 use refusal_lens_engine::analysis::probe::{CalibrationMetrics, LayerMetrics, ProbeSet};
 use refusal_lens_engine::data::prompts::{Label, PromptSet};
 
@@ -25,8 +25,9 @@ pub struct DirectionsPanel {
     progress: (String, usize, usize),
     /// The layer the Cliff curves read (None: the directions' chosen layer).
     pub layer: Option<usize>,
-    /// Choose the layer by ablation on the val split (slower).
-    pub select: bool,
+    /// Take the best-separating layer instead of choosing one by ablation on the val split
+    /// (faster; the choice by ablation is what steers, so it is the default).
+    pub best_separation: bool,
     /// Use only refused harmful and answered harmless prompts.
     pub filter_by_behaviour: bool,
     /// Indices into the loaded prompt sets (chosen by label/name until the user picks).
@@ -82,6 +83,7 @@ impl DirectionsPanel {
                 directions,
                 probes,
                 build_seconds,
+                file,
             } => {
                 if Some(id) == self.job {
                     self.job = None;
@@ -96,6 +98,17 @@ impl DirectionsPanel {
                         },
                         directions.n_states,
                         if probes.is_some() { " + probes" } else { "" }
+                    )
+                } else if let Some(file) = file {
+                    let shipped = file.starts_with(lens::shipped_dir());
+                    format!(
+                        "{} {}",
+                        if shipped {
+                            "shipped with the app:"
+                        } else {
+                            "loaded"
+                        },
+                        file.file_name().unwrap_or_default().to_string_lossy()
                     )
                 } else {
                     format!("directions ready (chosen layer {})", directions.layer)
@@ -133,7 +146,7 @@ impl DirectionsPanel {
         self.error = None;
         self.progress = ("starting".into(), 0, 1);
         let options = DirectionOptions {
-            select: self.select,
+            select: !self.best_separation,
             filter_by_behaviour: self.filter_by_behaviour,
             ..Default::default()
         };
@@ -211,16 +224,19 @@ impl DirectionsPanel {
                 pick(ui, "dir_harmless", &mut harmless);
                 ui.checkbox(&mut self.filter_by_behaviour, "only refused / answered")
                     .on_hover_text("Keep harmful prompts the model refuses and harmless ones it answers (refusal score above / below 0), as the published pipelines do");
-                ui.checkbox(&mut self.select, "choose layer by ablation")
+                let mut select = !self.best_separation;
+                ui.checkbox(&mut select, "choose layer by ablation")
                     .on_hover_text(
                         "Layer selection (docs/methods.md): ablate each candidate on val prompts, \
                          drop the last 20% of layers and candidates with KL > 0.1 or no effect \
-                         when added; about 2 minutes on 2 cores. Off: the best-separating layer.",
+                         when added (minutes: the shipped directions were chosen this way). \
+                         Off: the best-separating layer.",
                     );
+                self.best_separation = !select;
                 let can = model_ready && self.job.is_none() && harmful != harmless;
                 if ui
                     .add_enabled(can, egui::Button::new("Compute directions & probes"))
-                    .on_hover_text("Diff-in-means on the train split, logistic probes at every layer (80/20 holdout)")
+                    .on_hover_text("Diff-in-means on the train split; logistic probes at every layer (80/20 holdout, L2 and temperature chosen on a quarter of the training prompts)")
                     .clicked()
                 {
                     self.start(worker, &sets[harmful], &sets[harmless], session.activation_cache());

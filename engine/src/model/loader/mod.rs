@@ -54,6 +54,10 @@ pub struct ModelCard {
     /// The chat template knows thinking (a reasoning model: `enable_thinking` or `<think>`).
     #[serde(default)]
     pub reasoning: bool,
+    /// Identifies the refusal-token adapter applied on top, if any (see
+    /// `organism::Adapter::fingerprint`).
+    #[serde(default)]
+    pub adapter_fingerprint: Option<String>,
 }
 
 /// Bytes the weights of each path hold.
@@ -434,6 +438,7 @@ fn card(
         refusal_tau_goal: None,
         memory: MemoryUse::default(),
         reasoning: template.supports_thinking(),
+        adapter_fingerprint: None,
     }
 }
 
