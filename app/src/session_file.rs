@@ -211,3 +211,98 @@ impl RecentSessions {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(dir: &Path) -> SessionFile {
+        let model = dir.join("m.gguf");
+        std::fs::write(&model, b"weights").unwrap();
+        SessionFile {
+            format: FORMAT.into(),
+            version: VERSION,
+            model: ModelRef {
+                file: FileRef::of(&model).unwrap(),
+                adapter: None,
+                adapter_active: false,
+            },
+            sets: Vec::new(),
+            lens: None,
+            reply: ReplySettings {
+                prompt: "p".into(),
+                system: String::new(),
+                use_system: false,
+                max_new_tokens: 8,
+                sampling: Sampling::default(),
+                tau: 0.5,
+                opener_bias: 0.0,
+            },
+            steering: SteeringSettings {
+                alpha_refusal: 0.0,
+                alpha_harmfulness: 0.0,
+                layers: None,
+                ablate: false,
+                post_instruction_only: false,
+                refusal_bias: 0.0,
+                max_new_tokens: 8,
+                steer_main_reply: false,
+            },
+            head_edits: Vec::new(),
+            tab: "Cliff".into(),
+        }
+    }
+
+    #[test]
+    fn a_session_round_trips_and_its_files_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = session(dir.path());
+        let path = dir.path().join("s.json");
+        s.save(&path).unwrap();
+        assert_eq!(SessionFile::open(&path).unwrap(), s);
+        assert!(!path.with_extension("session-partial").exists());
+        std::fs::write(dir.path().join("m.gguf"), b"other weights").unwrap();
+        let e = SessionFile::open(&path).unwrap_err().to_string();
+        assert!(e.contains("model") && e.contains("has changed"), "{e}");
+        std::fs::remove_file(dir.path().join("m.gguf")).unwrap();
+        let e = SessionFile::open(&path).unwrap_err().to_string();
+        assert!(e.contains("is missing"), "{e}");
+        // Read without checks, it still parses.
+        assert_eq!(SessionFile::read(&path).unwrap(), s);
+    }
+
+    #[test]
+    fn other_files_and_newer_versions_are_refused_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.json");
+        std::fs::write(&path, "not json").unwrap();
+        assert!(SessionFile::read(&path).unwrap_err().to_string().contains("not JSON"));
+        std::fs::write(&path, r#"{"format": "something-else"}"#).unwrap();
+        assert!(SessionFile::read(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("not a Refusal Lens session"));
+        let mut v = serde_json::to_value(session(dir.path())).unwrap();
+        v["version"] = (VERSION + 1).into();
+        std::fs::write(&path, v.to_string()).unwrap();
+        let e = SessionFile::read(&path).unwrap_err().to_string();
+        assert!(e.contains(&format!("version {}", VERSION + 1)), "{e}");
+    }
+
+    #[test]
+    fn recent_sessions_are_newest_first_without_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let recent = RecentSessions::new(dir.path());
+        for name in ["a", "b", "a"] {
+            let p = dir.path().join(name);
+            std::fs::write(&p, "").unwrap();
+            recent.add(&p);
+        }
+        let names: Vec<_> = recent
+            .list()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+}

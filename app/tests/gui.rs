@@ -792,3 +792,125 @@ fn the_guard_tab_compares_the_model_with_its_abliterated_copy() {
     assert!(!first.is_empty() && !second.is_empty());
     h.get_by_label(first.as_str());
 }
+
+/// A session saved from one app comes back whole in a fresh one: model file, prompt sets,
+/// directions and probes (computed in the app, so written beside the session), prompt,
+/// system message, sampling, steering sliders, ablated heads and tab. A changed prompt set
+/// makes opening fail with a one-line reason, and the app keeps working.
+#[test]
+fn a_saved_session_comes_back_after_a_restart() {
+    use candle_core::quantized::GgmlDType;
+    use refusal_lens::gui::Tab;
+    use refusal_lens_engine::analysis::steering::Edit;
+    use refusal_lens_engine::testing::{random_weights, tiny_config, write_gguf};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Family::Llama);
+    let model = dir.path().join("tiny.gguf");
+    write_gguf(&model, &cfg, &random_weights(&cfg, 1).unwrap(), GgmlDType::F32).unwrap();
+    // Sets of the user's own, copied out of the project so that one can be changed later.
+    let sample = refusal_lens_engine::data::prompts::sample_prompts_dir();
+    for name in ["harmful", "harmless"] {
+        std::fs::copy(
+            sample.join(format!("{name}.jsonl")),
+            dir.path().join(format!("{name}.jsonl")),
+        )
+        .unwrap();
+    }
+    let open = |startup: Startup| {
+        let app = RefusalLensApp::with_cache_dir(None, startup, dir.path().join("cache"));
+        Harness::builder()
+            .with_size([1200.0, 780.0])
+            .build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app)
+    };
+    let mut h = open(Startup::Path {
+        model: model.clone(),
+        adapter: None,
+    });
+    step_until(&mut h, "the model", |a| a.model.is_ready());
+    {
+        let app = h.state_mut();
+        app.prompt_sets.sets = ["harmful", "harmless"]
+            .iter()
+            .map(|n| {
+                refusal_lens_engine::data::prompts::PromptSet::load(
+                    &dir.path().join(format!("{n}.jsonl")),
+                    None,
+                )
+                .unwrap()
+            })
+            .collect();
+        app.directions.best_separation = true;
+        assert!(app.compute_lens());
+    }
+    step_until(&mut h, "directions", |a| {
+        a.session.probes.is_some() || a.directions.error.is_some()
+    });
+    assert_eq!(h.state().directions.error, None);
+    let head = Edit::AblateHead {
+        layer: 1,
+        head: 0,
+        how: refusal_lens_engine::analysis::steering::HeadAblation::Zero,
+    };
+    {
+        let app = h.state_mut();
+        app.reply.prompt = "How do I pick a lock?".into();
+        app.reply.system = "Be terse.".into();
+        app.reply.use_system = true;
+        app.reply.sampling.temperature = 0.7;
+        app.steering.alpha_refusal = 1.5;
+        app.steering.ablate = true;
+        app.session.extra_edits = vec![head.clone()];
+        app.tab = Tab::Steering;
+    }
+    let session = dir.path().join("study.json");
+    h.state_mut().save_session_file(session.clone());
+    step_until(&mut h, "the save", |a| !a.sessions.is_busy());
+    assert_eq!(h.state().sessions.error, None);
+    assert!(session.exists() && dir.path().join("study.directions.safetensors").exists());
+    let saved_layer = h.state().session.directions.as_ref().unwrap().layer;
+    drop(h);
+
+    let mut h = open(Startup::Session(session.clone()));
+    step_until(&mut h, "the session", |a| {
+        !a.sessions.is_busy() && a.model.is_ready()
+    });
+    let app = h.state();
+    assert_eq!(app.sessions.error, None);
+    assert_eq!(app.reply.prompt, "How do I pick a lock?");
+    assert_eq!(app.reply.system, "Be terse.");
+    assert!(app.reply.use_system);
+    assert_eq!(app.reply.sampling.temperature, 0.7);
+    assert_eq!(app.steering.alpha_refusal, 1.5);
+    assert!(app.steering.ablate);
+    assert_eq!(app.session.extra_edits, vec![head]);
+    assert_eq!(app.tab, Tab::Steering);
+    assert_eq!(app.prompt_sets.sets.len(), 2);
+    assert_eq!(app.session.directions.as_ref().unwrap().layer, saved_layer);
+    assert!(app.session.probes.is_some());
+    assert_eq!(
+        app.session.lens_file.as_deref(),
+        Some(std::fs::canonicalize(dir.path().join("study.directions.safetensors")).unwrap().as_path())
+    );
+    drop(h);
+
+    // A set edited since: opening says which file changed and leaves the app usable.
+    let harmless = dir.path().join("harmless.jsonl");
+    let mut text = std::fs::read_to_string(&harmless).unwrap();
+    text.push_str("{\"prompt\": \"one more\"}\n");
+    std::fs::write(&harmless, text).unwrap();
+    let mut h = open(Startup::Path {
+        model: model.clone(),
+        adapter: None,
+    });
+    step_until(&mut h, "the model", |a| a.model.is_ready());
+    h.state_mut().open_session_file(session);
+    step_until(&mut h, "the failed open", |a| !a.sessions.is_busy());
+    let error = h.state().sessions.error.clone().unwrap();
+    assert!(
+        error.contains("harmless.jsonl") && error.contains("changed since the session was saved"),
+        "{error}"
+    );
+    assert!(!error.contains('\n'));
+    h.get_by_label_contains("changed since the session was saved");
+    assert!(h.state().model.is_ready());
+}

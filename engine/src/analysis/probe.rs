@@ -820,17 +820,16 @@ pub fn train_probes(
     let test_idx: Vec<usize> = (0..n).filter(|&i| held_out[i]).collect();
     let mut train_idx: Vec<usize> = (0..n).filter(|&i| !held_out[i]).collect();
     let val_idx = if options.needs_validation() {
-        let val = random_holdout(train_idx.len(), VAL_FRACTION, options.seed.wrapping_add(1));
-        let (v, t): (Vec<_>, Vec<_>) = train_idx
-            .iter()
-            .zip(&val)
-            .partition(|(_, &is_val)| is_val);
-        let (v, t): (Vec<usize>, Vec<usize>) = (
-            v.into_iter().map(|(&i, _)| i).collect(),
-            t.into_iter().map(|(&i, _)| i).collect(),
-        );
-        train_idx = t;
-        v
+        // Stratified: each class gives the same fraction, so neither part loses a rare class.
+        let mut val = Vec::new();
+        for (class, seed) in [(true, 1u64), (false, 2)] {
+            let members: Vec<usize> = train_idx.iter().copied().filter(|&i| y[i] == class).collect();
+            let held = random_holdout(members.len(), VAL_FRACTION, options.seed.wrapping_add(seed));
+            val.extend(members.iter().zip(held).filter(|(_, h)| *h).map(|(&i, _)| i));
+        }
+        val.sort_unstable();
+        train_idx.retain(|i| val.binary_search(i).is_err());
+        val
     } else {
         Vec::new()
     };
