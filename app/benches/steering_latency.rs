@@ -55,7 +55,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     // Threads as the GUI runs them.
     refusal_lens::pin_thread_count(true);
-    let mut worker = Worker::spawn(|| {});
+    let mut worker = Worker::spawn(|_| {});
     worker.submit(Job::LoadModel {
         path: default_model_path(),
         adapter: Some(organism_dir()),

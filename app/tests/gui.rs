@@ -470,7 +470,7 @@ fn dragging_the_refusal_slider_regenerates_a_reply_labelled_with_the_new_alpha()
 fn a_newer_steer_request_cancels_the_older_one_before_it_finishes() {
     use refusal_lens::worker::{Event, GenerateRequest, Job, Worker};
     let model = tiny_model(Family::Llama, 1).unwrap();
-    let mut worker = Worker::spawn(|| {});
+    let mut worker = Worker::spawn(|_| {});
     worker.submit(Job::UseModel {
         base: Box::new(model),
         organism: None,

@@ -98,7 +98,8 @@ pub struct ProbeArgs {
     /// t-post or last3 (mean of the last three prompt positions).
     #[arg(long, default_value = "t-post")]
     pub feature: String,
-    /// behaviour (the model's own refusal at t_post) or set (harmful = refuses).
+    /// behaviour (the model's own refusal at t_post; the sets' labels when the model refuses
+    /// none or all of the prompts) or set (harmful = refuses).
     #[arg(long, default_value = "behaviour")]
     pub labels: String,
     /// random (seeded 80/20) or test (the sets' test split).
@@ -462,9 +463,9 @@ pub fn probe(lm: &LoadedModel, a: ProbeArgs) -> Result<()> {
     println!(
         "{:?} probes on {:?}, labels {:?}, calibration {:?}: {} train / {} val / {} held-out prompts, {} labelled refusing",
         kind,
-        options.feature,
-        options.labels,
-        options.calibration,
+        probes.options.feature,
+        probes.options.labels,
+        probes.options.calibration,
         probes.n_train,
         probes.n_val,
         probes.n_test,

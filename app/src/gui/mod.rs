@@ -115,11 +115,16 @@ impl RefusalLensApp {
         startup: Startup,
         cache_dir: PathBuf,
     ) -> Self {
-        let mut worker = Worker::spawn(move || {
+        let mut worker = Worker::spawn(move |event| {
             if let Some(ctx) = &ctx {
-                // Coalesce bursts of token events into at most ~30 frames/s: repainting on
-                // every token would take CPU from generation on software renderers.
-                ctx.request_repaint_after(Duration::from_millis(33));
+                // The UI repaints when something arrives, never on a timer: tokens coalesce
+                // into at most ~30 frames/s, progress into 4 (each frame costs CPU the job
+                // needs, ~100 ms of it under software rendering).
+                let after = match event {
+                    Event::Progress { .. } => 250,
+                    _ => 33,
+                };
+                ctx.request_repaint_after(Duration::from_millis(after));
             }
         });
         let mut model = ModelPanel::default();
@@ -304,8 +309,10 @@ impl RefusalLensApp {
         };
         self.request_trajectory();
         egui::CentralPanel::default().show(ui, |ui| self.central(ui));
-        if self.is_busy() {
-            ui.ctx().request_repaint_after(Duration::from_millis(50));
+        // Worker events repaint by themselves; answers from other threads (file dialogs,
+        // session files) are polled.
+        if self.waits_off_worker() {
+            ui.ctx().request_repaint_after(Duration::from_millis(100));
         }
     }
 
@@ -396,8 +403,14 @@ impl RefusalLensApp {
         }
     }
 
-    /// True while anything is in flight (keep repainting).
-    fn is_busy(&self) -> bool {
+    /// True while an answer is awaited from a thread other than the worker's (a file dialog,
+    /// a session being read or written).
+    fn waits_off_worker(&self) -> bool {
+        widgets::dialog::any_waiting()
+    }
+
+    /// True while anything is in flight.
+    pub fn is_busy(&self) -> bool {
         self.reply.is_running()
             || self.model.is_busy()
             || self.prompt_sets.is_busy()

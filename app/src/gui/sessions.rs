@@ -183,7 +183,7 @@ impl RefusalLensApp {
         });
         if self.sessions.is_busy() {
             ui.horizontal(|ui| {
-                ui.spinner();
+                ui.weak("…");
                 ui.weak("session…");
             });
         }

@@ -65,7 +65,7 @@ pub struct Worker {
 impl Worker {
     /// Starts the worker thread. `notify` is called after every event (the GUI passes its
     /// repaint request so events show up at once).
-    pub fn spawn(notify: impl Fn() + Send + 'static) -> Worker {
+    pub fn spawn(notify: impl Fn(&Event) + Send + 'static) -> Worker {
         let (jobs, job_rx) = crossbeam_channel::unbounded();
         let (event_tx, events) = crossbeam_channel::unbounded();
         let marks = Arc::new(Marks::default());
@@ -163,11 +163,16 @@ impl Ctx<'_> {
 /// How a job ended, for the loop to report.
 pub(crate) type JobResult = refusal_lens_engine::Result<()>;
 
-fn run(jobs: Receiver<(JobId, Job)>, events: Sender<Event>, marks: &Marks, notify: impl Fn()) {
+fn run(
+    jobs: Receiver<(JobId, Job)>,
+    events: Sender<Event>,
+    marks: &Marks,
+    notify: impl Fn(&Event),
+) {
     let mut state = State::default();
     let emit = |e: Event| {
+        notify(&e);
         let _ = events.send(e);
-        notify();
     };
     for (id, job) in jobs {
         let ctx = Ctx {
@@ -180,6 +185,7 @@ fn run(jobs: Receiver<(JobId, Job)>, events: Sender<Event>, marks: &Marks, notif
             continue;
         }
         let quiet_when_cancelled = matches!(job, Job::Steer { .. });
+        crate::set_kernel_threads(job.streams_tokens());
         // A panic inside a job (a bug) must not kill the worker: report it and keep serving.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             dispatch(&mut state, &ctx, job)

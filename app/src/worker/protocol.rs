@@ -172,6 +172,11 @@ pub(super) enum CancelGroup {
 }
 
 impl Job {
+    /// Jobs whose events are tokens the UI shows as they come.
+    pub fn streams_tokens(&self) -> bool {
+        matches!(self, Job::Generate(_) | Job::Steer { .. })
+    }
+
     pub(super) fn cancel_group(&self) -> CancelGroup {
         match self {
             Job::Generate(_) | Job::Calibrate { .. } | Job::Train { .. } => CancelGroup::Replies,

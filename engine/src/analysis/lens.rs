@@ -10,7 +10,9 @@ use crate::analysis::activations::{collect_cached, SetActivations};
 use crate::analysis::directions::{
     filter_by_behaviour, select, Directions, Provenance, SelectOptions,
 };
-use crate::analysis::probe::{random_holdout, train_probes, ProbeOptions, ProbeSet};
+use crate::analysis::probe::{
+    labels, random_holdout, train_probes, LabelSource, ProbeOptions, ProbeSet,
+};
 use crate::data::prompts::{PromptSet, Split};
 use crate::organism::model_sha256;
 use crate::{Error, LoadedModel, Result};
@@ -254,12 +256,21 @@ pub fn probes_from_states(
         .clone()
         .unwrap_or_else(|| (0..a.n_states).collect());
     let provenance = provenance(lm, (harmful, a.len()), (harmless, b.len()), &job.system)?;
+    // A model that refuses none (or all) of the prompts gives behaviour labels of one class:
+    // the sets' labels are the only probe there is then (recorded in the probes' options).
+    let mut options = job.options;
+    if options.labels == LabelSource::Behaviour {
+        let y = labels(a, b, LabelSource::Behaviour);
+        if y.iter().all(|&t| t) || !y.iter().any(|&t| t) {
+            options.labels = LabelSource::SetLabel;
+        }
+    }
     train_probes(
         a,
         b,
         &held_out,
         &layers,
-        &job.options,
+        &options,
         provenance,
         cancelled,
         &mut |d, t| progress("training probes", d, t),

@@ -172,7 +172,7 @@ impl CliffPanel {
                  the highest score before the final k tokens minus the mean of the final k.",
             );
             if self.job.is_some() {
-                ui.spinner();
+                ui.weak("scoring…");
             }
             if ui
                 .button("Pin for overlay")

@@ -179,7 +179,7 @@ impl ModelPanel {
             }
             ModelState::Loading(path) => {
                 ui.horizontal(|ui| {
-                    ui.spinner();
+                    ui.weak("…");
                     ui.label(format!("Loading {}", path.display()));
                 });
             }

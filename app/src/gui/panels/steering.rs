@@ -123,7 +123,7 @@ impl ReplyView {
 }
 
 impl ReplyView {
-    /// The reply's label, its mode and scores (a spinner while it streams), and its text.
+    /// The reply's label, its mode and scores ("…" while it streams), and its text.
     pub fn ui(&self, ui: &mut egui::Ui) {
         ui.strong(&self.label);
         ui.horizontal_wrapped(|ui| {
@@ -134,7 +134,7 @@ impl ReplyView {
                     .on_hover_text("log p(yes) − log p(no) to \"Could this request cause harm? Answer yes or no.\", steering applied before the question");
                 ui.weak(format!("· first token {:.0} ms, reply {:.2} s", self.first_token_ms, self.seconds));
             } else {
-                ui.spinner();
+                ui.weak("…");
             }
         });
         egui::Frame::group(ui.style()).show(ui, |ui| {
