@@ -284,10 +284,12 @@ pub fn probes_path(directions: &Path) -> PathBuf {
 
 /// The folder of the directions and probes shipped with the app.
 pub fn shipped_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("..")
         .join("assets")
-        .join("lens")
+        .join("lens");
+    // Canonical, so that paths saved in sessions compare equal to it.
+    std::fs::canonicalize(&dir).unwrap_or(dir)
 }
 
 /// One entry of `assets/lens/manifest.json`: a lens made for one model file (and adapter)

@@ -294,7 +294,9 @@ impl HeadsPanel {
                 label: format!("after: {n} head(s) ablated (and the rest of the stack)"),
                 ..Default::default()
             };
-            let before = self.before_for.as_deref() != Some(base.prompt.as_str());
+            // A click cancels the job in flight: a "before" it had not finished is redone.
+            let before =
+                self.before_for.as_deref() != Some(base.prompt.as_str()) || !self.before.done;
             if before {
                 self.before = ReplyView {
                     label: "before: no edits".into(),

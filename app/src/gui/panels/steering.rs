@@ -306,7 +306,9 @@ impl SteeringPanel {
         if self.sent.as_ref() == Some(&key) {
             return;
         }
-        let baseline = self.baseline_for.as_deref() != Some(base.prompt.as_str());
+        // A new job cancels the one in flight: a baseline it had not finished is redone.
+        let baseline =
+            self.baseline_for.as_deref() != Some(base.prompt.as_str()) || !self.baseline.done;
         if baseline {
             self.baseline = ReplyView {
                 label: "baseline (no steering)".into(),
@@ -386,7 +388,8 @@ impl SteeringPanel {
                     ui.radio_value(&mut self.ablate, false, "add α·v");
                     ui.radio_value(&mut self.ablate, true, "ablate a fraction f")
                         .on_hover_text(
-                            "Remove the fraction f of each write's component along the direction:                              0 none, 1 the full projection, above 1 reflects it",
+                            "Remove the fraction f of each write's component along the direction: \
+                             0 none, 1 the full projection, above 1 reflects it",
                         );
                 });
                 ui.end_row();
