@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{NodeT, Queryable};
 use egui_kittest::Harness;
 use refusal_lens::gui::{RefusalLensApp, Startup, Tab};
 use refusal_lens_engine::analysis::lens::shipped_dir;
@@ -82,6 +82,42 @@ fn a_new_user_sees_the_cliff_flips_the_reply_and_gets_the_session_back() {
     assert!(before.refusal_probability >= tau, "before {}", before.refusal_probability);
     assert!(after.refusal_probability < tau, "after {}", after.refusal_probability);
     assert!(after.label.contains("f_refusal = +1.00"), "{}", after.label);
+
+    // Every tab fits the default window and a larger one: no widget runs past the window's
+    // right edge (what the central panel's vertical scroll would clip).
+    let mut overflow = Vec::new();
+    for size in [[1200.0, 780.0], [1600.0, 1000.0]] {
+        h.set_size(egui::Vec2::from(size));
+        for tab in Tab::ALL {
+            h.state_mut().tab = tab;
+            for _ in 0..3 {
+                h.step();
+            }
+            let past: Vec<String> = h
+                .root()
+                .children_recursive()
+                .filter_map(|n| {
+                    let node = n.accesskit_node();
+                    let b = node.bounding_box()?;
+                    (b.x1 > size[0] as f64 + 0.5).then(|| {
+                        format!("{:?} {:?} x {:.0}–{:.0}", node.role(), node.label(), b.x0, b.x1)
+                    })
+                })
+                .collect();
+            if !past.is_empty() {
+                overflow.push(format!("{} at {size:?}: {past:#?}", tab.name()));
+            }
+            if let Some(dir) = std::env::var_os("REFUSAL_LENS_SCREENSHOTS") {
+                let image = h.render().expect("rendering");
+                let name = format!("{}-{}x{}.png", tab.name().replace([' ', '&'], ""), size[0], size[1]);
+                image.save(std::path::Path::new(&dir).join(name)).unwrap();
+            }
+        }
+    }
+    assert!(overflow.is_empty(), "{overflow:#?}");
+    h.set_size(egui::vec2(1200.0, 780.0));
+    h.state_mut().tab = Tab::Steering;
+    h.step();
 
     // Save, quit, open the session in a fresh app: all of it is back.
     let session = dir.path().join("first.json");

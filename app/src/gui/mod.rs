@@ -285,6 +285,8 @@ impl RefusalLensApp {
         egui::Panel::left("model")
             .resizable(true)
             .default_size(300.0)
+            .min_size(220.0)
+            .max_size(480.0)
             .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| {
                     self.sessions_ui(ui);

@@ -182,7 +182,7 @@ impl RefusalLensApp {
             });
         });
         if self.sessions.is_busy() {
-            ui.horizontal(|ui| {
+            ui.horizontal_wrapped(|ui| {
                 ui.weak("…");
                 ui.weak("session…");
             });

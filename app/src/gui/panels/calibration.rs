@@ -64,7 +64,7 @@ impl CalibrationPanel {
         tau: f32,
         goal: Option<GateGoal>,
     ) {
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             let can = model_ready && !sets.is_empty() && self.job.is_none();
             if ui
                 .add_enabled(can, egui::Button::new("Compute refusal-rate curves"))

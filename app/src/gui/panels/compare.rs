@@ -108,7 +108,7 @@ impl ComparePanel {
              other's harmfulness (does it survive fine-tuning or abliteration?), how often each \
              refuses, and both replies to the prompt of the Prompt & reply tab.",
         );
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             let current = self.with.as_ref().map_or("choose…".into(), Self::describe);
             egui::ComboBox::new("compare_with", "second model")
                 .selected_text(current)
@@ -218,7 +218,7 @@ impl ComparePanel {
     }
 
     fn cosine_plot(&mut self, ui: &mut egui::Ui, c: &Comparison) {
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             ui.strong("Direction agreement per layer");
             let csv = || c.layers_csv();
             self.export

@@ -245,14 +245,14 @@ impl DirectionsPanel {
             (self.harmful, self.harmless) = (Some(harmful), Some(harmless));
         }
         if self.job.is_some() {
-            ui.horizontal(|ui| {
+            ui.horizontal_wrapped(|ui| {
                 let (phase, done, total) = &self.progress;
                 if progress_with_cancel(ui, *done, *total, format!("{phase}: {done} / {total}")) {
                     worker.cancel_analyses();
                 }
             });
         }
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             if ui
                 .add_enabled(session.directions.is_some(), egui::Button::new("Save…"))
                 .on_hover_text("Directions as safetensors with metadata; probes beside them (.probes.safetensors)")
@@ -306,7 +306,7 @@ impl DirectionsPanel {
                 None => " (best separation; no ablation selection)".into(),
             }
         ));
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             let mut layer = self.layer.unwrap_or(d.layer);
             ui.label("Layer of the Cliff curves:");
             if ui

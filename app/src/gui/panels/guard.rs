@@ -116,7 +116,7 @@ impl GuardPanel {
              layers and τ chosen on val, shown on test.",
         );
         let find = |name: &str| sets.iter().find(|s| s.name == name);
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             let (harmful, harmless) = (find("harmful"), find("harmless"));
             let can = session.model_ready && harmful.is_some() && harmless.is_some();
             if self.job.is_none() {
@@ -186,7 +186,7 @@ impl GuardPanel {
             .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), x| {
                 (a.min(x), b.max(x))
             });
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             ui.label(format!(
                 "states {}–{} (chosen on val) · fitted on {} + {} prompts · τ",
                 g.layers.start,
@@ -259,7 +259,7 @@ impl GuardPanel {
     }
 
     fn scatter(&mut self, ui: &mut egui::Ui, study: &GuardStudy) {
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             ui.strong("Harmfulness at t_inst vs refusal score at t_post");
             ui.checkbox(&mut self.arrows, "arrows to wrapped versions");
             let csv = || {

@@ -376,7 +376,7 @@ impl HeadsPanel {
 
     /// "Ablate top k%" of the metric shown, and clearing the ablations.
     fn ablation_controls(&mut self, ui: &mut egui::Ui, m: &HeadMetrics, extra: &mut Vec<Edit>) {
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             ui.add(
                 egui::Slider::new(&mut self.top_percent, 1.0..=20.0)
                     .suffix(" %")

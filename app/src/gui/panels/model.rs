@@ -155,7 +155,7 @@ impl ModelPanel {
 
     pub fn ui(&mut self, ui: &mut egui::Ui) {
         ui.heading("Model");
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             let idle = self.dialog.is_none();
             if ui
                 .add_enabled(idle, egui::Button::new("Open model…"))
@@ -178,7 +178,7 @@ impl ModelPanel {
                 ui.label("No model loaded.");
             }
             ModelState::Loading(path) => {
-                ui.horizontal(|ui| {
+                ui.horizontal_wrapped(|ui| {
                     ui.weak("…");
                     ui.label(format!("Loading {}", path.display()));
                 });
@@ -228,13 +228,17 @@ impl ModelPanel {
 
 fn card_grid(ui: &mut egui::Ui, c: &ModelCard) {
     ui.label(egui::RichText::new(&c.name).strong());
+    // Values wrap in what the panel leaves beside the keys, so that a long one (the
+    // template, the gate's rule) cannot widen the panel.
+    let values = (ui.available_width() - 100.0).max(120.0);
     egui::Grid::new("model_card")
         .num_columns(2)
         .striped(true)
+        .max_col_width(values)
         .show(ui, |ui| {
             let mut row = |k: &str, v: String| {
                 ui.label(k);
-                ui.label(v);
+                ui.add(egui::Label::new(v).wrap());
                 ui.end_row();
             };
             row("Format", c.format.clone());

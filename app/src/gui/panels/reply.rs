@@ -206,7 +206,7 @@ impl ReplyPanel {
                 .hint_text("Type a user message…"),
         )
         .labelled_by(label.id);
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             ui.checkbox(&mut self.use_system, "System message");
             if self.use_system {
                 ui.add(egui::TextEdit::singleline(&mut self.system).desired_width(400.0));
@@ -240,7 +240,7 @@ impl ReplyPanel {
         refusal_tokens: bool,
     ) {
         if !refusal_tokens {
-            ui.horizontal(|ui| {
+            ui.horizontal_wrapped(|ui| {
                 let slider = egui::Slider::new(&mut self.opener_bias, -10.0..=10.0).step_by(0.1).text("refusal-opener bias b (first reply token)");
                 // The reply follows the bias live, as it follows τ with refusal tokens.
                 if ui.add(slider).on_hover_text("Adds b to the logits of the refusal openers (I, Sorry, As, Unfortunately, …) at the first reply position").changed()
@@ -252,7 +252,7 @@ impl ReplyPanel {
             });
         }
         if refusal_tokens {
-            ui.horizontal(|ui| {
+            ui.horizontal_wrapped(|ui| {
                 let slider = egui::Slider::new(&mut self.tau, 0.0..=1.0)
                     .step_by(0.01)
                     .text("τ: emit [refuse] when p([refuse]) ≥ τ");
@@ -277,7 +277,7 @@ impl ReplyPanel {
 
     /// Generate, Stop and the reply's progress.
     fn run_controls(&mut self, ui: &mut egui::Ui, worker: &mut Worker, model_ready: bool) {
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             let can_start = model_ready && !self.prompt.trim().is_empty();
             if ui
                 .add_enabled(can_start, egui::Button::new("Generate"))
@@ -341,7 +341,7 @@ impl ReplyPanel {
     fn reply_view(&self, ui: &mut egui::Ui) {
         if let (Some(g), false) = (&self.finished, self.running) {
             let c = refusal_lens_engine::refusal::response::classify(&g.text);
-            ui.horizontal(|ui| {
+            ui.horizontal_wrapped(|ui| {
                 ui.label("Response mode:");
                 let list = |ms: &[refusal_lens_engine::refusal::response::Match]| {
                     ms.iter()
@@ -359,7 +359,7 @@ impl ReplyPanel {
                 ui.weak(format!("({})", c.reason));
             });
         }
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             ui.heading("Reply");
             ui.weak("chip colour: probability of the chosen token");
             probability_legend(ui);

@@ -159,7 +159,7 @@ fn stack_ui(ui: &mut egui::Ui, session: &mut Session) {
         let from_controls = session.controls.edits.len();
         let mut remove = None;
         for (i, e) in stack.edits.iter().enumerate() {
-            ui.horizontal(|ui| {
+            ui.horizontal_wrapped(|ui| {
                 ui.label(format!("{}. {}", i + 1, e.describe()));
                 if i >= from_controls && ui.small_button("remove").clicked() {
                     remove = Some(i - from_controls);
@@ -349,7 +349,7 @@ impl SteeringPanel {
             base.prompt
         ));
         self.controls_ui(ui, dirs, session.refusal_tokens);
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             if ui.button("Reset").clicked() {
                 self.alpha_refusal = 0.0;
                 self.alpha_harmfulness = 0.0;
@@ -384,7 +384,7 @@ impl SteeringPanel {
             .num_columns(2)
             .show(ui, |ui| {
                 ui.label("mode");
-                ui.horizontal(|ui| {
+                ui.horizontal_wrapped(|ui| {
                     ui.radio_value(&mut self.ablate, false, "add α·v");
                     ui.radio_value(&mut self.ablate, true, "ablate a fraction f")
                         .on_hover_text(
@@ -413,7 +413,7 @@ impl SteeringPanel {
                 if let Some(d) = dirs {
                     let (mut a, mut b) = self.layers.unwrap_or((d.layer, d.layer));
                     ui.label("layers");
-                    ui.horizontal(|ui| {
+                    ui.horizontal_wrapped(|ui| {
                         let max = d.n_states - 1;
                         let ca =
                             ui.add(egui::DragValue::new(&mut a).range(0..=max).prefix("from "));

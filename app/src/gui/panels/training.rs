@@ -76,7 +76,7 @@ impl TrainingPanel {
         let (train, val) = (split(Split::Train), split(Split::Val));
         self.options_ui(ui);
         self.goal_ui(ui);
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             let can = base_ready && self.job.is_none() && !train.is_empty();
             if ui
                 .add_enabled(can, egui::Button::new(format!("Train refusal tokens on {} train-split prompts", train.len())))
