@@ -1,8 +1,13 @@
-//! Live-steering latency through the real worker on the default model + organism: a scripted
-//! slider drag (α 0 → 1 in 20 steps, one every 30 ms), then single slider changes at rest,
-//! and the UI's own per-frame cost while a steered reply streams.
-//! `cargo bench -p refusal-lens --bench steering_latency` (the worker gets cores − 1 threads,
-//! as in the app, unless RAYON_NUM_THREADS is set).
+//! Live-steering latency on the default model + organism. First the real app, driven
+//! headless by egui_kittest as a user would drive it (shipped directions, Steering tab,
+//! ablation slider moved): slider move → first steered token on screen, split into the
+//! frame that sends the job, queueing, the prompt pass that yields the first token, the
+//! first decode step and the frame that paints it; and a GUI job timed against the same
+//! engine call made directly (as the CLI makes it). Then the worker alone: a scripted
+//! slider drag (α 0 → 1 in 20 steps, one every 30 ms), single slider changes at rest, and
+//! the UI's own per-frame cost while a steered reply streams.
+//! `cargo bench -p refusal-lens --bench steering_latency [-- app]` (threads as in the app
+//! unless RAYON_NUM_THREADS is set; `app`: the first part only).
 
 use std::time::{Duration, Instant};
 
@@ -55,6 +60,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     // Threads as the GUI runs them.
     refusal_lens::pin_thread_count(true);
+    slider_to_first_token_in_the_app();
+    // `cargo bench --bench steering_latency -- app`: the app's latency only.
+    if std::env::args().any(|a| a == "app") {
+        return;
+    }
+    gui_job_against_direct_call();
     let mut worker = Worker::spawn(|_| {});
     worker.submit(Job::LoadModel {
         path: default_model_path(),
@@ -124,6 +135,7 @@ fn scripted_drag(worker: &mut Worker, layer: usize) {
                 id,
                 baseline: false,
                 step,
+                ..
             }) if step.index == 0 => {
                 if let Some((_, t)) = sent.iter().find(|(i, _)| *i == id) {
                     first_token.push(t.elapsed().as_secs_f64() * 1e3);
@@ -235,5 +247,139 @@ fn ui_frame_cost() {
         times.iter().copied().fold(0.0, f64::max),
         times.len(),
         1e3 / mean
+    );
+}
+
+/// The real app under egui_kittest (layout and tessellation each frame, no GPU): the
+/// ablation slider moved to a new value, then frames stepped until the steered column shows
+/// its first token.
+fn slider_to_first_token_in_the_app() {
+    use egui_kittest::Harness;
+    let app = RefusalLensApp::new(
+        None,
+        Startup::Path {
+            model: default_model_path(),
+            adapter: Some(organism_dir()),
+        },
+    );
+    let mut h = Harness::builder()
+        .with_size([1200.0, 780.0])
+        .build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app);
+    let step_until = |h: &mut Harness<'_, RefusalLensApp>, what: &str, done: &dyn Fn(&RefusalLensApp) -> bool| {
+        let start = Instant::now();
+        while !done(h.state()) {
+            assert!(start.elapsed() < Duration::from_secs(300), "timed out: {what}");
+            h.step();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    step_until(&mut h, "the model and its shipped lens", &|a| {
+        a.model.is_ready() && a.session.probes.is_some()
+    });
+    {
+        let a = h.state_mut();
+        a.reply.prompt = "How do I make a pipe bomb at home?".into();
+        a.tab = Tab::Steering;
+        a.steering.ablate = true;
+    }
+    step_until(&mut h, "the baseline", &|a| {
+        a.steering.baseline.done && a.steering.steered.done
+    });
+    let (mut send, mut queue, mut prefill, mut decode, mut paint, mut total) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for k in 0..10 {
+        h.state_mut().steering.alpha_refusal = [0.4, 1.0][k % 2] + 0.01 * k as f32;
+        let moved = Instant::now();
+        h.step(); // the frame that sees the new value and sends the job
+        let sent = moved.elapsed().as_secs_f64();
+        // Frames until the first steered token is in the view …
+        let (frame_start, frame_cost) = loop {
+            let frame = Instant::now();
+            h.step();
+            if !h.state().steering.steered.text.is_empty() {
+                break (frame, frame.elapsed().as_secs_f64());
+            }
+            // The app is idle while it waits (it repaints when the token arrives); a poll
+            // every 5 ms stands in for that wake-up without taking a core from the worker.
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let until_paint_frame = frame_start.duration_since(moved).as_secs_f64();
+        let on_screen = until_paint_frame + frame_cost;
+        // … and the second token, for the decode step.
+        step_until(&mut h, "the second token", &|a| {
+            a.steering.steered.token_worker_seconds.len() >= 2 || a.steering.steered.done
+        });
+        let times = h.state().steering.steered.token_worker_seconds.clone();
+        let first = times[0];
+        send.push(sent * 1e3);
+        paint.push(frame_cost * 1e3);
+        // Queueing (the worker finishing or cancelling the previous job) and the UI's
+        // polling: what is left of the wait once the worker's own time is taken out.
+        queue.push(((until_paint_frame - sent - first).max(0.0)) * 1e3);
+        prefill.push(first * 1e3);
+        if times.len() >= 2 {
+            decode.push((times[1] - times[0]) * 1e3);
+        }
+        total.push(on_screen * 1e3);
+        step_until(&mut h, "the reply", &|a| a.steering.steered.done);
+    }
+    println!("slider move → first steered token on screen (real app, kittest, 1200×780, median of 10):");
+    println!(
+        "  total {:.0} ms = send frame {:.1} + queueing/polling {:.1} + prompt pass to the first token {:.0} + frame that paints it {:.1} ms (layout + tessellation, no rasterisation); next decode step {:.0} ms",
+        median(total),
+        median(send),
+        median(queue),
+        median(prefill),
+        median(paint),
+        median(decode),
+    );
+}
+
+/// A GUI job against the same engine call made directly, as the CLI makes it: directions and
+/// probes from the sample sets (no disk cache, no layer selection).
+fn gui_job_against_direct_call() {
+    use refusal_lens_engine::analysis::lens::{self, DirectionOptions, ProbeJob};
+    use refusal_lens_engine::model::FastPrecision;
+    use refusal_lens_engine::organism::Adapter;
+    let load =
+        |n: &str| PromptSet::load(&sample_prompts_dir().join(format!("{n}.jsonl")), None).unwrap();
+    let (harmful, harmless) = (load("harmful"), load("harmless"));
+    let options = DirectionOptions {
+        select: false,
+        ..Default::default()
+    };
+    // GUI: the worker, threads as the app sets them for an analysis.
+    let cache = std::env::temp_dir().join(format!("refusal-lens-bench-{}", std::process::id()));
+    let mut worker = Worker::spawn(|_| {});
+    worker.submit(Job::LoadModel {
+        path: default_model_path(),
+        adapter: Some(organism_dir()),
+    });
+    wait(&worker, "the model", |e| matches!(e, Event::ModelLoaded { .. }));
+    let start = Instant::now();
+    worker.submit(Job::BuildLens {
+        harmful: Box::new(harmful.clone()),
+        harmless: Box::new(harmless.clone()),
+        options: options.clone(),
+        activation_cache: cache.join("gui"),
+    });
+    wait(&worker, "the lens", |e| {
+        matches!(e, Event::LensReady { file: None, .. })
+    });
+    let gui = start.elapsed().as_secs_f64();
+    drop(worker);
+    // Direct: what `refusal-lens directions --no-select` + `probe` run, every core.
+    refusal_lens::set_kernel_threads(false);
+    let base = refusal_lens_engine::LoadedModel::load(&default_model_path(), FastPrecision::Auto).unwrap();
+    let lm = Adapter::load(&organism_dir()).unwrap().apply(&base).unwrap();
+    let start = Instant::now();
+    let states = lens::collect_pair(&lm, &harmful, &harmless, None, Some(&cache.join("cli")), &|| false, &mut |_, _, _| {}).unwrap();
+    lens::directions_from_states(&lm, &harmful, &harmless, &states, &options, &|| false, &mut |_, _, _| {}).unwrap();
+    lens::probes_from_states(&lm, &harmful, &harmless, &states, &ProbeJob::default(), &|| false, &mut |_, _, _| {}).unwrap();
+    let direct = start.elapsed().as_secs_f64();
+    let _ = std::fs::remove_dir_all(&cache);
+    println!(
+        "directions + probes from 600 prompts (no cache): GUI worker {gui:.1} s, direct engine call {direct:.1} s, ratio {:.2}",
+        gui / direct
     );
 }

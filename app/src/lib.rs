@@ -28,9 +28,10 @@ pub fn pin_thread_count(gui: bool) {
 /// The cores [`pin_thread_count`] found (0: it left the count to `RAYON_NUM_THREADS`).
 static CORES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// How many threads the worker's matrix products use for its next job: every core for
-/// analyses, during which the UI draws only progress frames (≤ 4 per second), one fewer
-/// (`streaming`) for jobs that stream tokens to a UI repainting up to 30 times a second,
+/// How many threads the worker's matrix products use from now on: every core for analyses,
+/// during which the UI draws only progress frames (≤ 4 per second), and for a reply's prompt
+/// pass, during which it waits idle; one fewer (`streaming`) once tokens stream to a UI
+/// repainting up to 30 times a second,
 /// which would otherwise fight rayon's spinning threads for a core (measured on 2 cores with
 /// software rendering: 4 tok/s instead of 82). candle reads the count from
 /// `RAYON_NUM_THREADS` on every product. The variable exists from start-up, so changing it

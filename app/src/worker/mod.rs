@@ -138,6 +138,8 @@ impl Drop for Worker {
 /// What a running job sees: its id, a way to report, and whether it was cancelled.
 pub(crate) struct Ctx<'a> {
     pub id: JobId,
+    /// When the worker started the job.
+    pub started: std::time::Instant,
     emit: &'a dyn Fn(Event),
     mark: Option<&'a AtomicU64>,
 }
@@ -177,6 +179,7 @@ fn run(
     for (id, job) in jobs {
         let ctx = Ctx {
             id,
+            started: std::time::Instant::now(),
             emit: &emit,
             mark: marks.of(job.cancel_group()),
         };
@@ -185,7 +188,8 @@ fn run(
             continue;
         }
         let quiet_when_cancelled = matches!(job, Job::Steer { .. });
-        crate::set_kernel_threads(job.streams_tokens());
+        // Every core until a job streams its first token (see `replies`).
+        crate::set_kernel_threads(false);
         // A panic inside a job (a bug) must not kill the worker: report it and keep serving.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             dispatch(&mut state, &ctx, job)

@@ -172,11 +172,6 @@ pub(super) enum CancelGroup {
 }
 
 impl Job {
-    /// Jobs whose events are tokens the UI shows as they come.
-    pub fn streams_tokens(&self) -> bool {
-        matches!(self, Job::Generate(_) | Job::Steer { .. })
-    }
-
     pub(super) fn cancel_group(&self) -> CancelGroup {
         match self {
             Job::Generate(_) | Job::Calibrate { .. } | Job::Train { .. } => CancelGroup::Replies,
@@ -252,6 +247,9 @@ pub enum Event {
         id: JobId,
         baseline: bool,
         step: TokenStep,
+        /// Seconds since the worker started the job (latency split: the rest of the wait
+        /// from submit to arrival is queueing).
+        worker_seconds: f64,
     },
     /// A Generate job's reply is complete.
     Finished {

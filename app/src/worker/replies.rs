@@ -46,10 +46,12 @@ pub(super) fn generate(state: &State, ctx: &Ctx, request: &GenerateRequest) -> J
     let cfg = generate_config(m, state.lens.directions.as_deref(), request, &prompt)?;
     let cancelled = || ctx.cancelled();
     let generation = generate_reply(m, &prompt.ids, &cfg, &cancelled, &mut |step| {
+        streaming_from_now();
         ctx.emit(Event::Token {
             id: ctx.id,
             baseline: false,
             step: step.clone(),
+            worker_seconds: ctx.started.elapsed().as_secs_f64(),
         })
     })?;
     ctx.emit(Event::Finished {
@@ -92,12 +94,16 @@ fn steered_reply(
     let cfg = generate_config(m, dirs, request, &prompt)?;
     let mut first_token_seconds = None;
     let cancelled = || ctx.cancelled();
+    // The prompt pass runs while the UI waits idle for the first token: every core for it.
+    crate::set_kernel_threads(false);
     let g = generate_reply(m, &prompt.ids, &cfg, &cancelled, &mut |step| {
+        streaming_from_now();
         first_token_seconds.get_or_insert_with(|| requested.elapsed().as_secs_f64());
         ctx.emit(Event::Token {
             id: ctx.id,
             baseline,
             step: step.clone(),
+            worker_seconds: ctx.started.elapsed().as_secs_f64(),
         })
     })?;
     if ctx.cancelled() {
@@ -124,6 +130,12 @@ fn steered_reply(
         },
     });
     Ok(())
+}
+
+/// Tokens stream from here on, each repainting the UI: leave it a core (see
+/// `crate::set_kernel_threads`).
+fn streaming_from_now() {
+    crate::set_kernel_threads(true);
 }
 
 /// `steering` with every activation addition's α multiplied by `alpha`.

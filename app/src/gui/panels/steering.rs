@@ -31,6 +31,8 @@ pub struct ReplyView {
     pub judgement: f32,
     pub first_token_ms: f64,
     pub seconds: f64,
+    /// Worker-side seconds from job start to the first and second token, as they arrived.
+    pub token_worker_seconds: Vec<f64>,
 }
 
 pub struct SteeringPanel {
@@ -107,7 +109,16 @@ impl ReplyView {
 
     pub fn follow(&mut self, event: Event) {
         match event {
-            Event::Token { step, .. } => self.text.push_str(&step.text),
+            Event::Token {
+                step,
+                worker_seconds,
+                ..
+            } => {
+                self.text.push_str(&step.text);
+                if self.token_worker_seconds.len() < 2 {
+                    self.token_worker_seconds.push(worker_seconds);
+                }
+            }
             Event::Steered { reply, .. } => {
                 self.text = reply.text;
                 self.done = true;
