@@ -187,11 +187,16 @@ fn main_window_snapshot() {
     step_until(&mut h, "the reply", |a| {
         !a.reply.tokens.is_empty() && !a.reply.is_running()
     });
-    // Speeds differ run to run: hide the status bar's numbers.
-    let status = h.get_by_label_contains("tok/s").rect();
-    let to_right_edge = egui::Rect::from_min_max(status.min, egui::pos2(1100.0, status.max.y));
-    h.mask(to_right_edge.expand(2.0));
-    h.snapshot("main_window");
+    // Both window sizes the layout is made for.
+    for (w, h_) in [(1200.0, 780.0), (1600.0, 1000.0)] {
+        h.set_size(egui::vec2(w, h_));
+        h.run_steps(3);
+        // Speeds differ run to run: hide the status bar's numbers.
+        let status = h.get_by_label_contains("tok/s").rect();
+        let to_right_edge = egui::Rect::from_min_max(status.min, egui::pos2(w, status.max.y));
+        h.mask(to_right_edge.expand(2.0));
+        h.snapshot(&format!("main_window_{w}x{h_}"));
+    }
 }
 
 #[test]
