@@ -236,25 +236,8 @@ impl RefusalLensApp {
                 (d, self.session.probes.clone(), self.session.lens_file.clone())
             }),
             curve_layer: self.directions.layer,
-            reply: ReplySettings {
-                prompt: self.reply.prompt.clone(),
-                system: self.reply.system.clone(),
-                use_system: self.reply.use_system,
-                max_new_tokens: self.reply.max_new_tokens,
-                sampling: self.reply.sampling,
-                tau: self.reply.tau,
-                opener_bias: self.reply.opener_bias,
-            },
-            steering: SteeringSettings {
-                alpha_refusal: self.steering.alpha_refusal,
-                alpha_harmfulness: self.steering.alpha_harmfulness,
-                layers: self.steering.layers,
-                ablate: self.steering.ablate,
-                post_instruction_only: self.steering.post_instruction_only,
-                refusal_bias: self.steering.refusal_bias,
-                max_new_tokens: self.steering.max_new_tokens,
-                steer_main_reply: self.session.steer_main_reply,
-            },
+            reply: self.reply.settings(),
+            steering: self.steering.settings(self.session.steer_main_reply),
             head_edits: self.session.extra_edits.clone(),
             tab: self.tab,
         })
@@ -350,23 +333,9 @@ impl RefusalLensApp {
             self.sessions.error = Some(format!("cannot open the session: {error}"));
             return;
         }
-        let r = session.reply;
-        self.reply.prompt = r.prompt;
-        self.reply.system = r.system;
-        self.reply.use_system = r.use_system;
-        self.reply.max_new_tokens = r.max_new_tokens;
-        self.reply.sampling = r.sampling;
-        self.reply.tau = r.tau;
-        self.reply.opener_bias = r.opener_bias;
-        let s = session.steering;
-        self.steering.alpha_refusal = s.alpha_refusal;
-        self.steering.alpha_harmfulness = s.alpha_harmfulness;
-        self.steering.layers = s.layers;
-        self.steering.ablate = s.ablate;
-        self.steering.post_instruction_only = s.post_instruction_only;
-        self.steering.refusal_bias = s.refusal_bias;
-        self.steering.max_new_tokens = s.max_new_tokens;
-        self.session.steer_main_reply = s.steer_main_reply;
+        self.reply.restore(session.reply);
+        self.session.steer_main_reply = session.steering.steer_main_reply;
+        self.steering.restore(session.steering);
         self.session.extra_edits = session.head_edits;
         self.directions.layer = session.lens.and_then(|l| l.curve_layer);
         self.tab = Tab::from_name(&session.tab).unwrap_or_default();

@@ -6,6 +6,7 @@ use refusal_lens_engine::analysis::steering::Steering;
 
 use crate::gui::session::Session;
 use crate::gui::widgets::colors::{probability_color, probability_legend};
+use crate::session_file::ReplySettings;
 use crate::worker::{Event, GenerateRequest, Job, JobId, Worker};
 
 pub struct ReplyPanel {
@@ -32,6 +33,27 @@ pub struct ReplyPanel {
     pub steering: Steering,
     /// A reply finished and its trajectory has not been asked for yet.
     trajectory_due: bool,
+}
+
+impl ReplyPanel {
+    /// The settings a saved session keeps.
+    pub fn settings(&self) -> ReplySettings {
+        ReplySettings {
+            prompt: self.prompt.clone(),
+            system: self.system.clone(),
+            use_system: self.use_system,
+            max_new_tokens: self.max_new_tokens,
+            sampling: self.sampling,
+            tau: self.tau,
+            opener_bias: self.opener_bias,
+        }
+    }
+
+    pub fn restore(&mut self, s: ReplySettings) {
+        (self.prompt, self.system, self.use_system) = (s.prompt, s.system, s.use_system);
+        (self.max_new_tokens, self.sampling) = (s.max_new_tokens, s.sampling);
+        (self.tau, self.opener_bias) = (s.tau, s.opener_bias);
+    }
 }
 
 impl Default for ReplyPanel {

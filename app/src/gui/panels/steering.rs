@@ -17,6 +17,7 @@ use refusal_lens_engine::refusal::response::ResponseMode;
 use crate::gui::session::Session;
 use crate::gui::widgets::export::Exporter;
 use crate::gui::widgets::progress_with_cancel;
+use crate::session_file::SteeringSettings;
 use crate::worker::{Event, GenerateRequest, Job, JobId, Worker};
 
 /// One of the two replies.
@@ -62,6 +63,29 @@ pub struct SteeringPanel {
     pub sweep_points: Vec<SweepPoint>,
     export: Exporter,
     plot_rect: Option<egui::Rect>,
+}
+
+impl SteeringPanel {
+    /// The sliders and switches a saved session keeps.
+    pub fn settings(&self, steer_main_reply: bool) -> SteeringSettings {
+        SteeringSettings {
+            alpha_refusal: self.alpha_refusal,
+            alpha_harmfulness: self.alpha_harmfulness,
+            layers: self.layers,
+            ablate: self.ablate,
+            post_instruction_only: self.post_instruction_only,
+            refusal_bias: self.refusal_bias,
+            max_new_tokens: self.max_new_tokens,
+            steer_main_reply,
+        }
+    }
+
+    pub fn restore(&mut self, s: SteeringSettings) {
+        (self.alpha_refusal, self.alpha_harmfulness) = (s.alpha_refusal, s.alpha_harmfulness);
+        (self.layers, self.ablate) = (s.layers, s.ablate);
+        (self.post_instruction_only, self.refusal_bias) = (s.post_instruction_only, s.refusal_bias);
+        self.max_new_tokens = s.max_new_tokens;
+    }
 }
 
 impl Default for SteeringPanel {
