@@ -12,3 +12,5 @@ $bin --base directions --out $out/smollm2-135m-instruct.safetensors
 $bin --base probe --out $out/smollm2-135m-instruct.probes.safetensors
 $bin directions --out $out/smollm2-135m-instruct-organism.safetensors
 $bin probe --out $out/smollm2-135m-instruct-organism.probes.safetensors
+# The Head attribution tab's metrics for its first pair (the sets' first test pair).
+$bin heads all --out $out/smollm2-135m-instruct-organism.heads.json

@@ -83,6 +83,32 @@ fn a_new_user_sees_the_cliff_flips_the_reply_and_gets_the_session_back() {
     assert!(after.refusal_probability < tau, "after {}", after.refusal_probability);
     assert!(after.label.contains("f_refusal = +1.00"), "{}", after.label);
 
+    // A head click at once (the first pair's metrics are shipped too): the head joins the
+    // stack and the reply before and after the ablation is shown beside the heatmap.
+    assert!(h.state().heads.metrics.is_some(), "shipped head metrics");
+    h.get_by_label("Head attribution").click();
+    for _ in 0..3 {
+        h.step();
+    }
+    let gate = h.state().heads.metrics.as_ref().unwrap().routing.gate;
+    let cell = h.state().heads.cell_center(gate.0, gate.1).expect("the heatmap is drawn");
+    h.hover_at(cell);
+    h.step();
+    h.drag_at(cell);
+    h.step();
+    h.drop_at(cell);
+    h.step();
+    assert!(h.state().session.extra_edits.iter().any(|e| matches!(
+        e,
+        refusal_lens_engine::analysis::steering::Edit::AblateHead { layer, head, .. }
+            if (*layer, *head) == gate
+    )));
+    step_until(&mut h, "the reply after the head ablation", |a| {
+        a.heads.reply.done && a.heads.before.done
+    });
+    h.get_by_label_contains("after: 1 head(s) ablated");
+    let head_edits = h.state().session.extra_edits.clone();
+
     // Every tab fits the default window and a larger one: no widget runs past the window's
     // right edge (what the central panel's vertical scroll would clip).
     let mut overflow = Vec::new();
@@ -135,5 +161,6 @@ fn a_new_user_sees_the_cliff_flips_the_reply_and_gets_the_session_back() {
     assert!(a.session.refusal_tokens, "the organism is in use again");
     assert_eq!(a.session.lens_file.as_deref(), Some(lens_file.as_path()));
     assert!(a.steering.ablate && a.steering.alpha_refusal == 1.0);
+    assert_eq!(a.session.extra_edits, head_edits);
     assert_eq!(a.tab, Tab::Steering);
 }

@@ -18,7 +18,8 @@ pub struct HeadsArgs {
     /// dla (harmful − harmless), interchange (necessity and sufficiency), attribution
     /// (attribution patching vs exact interchange), ablation, suppression (heads whose
     /// ablation raises refusal on complied-with harmful prompts; --pairs caps the prompts),
-    /// cascade / routing (knockout cascade of a gate; the gate/amplifier finder) or cipher.
+    /// cascade / routing (knockout cascade of a gate; the gate/amplifier finder), cipher, or
+    /// all (every metric the GUI's heatmap shows, saved with --out as JSON the GUI can load).
     pub metric: String,
     /// The harmful prompt of the pair (default: a test pair of the sample sets).
     #[arg(long)]
@@ -59,6 +60,9 @@ pub struct HeadsArgs {
     /// Rows of the top-heads table.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
+    /// all: where to save the metrics (JSON).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
@@ -357,6 +361,21 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
         bar: &mut bar,
     };
     let result = match a.metric.as_str() {
+        "all" => {
+            // Every metric the GUI's heatmap shows, as one JSON file the GUI can load.
+            let metrics = refusal_lens_engine::analysis::heads::head_metrics(
+                lm,
+                &pairs,
+                &|| false,
+                &mut |phase, done, total| (tables.bar)(phase, done, total),
+            )?;
+            let out = a.out.as_ref().context("heads all: give --out FILE")?;
+            let text = serde_json::to_string(&metrics)?;
+            let tmp = out.with_extension("partial");
+            std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+            serde_json::json!({"metric": "all", "pair": pairs[0], "pairs": pairs.len(), "saved": out})
+        }
         "dla" => tables.dla()?,
         "interchange" => tables.interchange()?,
         "attribution" => tables.attribution()?,
@@ -365,7 +384,7 @@ pub fn run(lm: &LoadedModel, a: HeadsArgs) -> Result<()> {
         "suppression" => tables.suppression()?,
         "ablation" => tables.ablation()?,
         other => bail!(
-            "unknown metric `{other}` (use dla, interchange, attribution, ablation, suppression, cascade, routing or cipher)"
+            "unknown metric `{other}` (use dla, interchange, attribution, ablation, suppression, cascade, routing, cipher or all)"
         ),
     };
     let seconds = started.elapsed().as_secs_f64();

@@ -243,6 +243,10 @@ impl RefusalLensApp {
                     self.steering.clear();
                     self.directions.on_event(event)
                 }
+                // Head metrics shipped with the app arrive with the model, owned by no job.
+                Event::HeadsReady { id, metrics } if !self.heads.owns_id(id) => {
+                    self.heads.metrics.get_or_insert(*metrics);
+                }
                 other if self.model.owns(&other) => self.model.on_event(other),
                 other if self.cliff.owns(&other) => self.cliff.on_event(other),
                 other if self.steering.owns(&other) => self.steering.on_event(other),

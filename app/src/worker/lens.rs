@@ -155,7 +155,14 @@ pub(super) fn load_shipped(state: &mut State, ctx: &Ctx) -> JobResult {
     let Some(shipped) = ShippedLens::for_model(state.active()?, state.model_sha256.as_deref())? else {
         return Ok(());
     };
-    load(state, ctx, &shipped.directions_path())
+    load(state, ctx, &shipped.directions_path())?;
+    if let Some(metrics) = shipped.head_metrics()? {
+        ctx.emit(Event::HeadsReady {
+            id: ctx.id,
+            metrics: Box::new(metrics),
+        });
+    }
+    Ok(())
 }
 
 /// Latent Guard on the sets (`analysis::guard::study`), for the Guard tab.

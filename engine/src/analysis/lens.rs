@@ -303,6 +303,9 @@ pub struct ShippedLens {
     pub adapter_fingerprint: Option<String>,
     /// The directions file in `assets/lens/` (its probes beside it, see [`probes_path`]).
     pub directions: String,
+    /// Head metrics of the sets' first test pair (`refusal-lens heads all --out`), if shipped.
+    #[serde(default)]
+    pub heads: Option<String>,
     /// How it was made (run from the repository root).
     pub command: String,
 }
@@ -310,6 +313,18 @@ pub struct ShippedLens {
 impl ShippedLens {
     pub fn directions_path(&self) -> PathBuf {
         shipped_dir().join(&self.directions)
+    }
+
+    /// The shipped head metrics, if any.
+    pub fn head_metrics(&self) -> Result<Option<crate::analysis::heads::HeadMetrics>> {
+        let Some(name) = &self.heads else {
+            return Ok(None);
+        };
+        let path = shipped_dir().join(name);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::InvalidInput(format!("{}: {e}", path.display())))
     }
 
     /// Every entry of the manifest (none when the app runs without its assets).

@@ -152,8 +152,11 @@ impl HeadsPanel {
     }
 
     pub fn owns(&self, event: &Event) -> bool {
-        let id = Some(event.id());
-        id == self.job || id == self.reply_job
+        self.owns_id(event.id())
+    }
+
+    pub fn owns_id(&self, id: JobId) -> bool {
+        Some(id) == self.job || Some(id) == self.reply_job
     }
 
     pub fn on_event(&mut self, event: Event) {

@@ -83,7 +83,7 @@ pub fn pair_interchange(
 }
 
 /// Every per-head metric of some harmful/harmless pairs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct HeadMetrics {
     /// The first pair (and how many pairs the metrics average over).
     pub harmful: String,
