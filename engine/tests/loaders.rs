@@ -606,3 +606,45 @@ fn missing_tie_word_embeddings_is_read_from_the_weights() {
         assert!(max_abs_diff(&logits(&m, &IDS), &logits(&mem, &IDS)) < 1e-5);
     }
 }
+
+/// Headers that claim impossible sizes are refused with one line before anything is sized by
+/// them (both crashed the process before: a 2⁶² dimension panicked with "capacity overflow",
+/// a billion layers aborted on a 296 GB allocation).
+#[test]
+fn hostile_sizes_are_refused_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Family::Llama);
+    let weights = random_weights(&cfg, 5).unwrap();
+    let good = dir.path().join("good.gguf");
+    write_gguf(&good, &cfg, &weights, GgmlDType::F32).unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    // The tensor index entry of `output_norm.weight`: u64 name length, the name, u32 dims
+    // count, then its u64 dims. Make its one dimension 2⁶², then 2⁶² / 4 (in range for
+    // usize, past the file).
+    let name = b"output_norm.weight";
+    let at = bytes
+        .windows(name.len() + 8)
+        .position(|w| w[..8] == (name.len() as u64).to_le_bytes() && &w[8..] == name)
+        .expect("the tensor index entry");
+    let dims_at = at + 8 + name.len() + 4;
+    for dim in [1u64 << 62, 1u64 << 40] {
+        let mut hostile = bytes.clone();
+        hostile[dims_at..dims_at + 8].copy_from_slice(&dim.to_le_bytes());
+        let path = dir.path().join(format!("dim-{dim}.gguf"));
+        std::fs::write(&path, hostile).unwrap();
+        let err = LoadedModel::load(&path, FastPrecision::Auto).err().expect("refused");
+        let msg = err.to_string();
+        assert!(msg.contains("output_norm.weight") && msg.contains("past the end"), "{msg}");
+        assert!(!msg.contains('\n'));
+    }
+
+    // An HF config that claims a billion layers.
+    let hf = dir.path().join("hf");
+    write_hf_folder(&hf, &cfg, &weights).unwrap();
+    let config = std::fs::read_to_string(hf.join("config.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&config).unwrap();
+    v["num_hidden_layers"] = 1_000_000_000u64.into();
+    std::fs::write(hf.join("config.json"), v.to_string()).unwrap();
+    let err = LoadedModel::load(&hf, FastPrecision::Auto).err().expect("refused");
+    assert!(err.to_string().contains("1000000000 layers"), "{err}");
+}

@@ -176,7 +176,39 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Refuses sizes no real model has, before anything is allocated by them: a hostile
+    /// or broken file cannot make the loader reserve memory for a billion layers. The limits
+    /// are far above every supported family (the largest: 128 layers, 262 144 tokens,
+    /// 16 384 wide, 10 M context).
+    pub fn check_bounds(&self) -> crate::Result<()> {
+        let limits: [(&str, usize, usize); 7] = [
+            ("layers", self.n_layers, 1 << 10),
+            ("attention heads", self.n_heads, 1 << 10),
+            ("key/value heads", self.n_kv_heads, 1 << 10),
+            ("width", self.d_model, 1 << 16),
+            ("feed-forward width", self.d_ff, 1 << 20),
+            ("head size", self.head_dim, 1 << 12),
+            ("vocabulary", self.vocab_size, 1 << 22),
+        ];
+        for (what, value, max) in limits {
+            if value > max {
+                return Err(crate::Error::Metadata(format!(
+                    "the model claims {value} {what}; more than {max} is not a model this app can load"
+                )));
+            }
+        }
+        if self.context_length > 1 << 26 {
+            return Err(crate::Error::Metadata(format!(
+                "the model claims a context of {} tokens; more than {} is not supported",
+                self.context_length,
+                1usize << 26
+            )));
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> crate::Result<()> {
+        self.check_bounds()?;
         let bad = |m: String| Err(crate::Error::Metadata(m));
         if self.n_layers == 0 || self.n_heads == 0 || self.n_kv_heads == 0 || self.d_model == 0 {
             return bad(format!("empty model dimensions: {self:?}"));

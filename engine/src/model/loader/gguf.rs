@@ -223,6 +223,7 @@ impl Gguf<'_> {
             },
             ..ModelConfig::llama_like(family)
         };
+        config.check_bounds()?;
         if matches!(family, Family::Gemma2 | Family::Gemma3) {
             self.gemma_config(&arch, &mut config)?;
         }
@@ -448,6 +449,8 @@ impl<'a> Gguf<'a> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut file = BufReader::new(file);
         let content = Content::read(&mut file).map_err(|e| unreadable(path, e))?;
+        let file_size = file.get_ref().metadata().map_err(|e| Error::io(path, e))?.len();
+        check_tensor_extents(path, &content, file_size)?;
         Ok(Gguf {
             path,
             content,
@@ -484,6 +487,50 @@ pub(super) fn load(path: &Path, exact: ExactWeights) -> Result<Checkpoint> {
 /// Only the tokenizer of a GGUF file (vocabulary-only files included).
 pub(super) fn read_tokenizer(path: &Path) -> Result<Tokenizer> {
     Ok(Gguf::open(path)?.tokenizer()?.0)
+}
+
+/// Every tensor's size, computed without overflow, fits in the file after its offset:
+/// a header that claims 2⁶² elements or an offset past the end is refused with one line
+/// before anything is allocated for it.
+fn check_tensor_extents(path: &Path, content: &Content, file_size: u64) -> Result<()> {
+    for (name, info) in &content.tensor_infos {
+        let elems = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d as u64));
+        let (block, type_size) = (
+            info.ggml_dtype.block_size() as u64,
+            info.ggml_dtype.type_size() as u64,
+        );
+        let bytes = elems.and_then(|n| (n / block).checked_mul(type_size));
+        let end = bytes.and_then(|b| {
+            content
+                .tensor_data_offset
+                .checked_add(info.offset)?
+                .checked_add(b)
+        });
+        match (elems, end) {
+            (Some(n), Some(end)) if n % block == 0 && end <= file_size => {}
+            (Some(n), _) if n % block != 0 => {
+                return Err(corrupt(
+                    path,
+                    format!("tensor `{name}` has {n} elements, not a multiple of its block of {block}"),
+                ))
+            }
+            _ => {
+                return Err(corrupt(
+                    path,
+                    format!(
+                        "tensor `{name}` ({:?}, shape {:?}) runs past the end of the file ({file_size} bytes): truncated or corrupt",
+                        info.ggml_dtype,
+                        info.shape.dims()
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A GGUF file candle cannot parse. Tensor types it has no kernels for (the IQ family,

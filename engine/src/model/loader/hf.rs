@@ -204,6 +204,7 @@ fn model_config(hf: &HfConfig, arch: &str) -> Result<ModelConfig> {
         },
         ..ModelConfig::llama_like(family)
     };
+    config.check_bounds()?;
     if gemma {
         gemma_config(hf, &rope, &mut config)?;
     }
