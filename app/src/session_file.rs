@@ -172,6 +172,17 @@ impl SessionFile {
     }
 }
 
+/// The session fuzz target (`fuzz/`) and its corpus replay: `data` as a session file, read
+/// and checked; it must end in a clean error or a session, never a panic.
+pub fn fuzz_read(data: &[u8]) {
+    let path = std::env::temp_dir().join(format!("refusal-lens-fuzz-{}.json", std::process::id()));
+    if std::fs::write(&path, data).is_ok() {
+        if let Ok(s) = SessionFile::read(&path) {
+            let _ = s.check();
+        }
+    }
+}
+
 /// The sessions opened or saved most recently, newest first, kept in the cache folder.
 pub struct RecentSessions {
     file: PathBuf,
@@ -287,6 +298,31 @@ mod tests {
         std::fs::write(&path, v.to_string()).unwrap();
         let e = SessionFile::read(&path).unwrap_err().to_string();
         assert!(e.contains(&format!("version {}", VERSION + 1)), "{e}");
+    }
+
+    /// The session fuzz target's seeds, corpus and crash reproducers (`fuzz/`) replay without
+    /// a panic; the seed parses.
+    #[test]
+    fn session_fuzz_inputs_replay() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+        let seed = root.join("seeds/session/session.json");
+        assert!(SessionFile::read(&seed).is_ok(), "the seed is a session");
+        let mut n = 0;
+        for kind in ["seeds", "corpus", "artifacts"] {
+            let Ok(entries) = std::fs::read_dir(root.join(kind).join("session")) else {
+                continue;
+            };
+            for f in entries.filter_map(|e| e.ok()).map(|e| e.path()) {
+                let data = std::fs::read(&f).unwrap();
+                assert!(
+                    std::panic::catch_unwind(|| fuzz_read(&data)).is_ok(),
+                    "{} panicked",
+                    f.display()
+                );
+                n += 1;
+            }
+        }
+        assert!(n > 0);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 pub mod analysis;
 pub mod data;
 pub mod error;
+pub mod fuzzing;
 pub mod hooks;
 pub mod model;
 pub mod organism;

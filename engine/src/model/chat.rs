@@ -104,6 +104,33 @@ pub struct ChatPrompt {
     pub t_post: usize,
 }
 
+/// Instructions a chat template may run for one render.
+pub const TEMPLATE_FUEL: u64 = 2_000_000;
+/// Bytes a chat template may write for one render (the user's text counts).
+pub const TEMPLATE_MAX_BYTES: usize = 8 << 20;
+
+/// The rendered text, refused past [`TEMPLATE_MAX_BYTES`].
+#[derive(Default)]
+struct CappedText {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > TEMPLATE_MAX_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("template output too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A marker no template changes and no user types, used to find where the user's text lands.
 const MARKER: &str = "\u{E000}refusal-lens-user-text\u{E001}";
 
@@ -115,6 +142,9 @@ impl ChatTemplate {
 
     fn environment(&self) -> Result<Environment<'_>> {
         let mut env = Environment::new();
+        // A chat template comes with a downloaded model: untrusted code. Fuel bounds the
+        // instructions it may run (real templates render two messages in a few thousand).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
@@ -145,17 +175,29 @@ impl ChatTemplate {
             messages.push(context! { role => "system", content => system });
         }
         messages.push(context! { role => "user", content => user });
+        let mut out = CappedText::default();
         env.get_template("chat")
             .and_then(|t| {
-                t.render(context! {
-                    messages => messages,
-                    add_generation_prompt => true,
-                    enable_thinking => self.enable_thinking,
-                    bos_token => self.bos_token,
-                    eos_token => self.eos_token,
-                })
+                t.render_captured_to(
+                    context! {
+                        messages => messages,
+                        add_generation_prompt => true,
+                        enable_thinking => self.enable_thinking,
+                        bos_token => self.bos_token,
+                        eos_token => self.eos_token,
+                    },
+                    &mut out,
+                )
+                .map(|_| ())
             })
-            .map_err(|e| Error::Template(format!("rendering failed: {e}")))
+            .map_err(|e| match out.overflowed {
+                true => Error::Template(format!(
+                    "the template writes more than {TEMPLATE_MAX_BYTES} bytes for one prompt"
+                )),
+                false => Error::Template(format!("rendering failed: {e}")),
+            })?;
+        String::from_utf8(out.bytes)
+            .map_err(|_| Error::Template("the template wrote invalid UTF-8".into()))
     }
 
     /// Renders and tokenizes a prompt and locates its positions from character offsets.
