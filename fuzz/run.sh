@@ -21,7 +21,6 @@ run_one() {
     -print_final_stats=1 >"artifacts/$t.log" 2>&1 || echo "$t: stopped with a finding, see fuzz/artifacts/$t"
   grep -E "stat::number_of_executed_units|cov:" "artifacts/$t.log" | tail -2 | sed "s/^/$t: /"
   # Keep the corpus small: only inputs that add coverage.
-  mkdir -p corpus/$t.min
   cargo +nightly fuzz cmin -s none -O $t corpus/$t -- -max_len=524288 >/dev/null 2>&1 || true
 }
 set -- $targets

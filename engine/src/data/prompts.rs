@@ -87,12 +87,24 @@ pub struct PromptSet {
     pub records: Vec<PromptRecord>,
 }
 
+/// The largest prompt file read (a set of a million prompts is ~200 MB).
+pub const MAX_PROMPT_FILE_BYTES: u64 = 256_000_000;
+
 /// Column names that hold the prompt, in order of preference.
 const PROMPT_COLUMNS: [&str; 5] = ["prompt", "goal", "instruction", "behavior", "question"];
 
 impl PromptSet {
     /// Reads a `.jsonl`, `.csv` or `.txt` file. `default_label` applies to rows without one.
     pub fn load(path: &Path, default_label: Option<Label>) -> Result<PromptSet> {
+        let size = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+        if size > MAX_PROMPT_FILE_BYTES {
+            return Err(Error::InvalidInput(format!(
+                "{} is {:.0} MB; prompt files are read whole and limited to {} MB (split it)",
+                path.display(),
+                size as f64 / 1e6,
+                MAX_PROMPT_FILE_BYTES / 1_000_000
+            )));
+        }
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let name = path
             .file_stem()
@@ -558,5 +570,22 @@ mod tests {
         ids.sort();
         ids.dedup();
         assert_eq!(ids.len(), n);
+    }
+}
+
+#[cfg(test)]
+mod size_limit_tests {
+    use super::*;
+
+    /// A prompt file over the limit is refused by its size before it is read (a sparse file:
+    /// no disk is used).
+    #[test]
+    fn an_oversized_prompt_file_is_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.jsonl");
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(MAX_PROMPT_FILE_BYTES + 1).unwrap();
+        let e = PromptSet::load(&path, None).unwrap_err().to_string();
+        assert!(e.contains("limited to 256 MB"), "{e}");
     }
 }

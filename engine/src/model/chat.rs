@@ -247,3 +247,37 @@ impl ChatTemplate {
         })
     }
 }
+
+#[cfg(test)]
+mod hostile_template_tests {
+    use super::*;
+
+    fn template(source: &str) -> ChatTemplate {
+        ChatTemplate {
+            source: TemplateSource::TokenizerConfig,
+            template: source.into(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+            enable_thinking: false,
+        }
+    }
+
+    /// An untrusted template cannot loop or write without bound: fuel stops a loop of 10¹⁰
+    /// steps, the output cap a template that writes megabytes per step; both in well under a
+    /// second, as one-line errors.
+    #[test]
+    fn hostile_templates_stop_with_a_reason() {
+        let start = std::time::Instant::now();
+        let loops = template(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        );
+        let e = loops.render(None, "hi").unwrap_err().to_string();
+        assert!(e.contains("fuel") || e.contains("range"), "{e}");
+        let big = template("{% for i in range(10000) %}{{ messages[0]['content'] }}{% endfor %}");
+        let e = big.render(None, &"y".repeat(1 << 20)).unwrap_err().to_string();
+        assert!(e.contains("more than"), "{e}");
+        assert!(start.elapsed().as_secs_f64() < 5.0);
+        // A real template still renders.
+        assert!(template("{{ messages[0]['content'] }}").render(None, "hi").is_ok());
+    }
+}
