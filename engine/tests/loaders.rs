@@ -648,3 +648,20 @@ fn hostile_sizes_are_refused_before_allocating() {
     let err = LoadedModel::load(&hf, FastPrecision::Auto).err().expect("refused");
     assert!(err.to_string().contains("1000000000 layers"), "{err}");
 }
+
+/// PyTorch pickles are refused, pointing to safetensors: a `.bin` file, and a folder holding
+/// only `pytorch_model.bin`.
+#[test]
+fn pytorch_pickles_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("model.bin");
+    std::fs::write(&file, b"\x80\x02}q\x00.").unwrap();
+    let e = LoadedModel::load(&file, FastPrecision::Auto).err().unwrap().to_string();
+    assert!(e.contains("PyTorch pickle") && e.contains("safetensors"), "{e}");
+    let folder = dir.path().join("hf");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("config.json"), b"{}").unwrap();
+    std::fs::write(folder.join("pytorch_model.bin"), b"\x80\x02}q\x00.").unwrap();
+    let e = LoadedModel::load(&folder, FastPrecision::Auto).err().unwrap().to_string();
+    assert!(e.contains("pytorch_model.bin") && e.contains("PyTorch pickle"), "{e}");
+}

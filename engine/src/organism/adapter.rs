@@ -82,7 +82,9 @@ impl AdapterMeta {
     pub fn save(&self, dir: &Path) -> Result<()> {
         let json =
             serde_json::to_string_pretty(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        std::fs::write(dir.join(META_FILE), json).map_err(|e| Error::io(dir.join(META_FILE), e))
+        let (path, tmp) = (dir.join(META_FILE), dir.join(format!("{META_FILE}.partial")));
+        std::fs::write(&tmp, json).map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
     }
 }
 
@@ -98,7 +100,11 @@ impl Adapter {
         if let Some(input) = &self.input_rows {
             tensors.insert("token_input_rows".to_string(), input.clone());
         }
-        candle_core::safetensors::save(&tensors, dir.join(ADAPTER_FILE))?;
+        // Each file is written beside itself and renamed over the old one, so a crash leaves
+        // the previous file whole (tensors first: the metadata names what they hold).
+        let tmp = dir.join(format!("{ADAPTER_FILE}.partial"));
+        candle_core::safetensors::save(&tensors, &tmp)?;
+        std::fs::rename(&tmp, dir.join(ADAPTER_FILE)).map_err(|e| Error::io(dir, e))?;
         self.meta.save(dir)
     }
 

@@ -292,6 +292,7 @@ impl Checkpoint {
 
     /// Loads with the exact path's weights held as `exact` says.
     pub fn load_with(path: &Path, exact: ExactWeights) -> Result<Checkpoint> {
+        refuse_pickles(path)?;
         if path.is_dir() {
             hf::load(path, exact)
         } else if !path.exists() {
@@ -340,6 +341,34 @@ impl Checkpoint {
         };
         let model = Model::new(self.config, self.dense, fast)?;
         Ok((model, self.tokenizer, self.template, self.eos_ids, card))
+    }
+}
+
+/// PyTorch checkpoints (`.bin`, `.pt`, `.pth`, `.ckpt`) are pickles: loading one runs code
+/// from the file. Model files are data here, so they are refused, pointing to safetensors.
+fn refuse_pickles(path: &Path) -> Result<()> {
+    let is_pickle = |p: &Path| {
+        p.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| ["bin", "pt", "pth", "ckpt", "pkl"].contains(&e.to_ascii_lowercase().as_str()))
+    };
+    let pickle = if path.is_dir() {
+        let files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        let has_safetensors = files
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "safetensors"));
+        files.into_iter().find(|f| is_pickle(f) && !has_safetensors)
+    } else {
+        is_pickle(path).then(|| path.to_path_buf())
+    };
+    match pickle {
+        Some(p) => Err(Error::InvalidInput(format!(
+            "{} is a PyTorch pickle, which can run code when loaded; Refusal Lens reads safetensors and GGUF only (convert it with transformers' `save_pretrained(..., safe_serialization=True)`, or use the model's safetensors or GGUF release)",
+            p.display()
+        ))),
+        None => Ok(()),
     }
 }
 
