@@ -18,7 +18,7 @@ use crate::{Error, LoadedModel, Result};
 /// Probes read at least this many final prompt positions ("mean of the last 3").
 const MIN_TAIL: usize = 3;
 /// Bump when the cache layout changes.
-const CACHE_VERSION: u32 = 1;
+const CACHE_VERSION: u32 = 2;
 
 /// The residual states an analysis can read: `x_l` entering each block (`resid_pre`), then
 /// the stream after the last block (`x_L`). Index `l` of every per-layer array means this.
@@ -255,6 +255,16 @@ struct CacheMeta {
     version: u32,
     key: String,
     set: SetActivations,
+    /// SHA-256 of the states' bytes: a damaged entry is recomputed, never used.
+    states_sha256: String,
+}
+
+fn states_sha256(states: &[f32]) -> String {
+    let mut h = Sha256::new();
+    for v in states {
+        h.update(v.to_le_bytes());
+    }
+    format!("{:x}", h.finalize())
 }
 
 /// [`collect`], reading the result from `cache` when the same model (by fingerprint), system
@@ -284,8 +294,10 @@ pub fn collect_cached(
             let s = &meta.set;
             let shape = [s.len(), 1 + s.n_tail, s.n_states, s.d_model];
             if let Ok(states) = tensorfile::take(&mut arrays, &path, "states", &shape) {
-                progress(prompts.len(), prompts.len());
-                return Ok(SetActivations { states, ..meta.set });
+                if states_sha256(&states) == meta.states_sha256 {
+                    progress(prompts.len(), prompts.len());
+                    return Ok(SetActivations { states, ..meta.set });
+                }
             }
         }
     }
@@ -295,6 +307,7 @@ pub fn collect_cached(
         version: CACHE_VERSION,
         key,
         set: set.clone_shape_with_probabilities(),
+        states_sha256: states_sha256(&set.states),
     };
     // A cache that cannot be written only costs time next run.
     let _ = tensorfile::save(

@@ -52,9 +52,15 @@ pub fn save(path: &Path, arrays: &[Array], meta: &impl Serialize) -> Result<()> 
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
     // Write beside the target and rename, so an interrupted save never leaves half a file.
-    let tmp = path.with_extension("safetensors.partial");
-    safetensors::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|e| Error::InvalidInput(format!("{}: {e}", tmp.display())))?;
+    // The temporary name is this process's and this call's own: two writers of one file
+    // (two app instances sharing the cache) never write into the same temporary file.
+    static SAVES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("safetensors.{}-{n}.partial", std::process::id()));
+    if let Err(e) = safetensors::serialize_to_file(views, Some(meta), &tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::InvalidInput(format!("{}: {e}", tmp.display())));
+    }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
