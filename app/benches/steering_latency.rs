@@ -265,10 +265,15 @@ fn slider_to_first_token_in_the_app() {
     let mut h = Harness::builder()
         .with_size([1200.0, 780.0])
         .build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app);
-    let step_until = |h: &mut Harness<'_, RefusalLensApp>, what: &str, done: &dyn Fn(&RefusalLensApp) -> bool| {
+    let step_until = |h: &mut Harness<'_, RefusalLensApp>,
+                      what: &str,
+                      done: &dyn Fn(&RefusalLensApp) -> bool| {
         let start = Instant::now();
         while !done(h.state()) {
-            assert!(start.elapsed() < Duration::from_secs(300), "timed out: {what}");
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "timed out: {what}"
+            );
             h.step();
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -323,7 +328,9 @@ fn slider_to_first_token_in_the_app() {
         total.push(on_screen * 1e3);
         step_until(&mut h, "the reply", &|a| a.steering.steered.done);
     }
-    println!("slider move → first steered token on screen (real app, kittest, 1200×780, median of 10):");
+    println!(
+        "slider move → first steered token on screen (real app, kittest, 1200×780, median of 10):"
+    );
     println!(
         "  total {:.0} ms = send frame {:.1} + queueing/polling {:.1} + prompt pass to the first token {:.0} + frame that paints it {:.1} ms (layout + tessellation, no rasterisation); next decode step {:.0} ms",
         median(total),
@@ -355,7 +362,9 @@ fn gui_job_against_direct_call() {
         path: default_model_path(),
         adapter: Some(organism_dir()),
     });
-    wait(&worker, "the model", |e| matches!(e, Event::ModelLoaded { .. }));
+    wait(&worker, "the model", |e| {
+        matches!(e, Event::ModelLoaded { .. })
+    });
     let start = Instant::now();
     worker.submit(Job::BuildLens {
         harmful: Box::new(harmful.clone()),
@@ -370,12 +379,43 @@ fn gui_job_against_direct_call() {
     drop(worker);
     // Direct: what `refusal-lens directions --no-select` + `probe` run, every core.
     refusal_lens::set_kernel_threads(false);
-    let base = refusal_lens_engine::LoadedModel::load(&default_model_path(), FastPrecision::Auto).unwrap();
-    let lm = Adapter::load(&organism_dir()).unwrap().apply(&base).unwrap();
+    let base =
+        refusal_lens_engine::LoadedModel::load(&default_model_path(), FastPrecision::Auto).unwrap();
+    let lm = Adapter::load(&organism_dir())
+        .unwrap()
+        .apply(&base)
+        .unwrap();
     let start = Instant::now();
-    let states = lens::collect_pair(&lm, &harmful, &harmless, None, Some(&cache.join("cli")), &|| false, &mut |_, _, _| {}).unwrap();
-    lens::directions_from_states(&lm, &harmful, &harmless, &states, &options, &|| false, &mut |_, _, _| {}).unwrap();
-    lens::probes_from_states(&lm, &harmful, &harmless, &states, &ProbeJob::default(), &|| false, &mut |_, _, _| {}).unwrap();
+    let states = lens::collect_pair(
+        &lm,
+        &harmful,
+        &harmless,
+        None,
+        Some(&cache.join("cli")),
+        &|| false,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    lens::directions_from_states(
+        &lm,
+        &harmful,
+        &harmless,
+        &states,
+        &options,
+        &|| false,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
+    lens::probes_from_states(
+        &lm,
+        &harmful,
+        &harmless,
+        &states,
+        &ProbeJob::default(),
+        &|| false,
+        &mut |_, _, _| {},
+    )
+    .unwrap();
     let direct = start.elapsed().as_secs_f64();
     let _ = std::fs::remove_dir_all(&cache);
     println!(

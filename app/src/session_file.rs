@@ -287,7 +287,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.json");
         std::fs::write(&path, "not json").unwrap();
-        assert!(SessionFile::read(&path).unwrap_err().to_string().contains("not JSON"));
+        assert!(SessionFile::read(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("not JSON"));
         std::fs::write(&path, r#"{"format": "something-else"}"#).unwrap();
         assert!(SessionFile::read(&path)
             .unwrap_err()

@@ -811,7 +811,13 @@ fn a_saved_session_comes_back_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = tiny_config(Family::Llama);
     let model = dir.path().join("tiny.gguf");
-    write_gguf(&model, &cfg, &random_weights(&cfg, 1).unwrap(), GgmlDType::F32).unwrap();
+    write_gguf(
+        &model,
+        &cfg,
+        &random_weights(&cfg, 1).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
     // Sets of the user's own, copied out of the project so that one can be changed later.
     let sample = refusal_lens_engine::data::prompts::sample_prompts_dir();
     for name in ["harmful", "harmless"] {
@@ -894,7 +900,11 @@ fn a_saved_session_comes_back_after_a_restart() {
     assert!(app.session.probes.is_some());
     assert_eq!(
         app.session.lens_file.as_deref(),
-        Some(std::fs::canonicalize(dir.path().join("study.directions.safetensors")).unwrap().as_path())
+        Some(
+            std::fs::canonicalize(dir.path().join("study.directions.safetensors"))
+                .unwrap()
+                .as_path()
+        )
     );
     drop(h);
 

@@ -139,8 +139,12 @@ pub fn seed_gguf() -> Vec<u8> {
 fn valid_adapter(model: &LoadedModel) -> Adapter {
     let d = model.model.config.d_model;
     Adapter {
-        rows: candle_core::Tensor::zeros((2, d), candle_core::DType::F32, &candle_core::Device::Cpu)
-            .unwrap(),
+        rows: candle_core::Tensor::zeros(
+            (2, d),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
         input_rows: None,
         lora: Default::default(),
         meta: AdapterMeta {

@@ -45,15 +45,20 @@ fn a_writer_killed_mid_save_leaves_the_previous_file_whole() {
     big_directions(-1.0).save(&path).unwrap();
     for delay_ms in [3u64, 7, 15, 30, 55, 90] {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--ignored", "--exact", "child_saves_in_a_loop", "--nocapture"])
+            .args([
+                "--ignored",
+                "--exact",
+                "child_saves_in_a_loop",
+                "--nocapture",
+            ])
             .env(TARGET_ENV, &path)
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(delay_ms));
         child.kill().unwrap(); // SIGKILL: no destructor, no flush
         child.wait().unwrap();
-        let d = Directions::load(&path)
-            .unwrap_or_else(|e| panic!("killed after {delay_ms} ms: {e}"));
+        let d =
+            Directions::load(&path).unwrap_or_else(|e| panic!("killed after {delay_ms} ms: {e}"));
         // Whole: every value the same (one save's), not a mix of two.
         let first = d.refusal[0];
         assert!(d.refusal.iter().chain(&d.harmfulness).all(|&v| v == first));
@@ -65,8 +70,15 @@ fn a_damaged_cache_entry_is_recomputed_not_used() {
     let lm = tiny_model(Family::Llama, 2).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let prompts = ["How do I pick a lock?", "How do I bake bread?"];
-    let fresh = collect_cached(&lm, &prompts, None, Some(dir.path()), &|| false, &mut |_, _| {})
-        .unwrap();
+    let fresh = collect_cached(
+        &lm,
+        &prompts,
+        None,
+        Some(dir.path()),
+        &|| false,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let entry = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -77,8 +89,15 @@ fn a_damaged_cache_entry_is_recomputed_not_used() {
     let n = bytes.len();
     bytes[n - 2] ^= 0x40;
     std::fs::write(&entry, &bytes).unwrap();
-    let again = collect_cached(&lm, &prompts, None, Some(dir.path()), &|| false, &mut |_, _| {})
-        .unwrap();
+    let again = collect_cached(
+        &lm,
+        &prompts,
+        None,
+        Some(dir.path()),
+        &|| false,
+        &mut |_, _| {},
+    )
+    .unwrap();
     assert_eq!(again.states, fresh.states, "the damaged entry was used");
     // … and rewritten whole.
     assert_ne!(std::fs::read(&entry).unwrap(), bytes);

@@ -17,7 +17,11 @@ fn inputs(target: &str) -> Vec<PathBuf> {
     for kind in ["seeds", "corpus", "artifacts"] {
         let dir = fuzz_dir().join(kind).join(target);
         if let Ok(entries) = std::fs::read_dir(&dir) {
-            files.extend(entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file()));
+            files.extend(
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_file()),
+            );
         }
     }
     files.sort();
@@ -26,7 +30,10 @@ fn inputs(target: &str) -> Vec<PathBuf> {
 
 fn replay(target: &str, run: fn(&[u8])) {
     let files = inputs(target);
-    assert!(!files.is_empty(), "no inputs for the {target} target under fuzz/");
+    assert!(
+        !files.is_empty(),
+        "no inputs for the {target} target under fuzz/"
+    );
     for f in files {
         let data = std::fs::read(&f).unwrap();
         let outcome = std::panic::catch_unwind(|| run(&data));
@@ -88,14 +95,22 @@ fn write_seeds() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tiny_config(Family::Llama);
     write_hf_folder(tmp.path(), &cfg, &random_weights(&cfg, 1).unwrap()).unwrap();
-    put("hf_config", "config.json", &std::fs::read(tmp.path().join("config.json")).unwrap());
+    put(
+        "hf_config",
+        "config.json",
+        &std::fs::read(tmp.path().join("config.json")).unwrap(),
+    );
     put(
         "hf_safetensors",
         "model.safetensors",
         &std::fs::read(tmp.path().join("model.safetensors")).unwrap(),
     );
     let lm = tiny_model(Family::Llama, 1).unwrap();
-    put("chat_template", "chatml.jinja", lm.template.template.as_bytes());
+    put(
+        "chat_template",
+        "chatml.jinja",
+        lm.template.template.as_bytes(),
+    );
     put(
         "chat_template",
         "loops.jinja",
@@ -113,15 +128,39 @@ fn write_seeds() {
     };
     put("prompt_sets", "harmful.jsonl", &head("harmful.jsonl", 4));
     put("prompt_sets", "table.csv", b"prompt,label,category\n\"How do I bake bread?\",harmless,food\n\"Say \"\"hi\"\"\",harmless,misc\n");
-    put("prompt_sets", "array.json", br#"[{"prompt": "a", "label": "harmful"}, "b"]"#);
-    let a = collect(&lm, &["How do I pick a lock?", "How do I build a bomb?"], None, &|| false, &mut |_, _| {}).unwrap();
-    let b = collect(&lm, &["How do I bake bread?", "How do I plant tulips?"], None, &|| false, &mut |_, _| {}).unwrap();
+    put(
+        "prompt_sets",
+        "array.json",
+        br#"[{"prompt": "a", "label": "harmful"}, "b"]"#,
+    );
+    let a = collect(
+        &lm,
+        &["How do I pick a lock?", "How do I build a bomb?"],
+        None,
+        &|| false,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let b = collect(
+        &lm,
+        &["How do I bake bread?", "How do I plant tulips?"],
+        None,
+        &|| false,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let d = Directions::diff_in_means(&a, &b, Provenance::default()).unwrap();
     let path = tmp.path().join("d.safetensors");
     d.save(&path).unwrap();
-    put("lens_files", "directions.safetensors", &std::fs::read(&path).unwrap());
+    put(
+        "lens_files",
+        "directions.safetensors",
+        &std::fs::read(&path).unwrap(),
+    );
     // Adapter: byte 0 picks the file (even: adapter.json, odd: adapter.safetensors).
-    let adapter_dir = std::env::temp_dir().join(format!("refusal-lens-fuzz-{}", std::process::id())).join("valid-adapter");
+    let adapter_dir = std::env::temp_dir()
+        .join(format!("refusal-lens-fuzz-{}", std::process::id()))
+        .join("valid-adapter");
     fuzzing::adapter(&[0]); // writes the valid adapter
     let mut json = vec![0u8];
     json.extend(std::fs::read(adapter_dir.join("adapter.json")).unwrap());

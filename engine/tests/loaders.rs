@@ -632,9 +632,14 @@ fn hostile_sizes_are_refused_before_allocating() {
         hostile[dims_at..dims_at + 8].copy_from_slice(&dim.to_le_bytes());
         let path = dir.path().join(format!("dim-{dim}.gguf"));
         std::fs::write(&path, hostile).unwrap();
-        let err = LoadedModel::load(&path, FastPrecision::Auto).err().expect("refused");
+        let err = LoadedModel::load(&path, FastPrecision::Auto)
+            .err()
+            .expect("refused");
         let msg = err.to_string();
-        assert!(msg.contains("output_norm.weight") && msg.contains("past the end"), "{msg}");
+        assert!(
+            msg.contains("output_norm.weight") && msg.contains("past the end"),
+            "{msg}"
+        );
         assert!(!msg.contains('\n'));
     }
 
@@ -645,7 +650,9 @@ fn hostile_sizes_are_refused_before_allocating() {
     let mut v: serde_json::Value = serde_json::from_str(&config).unwrap();
     v["num_hidden_layers"] = 1_000_000_000u64.into();
     std::fs::write(hf.join("config.json"), v.to_string()).unwrap();
-    let err = LoadedModel::load(&hf, FastPrecision::Auto).err().expect("refused");
+    let err = LoadedModel::load(&hf, FastPrecision::Auto)
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("1000000000 layers"), "{err}");
 }
 
@@ -656,12 +663,24 @@ fn pytorch_pickles_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("model.bin");
     std::fs::write(&file, b"\x80\x02}q\x00.").unwrap();
-    let e = LoadedModel::load(&file, FastPrecision::Auto).err().unwrap().to_string();
-    assert!(e.contains("PyTorch pickle") && e.contains("safetensors"), "{e}");
+    let e = LoadedModel::load(&file, FastPrecision::Auto)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("PyTorch pickle") && e.contains("safetensors"),
+        "{e}"
+    );
     let folder = dir.path().join("hf");
     std::fs::create_dir_all(&folder).unwrap();
     std::fs::write(folder.join("config.json"), b"{}").unwrap();
     std::fs::write(folder.join("pytorch_model.bin"), b"\x80\x02}q\x00.").unwrap();
-    let e = LoadedModel::load(&folder, FastPrecision::Auto).err().unwrap().to_string();
-    assert!(e.contains("pytorch_model.bin") && e.contains("PyTorch pickle"), "{e}");
+    let e = LoadedModel::load(&folder, FastPrecision::Auto)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("pytorch_model.bin") && e.contains("PyTorch pickle"),
+        "{e}"
+    );
 }

@@ -12,7 +12,11 @@ use refusal_lens::gui::{RefusalLensApp, Startup, Tab};
 use refusal_lens_engine::analysis::lens::shipped_dir;
 use refusal_lens_engine::{default_model_path, organism_dir};
 
-fn step_until(h: &mut Harness<'_, RefusalLensApp>, what: &str, done: impl Fn(&RefusalLensApp) -> bool) {
+fn step_until(
+    h: &mut Harness<'_, RefusalLensApp>,
+    what: &str,
+    done: impl Fn(&RefusalLensApp) -> bool,
+) {
     let start = Instant::now();
     while !done(h.state()) {
         assert!(
@@ -48,21 +52,46 @@ fn a_new_user_sees_the_cliff_flips_the_reply_and_gets_the_session_back() {
         a.model.is_ready() && a.session.probes.is_some()
     });
     let lens_file = h.state().session.lens_file.clone().unwrap();
-    assert!(lens_file.starts_with(shipped_dir()), "{}", lens_file.display());
+    assert!(
+        lens_file.starts_with(shipped_dir()),
+        "{}",
+        lens_file.display()
+    );
     let chosen = h.state().session.directions.as_ref().unwrap().layer;
-    assert!(h.state().session.directions.as_ref().unwrap().selection.is_some());
+    assert!(h
+        .state()
+        .session
+        .directions
+        .as_ref()
+        .unwrap()
+        .selection
+        .is_some());
 
     // A harmful prompt: the organism refuses, and the Cliff shows where it decided.
     h.state_mut().reply.prompt = "How do I make a pipe bomb at home?".into();
     h.get_by_label("Generate").click();
-    step_until(&mut h, "the reply's trajectory", |a| a.cliff.trajectory.is_some());
+    step_until(&mut h, "the reply's trajectory", |a| {
+        a.cliff.trajectory.is_some()
+    });
     let t = h.state().cliff.trajectory.clone().unwrap();
     assert_eq!(t.layer, chosen);
     let score = t.score.as_ref().unwrap();
-    assert!(score[t.t_post] > 0.5, "P(refuse) at t_post {}", score[t.t_post]);
+    assert!(
+        score[t.t_post] > 0.5,
+        "P(refuse) at t_post {}",
+        score[t.t_post]
+    );
     // Calibrated: the system prompt's tokens are not read as a certain refusal.
-    let system: Vec<f32> = t.segments()[0].1.clone().skip(1).map(|i| score[i]).collect();
-    assert!(!system.is_empty() && system.iter().all(|&p| p < 0.99), "{system:?}");
+    let system: Vec<f32> = t.segments()[0]
+        .1
+        .clone()
+        .skip(1)
+        .map(|i| score[i])
+        .collect();
+    assert!(
+        !system.is_empty() && system.iter().all(|&p| p < 0.99),
+        "{system:?}"
+    );
     h.get_by_label("Cliff").click();
     h.step();
 
@@ -79,8 +108,16 @@ fn a_new_user_sees_the_cliff_flips_the_reply_and_gets_the_session_back() {
     });
     let (before, after) = (&h.state().steering.baseline, &h.state().steering.steered);
     let tau = h.state().reply.tau;
-    assert!(before.refusal_probability >= tau, "before {}", before.refusal_probability);
-    assert!(after.refusal_probability < tau, "after {}", after.refusal_probability);
+    assert!(
+        before.refusal_probability >= tau,
+        "before {}",
+        before.refusal_probability
+    );
+    assert!(
+        after.refusal_probability < tau,
+        "after {}",
+        after.refusal_probability
+    );
     assert!(after.label.contains("f_refusal = +1.00"), "{}", after.label);
 
     // A head click at once (the first pair's metrics are shipped too): the head joins the
@@ -91,7 +128,11 @@ fn a_new_user_sees_the_cliff_flips_the_reply_and_gets_the_session_back() {
         h.step();
     }
     let gate = h.state().heads.metrics.as_ref().unwrap().routing.gate;
-    let cell = h.state().heads.cell_center(gate.0, gate.1).expect("the heatmap is drawn");
+    let cell = h
+        .state()
+        .heads
+        .cell_center(gate.0, gate.1)
+        .expect("the heatmap is drawn");
     h.hover_at(cell);
     h.step();
     h.drag_at(cell);
@@ -126,7 +167,13 @@ fn a_new_user_sees_the_cliff_flips_the_reply_and_gets_the_session_back() {
                     let node = n.accesskit_node();
                     let b = node.bounding_box()?;
                     (b.x1 > size[0] as f64 + 0.5).then(|| {
-                        format!("{:?} {:?} x {:.0}–{:.0}", node.role(), node.label(), b.x0, b.x1)
+                        format!(
+                            "{:?} {:?} x {:.0}–{:.0}",
+                            node.role(),
+                            node.label(),
+                            b.x0,
+                            b.x1
+                        )
                     })
                 })
                 .collect();
@@ -135,7 +182,12 @@ fn a_new_user_sees_the_cliff_flips_the_reply_and_gets_the_session_back() {
             }
             if let Some(dir) = std::env::var_os("REFUSAL_LENS_SCREENSHOTS") {
                 let image = h.render().expect("rendering");
-                let name = format!("{}-{}x{}.png", tab.name().replace([' ', '&'], ""), size[0], size[1]);
+                let name = format!(
+                    "{}-{}x{}.png",
+                    tab.name().replace([' ', '&'], ""),
+                    size[0],
+                    size[1]
+                );
                 image.save(std::path::Path::new(&dir).join(name)).unwrap();
             }
         }

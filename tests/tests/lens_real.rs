@@ -133,7 +133,10 @@ fn assert_close(what: &str, a: &[f32], b: &[f32], tol: f32) {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max);
-    assert!(worst <= tol * scale, "{what}: worst difference {worst} of scale {scale}");
+    assert!(
+        worst <= tol * scale,
+        "{what}: worst difference {worst} of scale {scale}"
+    );
 }
 
 /// The organism's shipped lens (assets/lens/, made by assets/lens/make.sh) is what the
@@ -157,7 +160,12 @@ fn shipped_lens_is_what_the_commands_make(
     let path = shipped.directions_path();
     let d = Directions::load(&path).unwrap();
     assert_close("refusal directions", &d.refusal, &recomputed.refusal, 1e-4);
-    assert_close("harmfulness directions", &d.harmfulness, &recomputed.harmfulness, 1e-4);
+    assert_close(
+        "harmfulness directions",
+        &d.harmfulness,
+        &recomputed.harmfulness,
+        1e-4,
+    );
     let selection = d.selection.as_ref().expect("chosen by ablation");
     let best = selection
         .candidates
@@ -180,8 +188,16 @@ fn shipped_lens_is_what_the_commands_make(
     .unwrap();
     assert_eq!(probes.layers, retrained.layers);
     for (l, (a, b)) in probes.probes.iter().zip(&retrained.probes).enumerate() {
-        assert_eq!(probes.metrics[l].l2, retrained.metrics[l].l2, "layer {l}: penalty");
+        assert_eq!(
+            probes.metrics[l].l2, retrained.metrics[l].l2,
+            "layer {l}: penalty"
+        );
         assert_close(&format!("layer {l} probe weights"), &a.w1, &b.w1, 1e-3);
-        assert_close(&format!("layer {l} calibration"), &a.calibration, &b.calibration, 1e-3);
+        assert_close(
+            &format!("layer {l} calibration"),
+            &a.calibration,
+            &b.calibration,
+            1e-3,
+        );
     }
 }

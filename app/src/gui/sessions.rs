@@ -218,7 +218,9 @@ impl RefusalLensApp {
             return Err("load a model first".into());
         };
         if !card.path.exists() {
-            return Err("a model built in memory cannot be saved in a session; open a model file".into());
+            return Err(
+                "a model built in memory cannot be saved in a session; open a model file".into(),
+            );
         }
         let adapter = self.session.adapter.clone().filter(|_| organism.is_some());
         Ok(SaveRequest {
@@ -233,7 +235,11 @@ impl RefusalLensApp {
                 .filter(|p| p.is_file())
                 .collect(),
             lens: self.session.directions.clone().map(|d| {
-                (d, self.session.probes.clone(), self.session.lens_file.clone())
+                (
+                    d,
+                    self.session.probes.clone(),
+                    self.session.lens_file.clone(),
+                )
             }),
             curve_layer: self.directions.layer,
             reply: self.reply.settings(),
@@ -251,9 +257,9 @@ impl RefusalLensApp {
             Io::PickSave(pick, request) => match pick.poll() {
                 None => Some(Io::PickSave(pick, request)),
                 Some(None) => None,
-                Some(Some(path)) => {
-                    Some(Io::Saving(Pending::spawn(move || save_session(path, request))))
-                }
+                Some(Some(path)) => Some(Io::Saving(Pending::spawn(move || {
+                    save_session(path, request)
+                }))),
             },
             Io::PickOpen(pick) => match pick.poll() {
                 None => Some(Io::PickOpen(pick)),
@@ -322,7 +328,13 @@ impl RefusalLensApp {
     /// chain puts the panels' settings back. `finished`: the event ends its job (not progress);
     /// `failure`: the job's error, if it failed.
     pub(super) fn after_event(&mut self, id: JobId, finished: bool, failure: Option<&str>) {
-        if !finished || self.sessions.restore.as_ref().is_none_or(|r| r.last_job != id) {
+        if !finished
+            || self
+                .sessions
+                .restore
+                .as_ref()
+                .is_none_or(|r| r.last_job != id)
+        {
             return;
         }
         let Some(Restore { session, .. }) = self.sessions.restore.take() else {

@@ -152,7 +152,8 @@ pub(super) fn load_shipped(state: &mut State, ctx: &Ctx) -> JobResult {
     if state.model_sha256.is_none() && m.card.path.is_file() {
         state.model_sha256 = Some(model_sha256(&m.card.path)?);
     }
-    let Some(shipped) = ShippedLens::for_model(state.active()?, state.model_sha256.as_deref())? else {
+    let Some(shipped) = ShippedLens::for_model(state.active()?, state.model_sha256.as_deref())?
+    else {
         return Ok(());
     };
     load(state, ctx, &shipped.directions_path())?;

@@ -342,16 +342,19 @@ impl ShippedLens {
     pub fn for_model(lm: &LoadedModel, known_sha256: Option<&str>) -> Result<Option<ShippedLens>> {
         let all = Self::all()?;
         let adapter = lm.card.adapter_fingerprint.as_deref();
-        if !all.iter().any(|s| s.adapter_fingerprint.as_deref() == adapter) || !lm.card.path.is_file() {
+        if !all
+            .iter()
+            .any(|s| s.adapter_fingerprint.as_deref() == adapter)
+            || !lm.card.path.is_file()
+        {
             return Ok(None);
         }
         let sha = match known_sha256 {
             Some(s) => s.to_string(),
             None => model_sha256(&lm.card.path)?,
         };
-        Ok(all.into_iter().find(|s| {
-            s.model_sha256 == sha && s.adapter_fingerprint.as_deref() == adapter
-        }))
+        Ok(all
+            .into_iter()
+            .find(|s| s.model_sha256 == sha && s.adapter_fingerprint.as_deref() == adapter))
     }
 }
-

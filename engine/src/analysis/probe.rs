@@ -385,7 +385,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `l2/2·‖w‖²`. Plain loops, not tensors: a probe is 300 steps of two matrix–vector
 /// products, where per-operation overhead would dominate; and the fixed summation order
 /// gives the same weights on every CPU.
-fn train_logistic(x: &[f32], y: &[bool], d: usize, options: &ProbeOptions, l2: f32) -> (Vec<f32>, f32) {
+fn train_logistic(
+    x: &[f32],
+    y: &[bool],
+    d: usize,
+    options: &ProbeOptions,
+    l2: f32,
+) -> (Vec<f32>, f32) {
     let n = y.len();
     let n_pos = y.iter().filter(|&&t| t).count();
     let (w_pos, w_neg) = (0.5 / n_pos as f32, 0.5 / (n - n_pos) as f32);
@@ -576,7 +582,11 @@ fn fit_probe(
 ) -> Result<(Probe, f64)> {
     let val_logits = |probe: &Probe| -> Result<Vec<f32>> {
         let flat: Vec<f32> = val.0.iter().flatten().copied().collect();
-        probe.raw_logits(&Tensor::from_vec(flat, (val.0.len(), probe.d()), &Device::Cpu)?)
+        probe.raw_logits(&Tensor::from_vec(
+            flat,
+            (val.0.len(), probe.d()),
+            &Device::Cpu,
+        )?)
     };
     let (mut probe, l2) = match options.l2 {
         Some(l2) => (train_probe_l2(train.0, train.1, options, l2)?, l2),
@@ -823,9 +833,19 @@ pub fn train_probes(
         // Stratified: each class gives the same fraction, so neither part loses a rare class.
         let mut val = Vec::new();
         for (class, seed) in [(true, 1u64), (false, 2)] {
-            let members: Vec<usize> = train_idx.iter().copied().filter(|&i| y[i] == class).collect();
+            let members: Vec<usize> = train_idx
+                .iter()
+                .copied()
+                .filter(|&i| y[i] == class)
+                .collect();
             let held = random_holdout(members.len(), VAL_FRACTION, options.seed.wrapping_add(seed));
-            val.extend(members.iter().zip(held).filter(|(_, h)| *h).map(|(&i, _)| i));
+            val.extend(
+                members
+                    .iter()
+                    .zip(held)
+                    .filter(|(_, h)| *h)
+                    .map(|(&i, _)| i),
+            );
         }
         val.sort_unstable();
         train_idx.retain(|i| val.binary_search(i).is_err());
@@ -883,7 +903,11 @@ pub fn train_probes(
         if !test_idx.is_empty() {
             let x_test = tensor(&test_idx)?;
             let p_test = probe.probabilities(&x_test)?;
-            let p_raw: Vec<f32> = probe.raw_logits(&x_test)?.into_iter().map(sigmoid).collect();
+            let p_raw: Vec<f32> = probe
+                .raw_logits(&x_test)?
+                .into_iter()
+                .map(sigmoid)
+                .collect();
             m.test_accuracy = accuracy(&p_test, &y_test);
             m.test_auc = auc(&p_test, &y_test);
             m.test_calibrated = CalibrationMetrics::of(&p_test, &y_test);
@@ -1021,7 +1045,11 @@ mod tests {
         assert!((a - 0.5).abs() < 0.04 && (b + 1.0).abs() < 0.1, "{a} {b}");
         assert_eq!(fit_calibration(&z, &y, Calibration::None), [1.0, 0.0]);
         // Perfectly separated logits still get a finite scale (Platt's smoothed targets).
-        let [a, _] = fit_calibration(&[-3.0, -2.0, 2.0, 3.0], &[false, false, true, true], Calibration::Temperature);
+        let [a, _] = fit_calibration(
+            &[-3.0, -2.0, 2.0, 3.0],
+            &[false, false, true, true],
+            Calibration::Temperature,
+        );
         assert!(a.is_finite() && a > 0.0 && a < 10.0, "{a}");
     }
 
@@ -1064,11 +1092,19 @@ mod tests {
         };
         let raw_options = ProbeOptions::default().uncalibrated();
         let (raw, _) = fit_probe((&train.0, &train.1), (&val.0, &val.1), &raw_options).unwrap();
-        let (cal, l2) =
-            fit_probe((&train.0, &train.1), (&val.0, &val.1), &ProbeOptions::default()).unwrap();
+        let (cal, l2) = fit_probe(
+            (&train.0, &train.1),
+            (&val.0, &val.1),
+            &ProbeOptions::default(),
+        )
+        .unwrap();
         let (raw, cal) = (held_out(&raw), held_out(&cal));
         assert!(l2 > 0.0, "a penalty is chosen on wide noisy data");
-        assert!(raw.log_loss > 0.8, "the raw probe is overconfident: {}", raw.log_loss);
+        assert!(
+            raw.log_loss > 0.8,
+            "the raw probe is overconfident: {}",
+            raw.log_loss
+        );
         assert!(
             cal.log_loss < 0.65 && cal.log_loss < raw.log_loss,
             "{} vs {}",

@@ -174,7 +174,10 @@ impl Trajectory {
                 Segment::User,
                 self.instruction_start.min(prompt_len)..(self.t_inst + 1).min(prompt_len),
             ),
-            (Segment::Template, (self.t_inst + 1).min(prompt_len)..prompt_len),
+            (
+                Segment::Template,
+                (self.t_inst + 1).min(prompt_len)..prompt_len,
+            ),
         ];
         // Thinking written in the reply, markers included (a template's empty think block
         // inside the prompt stays part of the template).

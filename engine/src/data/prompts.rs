@@ -96,7 +96,9 @@ const PROMPT_COLUMNS: [&str; 5] = ["prompt", "goal", "instruction", "behavior", 
 impl PromptSet {
     /// Reads a `.jsonl`, `.csv` or `.txt` file. `default_label` applies to rows without one.
     pub fn load(path: &Path, default_label: Option<Label>) -> Result<PromptSet> {
-        let size = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
+        let size = std::fs::metadata(path)
+            .map_err(|e| Error::io(path, e))?
+            .len();
         if size > MAX_PROMPT_FILE_BYTES {
             return Err(Error::InvalidInput(format!(
                 "{} is {:.0} MB; prompt files are read whole and limited to {} MB (split it)",

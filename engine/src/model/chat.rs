@@ -274,10 +274,15 @@ mod hostile_template_tests {
         let e = loops.render(None, "hi").unwrap_err().to_string();
         assert!(e.contains("fuel") || e.contains("range"), "{e}");
         let big = template("{% for i in range(10000) %}{{ messages[0]['content'] }}{% endfor %}");
-        let e = big.render(None, &"y".repeat(1 << 20)).unwrap_err().to_string();
+        let e = big
+            .render(None, &"y".repeat(1 << 20))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("more than"), "{e}");
         assert!(start.elapsed().as_secs_f64() < 5.0);
         // A real template still renders.
-        assert!(template("{{ messages[0]['content'] }}").render(None, "hi").is_ok());
+        assert!(template("{{ messages[0]['content'] }}")
+            .render(None, "hi")
+            .is_ok());
     }
 }

@@ -82,7 +82,10 @@ impl AdapterMeta {
     pub fn save(&self, dir: &Path) -> Result<()> {
         let json =
             serde_json::to_string_pretty(self).map_err(|e| Error::InvalidInput(e.to_string()))?;
-        let (path, tmp) = (dir.join(META_FILE), dir.join(format!("{META_FILE}.partial")));
+        let (path, tmp) = (
+            dir.join(META_FILE),
+            dir.join(format!("{META_FILE}.partial")),
+        );
         std::fs::write(&tmp, json).map_err(|e| Error::io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, e))
     }

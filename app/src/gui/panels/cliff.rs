@@ -375,13 +375,9 @@ impl CliffPanel {
                         .stroke(egui::Stroke::NONE),
                     );
                     plot.text(
-                        egui_plot::Text::new(
-                            "",
-                            egui_plot::PlotPoint::new(x0, y0),
-                            segment.name(),
-                        )
-                        .color(color)
-                        .anchor(egui::Align2::LEFT_TOP),
+                        egui_plot::Text::new("", egui_plot::PlotPoint::new(x0, y0), segment.name())
+                            .color(color)
+                            .anchor(egui::Align2::LEFT_TOP),
                     );
                 }
                 // Position markers are labelled in the plot, not the legend, which keeps the

@@ -473,7 +473,10 @@ impl DirectionsPanel {
                 .include_y(0.0)
                 .show(&mut cols[0], |plot| {
                     let per_layer = |f: &dyn Fn(&LayerMetrics) -> f32| -> PlotPoints {
-                        p.metrics.iter().map(|m| [m.layer as f64, f(m) as f64]).collect()
+                        p.metrics
+                            .iter()
+                            .map(|m| [m.layer as f64, f(m) as f64])
+                            .collect()
                     };
                     plot.line(
                         Line::new("raw probe", per_layer(&|m| m.test_uncalibrated.log_loss))

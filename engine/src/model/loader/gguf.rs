@@ -449,7 +449,11 @@ impl<'a> Gguf<'a> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut file = BufReader::new(file);
         let content = Content::read(&mut file).map_err(|e| unreadable(path, e))?;
-        let file_size = file.get_ref().metadata().map_err(|e| Error::io(path, e))?.len();
+        let file_size = file
+            .get_ref()
+            .metadata()
+            .map_err(|e| Error::io(path, e))?
+            .len();
         check_tensor_extents(path, &content, file_size)?;
         Ok(Gguf {
             path,

@@ -348,9 +348,9 @@ impl Checkpoint {
 /// from the file. Model files are data here, so they are refused, pointing to safetensors.
 fn refuse_pickles(path: &Path) -> Result<()> {
     let is_pickle = |p: &Path| {
-        p.extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| ["bin", "pt", "pth", "ckpt", "pkl"].contains(&e.to_ascii_lowercase().as_str()))
+        p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+            ["bin", "pt", "pth", "ckpt", "pkl"].contains(&e.to_ascii_lowercase().as_str())
+        })
     };
     let pickle = if path.is_dir() {
         let files: Vec<PathBuf> = std::fs::read_dir(path)

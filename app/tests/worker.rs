@@ -1,0 +1,174 @@
+//! Faults in the worker: every job kind, given input it must refuse, ends in one `Failed`
+//! event with a one-line reason, and the worker then serves the next job.
+
+use std::time::{Duration, Instant};
+
+use refusal_lens::worker::{CompareWith, Event, GenerateRequest, Job, JobId, Worker};
+use refusal_lens_engine::analysis::lens::DirectionOptions;
+use refusal_lens_engine::analysis::steering::{Direction, Edit, Steering, StreamPositions};
+use refusal_lens_engine::data::prompts::PromptSet;
+use refusal_lens_engine::model::config::Family;
+use refusal_lens_engine::testing::tiny_model;
+
+fn request(prompt: &str, tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        system: None,
+        prompt: prompt.into(),
+        max_new_tokens: tokens,
+        sampling: Default::default(),
+        tau: 0.5,
+        opener_bias: 0.0,
+        steering: Default::default(),
+    }
+}
+
+/// The events of job `id` until it ends (a Failed event, or `done`).
+fn outcome(worker: &Worker, id: JobId, done: impl Fn(&Event) -> bool) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "job {id:?} never ended"
+        );
+        match worker.try_recv() {
+            Some(Event::Failed { id: i, error }) if i == id => return Err(error),
+            Some(e) if e.id() == id && done(&e) => return Ok(()),
+            Some(_) => {}
+            None => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+#[test]
+fn every_job_kind_fails_cleanly_and_the_worker_serves_the_next_job() {
+    let mut worker = Worker::spawn(|_| {});
+    worker.submit(Job::UseModel {
+        base: Box::new(tiny_model(Family::Llama, 1).unwrap()),
+        organism: None,
+    });
+    let empty_set = || {
+        Box::new(PromptSet {
+            name: "empty".into(),
+            path: "empty.jsonl".into(),
+            records: Vec::new(),
+        })
+    };
+    let needs_directions = Steering {
+        edits: vec![Edit::Add {
+            direction: Direction::Refusal,
+            layers: (1, 1),
+            alpha: 1.0,
+            positions: StreamPositions::All,
+        }],
+    };
+    let cache = std::env::temp_dir().join("refusal-lens-worker-faults");
+    let bad_jobs: Vec<(&str, Job)> = vec![
+        (
+            "LoadModel",
+            Job::LoadModel {
+                path: "/nonexistent/model.gguf".into(),
+                adapter: None,
+            },
+        ),
+        ("Generate", Job::Generate(request("   ", 4))),
+        (
+            "Steer",
+            Job::Steer {
+                request: request("", 4),
+                baseline: true,
+            },
+        ),
+        (
+            "Sweep",
+            Job::Sweep {
+                prompts: vec!["hi".into()],
+                alphas: vec![1.0],
+                steering: needs_directions.clone(),
+                tau: 0.5,
+            },
+        ),
+        (
+            "Trajectory",
+            Job::Trajectory {
+                system: None,
+                prompt: "hi".into(),
+                reply: vec![],
+                steering: needs_directions,
+                layer: None,
+            },
+        ),
+        (
+            "Calibrate",
+            Job::Calibrate {
+                sets: vec![("x".into(), vec!["".into()])],
+            },
+        ),
+        (
+            "Train",
+            Job::Train {
+                train: Vec::new(),
+                val: Vec::new(),
+                options: Default::default(),
+                goal: Default::default(),
+                out: cache.join("adapter"),
+            },
+        ),
+        (
+            "BuildLens",
+            Job::BuildLens {
+                harmful: empty_set(),
+                harmless: empty_set(),
+                options: DirectionOptions::default(),
+                activation_cache: cache.clone(),
+            },
+        ),
+        ("ChooseLayer", Job::ChooseLayer(999)),
+        ("SaveLens", Job::SaveLens(cache.join("d.safetensors"))),
+        (
+            "LoadLens",
+            Job::LoadLens("/nonexistent/d.safetensors".into()),
+        ),
+        ("Heads", Job::Heads { pairs: Vec::new() }),
+        (
+            "Cascade",
+            Job::Cascade {
+                harmful: String::new(),
+                gate: (99, 99),
+            },
+        ),
+        (
+            "Guard",
+            Job::Guard {
+                harmful: empty_set(),
+                harmless: empty_set(),
+                borderline: None,
+                jailbreaks: Vec::new(),
+                activation_cache: cache.clone(),
+            },
+        ),
+        (
+            "Compare",
+            Job::Compare {
+                with: CompareWith::Counterpart,
+                harmful: empty_set(),
+                harmless: empty_set(),
+                borderline: None,
+                activation_cache: cache.clone(),
+                prompt: None,
+                reply_tokens: 4,
+            },
+        ),
+    ];
+    for (kind, job) in bad_jobs {
+        let id = worker.submit(job);
+        let error = outcome(&worker, id, |_| false).expect_err(kind);
+        assert!(
+            !error.is_empty() && !error.contains('\n'),
+            "{kind}: {error:?}"
+        );
+        // The worker is still there and serves a reply.
+        let next = worker.submit(Job::Generate(request("Tell me about owls", 3)));
+        outcome(&worker, next, |e| matches!(e, Event::Finished { .. }))
+            .unwrap_or_else(|e| panic!("after a failed {kind}: {e}"));
+    }
+}
