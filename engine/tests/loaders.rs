@@ -684,3 +684,26 @@ fn pytorch_pickles_are_refused() {
         "{e}"
     );
 }
+
+/// A model that claims the largest context allowed (2²⁶ tokens) loads without sizing anything
+/// by it: rotary angles are computed for each pass's positions, not tabled for the whole
+/// context (a table was 24 GB here; found by the GGUF fuzz target as a 16 M-token context).
+#[test]
+fn a_huge_claimed_context_allocates_nothing_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(Family::Llama);
+    cfg.context_length = 1 << 26;
+    let path = dir.path().join("long.gguf");
+    write_gguf(&path, &cfg, &random_weights(&cfg, 3).unwrap(), GgmlDType::F32).unwrap();
+    let lm = LoadedModel::load(&path, FastPrecision::Auto).unwrap();
+    assert_eq!(lm.model.config.context_length, 1 << 26);
+    let ids = lm.chat_prompt(None, "Hello").unwrap().ids;
+    let fresh = logits(&lm, &ids);
+    // The same logits as the model with an ordinary context.
+    let mut short = cfg.clone();
+    short.context_length = 4096;
+    let path = dir.path().join("short.gguf");
+    write_gguf(&path, &short, &random_weights(&short, 3).unwrap(), GgmlDType::F32).unwrap();
+    let reference = LoadedModel::load(&path, FastPrecision::Auto).unwrap();
+    assert_eq!(max_abs_diff(&fresh, &logits(&reference, &ids)), 0.0);
+}

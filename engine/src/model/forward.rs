@@ -47,9 +47,9 @@ pub struct Model {
     pub dense: Weights,
     pub fast: Option<Weights>,
     /// Rotary tables `[context, d_h / 2]` of the global layers …
-    rope: (Tensor, Tensor),
+    rope: Tensor,
     /// … and of the windowed layers where their base differs (Gemma 3).
-    local_rope: Option<(Tensor, Tensor)>,
+    local_rope: Option<Tensor>,
     device: Device,
 }
 
@@ -57,10 +57,10 @@ impl Model {
     pub fn new(config: ModelConfig, dense: Weights, fast: Option<Weights>) -> Result<Self> {
         config.validate()?;
         let device = dense.embed.device();
-        let rope = rope_tables(&config, config.rope_theta, true, &device)?;
+        let rope = rope_frequencies(&config, config.rope_theta, true, &device)?;
         let local_rope = config
             .local_rope_theta
-            .map(|theta| rope_tables(&config, theta, false, &device))
+            .map(|theta| rope_frequencies(&config, theta, false, &device))
             .transpose()?;
         Ok(Model {
             config,
@@ -139,8 +139,14 @@ impl Model {
                 max: cfg.context_length,
             });
         }
-        let rows = |(cos, sin): &(Tensor, Tensor)| -> Result<(Tensor, Tensor)> {
-            Ok((cos.narrow(0, offset, s)?, sin.narrow(0, offset, s)?))
+        // The rotary angles of this pass's positions only: a table for the whole context
+        // would be sized by a number the model file states (gigabytes for a 10 M context).
+        let rows = |inv_freq: &Tensor| -> Result<(Tensor, Tensor)> {
+            let positions = Tensor::arange(offset as u32, (offset + s) as u32, &self.device)?
+                .to_dtype(DType::F32)?
+                .reshape((s, 1))?;
+            let angles = positions.broadcast_mul(inv_freq)?;
+            Ok((angles.cos()?, angles.sin()?))
         };
         let global = Attend {
             mask: causal_mask(s, offset, None, &self.device)?,
@@ -401,13 +407,14 @@ pub fn softcap(x: Tensor, cap: Option<f64>) -> Result<Tensor> {
     })
 }
 
-/// Rotary tables for base `theta`, with the config's frequency scaling if `scaled`.
-fn rope_tables(
+/// Rotary inverse frequencies (`[1, head_dim / 2]`) for base `theta`, with the config's
+/// frequency scaling if `scaled`.
+fn rope_frequencies(
     cfg: &ModelConfig,
     theta: f64,
     scaled: bool,
     device: &Device,
-) -> Result<(Tensor, Tensor)> {
+) -> Result<Tensor> {
     let half = cfg.head_dim / 2;
     let scaling = cfg.rope_scaling.as_ref().filter(|_| scaled);
     let inv_freq: Vec<f32> = (0..half)
@@ -416,12 +423,7 @@ fn rope_tables(
             scaling.map_or(f, |s| s.apply(i, f as f64) as f32)
         })
         .collect();
-    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-    let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((cfg.context_length, 1))?;
-    let angles = positions.broadcast_mul(&inv_freq)?;
-    Ok((angles.cos()?, angles.sin()?))
+    Ok(Tensor::from_vec(inv_freq, (1, half), device)?)
 }
 
 /// What one forward pass carries from layer to layer besides the stream: the hook spec, the
