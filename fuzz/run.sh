@@ -16,7 +16,9 @@ run_one() {
   mkdir -p corpus/$t artifacts/$t
   # Inputs up to 512 KB (the GGUF and safetensors seeds are 150 and 360 KB); 5 s per input
   # and 2 GB of memory at most: a slow or greedy input is a finding too.
-  cargo +nightly fuzz run -s none -O $t corpus/$t seeds/$t -- \
+  # corpus-large/T: inputs over 20 KB kept out of git (the GGUF and safetensors targets').
+  extra=""; [ -d corpus-large/$t ] && extra=corpus-large/$t
+  cargo +nightly fuzz run -s none -O $t corpus/$t seeds/$t $extra -- \
     -max_total_time="$seconds" -max_len=524288 -timeout=5 -rss_limit_mb=2048 \
     -print_final_stats=1 >"artifacts/$t.log" 2>&1 || echo "$t: stopped with a finding, see fuzz/artifacts/$t"
   grep -E "stat::number_of_executed_units|cov:" "artifacts/$t.log" | tail -2 | sed "s/^/$t: /"
