@@ -15,7 +15,10 @@ use refusal_lens_engine::{default_model_path, organism_dir};
 fn wait(worker: &Worker, what: &str, done: impl Fn(&Event) -> bool) {
     let start = Instant::now();
     loop {
-        assert!(start.elapsed() < Duration::from_secs(900), "timed out: {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(900),
+            "timed out: {what}"
+        );
         match worker.try_recv() {
             Some(e) if done(&e) => return,
             Some(_) => {}
@@ -32,7 +35,9 @@ fn main() {
         adapter: Some(organism_dir()),
     });
     // The model, then its shipped lens.
-    wait(&worker, "the model and lens", |e| matches!(e, Event::LensReady { .. }));
+    wait(&worker, "the model and lens", |e| {
+        matches!(e, Event::LensReady { .. })
+    });
     let load =
         |n: &str| PromptSet::load(&sample_prompts_dir().join(format!("{n}.jsonl")), None).unwrap();
     let (harmful, harmless) = (load("harmful"), load("harmless"));
@@ -53,11 +58,23 @@ fn main() {
             }],
         },
     };
-    let fresh_cache = || std::env::temp_dir().join(format!("refusal-lens-cancel-{}", std::process::id()));
-    let prompts: Vec<String> = harmful.records.iter().take(64).map(|r| r.prompt.clone()).collect();
+    let fresh_cache =
+        || std::env::temp_dir().join(format!("refusal-lens-cancel-{}", std::process::id()));
+    let prompts: Vec<String> = harmful
+        .records
+        .iter()
+        .take(64)
+        .map(|r| r.prompt.clone())
+        .collect();
     let jobs: Vec<(&str, Box<dyn Fn() -> Job>)> = vec![
         ("Generate", Box::new(move || Job::Generate(request(4000)))),
-        ("Steer", Box::new(move || Job::Steer { request: request(4000), baseline: true })),
+        (
+            "Steer",
+            Box::new(move || Job::Steer {
+                request: request(4000),
+                baseline: true,
+            }),
+        ),
         (
             "Sweep",
             Box::new({
@@ -74,7 +91,9 @@ fn main() {
             "Calibrate",
             Box::new({
                 let prompts = prompts.clone();
-                move || Job::Calibrate { sets: vec![("harmful".into(), prompts.clone())] }
+                move || Job::Calibrate {
+                    sets: vec![("harmful".into(), prompts.clone())],
+                }
             }),
         ),
         (
@@ -89,7 +108,12 @@ fn main() {
                 }
             }),
         ),
-        ("Heads", Box::new(move || Job::Heads { pairs: pairs.clone() })),
+        (
+            "Heads",
+            Box::new(move || Job::Heads {
+                pairs: pairs.clone(),
+            }),
+        ),
         (
             "Guard",
             Box::new({
@@ -127,7 +151,9 @@ fn main() {
         "the next job alone (nothing to cancel): {:.0} ms",
         start.elapsed().as_secs_f64() * 1e3
     );
-    println!("cancellation latency (cancel → the worker answers the next job), after 1.5 s of each job:");
+    println!(
+        "cancellation latency (cancel → the worker answers the next job), after 1.5 s of each job:"
+    );
     for (kind, job) in &jobs {
         let id = worker.submit(job());
         std::thread::sleep(Duration::from_millis(1500));
@@ -136,7 +162,10 @@ fn main() {
         let probe = worker.submit(Job::UseOrganism(true));
         wait(&worker, "the next job", |e| e.id() == probe);
         let ms = cancelled_at.elapsed().as_secs_f64() * 1e3;
-        println!("  {kind:<10} {ms:>7.0} ms{}", if ms <= 100.0 { "" } else { "   (over 100 ms)" });
+        println!(
+            "  {kind:<10} {ms:>7.0} ms{}",
+            if ms <= 100.0 { "" } else { "   (over 100 ms)" }
+        );
         let _ = id;
     }
     let _ = std::fs::remove_dir_all(fresh_cache());

@@ -70,15 +70,18 @@ fn a_damaged_cache_entry_is_recomputed_not_used() {
     let lm = tiny_model(Family::Llama, 2).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let prompts = ["How do I pick a lock?", "How do I bake bread?"];
-    let fresh = collect_cached(
-        &lm,
-        &prompts,
-        None,
-        Some(dir.path()),
-        &|| false,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let collect = || {
+        collect_cached(
+            &lm,
+            &prompts,
+            None,
+            Some(dir.path()),
+            &|| false,
+            &mut |_, _| {},
+        )
+        .unwrap()
+    };
+    let fresh = collect();
     let entry = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -89,15 +92,7 @@ fn a_damaged_cache_entry_is_recomputed_not_used() {
     let n = bytes.len();
     bytes[n - 2] ^= 0x40;
     std::fs::write(&entry, &bytes).unwrap();
-    let again = collect_cached(
-        &lm,
-        &prompts,
-        None,
-        Some(dir.path()),
-        &|| false,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let again = collect();
     assert_eq!(again.states, fresh.states, "the damaged entry was used");
     // … and rewritten whole.
     assert_ne!(std::fs::read(&entry).unwrap(), bytes);

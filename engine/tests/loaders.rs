@@ -694,7 +694,13 @@ fn a_huge_claimed_context_allocates_nothing_for_it() {
     let mut cfg = tiny_config(Family::Llama);
     cfg.context_length = 1 << 26;
     let path = dir.path().join("long.gguf");
-    write_gguf(&path, &cfg, &random_weights(&cfg, 3).unwrap(), GgmlDType::F32).unwrap();
+    write_gguf(
+        &path,
+        &cfg,
+        &random_weights(&cfg, 3).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
     let lm = LoadedModel::load(&path, FastPrecision::Auto).unwrap();
     assert_eq!(lm.model.config.context_length, 1 << 26);
     let ids = lm.chat_prompt(None, "Hello").unwrap().ids;
@@ -703,7 +709,13 @@ fn a_huge_claimed_context_allocates_nothing_for_it() {
     let mut short = cfg.clone();
     short.context_length = 4096;
     let path = dir.path().join("short.gguf");
-    write_gguf(&path, &short, &random_weights(&short, 3).unwrap(), GgmlDType::F32).unwrap();
+    write_gguf(
+        &path,
+        &short,
+        &random_weights(&short, 3).unwrap(),
+        GgmlDType::F32,
+    )
+    .unwrap();
     let reference = LoadedModel::load(&path, FastPrecision::Auto).unwrap();
     assert_eq!(max_abs_diff(&fresh, &logits(&reference, &ids)), 0.0);
 }
