@@ -681,6 +681,15 @@ fn every_family_runs_every_analysis() {
         ]);
         ok(&[&["heads", "dla"][..], &sets_arg].concat());
         ok(&[&["heads", "interchange", "--k", "2"][..], &sets_arg].concat());
+        // Every metric at once, as the JSON the GUI loads with a shipped lens.
+        let heads = p("heads.json");
+        ok(&[&["heads", "all", "--out", &heads][..], &sets_arg].concat());
+        let metrics: refusal_lens_engine::analysis::heads::HeadMetrics =
+            serde_json::from_str(&std::fs::read_to_string(&heads).unwrap()).unwrap();
+        assert_eq!(
+            (metrics.dla.n_layers, metrics.necessity.n_heads),
+            (cfg.n_layers, cfg.n_heads)
+        );
         let adapter = p("adapter");
         ok(&[
             "train-refusal-tokens",
