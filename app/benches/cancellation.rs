@@ -66,7 +66,8 @@ fn main() {
         .take(64)
         .map(|r| r.prompt.clone())
         .collect();
-    let jobs: Vec<(&str, Box<dyn Fn() -> Job>)> = vec![
+    type MakeJob = Box<dyn Fn() -> Job>;
+    let jobs: Vec<(&str, MakeJob)> = vec![
         ("Generate", Box::new(move || Job::Generate(request(4000)))),
         (
             "Steer",

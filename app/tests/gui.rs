@@ -195,7 +195,7 @@ fn main_window_snapshot() {
         let status = h.get_by_label_contains("tok/s").rect();
         let to_right_edge = egui::Rect::from_min_max(status.min, egui::pos2(w, status.max.y));
         h.mask(to_right_edge.expand(2.0));
-        h.snapshot(&format!("main_window_{w}x{h_}"));
+        h.snapshot(format!("main_window_{w}x{h_}"));
     }
 }
 

@@ -20,6 +20,9 @@ use crate::session_file::{
 };
 use crate::worker::{Job, JobId};
 
+/// The lens in use: directions, probes, and the file they came from (None: computed here).
+type LensToSave = (Arc<Directions>, Option<Arc<ProbeSet>>, Option<PathBuf>);
+
 /// What the shell hands to the saving thread: settings, and the lens to write beside the
 /// session when it did not come from a file.
 struct SaveRequest {
@@ -27,7 +30,7 @@ struct SaveRequest {
     adapter: Option<PathBuf>,
     adapter_active: bool,
     sets: Vec<PathBuf>,
-    lens: Option<(Arc<Directions>, Option<Arc<ProbeSet>>, Option<PathBuf>)>,
+    lens: Option<LensToSave>,
     curve_layer: Option<usize>,
     reply: ReplySettings,
     steering: SteeringSettings,
@@ -36,7 +39,7 @@ struct SaveRequest {
 }
 
 enum Io {
-    PickSave(Pending<Option<PathBuf>>, SaveRequest),
+    PickSave(Pending<Option<PathBuf>>, Box<SaveRequest>),
     PickOpen(Pending<Option<PathBuf>>),
     Saving(Pending<anyhow::Result<PathBuf>>),
     Opening(Pending<anyhow::Result<(PathBuf, SessionFile, Vec<PromptSet>)>>),
@@ -164,7 +167,7 @@ impl RefusalLensApp {
                                 .set_file_name("session.json")
                                 .save_file()
                         });
-                        self.sessions.io = Some(Io::PickSave(pick, request));
+                        self.sessions.io = Some(Io::PickSave(pick, Box::new(request)));
                     }
                     Err(e) => self.sessions.error = Some(e),
                 }
@@ -258,7 +261,7 @@ impl RefusalLensApp {
                 None => Some(Io::PickSave(pick, request)),
                 Some(None) => None,
                 Some(Some(path)) => Some(Io::Saving(Pending::spawn(move || {
-                    save_session(path, request)
+                    save_session(path, *request)
                 }))),
             },
             Io::PickOpen(pick) => match pick.poll() {

@@ -478,13 +478,20 @@ pub fn fit_calibration(z: &[f32], y: &[bool], kind: Calibration) -> [f32; 2] {
             (ga / (haa + 1e-9), 0.0)
         };
         // Backtracking: a full Newton step overshoots from saturated starting points.
+        // (NaN never counts as no worse.)
+        let no_worse = |next: f64| {
+            matches!(
+                next.partial_cmp(&current),
+                Some(std::cmp::Ordering::Less | std::cmp::Ordering::Equal)
+            )
+        };
         let mut step = 1.0;
         let mut next = loss(a - da, b - db);
-        while !(next <= current) && step > 1e-6 {
+        while !no_worse(next) && step > 1e-6 {
             step *= 0.5;
             next = loss(a - step * da, b - step * db);
         }
-        if !(next <= current) {
+        if !no_worse(next) {
             break;
         }
         a -= step * da;

@@ -441,7 +441,7 @@ impl DirectionsPanel {
                 });
         });
         if let Some(p) = probes {
-            self.calibration_plots(ui, p, current.unwrap_or(chosen) as usize, &marks);
+            self.calibration_plots(ui, p, self.layer.unwrap_or(d.layer), &marks);
         }
         let bottom = ui.cursor().min;
         self.plot_rect = Some(egui::Rect::from_min_max(
