@@ -192,14 +192,6 @@ impl Trajectory {
         cuts.retain(|(_, r)| r.end > r.start);
         cuts
     }
-
-    /// The segment token `i` belongs to.
-    pub fn segment_of(&self, i: usize) -> Option<Segment> {
-        self.segments()
-            .into_iter()
-            .find(|(_, r)| r.contains(&i))
-            .map(|(s, _)| s)
-    }
 }
 
 /// `(x·û − mean_harmless) / (mean_harmful − mean_harmless)` for every row of `x` (`[t, d]`).

@@ -591,12 +591,16 @@ fn trajectory_csv(t: &Trajectory) -> String {
     out.push('\n');
     let v = |x: &Option<Vec<f32>>, i: usize| x.as_ref().map_or(String::new(), |v| v[i].to_string());
     let thinking = t.thinking.map(|s| s.tokens(t.tokens.len()));
+    let segments = t.segments();
     for (i, tok) in t.tokens.iter().enumerate() {
         out.push_str(&format!(
             "{i},{},\"{}\",{},{},{},{},{},{}",
             tok.id,
             tok.text.replace('"', "\"\""),
-            t.segment_of(i).map_or("", |s| s.name()),
+            segments
+                .iter()
+                .find(|(_, r)| r.contains(&i))
+                .map_or("", |(s, _)| s.name()),
             i >= t.prompt_len,
             thinking.as_ref().is_some_and(|r| r.contains(&i)),
             v(&t.score, i),
