@@ -424,3 +424,39 @@ fn reasoning_replies_have_a_thinking_segment_and_the_cliff_is_read_at_its_end() 
     .unwrap();
     assert_eq!(scores.len(), 2);
 }
+
+#[test]
+fn a_cancelled_batch_stops_between_blocks_not_after_the_pass() {
+    let lm = tiny_model(Family::Llama, 32).unwrap();
+    let prompts: Vec<Vec<u32>> = (0..5)
+        .map(|i| lm.chat_prompt(None, &format!("prompt {i}")).unwrap().ids)
+        .collect();
+    // Cancelled from the third question on: the batch runner asks once per batch (all five
+    // prompts are one batch), the prefix and batch passes once per block.
+    let asked = std::cell::Cell::new(0);
+    let cancelled = || {
+        asked.set(asked.get() + 1);
+        asked.get() > 2
+    };
+    let mut visited = 0;
+    let result = for_each_prompt(
+        &lm,
+        &lm.model.dense,
+        &prompts,
+        usize::MAX,
+        &HookSpec::default(),
+        &cancelled,
+        &mut |_, _| {},
+        &mut |_| {
+            visited += 1;
+            Ok(())
+        },
+    );
+    assert!(
+        matches!(result, Err(refusal_lens_engine::Error::Cancelled)),
+        "{:?}",
+        result.err()
+    );
+    assert_eq!(visited, 0, "no prompt is reported from a cancelled pass");
+    assert_eq!(asked.get(), 3, "stops at the first question answered yes");
+}

@@ -338,6 +338,18 @@ pub fn judgement(
     system: Option<&str>,
     user: &str,
 ) -> Result<f32> {
+    judgement_cancellable(lm, steering, dirs, system, user, &|| false)
+}
+
+/// [`judgement`], its pass stopping between blocks once `cancelled` says so.
+fn judgement_cancellable(
+    lm: &LoadedModel,
+    steering: &Steering,
+    dirs: Option<&Directions>,
+    system: Option<&str>,
+    user: &str,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<f32> {
     let text = format!("{user}\n\n{JUDGEMENT_QUESTION}");
     let prompt = lm.chat_prompt(system, &text)?;
     let question_byte = prompt.user_span.start + user.len();
@@ -356,7 +368,7 @@ pub fn judgement(
             None,
             &hooks,
             LogitsAt::Last,
-            ForwardOptions::default(),
+            ForwardOptions::default().cancellable(cancelled),
         )?
         .logits
         .expect("LogitsAt::Last yields logits")
@@ -408,7 +420,7 @@ pub fn steered_reply(
     Ok(SteeredReply {
         refusal_probability: p,
         refusal_score: refusal_score(p),
-        judgement: judgement(lm, steering, dirs, system, user)?,
+        judgement: judgement_cancellable(lm, steering, dirs, system, user, cancelled)?,
         mode: classify(&g.text).mode,
         text: g.text,
     })

@@ -26,11 +26,43 @@ pub enum LogitsAt {
 }
 
 /// How the forward pass computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ForwardOptions {
+#[derive(Clone, Copy, Default)]
+pub struct ForwardOptions<'a> {
     /// Use ops that candle can differentiate (generic softmax, RoPE and RMSNorm from basic ops)
     /// instead of the fused fast ones. Same values up to float rounding.
     pub differentiable: bool,
+    /// Asked before each block: a pass over a large batch takes up to a second on a CPU,
+    /// and a cancelled job should stop within a block (`Error::Cancelled`), not a pass.
+    pub cancelled: Option<&'a dyn Fn() -> bool>,
+}
+
+impl ForwardOptions<'_> {
+    /// The gradient-friendly ops (see [`ForwardOptions::differentiable`]).
+    pub fn differentiable() -> Self {
+        ForwardOptions {
+            differentiable: true,
+            cancelled: None,
+        }
+    }
+}
+
+impl<'a> ForwardOptions<'a> {
+    /// These options, stopping between blocks once `cancelled` says so.
+    pub fn cancellable(self, cancelled: &'a dyn Fn() -> bool) -> Self {
+        ForwardOptions {
+            cancelled: Some(cancelled),
+            ..self
+        }
+    }
+}
+
+impl std::fmt::Debug for ForwardOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForwardOptions")
+            .field("differentiable", &self.differentiable)
+            .field("cancellable", &self.cancelled.is_some())
+            .finish()
+    }
 }
 
 pub struct ForwardOutput {
@@ -46,7 +78,7 @@ pub struct Model {
     pub config: ModelConfig,
     pub dense: Weights,
     pub fast: Option<Weights>,
-    /// Rotary tables `[context, d_h / 2]` of the global layers …
+    /// Rotary inverse frequencies `[1, d_h / 2]` of the global layers …
     rope: Tensor,
     /// … and of the windowed layers where their base differs (Gemma 3).
     local_rope: Option<Tensor>,
@@ -115,6 +147,19 @@ impl Model {
         self.rebuild_fast()
     }
 
+    /// This model on `device`: every weight copied there (see [`crate::device`]).
+    pub fn to_device(&self, device: &Device) -> Result<Model> {
+        let moved = Model::new(
+            self.config.clone(),
+            self.dense.to_device(device)?,
+            self.fast
+                .as_ref()
+                .map(|w| w.to_device(device))
+                .transpose()?,
+        )?;
+        Ok(moved)
+    }
+
     /// The weights generation uses: the fast path when there is one.
     pub fn generation_weights(&self) -> &Weights {
         self.fast.as_ref().unwrap_or(&self.dense)
@@ -128,7 +173,7 @@ impl Model {
         cache: Option<&mut KvCache>,
         hooks: &HookSpec,
         logits_at: LogitsAt,
-        options: ForwardOptions,
+        options: ForwardOptions<'_>,
     ) -> Result<ForwardOutput> {
         let cfg = &self.config;
         let (b, s) = tokens.dims2()?;
@@ -182,6 +227,9 @@ impl Model {
         };
         let mut x = pass.residual(HookPoint::Embed, embedded)?;
         for (l, block) in weights.blocks.iter().enumerate() {
+            if options.cancelled.is_some_and(|cancelled| cancelled()) {
+                return Err(Error::Cancelled);
+            }
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[l]);
             x = self.block(&mut pass, l, block, x, layer_cache)?;
         }
@@ -432,7 +480,7 @@ struct Pass<'a> {
     hooks: &'a HookSpec,
     /// Absolute position of the first token (the KV cache's length).
     offset: usize,
-    options: ForwardOptions,
+    options: ForwardOptions<'a>,
     global: Attend,
     /// The windowed layers' mask and rotary tables, when the model has a window.
     local: Option<Attend>,

@@ -466,9 +466,7 @@ fn differentiable_ops_agree_with_fused_ops() {
                 None,
                 &HookSpec::default(),
                 LogitsAt::All,
-                ForwardOptions {
-                    differentiable: true,
-                },
+                ForwardOptions::differentiable(),
             )
             .unwrap();
         assert!(max_abs_diff(&fast, slow.logits.as_ref().unwrap()) < 1e-4);

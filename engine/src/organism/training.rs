@@ -465,9 +465,7 @@ fn example_loss(
         None,
         &spec,
         LogitsAt::None,
-        ForwardOptions {
-            differentiable: true,
-        },
+        ForwardOptions::differentiable(),
     )?;
     let normed = fwd
         .captures

@@ -161,7 +161,7 @@ pub fn for_each_prompt(
             Some(&mut prefix),
             &HookSpec::with_interventions(hooks.interventions.clone()),
             LogitsAt::None,
-            ForwardOptions::default(),
+            ForwardOptions::default().cancellable(cancelled),
         )?;
     }
     let wants_logits = hooks.wants(HookPoint::UnembedIn);
@@ -194,7 +194,7 @@ pub fn for_each_prompt(
             Some(&mut cache),
             hooks,
             logits_at,
-            ForwardOptions::default(),
+            ForwardOptions::default().cancellable(cancelled),
         )?;
         for (row, &len) in lens.iter().enumerate() {
             visit(PromptPass {

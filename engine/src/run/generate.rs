@@ -195,14 +195,22 @@ pub fn generate(
         } else {
             decode_weights
         };
-        let fwd = model.forward(
+        // A long prompt's pass stops between blocks once cancelled (the cache is then
+        // half-written, but nothing reads it again).
+        let fwd = match model.forward(
             weights,
             &tokens,
             Some(&mut cache),
             &cfg.hooks,
             LogitsAt::Last,
-            ForwardOptions::default(),
-        )?;
+            ForwardOptions::default().cancellable(cancelled),
+        ) {
+            Err(Error::Cancelled) => {
+                out.stop = StopReason::Cancelled;
+                break;
+            }
+            fwd => fwd?,
+        };
         let logits = fwd
             .logits
             .expect("LogitsAt::Last yields logits")

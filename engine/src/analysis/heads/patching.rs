@@ -305,9 +305,7 @@ pub fn score_gradients(lm: &LoadedModel, ids: &[u32]) -> Result<(Vec<Tensor>, Ve
         None,
         &hooks,
         LogitsAt::Last,
-        ForwardOptions {
-            differentiable: true,
-        },
+        ForwardOptions::differentiable(),
     )?;
     let score = signal.score_tensor(&out.logits.expect("logits").flatten_all()?)?;
     let grads = score.backward()?;
