@@ -929,3 +929,22 @@ fn a_saved_session_comes_back_after_a_restart() {
     h.get_by_label_contains("changed since the session was saved");
     assert!(h.state().model.is_ready());
 }
+
+#[test]
+fn an_unwritable_cache_folder_is_reported_and_the_lens_is_computed_without_it() {
+    let cache = tempfile::tempdir().unwrap();
+    // A file where the activation cache's folder should be: no entry can be written there
+    // (the same for root, unlike a read-only folder).
+    std::fs::write(cache.path().join("activations"), b"in the way").unwrap();
+    let mut h = harness_with_directions(&cache);
+    let notice = h.state().notice.clone().expect("a notice about the cache");
+    assert!(
+        notice.contains("cannot be written") && notice.contains("activations"),
+        "{notice}"
+    );
+    // The status bar shows it (the query panics when no widget has the text).
+    h.get_by_label_contains("cannot be written");
+    h.get_by_label("Dismiss").click();
+    h.step();
+    assert_eq!(h.state().notice, None);
+}

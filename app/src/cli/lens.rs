@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use refusal_lens_engine::analysis::activations::{default_cache_dir, state_name, Feature};
+use refusal_lens_engine::analysis::activations::{
+    check_cache_dir, default_cache_dir, state_name, Feature,
+};
 use refusal_lens_engine::analysis::directions::{selectable_layers, Directions, SelectOptions};
 use refusal_lens_engine::analysis::lens::{self, DirectionOptions, Holdout, ProbeJob};
 use refusal_lens_engine::analysis::probe::{
@@ -43,7 +45,21 @@ impl SetPair {
     }
 
     pub(crate) fn cache(&self) -> Option<PathBuf> {
-        (!self.no_cache).then(default_cache_dir)
+        (!self.no_cache)
+            .then(default_cache_dir)
+            .and_then(usable_cache)
+    }
+}
+
+/// The activation cache folder if it can be written; otherwise a warning on stderr and none
+/// (the command still works, only slower).
+pub(crate) fn usable_cache(dir: PathBuf) -> Option<PathBuf> {
+    match check_cache_dir(&dir) {
+        Ok(()) => Some(dir),
+        Err(why) => {
+            eprintln!("warning: {why}");
+            None
+        }
     }
 }
 
@@ -536,7 +552,7 @@ fn lens_inputs(
         &harmful,
         &harmless,
         None,
-        Some(&default_cache_dir()),
+        usable_cache(default_cache_dir()).as_deref(),
         &|| false,
         &mut bar,
     )?;

@@ -101,6 +101,9 @@ pub struct RefusalLensApp {
     pub guard: GuardPanel,
     pub sessions: SessionsPanel,
     pub tab: Tab,
+    /// The last notice from a job that went on regardless (an unusable cache folder), shown
+    /// in the status bar until dismissed.
+    pub notice: Option<String>,
 }
 
 impl RefusalLensApp {
@@ -166,6 +169,7 @@ impl RefusalLensApp {
             heads: HeadsPanel::default(),
             guard: GuardPanel::default(),
             tab: Tab::default(),
+            notice: None,
         };
         if let Some(path) = session_file {
             app.open_session_file(path);
@@ -193,13 +197,17 @@ impl RefusalLensApp {
         }
     }
 
+    /// Runs the models on `device` (`cpu`, `cuda:N`, `metal:N`) from now on.
+    pub fn use_device(&mut self, device: &str) {
+        self.worker.submit(Job::UseDevice(device.to_string()));
+    }
+
     fn drain_events(&mut self) {
         while let Some(event) = self.worker.try_recv() {
             let id = event.id();
-            let finished = !matches!(
-                event,
-                Event::Progress { .. } | Event::ModelLoading { .. } | Event::Token { .. }
-            );
+            // A job's end: a chain of jobs (a session being restored) waits for it, not for
+            // its first result (a model load also sends the shipped lens after the model).
+            let finished = matches!(event, Event::Done { .. } | Event::Failed { .. });
             let failure = match &event {
                 Event::Failed { error, .. } => Some(error.clone()),
                 _ => None,
@@ -247,6 +255,7 @@ impl RefusalLensApp {
                 Event::HeadsReady { id, metrics } if !self.heads.owns_id(id) => {
                     self.heads.metrics.get_or_insert(*metrics);
                 }
+                Event::Notice { text, .. } => self.notice = Some(text),
                 other if self.model.owns(&other) => self.model.on_event(other),
                 other if self.cliff.owns(&other) => self.cliff.on_event(other),
                 other if self.steering.owns(&other) => self.steering.on_event(other),
@@ -270,6 +279,9 @@ impl RefusalLensApp {
         if let Some(on) = self.model.take_requested_organism() {
             self.worker.submit(Job::UseOrganism(on));
         }
+        if let Some(device) = self.model.take_requested_device() {
+            self.use_device(&device);
+        }
         if let Some(path) = self.model.take_requested_open() {
             self.reply.clear();
             self.session.adapter = None;
@@ -284,6 +296,13 @@ impl RefusalLensApp {
                 ui.label(self.model.status_line());
                 ui.separator();
                 ui.label(self.reply.status_line());
+                if let Some(notice) = &self.notice {
+                    ui.separator();
+                    ui.colored_label(ui.visuals().warn_fg_color, notice);
+                    if ui.small_button("Dismiss").clicked() {
+                        self.notice = None;
+                    }
+                }
             });
         });
         egui::Panel::left("model")
@@ -447,6 +466,9 @@ pub fn run(choice: crate::cli::ModelChoice) -> anyhow::Result<()> {
             adapter,
         },
     };
+    // A device this build or machine lacks fails here, before a window opens.
+    let device = choice.device.clone();
+    refusal_lens_engine::device::parse_device(&device)?;
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("Refusal Lens")
@@ -458,10 +480,11 @@ pub fn run(choice: crate::cli::ModelChoice) -> anyhow::Result<()> {
         "Refusal Lens",
         options,
         Box::new(move |cc| {
-            Ok(Box::new(RefusalLensApp::new(
-                Some(cc.egui_ctx.clone()),
-                startup,
-            )))
+            let mut app = RefusalLensApp::new(Some(cc.egui_ctx.clone()), startup);
+            if device != "cpu" {
+                app.use_device(&device);
+            }
+            Ok(Box::new(app))
         }),
     )
     .map_err(|e| anyhow::anyhow!("cannot open the window: {e}"))

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use refusal_lens_engine::analysis::abliterate::orthogonalized;
+use refusal_lens_engine::analysis::activations::check_cache_dir;
 use refusal_lens_engine::analysis::compare;
 use refusal_lens_engine::analysis::directions::Directions;
 use refusal_lens_engine::analysis::guard::study;
@@ -21,6 +22,18 @@ use super::state::State;
 use super::{Ctx, JobResult};
 
 pub use refusal_lens_engine::analysis::lens::probes_path;
+
+/// The activation cache folder if it can be written; otherwise the job tells the user why
+/// and runs without it.
+fn usable_cache<'a>(ctx: &Ctx, dir: &'a Path) -> Option<&'a Path> {
+    match check_cache_dir(dir) {
+        Ok(()) => Some(dir),
+        Err(text) => {
+            ctx.emit(Event::Notice { id: ctx.id, text });
+            None
+        }
+    }
+}
 
 pub(super) fn build(
     state: &mut State,
@@ -40,7 +53,7 @@ pub(super) fn build(
         harmful,
         harmless,
         options.system.as_deref(),
-        Some(activation_cache),
+        usable_cache(ctx, activation_cache),
         &cancelled,
         &mut progress,
     )?;
@@ -181,7 +194,7 @@ pub(super) fn guard(
         harmless,
         borderline,
         jailbreaks,
-        Some(activation_cache),
+        usable_cache(ctx, activation_cache),
         &|| ctx.cancelled(),
         &mut |phase, done, total| ctx.progress(phase, done, total),
     )?;
@@ -224,7 +237,7 @@ pub(super) fn compare(
         harmful,
         harmless,
         borderline,
-        Some(activation_cache),
+        usable_cache(ctx, activation_cache),
         &|| ctx.cancelled(),
         &mut |phase, done, total| ctx.progress(phase, done, total),
     )?;

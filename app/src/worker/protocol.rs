@@ -62,6 +62,9 @@ pub enum Job {
     },
     /// Switch between the base model and the adapted one.
     UseOrganism(bool),
+    /// Run on this device from now on (`cpu`, `cuda:N`, `metal:N`): the loaded models move
+    /// there, and later loads go there.
+    UseDevice(String),
     /// Render chat prompts with thinking on or off (reasoning models' `enable_thinking`).
     SetThinking(bool),
     /// A reply, streamed token by token. Supersedes earlier replies, calibrations and
@@ -222,6 +225,15 @@ pub enum Event {
         id: JobId,
         error: String,
     },
+    /// Any job's successful end: the last event of its id (a failed job's is `Failed`).
+    Done {
+        id: JobId,
+    },
+    /// Something the user should know that does not stop the job (an unusable cache folder).
+    Notice {
+        id: JobId,
+        text: String,
+    },
     ModelLoading {
         id: JobId,
         path: PathBuf,
@@ -321,6 +333,8 @@ impl Event {
         match self {
             Progress { id, .. }
             | Failed { id, .. }
+            | Notice { id, .. }
+            | Done { id }
             | ModelLoading { id, .. }
             | ModelLoaded { id, .. }
             | Prompt { id, .. }

@@ -250,6 +250,26 @@ pub fn default_cache_dir() -> PathBuf {
     crate::cache_dir().join("activations")
 }
 
+/// Whether `dir` can hold cache entries: it is created if missing, and a probe file is
+/// written, renamed and removed there. The error is one line for the user (a read-only or
+/// full disk, a file in the way); callers then work without the cache, which only costs time.
+pub fn check_cache_dir(dir: &Path) -> std::result::Result<(), String> {
+    let unusable = |e: std::io::Error| {
+        format!(
+            "the activation cache folder {} cannot be written ({e}); working without the cache",
+            dir.display()
+        )
+    };
+    std::fs::create_dir_all(dir).map_err(unusable)?;
+    let probe = dir.join(format!(".write-check-{}", std::process::id()));
+    let renamed = probe.with_extension("done");
+    let result = std::fs::write(&probe, [0u8; 4096])
+        .and_then(|()| std::fs::rename(&probe, &renamed))
+        .and_then(|()| std::fs::remove_file(&renamed));
+    let _ = std::fs::remove_file(&probe);
+    result.map_err(unusable)
+}
+
 #[derive(Serialize, Deserialize)]
 struct CacheMeta {
     version: u32,
@@ -309,7 +329,8 @@ pub fn collect_cached(
         set: set.clone_shape_with_probabilities(),
         states_sha256: states_sha256(&set.states),
     };
-    // A cache that cannot be written only costs time next run.
+    // A cache that cannot be written only costs time next run ([`check_cache_dir`] tells the
+    // user up front when the folder is unusable; a disk that fills up during a run is silent).
     let _ = tensorfile::save(
         &path,
         &[Array::new("states", shape, set.states.clone())],
@@ -324,5 +345,48 @@ impl SetActivations {
             refusal_probability: self.refusal_probability.clone(),
             ..self.clone_shape()
         }
+    }
+}
+
+#[cfg(test)]
+mod cache_dir_tests {
+    use super::check_cache_dir;
+
+    #[test]
+    fn a_writable_folder_passes_and_a_blocked_one_says_why_in_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("cache");
+        check_cache_dir(&ok).unwrap();
+        assert_eq!(
+            std::fs::read_dir(&ok).unwrap().count(),
+            0,
+            "no probe left behind"
+        );
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let err = check_cache_dir(&file.join("cache")).unwrap_err();
+        assert!(
+            err.contains("cannot be written") && !err.contains('\n'),
+            "{err}"
+        );
+        #[cfg(unix)]
+        if !is_root() {
+            use std::os::unix::fs::PermissionsExt;
+            let ro = dir.path().join("read-only");
+            std::fs::create_dir(&ro).unwrap();
+            std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+            assert!(check_cache_dir(&ro).is_err());
+        }
+    }
+
+    /// Root writes into read-only folders, so that case is only checked for other users.
+    #[cfg(unix)]
+    fn is_root() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+            })
+            .unwrap_or(false)
     }
 }

@@ -90,24 +90,46 @@ pub struct PromptSet {
 /// The largest prompt file read (a set of a million prompts is ~200 MB).
 pub const MAX_PROMPT_FILE_BYTES: u64 = 256_000_000;
 
+/// The text of `path`, refusing a file over `limit` bytes: by its size before reading when it
+/// states one, and while reading otherwise (a pipe, a device, a file that grows meanwhile),
+/// so no more than `limit` bytes are ever held.
+fn read_limited(path: &Path, limit: u64) -> Result<String> {
+    use std::io::Read;
+    let too_big = |size: String| {
+        Error::InvalidInput(format!(
+            "{} is {size}; prompt files are read whole and limited to {} MB (split it)",
+            path.display(),
+            limit / 1_000_000
+        ))
+    };
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if size > limit {
+        return Err(too_big(format!("{:.0} MB", size as f64 / 1e6)));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big(format!("longer than {limit} bytes")));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        Error::InvalidInput(format!(
+            "{} is not UTF-8 text (byte {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
 /// Column names that hold the prompt, in order of preference.
 const PROMPT_COLUMNS: [&str; 5] = ["prompt", "goal", "instruction", "behavior", "question"];
 
 impl PromptSet {
     /// Reads a `.jsonl`, `.csv` or `.txt` file. `default_label` applies to rows without one.
     pub fn load(path: &Path, default_label: Option<Label>) -> Result<PromptSet> {
-        let size = std::fs::metadata(path)
-            .map_err(|e| Error::io(path, e))?
-            .len();
-        if size > MAX_PROMPT_FILE_BYTES {
-            return Err(Error::InvalidInput(format!(
-                "{} is {:.0} MB; prompt files are read whole and limited to {} MB (split it)",
-                path.display(),
-                size as f64 / 1e6,
-                MAX_PROMPT_FILE_BYTES / 1_000_000
-            )));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = read_limited(path, MAX_PROMPT_FILE_BYTES)?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -589,5 +611,28 @@ mod size_limit_tests {
         f.set_len(MAX_PROMPT_FILE_BYTES + 1).unwrap();
         let e = PromptSet::load(&path, None).unwrap_err().to_string();
         assert!(e.contains("limited to 256 MB"), "{e}");
+    }
+
+    /// A source that states no size (a device here; a pipe alike) is cut off at the limit
+    /// while it is read, instead of filling memory.
+    #[cfg(unix)]
+    #[test]
+    fn an_endless_prompt_source_is_cut_off_at_the_limit() {
+        let e = read_limited(Path::new("/dev/zero"), 1_000_000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("longer than 1000000 bytes") && e.contains("limited to 1 MB"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_prompt_file_that_is_not_text_says_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("latin1.txt");
+        std::fs::write(&path, b"caf\xe9 au lait").unwrap();
+        let e = PromptSet::load(&path, None).unwrap_err().to_string();
+        assert!(e.contains("not UTF-8 text (byte 3)"), "{e}");
     }
 }
