@@ -11,6 +11,14 @@ Needs: a release build (cargo build --release), and in the Python running this s
 the last column and needs only llama-cpp-python and numpy).
 Usage: python3 bench/compare.py [--threads 2] [--tokens 64] [--model PATH] [--avx2 DIR]
                               [--llama-cpp DIR] [--no-transformers]
+       python3 bench/compare.py --device cuda[:N]|metal [--model PATH ...] [--tokens 64]
+
+`--device`: the GPU table instead (a build with `--features cuda` or `metal`, e.g. by
+bench/cuda-build.sh): for each model (the default one, and each further --model, e.g. the
+1B- and 8B-shaped GGUFs bench/scale.py builds), prefill, generation, steered generation and the
+captured forward from `refusal-lens bench`, the head sweep of one pair (DLA, and the exact
+interchange of every head) and directions from all 600 sample prompts (no cache, no layer
+selection), each on the device and on the CPU, with the speed-up.
 
 CPU classes. candle and llama.cpp both pick their kernels by CPU: with VNNI (AVX-512 or AVX)
 or with AVX2 only. `--avx2 DIR` measures the AVX2 row on a VNNI machine: ours runs with
@@ -108,17 +116,66 @@ def transformers_(model, threads, tokens):
     return {"forward_all_hidden_states": sorted(fwd)[1], "generation": gen[0]}
 
 
+def timed(args, env=None):
+    """Wall seconds of one `refusal-lens` command (its output is not needed)."""
+    exe = os.path.join(ROOT, "target", "release", "refusal-lens")
+    t0 = time.perf_counter()
+    subprocess.run([exe] + args, env=env, check=True, capture_output=True, text=True, cwd=ROOT)
+    return time.perf_counter() - t0
+
+
+def on_device(model, device, tokens):
+    """The GPU table's measurements of one model on `device` (`cpu` for the reference)."""
+    exe = os.path.join(ROOT, "target", "release", "refusal-lens")
+    common = ["--base", "--model", model, "--device", device]
+    out = subprocess.run([exe, "bench"] + common + ["--prompt", PROMPT, "--max-tokens", str(tokens), "--json"],
+                         check=True, capture_output=True, text=True, cwd=ROOT)
+    row = json.loads(out.stdout)
+    row["heads_dla_seconds"] = timed(["heads", "--metric", "dla"] + common)
+    row["heads_interchange_seconds"] = timed(["heads", "--metric", "interchange"] + common)
+    row["directions_600_seconds"] = timed(["directions", "--no-select", "--no-cache"] + common)
+    return row
+
+
+def device_table(models, device, tokens):
+    rows = []
+    for model in models:
+        gpu, cpu = on_device(model, device, tokens), on_device(model, "cpu", tokens)
+        rows.append({"model": os.path.basename(model), device: gpu, "cpu": cpu})
+    keys = [("prefill tok/s", "prefill_tokens_per_second", True),
+            ("generation tok/s", "generation_tokens_per_second", True),
+            ("steered generation tok/s", "steered_generation_tokens_per_second", True),
+            ("forward + all resid captures tok/s", "forward_all_resid_captures_tokens_per_second", True),
+            ("head sweep, DLA, one pair (s)", "heads_dla_seconds", False),
+            ("head sweep, interchange, one pair (s)", "heads_interchange_seconds", False),
+            ("directions, 600 prompts (s)", "directions_600_seconds", False)]
+    for r in rows:
+        print(f"\n{r['model']}")
+        print(f"{'':40}{device:>12}{'cpu':>12}{'speed-up':>10}")
+        for label, key, higher_is_better in keys:
+            g, c = r[device][key], r["cpu"][key]
+            ratio = g / c if higher_is_better else c / g
+            print(f"{label:40}{g:>12.1f}{c:>12.1f}{ratio:>9.1f}x")
+    print(json.dumps(rows))
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu", help="cuda, cuda:N or metal: the GPU table")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--model", action="append", help="a GGUF or HF folder (repeatable with --device)")
     ap.add_argument("--avx2", metavar="DIR", help="AVX2 row: an AVX2-only llama-cpp-python in DIR")
     ap.add_argument("--llama-cpp", metavar="DIR", help="import llama-cpp-python from DIR")
     ap.add_argument("--no-transformers", action="store_true")
     a = ap.parse_args()
-    if not os.path.exists(a.model):
-        sys.exit(f"model not found at {a.model}; run assets/fetch-model.sh")
+    models = a.model or [DEFAULT_MODEL]
+    for m in models:
+        if not os.path.exists(m):
+            sys.exit(f"model not found at {m}; run assets/fetch-model.sh")
+    if a.device != "cpu":
+        return device_table(models, a.device, a.tokens)
+    a.model = models[0]
     for d in (a.llama_cpp, a.avx2):
         if d:
             sys.path.insert(0, d)

@@ -11,6 +11,7 @@
 
 pub mod analysis;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod fuzzing;
 pub mod hooks;

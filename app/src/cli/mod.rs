@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use refusal_lens_engine::device::parse_device;
 use refusal_lens_engine::model::{ExactWeights, FastPrecision};
 use refusal_lens_engine::organism::Adapter;
 use refusal_lens_engine::{default_model_path, LoadedModel};
@@ -66,6 +67,10 @@ pub struct Cli {
     /// names is checked against the hash it was saved with.
     #[arg(long, global = true)]
     pub session: Option<PathBuf>,
+    /// Where the model runs: cpu, cuda, cuda:N, metal or metal:N (a GPU needs a build with
+    /// `--features cuda` or `--features metal`).
+    #[arg(long, global = true, default_value = "cpu")]
+    pub device: String,
 }
 
 impl Cli {
@@ -80,6 +85,7 @@ impl Cli {
             adapter_answers: self.adapter_answers,
             session: None,
             session_path: self.session.clone(),
+            device: self.device.clone(),
         };
         if let Some(path) = &self.session {
             let session = SessionFile::open(path)?;
@@ -115,6 +121,8 @@ pub struct ModelChoice {
     pub session: Option<SessionFile>,
     /// … and its path (the GUI opens it).
     pub session_path: Option<PathBuf>,
+    /// `--device`, as given.
+    pub device: String,
 }
 
 impl ModelChoice {
@@ -190,25 +198,35 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
         Command::Classify(a) => return prompts::classify(a),
         other => other,
     };
+    let device = parse_device(&choice.device).context("--device")?;
     let path = choice.model.clone().unwrap_or_else(default_model_path);
     let mut lm = load(&path, choice.exact_weights, json_of(&command))?;
     if choice.think && !lm.template.supports_thinking() {
         bail!("--think: this model's chat template has no thinking (neither enable_thinking nor <think>)");
     }
     lm.template.enable_thinking = choice.think;
+    // Models load (and adapters apply) on the CPU, then move whole to the device.
+    let on_device = |lm: LoadedModel| -> Result<LoadedModel> {
+        if device.is_cpu() {
+            return Ok(lm);
+        }
+        lm.to_device(&device)
+            .with_context(|| format!("cannot move the model to {}", choice.device))
+    };
     if let Command::TrainRefusalTokens(a) = command {
-        return organism::train(&lm, a);
+        return organism::train(&on_device(lm)?, a);
     }
     let mut base = None;
     if let Some(dir) = choice.adapter_dir() {
         let adapter = Adapter::load(&dir)
             .with_context(|| format!("cannot read the adapter in {}", dir.display()))?;
         let adapted = adapter.apply(&lm)?;
-        base = Some(std::mem::replace(&mut lm, adapted));
+        base = Some(on_device(std::mem::replace(&mut lm, adapted))?);
         if choice.adapter_answers {
             lm.respond_blocks = None;
         }
     }
+    let lm = on_device(lm)?;
     match command {
         Command::Info(a) => model::info(&lm, a),
         Command::Generate(a) => model::reply(&lm, a),

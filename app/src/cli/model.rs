@@ -127,6 +127,7 @@ pub fn info(lm: &LoadedModel, a: InfoArgs) -> Result<()> {
     println!("quantisation   {}", quant.join(", "));
     println!("generation     {}", c.generation_weights);
     println!("memory         {}", c.memory.describe());
+    println!("device         {}", c.device);
     println!("chat template  {}", c.chat_template);
     Ok(())
 }

@@ -195,7 +195,10 @@ fn run(
             dispatch(&mut state, &ctx, job)
         }));
         let error = match outcome {
-            Ok(Ok(())) => continue,
+            Ok(Ok(())) => {
+                emit(Event::Done { id });
+                continue;
+            }
             Ok(Err(refusal_lens_engine::Error::Cancelled)) if quiet_when_cancelled => continue,
             Ok(Err(e)) => e.to_string(),
             Err(panic) => {
@@ -224,6 +227,10 @@ fn dispatch(state: &mut State, ctx: &Ctx, job: Job) -> JobResult {
         }
         Job::UseOrganism(on) => {
             models::use_organism(state, ctx, on)?;
+            lens::load_shipped(state, ctx)
+        }
+        Job::UseDevice(spec) => {
+            models::use_device(state, ctx, &spec)?;
             lens::load_shipped(state, ctx)
         }
         Job::SetThinking(on) => models::set_thinking(state, on),

@@ -3,9 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::Device;
+use refusal_lens_engine::device::parse_device;
 use refusal_lens_engine::model::FastPrecision;
 use refusal_lens_engine::organism::Adapter;
-use refusal_lens_engine::LoadedModel;
+use refusal_lens_engine::{LoadedModel, Result};
 
 use super::protocol::{Event, OrganismInfo};
 use super::state::{Lens, State};
@@ -30,22 +32,49 @@ pub(super) fn load(
                 name: dir.display().to_string(),
                 metrics: a.meta.metrics.clone(),
             };
-            Some((a.apply(&base)?, info))
+            Some((on_device(&state.device, a.apply(&base)?)?, info))
         }
         None => None,
     };
     *state = State {
         use_organism: organism.is_some(),
-        base: Some(base),
+        base: Some(on_device(&state.device, base)?),
         organism,
         lens: Lens::default(),
         model_sha256: None,
+        device: state.device.clone(),
     };
     ctx.emit(
         state
             .loaded_event(ctx.id, Some(started.elapsed().as_secs_f64()))
             .expect("a model was just loaded"),
     );
+    Ok(())
+}
+
+/// `lm` on `device` (models load, and adapters apply, on the CPU).
+fn on_device(device: &Device, lm: LoadedModel) -> Result<LoadedModel> {
+    if device.is_cpu() && lm.model.device().is_cpu() {
+        return Ok(lm);
+    }
+    lm.to_device(device)
+}
+
+/// Moves the loaded models to `spec`'s device and runs there from now on. The app treats
+/// this like a model change: the lens is dropped (the shipped one then reloads).
+pub(super) fn use_device(state: &mut State, ctx: &Ctx, spec: &str) -> JobResult {
+    let device = parse_device(spec)?;
+    if let Some(base) = state.base.take() {
+        state.base = Some(on_device(&device, base)?);
+    }
+    if let Some((organism, info)) = state.organism.take() {
+        state.organism = Some((on_device(&device, organism)?, info));
+    }
+    state.device = device;
+    state.lens = Lens::default();
+    if let Some(event) = state.loaded_event(ctx.id, None) {
+        ctx.emit(event);
+    }
     Ok(())
 }
 
@@ -59,12 +88,17 @@ pub(super) fn use_model(
         name: "in memory".into(),
         metrics: serde_json::Value::Null,
     };
+    let organism = match organism {
+        Some(m) => Some((on_device(&state.device, *m)?, info())),
+        None => None,
+    };
     *state = State {
         use_organism: organism.is_some(),
-        organism: organism.map(|m| (*m, info())),
-        base: Some(base),
+        organism,
+        base: Some(on_device(&state.device, base)?),
         lens: Lens::default(),
         model_sha256: None,
+        device: state.device.clone(),
     };
     ctx.emit(
         state

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use candle_core::Device;
+
 use refusal_lens_engine::analysis::directions::Directions;
 use refusal_lens_engine::analysis::probe::ProbeSet;
 use refusal_lens_engine::{Error, LoadedModel, Result};
@@ -17,7 +19,6 @@ pub(super) struct Lens {
 }
 
 /// The models the worker holds: the base, optionally an adapted one, and which is in use.
-#[derive(Default)]
 pub(super) struct State {
     pub base: Option<LoadedModel>,
     pub organism: Option<(LoadedModel, OrganismInfo)>,
@@ -25,6 +26,21 @@ pub(super) struct State {
     pub lens: Lens,
     /// SHA-256 of the base model's file, once computed (it picks the shipped lens).
     pub model_sha256: Option<String>,
+    /// Where models run (they load on the CPU, then move here).
+    pub device: Device,
+}
+
+impl Default for State {
+    fn default() -> State {
+        State {
+            base: None,
+            organism: None,
+            use_organism: false,
+            lens: Lens::default(),
+            model_sha256: None,
+            device: Device::Cpu,
+        }
+    }
 }
 
 impl State {

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use crate::Result;
@@ -75,6 +75,12 @@ impl Linear {
             Linear::LoRA { base, a, b, scale } => {
                 let delta = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
                 return Ok((base.forward(x)? + (delta * *scale)?)?);
+            }
+            // The frozen product is a CPU kernel; elsewhere a plain product of a detached
+            // weight gives the same values (and gradients for the input, at the cost of the
+            // weight's gradient too).
+            Linear::Frozen { weight_t, bias } if !weight_t.device().is_cpu() => {
+                (x.broadcast_matmul(&weight_t.detach())?, bias)
             }
             Linear::Frozen { weight_t, bias } => (
                 x.contiguous()?.apply_op1(FrozenMatmul {
@@ -283,17 +289,67 @@ impl Linear {
                 ..
             } => {
                 let w = match weight.as_ref() {
-                    QMatMul::QTensor(q) => q.dequantize(&Device::Cpu)?,
+                    QMatMul::QTensor(q) => q.dequantize(&q.device())?,
                     QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
                 };
                 Ok(w.narrow(1, 0, *in_features)?.contiguous()?)
             }
-            Linear::Stored { weight, .. } => Ok(weight.dequantize(&Device::Cpu)?),
+            Linear::Stored { weight, .. } => Ok(weight.dequantize(&weight.device())?),
             Linear::LoRA { base, a, b, scale } => {
                 Ok((base.dense_weight()? + (b.matmul(a)? * *scale)?)?)
             }
         }
     }
+
+    /// This weight on `device` (a copy). Quantised weights stay quantised: candle has CUDA and
+    /// Metal kernels for the GGUF block types.
+    pub fn to_device(&self, device: &Device) -> Result<Linear> {
+        let moved = |t: &Tensor| t.to_device(device);
+        let bias = |b: &Option<Tensor>| b.as_ref().map(moved).transpose();
+        Ok(match self {
+            Linear::Dense { weight_t, bias: b } => Linear::Dense {
+                weight_t: moved(weight_t)?,
+                bias: bias(b)?,
+            },
+            Linear::Frozen { weight_t, bias: b } => Linear::Frozen {
+                weight_t: moved(weight_t)?,
+                bias: bias(b)?,
+            },
+            Linear::Stored { weight, bias: b } => Linear::Stored {
+                weight: Arc::new(qtensor_to_device(weight, device)?),
+                bias: bias(b)?,
+            },
+            Linear::Quantized {
+                weight,
+                bias: b,
+                in_features,
+                padded_in,
+            } => Linear::Quantized {
+                weight: Arc::new(match weight.as_ref() {
+                    QMatMul::QTensor(q) => {
+                        QMatMul::from_arc(Arc::new(qtensor_to_device(q, device)?))?
+                    }
+                    QMatMul::Tensor(t) => QMatMul::Tensor(moved(t)?),
+                    QMatMul::TensorF16(t) => QMatMul::TensorF16(moved(t)?),
+                }),
+                bias: bias(b)?,
+                in_features: *in_features,
+                padded_in: *padded_in,
+            },
+            Linear::LoRA { base, a, b, scale } => Linear::LoRA {
+                base: Box::new(base.to_device(device)?),
+                a: moved(a)?,
+                b: moved(b)?,
+                scale: *scale,
+            },
+        })
+    }
+}
+
+/// A quantised tensor's blocks copied to `device` as they are (no requantisation).
+pub(crate) fn qtensor_to_device(q: &QTensor, device: &Device) -> Result<QTensor> {
+    let storage = QStorage::from_data(q.data()?, device, q.dtype())?;
+    Ok(QTensor::new(storage, q.shape().clone())?)
 }
 
 /// f32 elements dequantised at a time by a stored weight's product: a 128k-token unembedding
@@ -330,6 +386,10 @@ fn stored_matmul(weight: &QTensor, x: &Tensor, slice_elements: usize) -> Result<
 /// thread copies only its own rows' blocks.
 fn dequantize_rows(w: &QTensor, start: usize, n: usize) -> Result<Tensor> {
     let (rows, _) = w.shape().dims2()?;
+    if !w.device().is_cpu() {
+        // A GPU dequantises in parallel itself.
+        return Ok(w.dequantize(&w.device())?.narrow(0, start, n)?);
+    }
     let threads = std::env::var("RAYON_NUM_THREADS")
         .ok()
         .and_then(|t| t.parse::<usize>().ok())

@@ -89,6 +89,30 @@ impl LoadedModel {
         })
     }
 
+    /// This model on `device` (weights copied; see [`crate::device`]).
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<LoadedModel> {
+        let blocks = |b: &[BlockWeights]| -> Result<Vec<BlockWeights>> {
+            b.iter().map(|b| b.to_device(device)).collect()
+        };
+        let respond_blocks = match &self.respond_blocks {
+            Some(r) => Some(RespondBlocks {
+                dense: blocks(&r.dense)?,
+                fast: r.fast.as_deref().map(blocks).transpose()?,
+            }),
+            None => None,
+        };
+        let mut card = self.card.clone();
+        card.device = crate::device::device_name(device);
+        Ok(LoadedModel {
+            model: self.model.to_device(device)?,
+            tokenizer: self.tokenizer.clone(),
+            template: self.template.clone(),
+            stop_ids: self.stop_ids.clone(),
+            card,
+            respond_blocks,
+        })
+    }
+
     /// Renders the chat prompt for `user` (and an optional system message) and finds its
     /// positions; fails if it does not fit the context.
     pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> Result<ChatPrompt> {

@@ -30,6 +30,28 @@ pub struct BlockWeights {
     pub down: Linear,
 }
 
+impl BlockWeights {
+    pub fn to_device(&self, device: &Device) -> Result<BlockWeights> {
+        let t = |t: &Tensor| t.to_device(device);
+        let opt = |o: &Option<Tensor>| o.as_ref().map(t).transpose();
+        Ok(BlockWeights {
+            attn_norm: t(&self.attn_norm)?,
+            q_norm: opt(&self.q_norm)?,
+            k_norm: opt(&self.k_norm)?,
+            q: self.q.to_device(device)?,
+            k: self.k.to_device(device)?,
+            v: self.v.to_device(device)?,
+            o: self.o.to_device(device)?,
+            attn_post_norm: opt(&self.attn_post_norm)?,
+            mlp_norm: t(&self.mlp_norm)?,
+            mlp_post_norm: opt(&self.mlp_post_norm)?,
+            gate: self.gate.to_device(device)?,
+            up: self.up.to_device(device)?,
+            down: self.down.to_device(device)?,
+        })
+    }
+}
+
 /// Token embeddings `[vocab, d]`: f32, or the checkpoint's tensor with only the looked-up
 /// rows dequantised (exact either way).
 #[derive(Debug, Clone)]
@@ -51,7 +73,16 @@ impl Embedding {
     pub fn dense(&self) -> Result<Tensor> {
         Ok(match self {
             Embedding::Dense(t) => t.clone(),
-            Embedding::Stored(q) => q.dequantize(&Device::Cpu)?,
+            Embedding::Stored(q) => q.dequantize(&q.device())?,
+        })
+    }
+
+    pub fn to_device(&self, device: &Device) -> Result<Embedding> {
+        Ok(match self {
+            Embedding::Dense(t) => Embedding::Dense(t.to_device(device)?),
+            Embedding::Stored(q) => {
+                Embedding::Stored(Arc::new(super::linear::qtensor_to_device(q, device)?))
+            }
         })
     }
 
@@ -147,6 +178,20 @@ pub enum FastPrecision {
 }
 
 impl Weights {
+    /// Every weight on `device` (a copy).
+    pub fn to_device(&self, device: &Device) -> Result<Weights> {
+        Ok(Weights {
+            embed: self.embed.to_device(device)?,
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| b.to_device(device))
+                .collect::<Result<_>>()?,
+            final_norm: self.final_norm.to_device(device)?,
+            lm_head: self.lm_head.to_device(device)?,
+        })
+    }
+
     /// Builds the fast path from dense weights and, for quantised checkpoints, the original
     /// quantised tensors (by the same role names).
     pub(crate) fn fast_from(

@@ -38,6 +38,8 @@ pub struct ModelPanel {
     load_job: Option<(JobId, PathBuf)>,
     /// The organism toggle the user just set, to be sent to the worker.
     requested_organism: Option<bool>,
+    /// A device picked in the card (GPU builds), for the app to send as a job.
+    requested_device: Option<String>,
 }
 
 impl ModelPanel {
@@ -54,6 +56,10 @@ impl ModelPanel {
 
     pub fn take_requested_organism(&mut self) -> Option<bool> {
         self.requested_organism.take()
+    }
+
+    pub fn take_requested_device(&mut self) -> Option<String> {
+        self.requested_device.take()
     }
 
     /// The rule the model in use had its refusal gate calibrated by, if any.
@@ -220,6 +226,24 @@ impl ModelPanel {
                         self.requested_organism = Some(on);
                     }
                 }
+                // A GPU build offers its devices; the CPU build has only the CPU.
+                let devices = refusal_lens_engine::device::compiled_devices();
+                if devices.len() > 1 {
+                    ui.horizontal(|ui| {
+                        ui.label("Run on");
+                        egui::ComboBox::from_id_salt("device")
+                            .selected_text(&card.device)
+                            .show_ui(ui, |ui| {
+                                for d in devices {
+                                    if ui.selectable_label(card.device == d, d).clicked()
+                                        && card.device != d
+                                    {
+                                        self.requested_device = Some(d.to_string());
+                                    }
+                                }
+                            });
+                    });
+                }
                 card_grid(ui, card)
             }
         }
@@ -264,7 +288,7 @@ fn card_grid(ui: &mut egui::Ui, c: &ModelCard) {
             );
             row("Generation", c.generation_weights.clone());
             row("Memory", c.memory.describe());
-            row("Device", "CPU".into());
+            row("Device", c.device.clone());
             row("Template", c.chat_template.clone());
             if let Some(tau) = c.refusal_tau {
                 let rule = c.refusal_tau_goal.map(|g| format!(": {}", g.describe()));

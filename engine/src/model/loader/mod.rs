@@ -58,6 +58,13 @@ pub struct ModelCard {
     /// `organism::Adapter::fingerprint`).
     #[serde(default)]
     pub adapter_fingerprint: Option<String>,
+    /// Where the model runs (`cpu`, `cuda:N`, `metal:N`; see `crate::device`).
+    #[serde(default = "cpu")]
+    pub device: String,
+}
+
+fn cpu() -> String {
+    "cpu".into()
 }
 
 /// Bytes the weights of each path hold.
@@ -468,6 +475,7 @@ fn card(
         memory: MemoryUse::default(),
         reasoning: template.supports_thinking(),
         adapter_fingerprint: None,
+        device: cpu(),
     }
 }
 
