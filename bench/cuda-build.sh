@@ -3,7 +3,9 @@
 # GPU and no CUDA install: nvcc, the CUDA headers and the libraries the link needs come from
 # PyPI, and CUDA_COMPUTE_CAP fixes the target so that no driver is asked at build time.
 #
-#   bench/cuda-build.sh [extra cargo arguments]      e.g.  bench/cuda-build.sh --all-targets
+#   bench/cuda-build.sh                       cargo build --release --features cuda
+#   bench/cuda-build.sh CARGO-ARGS…           cargo CARGO-ARGS… in the same environment, e.g.
+#       bench/cuda-build.sh test --release --features cuda -p refusal-lens-tests --test device
 #
 # Environment:
 #   CUDA_COMPUTE_CAP   GPU generation to compile candle's kernels for (default 90: Hopper, H100/H200)
@@ -31,11 +33,11 @@ CU="$PREFIX/nvidia/cu13"
 if [ -n "${REFUSAL_LENS_NVCC:-}" ]; then
     NVCC_BIN="$(dirname "$REFUSAL_LENS_NVCC")"
 else
-    if [ ! -x "$CU/bin/nvcc" ] || [ ! -e "$CU/lib/libcublas.so.13" ]; then
+    if [ ! -x "$CU/bin/nvcc" ] || [ ! -e "$CU/lib/libcublas.so.13" ] || [ ! -e "$CU/include/nv/target" ]; then
         echo "cuda-build: installing nvcc 13.0 and the CUDA libraries from PyPI into $PREFIX (~700 MB)…" >&2
-        python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$PREFIX" \
+        python3 -m pip install --quiet --disable-pip-version-check --no-deps --upgrade --target "$PREFIX" \
             nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-nvvm==13.0.88 \
-            nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 \
+            nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
             nvidia-cublas==13.0.2.14 nvidia-curand==10.4.0.35
     fi
     NVCC_BIN="$CU/bin"
@@ -71,6 +73,11 @@ fi
 export CUDA_ROOT="$ROOT_DIR" CUDA_PATH="$ROOT_DIR" CUDA_TOOLKIT_ROOT_DIR="$ROOT_DIR"
 export LIBRARY_PATH="$ROOT_DIR/lib64${LIBRARY_PATH:+:$LIBRARY_PATH}"
 echo "cuda-build: $(nvcc --version | tail -2 | head -1), compute capability $CUDA_COMPUTE_CAP" >&2
-cargo build --release --features cuda "$@"
-echo "cuda-build: built target/release/refusal-lens with CUDA. To run it on a GPU machine:" >&2
+if [ $# -eq 0 ]; then
+    set -- build --release --features cuda
+fi
+# The CUDA build shares target/ with the CPU one (only candle and our crates differ), so the
+# binary at target/release/refusal-lens is whichever was built last.
+cargo "$@"
+echo "cuda-build: done (cargo $*). To run CUDA binaries on a GPU machine:" >&2
 echo "  export LD_LIBRARY_PATH=$CU/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}" >&2

@@ -15,14 +15,14 @@ if [ -z "${REFUSAL_LENS_NVCC:-}" ] && command -v nvcc >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 assets/fetch-model.sh
-bench/cuda-build.sh --all-targets
+bench/cuda-build.sh build --release --features cuda
 CACHE="${REFUSAL_LENS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/refusal-lens}"
 if [ -z "${REFUSAL_LENS_NVCC:-}" ]; then
     export LD_LIBRARY_PATH="$CACHE/cuda-13.0/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 fi
 target/release/refusal-lens info --base --device "$DEVICE" | grep -E "model|device|memory"
-REFUSAL_LENS_TEST_DEVICE="$DEVICE" cargo test --release --features cuda -p refusal-lens-tests \
-    --test device -- --nocapture --test-threads 1
+REFUSAL_LENS_TEST_DEVICE="$DEVICE" bench/cuda-build.sh test --release --features cuda \
+    -p refusal-lens-tests --test device -- --nocapture --test-threads 1
 MODELS=(--model "$CACHE/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 for m in ${REFUSAL_LENS_GPU_MODELS:-}; do MODELS+=(--model "$m"); done
 python3 bench/compare.py --device "$DEVICE" "${MODELS[@]}" --tokens 64

@@ -1,5 +1,6 @@
-//! Files survive a crash: a writer killed mid-save leaves the previous file whole, and a
-//! damaged activation-cache entry is recomputed, not used.
+//! Files survive a crash: a writer killed mid-save leaves the previous file whole, two
+//! writers of one file never mix it, and a damaged activation-cache entry is recomputed, not
+//! used.
 
 use std::process::Command;
 use std::time::Duration;
@@ -33,9 +34,64 @@ fn big_directions(fill: f32) -> Directions {
 #[ignore = "a child process of a_writer_killed_mid_save_leaves_the_previous_file_whole"]
 fn child_saves_in_a_loop() {
     let path = std::path::PathBuf::from(std::env::var(TARGET_ENV).unwrap());
-    for k in 0.. {
-        big_directions(k as f32).save(&path).unwrap();
+    // A second writer's values are negative, so a file mixing the two is seen.
+    let sign = if std::env::var(SECOND_WRITER_ENV).is_ok() {
+        -1.0
+    } else {
+        1.0
+    };
+    for k in 1.. {
+        big_directions(sign * k as f32).save(&path).unwrap();
     }
+}
+
+const SECOND_WRITER_ENV: &str = "REFUSAL_LENS_SECOND_WRITER";
+
+fn writer(path: &std::path::Path, second: bool) -> std::process::Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "--ignored",
+        "--exact",
+        "child_saves_in_a_loop",
+        "--nocapture",
+    ])
+    .env(TARGET_ENV, path);
+    if second {
+        cmd.env(SECOND_WRITER_ENV, "1");
+    }
+    cmd.spawn().unwrap()
+}
+
+/// Two app instances sharing a cache folder: two processes save the same file over and over
+/// while a reader loads it; every load is one save's file, whole.
+#[test]
+fn two_writers_of_one_file_never_leave_a_mixed_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.safetensors");
+    big_directions(0.0).save(&path).unwrap();
+    let mut writers = [writer(&path, false), writer(&path, true)];
+    let start = std::time::Instant::now();
+    let mut loads = 0;
+    while start.elapsed() < Duration::from_millis(1500) {
+        let d = Directions::load(&path).unwrap_or_else(|e| panic!("load {loads}: {e}"));
+        let first = d.refusal[0];
+        assert!(
+            d.refusal.iter().chain(&d.harmfulness).all(|&v| v == first),
+            "load {loads} mixes two saves"
+        );
+        loads += 1;
+    }
+    for w in &mut writers {
+        w.kill().unwrap();
+        w.wait().unwrap();
+    }
+    assert!(loads > 5, "only {loads} loads");
+    // No temporary file is left but the killed writers' own (named by their process).
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().filter(|n| n.ends_with(".partial")).count() <= 2, "{names:?}");
 }
 
 #[test]
@@ -44,16 +100,7 @@ fn a_writer_killed_mid_save_leaves_the_previous_file_whole() {
     let path = dir.path().join("d.safetensors");
     big_directions(-1.0).save(&path).unwrap();
     for delay_ms in [3u64, 7, 15, 30, 55, 90] {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--ignored",
-                "--exact",
-                "child_saves_in_a_loop",
-                "--nocapture",
-            ])
-            .env(TARGET_ENV, &path)
-            .spawn()
-            .unwrap();
+        let mut child = writer(&path, false);
         std::thread::sleep(Duration::from_millis(delay_ms));
         child.kill().unwrap(); // SIGKILL: no destructor, no flush
         child.wait().unwrap();
