@@ -63,7 +63,10 @@ fn writer(path: &std::path::Path, second: bool) -> std::process::Child {
 }
 
 /// Two app instances sharing a cache folder: two processes save the same file over and over
-/// while a reader loads it; every load is one save's file, whole.
+/// while a reader loads it; every load is one save's file, whole, and no save fails. (What
+/// this guards: a save that wrote the final path in place. safetensors' own writer goes
+/// through a temporary file too, so a temporary name shared by the two writers only fails
+/// in a rename race this test rarely hits.)
 #[test]
 fn two_writers_of_one_file_never_leave_a_mixed_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -82,8 +85,12 @@ fn two_writers_of_one_file_never_leave_a_mixed_file() {
         loads += 1;
     }
     for w in &mut writers {
+        // Each save of each writer succeeded (a temporary file shared by the two would be
+        // renamed away under one of them, failing its save).
+        let exited = w.try_wait().unwrap();
         w.kill().unwrap();
         w.wait().unwrap();
+        assert!(exited.is_none(), "a writer's save failed: {exited:?}");
     }
     assert!(loads > 5, "only {loads} loads");
     // No temporary file is left but the killed writers' own (named by their process).
