@@ -70,6 +70,8 @@ fn every_job_kind_fails_cleanly_and_the_worker_serves_the_next_job() {
                 adapter: None,
             },
         ),
+        // No CUDA in a CPU-only build; no 100th GPU in a CUDA one.
+        ("UseDevice", Job::UseDevice("cuda:99".into())),
         ("Generate", Job::Generate(request("   ", 4))),
         (
             "Steer",
@@ -171,4 +173,28 @@ fn every_job_kind_fails_cleanly_and_the_worker_serves_the_next_job() {
         outcome(&worker, next, |e| matches!(e, Event::Finished { .. }))
             .unwrap_or_else(|e| panic!("after a failed {kind}: {e}"));
     }
+}
+
+#[test]
+fn use_device_moves_the_loaded_models_and_says_where_they_run() {
+    let mut worker = Worker::spawn(|_| {});
+    worker.submit(Job::UseModel {
+        base: Box::new(tiny_model(Family::Llama, 1).unwrap()),
+        organism: None,
+    });
+    let id = worker.submit(Job::UseDevice("cpu".into()));
+    let start = Instant::now();
+    let card = loop {
+        assert!(start.elapsed() < Duration::from_secs(60), "no ModelLoaded");
+        match worker.try_recv() {
+            Some(Event::ModelLoaded { id: i, card, .. }) if i == id => break card,
+            Some(Event::Failed { error, .. }) => panic!("{error}"),
+            Some(_) => {}
+            None => std::thread::sleep(Duration::from_millis(2)),
+        }
+    };
+    assert_eq!(card.device, "cpu");
+    // The moved model still answers.
+    let next = worker.submit(Job::Generate(request("Tell me about owls", 3)));
+    outcome(&worker, next, |e| matches!(e, Event::Finished { .. })).unwrap();
 }

@@ -98,7 +98,10 @@ fn two_writers_of_one_file_never_leave_a_mixed_file() {
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(names.iter().filter(|n| n.ends_with(".partial")).count() <= 2, "{names:?}");
+    assert!(
+        names.iter().filter(|n| n.ends_with(".partial")).count() <= 2,
+        "{names:?}"
+    );
 }
 
 #[test]
