@@ -70,13 +70,19 @@ fn greedy(lm: &LoadedModel, ids: &[u32], n: usize) -> Vec<u32> {
         .collect()
 }
 
-#[test]
-fn moving_to_the_cpu_changes_no_value() {
+/// The six tiny families and the default model.
+fn models() -> Vec<LoadedModel> {
     let mut models: Vec<LoadedModel> = FAMILIES
         .iter()
         .map(|&f| tiny_model(f, 7).unwrap())
         .collect();
     models.push(default_model());
+    models
+}
+
+#[test]
+fn moving_to_the_cpu_changes_no_value() {
+    let models = models();
     for lm in &models {
         let moved = lm.to_device(&Device::Cpu).unwrap();
         assert_eq!(moved.card.device, "cpu");
@@ -103,11 +109,7 @@ fn a_gpu_computes_what_the_cpu_computes() {
         }
     };
     let name = device_name(&device);
-    let mut models: Vec<LoadedModel> = FAMILIES
-        .iter()
-        .map(|&f| tiny_model(f, 7).unwrap())
-        .collect();
-    models.push(default_model());
+    let models = models();
     for lm in &models {
         let gpu = lm.to_device(&device).unwrap();
         assert_eq!(gpu.card.device, name);
