@@ -131,8 +131,8 @@ def on_device(model, device, tokens):
     out = subprocess.run([exe, "bench"] + common + ["--prompt", PROMPT, "--max-tokens", str(tokens), "--json"],
                          check=True, capture_output=True, text=True, cwd=ROOT)
     row = json.loads(out.stdout)
-    row["heads_dla_seconds"] = timed(["heads", "--metric", "dla"] + common)
-    row["heads_interchange_seconds"] = timed(["heads", "--metric", "interchange"] + common)
+    row["heads_dla_seconds"] = timed(["heads", "dla"] + common)
+    row["heads_interchange_seconds"] = timed(["heads", "interchange"] + common)
     row["directions_600_seconds"] = timed(["directions", "--no-select", "--no-cache"] + common)
     return row
 
