@@ -219,6 +219,18 @@ fn bad_input_exits_non_zero_with_one_line() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr_line(&out).contains("past the model's 2 layers"));
+
+    // A device this build cannot use (no CUDA in a CPU build; no 100th GPU in a CUDA one),
+    // and one that does not exist.
+    let out = run(&["info", "--model", &model, "--device", "cuda:99"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).contains("--device"));
+    let out = run(&["info", "--model", &model, "--device", "gpu"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr_line(&out).contains("unknown device `gpu`"));
+    let out = run(&["info", "--model", &model, "--device", "cpu"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("device         cpu"));
 }
 
 /// A model needing more memory than the limit fails before loading, in one line.

@@ -36,7 +36,7 @@ pub struct ForwardOptions<'a> {
     pub cancelled: Option<&'a dyn Fn() -> bool>,
 }
 
-impl ForwardOptions<'_> {
+impl<'a> ForwardOptions<'a> {
     /// The gradient-friendly ops (see [`ForwardOptions::differentiable`]).
     pub fn differentiable() -> Self {
         ForwardOptions {
@@ -44,9 +44,7 @@ impl ForwardOptions<'_> {
             cancelled: None,
         }
     }
-}
 
-impl<'a> ForwardOptions<'a> {
     /// These options, stopping between blocks once `cancelled` says so.
     pub fn cancellable(self, cancelled: &'a dyn Fn() -> bool) -> Self {
         ForwardOptions {
@@ -149,15 +147,14 @@ impl Model {
 
     /// This model on `device`: every weight copied there (see [`crate::device`]).
     pub fn to_device(&self, device: &Device) -> Result<Model> {
-        let moved = Model::new(
+        Model::new(
             self.config.clone(),
             self.dense.to_device(device)?,
             self.fast
                 .as_ref()
                 .map(|w| w.to_device(device))
                 .transpose()?,
-        )?;
-        Ok(moved)
+        )
     }
 
     /// The weights generation uses: the fast path when there is one.
