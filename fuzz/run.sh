@@ -10,7 +10,10 @@ cd "$(dirname "$0")"
 seconds=${1:-600}
 [ $# -gt 0 ] && shift
 targets=${*:-"gguf hf_config hf_safetensors chat_template prompt_sets adapter lens_files session"}
-cargo +nightly fuzz build -s none -O
+# The session target needs the app crate (the GUI stack): built only when it is asked for.
+features=""
+case " $targets " in *" session "*) features="--features session" ;; esac
+cargo +nightly fuzz build -s none -O $features
 run_one() {
   t=$1
   mkdir -p corpus/$t artifacts/$t
@@ -18,12 +21,12 @@ run_one() {
   # and 2 GB of memory at most: a slow or greedy input is a finding too.
   # corpus-large/T: inputs over 20 KB kept out of git (the GGUF and safetensors targets').
   extra=""; [ -d corpus-large/$t ] && extra=corpus-large/$t
-  cargo +nightly fuzz run -s none -O $t corpus/$t seeds/$t $extra -- \
+  cargo +nightly fuzz run -s none -O $features $t corpus/$t seeds/$t $extra -- \
     -max_total_time="$seconds" -max_len=524288 -timeout=5 -rss_limit_mb=2048 \
     -print_final_stats=1 >"artifacts/$t.log" 2>&1 || echo "$t: stopped with a finding, see fuzz/artifacts/$t"
   grep -E "stat::number_of_executed_units|cov:" "artifacts/$t.log" | tail -2 | sed "s/^/$t: /"
   # Keep the corpus small: only inputs that add coverage.
-  cargo +nightly fuzz cmin -s none -O $t corpus/$t -- -max_len=524288 >/dev/null 2>&1 || true
+  cargo +nightly fuzz cmin -s none -O $features $t corpus/$t -- -max_len=524288 >/dev/null 2>&1 || true
 }
 set -- $targets
 while [ $# -gt 0 ]; do
