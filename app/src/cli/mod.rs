@@ -207,10 +207,7 @@ pub fn run(command: Command, choice: ModelChoice) -> Result<()> {
     lm.template.enable_thinking = choice.think;
     // Models load (and adapters apply) on the CPU, then move whole to the device.
     let on_device = |lm: LoadedModel| -> Result<LoadedModel> {
-        if device.is_cpu() {
-            return Ok(lm);
-        }
-        lm.to_device(&device)
+        lm.into_device(&device)
             .with_context(|| format!("cannot move the model to {}", choice.device))
     };
     if let Command::TrainRefusalTokens(a) = command {

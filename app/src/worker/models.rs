@@ -3,11 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Device;
 use refusal_lens_engine::device::parse_device;
 use refusal_lens_engine::model::FastPrecision;
 use refusal_lens_engine::organism::Adapter;
-use refusal_lens_engine::{LoadedModel, Result};
+use refusal_lens_engine::LoadedModel;
 
 use super::protocol::{Event, OrganismInfo};
 use super::state::{Lens, State};
@@ -32,13 +31,13 @@ pub(super) fn load(
                 name: dir.display().to_string(),
                 metrics: a.meta.metrics.clone(),
             };
-            Some((on_device(&state.device, a.apply(&base)?)?, info))
+            Some((a.apply(&base)?.into_device(&state.device)?, info))
         }
         None => None,
     };
     *state = State {
         use_organism: organism.is_some(),
-        base: Some(on_device(&state.device, base)?),
+        base: Some(base.into_device(&state.device)?),
         organism,
         lens: Lens::default(),
         model_sha256: None,
@@ -52,23 +51,15 @@ pub(super) fn load(
     Ok(())
 }
 
-/// `lm` on `device` (models load, and adapters apply, on the CPU).
-fn on_device(device: &Device, lm: LoadedModel) -> Result<LoadedModel> {
-    if device.is_cpu() && lm.model.device().is_cpu() {
-        return Ok(lm);
-    }
-    lm.to_device(device)
-}
-
 /// Moves the loaded models to `spec`'s device and runs there from now on. The app treats
 /// this like a model change: the lens is dropped (the shipped one then reloads).
 pub(super) fn use_device(state: &mut State, ctx: &Ctx, spec: &str) -> JobResult {
     let device = parse_device(spec)?;
     if let Some(base) = state.base.take() {
-        state.base = Some(on_device(&device, base)?);
+        state.base = Some(base.into_device(&device)?);
     }
     if let Some((organism, info)) = state.organism.take() {
-        state.organism = Some((on_device(&device, organism)?, info));
+        state.organism = Some((organism.into_device(&device)?, info));
     }
     state.device = device;
     state.lens = Lens::default();
@@ -89,13 +80,13 @@ pub(super) fn use_model(
         metrics: serde_json::Value::Null,
     };
     let organism = match organism {
-        Some(m) => Some((on_device(&state.device, *m)?, info())),
+        Some(m) => Some(((*m).into_device(&state.device)?, info())),
         None => None,
     };
     *state = State {
         use_organism: organism.is_some(),
         organism,
-        base: Some(on_device(&state.device, base)?),
+        base: Some(base.into_device(&state.device)?),
         lens: Lens::default(),
         model_sha256: None,
         device: state.device.clone(),

@@ -89,6 +89,14 @@ impl LoadedModel {
         })
     }
 
+    /// This model on `device`: itself when it is there already, else [`Self::to_device`].
+    pub fn into_device(self, device: &candle_core::Device) -> Result<LoadedModel> {
+        if self.model.device().same_device(device) {
+            return Ok(self);
+        }
+        self.to_device(device)
+    }
+
     /// This model on `device` (weights copied; see [`crate::device`]).
     pub fn to_device(&self, device: &candle_core::Device) -> Result<LoadedModel> {
         let blocks = |b: &[BlockWeights]| -> Result<Vec<BlockWeights>> {
