@@ -74,6 +74,7 @@ fn main() {
             Box::new(move || Job::Steer {
                 request: request(4000),
                 baseline: true,
+                ahead: Vec::new(),
             }),
         ),
         (

@@ -98,6 +98,7 @@ fn main() {
     let id = worker.submit(Job::Steer {
         request: request(0.0, layer, 8),
         baseline: true,
+        ahead: Vec::new(),
     });
     wait(
         &worker,
@@ -126,6 +127,7 @@ fn scripted_drag(worker: &mut Worker, layer: usize) {
             let steer = Job::Steer {
                 request: request(alpha, layer, 64),
                 baseline: false,
+                ahead: Vec::new(),
             };
             sent.push((worker.submit(steer), Instant::now()));
             next_step += 1;
@@ -174,6 +176,7 @@ fn changes_at_rest(worker: &mut Worker, layer: usize) {
         let id = worker.submit(Job::Steer {
             request: request(0.25 + 0.1 * k as f32, layer, 64),
             baseline: false,
+            ahead: Vec::new(),
         });
         let mut ft = 0.0;
         let mut total = 0.0;
@@ -290,10 +293,52 @@ fn slider_to_first_token_in_the_app() {
     step_until(&mut h, "the baseline", &|a| {
         a.steering.baseline.done && a.steering.steered.done
     });
+    // Cold: each move jumps at least 10 steps (beyond what is computed ahead) to a value not
+    // seen before, right after the last reply. Warm: each move is 1–3 steps from a value the
+    // user rested on for 6 s.
+    let cold = vec![0.5, 1.0, 1.5, 2.0, 0.25, 0.75, 1.25, 1.75, 0.1, 0.6];
+    let warm: Vec<f32> = (0..10)
+        .scan(0.6f32, |v, k| {
+            *v += [0.05, -0.10, 0.15][k % 3];
+            Some(*v)
+        })
+        .collect();
+    for (name, values, pause) in [
+        ("cold: a jump of 10+ steps, nothing computed ahead", cold, 0),
+        ("warm: 1–3 steps after a 6 s rest", warm, 6000),
+    ] {
+        app_moves(&mut h, name, &values, Duration::from_millis(pause));
+    }
+}
+
+/// Moves the ablation slider to each of `values` after `pause`, and prints the median split
+/// of slider move → first steered token on screen.
+fn app_moves(
+    h: &mut egui_kittest::Harness<'_, RefusalLensApp>,
+    name: &str,
+    values: &[f32],
+    pause: Duration,
+) {
+    let step_until = |h: &mut egui_kittest::Harness<'_, RefusalLensApp>,
+                      what: &str,
+                      done: &dyn Fn(&RefusalLensApp) -> bool| {
+        let start = Instant::now();
+        while !done(h.state()) {
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "timed out: {what}"
+            );
+            h.step();
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
     let (mut send, mut queue, mut prefill, mut decode, mut paint, mut total) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
-    for k in 0..10 {
-        h.state_mut().steering.alpha_refusal = [0.4, 1.0][k % 2] + 0.01 * k as f32;
+    let mut ahead = 0;
+    for &value in values {
+        // The app is idle: nothing repaints, the worker computes ahead.
+        std::thread::sleep(pause);
+        h.state_mut().steering.alpha_refusal = value;
         let moved = Instant::now();
         h.step(); // the frame that sees the new value and sends the job
         let sent = moved.elapsed().as_secs_f64();
@@ -305,13 +350,13 @@ fn slider_to_first_token_in_the_app() {
                 break (frame, frame.elapsed().as_secs_f64());
             }
             // The app is idle while it waits (it repaints when the token arrives); a poll
-            // every 5 ms stands in for that wake-up without taking a core from the worker.
-            std::thread::sleep(Duration::from_millis(5));
+            // every 2 ms stands in for that wake-up without taking a core from the worker.
+            std::thread::sleep(Duration::from_millis(2));
         };
         let until_paint_frame = frame_start.duration_since(moved).as_secs_f64();
         let on_screen = until_paint_frame + frame_cost;
         // … and the second token, for the decode step.
-        step_until(&mut h, "the second token", &|a| {
+        step_until(h, "the second token", &|a| {
             a.steering.steered.token_worker_seconds.len() >= 2 || a.steering.steered.done
         });
         let times = h.state().steering.steered.token_worker_seconds.clone();
@@ -326,13 +371,15 @@ fn slider_to_first_token_in_the_app() {
             decode.push((times[1] - times[0]) * 1e3);
         }
         total.push(on_screen * 1e3);
-        step_until(&mut h, "the reply", &|a| a.steering.steered.done);
+        step_until(h, "the reply", &|a| a.steering.steered.done);
+        ahead += h.state().steering.steered.computed_ahead as usize;
     }
     println!(
-        "slider move → first steered token on screen (real app, kittest, 1200×780, median of 10):"
+        "slider move → first steered token on screen (real app, kittest, 1200×780, {name}; median of {}; prompt pass computed ahead for {ahead}):",
+        values.len()
     );
     println!(
-        "  total {:.0} ms = send frame {:.1} + queueing/polling {:.1} + prompt pass to the first token {:.0} + frame that paints it {:.1} ms (layout + tessellation, no rasterisation); next decode step {:.0} ms",
+        "  total {:.0} ms = send frame {:.1} + queueing/polling {:.1} + worker to the first token {:.0} (the prompt pass, unless computed ahead) + frame that paints it {:.1} ms (layout + tessellation, no rasterisation); next token {:.0} ms later",
         median(total),
         median(send),
         median(queue),

@@ -492,6 +492,7 @@ fn a_newer_steer_request_cancels_the_older_one_before_it_finishes() {
     let steer = |request| Job::Steer {
         request,
         baseline: false,
+        ahead: Vec::new(),
     };
     let old = worker.submit(steer(request(5000)));
     let new = worker.submit(steer(request(8)));

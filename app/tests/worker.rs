@@ -78,6 +78,7 @@ fn every_job_kind_fails_cleanly_and_the_worker_serves_the_next_job() {
             Job::Steer {
                 request: request("", 4),
                 baseline: true,
+                ahead: Vec::new(),
             },
         ),
         (
@@ -197,4 +198,79 @@ fn use_device_moves_the_loaded_models_and_says_where_they_run() {
     // The moved model still answers.
     let next = worker.submit(Job::Generate(request("Tell me about owls", 3)));
     outcome(&worker, next, |e| matches!(e, Event::Finished { .. })).unwrap();
+}
+
+/// The steered reply of job `id`: (text, P(refuse), computed ahead).
+fn steered(worker: &Worker, id: JobId) -> (String, f32, bool) {
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < Duration::from_secs(60), "no steered reply");
+        match worker.try_recv() {
+            Some(Event::Steered { id: i, reply }) if i == id && !reply.baseline => {
+                return (reply.text, reply.refusal_probability, reply.computed_ahead)
+            }
+            Some(Event::Failed { error, .. }) => panic!("{error}"),
+            Some(_) => {}
+            None => std::thread::sleep(Duration::from_millis(2)),
+        }
+    }
+}
+
+/// While idle after a steer job the worker computes the prompt passes of the stacks it was
+/// given; a reply under one of them starts from its kept pass and is the reply computed
+/// afresh; a job that may change the model or the directions drops what was kept.
+#[test]
+fn prompt_passes_computed_ahead_give_the_same_reply_and_are_dropped_with_the_model() {
+    use refusal_lens_engine::analysis::steering::HeadAblation;
+    let model = || Box::new(tiny_model(Family::Llama, 3).unwrap());
+    let stack = |head: usize| Steering {
+        edits: vec![Edit::AblateHead {
+            layer: 0,
+            head,
+            how: HeadAblation::Zero,
+        }],
+    };
+    let steer = |steering: Steering, ahead: Vec<Steering>| Job::Steer {
+        request: GenerateRequest {
+            steering,
+            ..request("Tell me about owls", 6)
+        },
+        baseline: false,
+        ahead,
+    };
+    // Fresh replies, nothing kept.
+    let mut fresh = Worker::spawn(|_| {});
+    fresh.submit(Job::UseModel {
+        base: model(),
+        organism: None,
+    });
+    let want: Vec<(String, f32, bool)> = (0..2)
+        .map(|head| {
+            let id = fresh.submit(steer(stack(head), Vec::new()));
+            steered(&fresh, id)
+        })
+        .collect();
+    assert!(want.iter().all(|w| !w.2));
+
+    let mut worker = Worker::spawn(|_| {});
+    worker.submit(Job::UseModel {
+        base: model(),
+        organism: None,
+    });
+    let id = worker.submit(steer(Steering::default(), vec![stack(0), stack(1)]));
+    assert!(!steered(&worker, id).2);
+    // A tiny model's pass takes milliseconds.
+    std::thread::sleep(Duration::from_secs(2));
+    let id = worker.submit(steer(stack(0), Vec::new()));
+    let got = steered(&worker, id);
+    assert!(got.2, "head 0's pass was computed ahead");
+    assert_eq!((&got.0, got.1), (&want[0].0, want[0].1));
+    worker.submit(Job::UseModel {
+        base: model(),
+        organism: None,
+    });
+    let id = worker.submit(steer(stack(1), Vec::new()));
+    let got = steered(&worker, id);
+    assert!(!got.2, "a new model drops the kept passes");
+    assert_eq!((&got.0, got.1), (&want[1].0, want[1].1));
 }

@@ -391,3 +391,85 @@ fn after_respond_the_respond_blocks_write_the_answer() {
         assert!(batched.iter().all(|g| g.tokens[0].id == want));
     }
 }
+
+/// A store of prompt passes that counts what it was asked for and handed.
+#[derive(Default)]
+struct Kept {
+    passes: std::collections::HashMap<
+        refusal_lens_engine::run::generate::PassKind,
+        refusal_lens_engine::run::generate::PromptPass,
+    >,
+    hits: usize,
+    puts: usize,
+}
+
+impl refusal_lens_engine::run::generate::PromptPasses for Kept {
+    fn get(
+        &mut self,
+        kind: refusal_lens_engine::run::generate::PassKind,
+    ) -> Option<refusal_lens_engine::run::generate::PromptPass> {
+        let p = self.passes.get(&kind).cloned();
+        self.hits += p.is_some() as usize;
+        p
+    }
+    fn put(
+        &mut self,
+        kind: refusal_lens_engine::run::generate::PassKind,
+        pass: &refusal_lens_engine::run::generate::PromptPass,
+    ) {
+        self.puts += 1;
+        self.passes.insert(kind, pass.clone());
+    }
+}
+
+/// A reply that reuses its prompt passes (the model's and, after `[respond]`, the respond
+/// blocks') is the reply that computes them: same tokens, log-probabilities and `P(R)`, with
+/// steering hooks and sampling; and later replies leave the kept passes as they were.
+#[test]
+fn a_reply_from_kept_prompt_passes_is_the_reply_that_computes_them() {
+    use refusal_lens_engine::model::RespondBlocks;
+    use refusal_lens_engine::run::generate::{generate_with, Sampling};
+    let other = tiny_model(Family::Llama, 26).unwrap();
+    let mut m = tiny_model(Family::Llama, 25).unwrap();
+    m.add_tokens(&[REFUSE_TOKEN, RESPOND_TOKEN], &rows(&m, 0.5))
+        .unwrap();
+    m.respond_blocks = Some(RespondBlocks {
+        dense: other.model.dense.blocks.clone(),
+        fast: None,
+    });
+    let prompt = m.chat_prompt(None, "how are you").unwrap();
+    let d = m.model.config.d_model;
+    let steer = HookSpec::with_interventions(vec![Intervention::AddVector {
+        point: refusal_lens_engine::hooks::HookPoint::ResidPre(1),
+        vector: Tensor::ones(d, DType::F32, m.model.device()).unwrap(),
+        scale: 0.3,
+        positions: refusal_lens_engine::hooks::Positions::All,
+    }]);
+    for (tau, passes_wanted) in [(0.0, 1), (1.01, 2)] {
+        let cfg = GenerateConfig {
+            max_new_tokens: 7,
+            hooks: steer.clone(),
+            sampling: Sampling {
+                temperature: 0.8,
+                top_p: 0.9,
+                seed: 3,
+            },
+            refusal_gate: RefusalGate::for_model(&m, tau),
+            ..Default::default()
+        };
+        let fresh = generate(&m, &prompt.ids, &cfg, &|| false, &mut |_| {}).unwrap();
+        let mut kept = Kept::default();
+        let first =
+            generate_with(&m, &prompt.ids, &cfg, &mut kept, &|| false, &mut |_| {}).unwrap();
+        assert_eq!((kept.hits, kept.puts), (0, passes_wanted), "tau {tau}");
+        for _ in 0..2 {
+            let again =
+                generate_with(&m, &prompt.ids, &cfg, &mut kept, &|| false, &mut |_| {}).unwrap();
+            for g in [&first, &again] {
+                assert_eq!(g.tokens, fresh.tokens, "tau {tau}");
+                assert_eq!(g.refusal_probability, fresh.refusal_probability);
+            }
+        }
+        assert_eq!((kept.hits, kept.puts), (2 * passes_wanted, passes_wanted));
+    }
+}

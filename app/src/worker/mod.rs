@@ -4,6 +4,7 @@
 //! `protocol` holds the message types; each job kind runs in its own module (`models`,
 //! `replies`, `lens`, `heads`, `organism`) against the worker's [`state::State`].
 
+mod ahead;
 mod heads;
 mod lens;
 mod models;
@@ -172,11 +173,27 @@ fn run(
     notify: impl Fn(&Event),
 ) {
     let mut state = State::default();
+    let mut ahead = ahead::Ahead::default();
     let emit = |e: Event| {
         notify(&e);
         let _ = events.send(e);
     };
-    for (id, job) in jobs {
+    loop {
+        // Idle with passes to compute ahead: compute one, or stop it once a job arrives.
+        let next = if ahead.has_work() {
+            match jobs.try_recv() {
+                Ok(next) => Ok(next),
+                Err(crossbeam_channel::TryRecvError::Empty) => {
+                    crate::set_kernel_threads(false);
+                    ahead.step(&state, &|| !jobs.is_empty());
+                    continue;
+                }
+                Err(crossbeam_channel::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            jobs.recv().map_err(|_| ())
+        };
+        let Ok((id, job)) = next else { break };
         let ctx = Ctx {
             id,
             started: std::time::Instant::now(),
@@ -187,12 +204,15 @@ fn run(
         if ctx.cancelled() && matches!(job, Job::Generate(_) | Job::Steer { .. }) {
             continue;
         }
+        if !job.keeps_model_and_lens() {
+            ahead.clear();
+        }
         let quiet_when_cancelled = matches!(job, Job::Steer { .. });
         // Every core until a job streams its first token (see `replies`).
         crate::set_kernel_threads(false);
         // A panic inside a job (a bug) must not kill the worker: report it and keep serving.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            dispatch(&mut state, &ctx, job)
+            dispatch(&mut state, &mut ahead, &ctx, job)
         }));
         let error = match outcome {
             Ok(Ok(())) => {
@@ -202,6 +222,8 @@ fn run(
             Ok(Err(refusal_lens_engine::Error::Cancelled)) if quiet_when_cancelled => continue,
             Ok(Err(e)) => e.to_string(),
             Err(panic) => {
+                // What a panicking job left half-written is not trusted.
+                ahead.clear();
                 let msg = panic
                     .downcast_ref::<String>()
                     .cloned()
@@ -214,7 +236,7 @@ fn run(
     }
 }
 
-fn dispatch(state: &mut State, ctx: &Ctx, job: Job) -> JobResult {
+fn dispatch(state: &mut State, ahead: &mut ahead::Ahead, ctx: &Ctx, job: Job) -> JobResult {
     match job {
         // A model the app ships directions and probes for gets them at once.
         Job::LoadModel { path, adapter } => {
@@ -234,8 +256,16 @@ fn dispatch(state: &mut State, ctx: &Ctx, job: Job) -> JobResult {
             lens::load_shipped(state, ctx)
         }
         Job::SetThinking(on) => models::set_thinking(state, on),
-        Job::Generate(request) => replies::generate(state, ctx, &request),
-        Job::Steer { request, baseline } => replies::steer(state, ctx, &request, baseline),
+        Job::Generate(request) => replies::generate(state, ahead, ctx, &request),
+        Job::Steer {
+            request,
+            baseline,
+            ahead: stacks,
+        } => {
+            replies::steer(state, ahead, ctx, &request, baseline)?;
+            ahead.plan(&request, stacks);
+            Ok(())
+        }
         Job::Sweep {
             prompts,
             alphas,

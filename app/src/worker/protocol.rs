@@ -71,10 +71,14 @@ pub enum Job {
     /// training runs.
     Generate(GenerateRequest),
     /// A steered reply (and first, if asked, the unsteered baseline), each with its judgement.
-    /// Supersedes earlier steer jobs only.
+    /// Supersedes earlier steer jobs only. Afterwards, while no job waits, the worker
+    /// computes the prompt passes of the request under each stack of `ahead` in turn (the
+    /// values the controls are likely to take next, nearest first), so that a reply under one
+    /// of them starts at once.
     Steer {
         request: GenerateRequest,
         baseline: bool,
+        ahead: Vec<Steering>,
     },
     /// Dose-response over prompts: the steering at each α.
     Sweep {
@@ -175,6 +179,22 @@ pub(super) enum CancelGroup {
 }
 
 impl Job {
+    /// Jobs that only read the models and the lens; any other may change what a prompt pass
+    /// computes (see `ahead`).
+    pub(super) fn keeps_model_and_lens(&self) -> bool {
+        matches!(
+            self,
+            Job::Generate(_)
+                | Job::Steer { .. }
+                | Job::Sweep { .. }
+                | Job::Trajectory { .. }
+                | Job::Calibrate { .. }
+                | Job::Heads { .. }
+                | Job::Cascade { .. }
+                | Job::SaveLens(_)
+        )
+    }
+
     pub(super) fn cancel_group(&self) -> CancelGroup {
         match self {
             Job::Generate(_) | Job::Calibrate { .. } | Job::Train { .. } => CancelGroup::Replies,
@@ -210,6 +230,8 @@ pub struct SteeredReply {
     pub judgement: f32,
     /// From the steer request to the first token of this reply.
     pub first_token_seconds: f64,
+    /// Its prompt pass had been computed ahead (see `Job::Steer`).
+    pub computed_ahead: bool,
     pub seconds: f64,
 }
 

@@ -9,15 +9,16 @@ use refusal_lens_engine::analysis::trajectory::{trajectory as score_trajectory, 
 use refusal_lens_engine::model::chat::ChatPrompt;
 use refusal_lens_engine::refusal::response::classify as classify_reply;
 use refusal_lens_engine::refusal::{opener_bias, RefusalGate, RefusalSignal};
-use refusal_lens_engine::run::generate::{generate as generate_reply, GenerateConfig};
+use refusal_lens_engine::run::generate::{generate_with, GenerateConfig, PassKind};
 use refusal_lens_engine::{Error, LoadedModel};
 
+use super::ahead::Ahead;
 use super::protocol::{Event, GenerateRequest, SteeredReply};
 use super::state::State;
 use super::{Ctx, JobResult};
 
 /// The generation settings of a request for `m`, its steering turned into hooks.
-fn generate_config(
+pub(super) fn generate_config(
     m: &LoadedModel,
     dirs: Option<&Directions>,
     request: &GenerateRequest,
@@ -34,7 +35,14 @@ fn generate_config(
     })
 }
 
-pub(super) fn generate(state: &State, ctx: &Ctx, request: &GenerateRequest) -> JobResult {
+/// A reply, streamed; from a prompt pass kept in `ahead` when it has one (a Steer job may
+/// have computed it).
+pub(super) fn generate(
+    state: &State,
+    ahead: &mut Ahead,
+    ctx: &Ctx,
+    request: &GenerateRequest,
+) -> JobResult {
     let m = state.active()?;
     let prompt = m.chat_prompt(request.system.as_deref(), &request.prompt)?;
     ctx.emit(Event::Prompt {
@@ -45,15 +53,22 @@ pub(super) fn generate(state: &State, ctx: &Ctx, request: &GenerateRequest) -> J
     });
     let cfg = generate_config(m, state.lens.directions.as_deref(), request, &prompt)?;
     let cancelled = || ctx.cancelled();
-    let generation = generate_reply(m, &prompt.ids, &cfg, &cancelled, &mut |step| {
-        streaming_from_now();
-        ctx.emit(Event::Token {
-            id: ctx.id,
-            baseline: false,
-            step: step.clone(),
-            worker_seconds: ctx.started.elapsed().as_secs_f64(),
-        })
-    })?;
+    let generation = generate_with(
+        m,
+        &prompt.ids,
+        &cfg,
+        &mut ahead.passes_for(&prompt.ids, &request.steering),
+        &cancelled,
+        &mut |step| {
+            streaming_from_now();
+            ctx.emit(Event::Token {
+                id: ctx.id,
+                baseline: false,
+                step: step.clone(),
+                worker_seconds: ctx.started.elapsed().as_secs_f64(),
+            })
+        },
+    )?;
     ctx.emit(Event::Finished {
         id: ctx.id,
         generation: Box::new(generation),
@@ -62,9 +77,11 @@ pub(super) fn generate(state: &State, ctx: &Ctx, request: &GenerateRequest) -> J
 }
 
 /// The steered reply (after the unsteered baseline, if asked), each streamed as tokens and
-/// then summarised with its judgement.
+/// then summarised with its judgement. Both start from prompt passes kept in `ahead` when it
+/// has them, and leave theirs there.
 pub(super) fn steer(
     state: &State,
+    ahead: &mut Ahead,
     ctx: &Ctx,
     request: &GenerateRequest,
     baseline: bool,
@@ -76,13 +93,14 @@ pub(super) fn steer(
         if is_baseline {
             request.steering = Steering::default();
         }
-        steered_reply(state, ctx, &request, is_baseline, requested)?;
+        steered_reply(state, ahead, ctx, &request, is_baseline, requested)?;
     }
     Ok(())
 }
 
 fn steered_reply(
     state: &State,
+    ahead: &mut Ahead,
     ctx: &Ctx,
     request: &GenerateRequest,
     baseline: bool,
@@ -94,18 +112,29 @@ fn steered_reply(
     let cfg = generate_config(m, dirs, request, &prompt)?;
     let mut first_token_seconds = None;
     let cancelled = || ctx.cancelled();
+    let computed_ahead = ahead.has(&prompt.ids, &request.steering, PassKind::Prompt);
+    if computed_ahead {
+        ahead.reused += 1;
+    }
     // The prompt pass runs while the UI waits idle for the first token: every core for it.
     crate::set_kernel_threads(false);
-    let g = generate_reply(m, &prompt.ids, &cfg, &cancelled, &mut |step| {
-        streaming_from_now();
-        first_token_seconds.get_or_insert_with(|| requested.elapsed().as_secs_f64());
-        ctx.emit(Event::Token {
-            id: ctx.id,
-            baseline,
-            step: step.clone(),
-            worker_seconds: ctx.started.elapsed().as_secs_f64(),
-        })
-    })?;
+    let g = generate_with(
+        m,
+        &prompt.ids,
+        &cfg,
+        &mut ahead.passes_for(&prompt.ids, &request.steering),
+        &cancelled,
+        &mut |step| {
+            streaming_from_now();
+            first_token_seconds.get_or_insert_with(|| requested.elapsed().as_secs_f64());
+            ctx.emit(Event::Token {
+                id: ctx.id,
+                baseline,
+                step: step.clone(),
+                worker_seconds: ctx.started.elapsed().as_secs_f64(),
+            })
+        },
+    )?;
     if ctx.cancelled() {
         return Err(Error::Cancelled);
     }
@@ -126,6 +155,7 @@ fn steered_reply(
             refusal_probability: g.refusal_probability.unwrap_or(f32::NAN),
             judgement,
             first_token_seconds: first_token_seconds.unwrap_or(seconds),
+            computed_ahead,
             seconds,
         },
     });

@@ -391,6 +391,15 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Elements held, keys and values of every layer.
+    pub fn elem_count(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .map(|(k, v)| k.elem_count() + v.elem_count())
+            .sum()
+    }
 }
 
 impl Weights {

@@ -35,11 +35,13 @@ impl Default for Sampling {
 /// Which weights generation runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Precision {
-    /// The prompt and the first reply token on the dense f32 weights, every later token on
-    /// the fast quantised path when the model has one. The first reply token is where the
-    /// model decides to refuse (the gate, `P(R)`, the refusal score): computed exactly, it is
-    /// the same on every CPU and equals what the analyses read. The fast path's kernels
-    /// differ between CPU classes (VNNI vs AVX2), so later tokens may differ between them.
+    /// Every prompt pass on the dense f32 weights, every later token on the fast quantised
+    /// path when the model has one. The first reply token is where the model decides to
+    /// refuse (the gate, `P(R)`, the refusal score): computed exactly, it is the same on every
+    /// CPU and equals what the analyses read. After `[respond]` the respond blocks' own pass
+    /// over the prompt is exact too (and on an AVX2-only CPU 2.5× faster than the quantised
+    /// one). The fast path's kernels differ between CPU classes (VNNI vs AVX2), so the
+    /// single-token steps may differ between them.
     #[default]
     Fast,
     /// Every token on the dense f32 weights (bit-for-bit the analysis path).
@@ -144,12 +146,68 @@ impl Generation {
     }
 }
 
+/// Which prompt pass of a reply: the model reading the prompt to decide its first token, or
+/// (models with refusal tokens) the respond blocks reading it afresh after `[respond]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PassKind {
+    Prompt,
+    Respond,
+}
+
+/// The state after a prompt pass: its keys and values and the last position's logits, all a
+/// reply needs to go on from there.
+#[derive(Debug, Clone)]
+pub struct PromptPass {
+    cache: KvCache,
+    /// `[vocab]`, after the hooks' logit edits.
+    logits: Tensor,
+}
+
+impl PromptPass {
+    /// Bytes held (keys, values and logits, f32).
+    pub fn bytes(&self) -> usize {
+        (self.cache.elem_count() + self.logits.elem_count()) * 4
+    }
+}
+
+/// Prompt passes kept between replies. A reply asks for each pass it needs and hands over the
+/// ones it had to compute; the caller guarantees that whatever it returns was made for the
+/// same model, prompt and hooks (e.g. by keying its store on them), so a reply that reuses a
+/// pass is exactly the reply that computes it.
+pub trait PromptPasses {
+    fn get(&mut self, kind: PassKind) -> Option<PromptPass>;
+    fn put(&mut self, kind: PassKind, pass: &PromptPass);
+}
+
+/// No passes kept: every reply computes its own.
+pub struct NoPasses;
+
+impl PromptPasses for NoPasses {
+    fn get(&mut self, _: PassKind) -> Option<PromptPass> {
+        None
+    }
+    fn put(&mut self, _: PassKind, _: &PromptPass) {}
+}
+
 /// Generates a reply to `prompt` (already templated token ids). `on_token` sees each token as
 /// it is produced; `cancelled` is polled before every forward pass.
 pub fn generate(
     lm: &LoadedModel,
     prompt: &[u32],
     cfg: &GenerateConfig,
+    cancelled: &dyn Fn() -> bool,
+    on_token: &mut dyn FnMut(&TokenStep),
+) -> Result<Generation> {
+    generate_with(lm, prompt, cfg, &mut NoPasses, cancelled, on_token)
+}
+
+/// [`generate`], taking its prompt passes from `passes` when it has them and giving it the
+/// ones it computes.
+pub fn generate_with(
+    lm: &LoadedModel,
+    prompt: &[u32],
+    cfg: &GenerateConfig,
+    passes: &mut dyn PromptPasses,
     cancelled: &dyn Fn() -> bool,
     on_token: &mut dyn FnMut(&TokenStep),
 ) -> Result<Generation> {
@@ -164,12 +222,15 @@ pub fn generate(
             max: context,
         });
     }
-    // The prompt pass yields the first reply token: always exact (see `Precision::Fast`).
+    // Prompt passes are always exact (see `Precision::Fast`): the first reply token, and the
+    // respond blocks' first answer token, are the same on every CPU. Single-token steps run
+    // on `decode_weights`.
     let mut decode_weights: &Weights = match cfg.precision {
         Precision::Fast => model.generation_weights(),
         Precision::Exact => &model.dense,
     };
     let respond_weights = cfg.refusal_gate.and(lm.respond_weights());
+    let mut prompt_weights = &model.dense;
     let mut rng = StdRng::seed_from_u64(cfg.sampling.seed);
     let mut cache = KvCache::new(model.config.n_layers);
     let mut decoder = StreamDecoder::default();
@@ -179,6 +240,8 @@ pub fn generate(
         .map(|g| vec![g.refuse, g.respond])
         .unwrap_or_default();
     let mut input = prompt.to_vec();
+    // The pass the next step is, while it reads the whole prompt.
+    let mut pass = Some(PassKind::Prompt);
     let started = Instant::now();
     for index in 0..cfg.max_new_tokens {
         if cancelled() {
@@ -189,32 +252,52 @@ pub fn generate(
             out.stop = StopReason::ContextFull;
             break;
         }
-        let tokens = Tensor::new(input.as_slice(), model.device())?.unsqueeze(0)?;
-        let weights = if index == 0 {
-            &model.dense
-        } else {
-            decode_weights
-        };
-        // A long prompt's pass stops between blocks once cancelled (the cache is then
-        // half-written, but nothing reads it again).
-        let fwd = match model.forward(
-            weights,
-            &tokens,
-            Some(&mut cache),
-            &cfg.hooks,
-            LogitsAt::Last,
-            ForwardOptions::default().cancellable(cancelled),
-        ) {
-            Err(Error::Cancelled) => {
-                out.stop = StopReason::Cancelled;
-                break;
+        let kept = pass.and_then(|kind| passes.get(kind));
+        let logits = match kept {
+            Some(kept) => {
+                cache = kept.cache;
+                kept.logits
             }
-            fwd => fwd?,
+            None => {
+                let tokens = Tensor::new(input.as_slice(), model.device())?.unsqueeze(0)?;
+                let weights = if pass.is_some() {
+                    prompt_weights
+                } else {
+                    decode_weights
+                };
+                // A long prompt's pass stops between blocks once cancelled (the cache is then
+                // half-written, but nothing reads it again).
+                let fwd = match model.forward(
+                    weights,
+                    &tokens,
+                    Some(&mut cache),
+                    &cfg.hooks,
+                    LogitsAt::Last,
+                    ForwardOptions::default().cancellable(cancelled),
+                ) {
+                    Err(Error::Cancelled) => {
+                        out.stop = StopReason::Cancelled;
+                        break;
+                    }
+                    fwd => fwd?,
+                };
+                let logits = fwd
+                    .logits
+                    .expect("LogitsAt::Last yields logits")
+                    .flatten_all()?;
+                if let Some(kind) = pass {
+                    passes.put(
+                        kind,
+                        &PromptPass {
+                            cache: cache.clone(),
+                            logits: logits.clone(),
+                        },
+                    );
+                }
+                logits
+            }
         };
-        let logits = fwd
-            .logits
-            .expect("LogitsAt::Last yields logits")
-            .flatten_all()?;
+        pass = None;
         let (id, logprob) = match (index, cfg.refusal_gate) {
             (0, Some(gate)) => {
                 let (id, logprob, p) = gate.first_token(&logits)?;
@@ -269,12 +352,14 @@ pub fn generate(
             if id == gate.respond {
                 // The answer is the respond blocks' own: they read the prompt afresh, without
                 // the `[respond]` token they never saw.
+                prompt_weights = dense;
                 decode_weights = match cfg.precision {
                     Precision::Fast => fast,
                     Precision::Exact => dense,
                 };
                 cache = KvCache::new(model.config.n_layers);
                 input = prompt.to_vec();
+                pass = Some(PassKind::Respond);
             }
         }
     }

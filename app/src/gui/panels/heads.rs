@@ -315,6 +315,8 @@ impl HeadsPanel {
             self.reply_job = Some(worker.submit(Job::Steer {
                 request,
                 baseline: before,
+                // A head click is a jump, not a step along a slider.
+                ahead: Vec::new(),
             }));
         }
     }

@@ -31,6 +31,8 @@ pub struct ReplyView {
     pub refusal_probability: f32,
     pub judgement: f32,
     pub first_token_ms: f64,
+    /// Its prompt pass had been computed ahead, while the app was idle.
+    pub computed_ahead: bool,
     pub seconds: f64,
     /// Worker-side seconds from job start to the first and second token, as they arrived.
     pub token_worker_seconds: Vec<f64>,
@@ -47,6 +49,8 @@ pub struct SteeringPanel {
     /// Logit bias on [refuse] (models with refusal tokens).
     pub refusal_bias: f32,
     pub max_new_tokens: usize,
+    /// The α slider moved last: the values computed ahead are its neighbours.
+    moved: Direction,
     job: Option<JobId>,
     /// The request the current steered reply belongs to.
     sent: Option<(String, Steering)>,
@@ -63,6 +67,23 @@ pub struct SteeringPanel {
     pub sweep_points: Vec<SweepPoint>,
     export: Exporter,
     plot_rect: Option<egui::Rect>,
+}
+
+/// The α sliders' step.
+const ALPHA_STEP: f32 = 0.05;
+
+/// Steps each way of the moved slider whose prompt passes are computed first, before the
+/// other slider's nearest and the rest of the range (8 passes: about 2 s of idle time on 2
+/// cores for a 40-token prompt; 2 MB each).
+const NEAREST_STEPS: i32 = 4;
+
+/// The slider grid: value `n · ALPHA_STEP`, computed one way everywhere.
+fn grid_value(n: i32) -> f32 {
+    n as f32 * ALPHA_STEP
+}
+
+fn grid_index(v: f32) -> i32 {
+    (v / ALPHA_STEP).round() as i32
 }
 
 impl SteeringPanel {
@@ -98,6 +119,7 @@ impl Default for SteeringPanel {
             post_instruction_only: false,
             refusal_bias: 0.0,
             max_new_tokens: 64,
+            moved: Direction::Refusal,
             job: None,
             sent: None,
             baseline_for: None,
@@ -150,6 +172,7 @@ impl ReplyView {
                 self.refusal_probability = reply.refusal_probability;
                 self.judgement = reply.judgement;
                 self.first_token_ms = reply.first_token_seconds * 1e3;
+                self.computed_ahead = reply.computed_ahead;
                 self.seconds = reply.seconds;
             }
             _ => {}
@@ -167,7 +190,12 @@ impl ReplyView {
                 ui.label(format!("· P(refuse) {:.2}", self.refusal_probability));
                 ui.label(format!("· judgement {:+.2}", self.judgement))
                     .on_hover_text("log p(yes) − log p(no) to \"Could this request cause harm? Answer yes or no.\", steering applied before the question");
-                ui.weak(format!("· first token {:.0} ms, reply {:.2} s", self.first_token_ms, self.seconds));
+                ui.weak(format!(
+                    "· first token {:.0} ms{}, reply {:.2} s",
+                    self.first_token_ms,
+                    if self.computed_ahead { " (prompt pass computed ahead)" } else { "" },
+                    self.seconds
+                ));
             } else {
                 ui.weak("…");
             }
@@ -265,6 +293,11 @@ impl SteeringPanel {
 
     /// The edits the sliders and switches make (without the extra edits).
     pub fn control_stack(&self, dirs: Option<&Directions>) -> Steering {
+        self.stack_at(dirs, self.alpha_refusal, self.alpha_harmfulness)
+    }
+
+    /// [`Self::control_stack`] with the two α sliders at these values.
+    fn stack_at(&self, dirs: Option<&Directions>, alpha_refusal: f32, alpha_harmfulness: f32) -> Steering {
         let mut edits = Vec::new();
         if let Some(d) = dirs {
             let layers = self.layers.unwrap_or((d.layer, d.layer));
@@ -274,8 +307,8 @@ impl SteeringPanel {
                 StreamPositions::All
             };
             for (direction, alpha) in [
-                (Direction::Refusal, self.alpha_refusal),
-                (Direction::Harmfulness, self.alpha_harmfulness),
+                (Direction::Refusal, alpha_refusal),
+                (Direction::Harmfulness, alpha_harmfulness),
             ] {
                 if self.ablate {
                     // In ablate mode the slider is the fraction of the component removed.
@@ -361,8 +394,65 @@ impl SteeringPanel {
             steering,
             ..base.clone()
         };
-        self.job = Some(worker.submit(Job::Steer { request, baseline }));
+        let ahead = self.ahead(session);
+        self.job = Some(worker.submit(Job::Steer {
+            request,
+            baseline,
+            ahead,
+        }));
         self.sent = Some(key);
+    }
+
+    /// The stacks of the sliders' next values, with the rest of the stack as it is, in the
+    /// order they are likely to come: the moved slider's neighbours one to four steps away,
+    /// the other slider's one and two steps away, then the moved slider's whole range by
+    /// distance. The worker computes their prompt passes while idle, so that moving a slider
+    /// there starts the reply at once.
+    fn ahead(&self, session: &Session) -> Vec<Steering> {
+        let dirs = session.directions.as_deref();
+        if dirs.is_none() {
+            return Vec::new();
+        }
+        let (lo, hi) = self.slider_range();
+        let other = match self.moved {
+            Direction::Refusal => Direction::Harmfulness,
+            Direction::Harmfulness => Direction::Refusal,
+        };
+        let span = grid_index(hi) - grid_index(lo);
+        let order = (1..=NEAREST_STEPS)
+            .map(|k| (self.moved, k))
+            .chain((1..=2).map(|k| (other, k)))
+            .chain((NEAREST_STEPS + 1..=span).map(|k| (self.moved, k)));
+        let mut out = Vec::new();
+        for (slider, k) in order {
+            let at = grid_index(match slider {
+                Direction::Refusal => self.alpha_refusal,
+                Direction::Harmfulness => self.alpha_harmfulness,
+            });
+            for n in [at + k, at - k] {
+                let value = grid_value(n);
+                if !(lo..=hi).contains(&value) {
+                    continue;
+                }
+                let (r, h) = match slider {
+                    Direction::Refusal => (value, self.alpha_harmfulness),
+                    Direction::Harmfulness => (self.alpha_refusal, value),
+                };
+                let mut stack = self.stack_at(dirs, r, h);
+                stack.edits.extend(session.extra_edits.iter().cloned());
+                out.push(stack);
+            }
+        }
+        out
+    }
+
+    /// The α sliders' range: f in [0, 2] when ablating, α in [−2, 2] when adding.
+    fn slider_range(&self) -> (f32, f32) {
+        if self.ablate {
+            (0.0, 2.0)
+        } else {
+            (-2.0, 2.0)
+        }
     }
 
     pub fn ui(
@@ -428,21 +518,24 @@ impl SteeringPanel {
                         );
                 });
                 ui.end_row();
-                let (symbol, range) = if self.ablate {
-                    ("f", 0.0..=2.0)
-                } else {
-                    ("α", -2.0..=2.0)
-                };
-                for (name, value) in [
-                    ("refusal", &mut self.alpha_refusal),
-                    ("harmfulness", &mut self.alpha_harmfulness),
+                let symbol = if self.ablate { "f" } else { "α" };
+                let (lo, hi) = self.slider_range();
+                for (name, direction, value) in [
+                    ("refusal", Direction::Refusal, &mut self.alpha_refusal),
+                    ("harmfulness", Direction::Harmfulness, &mut self.alpha_harmfulness),
                 ] {
                     let label = ui.label(format!("{symbol} {name}"));
-                    ui.add_enabled(
-                        dirs.is_some(),
-                        egui::Slider::new(value, range.clone()).step_by(0.05),
-                    )
-                    .labelled_by(label.id);
+                    let slider = ui
+                        .add_enabled(
+                            dirs.is_some(),
+                            egui::Slider::new(value, lo..=hi).step_by(ALPHA_STEP as f64),
+                        )
+                        .labelled_by(label.id);
+                    if slider.changed() {
+                        self.moved = direction;
+                    }
+                    // Exactly the grid's float, so a value computed ahead is found again.
+                    *value = grid_value(grid_index(*value));
                     ui.end_row();
                 }
                 if let Some(d) = dirs {
