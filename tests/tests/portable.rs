@@ -91,10 +91,12 @@ fn child_computes_the_recorded_numbers() {
         }
     }
     // Generation on the default (fast) precision: the gate's p([refuse]) and the first
-    // token come from the exact prompt pass; later tokens from the quantised kernels.
+    // token come from the exact prompt pass, and after `[respond]` the first answer token
+    // from the respond blocks' exact pass; later tokens from the quantised kernels.
     let mut fast_logprobs = Vec::new();
-    for (i, p) in refs.iter().take(4).enumerate() {
-        let ids = organism.chat_prompt(None, p).unwrap().ids;
+    // Two harmful prompts and two harmless ones (answered after `[respond]`).
+    for i in [0, 1, 8, 9] {
+        let ids = organism.chat_prompt(None, refs[i]).unwrap().ids;
         let cfg = GenerateConfig {
             max_new_tokens: 6,
             refusal_gate: RefusalGate::for_model(&organism, organism.refusal_tau()),
@@ -106,8 +108,22 @@ fn child_computes_the_recorded_numbers() {
             format!("reply{i}.gate"),
             vec![g.refusal_probability.unwrap().to_bits(), first.id],
         );
+        let respond = RefusalGate::for_model(&organism, 0.5).unwrap().respond;
+        let from_fast = if first.id == respond {
+            let answer = &g.tokens[1];
+            exact.insert(
+                format!("reply{i}.first_answer_token"),
+                vec![answer.logprob.to_bits(), answer.id],
+            );
+            2
+        } else {
+            1
+        };
         fast_logprobs.push(bits(
-            &g.tokens[1..].iter().map(|t| t.logprob).collect::<Vec<_>>(),
+            &g.tokens[from_fast..]
+                .iter()
+                .map(|t| t.logprob)
+                .collect::<Vec<_>>(),
         ));
     }
     let numbers = Numbers {
