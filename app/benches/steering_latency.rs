@@ -258,16 +258,36 @@ fn ui_frame_cost() {
 /// its first token.
 fn slider_to_first_token_in_the_app() {
     use egui_kittest::Harness;
-    let app = RefusalLensApp::new(
-        None,
-        Startup::Path {
-            model: default_model_path(),
-            adapter: Some(organism_dir()),
-        },
-    );
+    let startup = || Startup::Path {
+        model: default_model_path(),
+        adapter: Some(organism_dir()),
+    };
     let mut h = Harness::builder()
         .with_size([1200.0, 780.0])
-        .build_ui_state(|ui, app: &mut RefusalLensApp| app.show(ui), app);
+        .build_ui_state(
+            |ui, app: &mut RefusalLensApp| app.show(ui),
+            // Replaced below, once the harness's context exists.
+            RefusalLensApp::new(
+                None,
+                Startup::Model {
+                    base: Box::new(
+                        refusal_lens_engine::testing::tiny_model(
+                            refusal_lens_engine::model::config::Family::Llama,
+                            0,
+                        )
+                        .unwrap(),
+                    ),
+                    organism: None,
+                },
+            ),
+        );
+    // The app as eframe runs it: its worker asks the harness's context for repaints, and a
+    // frame runs only when one is due (`wait_for_repaint`).
+    let (repaints, requests) = crossbeam_channel::unbounded();
+    h.ctx.set_request_repaint_callback(move |info| {
+        let _ = repaints.send(Instant::now() + info.delay);
+    });
+    *h.state_mut() = RefusalLensApp::new(Some(h.ctx.clone()), startup());
     let step_until = |h: &mut Harness<'_, RefusalLensApp>,
                       what: &str,
                       done: &dyn Fn(&RefusalLensApp) -> bool| {
@@ -307,7 +327,26 @@ fn slider_to_first_token_in_the_app() {
         ("cold: a jump of 10+ steps, nothing computed ahead", cold, 0),
         ("warm: 1–3 steps after a 6 s rest", warm, 6000),
     ] {
-        app_moves(&mut h, name, &values, Duration::from_millis(pause));
+        app_moves(
+            &mut h,
+            &requests,
+            name,
+            &values,
+            Duration::from_millis(pause),
+        );
+    }
+}
+
+/// Sleeps until the app asked for a repaint and its delay has passed (what eframe does
+/// between frames), then returns.
+fn wait_for_repaint(requests: &crossbeam_channel::Receiver<Instant>) {
+    let due = requests
+        .recv_timeout(Duration::from_secs(300))
+        .expect("the app asked for no repaint");
+    // A sooner request may have followed.
+    let due = requests.try_iter().fold(due, Instant::min);
+    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+        std::thread::sleep(wait);
     }
 }
 
@@ -315,21 +354,18 @@ fn slider_to_first_token_in_the_app() {
 /// of slider move → first steered token on screen.
 fn app_moves(
     h: &mut egui_kittest::Harness<'_, RefusalLensApp>,
+    requests: &crossbeam_channel::Receiver<Instant>,
     name: &str,
     values: &[f32],
     pause: Duration,
 ) {
+    // Frames only when the app asks for them, so the UI takes no core from the worker.
     let step_until = |h: &mut egui_kittest::Harness<'_, RefusalLensApp>,
-                      what: &str,
+                      _what: &str,
                       done: &dyn Fn(&RefusalLensApp) -> bool| {
-        let start = Instant::now();
         while !done(h.state()) {
-            assert!(
-                start.elapsed() < Duration::from_secs(300),
-                "timed out: {what}"
-            );
+            wait_for_repaint(requests);
             h.step();
-            std::thread::sleep(Duration::from_millis(1));
         }
     };
     let (mut send, mut queue, mut prefill, mut decode, mut paint, mut total) =
@@ -338,20 +374,20 @@ fn app_moves(
     for &value in values {
         // The app is idle: nothing repaints, the worker computes ahead.
         std::thread::sleep(pause);
+        // Repaints requested before the move are stale.
+        requests.try_iter().for_each(drop);
         h.state_mut().steering.alpha_refusal = value;
         let moved = Instant::now();
         h.step(); // the frame that sees the new value and sends the job
         let sent = moved.elapsed().as_secs_f64();
-        // Frames until the first steered token is in the view …
+        // Frames, when the app asks for them, until the first steered token is in the view …
         let (frame_start, frame_cost) = loop {
+            wait_for_repaint(requests);
             let frame = Instant::now();
             h.step();
             if !h.state().steering.steered.text.is_empty() {
                 break (frame, frame.elapsed().as_secs_f64());
             }
-            // The app is idle while it waits (it repaints when the token arrives); a poll
-            // every 2 ms stands in for that wake-up without taking a core from the worker.
-            std::thread::sleep(Duration::from_millis(2));
         };
         let until_paint_frame = frame_start.duration_since(moved).as_secs_f64();
         let on_screen = until_paint_frame + frame_cost;
@@ -363,8 +399,8 @@ fn app_moves(
         let first = times[0];
         send.push(sent * 1e3);
         paint.push(frame_cost * 1e3);
-        // Queueing (the worker finishing or cancelling the previous job) and the UI's
-        // polling: what is left of the wait once the worker's own time is taken out.
+        // Queueing (the worker finishing or cancelling the previous job) and the repaint's
+        // wake-up: what is left of the wait once the worker's own time is taken out.
         queue.push(((until_paint_frame - sent - first).max(0.0)) * 1e3);
         prefill.push(first * 1e3);
         if times.len() >= 2 {
@@ -379,7 +415,7 @@ fn app_moves(
         values.len()
     );
     println!(
-        "  total {:.0} ms = send frame {:.1} + queueing/polling {:.1} + worker to the first token {:.0} (the prompt pass, unless computed ahead) + frame that paints it {:.1} ms (layout + tessellation, no rasterisation); next token {:.0} ms later",
+        "  total {:.0} ms = send frame {:.1} + queueing and wake-up {:.1} + worker to the first token {:.0} (the prompt pass, unless computed ahead) + frame that paints it {:.1} ms (layout + tessellation, no rasterisation); next token {:.0} ms later",
         median(total),
         median(send),
         median(queue),

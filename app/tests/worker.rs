@@ -204,7 +204,10 @@ fn use_device_moves_the_loaded_models_and_says_where_they_run() {
 fn steered(worker: &Worker, id: JobId) -> (String, f32, bool) {
     let start = Instant::now();
     loop {
-        assert!(start.elapsed() < Duration::from_secs(60), "no steered reply");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no steered reply"
+        );
         match worker.try_recv() {
             Some(Event::Steered { id: i, reply }) if i == id && !reply.baseline => {
                 return (reply.text, reply.refusal_probability, reply.computed_ahead)

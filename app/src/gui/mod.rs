@@ -122,9 +122,11 @@ impl RefusalLensApp {
             if let Some(ctx) = &ctx {
                 // The UI repaints when something arrives, never on a timer: tokens coalesce
                 // into at most ~30 frames/s, progress into 4 (each frame costs CPU the job
-                // needs, ~100 ms of it under software rendering).
+                // needs, ~100 ms of it under software rendering). A reply's first token,
+                // which the user is waiting for, shows at once.
                 let after = match event {
                     Event::Progress { .. } => 250,
+                    Event::Token { step, .. } if step.index == 0 => 0,
                     _ => 33,
                 };
                 ctx.request_repaint_after(Duration::from_millis(after));

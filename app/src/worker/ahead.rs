@@ -124,8 +124,7 @@ impl Ahead {
         if self.bytes >= STORE_BYTES / 4 * 3 {
             self.queue.clear();
         }
-        let (Some(request), Some(steering)) = (self.request.clone(), self.queue.pop_front())
-        else {
+        let (Some(request), Some(steering)) = (self.request.clone(), self.queue.pop_front()) else {
             return;
         };
         let Ok(m) = state.active() else {

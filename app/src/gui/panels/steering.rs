@@ -297,7 +297,12 @@ impl SteeringPanel {
     }
 
     /// [`Self::control_stack`] with the two α sliders at these values.
-    fn stack_at(&self, dirs: Option<&Directions>, alpha_refusal: f32, alpha_harmfulness: f32) -> Steering {
+    fn stack_at(
+        &self,
+        dirs: Option<&Directions>,
+        alpha_refusal: f32,
+        alpha_harmfulness: f32,
+    ) -> Steering {
         let mut edits = Vec::new();
         if let Some(d) = dirs {
             let layers = self.layers.unwrap_or((d.layer, d.layer));
@@ -522,7 +527,11 @@ impl SteeringPanel {
                 let (lo, hi) = self.slider_range();
                 for (name, direction, value) in [
                     ("refusal", Direction::Refusal, &mut self.alpha_refusal),
-                    ("harmfulness", Direction::Harmfulness, &mut self.alpha_harmfulness),
+                    (
+                        "harmfulness",
+                        Direction::Harmfulness,
+                        &mut self.alpha_harmfulness,
+                    ),
                 ] {
                     let label = ui.label(format!("{symbol} {name}"));
                     let slider = ui
