@@ -7,6 +7,7 @@ mod forward;
 mod linear;
 mod loaded;
 pub mod loader;
+pub mod matmul;
 pub mod tokenizer;
 pub(crate) mod weights;
 
