@@ -97,6 +97,10 @@ impl std::str::FromStr for Calibration {
 /// prompts when none is given.
 pub const L2_GRID: [f64; 6] = [0.0, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1];
 
+/// Validation losses within this fraction of the best are a tie, which the stronger penalty
+/// wins.
+const L2_TIE: f32 = 1e-3;
+
 /// The fraction of the training prompts held back to choose the penalty and calibrate.
 pub const VAL_FRACTION: f32 = 0.25;
 
@@ -109,7 +113,7 @@ pub struct ProbeOptions {
     pub steps: usize,
     pub lr: f64,
     /// L2 penalty on the weights; `None`: the one of [`L2_GRID`] with the lowest
-    /// validation log-loss.
+    /// validation log-loss (the strongest of those within 0.1% of it).
     #[serde(default)]
     pub l2: Option<f64>,
     #[serde(default)]
@@ -598,19 +602,24 @@ fn fit_probe(
     let (mut probe, l2) = match options.l2 {
         Some(l2) => (train_probe_l2(train.0, train.1, options, l2)?, l2),
         None => {
-            let mut best: Option<(f32, Probe, f64)> = None;
+            let mut tried = Vec::with_capacity(L2_GRID.len());
             for l2 in L2_GRID {
                 let probe = train_probe_l2(train.0, train.1, options, l2)?;
                 // Judged after calibration: what is kept is the calibrated probe.
                 let z = val_logits(&probe)?;
                 let [a, b] = fit_calibration(&z, val.1, options.calibration);
                 let p: Vec<f32> = z.iter().map(|&z| sigmoid(a * z + b)).collect();
-                let loss = log_loss(&p, val.1);
-                if best.as_ref().is_none_or(|(l, _, _)| loss < *l) {
-                    best = Some((loss, probe, l2));
-                }
+                tried.push((log_loss(&p, val.1), probe, l2));
             }
-            let (_, probe, l2) = best.expect("the grid is not empty");
+            // The strongest penalty whose loss ties the best: near-equal losses (a probe that
+            // separates the classes almost perfectly at several penalties) must not let float
+            // rounding, which differs between CPUs, pick the penalty.
+            let best = tried.iter().map(|t| t.0).fold(f32::INFINITY, f32::min);
+            let (_, probe, l2) = tried
+                .into_iter()
+                .rev()
+                .find(|t| t.0 <= best + L2_TIE * best.abs().max(1e-3))
+                .expect("the grid is not empty");
             (probe, l2)
         }
     };
