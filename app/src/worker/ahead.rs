@@ -1,6 +1,6 @@
 //! Prompt passes computed ahead of the user: live steering's latency.
 //!
-//! A steered reply's first token costs one exact prompt pass (about 200 ms for a 40-token
+//! A steered reply's first token costs one exact prompt pass (130–200 ms for a 40-token
 //! prompt on 2 cores), and a slider move changes the edits at every position, so nothing of
 //! the last pass can be reused. What can be done is to compute the next values' passes
 //! before they are asked for: each steer job brings the stacks the controls are likely to

@@ -613,6 +613,40 @@ mod tests {
     use super::*;
     use candle_core::quantized::GgmlDType;
 
+    /// A weight packed in panels reads back as it was (whole, by rows, transposed) and
+    /// multiplies as the row-major layout does, bit for bit; its input gradient is `g · W`.
+    #[test]
+    fn packed_weights_read_back_and_multiply_as_row_major_ones() {
+        let w = Tensor::randn(0f32, 1.0, (2 * PANEL, 48), &Device::Cpu).unwrap();
+        let packed = Linear::dense(&w, None).unwrap();
+        assert!(matches!(packed, Linear::Packed { .. }));
+        assert_eq!(packed.dims().unwrap(), (2 * PANEL, 48));
+        let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(bits(&packed.dense_weight().unwrap()), bits(&w));
+        assert_eq!(bits(&packed.dense_weight_t().unwrap()), bits(&w.t().unwrap()));
+        let ids = [0, 63, 64, 127];
+        let idx = Tensor::new(&ids, &Device::Cpu).unwrap();
+        assert_eq!(
+            bits(&packed.rows(&ids).unwrap()),
+            bits(&w.index_select(&idx, 0).unwrap())
+        );
+        let rows = Linear::Dense {
+            weight_t: w.t().unwrap().contiguous().unwrap(),
+            bias: None,
+        };
+        let x = candle_core::Var::randn(0f32, 1.0, (2, 5, 48), &Device::Cpu).unwrap();
+        let (a, b) = (packed.forward(&x).unwrap(), rows.forward(&x).unwrap());
+        assert_eq!(bits(&a), bits(&b));
+        let grads = a.sum_all().unwrap().backward().unwrap();
+        let g = grads.get(&x).expect("the input's gradient");
+        let want = Tensor::ones((2, 5, 2 * PANEL), DType::F32, &Device::Cpu)
+            .unwrap()
+            .broadcast_matmul(&w)
+            .unwrap();
+        let diff = (g - want).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+    }
+
     /// A stored weight multiplied a slice of rows at a time gives the whole product, bit for
     /// bit (each output is the same in-order sum), and the product of its dense copy.
     #[test]

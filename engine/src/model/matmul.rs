@@ -61,11 +61,10 @@ impl Kernel {
 
     /// Whether this CPU can run `self`.
     pub fn available(self) -> bool {
-        match (self, Kernel::best()) {
-            (Kernel::Scalar, _) | (_, Kernel::Avx512) => true,
-            (Kernel::Avx2, Kernel::Avx2) => true,
-            _ => false,
-        }
+        matches!(
+            (self, Kernel::best()),
+            (Kernel::Scalar, _) | (_, Kernel::Avx512) | (Kernel::Avx2, Kernel::Avx2)
+        )
     }
 
     /// Outputs per panel.
@@ -253,7 +252,7 @@ unsafe fn panels_range(
             let out = y.add(t * n + o);
             let block = t / TOKENS;
             let ahead = if block == 0 || next.is_null() {
-                x86_ahead::NONE
+                NO_AHEAD
             } else {
                 let from = ((block - 1) * share).min(k);
                 (next, from, (from + share).min(k))
@@ -273,17 +272,19 @@ unsafe fn panels_range(
 /// Where the next column block starts, relative to this one's start, in the packed layout:
 /// the next `p` columns of the same panel, or the next panel's first.
 fn next_offset(o: usize, p: usize, k: usize) -> usize {
-    if (o + p) % PANEL == 0 {
+    if (o + p).is_multiple_of(PANEL) {
         (k - 1) * PANEL + p
     } else {
         p
     }
 }
 
-/// No rows of a next block to fetch (see `x86::Ahead`).
-mod x86_ahead {
-    pub const NONE: (*const f32, usize, usize) = (std::ptr::null(), 0, 0);
-}
+/// Rows `from..to` of the next column block (at `next`, rows [`PANEL`] floats apart) to fetch
+/// into cache while a block is computed, spread evenly over its steps.
+type Ahead = (*const f32, usize, usize);
+
+/// No rows to fetch.
+const NO_AHEAD: Ahead = (std::ptr::null(), 0, 0);
 
 /// One output column for `rows` tokens.
 ///
@@ -311,6 +312,8 @@ unsafe fn scalar_block(
 mod x86 {
     use std::arch::x86_64::*;
 
+    use super::Ahead;
+
     /// Rows of `W_t` fetched ahead of the one being read.
     pub(super) const AHEAD: usize = 32;
 
@@ -323,10 +326,6 @@ mod x86 {
             unsafe { _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line) as *const i8) };
         }
     }
-
-    /// Rows `from..to` of the next column block (at `next`, rows `PANEL` floats apart) to
-    /// fetch into cache while this block is computed, spread evenly over its steps.
-    pub(super) type Ahead = (*const f32, usize, usize);
 
     /// Fetches row `from + i·(to − from)/k` of `ahead` at step `i` when it is a new row.
     #[inline(always)]
@@ -465,7 +464,8 @@ mod tests {
         (0..len)
             .map(|i| {
                 let h = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed);
-                ((h >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * if h % 7 == 0 { 100.0 } else { 1.0 }
+                ((h >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
+                    * if h.is_multiple_of(7) { 100.0 } else { 1.0 }
             })
             .collect()
     }

@@ -73,7 +73,7 @@ pub struct SteeringPanel {
 const ALPHA_STEP: f32 = 0.05;
 
 /// Steps each way of the moved slider whose prompt passes are computed first, before the
-/// other slider's nearest and the rest of the range (8 passes: about 2 s of idle time on 2
+/// other slider's nearest and the rest of the range (8 passes: about 1.5 s of idle time on 2
 /// cores for a 40-token prompt; 2 MB each).
 const NEAREST_STEPS: i32 = 4;
 
