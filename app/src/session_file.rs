@@ -99,6 +99,14 @@ pub struct SteeringSettings {
     pub max_new_tokens: usize,
     /// Run the main reply under the intervention stack.
     pub steer_main_reply: bool,
+    /// Compute the sliders' next values' prompt passes while idle (sessions saved before
+    /// this setting existed get it on).
+    #[serde(default = "on")]
+    pub compute_ahead: bool,
+}
+
+fn on() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,6 +266,7 @@ mod tests {
                 refusal_bias: 0.0,
                 max_new_tokens: 8,
                 steer_main_reply: false,
+                compute_ahead: true,
             },
             head_edits: Vec::new(),
             tab: "Cliff".into(),

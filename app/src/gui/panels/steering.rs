@@ -51,6 +51,8 @@ pub struct SteeringPanel {
     pub max_new_tokens: usize,
     /// The α slider moved last: the values computed ahead are its neighbours.
     moved: Direction,
+    /// Whether the worker computes the sliders' next values while idle (see [`Self::ahead`]).
+    pub compute_ahead: bool,
     job: Option<JobId>,
     /// The request the current steered reply belongs to.
     sent: Option<(String, Steering)>,
@@ -98,6 +100,7 @@ impl SteeringPanel {
             refusal_bias: self.refusal_bias,
             max_new_tokens: self.max_new_tokens,
             steer_main_reply,
+            compute_ahead: self.compute_ahead,
         }
     }
 
@@ -106,6 +109,7 @@ impl SteeringPanel {
         (self.layers, self.ablate) = (s.layers, s.ablate);
         (self.post_instruction_only, self.refusal_bias) = (s.post_instruction_only, s.refusal_bias);
         self.max_new_tokens = s.max_new_tokens;
+        self.compute_ahead = s.compute_ahead;
     }
 }
 
@@ -120,6 +124,7 @@ impl Default for SteeringPanel {
             refusal_bias: 0.0,
             max_new_tokens: 64,
             moved: Direction::Refusal,
+            compute_ahead: true,
             job: None,
             sent: None,
             baseline_for: None,
@@ -415,7 +420,7 @@ impl SteeringPanel {
     /// there starts the reply at once.
     fn ahead(&self, session: &Session) -> Vec<Steering> {
         let dirs = session.directions.as_deref();
-        if dirs.is_none() {
+        if dirs.is_none() || !self.compute_ahead {
             return Vec::new();
         }
         let (lo, hi) = self.slider_range();
@@ -489,6 +494,8 @@ impl SteeringPanel {
             ui.checkbox(&mut session.steer_main_reply, "apply to the main reply and the Cliff")
                 .on_hover_text("Generate in the Prompt & reply tab under this stack; its trajectory then shows the steered run");
             ui.add(egui::DragValue::new(&mut self.max_new_tokens).range(1..=512).suffix(" tokens"));
+            ui.checkbox(&mut self.compute_ahead, "compute ahead")
+                .on_hover_text("While idle, compute the prompt pass of the sliders' next values (the whole range, nearest first) so that moving a slider there answers at once; uses every core for a few seconds after each change");
         });
         // The controls may have changed this frame.
         session.controls = self.control_stack(dirs);
