@@ -55,10 +55,6 @@ pub(super) struct Ahead {
     /// The request the queued stacks belong to, and the stacks still to compute.
     request: Option<GenerateRequest>,
     queue: VecDeque<Steering>,
-    /// Passes computed ahead, and how many replies started from kept passes (for tests and
-    /// benchmarks).
-    pub computed: usize,
-    pub reused: usize,
 }
 
 /// The store as one reply sees it: the passes of one key.
@@ -132,13 +128,12 @@ impl Ahead {
         };
         let mut request = request;
         request.steering = steering;
-        let computed = (|| -> refusal_lens_engine::Result<bool> {
+        let computed = (|| -> refusal_lens_engine::Result<()> {
             let prompt = m.chat_prompt(request.system.as_deref(), &request.prompt)?;
             let mut cfg = generate_config(m, state.lens.directions.as_deref(), &request, &prompt)?;
             // The first token, and after `[respond]` the second: every prompt pass a reply
             // under these settings makes.
             cfg.max_new_tokens = if lm_has_respond_pass(m, &cfg) { 2 } else { 1 };
-            let before = self.computed_passes();
             let g = generate_with(
                 m,
                 &prompt.ids,
@@ -150,19 +145,13 @@ impl Ahead {
             if g.stop == refusal_lens_engine::run::generate::StopReason::Cancelled {
                 return Err(Error::Cancelled);
             }
-            Ok(self.computed_passes() > before)
+            Ok(())
         })();
-        match computed {
-            Ok(true) => self.computed += 1,
-            Ok(false) => {}
-            Err(Error::Cancelled) => self.queue.push_front(request.steering),
-            // A stack this model cannot run (no directions): nothing to keep.
-            Err(_) => {}
+        // A stack this model cannot run (no directions) leaves nothing to keep; one stopped
+        // by a job stays first in line.
+        if let Err(Error::Cancelled) = computed {
+            self.queue.push_front(request.steering);
         }
-    }
-
-    fn computed_passes(&self) -> usize {
-        self.entries.values().map(|e| e.passes.len()).sum()
     }
 
     fn insert(&mut self, key: Key, kind: PassKind, pass: PromptPass) {

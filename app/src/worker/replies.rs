@@ -113,9 +113,6 @@ fn steered_reply(
     let mut first_token_seconds = None;
     let cancelled = || ctx.cancelled();
     let computed_ahead = ahead.has(&prompt.ids, &request.steering, PassKind::Prompt);
-    if computed_ahead {
-        ahead.reused += 1;
-    }
     // The prompt pass runs while the UI waits idle for the first token: every core for it.
     crate::set_kernel_threads(false);
     let g = generate_with(

@@ -623,7 +623,10 @@ mod tests {
         assert_eq!(packed.dims().unwrap(), (2 * PANEL, 48));
         let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(bits(&packed.dense_weight().unwrap()), bits(&w));
-        assert_eq!(bits(&packed.dense_weight_t().unwrap()), bits(&w.t().unwrap()));
+        assert_eq!(
+            bits(&packed.dense_weight_t().unwrap()),
+            bits(&w.t().unwrap())
+        );
         let ids = [0, 63, 64, 127];
         let idx = Tensor::new(&ids, &Device::Cpu).unwrap();
         assert_eq!(
