@@ -179,8 +179,8 @@ pub(super) enum CancelGroup {
 }
 
 impl Job {
-    /// Jobs that only read the models and the lens; any other may change what a prompt pass
-    /// computes (see `ahead`).
+    /// Jobs that only read the models and the lens (their functions take `&State`); any
+    /// other may change what a prompt pass computes (see `ahead`).
     pub(super) fn keeps_model_and_lens(&self) -> bool {
         matches!(
             self,
