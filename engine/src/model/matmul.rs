@@ -327,16 +327,45 @@ mod x86 {
         }
     }
 
-    /// Fetches row `from + i·(to − from)/k` of `ahead` at step `i` when it is a new row.
-    #[inline(always)]
-    fn fetch_next(ahead: Ahead, i: usize, k: usize, floats: usize) {
-        let (next, from, to) = ahead;
-        if next.is_null() || to <= from {
-            return;
+    /// Spreads the fetches of `ahead`'s rows evenly over a block's `k` steps without a
+    /// division per step: each step adds the row count to a budget and fetches a row for
+    /// every `k` it holds.
+    struct Fetcher {
+        next: *const f32,
+        row: usize,
+        to: usize,
+        budget: usize,
+        per_step: usize,
+        k: usize,
+        floats: usize,
+    }
+
+    impl Fetcher {
+        #[inline(always)]
+        fn new(ahead: Ahead, k: usize, floats: usize) -> Fetcher {
+            let (next, from, to) = ahead;
+            Fetcher {
+                next,
+                row: from,
+                to: if next.is_null() { from } else { to.max(from) },
+                budget: 0,
+                per_step: to.saturating_sub(from),
+                k: k.max(1),
+                floats,
+            }
         }
-        let row = from + i * (to - from) / k;
-        if i == 0 || row != from + (i - 1) * (to - from) / k {
-            prefetch(next.wrapping_add(row * super::PANEL), floats);
+
+        #[inline(always)]
+        fn step(&mut self) {
+            if self.row >= self.to {
+                return;
+            }
+            self.budget += self.per_step;
+            while self.budget >= self.k && self.row < self.to {
+                self.budget -= self.k;
+                prefetch(self.next.wrapping_add(self.row * super::PANEL), self.floats);
+                self.row += 1;
+            }
         }
     }
 
@@ -394,8 +423,9 @@ mod x86 {
         ahead: Ahead,
     ) {
         let mut acc = [[_mm512_setzero_ps(); 4]; T];
+        let mut fetcher = Fetcher::new(ahead, k, 64);
         for i in 0..k {
-            fetch_next(ahead, i, k, 64);
+            fetcher.step();
             let row = w.add(i * w_stride);
             // Rows of a panel follow each other; spread rows need fetching ahead.
             if w_stride > super::PANEL {
@@ -433,8 +463,9 @@ mod x86 {
         ahead: Ahead,
     ) {
         let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        let mut fetcher = Fetcher::new(ahead, k, 16);
         for i in 0..k {
-            fetch_next(ahead, i, k, 16);
+            fetcher.step();
             let row = w.add(i * w_stride);
             if w_stride > super::PANEL {
                 prefetch(row.wrapping_add(AHEAD * w_stride), 16);

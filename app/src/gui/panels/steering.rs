@@ -54,8 +54,10 @@ pub struct SteeringPanel {
     /// Whether the worker computes the sliders' next values while idle (see [`Self::ahead`]).
     pub compute_ahead: bool,
     job: Option<JobId>,
-    /// The request the current steered reply belongs to.
-    sent: Option<(String, Steering)>,
+    /// The request the current steered reply belongs to, and whether it planned passes
+    /// ahead (switching that re-sends it, which its kept pass answers at once, so that the
+    /// plan starts or stops).
+    sent: Option<(String, Steering, bool)>,
     baseline_for: Option<String>,
     pub baseline: ReplyView,
     pub steered: ReplyView,
@@ -380,7 +382,7 @@ impl SteeringPanel {
     ) {
         let dirs = session.directions.as_deref();
         let steering = session.stack();
-        let key = (base.prompt.clone(), steering.clone());
+        let key = (base.prompt.clone(), steering.clone(), self.compute_ahead);
         if self.sent.as_ref() == Some(&key) {
             return;
         }
