@@ -133,7 +133,8 @@ impl Ahead {
             let mut cfg = generate_config(m, state.lens.directions.as_deref(), &request, &prompt)?;
             // The first token, and after `[respond]` the second: every prompt pass a reply
             // under these settings makes.
-            cfg.max_new_tokens = if lm_has_respond_pass(m, &cfg) { 2 } else { 1 };
+            let respond_pass = cfg.refusal_gate.is_some() && m.respond_blocks.is_some();
+            cfg.max_new_tokens = if respond_pass { 2 } else { 1 };
             let g = generate_with(
                 m,
                 &prompt.ids,
@@ -177,13 +178,4 @@ impl Ahead {
             self.bytes -= gone.passes.values().map(PromptPass::bytes).sum::<usize>();
         }
     }
-}
-
-/// Whether a reply of `m` under `cfg` can make a second prompt pass (the respond blocks'
-/// after `[respond]`).
-fn lm_has_respond_pass(
-    m: &refusal_lens_engine::LoadedModel,
-    cfg: &refusal_lens_engine::run::generate::GenerateConfig,
-) -> bool {
-    cfg.refusal_gate.is_some() && m.respond_blocks.is_some()
 }

@@ -9,7 +9,7 @@ use refusal_lens_engine::analysis::trajectory::{trajectory as score_trajectory, 
 use refusal_lens_engine::model::chat::ChatPrompt;
 use refusal_lens_engine::refusal::response::classify as classify_reply;
 use refusal_lens_engine::refusal::{opener_bias, RefusalGate, RefusalSignal};
-use refusal_lens_engine::run::generate::{generate_with, GenerateConfig, PassKind};
+use refusal_lens_engine::run::generate::{generate_with, GenerateConfig, Generation, PassKind};
 use refusal_lens_engine::{Error, LoadedModel};
 
 use super::ahead::Ahead;
@@ -52,23 +52,7 @@ pub(super) fn generate(
         t_post: prompt.t_post,
     });
     let cfg = generate_config(m, state.lens.directions.as_deref(), request, &prompt)?;
-    let cancelled = || ctx.cancelled();
-    let generation = generate_with(
-        m,
-        &prompt.ids,
-        &cfg,
-        &mut ahead.passes_for(&prompt.ids, &request.steering),
-        &cancelled,
-        &mut |step| {
-            streaming_from_now();
-            ctx.emit(Event::Token {
-                id: ctx.id,
-                baseline: false,
-                step: step.clone(),
-                worker_seconds: ctx.started.elapsed().as_secs_f64(),
-            })
-        },
-    )?;
+    let (generation, _) = streamed(m, ahead, ctx, &prompt, &cfg, &request.steering, false)?;
     ctx.emit(Event::Finished {
         id: ctx.id,
         generation: Box::new(generation),
@@ -110,28 +94,9 @@ fn steered_reply(
     let dirs = state.lens.directions.as_deref();
     let prompt = m.chat_prompt(request.system.as_deref(), &request.prompt)?;
     let cfg = generate_config(m, dirs, request, &prompt)?;
-    let mut first_token_seconds = None;
-    let cancelled = || ctx.cancelled();
     let computed_ahead = ahead.has(&prompt.ids, &request.steering, PassKind::Prompt);
-    // The prompt pass runs while the UI waits idle for the first token: every core for it.
-    crate::set_kernel_threads(false);
-    let g = generate_with(
-        m,
-        &prompt.ids,
-        &cfg,
-        &mut ahead.passes_for(&prompt.ids, &request.steering),
-        &cancelled,
-        &mut |step| {
-            streaming_from_now();
-            first_token_seconds.get_or_insert_with(|| requested.elapsed().as_secs_f64());
-            ctx.emit(Event::Token {
-                id: ctx.id,
-                baseline,
-                step: step.clone(),
-                worker_seconds: ctx.started.elapsed().as_secs_f64(),
-            })
-        },
-    )?;
+    let (g, first_token) = streamed(m, ahead, ctx, &prompt, &cfg, &request.steering, baseline)?;
+    let first_token_seconds = first_token.map(|t| t.duration_since(requested).as_secs_f64());
     if ctx.cancelled() {
         return Err(Error::Cancelled);
     }
@@ -157,6 +122,41 @@ fn steered_reply(
         },
     });
     Ok(())
+}
+
+/// A reply to `prompt` under `cfg` (whose hooks `steering` made), from prompt passes kept in
+/// `ahead` when it has them (it keeps the ones computed), each token sent as it comes, and
+/// when the first one came.
+fn streamed(
+    m: &LoadedModel,
+    ahead: &mut Ahead,
+    ctx: &Ctx,
+    prompt: &ChatPrompt,
+    cfg: &GenerateConfig,
+    steering: &Steering,
+    baseline: bool,
+) -> refusal_lens_engine::Result<(Generation, Option<Instant>)> {
+    let mut first_token = None;
+    // The prompt pass runs while the UI waits idle for the first token: every core for it.
+    crate::set_kernel_threads(false);
+    let g = generate_with(
+        m,
+        &prompt.ids,
+        cfg,
+        &mut ahead.passes_for(&prompt.ids, steering),
+        &|| ctx.cancelled(),
+        &mut |step| {
+            streaming_from_now();
+            first_token.get_or_insert_with(Instant::now);
+            ctx.emit(Event::Token {
+                id: ctx.id,
+                baseline,
+                step: step.clone(),
+                worker_seconds: ctx.started.elapsed().as_secs_f64(),
+            })
+        },
+    )?;
+    Ok((g, first_token))
 }
 
 /// Tokens stream from here on, each repainting the UI: leave it a core (see

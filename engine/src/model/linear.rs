@@ -103,11 +103,12 @@ impl Linear {
             Linear::Frozen { weight_t, bias } if !weight_t.device().is_cpu() => {
                 (x.broadcast_matmul(&weight_t.detach())?, bias)
             }
-            Linear::Frozen { weight_t, bias } => (frozen_product(x, weight_t)?, bias),
+            Linear::Frozen { weight_t, bias } => (
+                frozen_product(x, FrozenWeight::Rows(weight_t.clone()))?,
+                bias,
+            ),
             Linear::Packed { panels, bias } => (
-                x.contiguous()?.apply_op1(FrozenMatmul {
-                    weight: FrozenWeight::Panels(panels.clone()),
-                })?,
+                frozen_product(x, FrozenWeight::Panels(panels.clone()))?,
                 bias,
             ),
             // A constant weight on the CPU (every exact pass): the exact kernel. A weight
@@ -115,7 +116,10 @@ impl Linear {
             Linear::Dense { weight_t, bias }
                 if weight_t.device().is_cpu() && !weight_t.track_op() =>
             {
-                (frozen_product(x, weight_t)?, bias)
+                (
+                    frozen_product(x, FrozenWeight::Rows(weight_t.clone()))?,
+                    bias,
+                )
             }
             Linear::Dense { weight_t, bias } => {
                 let y = match x.dims() {
@@ -420,7 +424,7 @@ fn stored_matmul(weight: &QTensor, x: &Tensor, slice_elements: usize) -> Result<
         if w_t.device().is_cpu() {
             // Laid out `[in, out]`, the slice goes through the exact kernel: each output is
             // the same in-order sum as `Linear::Dense` computes, bit for bit.
-            return frozen_product(x, &w_t.contiguous()?);
+            return frozen_product(x, FrozenWeight::Rows(w_t.contiguous()?));
         }
         Ok(match x.dims() {
             [b, s, i] => x
@@ -498,10 +502,8 @@ fn unpack(panels: &Tensor) -> Result<Tensor> {
 }
 
 /// `x · W_t` on the CPU through [`FrozenMatmul`].
-fn frozen_product(x: &Tensor, weight_t: &Tensor) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op1(FrozenMatmul {
-        weight: FrozenWeight::Rows(weight_t.clone()),
-    })?)
+fn frozen_product(x: &Tensor, weight: FrozenWeight) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(FrozenMatmul { weight })?)
 }
 
 /// The weight of a [`FrozenMatmul`].
@@ -519,8 +521,8 @@ struct FrozenMatmul {
     weight: FrozenWeight,
 }
 
-/// The contiguous f32 data of a CPU tensor.
-fn cpu_f32(t: &Tensor, f: impl FnOnce(&[f32]) -> Vec<f32>) -> candle_core::Result<Vec<f32>> {
+/// `f` of the contiguous f32 data of a CPU tensor.
+fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else {
         candle_core::bail!("frozen-matmul: f32 CPU weight expected")
@@ -560,24 +562,21 @@ impl candle_core::CustomOp1 for FrozenMatmul {
             *last = n;
         }
         let x = &data[lo..hi];
-        let y = match &self.weight {
-            FrozenWeight::Panels(p) => cpu_f32(p, |w| {
-                let mut y = vec![0f32; m * n];
-                super::matmul::matmul_panels(x, w, &mut y, m, k, n);
-                y
-            })?,
-            FrozenWeight::Rows(w) if w.is_contiguous() && w.dtype() == DType::F32 => {
-                cpu_f32(w, |w| {
-                    let mut y = vec![0f32; m * n];
-                    super::matmul::matmul(x, w, &mut y, m, k, n);
-                    y
-                })?
+        let mut y = vec![0f32; m * n];
+        match &self.weight {
+            FrozenWeight::Panels(p) => {
+                with_cpu_f32(p, |w| super::matmul::matmul_panels(x, w, &mut y, m, k, n))?
             }
-            FrozenWeight::Rows(w) => Tensor::from_slice(x, (m, k), &Device::Cpu)?
-                .matmul(w)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        };
+            FrozenWeight::Rows(w) if w.is_contiguous() && w.dtype() == DType::F32 => {
+                with_cpu_f32(w, |w| super::matmul::matmul(x, w, &mut y, m, k, n))?
+            }
+            FrozenWeight::Rows(w) => {
+                y = Tensor::from_slice(x, (m, k), &Device::Cpu)?
+                    .matmul(w)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+            }
+        }
         Ok((
             candle_core::CpuStorage::F32(y),
             candle_core::Shape::from(dims),

@@ -11,8 +11,10 @@
 //!
 //! It is also faster for the exact path's shapes (a prompt of tens of tokens against weights
 //! that do not fit in cache): a panel of `W_t` (`k` rows × 64 outputs) is read from memory
-//! once, with software prefetching (its rows are `n` floats apart, farther than the hardware
-//! prefetchers follow), and then from L2 for each further block of six tokens.
+//! once and then from L2 for each further block of six tokens. Weights stored in panels
+//! ([`matmul_panels`]) are read in order, and the blocks after the first fetch the next panel
+//! meanwhile; row-major weights are copied out a panel at a time, with software prefetching
+//! (their rows are `n` floats apart, farther than the hardware prefetchers follow).
 
 use candle_core::utils::get_num_threads;
 
@@ -180,13 +182,18 @@ fn product(
     }
     // Outputs past the last whole panel (row-major weights only), one at a time.
     if let Layout::Rows(w_t) = w {
-        for t in 0..m {
-            for o in panels * p..n {
-                let mut acc = 0f32;
-                for i in 0..k {
-                    acc = x[t * k + i].mul_add(w_t[i * n + o], acc);
-                }
-                y[t * n + o] = acc;
+        for o in panels * p..n {
+            // SAFETY: column `o < n` of `x · w_t`, within the sizes checked above.
+            unsafe {
+                scalar_block(
+                    m,
+                    x.as_ptr(),
+                    w_t.as_ptr().add(o),
+                    n,
+                    y.as_mut_ptr().add(o),
+                    k,
+                    n,
+                )
             }
         }
     }
